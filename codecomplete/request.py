@@ -1,0 +1,89 @@
+"""What goes into the engine and what comes out: plain dataclasses, no model types."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Neighbour:
+    """Another open document whose snippets may help the prompt."""
+
+    path: str
+    text: str
+    language: str = ""
+
+
+@dataclass
+class CompletionOptions:
+    n: int = 4  # candidates to draw (candidate 0 greedy, the rest sampled)
+    max_new_tokens: int = 48
+    temperature: float = 0.8
+    top_p: float = 0.95
+    seed: int = 0
+    align: bool = True  # token alignment for a cursor inside a token
+    back_off_tokens: int = 3
+    rerank: bool = True
+    multiline: bool | None = None  # None: decided from the syntax at the cursor
+    deadline_ms: float = 1000.0
+    prefix_tokens: int = 768  # budgets; the runtime's context caps the sum
+    suffix_tokens: int = 256
+    neighbour_tokens: int = 256
+
+
+class CancelToken:
+    """Set from another thread; the decode loop checks it between steps."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass
+class CompletionRequest:
+    text: str  # the whole document
+    offset: int  # cursor, in characters (Python str index) into text
+    language: str = ""  # LSP languageId; guessed from path when empty
+    path: str = ""
+    neighbours: list[Neighbour] = field(default_factory=list)
+    options: CompletionOptions = field(default_factory=CompletionOptions)
+    cancel: CancelToken | None = None
+
+    @property
+    def prefix(self) -> str:
+        return self.text[: self.offset]
+
+    @property
+    def suffix(self) -> str:
+        return self.text[self.offset :]
+
+
+@dataclass
+class Candidate:
+    text: str  # what to insert at the cursor
+    score: float = 0.0  # final rank score, higher is better
+    logprob: float = 0.0  # mean log-probability of the generated tokens
+    syntax_ok: bool = True
+    score_parts: dict[str, float] = field(default_factory=dict)
+    tokens: int = 0  # tokens generated for it
+    stop_reason: str = ""  # eos | line | block | max_tokens | deadline | cancelled
+    replace_suffix_chars: int = 0  # characters after the cursor this candidate replaces
+
+
+@dataclass
+class Completion:
+    candidates: list[Candidate]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    tokens_generated: int = 0
+    model_calls: int = 0
+    cached: bool = False  # served from the typing-as-suggested cache
+    prefill_reused_tokens: int = 0
+    prefill_new_tokens: int = 0
+    cancelled: bool = False

@@ -1,0 +1,1 @@
+"""The pygls language server (codecomplete.lsp): LSP <-> engine, nothing more."""

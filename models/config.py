@@ -1,0 +1,97 @@
+"""ModelConfig: the architecture and token facts of a model folder (no torch here)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 16384
+    dim: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int = 0  # 0 means n_heads (multi-head attention)
+    head_dim: int = 0  # 0 means dim // n_heads
+    ffn_dim: int = 1408
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False  # Qwen2 has biases on q, k, v
+    tie_embeddings: bool = True
+    # token facts
+    bos_id: int = -1  # -1: the model uses no BOS
+    eos_ids: list[int] = field(default_factory=list)
+    pad_id: int = -1
+    fim_prefix_id: int = -1
+    fim_suffix_id: int = -1
+    fim_middle_id: int = -1
+    fim_pad_id: int = -1
+    file_sep_id: int = -1
+    fim_order: str = "spm"  # "spm" (suffix first) or "psm" (prefix first)
+    # "spm" follows Bavarian et al.: <pre><suf> suffix <mid> prefix -> middle
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads == 0:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim == 0:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.fim_order not in ("spm", "psm"):
+            raise ValueError(f"fim_order must be 'spm' or 'psm', not {self.fim_order!r}")
+
+    @property
+    def has_fim(self) -> bool:
+        return min(self.fim_prefix_id, self.fim_suffix_id, self.fim_middle_id) >= 0
+
+    @property
+    def special_ids(self) -> set[int]:
+        ids = {self.bos_id, self.pad_id, self.fim_prefix_id, self.fim_suffix_id,
+               self.fim_middle_id, self.fim_pad_id, self.file_sep_id, *self.eos_ids}
+        ids.discard(-1)
+        return ids
+
+    def n_params(self) -> int:
+        """Parameters, counting a tied embedding once."""
+        d, hd = self.dim, self.head_dim
+        attn = d * hd * (self.n_heads + 2 * self.n_kv_heads) + self.n_heads * hd * d
+        if self.qkv_bias:
+            attn += hd * (self.n_heads + 2 * self.n_kv_heads)
+        ffn = 3 * d * self.ffn_dim
+        per_layer = attn + ffn + 2 * d
+        emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return self.n_layers * per_layer + emb + d
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# Named presets (gpt-fast style). "default" is the shipped laptop model's shape.
+PRESETS: dict[str, dict] = {
+    "test-tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, ffn_dim=176, max_seq_len=512),
+    "small-21m": dict(vocab_size=16384, dim=384, n_layers=8, n_heads=6, ffn_dim=1024),
+    "default": dict(vocab_size=16384, dim=576, n_layers=10, n_heads=9, ffn_dim=1536, max_seq_len=2048),
+    "base-42m": dict(vocab_size=16384, dim=512, n_layers=8, n_heads=8, ffn_dim=1408),
+    "7b-mha": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, ffn_dim=11008, max_seq_len=16384),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,236 @@
+"""A Llama-style decoder (RMSNorm, RoPE, SwiGLU) with three attention paths.
+
+- causal prefill over a prompt, appending to a context KV cache that has no batch
+  dimension: k, v (Hkv, M, D) per layer;
+- plain batched decode (the reference): each of N branches carries its own copy of the
+  context KV, (N, Hkv, M + m, D);
+- bifurcated decode: the context KV is read once for all branches, each branch has a
+  small decode KV (N, Hkv, m, D), and one softmax runs over both parts.
+
+Shapes are named in comments: N branches, H query heads, G kv heads, P = H // G queries
+per kv head, M context tokens, m decoded tokens, D head dim, T new tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def rope_tables(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (T, D/2) for the given absolute positions (half-split layout)."""
+    half = cfg.head_dim // 2
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, half, device=positions.device, dtype=torch.float32) / half))
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (..., T, D) by position; cos/sin (T, D/2). Same layout as HF Llama/Qwen2."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x.dtype)
+
+
+def bifurcated_attention(q, k_ctx, v_ctx, k_dec, v_dec, scale: float):
+    """One decode step for N branches over a shared context.
+
+    q (N, H, D); k_ctx, v_ctx (G, M, D) stored once; k_dec, v_dec (N, G, m, D) per branch,
+    already holding this step's key/value. Returns (N, H, D).
+    """
+    n, h, d = q.shape
+    g = k_ctx.shape[0]
+    qg = q.view(n, g, h // g, d)  # (N, G, P, D)
+    s_ctx = torch.einsum("ngpd,gmd->ngpm", qg, k_ctx)  # (N, G, P, M)
+    s_dec = torch.einsum("ngpd,ngmd->ngpm", qg, k_dec)  # (N, G, P, m)
+    m_ctx = s_ctx.shape[-1]
+    w = (torch.cat([s_ctx, s_dec], dim=-1).float() * scale).softmax(dim=-1).to(q.dtype)
+    out = torch.einsum("ngpm,gmd->ngpd", w[..., :m_ctx], v_ctx)
+    out = out + torch.einsum("ngpm,ngmd->ngpd", w[..., m_ctx:], v_dec)
+    return out.reshape(n, h, d)
+
+
+def plain_batched_attention(q, k_full, v_full, scale: float):
+    """Reference decode step: q (N, H, D), k_full/v_full (N, G, M + m, D) per-branch copies."""
+    n, h, d = q.shape
+    g = k_full.shape[1]
+    if g != h:  # expand kv heads to query heads
+        k_full = k_full.repeat_interleave(h // g, dim=1)
+        v_full = v_full.repeat_interleave(h // g, dim=1)
+    out = F.scaled_dot_product_attention(q[:, :, None, :], k_full, v_full, scale=scale)
+    return out[:, :, 0, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        hd = cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        self.scale = 1.0 / math.sqrt(hd)
+
+    def _qkv(self, x, cos, sin):
+        """x (B, T, dim) -> q (B, H, T, D), k, v (B, G, T, D) with RoPE applied."""
+        b, t, _ = x.shape
+        hd = self.cfg.head_dim
+        q = self.wq(x).view(b, t, self.cfg.n_heads, hd).transpose(1, 2)
+        k = self.wk(x).view(b, t, self.cfg.n_kv_heads, hd).transpose(1, 2)
+        v = self.wv(x).view(b, t, self.cfg.n_kv_heads, hd).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward_causal(self, x, cos, sin, past_k=None, past_v=None):
+        """Training / prefill. x (B, T, dim); past_k/v (B, G, M, D) or None.
+
+        Returns out (B, T, dim) and this call's k, v (B, G, T, D).
+        """
+        b, t, _ = x.shape
+        q, k, v = self._qkv(x, cos, sin)
+        k_all = k if past_k is None else torch.cat([past_k, k], dim=2)
+        v_all = v if past_v is None else torch.cat([past_v, v], dim=2)
+        g, h = self.cfg.n_kv_heads, self.cfg.n_heads
+        if g != h:
+            k_all = k_all.repeat_interleave(h // g, dim=1)
+            v_all = v_all.repeat_interleave(h // g, dim=1)
+        if past_k is None or past_k.shape[2] == 0:
+            y = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=True, scale=self.scale)
+        else:
+            m = past_k.shape[2]
+            # query i (absolute m + i) sees keys 0..m + i
+            mask = torch.ones(t, m + t, dtype=torch.bool, device=x.device).tril(diagonal=m)
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=self.scale)
+        y = y.transpose(1, 2).reshape(b, t, h * self.cfg.head_dim)
+        return self.wo(y), k, v
+
+    def forward_decode(self, x, cos, sin, k_ctx, v_ctx, k_dec, v_dec, step: int, bifurcated: bool):
+        """One token per branch. x (N, 1, dim); k_ctx/v_ctx (G, M, D); k_dec/v_dec
+        (N, G, m_max, D) preallocated, written in place at index `step`."""
+        n = x.shape[0]
+        q, k, v = self._qkv(x, cos, sin)  # q (N, H, 1, D), k/v (N, G, 1, D)
+        k_dec[:, :, step] = k[:, :, 0]
+        v_dec[:, :, step] = v[:, :, 0]
+        kd, vd = k_dec[:, :, : step + 1], v_dec[:, :, : step + 1]
+        if bifurcated:
+            y = bifurcated_attention(q[:, :, 0], k_ctx, v_ctx, kd, vd, self.scale)
+        else:
+            kf = torch.cat([k_ctx.expand(n, *k_ctx.shape), kd], dim=2)
+            vf = torch.cat([v_ctx.expand(n, *v_ctx.shape), vd], dim=2)
+            y = plain_batched_attention(q[:, :, 0], kf, vf, self.scale)
+        return self.wo(y.reshape(n, 1, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # up
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    def init_weights(self, seed: int = 0) -> None:
+        """GPT-2 style init: normal(0.02), residual projections scaled by depth."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
+                continue
+            std = 0.02
+            if name.endswith("wo.weight") or name.endswith("w2.weight"):
+                std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.norm(h)
+        if self.output is None:
+            return F.linear(h, self.tok_embeddings.weight)
+        return self.output(h)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Training forward: tokens (B, T) -> logits (B, T, V)."""
+        t = tokens.shape[1]
+        cos, sin = rope_tables(self.cfg, torch.arange(t, device=tokens.device))
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            a, _, _ = layer.attention.forward_causal(layer.attention_norm(h), cos, sin)
+            h = h + a
+            h = h + layer.feed_forward(layer.ffn_norm(h))
+        return self.logits(h)
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                last_only: bool = True):
+        """Extend a context. tokens (T,) at positions after the cached M; kv: per layer
+        (k, v) of shape (G, M, D) or None. Returns logits ((V,) or (T, V)) and the new kv."""
+        m = 0 if not kv else kv[0][0].shape[1]
+        t = tokens.shape[0]
+        cos, sin = rope_tables(self.cfg, torch.arange(m, m + t, device=tokens.device))
+        h = self.tok_embeddings(tokens)[None]  # (1, T, dim)
+        new_kv = []
+        for i, layer in enumerate(self.layers):
+            pk, pv = (kv[i][0][None], kv[i][1][None]) if kv else (None, None)
+            a, k, v = layer.attention.forward_causal(layer.attention_norm(h), cos, sin, pk, pv)
+            h = h + a
+            h = h + layer.feed_forward(layer.ffn_norm(h))
+            k_all = k[0] if pk is None else torch.cat([kv[i][0], k[0]], dim=1)
+            v_all = v[0] if pv is None else torch.cat([kv[i][1], v[0]], dim=1)
+            new_kv.append((k_all, v_all))
+        h = h[0, -1:] if last_only else h[0]
+        out = self.logits(h)
+        return (out[0] if last_only else out), new_kv
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]],
+                    dec_k: torch.Tensor, dec_v: torch.Tensor, step: int, bifurcated: bool = True):
+        """One step for N branches. tokens (N,); kv per layer (G, M, D) shared;
+        dec_k/dec_v (L, N, G, m_max, D) written at `step`. Returns logits (N, V)."""
+        m = kv[0][0].shape[1]
+        cos, sin = rope_tables(self.cfg, torch.tensor([m + step], device=tokens.device))
+        h = self.tok_embeddings(tokens)[:, None]  # (N, 1, dim)
+        for i, layer in enumerate(self.layers):
+            a = layer.attention.forward_decode(layer.attention_norm(h), cos, sin, kv[i][0], kv[i][1],
+                                               dec_k[i], dec_v[i], step, bifurcated)
+            h = h + a
+            h = h + layer.feed_forward(layer.ffn_norm(h))
+        return self.logits(h[:, 0])
