@@ -99,28 +99,26 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, t, self.cfg.n_kv_heads, hd).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward_causal(self, x, cos, sin, past_k=None, past_v=None):
-        """Training / prefill. x (B, T, dim); past_k/v (B, G, M, D) or None.
-
-        Returns out (B, T, dim) and this call's k, v (B, G, T, D).
-        """
+    def forward_causal(self, x, cos, sin, k_cache=None, v_cache=None, start: int = 0):
+        """Training (no cache) or prefill. x (B, T, dim). With a cache (B, G, cap, D) the new
+        keys/values are written at [start, start + T) and attention covers [0, start + T)."""
         b, t, _ = x.shape
         q, k, v = self._qkv(x, cos, sin)
-        k_all = k if past_k is None else torch.cat([past_k, k], dim=2)
-        v_all = v if past_v is None else torch.cat([past_v, v], dim=2)
+        if k_cache is not None:
+            k_cache[:, :, start : start + t] = k
+            v_cache[:, :, start : start + t] = v
+            k, v = k_cache[:, :, : start + t], v_cache[:, :, : start + t]
         g, h = self.cfg.n_kv_heads, self.cfg.n_heads
         if g != h:
-            k_all = k_all.repeat_interleave(h // g, dim=1)
-            v_all = v_all.repeat_interleave(h // g, dim=1)
-        if past_k is None or past_k.shape[2] == 0:
-            y = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=True, scale=self.scale)
-        else:
-            m = past_k.shape[2]
-            # query i (absolute m + i) sees keys 0..m + i
-            mask = torch.ones(t, m + t, dtype=torch.bool, device=x.device).tril(diagonal=m)
-            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=self.scale)
+            k = k.repeat_interleave(h // g, dim=1)
+            v = v.repeat_interleave(h // g, dim=1)
+        if start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:  # query i (absolute start + i) sees keys 0..start + i
+            mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         y = y.transpose(1, 2).reshape(b, t, h * self.cfg.head_dim)
-        return self.wo(y), k, v
+        return self.wo(y)
 
     def forward_decode(self, x, cos, sin, k_ctx, v_ctx, k_dec, v_dec, step: int, bifurcated: bool):
         """One token per branch. x (N, 1, dim); k_ctx/v_ctx (G, M, D); k_dec/v_dec
@@ -193,43 +191,44 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(self.cfg, torch.arange(t, device=tokens.device))
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            a, _, _ = layer.attention.forward_causal(layer.attention_norm(h), cos, sin)
+            a = layer.attention.forward_causal(layer.attention_norm(h), cos, sin)
             h = h + a
             h = h + layer.feed_forward(layer.ffn_norm(h))
         return self.logits(h)
 
-    @torch.no_grad()
-    def prefill(self, tokens: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                last_only: bool = True):
-        """Extend a context. tokens (T,) at positions after the cached M; kv: per layer
-        (k, v) of shape (G, M, D) or None. Returns logits ((V,) or (T, V)) and the new kv."""
-        m = 0 if not kv else kv[0][0].shape[1]
-        t = tokens.shape[0]
-        cos, sin = rope_tables(self.cfg, torch.arange(m, m + t, device=tokens.device))
-        h = self.tok_embeddings(tokens)[None]  # (1, T, dim)
-        new_kv = []
-        for i, layer in enumerate(self.layers):
-            pk, pv = (kv[i][0][None], kv[i][1][None]) if kv else (None, None)
-            a, k, v = layer.attention.forward_causal(layer.attention_norm(h), cos, sin, pk, pv)
-            h = h + a
-            h = h + layer.feed_forward(layer.ffn_norm(h))
-            k_all = k[0] if pk is None else torch.cat([kv[i][0], k[0]], dim=1)
-            v_all = v[0] if pv is None else torch.cat([kv[i][1], v[0]], dim=1)
-            new_kv.append((k_all, v_all))
-        h = h[0, -1:] if last_only else h[0]
-        out = self.logits(h)
-        return (out[0] if last_only else out), new_kv
+    def new_cache(self, capacity: int, dtype=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context KV buffers (L, G, capacity, D), stored once for all branches."""
+        c = self.cfg
+        shape = (c.n_layers, c.n_kv_heads, capacity, c.head_dim)
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        device = device or self.tok_embeddings.weight.device
+        return torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
 
     @torch.no_grad()
-    def decode_step(self, tokens: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]],
+    def prefill(self, tokens: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int,
+                last_only: bool = True) -> torch.Tensor:
+        """Extend a context: tokens (T,) at positions [start, start + T); caches (L, G, cap, D)
+        are written in place. Returns logits (V,) of the last token, or (T, V)."""
+        t = tokens.shape[0]
+        cos, sin = rope_tables(self.cfg, torch.arange(start, start + t, device=tokens.device))
+        h = self.tok_embeddings(tokens)[None]  # (1, T, dim)
+        for i, layer in enumerate(self.layers):
+            h = h + layer.attention.forward_causal(layer.attention_norm(h), cos, sin,
+                                                   k_cache[i][None], v_cache[i][None], start)
+            h = h + layer.feed_forward(layer.ffn_norm(h))
+        h = h[0, -1] if last_only else h[0]
+        return self.logits(h)
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor,
                     dec_k: torch.Tensor, dec_v: torch.Tensor, step: int, bifurcated: bool = True):
-        """One step for N branches. tokens (N,); kv per layer (G, M, D) shared;
-        dec_k/dec_v (L, N, G, m_max, D) written at `step`. Returns logits (N, V)."""
-        m = kv[0][0].shape[1]
+        """One step for N branches. tokens (N,); k_ctx/v_ctx (L, G, M, D) shared by all
+        branches; dec_k/dec_v (L, N, G, m_max, D) written at `step`. Returns logits (N, V)."""
+        m = k_ctx.shape[2]
         cos, sin = rope_tables(self.cfg, torch.tensor([m + step], device=tokens.device))
         h = self.tok_embeddings(tokens)[:, None]  # (N, 1, dim)
         for i, layer in enumerate(self.layers):
-            a = layer.attention.forward_decode(layer.attention_norm(h), cos, sin, kv[i][0], kv[i][1],
+            a = layer.attention.forward_decode(layer.attention_norm(h), cos, sin, k_ctx[i], v_ctx[i],
                                                dec_k[i], dec_v[i], step, bifurcated)
             h = h + a
             h = h + layer.feed_forward(layer.ffn_norm(h))

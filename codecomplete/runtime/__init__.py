@@ -1,1 +1,30 @@
-"""runtime."""
+"""Runtimes behind one small interface (see base.py). `load_runtime` picks one."""
+
+from __future__ import annotations
+
+from .base import BranchState, ContextState, Runtime, common_prefix_len
+
+__all__ = ["BranchState", "ContextState", "Runtime", "common_prefix_len", "load_runtime"]
+
+RUNTIMES = ("onnx", "torch")
+
+
+def load_runtime(model: str | None = None, runtime: str = "onnx", device: str = "cpu",
+                 precision: str = "auto", source=None) -> Runtime:
+    """Load a model (None: the shipped default) into the named runtime."""
+    from codecomplete.models.source import load_model_source
+
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; choose cpu or cuda")
+    source = source or load_model_source(model)
+    if runtime == "torch":
+        try:
+            from .torch import TorchRuntime
+        except ImportError as e:
+            raise RuntimeError("the torch runtime needs torch: pip install 'codecomplete[torch]'") from e
+        return TorchRuntime(source, device=device, precision=precision)
+    from .onnx import OnnxRuntime
+
+    return OnnxRuntime(source, device=device, precision=precision)

@@ -1,0 +1,1 @@
+from codecomplete.cli import main; raise SystemExit(main())

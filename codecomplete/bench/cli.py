@@ -1,0 +1,28 @@
+"""`codecomplete bench <name>`: each benchmark module has add_arguments(parser) and run(args)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS = {
+    "attention": "codecomplete.bench.attention",  # one decode step, plain vs bifurcated
+    "runtime": "codecomplete.bench.runtime",  # torch/onnx x fp32/int8 prefill and decode
+    "latency": "codecomplete.bench.latency",  # typing replay through the engine or the LSP
+    "generate": "codecomplete.bench.generate",  # N-candidate generation end to end (CUDA)
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    bench = subparsers.add_parser("bench", help="benchmarks: JSON out, optional plot")
+    sub = bench.add_subparsers(dest="bench", required=True)
+    for name, module_name in BENCHMARKS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            continue
+        p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else None)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)

@@ -1,0 +1,72 @@
+"""Shared bits of the benchmarks: timing, resident memory, JSON and plot output."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+
+def median_ms(fn: Callable[[], object], repeat: int = 10, warmup: int = 2, sync: Callable[[], None] | None = None) -> float:
+    """Median wall time of fn() in milliseconds (sync() is called around each run, e.g. CUDA)."""
+    for _ in range(warmup):
+        fn()
+    if sync:
+        sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return statistics.median(times)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100); NaN for an empty list."""
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    k = (len(v) - 1) * q / 100.0
+    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def rss_mb() -> float:
+    """Resident set size of this process in MiB (Linux /proc; 0 where unknown)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
+def emit(result: dict, as_json: bool, table: str | None = None) -> None:
+    """JSON on stdout when asked, else the table (and JSON after it for the record)."""
+    if as_json:
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        if table:
+            print(table)
+        print(json.dumps(result, indent=2))
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    def cell(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+    widths = [max(len(c), *(len(cell(r.get(c, ""))) for r in rows)) for c in columns]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    for r in rows:
+        lines.append("  ".join(cell(r.get(c, "")).rjust(w) for c, w in zip(columns, widths)))
+    return "\n".join(lines)
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,91 @@
+"""The runtime seam: everything model-specific hides behind this small interface.
+
+The engine sees token ids in and float32 numpy logits out; it never imports torch or
+onnxruntime. A runtime keeps the prompt's KV cache once (no batch dimension) in a
+ContextState and each candidate's small decode cache in a BranchState.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from codecomplete.models.config import ModelConfig
+from codecomplete.tokenizer import Tokenizer
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass
+class ContextState:
+    """The prompt's tokens and its KV cache (runtime-specific storage in `kv`)."""
+
+    tokens: list[int]
+    kv: object = None
+    reused_tokens: int = 0  # how many leading tokens came from the previous state
+    new_tokens: int = 0  # how many were computed by this prefill
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class BranchState:
+    """N candidates' decode caches over a shared context."""
+
+    n: int
+    max_new_tokens: int
+    step: int = 0  # tokens already decoded into the branch caches
+    kv: object = None
+    extra: dict = field(default_factory=dict)
+
+
+class Runtime(abc.ABC):
+    """prefill / decode over one model; one instance serves one request at a time."""
+
+    name: str = "runtime"
+    config: ModelConfig
+    tokenizer: Tokenizer
+
+    @abc.abstractmethod
+    def prefill(self, tokens: Sequence[int], previous: ContextState | None = None
+                ) -> tuple[ContextState, np.ndarray]:
+        """Compute the context KV for `tokens`, reusing the longest common prefix with
+        `previous` (which the call may consume). Returns the state and the last
+        token's logits (V,) float32."""
+
+    @abc.abstractmethod
+    def start_branches(self, context: ContextState, n: int, max_new_tokens: int) -> BranchState:
+        """Empty decode caches for n branches of up to max_new_tokens tokens each."""
+
+    @abc.abstractmethod
+    def decode(self, context: ContextState, branches: BranchState, next_tokens: Sequence[int]
+               ) -> np.ndarray:
+        """Feed one token to each branch; logits (N, V) float32 for the next position."""
+
+    @abc.abstractmethod
+    def select_branches(self, branches: BranchState, keep: Sequence[int]) -> BranchState:
+        """Keep only the listed branches (in that order), e.g. after some have stopped."""
+
+    def max_context(self) -> int:
+        return self.config.max_seq_len
+
+    def describe(self) -> dict:
+        """Short facts for logs: runtime name, device, precision, provider."""
+        return {"runtime": self.name}
+
+    def reuse_split(self, tokens: Sequence[int], previous: ContextState | None) -> int:
+        """How many leading tokens of `tokens` can keep their KV from `previous`
+        (always leaving at least one token to compute, for the last logits)."""
+        if previous is None or not previous.tokens:
+            return 0
+        return min(common_prefix_len(previous.tokens, tokens), len(tokens) - 1)

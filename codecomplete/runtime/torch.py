@@ -1,0 +1,134 @@
+"""The torch runtime: CPU (fp32, or int8 weights through dynamic quantization) and CUDA
+(bf16, or int8 through bitsandbytes Linear8bitLt). Bifurcated decode by default."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from codecomplete.models.folder import dequantize
+from codecomplete.models.model import Transformer
+from codecomplete.models.source import ModelSource
+
+from .base import BranchState, ContextState, Runtime
+
+log = logging.getLogger(__name__)
+
+
+def build_torch_model(source: ModelSource, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+    """A Transformer holding the source's weights (int8 weights are dequantized)."""
+    model = Transformer(source.config)
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in dequantize(source.weights).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def quantize_cpu_int8(model: Transformer) -> Transformer:
+    """int8 weights with dynamic activation quantization for every nn.Linear (CPU)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def quantize_bnb_int8(model: Transformer) -> Transformer:
+    """Swap nn.Linear for bitsandbytes Linear8bitLt (CUDA): int8 weights, fp16 outliers."""
+    import bitsandbytes as bnb
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                        has_fp16_weights=False, threshold=6.0)
+                q.weight = bnb.nn.Int8Params(child.weight.data.to(torch.float16).cpu(), requires_grad=False,
+                                             has_fp16_weights=False)
+                if child.bias is not None:
+                    q.bias = torch.nn.Parameter(child.bias.data.to(torch.float16).cpu(), requires_grad=False)
+                setattr(parent, name, q.cuda())  # moving to CUDA quantizes the weight
+    return model
+
+
+class TorchRuntime(Runtime):
+    name = "torch"
+
+    def __init__(self, source: ModelSource, device: str = "cpu", precision: str = "auto",
+                 bifurcated: bool = True, threads: int | None = None):
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' asked for, but torch sees no CUDA device")
+        if precision == "auto":
+            precision = "bf16" if device == "cuda" else "fp32"
+        if precision not in ("fp32", "bf16", "fp16", "int8"):
+            raise ValueError(f"unknown precision {precision!r} (fp32, bf16, fp16, int8)")
+        if threads:
+            torch.set_num_threads(threads)
+        self.config = source.config
+        self.tokenizer = source.tokenizer
+        self.device = torch.device(device)
+        self.precision = precision
+        self.bifurcated = bifurcated
+        float_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        if precision == "int8":
+            float_dtype = torch.float16 if device == "cuda" else torch.float32
+        self.dtype = float_dtype
+        model = build_torch_model(source, "cpu" if precision == "int8" else device, float_dtype)
+        if precision == "int8":
+            model = quantize_bnb_int8(model.to(float_dtype)) if device == "cuda" else quantize_cpu_int8(model)
+            model = model.to(device)
+        self.model = model
+        self.name = f"torch-{precision}"
+
+    def describe(self) -> dict:
+        return {"runtime": self.name, "device": str(self.device), "bifurcated": self.bifurcated}
+
+    def _tensor(self, ids: Sequence[int]) -> torch.Tensor:
+        return torch.tensor(list(ids), dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()
+    def prefill(self, tokens, previous=None):
+        tokens = list(tokens)
+        if not tokens:
+            raise ValueError("prefill needs at least one token")
+        if len(tokens) > self.config.max_seq_len:
+            raise ValueError(f"prompt of {len(tokens)} tokens exceeds the model context {self.config.max_seq_len}")
+        keep = self.reuse_split(tokens, previous)
+        if keep and previous.kv is not None and previous.kv[0].shape[2] >= len(tokens):
+            k_buf, v_buf = previous.kv
+        else:
+            keep = 0
+            k_buf, v_buf = self.model.new_cache(self.config.max_seq_len, dtype=self.dtype, device=self.device)
+        logits = self.model.prefill(self._tensor(tokens[keep:]), k_buf, v_buf, keep)
+        state = ContextState(tokens, (k_buf, v_buf), reused_tokens=keep, new_tokens=len(tokens) - keep)
+        return state, logits.float().cpu().numpy()
+
+    def start_branches(self, context, n, max_new_tokens):
+        c = self.config
+        shape = (c.n_layers, n, c.n_kv_heads, max_new_tokens, c.head_dim)
+        dec_k = torch.empty(shape, dtype=self.dtype, device=self.device)
+        dec_v = torch.empty(shape, dtype=self.dtype, device=self.device)
+        return BranchState(n=n, max_new_tokens=max_new_tokens, kv=(dec_k, dec_v))
+
+    @torch.inference_mode()
+    def decode(self, context, branches, next_tokens):
+        if len(next_tokens) != branches.n:
+            raise ValueError(f"{len(next_tokens)} tokens for {branches.n} branches")
+        if branches.step >= branches.max_new_tokens:
+            raise ValueError("branch caches are full")
+        m = len(context.tokens)
+        if m + branches.step + 1 > self.config.max_seq_len:
+            raise ValueError("decoding past the model context")
+        k_buf, v_buf = context.kv
+        dec_k, dec_v = branches.kv
+        logits = self.model.decode_step(self._tensor(next_tokens), k_buf[:, :, :m], v_buf[:, :, :m],
+                                        dec_k, dec_v, branches.step, self.bifurcated)
+        branches.step += 1
+        return logits.float().cpu().numpy()
+
+    def select_branches(self, branches, keep):
+        idx = torch.tensor(list(keep), dtype=torch.long, device=self.device)
+        dec_k, dec_v = branches.kv
+        return BranchState(n=len(keep), max_new_tokens=branches.max_new_tokens, step=branches.step,
+                           kv=(dec_k.index_select(1, idx), dec_v.index_select(1, idx)))
