@@ -1,5 +1,5 @@
-"""The torch runtime: CPU (fp32, or int8 weights through dynamic quantization) and CUDA
-(bf16, or int8 through bitsandbytes Linear8bitLt). Bifurcated decode by default."""
+"""The torch runtime: CPU (fp32, or weight-only int8) and CUDA (bf16, or int8 through
+bitsandbytes Linear8bitLt). Bifurcated decode by default."""
 
 from __future__ import annotations
 
@@ -28,11 +28,32 @@ def build_torch_model(source: ModelSource, device: str = "cpu", dtype: torch.dty
     return model.to(device=device, dtype=dtype).eval()
 
 
-def quantize_cpu_int8(model: Transformer) -> Transformer:
-    """int8 weights with dynamic activation quantization for every nn.Linear (CPU)."""
-    from torch.ao.quantization import quantize_dynamic
+class WeightOnlyInt8Linear(torch.nn.Module):
+    """int8 weight (out, in) with a float scale per output channel; activations stay
+    float (per-tensor activation quantization flips too many top-1 tokens)."""
 
-    return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    def __init__(self, weight_int8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight", weight_int8)
+        self.register_buffer("scale", scale)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_weight_only_int8(model: Transformer) -> Transformer:
+    """Swap every nn.Linear for WeightOnlyInt8Linear (per-output-channel symmetric int8)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                w = child.weight.data.float()
+                scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+                q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
+                bias = None if child.bias is None else child.bias.data.clone()
+                setattr(parent, name, WeightOnlyInt8Linear(q, scale.to(child.weight.dtype), bias))
+    return model
 
 
 def quantize_bnb_int8(model: Transformer) -> Transformer:
@@ -76,7 +97,7 @@ class TorchRuntime(Runtime):
         self.dtype = float_dtype
         model = build_torch_model(source, "cpu" if precision == "int8" else device, float_dtype)
         if precision == "int8":
-            model = quantize_bnb_int8(model.to(float_dtype)) if device == "cuda" else quantize_cpu_int8(model)
+            model = quantize_bnb_int8(model.to(float_dtype)) if device == "cuda" else quantize_weight_only_int8(model)
             model = model.to(device)
         self.model = model
         self.name = f"torch-{precision}"

@@ -1,0 +1,81 @@
+"""Caches that make keystrokes cheap: the prompt KV states of recent requests (reused by
+longest common token prefix) and the typing-as-suggested cache (if the user types the
+start of a shown candidate, the rest comes back without running the model)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from codecomplete.request import Candidate
+from codecomplete.runtime.base import ContextState, common_prefix_len
+
+
+class ContextCache:
+    """A few recent ContextStates; hands out the one sharing the most prompt tokens."""
+
+    def __init__(self, size: int = 2):
+        self.size = size
+        self._states: OrderedDict[str, ContextState] = OrderedDict()
+
+    def take(self, key: str, tokens: list[int]) -> ContextState | None:
+        """Remove and return the best state for these tokens (the runtime may consume it)."""
+        if not self._states:
+            return None
+        best_key = max(self._states, key=lambda k: common_prefix_len(self._states[k].tokens, tokens))
+        if common_prefix_len(self._states[best_key].tokens, tokens) == 0:
+            best_key = key if key in self._states else next(iter(self._states))  # recycle buffers
+        return self._states.pop(best_key)
+
+    def put(self, key: str, state: ContextState) -> None:
+        self._states[key] = state
+        self._states.move_to_end(key)
+        while len(self._states) > self.size:
+            self._states.popitem(last=False)
+
+    def clear(self) -> None:
+        self._states.clear()
+
+
+@dataclass
+class _Shown:
+    prefix: str
+    suffix: str
+    candidates: list[Candidate]
+
+
+class SuggestionCache:
+    """Remembers the candidates last shown per document."""
+
+    def __init__(self, size: int = 32, max_typed_chars: int = 256):
+        self.size = size
+        self.max_typed_chars = max_typed_chars
+        self._shown: OrderedDict[str, _Shown] = OrderedDict()
+
+    def put(self, key: str, prefix: str, suffix: str, candidates: list[Candidate]) -> None:
+        if not candidates:
+            return
+        self._shown[key] = _Shown(prefix, suffix, candidates)  # references, not copies
+        self._shown.move_to_end(key)
+        while len(self._shown) > self.size:
+            self._shown.popitem(last=False)
+
+    def lookup(self, key: str, prefix: str, suffix: str) -> list[Candidate] | None:
+        """Candidates whose start the user has typed since they were shown, minus that start."""
+        shown = self._shown.get(key)
+        if shown is None or suffix != shown.suffix:
+            return None
+        typed_len = len(prefix) - len(shown.prefix)
+        if not 0 < typed_len <= self.max_typed_chars or not prefix.startswith(shown.prefix):
+            return None
+        typed = prefix[len(shown.prefix):]
+        out = []
+        for c in shown.candidates:
+            if c.text.startswith(typed) and len(c.text) > len(typed):
+                out.append(Candidate(text=c.text[len(typed):], score=c.score, logprob=c.logprob,
+                                     syntax_ok=c.syntax_ok, score_parts=dict(c.score_parts), tokens=0,
+                                     stop_reason="cached"))
+        return out or None
+
+    def clear(self) -> None:
+        self._shown.clear()

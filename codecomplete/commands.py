@@ -1,0 +1,113 @@
+"""`codecomplete complete` and `codecomplete info`: the engine from a shell, no LSP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model folder, Hugging Face folder or .gguf file (default: the shipped model)")
+    p.add_argument("--runtime", default="onnx", choices=["onnx", "torch"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"])
+
+
+def register(sub) -> None:
+    p = sub.add_parser("complete", help="complete FILE at a 0-based line and character")
+    p.add_argument("file", help="source file ('-' reads standard input)")
+    p.add_argument("--line", type=int, required=True, help="0-based line")
+    p.add_argument("--character", type=int, required=True, help="0-based character in the line (code points)")
+    p.add_argument("--language", default="", help="LSP languageId (default: from the file extension)")
+    p.add_argument("--n", type=int, default=4, help="candidates to draw")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--multiline", choices=["auto", "yes", "no"], default="auto")
+    p.add_argument("--deadline-ms", type=float, default=5000.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-align", action="store_true", help="no token alignment")
+    p.add_argument("--no-rerank", action="store_true", help="order by log-probability only")
+    p.add_argument("--json", action="store_true")
+    add_model_arguments(p)
+    p.set_defaults(func=run_complete)
+
+    p = sub.add_parser("info", help="describe a model and runtime")
+    add_model_arguments(p)
+    p.set_defaults(func=run_info)
+
+
+def line_char_to_offset(text: str, line: int, character: int) -> int:
+    """Offset of a 0-based (line, character) position; ValueError when outside the text."""
+    if line < 0 or character < 0:
+        raise ValueError(f"negative position ({line}, {character})")
+    lines = text.split("\n")
+    if line >= len(lines):
+        raise ValueError(f"line {line} is past the end of the file ({len(lines)} lines)")
+    if character > len(lines[line]):
+        raise ValueError(f"character {character} is past the end of line {line} ({len(lines[line])} characters)")
+    return sum(len(x) + 1 for x in lines[:line]) + character
+
+
+def _load_engine(args):
+    from codecomplete.engine import Engine
+    from codecomplete.models.folder import ModelLoadError
+
+    try:
+        return Engine.load(args.model, runtime=args.runtime, device=args.device, precision=args.precision)
+    except (ModelLoadError, RuntimeError, ValueError, OSError) as e:
+        print(f"codecomplete: cannot load the model: {e}", file=sys.stderr)
+        return None
+
+
+def run_complete(args) -> int:
+    from codecomplete.request import CompletionOptions, CompletionRequest
+
+    try:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"codecomplete: cannot read {args.file}: {e}", file=sys.stderr)
+        return 2
+    try:
+        offset = line_char_to_offset(text, args.line, args.character)
+    except ValueError as e:
+        print(f"codecomplete: {e}", file=sys.stderr)
+        return 2
+    engine = _load_engine(args)
+    if engine is None:
+        return 3
+    multiline = {"auto": None, "yes": True, "no": False}[args.multiline]
+    opts = CompletionOptions(n=args.n, max_new_tokens=args.max_tokens, deadline_ms=args.deadline_ms, seed=args.seed,
+                             align=not args.no_align, rerank=not args.no_rerank, multiline=multiline)
+    request = CompletionRequest(text=text, offset=offset, language=args.language,
+                                path="" if args.file == "-" else args.file, options=opts)
+    completion = engine.complete(request)
+    if args.json:
+        out = {"candidates": [{"text": c.text, "score": c.score, "logprob": c.logprob, "syntax_ok": c.syntax_ok,
+                               "score_parts": c.score_parts, "tokens": c.tokens, "stop_reason": c.stop_reason}
+                              for c in completion.candidates],
+               "timings_ms": {k: round(v, 3) for k, v in completion.timings_ms.items()},
+               "tokens_generated": completion.tokens_generated, "model_calls": completion.model_calls,
+               "model": engine.describe()}
+        json.dump(out, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    if not completion.candidates:
+        print("(no completion)")
+    for i, c in enumerate(completion.candidates):
+        flag = "" if c.syntax_ok else "  [syntax]"
+        print(f"--- #{i + 1}  score {c.score:.3f}  logprob {c.logprob:.3f}{flag}")
+        print(c.text)
+    total = completion.timings_ms.get("total", 0.0)
+    print(f"--- {total:.0f} ms ({engine.describe()['runtime']})", file=sys.stderr)
+    return 0
+
+
+def run_info(args) -> int:
+    engine = _load_engine(args)
+    if engine is None:
+        return 3
+    cfg = engine.runtime.config
+    json.dump({**engine.describe(), "config": cfg.to_dict()}, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0

@@ -1,0 +1,157 @@
+"""Fill-in-the-middle prompts within a token budget.
+
+SPM (suffix first; our model):  [ctx] <pre><suf> suffix <mid> prefix   -> middle
+PSM (most public models):       [ctx] <pre> prefix <suf> suffix <mid>   -> middle
+
+[ctx] is snippets of other open files, each `<file_sep>path\\n snippet`, then the current
+file's `<file_sep>path\\n` header. With SPM only the end of the prefix changes while the
+user types, so everything before it keeps its KV cache.
+
+The prefix window starts at a line boundary chosen on a coarse grid, so that it stays
+put while the user types and the KV cache of the whole prompt survives keystrokes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from codecomplete.alignment import BackOff, back_off
+from codecomplete.request import CompletionRequest, Neighbour
+
+PREFIX_ANCHOR_LINES = 16  # the prefix window starts on a multiple of this many lines
+CHARS_PER_TOKEN_GUESS = 6  # generous: only bounds how much text is tokenized
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass
+class Prompt:
+    tokens: list[int]
+    back_off: BackOff  # the prefix tokens removed for token alignment
+    prefix_tokens: int
+    suffix_tokens: int
+    context_tokens: int
+    prefix_start: int  # char offset in the document where the prefix window starts
+    suffix_end: int  # char offset where the suffix window ends
+
+
+def _prefix_window(prefix: str, budget: int, encode) -> tuple[int, list[int]]:
+    """Start offset and tokens of the longest line-anchored tail of prefix within budget."""
+    lines_start = [0] + [m.end() for m in re.finditer("\n", prefix)]
+    n_lines = len(lines_start)
+    # first guess from characters, then step forward on the anchor grid until it fits
+    guess_chars = max(0, len(prefix) - budget * CHARS_PER_TOKEN_GUESS)
+    first = 0
+    for i, s in enumerate(lines_start):
+        if s >= guess_chars:
+            first = i
+            break
+    anchor = (first // PREFIX_ANCHOR_LINES) * PREFIX_ANCHOR_LINES
+    while True:
+        start = lines_start[min(anchor, n_lines - 1)]
+        tokens = encode(prefix[start:])
+        if len(tokens) <= budget or anchor >= n_lines - 1:
+            break
+        anchor += PREFIX_ANCHOR_LINES
+    if len(tokens) > budget:  # one enormous line: keep its tail
+        tokens = tokens[-budget:]
+    return start, tokens
+
+
+def _suffix_window(suffix: str, budget: int, encode, token_bytes) -> tuple[int, list[int]]:
+    """Tokens of the head of suffix within budget, cut after a newline when it is cut."""
+    tokens = encode(suffix[: budget * CHARS_PER_TOKEN_GUESS])
+    if len(tokens) > budget:
+        tokens = tokens[:budget]
+        for i in range(len(tokens) - 1, 0, -1):
+            if b"\n" in token_bytes[tokens[i]]:
+                tokens = tokens[: i + 1]
+                break
+    n_chars = len(b"".join(token_bytes[t] for t in tokens).decode("utf-8", errors="ignore"))
+    return n_chars, tokens
+
+
+def _words(text: str) -> set[str]:
+    return set(_WORD.findall(text))
+
+
+def rank_snippets(neighbours: list[Neighbour], around_cursor: str, lines_per_snippet: int = 24,
+                  current_path: str = "") -> list[tuple[float, str, str]]:
+    """(similarity, path, snippet) for windows of other files, most similar first
+    (Jaccard similarity of identifiers, as in common repo-level completion systems)."""
+    query = _words(around_cursor)
+    if not query:
+        return []
+    scored = []
+    for nb in neighbours:
+        if not nb.text or nb.path == current_path:
+            continue
+        lines = nb.text.splitlines(keepends=True)
+        step = max(1, lines_per_snippet // 2)
+        for start in range(0, max(1, len(lines)), step):
+            snippet = "".join(lines[start : start + lines_per_snippet])
+            words = _words(snippet)
+            if not words:
+                continue
+            sim = len(query & words) / len(query | words)
+            if sim > 0:
+                scored.append((sim, nb.path, snippet))
+    scored.sort(key=lambda s: -s[0])
+    return scored
+
+
+class PromptBuilder:
+    """Builds prompts for one model: its tokenizer and FIM facts."""
+
+    def __init__(self, tokenizer, config):
+        self.tok = tokenizer
+        self.cfg = config
+        self.special_ids = frozenset(config.special_ids)
+
+    def _header(self, path: str) -> list[int]:
+        if self.cfg.file_sep_id < 0 or not path:
+            return []
+        return [self.cfg.file_sep_id] + self.tok.encode(path + "\n")
+
+    def _context(self, request: CompletionRequest, budget: int) -> list[int]:
+        if budget <= 0 or not request.neighbours:
+            return []
+        around = request.text[max(0, request.offset - 1500) : request.offset + 300]
+        out: list[int] = []
+        used_paths: set[str] = set()
+        for _sim, path, snippet in rank_snippets(request.neighbours, around, current_path=request.path):
+            if path in used_paths:
+                continue  # one snippet per file keeps the context diverse
+            toks = self._header(path) + self.tok.encode(snippet) if self.cfg.file_sep_id >= 0 else []
+            if not toks or len(out) + len(toks) > budget:
+                continue
+            out = toks + out  # most similar ends up nearest the cursor
+            used_paths.add(path)
+        return out
+
+    def build(self, request: CompletionRequest, max_new_tokens: int) -> Prompt:
+        opts = request.options
+        room = self.cfg.max_seq_len - max_new_tokens - 8
+        if room <= 16:
+            raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room in a {self.cfg.max_seq_len}-token context")
+        pre_budget = min(opts.prefix_tokens, room * 2 // 3)
+        suf_budget = min(opts.suffix_tokens, room - pre_budget) if self.cfg.has_fim else 0
+        prefix, suffix = request.prefix, request.suffix
+        prefix_start, prefix_toks = _prefix_window(prefix, pre_budget, self.tok.encode)
+        suffix_len, suffix_toks = _suffix_window(suffix, suf_budget, self.tok.encode, self.tok.token_bytes) if suf_budget else (0, [])
+        k = opts.back_off_tokens if opts.align else 0
+        bo = back_off(prefix_toks, self.tok.token_bytes, k, self.special_ids)
+        header = self._header(request.path)
+        ctx_budget = min(opts.neighbour_tokens, room - len(prefix_toks) - len(suffix_toks) - len(header) - 4)
+        ctx = self._context(request, ctx_budget) + header
+        bos = [self.cfg.bos_id] if self.cfg.bos_id >= 0 else []
+        c = self.cfg
+        if not c.has_fim:
+            tokens = bos + ctx + bo.kept
+        elif c.fim_order == "spm":
+            tokens = bos + ctx + [c.fim_prefix_id, c.fim_suffix_id] + suffix_toks + [c.fim_middle_id] + bo.kept
+        else:
+            tokens = bos + ctx + [c.fim_prefix_id] + bo.kept + [c.fim_suffix_id] + suffix_toks + [c.fim_middle_id]
+        return Prompt(tokens=tokens, back_off=bo, prefix_tokens=len(bo.kept), suffix_tokens=len(suffix_toks),
+                      context_tokens=len(ctx), prefix_start=prefix_start,
+                      suffix_end=request.offset + suffix_len)

@@ -1,0 +1,60 @@
+"""Token alignment: masks agree with a brute-force scan; back-off stops at sentinels."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from codecomplete.alignment import VocabTrie, advance, back_off, strip_constraint
+
+ALPHABET = b"ab \n(x\xc3\xa9"  # includes a two-byte UTF-8 character split across tokens
+
+vocab_strategy = st.lists(st.binary(min_size=0, max_size=5).map(lambda b: bytes(ALPHABET[x % len(ALPHABET)] for x in b)),
+                          min_size=1, max_size=60)
+
+
+def brute_force(vocab, remaining):
+    return [i for i, t in enumerate(vocab) if t and (t.startswith(remaining) or remaining.startswith(t))]
+
+
+@settings(max_examples=200, deadline=None)
+@given(vocab=vocab_strategy, remaining=st.binary(min_size=1, max_size=7).map(
+    lambda b: bytes(ALPHABET[x % len(ALPHABET)] for x in b)))
+def test_mask_matches_brute_force_scan(vocab, remaining):
+    trie = VocabTrie(vocab)
+    assert np.flatnonzero(trie.mask(remaining)).tolist() == brute_force(vocab, remaining)
+
+
+def test_mask_is_cached_and_identical_on_second_call():
+    trie = VocabTrie([b"a", b"ab", b"b"])
+    first = trie.mask(b"ab")
+    assert trie.mask(b"ab") is first
+
+
+def test_real_tokenizer_masks_match_brute_force(tiny_model_dir):
+    from codecomplete.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(tiny_model_dir / "tokenizer.json")
+    vocab = tok.token_bytes
+    trie = VocabTrie(vocab)
+    for remaining in [b" pri", b"self.", b"    ", b"\n    ", b"(", b"x = ", b"\xc3"]:
+        assert np.flatnonzero(trie.mask(remaining)).tolist() == brute_force(vocab, remaining)
+
+
+def test_back_off_removes_k_tokens_and_returns_their_text():
+    vocab = [b"", b"def", b" pri", b"nt", b"(", b"x"]
+    bo = back_off([1, 2, 3, 4], vocab, 3)
+    assert bo.kept == [1] and bo.removed == b" print(" and bo.removed_tokens == 3
+
+
+def test_back_off_never_crosses_a_special_token():
+    vocab = [b"", b"a", b"b"]
+    bo = back_off([1, 0, 2], vocab, 3, special_ids={0})
+    assert bo.kept == [1, 0] and bo.removed == b"b"
+
+
+def test_advance_and_strip_constraint():
+    assert advance(b" print(", b" pri") == b"nt("
+    assert advance(b"nt(", b"nt(x") == b""
+    assert strip_constraint(b" print(x)", b" print(") == b"x)"

@@ -1,0 +1,87 @@
+"""The torch runtime behind the seam: prefill reuse, N branches, int8 CPU weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from codecomplete.models.source import load_model_source  # noqa: E402
+from codecomplete.runtime import load_runtime  # noqa: E402
+
+TEXTS = [
+    "def print_values(values):\n    for value in values:\n        print(value)\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n",
+    "int main(void) {\n    printf(\"hello\");\n    return 0;\n}\n",
+    "function add(a, b) {\n    return a + b;\n}\nimport os\nimport sys\n",
+]
+
+
+def test_prefill_reuses_common_prefix_and_matches_fresh(tiny_model_dir):
+    rt = load_runtime(str(tiny_model_dir), runtime="torch")
+    tokens = rt.tokenizer.encode(TEXTS[0] + TEXTS[1])
+    first, _ = rt.prefill(tokens[:30])
+    again, logits = rt.prefill(tokens, first)
+    assert again.reused_tokens == 30 and again.new_tokens == len(tokens) - 30
+    _, fresh = rt.prefill(tokens)
+    np.testing.assert_allclose(logits, fresh, atol=1e-4)
+
+
+def test_prefill_of_identical_prompt_recomputes_only_the_last_token(tiny_model_dir):
+    rt = load_runtime(str(tiny_model_dir), runtime="torch")
+    tokens = rt.tokenizer.encode(TEXTS[2])
+    state, logits = rt.prefill(tokens)
+    state2, logits2 = rt.prefill(tokens, state)
+    assert state2.new_tokens == 1
+    np.testing.assert_allclose(logits, logits2, atol=1e-4)
+
+
+def test_n_branch_decode_equals_separate_single_branch_decodes(tiny_gqa_model_dir):
+    rt = load_runtime(str(tiny_gqa_model_dir), runtime="torch")
+    ctx_tokens = rt.tokenizer.encode(TEXTS[3])
+    steps = [[5, 9, 11], [12, 13, 14], [20, 21, 22]]
+    state, _ = rt.prefill(ctx_tokens)
+    br = rt.start_branches(state, 3, 8)
+    for toks in steps:
+        together = rt.decode(state, br, toks)
+    for b in range(3):
+        single = rt.start_branches(state, 1, 8)
+        for toks in steps:
+            alone = rt.decode(state, single, [toks[b]])
+        np.testing.assert_allclose(together[b], alone[0], atol=1e-4)
+
+
+def test_select_branches_keeps_the_right_caches(tiny_model_dir):
+    rt = load_runtime(str(tiny_model_dir), runtime="torch")
+    state, _ = rt.prefill(rt.tokenizer.encode(TEXTS[1]))
+    br = rt.start_branches(state, 3, 8)
+    rt.decode(state, br, [5, 6, 7])
+    full = rt.decode(state, br, [8, 9, 10])
+    br2 = rt.start_branches(state, 3, 8)
+    rt.decode(state, br2, [5, 6, 7])
+    kept = rt.select_branches(br2, [2, 0])
+    part = rt.decode(state, kept, [10, 8])
+    np.testing.assert_allclose(part, full[[2, 0]], atol=1e-4)
+
+
+def test_prompt_longer_than_context_is_a_clear_error(tiny_model_dir):
+    rt = load_runtime(str(tiny_model_dir), runtime="torch")
+    with pytest.raises(ValueError, match="exceeds the model context"):
+        rt.prefill([5] * (rt.config.max_seq_len + 1))
+
+
+def test_int8_cpu_weights_keep_fp32_top1(tiny_model_dir):
+    source = load_model_source(str(tiny_model_dir))
+    fp32 = load_runtime(source=source, runtime="torch", precision="fp32")
+    int8 = load_runtime(source=source, runtime="torch", precision="int8")
+    agree = total = 0
+    for text in TEXTS:
+        tokens = fp32.tokenizer.encode(text)
+        for end in range(2, len(tokens) + 1):
+            _, a = fp32.prefill(tokens[:end])
+            _, b = int8.prefill(tokens[:end])
+            agree += int(a.argmax() == b.argmax())
+            total += 1
+    assert total > 50
+    assert agree / total >= 0.98
