@@ -1,0 +1,314 @@
+"""Import a Hugging Face model folder (config.json, *.safetensors, tokenizer.json) of the
+Llama, Qwen2 or Mistral family as a ModelSource with our parameter names.
+
+HF Llama/Qwen2/Mistral use the same half-split RoPE layout as models/model.py, so q/k
+weights load unpermuted. Weights come from safetensors only; pickle checkpoints are
+refused. StarCoder2 is not supported (LayerNorm, GELU MLP and biases everywhere).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import ModelConfig
+from .folder import ModelLoadError, read_safetensors
+from .source import ModelSource
+from .testing import param_shapes
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+MAX_SEQ_LEN_CAP = 32768  # longer contexts than this are not useful for completion on a laptop
+
+# FIM sentinels of public code models, all trained prefix-suffix-middle (PSM):
+# (prefix, suffix, middle, pad, file separator)
+FIM_FAMILIES = (
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|fim_pad|>", "<|file_sep|>"),  # Qwen2.5-Coder
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<fim_pad>", "<file_sep>"),  # StarCoder
+    ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>", None, None),  # DeepSeek-Coder
+    ("▁<PRE>", "▁<SUF>", "▁<MID>", None, None),  # CodeLlama
+)
+# Tokens after which a completion must stop, wherever a vocabulary has them.
+STOP_TOKENS = (
+    "<|endoftext|>", "<|im_end|>", "<|fim_pad|>", "<|file_sep|>", "<|repo_name|>",  # Qwen
+    "<fim_pad>", "<file_sep>",  # StarCoder
+    "<|EOT|>", "<｜end▁of▁sentence｜>",  # DeepSeek-Coder
+    "▁<EOT>",  # CodeLlama
+    "<|eot_id|>", "<|end_of_text|>",  # Llama 3
+)
+
+_LAYER_PARTS = {
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.up_proj": "feed_forward.w3",
+    "mlp.down_proj": "feed_forward.w2",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+_TOP_LEVEL = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+_IGNORED_RE = re.compile(r".*rotary_emb\.inv_freq")  # buffers some old checkpoints saved
+
+
+@dataclass
+class TokenFacts:
+    """The token ids a ModelConfig needs, found in a vocabulary."""
+
+    bos_id: int = -1
+    eos_ids: list[int] = field(default_factory=list)
+    pad_id: int = -1
+    fim_prefix_id: int = -1
+    fim_suffix_id: int = -1
+    fim_middle_id: int = -1
+    fim_pad_id: int = -1
+    file_sep_id: int = -1
+    fim_order: str = "psm"
+
+    def config_fields(self) -> dict:
+        return dict(self.__dict__)
+
+    def named_specials(self, vocab: dict[str, int]) -> dict[str, int]:
+        """Text -> id of every token these facts name (for Tokenizer's special_tokens)."""
+        ids = {self.bos_id, self.pad_id, self.fim_prefix_id, self.fim_suffix_id, self.fim_middle_id,
+               self.fim_pad_id, self.file_sep_id, *self.eos_ids} - {-1}
+        return {text: i for text, i in vocab.items() if i in ids}
+
+
+def find_token_facts(vocab: dict[str, int], eos_ids: list[int], bos_id: int = -1,
+                     pad_id: int = -1) -> TokenFacts:
+    """FIM sentinels and stop tokens by their text, plus the given EOS/BOS/pad ids."""
+    facts = TokenFacts(bos_id=bos_id, pad_id=pad_id)
+    for prefix, suffix, middle, pad, file_sep in FIM_FAMILIES:
+        if prefix in vocab and suffix in vocab and middle in vocab:
+            facts.fim_prefix_id, facts.fim_suffix_id, facts.fim_middle_id = (
+                vocab[prefix], vocab[suffix], vocab[middle])
+            facts.fim_pad_id = vocab.get(pad, -1) if pad else -1
+            facts.file_sep_id = vocab.get(file_sep, -1) if file_sep else -1
+            break
+    stops = [i for i in eos_ids if i >= 0] + [vocab[t] for t in STOP_TOKENS if t in vocab]
+    facts.eos_ids = list(dict.fromkeys(stops))  # ordered, no duplicates
+    return facts
+
+
+def _as_id_list(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e})") from e
+
+
+def _rope_theta_and_max_len(meta: dict, max_len: int) -> tuple[float, int]:
+    """rope_theta, and max_seq_len after scaling rules; unsupported scaling is an error."""
+    params = meta.get("rope_parameters") or {}  # transformers >= 5 keeps rope facts here
+    theta = float(meta.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    scaling = meta.get("rope_scaling") or params
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    factor = float(scaling.get("factor") or 1.0)
+    if kind == "default" or (kind == "linear" and factor == 1.0):
+        return theta, max_len
+    if kind == "dynamic":  # dynamic NTK changes nothing up to the original length
+        original = scaling.get("original_max_position_embeddings") or meta.get("max_position_embeddings")
+        return theta, min(max_len, int(original or max_len))
+    raise ModelLoadError(f"rope scaling {kind!r} (factor {factor}) is not supported yet; "
+                         "models/model.py implements plain RoPE only")
+
+
+def _sliding_window(meta: dict) -> int | None:
+    """The attention window if any layer uses one (capping the context makes it exact)."""
+    window = meta.get("sliding_window")
+    if not window:
+        return None
+    uses = (meta.get("model_type") == "mistral" or meta.get("use_sliding_window")
+            or "sliding_attention" in (meta.get("layer_types") or []))
+    return int(window) if uses else None
+
+
+def hf_model_config(meta: dict, vocab_size: int, facts: TokenFacts) -> ModelConfig:
+    """Map an HF config.json (llama / qwen2 / mistral) to our ModelConfig."""
+    model_type = meta.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(f"model_type {model_type!r} is not supported (supported: "
+                             f"{', '.join(SUPPORTED_MODEL_TYPES)})")
+    act = meta.get("hidden_act", meta.get("hidden_activation", "silu"))
+    if act != "silu":
+        raise ModelLoadError(f"hidden_act {act!r} is not supported (SwiGLU with silu only)")
+    if meta.get("attention_bias") or meta.get("mlp_bias"):
+        raise ModelLoadError("attention_bias / mlp_bias on a llama model are not supported "
+                             "(only q/k/v biases, as in Qwen2)")
+    n_heads = int(meta["num_attention_heads"])
+    dim = int(meta["hidden_size"])
+    max_len = int(meta.get("max_position_embeddings") or 4096)
+    theta, max_len = _rope_theta_and_max_len(meta, max_len)
+    window = _sliding_window(meta)
+    if window:
+        max_len = min(max_len, window)
+    return ModelConfig(
+        vocab_size=vocab_size,
+        dim=dim,
+        n_layers=int(meta["num_hidden_layers"]),
+        n_heads=n_heads,
+        n_kv_heads=int(meta.get("num_key_value_heads") or n_heads),
+        head_dim=int(meta.get("head_dim") or dim // n_heads),
+        ffn_dim=int(meta["intermediate_size"]),
+        max_seq_len=min(max_len, MAX_SEQ_LEN_CAP),
+        rope_theta=theta,
+        norm_eps=float(meta.get("rms_norm_eps", 1e-6)),
+        qkv_bias=model_type == "qwen2",
+        tie_embeddings=bool(meta.get("tie_word_embeddings", False)),
+        **facts.config_fields(),
+    )
+
+
+def our_param_name(hf_name: str) -> str | None:
+    """Our parameter name for an HF tensor name (None: not a weight we know)."""
+    if hf_name in _TOP_LEVEL:
+        return _TOP_LEVEL[hf_name]
+    m = _LAYER_RE.fullmatch(hf_name)
+    if m and m.group(2) in _LAYER_PARTS:
+        return f"layers.{m.group(1)}.{_LAYER_PARTS[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files: the shard index's files, model.safetensors, or every *.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise ModelLoadError(f"{folder}: shards named in {index.name} are missing: {', '.join(missing)}")
+        return [folder / n for n in names]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    if list(folder.glob("*.bin")) or list(folder.glob("*.pt")) or list(folder.glob("*.pth")):
+        raise ModelLoadError(
+            f"{folder}: only pickle weights (pytorch_model.bin / .pt); codecomplete never loads pickle. "
+            "Convert them to safetensors first (transformers: save_pretrained(dir, safe_serialization=True)).")
+    raise ModelLoadError(f"{folder}: no *.safetensors weights")
+
+
+def load_hf_weights(folder: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """float32 weights under our names, checked against the config's shapes."""
+    out: dict[str, np.ndarray] = {}
+    unknown = []
+    for path in safetensors_files(folder):
+        for hf_name, arr in read_safetensors(path).items():
+            name = our_param_name(hf_name)
+            if name is None:
+                if not _IGNORED_RE.fullmatch(hf_name):
+                    unknown.append(hf_name)
+                continue
+            out[name] = np.asarray(arr, dtype=np.float32)
+    if unknown:
+        raise ModelLoadError(f"{folder}: tensors this importer does not know: {', '.join(unknown[:5])}")
+    if cfg.tie_embeddings:
+        out.pop("output.weight", None)  # some tied checkpoints store the copy anyway
+    expected = param_shapes(cfg)
+    missing = sorted(set(expected) - set(out))
+    extra = sorted(set(out) - set(expected))
+    if missing or extra:
+        raise ModelLoadError(f"{folder}: weights do not match config.json "
+                             f"(missing {missing[:5]}, unexpected {extra[:5]})")
+    for name, shape in expected.items():
+        if out[name].shape != shape:
+            raise ModelLoadError(f"{folder}: {name} has shape {out[name].shape}, config says {shape}")
+    return out
+
+
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def find_bos_id(hf_tokenizer, tokenizer_config: dict) -> int:
+    """The BOS id the model expects in front of every prompt, or -1."""
+    probe = "a"
+    with_special = hf_tokenizer.encode(probe, add_special_tokens=True).ids
+    plain = hf_tokenizer.encode(probe, add_special_tokens=False).ids
+    if len(with_special) > len(plain) and with_special[1:len(plain) + 1] == plain:
+        return with_special[0]  # the post-processor prepends it (Llama 3 style)
+    if tokenizer_config.get("add_bos_token"):
+        bos = _token_text(tokenizer_config.get("bos_token"))
+        idx = hf_tokenizer.token_to_id(bos) if bos else None
+        if idx is not None:
+            return idx
+    return -1
+
+
+def pad_tokenizer_to(hf_tokenizer, vocab_size: int) -> None:
+    """Add special placeholder tokens so that every model id has a tokenizer entry
+    (Qwen's embedding has ~270 rows beyond its tokenizer)."""
+    from tokenizers import AddedToken
+
+    have = hf_tokenizer.get_vocab_size(with_added_tokens=True)
+    if have < vocab_size:
+        hf_tokenizer.add_special_tokens([AddedToken(f"<|unused_{i}|>", special=True, normalized=False)
+                                         for i in range(have, vocab_size)])
+
+
+def load_hf_tokenizer(folder: Path, vocab_size: int, eos_ids: list[int], pad_id: int):
+    """(Tokenizer, TokenFacts) from tokenizer.json and tokenizer_config.json."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from codecomplete.tokenizer import Tokenizer
+
+    tok_file = folder / "tokenizer.json"
+    if not tok_file.is_file():
+        hint = " (only a SentencePiece tokenizer.model: save it once with transformers' " \
+               "AutoTokenizer(...).save_pretrained to get tokenizer.json)" if (folder / "tokenizer.model").is_file() else ""
+        raise ModelLoadError(f"{folder}: no tokenizer.json{hint}")
+    hf_tok = HFTokenizer.from_file(str(tok_file))
+    tok_cfg = _read_json(folder / "tokenizer_config.json")
+    vocab = hf_tok.get_vocab(with_added_tokens=True)
+    if pad_id < 0:
+        pad_text = _token_text(tok_cfg.get("pad_token"))
+        pad_id = vocab.get(pad_text, -1) if pad_text else -1
+    eos_text = _token_text(tok_cfg.get("eos_token"))
+    if eos_text in vocab:
+        eos_ids = [*eos_ids, vocab[eos_text]]
+    facts = find_token_facts(vocab, eos_ids, find_bos_id(hf_tok, tok_cfg), pad_id)
+    pad_tokenizer_to(hf_tok, vocab_size)
+    return Tokenizer(hf_tok, special_tokens=facts.named_specials(vocab)), facts
+
+
+def load_hf_folder(path: str | Path) -> ModelSource:
+    """A Hugging Face folder (llama / qwen2 / mistral) as a float32 ModelSource."""
+    folder = Path(path)
+    meta = _read_json(folder / "config.json")
+    if not meta:
+        raise ModelLoadError(f"{folder}: no config.json")
+    if meta.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(f"{folder}: model_type {meta.get('model_type')!r} is not supported "
+                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}; StarCoder2 is not)")
+    gen = _read_json(folder / "generation_config.json")
+    eos_ids = _as_id_list(gen.get("eos_token_id")) + _as_id_list(meta.get("eos_token_id"))
+    pad_ids = _as_id_list(gen.get("pad_token_id")) or _as_id_list(meta.get("pad_token_id"))
+    vocab_size = int(meta["vocab_size"])
+    tokenizer, facts = load_hf_tokenizer(folder, vocab_size, eos_ids, pad_ids[0] if pad_ids else -1)
+    cfg = hf_model_config(meta, vocab_size, facts)
+    weights = load_hf_weights(folder, cfg)
+    return ModelSource(folder.name, cfg, tokenizer, weights, "none", str(folder))
