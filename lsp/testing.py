@@ -1,0 +1,68 @@
+"""A stand-in engine for protocol and editor tests: known candidates at a chosen speed.
+
+Start a server with it: `codecomplete-lsp --engine-factory codecomplete.lsp.testing:fake_engine`.
+The environment tunes it: CODECOMPLETE_FAKE_STEP_MS (time per decode step, default 1),
+CODECOMPLETE_FAKE_LOAD_MS (load time, default 0). A model folder that does not exist fails
+to load with ModelLoadError, like the real engine.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from codecomplete.request import Candidate, Completion, CompletionRequest
+
+WORDS = ("print(value)", "printf(value)", "private_total = 0", "value = compute(total)",
+         "return value", "if value:\n    return value")
+
+
+def _partial_word(prefix: str) -> str:
+    start = len(prefix)
+    while start > 0 and (prefix[start - 1] == "_" or prefix[start - 1].isalnum()):
+        start -= 1
+    return prefix[start:]
+
+
+def fake_candidates(prefix: str, n: int) -> list[str]:
+    """Completions of the word being typed, or whole words at the start of one."""
+    partial = _partial_word(prefix)
+    texts = [w[len(partial):] for w in WORDS if w.startswith(partial) and len(w) > len(partial)]
+    return (texts or ["_fake(value)"])[:n]
+
+
+class FakeEngine:
+    """Decodes max_new_tokens 'steps' of step_ms each, checking the cancel token between steps."""
+
+    def __init__(self, step_ms: float = 1.0):
+        self.step_ms = step_ms
+        self.requests: list[CompletionRequest] = []
+
+    def describe(self) -> dict:
+        return {"runtime": "fake", "step_ms": self.step_ms}
+
+    def complete(self, request: CompletionRequest) -> Completion:
+        self.requests.append(request)
+        t0 = time.perf_counter()
+        opts = request.options
+        steps = 0
+        for steps in range(1, opts.max_new_tokens + 1):
+            if request.cancel is not None and request.cancel.cancelled:
+                return Completion([], {"total": (time.perf_counter() - t0) * 1000.0}, tokens_generated=steps, cancelled=True)
+            if (time.perf_counter() - t0) * 1000.0 + self.step_ms > opts.deadline_ms:
+                break
+            time.sleep(self.step_ms / 1000.0)
+        texts = fake_candidates(request.prefix, opts.n)
+        candidates = [Candidate(text, score=1.0 - 0.1 * i, tokens=steps) for i, text in enumerate(texts)]
+        return Completion(candidates, {"total": (time.perf_counter() - t0) * 1000.0}, tokens_generated=steps)
+
+
+def fake_engine(model: str | None, runtime: str, device: str) -> FakeEngine:
+    """Engine factory for `--engine-factory codecomplete.lsp.testing:fake_engine`."""
+    from codecomplete.models.folder import ModelLoadError
+
+    time.sleep(float(os.environ.get("CODECOMPLETE_FAKE_LOAD_MS", "0")) / 1000.0)
+    if model is not None and not Path(model).is_dir():
+        raise ModelLoadError(f"{model}: no such model folder")
+    return FakeEngine(step_ms=float(os.environ.get("CODECOMPLETE_FAKE_STEP_MS", "1")))

@@ -1,0 +1,162 @@
+"""The one thread that owns the engine: it loads models and runs completions, in order.
+
+The engine is synchronous and not thread-safe, so nothing else touches it. Results go
+back to the event loop as asyncio futures, resolved on the loop's thread only, so that a
+superseded or cancelled request can be answered at once while its job is still queued
+or decoding (the engine stops at the next decode step once the CancelToken is set).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from codecomplete.request import CancelToken, Completion, CompletionRequest
+
+logger = logging.getLogger("codecomplete.lsp")
+
+# (model folder or None for the default, runtime, device) -> an object with .complete(request)
+EngineFactory = Callable[[str | None, str, str], Any]
+
+ENGINE_MARGIN_MS = 20.0  # the engine's own deadline is this much inside ours: time to answer
+
+
+def default_engine_factory(model: str | None, runtime: str, device: str) -> Any:
+    """The real engine (imported late: it pulls in the runtime)."""
+    from codecomplete.engine import Engine
+
+    return Engine.load(model, runtime=runtime, device=device)
+
+
+@dataclass
+class LoadResult:
+    ok: bool
+    message: str = ""  # the error, or a short description of the loaded model
+    elapsed_ms: float = 0.0
+    superseded: bool = False
+
+
+@dataclass
+class Job:
+    """One completion request on its way through the worker."""
+
+    request: CompletionRequest
+    future: asyncio.Future  # -> Completion | None, set on the event loop only
+    deadline_ms: float
+    received: float = field(default_factory=time.perf_counter)
+    started: float = 0.0
+
+    def supersede(self) -> None:
+        """Stop the work (at the next decode step) and answer empty right away."""
+        self.request.cancel.cancel()
+        if not self.future.done():
+            self.future.set_result(None)
+
+
+class Worker:
+    """A daemon thread with a queue of load and completion jobs."""
+
+    def __init__(self, factory: EngineFactory, loop: asyncio.AbstractEventLoop):
+        self._factory = factory
+        self._loop = loop
+        self._queue: queue.Queue = queue.Queue()
+        self._load_generation = 0
+        self.engine: Any = None
+        self.engine_key: tuple | None = None
+        self.state = "idle"  # idle | loading | ready | error
+        self.error = ""
+        self._thread = threading.Thread(target=self._run, name="codecomplete-worker", daemon=True)
+        self._thread.start()
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready" and self.engine is not None
+
+    def load(self, model: str | None, runtime: str, device: str) -> asyncio.Future:
+        """Queue a (re)load; resolves to a LoadResult. The old engine stays if it fails."""
+        self._load_generation += 1
+        self.state = "loading"
+        future = self._loop.create_future()
+        self._queue.put(("load", (self._load_generation, (model, runtime, device)), future))
+        return future
+
+    def complete(self, request: CompletionRequest, deadline_ms: float) -> Job:
+        """Queue a completion; its future resolves to a Completion or None (no answer)."""
+        if request.cancel is None:
+            request.cancel = CancelToken()
+        job = Job(request, self._loop.create_future(), deadline_ms)
+        self._queue.put(("complete", job, job.future))
+        return job
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    # -- the thread ---------------------------------------------------------------------
+    def _resolve(self, future: asyncio.Future, value: Any) -> None:
+        def set_if_pending() -> None:
+            if not future.done():
+                future.set_result(value)
+
+        try:
+            self._loop.call_soon_threadsafe(set_if_pending)
+        except RuntimeError:  # the loop is closed: the server is going away
+            pass
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            kind, payload, future = item
+            try:
+                if kind == "load":
+                    self._resolve(future, self._load(*payload))
+                else:
+                    self._resolve(future, self._complete(payload))
+            except BaseException:  # never let the worker die: the server must keep answering
+                logger.exception("worker job failed")
+                self._resolve(future, None if kind == "complete" else LoadResult(False, "internal error"))
+
+    def _load(self, generation: int, key: tuple) -> LoadResult:
+        if generation != self._load_generation:
+            return LoadResult(False, superseded=True)
+        t0 = time.perf_counter()
+        model, runtime, device = key
+        try:
+            engine = self._factory(model, runtime, device)
+        except Exception as e:  # ModelLoadError and anything else a broken model can raise
+            elapsed = (time.perf_counter() - t0) * 1000.0
+            self.error = f"{type(e).__name__}: {e}" if not str(e).strip() else str(e)
+            if generation == self._load_generation:
+                self.state = "ready" if self.engine is not None else "error"
+            return LoadResult(False, self.error, elapsed)
+        self.engine, self.engine_key, self.error = engine, key, ""
+        if generation == self._load_generation:
+            self.state = "ready"
+        describe = getattr(engine, "describe", None)
+        try:
+            message = str(describe()) if callable(describe) else type(engine).__name__
+        except Exception:
+            message = type(engine).__name__
+        return LoadResult(True, message, (time.perf_counter() - t0) * 1000.0)
+
+    def _complete(self, job: Job) -> Completion | None:
+        request = job.request
+        if request.cancel.cancelled or self.engine is None:
+            return None
+        job.started = time.perf_counter()
+        remaining_ms = job.deadline_ms - (job.started - job.received) * 1000.0 - ENGINE_MARGIN_MS
+        if remaining_ms <= 0:
+            return None
+        request.options.deadline_ms = min(request.options.deadline_ms, remaining_ms)
+        try:
+            return self.engine.complete(request)
+        except Exception:
+            logger.exception("completion failed for %s at offset %d", request.path or "<untitled>", request.offset)
+            return None
