@@ -1,0 +1,487 @@
+"""Scope truncation, suffix overlap, repetition cuts and dedupe: pure functions on strings."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from dataclasses import dataclass, field
+
+from codecomplete.languages import Language
+from codecomplete.request import Candidate
+
+# Unknown languages still get bracket and quote rules, without comments.
+GENERIC = Language(
+    "generic",
+    (),
+    (),
+    "",
+    "",
+    block_style="brace",
+    line_comment="",
+    block_comment=None,
+    quotes=('"', "'"),
+    char_literals=False,
+)
+
+PREFIX_SCAN_CHARS = 8_000  # how far back the bracket state at the cursor is computed
+SUFFIX_SCAN_CHARS = 4_000  # how far forward the suffix is read for bracket questions
+MAX_BLANK_LINES = 1  # a multi-line completion stops at the second blank line in a row
+MAX_PERIOD_CHARS = 40  # longest repeated unit cut_repetition looks for inside a line
+MAX_PERIOD_LINES = 8  # longest repeated block of lines cut_repetition looks for
+MIN_REPEATS_IN_LINE = 6  # a unit must repeat this often to the end to count as a loop
+
+
+# ---------------------------------------------------------------- bracket scanner
+
+
+@dataclass
+class ScanState:
+    """Where a left-to-right scan stands: open brackets, inside a string or comment, errors."""
+
+    stack: list[str] = field(default_factory=list)  # open brackets, innermost last
+    string: str | None = None  # delimiter of the string the scan is inside
+    comment: str | None = None  # "line" or "block"
+    errors: int = 0  # stray or mismatched closers, unterminated one-line strings
+
+    def copy(self) -> ScanState:
+        return ScanState(list(self.stack), self.string, self.comment, self.errors)
+
+    def key(self) -> tuple:
+        return (tuple(self.stack), self.string, self.comment, self.errors)
+
+    def cost(self) -> int:
+        """Bracket problems at the end of a scan: errors, unclosed brackets, open string."""
+        return self.errors + len(self.stack) + (self.string is not None)
+
+
+@dataclass(frozen=True)
+class _Lexer:
+    outside: re.Pattern  # tokens that matter outside strings and comments
+    closers: dict[str, str]  # closer -> opener
+    openers: frozenset[str]
+    string_end: dict[str, re.Pattern]
+    multiline_quotes: frozenset[str]
+    line_comment: str
+    block_comment: tuple[str, str] | None
+
+
+@functools.cache
+def _lexer(lang: Language) -> _Lexer:
+    alternatives = []
+    # a whole 'x' literal, so '(' is no bracket; a lone ' (a Rust lifetime) is nothing
+    if lang.char_literals:
+        alternatives.append(r"'(?:\\.[^'\n]{0,9}|[^\\'\n])'")
+    markers = [lang.line_comment] if lang.line_comment else []
+    if lang.block_comment:
+        markers.append(lang.block_comment[0])
+    markers += list(lang.quotes)
+    alternatives += [re.escape(m) for m in sorted(markers, key=len, reverse=True)]
+    brackets = "".join(ch for pair in lang.brackets for ch in pair)
+    alternatives.append("[" + re.escape(brackets) + "]")
+    string_end = {
+        q: re.compile(r"\\[\s\S]|" + re.escape(q) + ("" if q in lang.multiline_quotes else r"|\n"))
+        for q in lang.quotes
+    }
+    return _Lexer(
+        outside=re.compile("|".join(alternatives)),
+        closers={close: open_ for open_, close in lang.brackets},
+        openers=frozenset(open_ for open_, _ in lang.brackets),
+        string_end=string_end,
+        multiline_quotes=frozenset(lang.multiline_quotes),
+        line_comment=lang.line_comment,
+        block_comment=lang.block_comment,
+    )
+
+
+def scan_brackets(
+    text: str, lang: Language | None, state: ScanState | None = None
+) -> tuple[ScanState, int | None]:
+    """Scan text from state (mutated); return it and the index of the first closer that
+    pops below the starting depth (None if none)."""
+    lex = _lexer(lang or GENERIC)
+    state = state if state is not None else ScanState()
+    start_depth = len(state.stack)
+    underflow: int | None = None
+    pos, n = 0, len(text)
+    while pos < n:
+        if state.comment == "line":
+            end = text.find("\n", pos)
+            if end < 0:
+                return state, underflow
+            state.comment, pos = None, end + 1
+            continue
+        if state.comment == "block":
+            end = text.find(lex.block_comment[1], pos)
+            if end < 0:
+                return state, underflow
+            state.comment, pos = None, end + len(lex.block_comment[1])
+            continue
+        if state.string is not None:
+            match = lex.string_end[state.string].search(text, pos)
+            if match is None:
+                return state, underflow
+            token, pos = match.group(), match.end()
+            if token == state.string:
+                state.string = None
+            elif token == "\n":  # a one-line string left open
+                state.string, state.errors = None, state.errors + 1
+            continue
+        match = lex.outside.search(text, pos)
+        if match is None:
+            return state, underflow
+        token, pos = match.group(), match.end()
+        if token in lex.openers:
+            state.stack.append(token)
+        elif token in lex.closers:
+            opener = lex.closers[token]
+            if opener in state.stack:
+                depth = len(state.stack) - 1 - state.stack[::-1].index(opener)
+                state.errors += len(state.stack) - 1 - depth  # closed over unclosed brackets
+                del state.stack[depth:]
+            else:
+                state.errors += 1
+                depth = -1
+            if underflow is None and depth < start_depth:
+                underflow = match.start()
+        elif token == lex.line_comment:
+            state.comment = "line"
+        elif lex.block_comment and token == lex.block_comment[0]:
+            state.comment = "block"
+        elif token in lex.string_end:
+            state.string = token
+        # else: a character literal, skipped whole
+    return state, underflow
+
+
+def _line_start(text: str, index: int) -> int:
+    return text.rfind("\n", 0, index) + 1
+
+
+@functools.lru_cache(maxsize=16)
+def _state_after(text: str, lang: Language | None) -> ScanState:
+    return scan_brackets(text, lang)[0]
+
+
+def prefix_state(prefix: str, lang: Language | None) -> ScanState:
+    """Bracket/string state at the cursor, scanned over the last PREFIX_SCAN_CHARS of prefix."""
+    start = 0
+    if len(prefix) > PREFIX_SCAN_CHARS:
+        start = _line_start(prefix, len(prefix) - PREFIX_SCAN_CHARS)
+    return _state_after(prefix[start:], lang).copy()
+
+
+def code_part(line: str, lang: Language | None) -> str:
+    """The line without its trailing line comment."""
+    lex = _lexer(lang or GENERIC)
+    if not lex.line_comment or lex.line_comment not in line:
+        return line
+    state = ScanState()
+    pos = 0
+    while True:  # scan up to each comment marker; the first one outside a string starts the comment
+        idx = line.find(lex.line_comment, pos)
+        if idx < 0:
+            return line
+        scan_brackets(line[pos:idx], lang, state)
+        if state.string is None and state.comment is None:
+            return line[:idx]
+        scan_brackets(line[idx : idx + len(lex.line_comment)], lang, state)
+        pos = idx + len(lex.line_comment)
+
+
+# ---------------------------------------------------------------- scope
+
+
+def _indent_of(line: str) -> str:
+    return line[: len(line) - len(line.lstrip(" \t"))]
+
+
+def _width(indent: str) -> int:
+    return len(indent.expandtabs(4))
+
+
+def _indent_unit(lines: list[str], lang: Language | None) -> str:
+    """The file's indentation step, from the smallest increase between consecutive lines."""
+    steps: dict[str, int] = {}
+    previous = None
+    for line in lines[-200:]:
+        if not line.strip():
+            continue
+        indent = _indent_of(line)
+        if previous is not None and len(indent) > len(previous) and indent.startswith(previous):
+            step = indent[len(previous) :]
+            steps[step] = steps.get(step, 0) + 1
+        previous = indent
+    if steps:
+        return max(steps, key=lambda s: (steps[s], -len(s)))
+    return lang.indent_unit if lang else "    "
+
+
+@dataclass
+class CompletionScope:
+    """How far one request's completions may reach; decided once per request."""
+
+    multiline: bool
+    base_indent: str  # multi-line: every line keeps at least this; single-line: the line's indent
+    language: Language | None = None
+    suffix_closes_block: bool = True  # the block's closer already follows the cursor
+    start_string: str | None = None  # the cursor sits inside this string delimiter
+    start_comment: str | None = None
+    max_blank_lines: int = MAX_BLANK_LINES
+
+    def stop_index(self, generated: str) -> int | None:
+        """Where a completion must end given the text generated so far; None to keep going."""
+        if not self.multiline:
+            newline = generated.find("\n")
+            return None if newline < 0 else newline
+        underflow = None
+        if any(
+            open_ in generated or close in generated
+            for open_, close in (self.language or GENERIC).brackets
+        ):
+            start = ScanState(string=self.start_string, comment=self.start_comment)
+            underflow = scan_brackets(generated, self.language, start)[1]
+        base_width = _width(self.base_indent)
+        newline = generated.find("\n")
+        content_end = len(generated[: newline if newline >= 0 else len(generated)].rstrip())
+        blank_run = 0
+        while newline >= 0:
+            line_start = newline + 1
+            if underflow is not None and line_start > underflow:
+                break
+            newline = generated.find("\n", line_start)
+            line = generated[line_start : newline if newline >= 0 else len(generated)]
+            body = line.lstrip(" \t")
+            if not body:
+                if newline >= 0:
+                    blank_run += 1
+                    if blank_run > self.max_blank_lines:
+                        return content_end
+                continue
+            if underflow is not None and line_start + len(line) - len(body) == underflow:
+                break  # the line starts by closing the block: handled below
+            if _width(line[: len(line) - len(body)]) < base_width:
+                return content_end
+            blank_run = 0
+            content_end = line_start + len(line.rstrip())
+        if underflow is None:
+            return None
+        if not self.suffix_closes_block:
+            return underflow + 1  # close the block ourselves
+        line_start = _line_start(generated, underflow)
+        cut = line_start if not generated[line_start:underflow].strip() else underflow
+        return len(generated[:cut].rstrip())
+
+
+def decide_scope(
+    prefix: str, suffix: str, language: Language | None, multiline: bool | None = None
+) -> CompletionScope:
+    """Single-line (mid-line: finish the line) or multi-line (cursor at an empty block start)."""
+    lang = language
+    line_begin = _line_start(prefix, len(prefix))
+    line_prefix = prefix[line_begin:]
+    newline = suffix.find("\n")
+    line_suffix = suffix if newline < 0 else suffix[:newline]
+    state = prefix_state(prefix, lang)
+
+    # the line that would open the block: the cursor line itself, or the last non-blank one above
+    opener_line, on_opener_line = None, False
+    if not line_suffix.strip() and state.string is None and state.comment is None:
+        if line_prefix.strip():
+            opener_line, on_opener_line = line_prefix, True
+        else:
+            end = line_begin - 1
+            for _ in range(50):
+                if end < 0:
+                    break
+                start = _line_start(prefix, end)
+                if prefix[start:end].strip():
+                    opener_line = prefix[start:end]
+                    break
+                end = start - 1
+    opener = ""
+    if opener_line is not None:
+        code = code_part(opener_line, lang).rstrip()
+        openers = lang.block_openers if lang else ("(", "[", "{", ":")
+        if code and code[-1] in openers:
+            opener = code[-1]
+            if opener == ":" and (state.stack or (lang and lang.block_style != "indent")):
+                opener = ""  # a dict value or a slice, not a block
+
+    prefix_lines = prefix[max(0, len(prefix) - PREFIX_SCAN_CHARS) :].split("\n")
+    if opener:
+        opener_indent = _indent_of(opener_line)
+        if not on_opener_line and _width(line_prefix) > _width(opener_indent):
+            base = line_prefix
+        else:
+            base = opener_indent + _indent_unit(prefix_lines, lang)
+    else:
+        base = _indent_of(line_prefix)
+    is_multiline = bool(opener) if multiline is None else multiline
+
+    suffix_closes = True
+    if is_multiline and opener != ":":
+        window = suffix[:SUFFIX_SCAN_CHARS]
+        start = ScanState(string=state.string, comment=state.comment)
+        suffix_closes = scan_brackets(window, lang, start)[1] is not None
+    return CompletionScope(
+        multiline=is_multiline,
+        base_indent=base,
+        language=lang,
+        suffix_closes_block=suffix_closes,
+        start_string=state.string,
+        start_comment=state.comment,
+    )
+
+
+# ---------------------------------------------------------------- overlap, repetition
+
+
+def _line_cost(text: str, lang: Language | None) -> int:
+    return scan_brackets(text, lang)[0].cost()
+
+
+def _window_cost(start: ScanState, text: str, suffix_window: str, lang: Language | None) -> int:
+    state = scan_brackets(text, lang, start.copy())[0]
+    return scan_brackets(suffix_window, lang, state)[0].cost()
+
+
+def _same_line(candidate_line: str, suffix_line: str, partial: bool) -> bool:
+    a, b = candidate_line.strip(), suffix_line.strip()
+    return a == b or (partial and bool(a) and b.startswith(a))
+
+
+def drop_suffix_overlap(
+    text: str, suffix: str, lang: Language | None = None, prefix: str = ""
+) -> str:
+    """Remove the end of text that repeats what follows the cursor (closers, quotes, next lines)."""
+    if not text or not suffix:
+        return text
+    newline = suffix.find("\n")
+    line_suffix = (suffix if newline < 0 else suffix[:newline]).rstrip()
+    line_prefix = prefix[_line_start(prefix, len(prefix)) :]
+
+    # the rest of the cursor line, or the start of it, retyped at the end of the completion
+    if line_suffix:
+        last_line_start = _line_start(text, len(text))
+        head, last = text[:last_line_start], text[last_line_start:]
+        context = (line_prefix if not head else "") + last
+        full_cost = _line_cost(context + line_suffix, lang)
+        for k in range(len(line_suffix), 0, -1):
+            overlap = line_suffix[:k]
+            if not last.endswith(overlap):
+                continue
+            cost = _line_cost(context[: len(context) - k] + line_suffix, lang)
+            if cost < full_cost or (
+                k == len(line_suffix) and cost <= full_cost and overlap.strip()
+            ):
+                return text[: len(text) - k]
+
+    # the lines after the cursor line, retyped by a multi-line completion
+    if "\n" not in text or newline < 0:
+        return text
+    text_lines = text.split("\n")
+    next_lines = [
+        line for line in suffix[newline + 1 :].split("\n", len(text_lines) + 20) if line.strip()
+    ]
+    if not next_lines:
+        return text
+    first = 0 if not line_prefix.strip() else 1
+    for j in range(first, len(text_lines)):
+        tail = [line for line in text_lines[j:] if line.strip()]
+        if not text_lines[j].strip() or not tail or len(tail) > len(next_lines):
+            continue
+        if all(
+            _same_line(t, s, partial=i == len(tail) - 1)
+            for i, (t, s) in enumerate(zip(tail, next_lines, strict=False))
+        ):
+            kept = "\n".join(text_lines[:j])
+            start = prefix_state(prefix, lang)
+            window = suffix[:SUFFIX_SCAN_CHARS]
+            if _window_cost(start, kept, window, lang) <= _window_cost(start, text, window, lang):
+                return kept
+            break
+    return text
+
+
+def _periodic_start(seq, period: int) -> int:
+    """Smallest start such that seq[start:] repeats with the given period."""
+    i = len(seq) - period - 1
+    while i >= 0 and seq[i] == seq[i + period]:
+        i -= 1
+    return i + 1
+
+
+def _substantial(lines: list[str]) -> bool:
+    """Enough content that repeating it is a loop, not `}` or a blank line."""
+    content = "".join(line.strip() for line in lines)
+    return len(content) >= 3 and any(ch.isalnum() for ch in content)
+
+
+def cut_repetition(text: str) -> str:
+    """Cut a repetition loop, keeping the first occurrence: a line three times in a row, or
+    a block of lines or a unit within a line that repeats until the text ends."""
+    lines = text.split("\n")
+    for i in range(len(lines) - 2):
+        if lines[i] == lines[i + 1] == lines[i + 2] and _substantial(lines[i : i + 1]):
+            return "\n".join(lines[: i + 1])
+    # blocks of lines; the last line may be cut short by the token limit
+    body = text.rstrip("\n").split("\n")
+    complete, partial = body[:-1], body[-1]
+    for period in range(1, MAX_PERIOD_LINES + 1):
+        if len(complete) < 2 * period:
+            break
+        start = _periodic_start(complete, period)
+        repeats = (len(complete) - start) / period
+        unit = complete[start : start + period]
+        if repeats >= (3 if period == 1 else 2) and _substantial(unit):
+            if complete[len(complete) - period].startswith(partial):
+                return "\n".join(body[: start + period])
+    # a unit of characters repeating until the end
+    for period in range(1, MAX_PERIOD_CHARS + 1):
+        if len(text) < MIN_REPEATS_IN_LINE * period:
+            break
+        start = _periodic_start(text, period)
+        run = len(text) - start
+        unit = text[start : start + period]
+        if run >= MIN_REPEATS_IN_LINE * period and run >= 12 and any(ch.isalnum() for ch in unit):
+            return text[: start + period]
+    return text
+
+
+# ---------------------------------------------------------------- the whole stage
+
+
+def _strip_end(text: str, line_suffix: str) -> str:
+    if line_suffix.strip():  # something follows on the line: keep spaces that separate
+        return text.rstrip("\n")
+    return text.rstrip()
+
+
+def clean_candidates(
+    cands: list[Candidate], prefix: str, suffix: str, scope: CompletionScope
+) -> list[Candidate]:
+    """Truncate to scope, cut loops, drop suffix overlap, strip, drop empty and duplicates."""
+    newline = suffix.find("\n")
+    line_suffix = suffix if newline < 0 else suffix[:newline]
+    kept: dict[str, int] = {}
+    out: list[Candidate] = []
+    for cand in cands:
+        text = cand.text
+        stop = scope.stop_index(text)
+        if stop is not None:
+            text = text[:stop]
+        text = cut_repetition(text)
+        text = drop_suffix_overlap(text, suffix, scope.language, prefix)
+        text = _strip_end(text, line_suffix)
+        if not text.strip():
+            continue
+        cleaned = dataclasses.replace(cand, text=text, score_parts=dict(cand.score_parts))
+        if text in kept:
+            i = kept[text]
+            if cleaned.logprob > out[i].logprob:
+                out[i] = cleaned
+            continue
+        kept[text] = len(out)
+        out.append(cleaned)
+    return out

@@ -1,0 +1,328 @@
+"""Tree-sitter checks of each candidate in place, and the final rank score."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from dataclasses import dataclass, field
+
+from codecomplete.languages import Language, parser_for
+from codecomplete.postprocess import ScanState, code_part, prefix_state, scan_brackets
+from codecomplete.request import Candidate
+
+# Lines parsed around the cursor: bounds the cost on huge files. The damage a candidate does
+# shows near it (an unclosed string or bracket still reaches the window's end), and reparse
+# cost grows with the text after the cursor, so fewer lines follow than precede.
+WINDOW_LINES_BEFORE = 100
+WINDOW_LINES_AFTER = 50
+WINDOW_CHARS = 8_000  # per side, for files with very long lines
+HEADER_SEARCH_LINES = 2_000  # how far above the window to look for the enclosing block's header
+MAX_HEADER_CHARS = 400
+CONTEXT_ROWS = 2  # error nodes count when they reach the candidate's rows or this many after;
+# further away, error recovery reshuffles on its own, and the bracket check sees real damage
+
+# Mean log-probabilities of plausible candidates for one prompt typically differ by 0.1-1 nat
+# per token, so one syntax error outweighs a typical gap but not a candidate the model is sure of.
+SYNTAX_WEIGHT = 1.0  # multiplies the whole syntax part
+ERROR_NODE_PENALTY = 1.0  # per ERROR or MISSING node the candidate introduces
+MAX_COUNTED_NODES = 3  # error recovery can split one mistake into many nodes
+BRACKET_PENALTY = 0.5  # per bracket/quote left unbalanced; the parse usually flags these too
+INCOMPLETE_PENALTY = 0.3  # ends mid-construct (`x = `, `if a:`); often still a useful prefix
+# Among equally likely candidates a longer one saves more typing; log keeps this a tie-breaker.
+LENGTH_WEIGHT = 0.02  # per nat of log(1 + characters)
+
+_CONTINUATION_ENDINGS = tuple("&& || -> => :: = + - * / % & | ^ . \\".split())
+_COMPLETE_ENDINGS = ("++", "--", "*/", "import *")
+_CONTINUES_BLOCK = re.compile(r"[)\]}]|(?:else|elif|except|finally|catch)\b")
+_PY_BLOCK_HEADER = re.compile(
+    r"^\s*(?:async\s+)?(?:if|elif|else|for|while|def|class|try|except|finally|with|match|case)\b.*:$"
+)
+
+
+@dataclass
+class SyntaxReport:
+    """What inserting one candidate does to the parse around the cursor."""
+
+    ok: bool
+    new_error_nodes: int = 0
+    new_missing_nodes: int = 0
+    unbalanced_brackets: int = 0
+    incomplete: bool = False
+
+
+@dataclass
+class _Baseline:
+    """The document window without a candidate, parsed once per request."""
+
+    tree: object
+    prefix_bytes: bytes
+    suffix_bytes: bytes  # the suffix window and closers for what is still open at its end
+    cursor_row: int
+    cursor_column: int  # in bytes
+    error_rows: frozenset[int]
+    prefix_state: ScanState
+    suffix_window: str
+    bracket_cost: tuple[int, int]
+    suffix_costs: dict[tuple, tuple[int, int]] = field(default_factory=dict)  # state -> cost
+
+
+def _windows(prefix: str, suffix: str) -> tuple[int, str]:
+    """Where the prefix window starts, and the suffix window: whole lines, WINDOW_CHARS at most."""
+    lower = max(0, len(prefix) - WINDOW_CHARS)
+    start = len(prefix)
+    for _ in range(WINDOW_LINES_BEFORE + 1):
+        newline = prefix.rfind("\n", lower, start)
+        if newline < 0:
+            break
+        start = newline
+    else:
+        lower = start + 1
+    if lower > 0 and start != lower - 1:  # the character cap struck first: begin at a line
+        newline = prefix.find("\n", lower)
+        lower = newline + 1 if 0 <= newline < len(prefix) else lower
+    upper = min(len(suffix), WINDOW_CHARS)
+    end = -1
+    for _ in range(WINDOW_LINES_AFTER + 1):
+        end = suffix.find("\n", end + 1, upper)
+        if end < 0:
+            return lower, suffix[:upper]
+    return lower, suffix[:end]
+
+
+def _width(line: str) -> int:
+    return len(line[: len(line) - len(line.lstrip(" \t"))].expandtabs(4))
+
+
+def _enclosing_headers(prefix: str, window_start: int, lang: Language) -> str:
+    """The lines above the window that open the blocks it sits in (`class A {`, `def f(`),
+    so that a window cut from the middle of a class parses as it does in the file."""
+    window = prefix[window_start : window_start + WINDOW_CHARS]
+    first = next((line for line in window.split("\n") if _is_code_line(line, lang)), "")
+    limit = _width(first)  # blocks the window closes later are opened by the headers found
+    headers: list[str] = []
+    # after `} else {` or `):`, the line that opened the block is wanted
+    closing_width = limit if _CONTINUES_BLOCK.match(first.lstrip()) else None
+    pos = window_start
+    for _ in range(HEADER_SEARCH_LINES):
+        if (limit == 0 and closing_width is None) or pos <= 0:
+            break
+        start = prefix.rfind("\n", 0, pos - 1) + 1
+        line, pos = prefix[start : pos - 1], start
+        if not _is_code_line(line, lang) or len(line) > MAX_HEADER_CHARS:
+            continue
+        width = _width(line)
+        continues = _CONTINUES_BLOCK.match(line.lstrip()) is not None
+        if closing_width is not None:
+            if width > closing_width or continues:
+                continue
+            closing_width = None
+        elif width >= limit:
+            continue
+        headers.append(line)
+        limit = width
+        if continues:
+            closing_width = width
+    return "".join(line + "\n" for line in reversed(headers))
+
+
+@functools.lru_cache(maxsize=4)  # rerank passes the same prefix object for every candidate
+def _window_texts(prefix: str, suffix: str, lang: Language) -> tuple[str, str]:
+    """The text parsed before and after the cursor."""
+    window_start, suffix_window = _windows(prefix, suffix)
+    return _enclosing_headers(prefix, window_start, lang) + prefix[window_start:], suffix_window
+
+
+def _is_code_line(line: str, lang: Language) -> bool:
+    stripped = line.strip()
+    return bool(stripped) and not stripped.startswith((lang.line_comment, "#", "/*", "*"))
+
+
+def _error_nodes(root) -> list:
+    """ERROR and MISSING nodes, outermost ones only, visiting only subtrees that have errors."""
+    found, stack = [], [root]
+    while stack:
+        node = stack.pop()
+        if node.is_error or node.is_missing:
+            found.append(node)
+        elif node.has_error:
+            stack.extend(node.children)
+    return found
+
+
+def _rows(node) -> range:
+    return range(node.start_point.row, node.end_point.row + 1)
+
+
+def _state_cost(base: _Baseline, state: ScanState, lang: Language) -> tuple[int, int]:
+    """(stray closers and broken strings, brackets left open) at the end of the suffix window."""
+    key = state.key()
+    cost = base.suffix_costs.get(key)
+    if cost is None:
+        end = scan_brackets(base.suffix_window, lang, state.copy())[0]
+        cost = (end.errors + (end.string is not None), len(end.stack))
+        base.suffix_costs[key] = cost
+    return cost
+
+
+def _closing_tail(state: ScanState, suffix_window: str, lang: Language) -> str:
+    """Closers for the brackets still open where the window ends: tree-sitter recovers from a
+    class left open at the end of the input by making the whole class one ERROR."""
+    end = scan_brackets(suffix_window, lang, state.copy())[0]
+    if not end.stack:
+        return ""
+    tail = end.string or ""  # a line comment ends at the newline below
+    if end.comment == "block" and lang.block_comment:
+        tail = lang.block_comment[1]
+    closer = {open_: close for open_, close in lang.brackets}
+    return tail + "\n" + "".join(closer[open_] for open_ in reversed(end.stack))
+
+
+@functools.lru_cache(maxsize=8)
+def _baseline(lang: Language, prefix_window: str, suffix_window: str) -> _Baseline:
+    state = prefix_state(prefix_window, lang)
+    prefix_bytes = prefix_window.encode()
+    suffix_bytes = (suffix_window + _closing_tail(state, suffix_window, lang)).encode()
+    tree = parser_for(lang).parse(prefix_bytes + suffix_bytes)
+    error_rows: set[int] = set()
+    for node in _error_nodes(tree.root_node):
+        error_rows.update(_rows(node))
+    line_start = prefix_bytes.rfind(b"\n") + 1
+    base = _Baseline(
+        tree=tree,
+        prefix_bytes=prefix_bytes,
+        suffix_bytes=suffix_bytes,
+        cursor_row=prefix_bytes.count(b"\n"),
+        cursor_column=len(prefix_bytes) - line_start,
+        error_rows=frozenset(error_rows),
+        prefix_state=state,
+        suffix_window=suffix_window,
+        bracket_cost=(0, 0),
+    )
+    base.bracket_cost = _state_cost(base, state, lang)
+    return base
+
+
+def _is_incomplete(
+    text: str, line_suffix: str, lang: Language, start: ScanState, end: ScanState
+) -> bool:
+    """The candidate stops mid-construct: a dangling operator, a block header with no body,
+    a string it opened."""
+    if line_suffix.strip() or end.comment is not None:
+        return False
+    if end.string is not None:
+        return start.string is None
+    last = code_part(text[text.rfind("\n") + 1 :], lang).rstrip()
+    if not last:
+        return False
+    if last.endswith(_CONTINUATION_ENDINGS) and not last.endswith(_COMPLETE_ENDINGS):
+        return True
+    return lang.block_style == "indent" and bool(_PY_BLOCK_HEADER.match(last))
+
+
+def _row_before_edit(row: int, first_row: int, last_row: int) -> int:
+    """A row of the edited window as a row of the window without the candidate (-1: fresh)."""
+    if row <= first_row:
+        return row
+    if row == last_row:
+        return first_row  # the candidate's last line ends with the rest of the cursor line
+    return row - (last_row - first_row) if row > last_row else -1
+
+
+def syntax_report(prefix: str, text: str, suffix: str, lang: Language) -> SyntaxReport:
+    """Parse the window around the cursor with text inserted; count what text breaks."""
+    base = _baseline(lang, *_window_texts(prefix, suffix, lang))
+    text_bytes = text.encode()
+    cursor_byte = len(base.prefix_bytes)
+    new_rows = text_bytes.count(b"\n")
+    if new_rows:
+        end_column = len(text_bytes) - text_bytes.rfind(b"\n") - 1
+    else:
+        end_column = base.cursor_column + len(text_bytes)
+    edited = base.tree.copy()
+    start_point = (base.cursor_row, base.cursor_column)
+    edited.edit(
+        cursor_byte,
+        cursor_byte,
+        cursor_byte + len(text_bytes),
+        start_point,
+        start_point,
+        (base.cursor_row + new_rows, end_column),
+    )
+    tree = parser_for(lang).parse(base.prefix_bytes + text_bytes + base.suffix_bytes, edited)
+
+    # A node is old if, on every row of the edited region it touches, the document without
+    # the candidate already had an error; rows strictly inside a multi-line candidate are fresh.
+    # Far from the edit, error recovery reshuffles by itself (and the bracket check sees real
+    # damage), so rows outside the region are not compared.
+    first_row, last_row = base.cursor_row, base.cursor_row + new_rows
+    region_end = last_row + CONTEXT_ROWS
+    text_end = cursor_byte + len(text_bytes)
+    new_errors = new_missing = 0
+    for node in _error_nodes(tree.root_node):
+        start_row, end_row = node.start_point.row, node.end_point.row
+        if end_row < first_row or start_row > region_end:
+            continue
+        if node.is_missing:
+            inside = cursor_byte < node.start_byte < text_end
+        else:
+            inside = cursor_byte <= node.start_byte and node.end_byte <= text_end
+        old = not inside and all(
+            _row_before_edit(row, first_row, last_row) in base.error_rows
+            for row in range(max(start_row, first_row), min(end_row, region_end) + 1)
+        )
+        if not old:
+            if node.is_missing:
+                new_missing += 1
+            else:
+                new_errors += 1
+
+    state = scan_brackets(text, lang, base.prefix_state.copy())[0]
+    # counted apart, so closing the bracket being typed does not excuse a stray one
+    errors, unclosed = _state_cost(base, state, lang)
+    errors_before, unclosed_before = base.bracket_cost
+    unbalanced = max(0, errors - errors_before) + max(0, unclosed - unclosed_before)
+    newline = base.suffix_window.find("\n")
+    line_suffix = base.suffix_window if newline < 0 else base.suffix_window[:newline]
+    incomplete = _is_incomplete(text, line_suffix, lang, base.prefix_state, state)
+    ok = not (new_errors or new_missing or unbalanced or incomplete)
+    return SyntaxReport(ok, new_errors, new_missing, unbalanced, incomplete)
+
+
+def syntax_penalty(report: SyntaxReport) -> float:
+    """The (positive) penalty for a report, before SYNTAX_WEIGHT."""
+    nodes = min(MAX_COUNTED_NODES, report.new_error_nodes + report.new_missing_nodes)
+    brackets = min(MAX_COUNTED_NODES, report.unbalanced_brackets)
+    return (
+        ERROR_NODE_PENALTY * nodes
+        + BRACKET_PENALTY * brackets
+        + INCOMPLETE_PENALTY * report.incomplete
+    )
+
+
+def rerank(
+    candidates: list[Candidate],
+    prefix: str,
+    suffix: str,
+    lang: Language | None,
+    syntax_weight: float = SYNTAX_WEIGHT,
+    length_weight: float = LENGTH_WEIGHT,
+) -> list[Candidate]:
+    """Score = mean log-prob - syntax penalty + length bonus; best first (stable)."""
+    ranked = []
+    for cand in candidates:
+        parts = {"logprob": cand.logprob}
+        syntax_ok = True
+        if lang is not None:
+            report = syntax_report(prefix, cand.text, suffix, lang)
+            syntax_ok = report.ok
+            parts["syntax"] = -syntax_weight * syntax_penalty(report)
+            parts["length"] = length_weight * math.log1p(len(cand.text.strip()))
+        ranked.append(
+            dataclasses.replace(
+                cand, score=sum(parts.values()), syntax_ok=syntax_ok, score_parts=parts
+            )
+        )
+    ranked.sort(key=lambda c: -c.score)
+    return ranked
