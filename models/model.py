@@ -68,6 +68,32 @@ def bifurcated_attention(q, k_ctx, v_ctx, k_dec, v_dec, scale: float):
     return out.reshape(n, h, d)
 
 
+def bifurcated_attention_merged(q, k_ctx, v_ctx, k_dec, v_dec, scale: float):
+    """The same step as bifurcated_attention, with the context part done by one fused
+    flash-attention call over all N·P queries stacked per kv head (it returns the
+    log-sum-exp), the small per-branch part by einsum, and a log-sum-exp merge.
+    Reads the context KV once, in one kernel, instead of materialising scores."""
+    n, h, d = q.shape
+    g = k_ctx.shape[0]
+    p = h // g
+    q_stacked = q.view(n, g, p, d).permute(1, 0, 2, 3).reshape(1, g, n * p, d)  # (1, G, N·P, D)
+    if q.is_cuda:
+        out_c, lse_c = torch.ops.aten._scaled_dot_product_flash_attention(
+            q_stacked, k_ctx[None], v_ctx[None], 0.0, False, False, scale=scale)[:2]
+    else:
+        out_c, lse_c = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q_stacked, k_ctx[None], v_ctx[None], 0.0, False, scale=scale)
+    out_c = out_c.view(g, n, p, d).permute(1, 0, 2, 3).float()  # (N, G, P, D)
+    lse_c = lse_c.view(g, n, p).permute(1, 0, 2).float()  # (N, G, P)
+    qg = q.view(n, g, p, d)
+    s_dec = torch.einsum("ngpd,ngmd->ngpm", qg, k_dec).float() * scale  # (N, G, P, m)
+    lse_d = torch.logsumexp(s_dec, dim=-1)
+    out_d = torch.einsum("ngpm,ngmd->ngpd", torch.softmax(s_dec, dim=-1).to(v_dec.dtype), v_dec).float()
+    lse = torch.logaddexp(lse_c, lse_d)
+    out = out_c * torch.exp(lse_c - lse)[..., None] + out_d * torch.exp(lse_d - lse)[..., None]
+    return out.to(q.dtype).reshape(n, h, d)
+
+
 def plain_batched_attention(q, k_full, v_full, scale: float):
     """Reference decode step: q (N, H, D), k_full/v_full (N, G, M + m, D) per-branch copies."""
     n, h, d = q.shape
@@ -120,7 +146,7 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(b, t, h * self.cfg.head_dim)
         return self.wo(y)
 
-    def forward_decode(self, x, cos, sin, k_ctx, v_ctx, k_dec, v_dec, step: int, bifurcated: bool):
+    def forward_decode(self, x, cos, sin, k_ctx, v_ctx, k_dec, v_dec, step: int, attention: str):
         """One token per branch. x (N, 1, dim); k_ctx/v_ctx (G, M, D); k_dec/v_dec
         (N, G, m_max, D) preallocated, written in place at index `step`."""
         n = x.shape[0]
@@ -128,12 +154,16 @@ class Attention(nn.Module):
         k_dec[:, :, step] = k[:, :, 0]
         v_dec[:, :, step] = v[:, :, 0]
         kd, vd = k_dec[:, :, : step + 1], v_dec[:, :, : step + 1]
-        if bifurcated:
+        if attention == "bifurcated":
+            y = bifurcated_attention_merged(q[:, :, 0], k_ctx, v_ctx, kd, vd, self.scale)
+        elif attention == "bifurcated-einsum":
             y = bifurcated_attention(q[:, :, 0], k_ctx, v_ctx, kd, vd, self.scale)
-        else:
+        elif attention == "plain":
             kf = torch.cat([k_ctx.expand(n, *k_ctx.shape), kd], dim=2)
             vf = torch.cat([v_ctx.expand(n, *v_ctx.shape), vd], dim=2)
             y = plain_batched_attention(q[:, :, 0], kf, vf, self.scale)
+        else:
+            raise ValueError(f"unknown attention {attention!r} (bifurcated, bifurcated-einsum, plain)")
         return self.wo(y.reshape(n, 1, -1))
 
 
@@ -221,15 +251,39 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor,
-                    dec_k: torch.Tensor, dec_v: torch.Tensor, step: int, bifurcated: bool = True):
+                    dec_k: torch.Tensor, dec_v: torch.Tensor, step: int, attention: str = "bifurcated"):
         """One step for N branches. tokens (N,); k_ctx/v_ctx (L, G, M, D) shared by all
-        branches; dec_k/dec_v (L, N, G, m_max, D) written at `step`. Returns logits (N, V)."""
+        branches; dec_k/dec_v (L, N, G, m_max, D) written at `step`. Returns logits (N, V).
+        attention: "bifurcated" (fused context pass + merge), "bifurcated-einsum" (two-part
+        einsum, one softmax) or "plain" (per-branch copies of the context: the reference)."""
         m = k_ctx.shape[2]
         cos, sin = rope_tables(self.cfg, torch.tensor([m + step], device=tokens.device))
         h = self.tok_embeddings(tokens)[:, None]  # (N, 1, dim)
         for i, layer in enumerate(self.layers):
             a = layer.attention.forward_decode(layer.attention_norm(h), cos, sin, k_ctx[i], v_ctx[i],
-                                               dec_k[i], dec_v[i], step, bifurcated)
+                                               dec_k[i], dec_v[i], step, attention)
             h = h + a
             h = h + layer.feed_forward(layer.ffn_norm(h))
         return self.logits(h[:, 0])
+
+
+@torch.no_grad()
+def decode_step_plain_cached(model: Transformer, tokens: torch.Tensor, full_k: torch.Tensor,
+                             full_v: torch.Tensor, m_ctx: int, step: int) -> torch.Tensor:
+    """Plain batched decode as batch serving does it without prefix sharing: each branch
+    holds its own copy of the context KV in a persistent cache full_k/full_v
+    (L, N, G, M + m_max, D); this step writes slot M + step and attends over the rest."""
+    cfg = model.cfg
+    pos = m_ctx + step
+    cos, sin = rope_tables(cfg, torch.tensor([pos], device=tokens.device))
+    h = model.tok_embeddings(tokens)[:, None]  # (N, 1, dim)
+    n = tokens.shape[0]
+    for i, layer in enumerate(model.layers):
+        attn = layer.attention
+        q, k, v = attn._qkv(layer.attention_norm(h), cos, sin)
+        full_k[i, :, :, pos] = k[:, :, 0]
+        full_v[i, :, :, pos] = v[:, :, 0]
+        y = plain_batched_attention(q[:, :, 0], full_k[i, :, :, : pos + 1], full_v[i, :, :, : pos + 1], attn.scale)
+        h = h + attn.wo(y.reshape(n, 1, -1))
+        h = h + layer.feed_forward(layer.ffn_norm(h))
+    return model.logits(h[:, 0])

@@ -9,7 +9,12 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from codecomplete.models.config import ModelConfig  # noqa: E402
-from codecomplete.models.model import Transformer, bifurcated_attention, plain_batched_attention  # noqa: E402
+from codecomplete.models.model import (  # noqa: E402
+    Transformer,
+    bifurcated_attention,
+    bifurcated_attention_merged,
+    plain_batched_attention,
+)
 
 
 def _rel_err(a, b) -> float:
@@ -28,10 +33,12 @@ def test_bifurcated_attention_equals_plain_for_random_shapes(seed):
     kc, vc = torch.randn(kv_heads, m_ctx, d, generator=g), torch.randn(kv_heads, m_ctx, d, generator=g)
     kd, vd = torch.randn(n, kv_heads, m_dec, d, generator=g), torch.randn(n, kv_heads, m_dec, d, generator=g)
     out = bifurcated_attention(q, kc, vc, kd, vd, d ** -0.5)
+    merged = bifurcated_attention_merged(q, kc, vc, kd, vd, d ** -0.5)
     kf = torch.cat([kc.expand(n, -1, -1, -1), kd], dim=2)
     vf = torch.cat([vc.expand(n, -1, -1, -1), vd], dim=2)
     ref = plain_batched_attention(q.double(), kf.double(), vf.double(), d ** -0.5)
     assert _rel_err(out.double(), ref) < 1e-5
+    assert _rel_err(merged.double(), ref) < 1e-5
 
 
 def _tiny(n_kv_heads: int, qkv_bias: bool = False) -> Transformer:
@@ -46,8 +53,9 @@ def _tiny(n_kv_heads: int, qkv_bias: bool = False) -> Transformer:
     return model.eval()
 
 
+@pytest.mark.parametrize("attention", ["bifurcated", "bifurcated-einsum"])
 @pytest.mark.parametrize("n_kv_heads,qkv_bias", [(4, False), (2, True), (1, False)])
-def test_bifurcated_decode_steps_equal_plain_batched_decode(n_kv_heads, qkv_bias):
+def test_bifurcated_decode_steps_equal_plain_batched_decode(n_kv_heads, qkv_bias, attention):
     model = _tiny(n_kv_heads, qkv_bias)
     cfg = model.cfg
     prompt = torch.randint(0, cfg.vocab_size, (37,), generator=torch.Generator().manual_seed(0))
@@ -59,8 +67,8 @@ def test_bifurcated_decode_steps_equal_plain_batched_decode(n_kv_heads, qkv_bias
     tokens = torch.randint(0, cfg.vocab_size, (steps, n), generator=torch.Generator().manual_seed(1))
     m = prompt.shape[0]
     for s in range(steps):
-        out_b = model.decode_step(tokens[s], k[:, :, :m], v[:, :, :m], bk, bv, s, bifurcated=True)
-        out_p = model.decode_step(tokens[s], k[:, :, :m], v[:, :, :m], pk, pv, s, bifurcated=False)
+        out_b = model.decode_step(tokens[s], k[:, :, :m], v[:, :, :m], bk, bv, s, attention=attention)
+        out_p = model.decode_step(tokens[s], k[:, :, :m], v[:, :, :m], pk, pv, s, attention="plain")
         assert _rel_err(out_b, out_p) < 1e-5
 
 

@@ -77,7 +77,7 @@ class TorchRuntime(Runtime):
     name = "torch"
 
     def __init__(self, source: ModelSource, device: str = "cpu", precision: str = "auto",
-                 bifurcated: bool = True, threads: int | None = None):
+                 attention: str = "bifurcated", threads: int | None = None):
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' asked for, but torch sees no CUDA device")
         if precision == "auto":
@@ -90,7 +90,7 @@ class TorchRuntime(Runtime):
         self.tokenizer = source.tokenizer
         self.device = torch.device(device)
         self.precision = precision
-        self.bifurcated = bifurcated
+        self.attention = attention
         float_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         if precision == "int8":
             float_dtype = torch.float16 if device == "cuda" else torch.float32
@@ -103,7 +103,7 @@ class TorchRuntime(Runtime):
         self.name = f"torch-{precision}"
 
     def describe(self) -> dict:
-        return {"runtime": self.name, "device": str(self.device), "bifurcated": self.bifurcated}
+        return {"runtime": self.name, "device": str(self.device), "attention": self.attention}
 
     def _tensor(self, ids: Sequence[int]) -> torch.Tensor:
         return torch.tensor(list(ids), dtype=torch.long, device=self.device)
@@ -144,7 +144,7 @@ class TorchRuntime(Runtime):
         k_buf, v_buf = context.kv
         dec_k, dec_v = branches.kv
         logits = self.model.decode_step(self._tensor(next_tokens), k_buf[:, :, :m], v_buf[:, :, :m],
-                                        dec_k, dec_v, branches.step, self.bifurcated)
+                                        dec_k, dec_v, branches.step, self.attention)
         branches.step += 1
         return logits.float().cpu().numpy()
 
