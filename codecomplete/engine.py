@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from codecomplete.alignment import VocabTrie, strip_constraint
 from codecomplete.cache import ContextCache, SuggestionCache
 from codecomplete.languages import Language, language_for
-from codecomplete.postprocess import CompletionScope, clean_candidates
+from codecomplete.postprocess import CompletionScope, clean_candidates, decide_scope
 from codecomplete.prompt import PromptBuilder
 from codecomplete.request import Candidate, Completion, CompletionRequest
 from codecomplete.rerank import rerank
@@ -76,7 +76,7 @@ class Engine:
             return Completion(cached[: opts.n], timer.timings, cached=True)
 
         t = time.perf_counter()
-        scope = CompletionScope(prefix, suffix, lang, multiline=opts.multiline)
+        scope = decide_scope(prefix, suffix, lang, opts.multiline)
         max_new = self._max_new_tokens(opts.max_new_tokens, scope.multiline)
         prompt = self.prompts.build(request, max_new + prompt_back_off_room(opts))
         t = timer.stage("prompt", t)

@@ -83,8 +83,8 @@ def bifurcated_attention_merged(q, k_ctx, v_ctx, k_dec, v_dec, scale: float):
     else:
         out_c, lse_c = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q_stacked, k_ctx[None], v_ctx[None], 0.0, False, scale=scale)
-    out_c = out_c.view(g, n, p, d).permute(1, 0, 2, 3).float()  # (N, G, P, D)
-    lse_c = lse_c.view(g, n, p).permute(1, 0, 2).float()  # (N, G, P)
+    out_c = out_c.reshape(g, n, p, d).permute(1, 0, 2, 3).float()  # (N, G, P, D)
+    lse_c = lse_c.reshape(g, n, p).permute(1, 0, 2).float()  # (N, G, P)
     qg = q.view(n, g, p, d)
     s_dec = torch.einsum("ngpd,ngmd->ngpm", qg, k_dec).float() * scale  # (N, G, P, m)
     lse_d = torch.logsumexp(s_dec, dim=-1)
@@ -257,7 +257,7 @@ class Transformer(nn.Module):
         attention: "bifurcated" (fused context pass + merge), "bifurcated-einsum" (two-part
         einsum, one softmax) or "plain" (per-branch copies of the context: the reference)."""
         m = k_ctx.shape[2]
-        cos, sin = rope_tables(self.cfg, torch.tensor([m + step], device=tokens.device))
+        cos, sin = rope_tables(self.cfg, torch.arange(m + step, m + step + 1, device=tokens.device))  # no host copy: CUDA-graph safe
         h = self.tok_embeddings(tokens)[:, None]  # (N, 1, dim)
         for i, layer in enumerate(self.layers):
             a = layer.attention.forward_decode(layer.attention_norm(h), cos, sin, k_ctx[i], v_ctx[i],
@@ -275,7 +275,7 @@ def decode_step_plain_cached(model: Transformer, tokens: torch.Tensor, full_k: t
     (L, N, G, M + m_max, D); this step writes slot M + step and attends over the rest."""
     cfg = model.cfg
     pos = m_ctx + step
-    cos, sin = rope_tables(cfg, torch.tensor([pos], device=tokens.device))
+    cos, sin = rope_tables(cfg, torch.arange(pos, pos + 1, device=tokens.device))
     h = model.tok_embeddings(tokens)[:, None]  # (N, 1, dim)
     n = tokens.shape[0]
     for i, layer in enumerate(model.layers):

@@ -1,0 +1,113 @@
+"""The engine end to end on a tiny random model: alignment, caches, cancellation, limits."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("torch")
+
+from codecomplete.alignment import VocabTrie, back_off  # noqa: E402
+from codecomplete.engine import Engine  # noqa: E402
+from codecomplete.request import CancelToken, CompletionOptions, CompletionRequest  # noqa: E402
+from codecomplete.sampling import generate  # noqa: E402
+
+SOURCE = '''import os
+
+
+class Point:
+    def __init__(self, x, y):
+        self.x = x
+        self.y = y
+
+
+def print_values(values):
+    for value in values:
+        print(value)
+'''
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return Engine.load(str(tiny_model_dir), runtime="torch")
+
+
+def _request(text, offset, **opts):
+    options = CompletionOptions(**{"n": 3, "max_new_tokens": 8, "deadline_ms": 60_000, **opts})
+    return CompletionRequest(text=text, offset=offset, language="python", path="demo.py", options=options)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(offset=st.integers(min_value=1, max_value=len(SOURCE)), seed=st.integers(0, 1000))
+def test_generated_text_always_agrees_with_the_backed_off_text(engine, offset, seed):
+    rt = engine.runtime
+    prefix_tokens = rt.tokenizer.encode(SOURCE[:offset])
+    bo = back_off(prefix_tokens, rt.tokenizer.token_bytes, 3, engine.prompts.special_ids)
+    state, logits = rt.prefill(bo.kept or [0])
+    result = generate(rt, state, logits, n=3, max_new_tokens=6, constraint=bo.removed,
+                      trie=VocabTrie(rt.tokenizer.token_bytes), stop_ids=set(), stop_fn=lambda b: None,
+                      seed=seed)
+    for b in result.branches:
+        data = bytes(b.data)
+        assert data.startswith(bo.removed) or bo.removed.startswith(data)
+
+
+def test_mid_token_completion_is_inserted_after_the_typed_text(engine):
+    text = SOURCE + "        pri"
+    completion = engine.complete(_request(text, len(text)))
+    assert completion.timings_ms["total"] > 0
+    for c in completion.candidates:
+        assert "\n" not in c.text  # mid-line: the rest of the line only
+
+
+def test_second_keystroke_reuses_the_prompt_kv(engine):
+    text = SOURCE + "    x = Po"
+    engine.complete(_request(text, len(text), seed=1))
+    text2 = text + "i"
+    completion = engine.complete(_request(text2, len(text2), seed=1))
+    assert completion.prefill_reused_tokens > 0
+    assert completion.prefill_new_tokens < completion.prefill_reused_tokens
+
+
+def test_typing_the_start_of_a_shown_candidate_is_answered_from_cache(engine):
+    text = SOURCE + "    y = "
+    first = engine.complete(_request(text, len(text), seed=2))
+    shown = next((c.text for c in first.candidates if len(c.text) >= 2), None)
+    if shown is None:
+        pytest.skip("the random model produced no candidate of two characters")
+    typed = text + shown[0]
+    second = engine.complete(_request(typed, len(typed), seed=2))
+    assert second.cached and second.model_calls == 0
+    assert shown[1:] in [c.text for c in second.candidates]
+
+
+def test_cancelled_request_stops_without_decoding(engine):
+    token = CancelToken()
+    token.cancel()
+    text = SOURCE + "    z = "
+    req = _request(text, len(text), max_new_tokens=32)
+    req.cancel = token
+    completion = engine.complete(req)
+    assert completion.cancelled
+    assert completion.model_calls == 1  # the prefill only
+
+
+def test_cursor_outside_the_document_is_a_clear_error(engine):
+    with pytest.raises(ValueError, match="outside the document"):
+        engine.complete(_request("abc", 10))
+
+
+def test_zero_deadline_still_answers_quickly(engine):
+    text = SOURCE + "    w = "
+    completion = engine.complete(_request(text, len(text), deadline_ms=0, max_new_tokens=48))
+    assert completion.model_calls <= 2
+
+
+def test_without_alignment_the_prompt_keeps_every_prefix_token(engine):
+    text = SOURCE + "    print_v"
+    req = _request(text, len(text), align=False)
+    prompt = engine.prompts.build(req, 8)
+    assert prompt.back_off.removed == b""
+    req_aligned = _request(text, len(text))
+    assert engine.prompts.build(req_aligned, 8).back_off.removed_tokens > 0
