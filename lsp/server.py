@@ -45,7 +45,7 @@ WINDOW_BEFORE_CHARS = 64_000  # the engine sees at most this much text before th
 WINDOW_AFTER_CHARS = 16_000  # ...and this much after it
 NEIGHBOUR_CHARS = 32_000  # per other open document
 MAX_NEIGHBOURS = 8
-PARENT_POLL_S = 2.0
+PARENT_POLL_S = float(os.environ.get("CODECOMPLETE_PARENT_POLL_S", "2"))  # seconds between checks
 
 try:
     from importlib.metadata import version as _version

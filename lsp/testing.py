@@ -2,8 +2,10 @@
 
 Start a server with it: `codecomplete-lsp --engine-factory codecomplete.lsp.testing:fake_engine`.
 The environment tunes it: CODECOMPLETE_FAKE_STEP_MS (time per decode step, default 1),
-CODECOMPLETE_FAKE_LOAD_MS (load time, default 0). A model folder that does not exist fails
-to load with ModelLoadError, like the real engine.
+CODECOMPLETE_FAKE_LOAD_MS (load time, default 0), CODECOMPLETE_FAKE_PRINT (print to
+stdout while loading, as a chatty library would); a model folder may hold a file
+`fake_step_ms` with the step time. A model folder that does not exist fails to load with
+ModelLoadError, like the real engine.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from pathlib import Path
 
 from codecomplete.request import Candidate, Completion, CompletionRequest
 
-WORDS = ("print(value)", "printf(value)", "private_total = 0", "value = compute(total)",
-         "return value", "if value:\n    return value")
+WORDS = ("print(value)", "printf(value)", "if value:\n    return value", "private_total = 0",
+         "value = compute(total)", "return value")
 
 
 def _partial_word(prefix: str) -> str:
@@ -63,6 +65,30 @@ def fake_engine(model: str | None, runtime: str, device: str) -> FakeEngine:
     from codecomplete.models.folder import ModelLoadError
 
     time.sleep(float(os.environ.get("CODECOMPLETE_FAKE_LOAD_MS", "0")) / 1000.0)
+    if os.environ.get("CODECOMPLETE_FAKE_PRINT"):  # a chatty library: must not reach the LSP channel
+        print("fake engine: loading", flush=True)
+        os.write(1, b"fake engine: native code writing to fd 1\n")
     if model is not None and not Path(model).is_dir():
         raise ModelLoadError(f"{model}: no such model folder")
-    return FakeEngine(step_ms=float(os.environ.get("CODECOMPLETE_FAKE_STEP_MS", "1")))
+    step_ms = float(os.environ.get("CODECOMPLETE_FAKE_STEP_MS", "1"))
+    if model is not None and (Path(model) / "fake_step_ms").is_file():
+        step_ms = float((Path(model) / "fake_step_ms").read_text())
+    return FakeEngine(step_ms=step_ms)
+
+
+def write_raw(client, body: bytes) -> None:
+    """Write one framed message of arbitrary bytes to a pygls client's server (garbage tests)."""
+    header = f"Content-Length: {len(body)}\r\n\r\n".encode("ascii")
+    client.protocol.writer.write(header + body)
+
+
+def send_raw_request(client, message: dict):
+    """Send a request dict as-is (no validation); await the result to get the response."""
+    import asyncio
+    import json
+    from concurrent.futures import Future
+
+    future: Future = Future()
+    client.protocol._request_futures[message["id"]] = future
+    write_raw(client, json.dumps(message).encode("utf-8"))
+    return asyncio.wrap_future(future)
