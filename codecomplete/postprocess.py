@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from codecomplete.languages import Language
 from codecomplete.request import Candidate
@@ -55,102 +56,118 @@ class ScanState:
         return self.errors + len(self.stack) + (self.string is not None)
 
 
+_OPENER, _CLOSER, _LINE_COMMENT, _BLOCK_COMMENT, _QUOTE = range(5)
+
+
 @dataclass(frozen=True)
 class _Lexer:
     outside: re.Pattern  # tokens that matter outside strings and comments
+    kinds: dict[str, int]  # token -> _OPENER ... _QUOTE; a character literal is absent
     closers: dict[str, str]  # closer -> opener
-    openers: frozenset[str]
     string_end: dict[str, re.Pattern]
-    multiline_quotes: frozenset[str]
-    line_comment: str
-    block_comment: tuple[str, str] | None
+    block_comment_end: str
 
 
-@functools.cache
+_lexers: dict[str, _Lexer] = {}
+
+
 def _lexer(lang: Language) -> _Lexer:
-    alternatives = []
+    lex = _lexers.get(lang.id)
+    if lex is None:
+        lex = _lexers[lang.id] = _build_lexer(lang)
+    return lex
+
+
+def _build_lexer(lang: Language) -> _Lexer:
+    kinds: dict[str, int] = {}
+    for open_, close in lang.brackets:
+        kinds[open_], kinds[close] = _OPENER, _CLOSER
+    if lang.line_comment:
+        kinds[lang.line_comment] = _LINE_COMMENT
+    if lang.block_comment:
+        kinds[lang.block_comment[0]] = _BLOCK_COMMENT
+    for quote in lang.quotes:
+        kinds[quote] = _QUOTE
+    alternatives = [re.escape(token) for token in sorted(kinds, key=len, reverse=True)]
     # a whole 'x' literal, so '(' is no bracket; a lone ' (a Rust lifetime) is nothing
     if lang.char_literals:
-        alternatives.append(r"'(?:\\.[^'\n]{0,9}|[^\\'\n])'")
-    markers = [lang.line_comment] if lang.line_comment else []
-    if lang.block_comment:
-        markers.append(lang.block_comment[0])
-    markers += list(lang.quotes)
-    alternatives += [re.escape(m) for m in sorted(markers, key=len, reverse=True)]
-    brackets = "".join(ch for pair in lang.brackets for ch in pair)
-    alternatives.append("[" + re.escape(brackets) + "]")
+        alternatives.insert(0, r"'(?:\\.[^'\n]{0,9}|[^\\'\n])'")
     string_end = {
         q: re.compile(r"\\[\s\S]|" + re.escape(q) + ("" if q in lang.multiline_quotes else r"|\n"))
         for q in lang.quotes
     }
     return _Lexer(
         outside=re.compile("|".join(alternatives)),
+        kinds=kinds,
         closers={close: open_ for open_, close in lang.brackets},
-        openers=frozenset(open_ for open_, _ in lang.brackets),
         string_end=string_end,
-        multiline_quotes=frozenset(lang.multiline_quotes),
-        line_comment=lang.line_comment,
-        block_comment=lang.block_comment,
+        block_comment_end=lang.block_comment[1] if lang.block_comment else "",
     )
 
 
 def scan_brackets(
-    text: str, lang: Language | None, state: ScanState | None = None
+    text: str, lang: Language | None, state: ScanState | None = None, floor: int | None = None
 ) -> tuple[ScanState, int | None]:
     """Scan text from state (mutated); return it and the index of the first closer that
-    pops below the starting depth (None if none)."""
+    pops below floor (default: the starting depth), or None."""
     lex = _lexer(lang or GENERIC)
     state = state if state is not None else ScanState()
-    start_depth = len(state.stack)
+    stack = state.stack
+    floor = len(stack) if floor is None else floor
     underflow: int | None = None
     pos, n = 0, len(text)
     while pos < n:
         if state.comment == "line":
             end = text.find("\n", pos)
             if end < 0:
-                return state, underflow
+                break
             state.comment, pos = None, end + 1
-            continue
-        if state.comment == "block":
-            end = text.find(lex.block_comment[1], pos)
+        elif state.comment == "block":
+            end = text.find(lex.block_comment_end, pos)
             if end < 0:
-                return state, underflow
-            state.comment, pos = None, end + len(lex.block_comment[1])
-            continue
-        if state.string is not None:
+                break
+            state.comment, pos = None, end + len(lex.block_comment_end)
+        elif state.string is not None:
             match = lex.string_end[state.string].search(text, pos)
             if match is None:
-                return state, underflow
+                break
             token, pos = match.group(), match.end()
             if token == state.string:
                 state.string = None
             elif token == "\n":  # a one-line string left open
                 state.string, state.errors = None, state.errors + 1
-            continue
-        match = lex.outside.search(text, pos)
-        if match is None:
-            return state, underflow
-        token, pos = match.group(), match.end()
-        if token in lex.openers:
-            state.stack.append(token)
-        elif token in lex.closers:
-            opener = lex.closers[token]
-            if opener in state.stack:
-                depth = len(state.stack) - 1 - state.stack[::-1].index(opener)
-                state.errors += len(state.stack) - 1 - depth  # closed over unclosed brackets
-                del state.stack[depth:]
+        else:
+            for match in lex.outside.finditer(text, pos):
+                token = match.group()
+                kind = lex.kinds.get(token)
+                if kind == _OPENER:
+                    stack.append(token)
+                elif kind == _CLOSER:
+                    opener = lex.closers[token]
+                    if stack and stack[-1] == opener:
+                        stack.pop()
+                        depth = len(stack)
+                    elif opener in stack:
+                        depth = len(stack) - 1 - stack[::-1].index(opener)
+                        state.errors += len(stack) - 1 - depth  # closed over unclosed brackets
+                        del stack[depth:]
+                    else:
+                        state.errors += 1
+                        depth = -1
+                    if underflow is None and depth < floor:
+                        underflow = match.start()
+                elif kind == _LINE_COMMENT:
+                    state.comment, pos = "line", match.end()
+                    break
+                elif kind == _BLOCK_COMMENT:
+                    state.comment, pos = "block", match.end()
+                    break
+                elif kind == _QUOTE:
+                    state.string, pos = token, match.end()
+                    break
+                # else: a character literal, skipped whole
             else:
-                state.errors += 1
-                depth = -1
-            if underflow is None and depth < start_depth:
-                underflow = match.start()
-        elif token == lex.line_comment:
-            state.comment = "line"
-        elif lex.block_comment and token == lex.block_comment[0]:
-            state.comment = "block"
-        elif token in lex.string_end:
-            state.string = token
-        # else: a character literal, skipped whole
+                break
     return state, underflow
 
 
@@ -173,20 +190,20 @@ def prefix_state(prefix: str, lang: Language | None) -> ScanState:
 
 def code_part(line: str, lang: Language | None) -> str:
     """The line without its trailing line comment."""
-    lex = _lexer(lang or GENERIC)
-    if not lex.line_comment or lex.line_comment not in line:
+    marker = (lang or GENERIC).line_comment
+    if not marker or marker not in line:
         return line
     state = ScanState()
     pos = 0
     while True:  # scan up to each comment marker; the first one outside a string starts the comment
-        idx = line.find(lex.line_comment, pos)
+        idx = line.find(marker, pos)
         if idx < 0:
             return line
         scan_brackets(line[pos:idx], lang, state)
         if state.string is None and state.comment is None:
             return line[:idx]
-        scan_brackets(line[idx : idx + len(lex.line_comment)], lang, state)
-        pos = idx + len(lex.line_comment)
+        scan_brackets(line[idx : idx + len(marker)], lang, state)
+        pos = idx + len(marker)
 
 
 # ---------------------------------------------------------------- scope
@@ -228,49 +245,81 @@ class CompletionScope:
     start_string: str | None = None  # the cursor sits inside this string delimiter
     start_comment: str | None = None
     max_blank_lines: int = MAX_BLANK_LINES
+    # the state after each run of whole lines seen so far: the decode loop calls stop_index
+    # once per token with a growing text, so a call only reads the newest line
+    _lines_seen: dict[str, _LinesState] = field(default_factory=dict, repr=False, compare=False)
 
     def stop_index(self, generated: str) -> int | None:
         """Where a completion must end given the text generated so far; None to keep going."""
         if not self.multiline:
             newline = generated.find("\n")
             return None if newline < 0 else newline
-        underflow = None
-        if any(
-            open_ in generated or close in generated
-            for open_, close in (self.language or GENERIC).brackets
-        ):
+        head_end = generated.rfind("\n") + 1
+        state = self._whole_lines(generated, head_end)
+        if state.stop is None and head_end < len(generated):
+            state = self._advance(state, generated, head_end, len(generated))
+        return state.stop
+
+    def _whole_lines(self, generated: str, head_end: int) -> _LinesState:
+        """The state after generated[:head_end], built from the longest run already seen."""
+        ends = []
+        end = head_end
+        while end > 0 and generated[:end] not in self._lines_seen:
+            ends.append(end)
+            end = generated.rfind("\n", 0, end - 1) + 1
+        if end > 0:
+            state = self._lines_seen[generated[:end]]
+        else:
             start = ScanState(string=self.start_string, comment=self.start_comment)
-            underflow = scan_brackets(generated, self.language, start)[1]
-        base_width = _width(self.base_indent)
-        newline = generated.find("\n")
-        content_end = len(generated[: newline if newline >= 0 else len(generated)].rstrip())
-        blank_run = 0
-        while newline >= 0:
-            line_start = newline + 1
-            if underflow is not None and line_start > underflow:
-                break
-            newline = generated.find("\n", line_start)
-            line = generated[line_start : newline if newline >= 0 else len(generated)]
-            body = line.lstrip(" \t")
-            if not body:
-                if newline >= 0:
-                    blank_run += 1
-                    if blank_run > self.max_blank_lines:
-                        return content_end
-                continue
-            if underflow is not None and line_start + len(line) - len(body) == underflow:
-                break  # the line starts by closing the block: handled below
-            if _width(line[: len(line) - len(body)]) < base_width:
-                return content_end
+            state = _LinesState(start, content_end=0, blank_run=0)
+        if len(self._lines_seen) > 4096:
+            self._lines_seen.clear()
+        for line_end in reversed(ends):
+            state = self._advance(state, generated, end, line_end)
+            self._lines_seen[generated[:line_end]] = state
+            end = line_end
+        return state
+
+    def _advance(self, state: _LinesState, generated: str, start: int, end: int) -> _LinesState:
+        """The state after one more line, generated[start:end] (with its newline if whole)."""
+        if state.stop is not None:
+            return state
+        line = generated[start:end]
+        scan = state.scan.copy()
+        found = scan_brackets(line, self.language, scan, floor=0)[1]
+        underflow = None if found is None else start + found
+        content_end, blank_run = state.content_end, state.blank_run
+        text = line.rstrip("\n")
+        body = text.lstrip(" \t")
+        if start == 0:  # the rest of the cursor line: no indentation rule
+            content_end = len(text.rstrip())
+        elif not body:
+            if line.endswith("\n"):
+                blank_run += 1
+                if blank_run > self.max_blank_lines:
+                    return _LinesState(scan, content_end, blank_run, stop=content_end)
+        elif underflow != start + len(text) - len(body):  # a line that starts by closing: below
+            if _width(text[: len(text) - len(body)]) < _width(self.base_indent):
+                return _LinesState(scan, content_end, blank_run, stop=content_end)
             blank_run = 0
-            content_end = line_start + len(line.rstrip())
+            content_end = start + len(text.rstrip())
         if underflow is None:
-            return None
+            return _LinesState(scan, content_end, blank_run)
         if not self.suffix_closes_block:
-            return underflow + 1  # close the block ourselves
-        line_start = _line_start(generated, underflow)
-        cut = line_start if not generated[line_start:underflow].strip() else underflow
-        return len(generated[:cut].rstrip())
+            return _LinesState(
+                scan, content_end, blank_run, stop=underflow + 1
+            )  # close it ourselves
+        cut = start if not generated[start:underflow].strip() else underflow
+        return _LinesState(scan, content_end, blank_run, stop=len(generated[:cut].rstrip()))
+
+
+class _LinesState(NamedTuple):
+    """CompletionScope.stop_index's reading after some whole lines."""
+
+    scan: ScanState
+    content_end: int  # end of the last line with text that the completion may keep
+    blank_run: int
+    stop: int | None = None
 
 
 def decide_scope(

@@ -59,6 +59,7 @@ class _Baseline:
     tree: object
     prefix_bytes: bytes
     suffix_bytes: bytes  # the suffix window and closers for what is still open at its end
+    tail_bytes: int  # how many of those are the added closers
     cursor_row: int
     cursor_column: int  # in bytes
     error_rows: frozenset[int]
@@ -127,7 +128,7 @@ def _enclosing_headers(prefix: str, window_start: int, lang: Language) -> str:
     return "".join(line + "\n" for line in reversed(headers))
 
 
-@functools.lru_cache(maxsize=4)  # rerank passes the same prefix object for every candidate
+@functools.lru_cache(maxsize=2)  # callers of syntax_report pass one prefix per candidate
 def _window_texts(prefix: str, suffix: str, lang: Language) -> tuple[str, str]:
     """The text parsed before and after the cursor."""
     window_start, suffix_window = _windows(prefix, suffix)
@@ -183,7 +184,8 @@ def _closing_tail(state: ScanState, suffix_window: str, lang: Language) -> str:
 def _baseline(lang: Language, prefix_window: str, suffix_window: str) -> _Baseline:
     state = prefix_state(prefix_window, lang)
     prefix_bytes = prefix_window.encode()
-    suffix_bytes = (suffix_window + _closing_tail(state, suffix_window, lang)).encode()
+    tail_bytes = _closing_tail(state, suffix_window, lang).encode()
+    suffix_bytes = suffix_window.encode() + tail_bytes
     tree = parser_for(lang).parse(prefix_bytes + suffix_bytes)
     error_rows: set[int] = set()
     for node in _error_nodes(tree.root_node):
@@ -193,6 +195,7 @@ def _baseline(lang: Language, prefix_window: str, suffix_window: str) -> _Baseli
         tree=tree,
         prefix_bytes=prefix_bytes,
         suffix_bytes=suffix_bytes,
+        tail_bytes=len(tail_bytes),
         cursor_row=prefix_bytes.count(b"\n"),
         cursor_column=len(prefix_bytes) - line_start,
         error_rows=frozenset(error_rows),
@@ -232,7 +235,10 @@ def _row_before_edit(row: int, first_row: int, last_row: int) -> int:
 
 def syntax_report(prefix: str, text: str, suffix: str, lang: Language) -> SyntaxReport:
     """Parse the window around the cursor with text inserted; count what text breaks."""
-    base = _baseline(lang, *_window_texts(prefix, suffix, lang))
+    return _report(_baseline(lang, *_window_texts(prefix, suffix, lang)), text, lang)
+
+
+def _report(base: _Baseline, text: str, lang: Language) -> SyntaxReport:
     text_bytes = text.encode()
     cursor_byte = len(base.prefix_bytes)
     new_rows = text_bytes.count(b"\n")
@@ -259,10 +265,11 @@ def syntax_report(prefix: str, text: str, suffix: str, lang: Language) -> Syntax
     first_row, last_row = base.cursor_row, base.cursor_row + new_rows
     region_end = last_row + CONTEXT_ROWS
     text_end = cursor_byte + len(text_bytes)
+    tail_start = text_end + len(base.suffix_bytes) - base.tail_bytes  # errors there are ours
     new_errors = new_missing = 0
     for node in _error_nodes(tree.root_node):
         start_row, end_row = node.start_point.row, node.end_point.row
-        if end_row < first_row or start_row > region_end:
+        if end_row < first_row or start_row > region_end or node.start_byte >= tail_start:
             continue
         if node.is_missing:
             inside = cursor_byte < node.start_byte < text_end
@@ -310,12 +317,13 @@ def rerank(
     length_weight: float = LENGTH_WEIGHT,
 ) -> list[Candidate]:
     """Score = mean log-prob - syntax penalty + length bonus; best first (stable)."""
+    base = _baseline(lang, *_window_texts(prefix, suffix, lang)) if lang and candidates else None
     ranked = []
     for cand in candidates:
         parts = {"logprob": cand.logprob}
         syntax_ok = True
-        if lang is not None:
-            report = syntax_report(prefix, cand.text, suffix, lang)
+        if base is not None:
+            report = _report(base, cand.text, lang)
             syntax_ok = report.ok
             parts["syntax"] = -syntax_weight * syntax_penalty(report)
             parts["length"] = length_weight * math.log1p(len(cand.text.strip()))

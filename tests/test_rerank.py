@@ -1,0 +1,178 @@
+import pytest
+
+from codecomplete.languages import language_for
+from codecomplete.request import Candidate
+from codecomplete.rerank import rerank, syntax_report
+
+# language id -> (prefix, suffix, clean candidate, syntax-breaking candidate)
+CASES = {
+    "python": ("def area(w, h):\n    ", "\n\nprint(area(2, 3))\n", "return w * h", "return w h"),
+    "javascript": (
+        "function area(w, h) {\n  ",
+        "\n}\nconsole.log(area(2, 3));\n",
+        "return w * h;",
+        "return w * (h;",
+    ),
+    "typescript": (
+        "function area(w: number, h: number): number {\n  ",
+        "\n}\n",
+        "return w * h;",
+        "return w * h);",
+    ),
+    "typescriptreact": (
+        "const A = (p: { n: number }) => {\n  ",
+        "\n};\n",
+        "return <div>{p.n}</div>;",
+        "return <div>{p.n</div>;",
+    ),
+    "go": ("package main\n\nfunc area(w, h int) int {\n\t", "\n}\n", "return w * h", "return w h"),
+    "rust": ("fn area(w: i32, h: i32) -> i32 {\n    ", "\n}\n", "w * h", "w * (h"),
+    "java": (
+        "class A {\n  int area(int w, int h) {\n    ",
+        "\n  }\n}\n",
+        "return w * h;",
+        "return w h;",
+    ),
+    "c": ("int area(int w, int h) {\n    ", "\n}\n", "return w * h;", "return w * (h;"),
+    "cpp": (
+        "#include <vector>\nint area(int w, int h) {\n    ",
+        "\n}\n",
+        "return w * h;",
+        "return w * h));",
+    ),
+}
+
+
+@pytest.mark.parametrize("language_id", CASES)
+def test_syntax_breaking_candidate_ranks_below_clean_one(language_id):
+    prefix, suffix, clean, broken = CASES[language_id]
+    lang = language_for(language_id)
+    # the model slightly prefers the broken one; the parse must overturn that
+    cands = [Candidate(broken, logprob=-0.3), Candidate(clean, logprob=-0.5)]
+    ranked = rerank(cands, prefix, suffix, lang)
+    assert [c.text for c in ranked] == [clean, broken]
+    assert ranked[0].syntax_ok and not ranked[1].syntax_ok
+    assert ranked[0].score > ranked[1].score
+
+
+@pytest.mark.parametrize("language_id", CASES)
+def test_errors_already_in_the_file_do_not_count(language_id):
+    prefix, suffix, clean, _ = CASES[language_id]
+    lang = language_for(language_id)
+    junk = "(((( ]] ;; @@\n"  # an error far above and far below the cursor
+    filler = "\n".join(["// filler" if lang.line_comment == "//" else "# filler"] * 5) + "\n"
+    report = syntax_report(junk + filler + prefix, clean, suffix + filler + junk, lang)
+    assert report.ok, report
+
+
+def test_error_on_the_line_being_typed_does_not_count():
+    py = language_for("python")
+    prefix, suffix = "def f(xs):\n    total = sum(", "\n    return total\n"
+    assert syntax_report(prefix, "xs)", suffix, py).ok
+    assert not syntax_report(prefix, "xs xs)", suffix, py).ok
+
+
+def test_stray_closer_is_unbalanced_even_when_it_closes_the_open_bracket():
+    py = language_for("python")
+    report = syntax_report("def f(xs):\n    total = sum(", "xs))", "\n    return total\n", py)
+    assert report.unbalanced_brackets == 1
+    assert not report.ok
+
+
+def test_dangling_operator_and_empty_block_header_are_incomplete():
+    py = language_for("python")
+    prefix, suffix = "def f(x):\n    ", "\n"
+    assert syntax_report(prefix, "y = x +", suffix, py).incomplete
+    assert syntax_report(prefix, "if x:", suffix, py).incomplete
+    assert not syntax_report(prefix, "return x", suffix, py).incomplete
+    assert not syntax_report(prefix, "i++;", "\n}\n", language_for("c")).incomplete
+
+
+def test_unclosed_string_is_flagged():
+    js = language_for("javascript")
+    report = syntax_report("function f() {\n  ", "const s = 'abc;", "\n}\n", js)
+    assert not report.ok
+
+
+def test_completing_inside_a_string_is_fine():
+    py = language_for("python")
+    assert syntax_report('print("hello, ', "world", '")\n', py).ok
+    assert syntax_report('print("hello, ', 'world")', "\n", py).ok
+
+
+def test_multi_line_candidate_in_a_python_block():
+    py = language_for("python")
+    prefix, suffix = "def f(xs):\n    ", "\n\nprint(f([1]))\n"
+    assert syntax_report(
+        prefix, "total = 0\n    for x in xs:\n        total += x\n    return total", suffix, py
+    ).ok
+    assert not syntax_report(
+        prefix, "total = 0\n    for x in xs\n        total += x", suffix, py
+    ).ok
+
+
+def test_cursor_deep_inside_a_long_class_is_parsed_with_its_header():
+    """The window starts hundreds of lines below `class A {`; the header is brought along."""
+    js = language_for("javascript")
+    methods = "".join(f"  m{i}(x) {{\n    return x + {i};\n  }}\n" for i in range(200))
+    prefix = "class A {\n" + methods + "  last(x) {\n    "
+    suffix = "\n  }\n" + methods + "}\n"
+    assert syntax_report(prefix, "return x * 2;", suffix, js).ok
+    assert not syntax_report(prefix, "return x * * 2;", suffix, js).ok
+
+
+def test_huge_file_is_handled_through_a_window():
+    py = language_for("python")
+    body = "x = 1\n" * 100_000
+    report = syntax_report(body + "def f():\n    ", "return (", "\n" + body, py)
+    assert not report.ok
+    assert syntax_report(body + "def f():\n    ", "return 1", "\n" + body, py).ok
+
+
+def test_unknown_language_ranks_by_logprob_only():
+    cands = [
+        Candidate("a", logprob=-2.0),
+        Candidate("b((", logprob=-0.1),
+        Candidate("c", logprob=-1.0),
+    ]
+    ranked = rerank(cands, "x = ", "\n", None)
+    assert [c.text for c in ranked] == ["b((", "c", "a"]
+    assert all(c.score_parts == {"logprob": c.logprob} and c.syntax_ok for c in ranked)
+
+
+def test_rerank_fills_score_parts_and_is_stable():
+    py = language_for("python")
+    cands = [Candidate("x + 1", logprob=-0.5), Candidate("y + 1", logprob=-0.5)]
+    ranked = rerank(cands, "z = ", "\n", py)
+    assert [c.text for c in ranked] == ["x + 1", "y + 1"]
+    for c in ranked:
+        assert set(c.score_parts) == {"logprob", "syntax", "length"}
+        assert c.score == pytest.approx(sum(c.score_parts.values()))
+        assert c.score_parts["syntax"] == 0.0
+
+
+def test_syntax_weight_zero_ranks_by_logprob_and_length():
+    py = language_for("python")
+    cands = [Candidate("w h", logprob=-0.3), Candidate("w * h", logprob=-0.5)]
+    ranked = rerank(cands, "def f(w, h):\n    return ", "\n", py, syntax_weight=0.0)
+    assert ranked[0].text == "w h"
+    assert not ranked[0].syntax_ok  # still reported
+
+
+def test_rerank_does_not_mutate_its_input():
+    cands = [Candidate("x", logprob=-0.5)]
+    rerank(cands, "y = ", "\n", language_for("python"))
+    assert cands[0].score == 0.0 and cands[0].score_parts == {}
+
+
+@pytest.mark.parametrize(
+    "prefix, text, suffix",
+    [
+        ("", "x = 1", ""),
+        ("x = ", "", "\n"),
+        ('s = "héllo wörld 😀"\nt = f(', "s)", "\n"),
+        ("def f():\r\n    ", "return 1", "\r\n"),
+    ],
+)
+def test_edge_inputs_parse_without_raising(prefix, text, suffix):
+    assert syntax_report(prefix, text, suffix, language_for("python")).ok
