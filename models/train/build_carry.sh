@@ -46,6 +46,6 @@ for pkg in libabsl-dev libgtest-dev libeigen3-dev libstdc++-12-dev; do
   $CORPUS files $XZ --prefix "cpp-$pkg" --root "$(echo $S/${pkg}_*/usr)" --name "$pkg" --lang cpp \
     --max-bytes 3000000
 done
-$CORPUS npm $XZ --prefix npm --tgz "$WORK"/npm/*.tgz --max-bytes 25000000
+$CORPUS npm $XZ --prefix npm --tgz "$WORK"/npm/*.tgz --max-bytes 30000000 --max-source-bytes 3000000
 $CORPUS manifest "$OUT"
 du -sh "$OUT"

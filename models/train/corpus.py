@@ -200,6 +200,7 @@ class ShardWriter:
     compression: str = "gz"
     shard_bytes: int = 64_000_000
     max_bytes: int = 0  # 0: no budget
+    max_source_bytes: int = 0  # 0: no budget per source (package)
     seen: set = field(default_factory=set)
     sources: dict = field(default_factory=dict)
     skipped: Counter = field(default_factory=Counter)
@@ -219,6 +220,10 @@ class ShardWriter:
             return False
         if held := held_out_name(path, source, lang):
             self.held_out[held] += 1
+            return False
+        stats = self.sources.get(source)
+        if self.max_source_bytes and stats and stats.bytes >= self.max_source_bytes:
+            self.skipped["source_budget"] += 1
             return False
         reason, text = skip_reason(path, data)
         if reason:
@@ -400,7 +405,7 @@ def collect_npm(writer: ShardWriter, tarballs: list[Path]) -> None:
             name, version = meta.get("name", tgz.stem), meta.get("version", "?")
             rels = {m.name.split("/", 1)[1]: m for m in members if "/" in m.name}
             has_src = any(r.startswith("src/") and os.path.splitext(r)[1] in LANG_BY_EXT for r in rels)
-            for rel, member in sorted(rels.items()):
+            for rel, member in rels.items():  # archive order: gzip cannot seek back cheaply
                 if writer.full():
                     return
                 if os.path.splitext(rel)[1].lower() in LANG_BY_EXT and _npm_keep(rel, has_src):
@@ -449,6 +454,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--prefix", default=prefix)
         p.add_argument("--compression", choices=["gz", "xz"], default="gz")
         p.add_argument("--max-bytes", type=int, default=0, help="stop after this many kept bytes")
+        p.add_argument("--max-source-bytes", type=int, default=0, help="budget per package")
         p.add_argument("--keep-fraction", type=float, default=1.0, help="deterministic sample by path hash")
 
     p = sub.add_parser("python", help="stdlib + site-packages of this interpreter")
@@ -477,7 +483,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(out, args.prefix, args.compression, max_bytes=args.max_bytes)
+    writer = ShardWriter(out, args.prefix, args.compression, max_bytes=args.max_bytes,
+                         max_source_bytes=args.max_source_bytes)
     if args.cmd == "python":
         dirs = [Path(d) for d in args.site_packages] if args.site_packages is not None else python_site_dirs()
         collect_python(writer, not args.no_stdlib, dirs, args.keep_fraction)
