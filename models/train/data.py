@@ -72,12 +72,10 @@ def iter_examples(store: DocStore, cfg: PackConfig, ids: FimIds, stream_id: int,
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(store))[stream_id::n_streams]
         for i in order:
             tokens = store.doc(int(i))
-            header = None
             for start in range(0, max(len(tokens), 1), cfg.seq_len):
+                header = None
                 if rng.random() < cfg.header_rate:
                     header = np.concatenate([[ids.file_sep], store.path(int(i))])
-                else:
-                    header = None
                 yield transform(tokens[start:start + cfg.seq_len], rng, ids, cfg.fim_rate,
                                 cfg.spm_rate, header)
         epoch += 1
