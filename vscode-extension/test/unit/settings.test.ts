@@ -1,0 +1,77 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import {
+  DEFAULT_SERVER_SETTINGS,
+  isLanguageEnabled,
+  readSettings,
+  settingsNotification,
+  type ConfigReader,
+} from '../../src/settings';
+
+function config(values: Record<string, unknown>): ConfigReader {
+  return { get: <T>(key: string) => values[key] as T | undefined };
+}
+
+test('unset settings fall back to the documented defaults', () => {
+  const settings = readSettings(config({}));
+  assert.equal(settings.enabled, true);
+  assert.equal(settings.serverPath, '');
+  assert.deepEqual(settings.server, DEFAULT_SERVER_SETTINGS);
+});
+
+test('server settings carry exactly the contract keys', () => {
+  const settings = readSettings(
+    config({
+      model: ' /models/qwen ',
+      runtime: 'torch',
+      device: 'cuda',
+      candidates: 8,
+      maxTokens: 128,
+      deadlineMs: 250,
+      enable: { '*': false, python: true },
+      serverPath: '/opt/bin/codecomplete-lsp',
+      enabled: false,
+    }),
+  );
+  assert.deepEqual(settingsNotification(settings.server), {
+    settings: {
+      codecomplete: {
+        model: '/models/qwen',
+        runtime: 'torch',
+        device: 'cuda',
+        candidates: 8,
+        maxTokens: 128,
+        deadlineMs: 250,
+        enable: { '*': false, python: true },
+      },
+    },
+  });
+  assert.equal(settings.enabled, false);
+  assert.equal(settings.serverPath, '/opt/bin/codecomplete-lsp');
+});
+
+test('out-of-range and mistyped values are clamped or replaced by defaults', () => {
+  const settings = readSettings(
+    config({ candidates: 99, maxTokens: -3, deadlineMs: 'soon', runtime: 'tensorflow', device: 7, enable: [1] }),
+  );
+  assert.equal(settings.server.candidates, 16);
+  assert.equal(settings.server.maxTokens, 1);
+  assert.equal(settings.server.deadlineMs, DEFAULT_SERVER_SETTINGS.deadlineMs);
+  assert.equal(settings.server.runtime, 'onnx');
+  assert.equal(settings.server.device, 'cpu');
+  assert.deepEqual(settings.server.enable, DEFAULT_SERVER_SETTINGS.enable);
+});
+
+test('per-language map without a star defaults other languages to on', () => {
+  const settings = readSettings(config({ enable: { markdown: false, go: 'yes' } }));
+  assert.deepEqual(settings.server.enable, { markdown: false, '*': true });
+});
+
+test('language switch uses its own entry before the star default', () => {
+  const enable = { '*': false, python: true, markdown: false };
+  assert.equal(isLanguageEnabled(enable, 'python'), true);
+  assert.equal(isLanguageEnabled(enable, 'markdown'), false);
+  assert.equal(isLanguageEnabled(enable, 'rust'), false);
+  assert.equal(isLanguageEnabled({ '*': true, plaintext: false }, 'rust'), true);
+  assert.equal(isLanguageEnabled({}, 'rust'), true);
+});
