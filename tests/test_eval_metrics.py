@@ -57,10 +57,16 @@ def test_same_line_compares_only_the_first_generated_line():
     assert not same_line("values)", "value)")
 
 
-def test_python_truncation_stops_at_the_next_top_level_block():
-    body = "    return x + 1\n\n\ndef other():\n    pass\n"
-    assert truncate_python(body) == "    return x + 1\n\n"
-    assert truncate_python("    return 1\nif __name__ == '__main__':\n    main()") == "    return 1"
+def test_python_truncation_keeps_helpers_and_stops_at_top_level_code():
+    prompt = "def f(x):\n    return g(x)\n"
+    completion = "\n\ndef g(x):\n    s = \"\"\"\nprint('in a string')\n\"\"\"\n    return x\n\n\nprint(f(1))\nassert f(2) == 2\n"
+    assert truncate_python(prompt, completion) == "\n\ndef g(x):\n    s = \"\"\"\nprint('in a string')\n\"\"\"\n    return x\n\n\n"
+    assert truncate_python("def f():\n", "    return 1\nif __name__ == '__main__':\n    f()") == "    return 1\n"
+
+
+def test_python_truncation_drops_a_helper_cut_off_at_the_token_limit():
+    prompt = "def f(x):\n"
+    assert truncate_python(prompt, "    return x\n\ndef h(y):\n    return (y +") == "    return x\n\n"
 
 
 def test_brace_truncation_closes_what_the_prompt_opened_ignoring_strings_and_comments():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 import textwrap
 import time
@@ -150,3 +151,38 @@ def test_network_is_unreachable(sandbox):
 def test_isolation_summary_names_every_guarantee():
     described = probe_isolation().describe()
     assert {"process_limit", "network", "writes", "reads", "memory", "cpu"} <= set(described)
+
+
+def _pids_with_token(token: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if token.encode() in f.read():
+                    pids.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def test_a_killed_harness_leaves_no_program_behind(tmp_path):
+    token = f"sandbox-orphan-probe-{os.getpid()}-{time.monotonic_ns()}"
+    harness = textwrap.dedent(f"""
+        import sys
+        from codecomplete.eval.sandbox import Limits, Sandbox
+        token = {token[:8]!r} + {token[8:]!r}  # split: this harness's own command line must not match
+        Sandbox(Limits(timeout_s=60)).run([sys.executable, "-c", "import time; time.sleep(60)", token])
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", harness])
+    try:
+        deadline = time.monotonic() + 20
+        while not _pids_with_token(token) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _pids_with_token(token), "the program never started"
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 5
+    while _pids_with_token(token) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _pids_with_token(token)

@@ -6,8 +6,8 @@ allows; every step the plan asks for must succeed, otherwise the launcher exits 
 JAIL_ERROR_EXIT and says why on stderr (a sandbox that silently fails open is worse
 than none).
 
-Plan keys: argv, cwd, env, rlimits {name: value}, namespaces [user|net|pid], uid, gid,
-read_all (keep CAP_DAC_READ_SEARCH after dropping root), landlock {write_dirs,
+Plan keys: argv, cwd, env, parent_pid, rlimits {name: value}, namespaces [user|net|pid],
+uid, gid, read_all (keep CAP_DAC_READ_SEARCH after dropping root), landlock {write_dirs,
 write_files, deny_tcp, scope} or null.
 """
 
@@ -212,8 +212,19 @@ def _drop_to(uid: int, gid: int, read_all: bool) -> None:
         _prctl(PR_SET_KEEPCAPS, 0)
 
 
+def _die_with_parent(parent_pid: int | None) -> None:
+    """SIGKILL us when the process that started us dies (a killed harness leaves nothing behind)."""
+    if parent_pid is None:
+        return
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # it died before the signal was armed
+        raise JailError("parent exited")
+
+
 def apply_plan(plan: dict) -> None:
     """Everything but the exec; raises JailError on the first step that fails."""
+    parent_pid = plan.get("parent_pid")
+    _die_with_parent(parent_pid)
     namespaces = plan.get("namespaces", [])
     if namespaces:
         _unshare(namespaces)
@@ -222,6 +233,8 @@ def apply_plan(plan: dict) -> None:
     _set_rlimits(plan.get("rlimits", {}))
     if plan.get("uid") is not None:
         _drop_to(plan["uid"], plan["gid"], plan.get("read_all", False))
+        if "pid" not in namespaces:
+            _die_with_parent(parent_pid)  # the uid change cleared it; in a pid namespace PID 1 holds it
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
     if plan.get("landlock"):
         apply_landlock(plan["landlock"])

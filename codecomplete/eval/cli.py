@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cursor", choices=lines.CURSOR_KINDS, default="mid-token")
     p.add_argument("--n", type=int, default=4, help="candidates per request (the oracle is best of these)")
     p.add_argument("--per-file", type=int, default=5, help="cursors sampled per file")
-    _common_arguments(p, max_new_tokens=48, deadline_ms=CompletionOptions().deadline_ms)
+    _common_arguments(p, max_new_tokens=48, deadline_ms=CompletionOptions().deadline_ms, data=False)
     p.set_defaults(func=run_lines)
 
     p = sub.add_parser("mxeval", help="left-to-right pass@k on Multilingual HumanEval / MBXP")
@@ -56,8 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_mxeval)
 
 
-def _common_arguments(p: argparse.ArgumentParser, max_new_tokens: int, deadline_ms: float) -> None:
-    p.add_argument("--data-dir", help="evaluation data (default: $CODECOMPLETE_DATA or ../shared/data)")
+def _common_arguments(p: argparse.ArgumentParser, max_new_tokens: int, deadline_ms: float, data: bool = True) -> None:
+    if data:
+        p.add_argument("--data-dir", help="evaluation data (default: $CODECOMPLETE_DATA or ../shared/data)")
     p.add_argument("--limit", type=int, help="at most this many cases (a seeded random subset)")
     p.add_argument("--seed", type=int, default=0, help="subset, cursor and sampling seed")
     p.add_argument("--model", help="model folder (default: the shipped model)")

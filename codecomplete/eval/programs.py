@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import functools
+import io
 import shutil
 import subprocess
 import sys
+import tokenize
 from dataclasses import dataclass, field
 
 from codecomplete.eval.sandbox import Limits
@@ -136,17 +139,52 @@ def build_program(language: str, source: str, timeout_s: float | None = None) ->
     return program
 
 
-PYTHON_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ", "\n@")
+PYTHON_DEFINITION_STARTS = ("def", "class", "async", "@", "import", "from")
 
 
-def truncate_python(completion: str) -> str:
-    """Cut at the first top-level statement that starts a new definition or script code."""
-    cut = len(completion)
-    for stop in PYTHON_STOPS:
-        index = completion.find(stop)
-        if index != -1:
-            cut = min(cut, index)
-    return completion[:cut]
+def _python_top_level_starts(source: str) -> list[tuple[int, str]]:
+    """(character offset, first token) of every top-level statement, found with tokenize."""
+    line_offsets = [0]
+    for line in source.splitlines(keepends=True):
+        line_offsets.append(line_offsets[-1] + len(line))
+    starts = []
+    at_statement_start = True
+    skip = (tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER)
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.NEWLINE:
+                at_statement_start = True
+            elif tok.type not in skip and at_statement_start:
+                at_statement_start = False
+                if tok.start[1] == 0:
+                    starts.append((line_offsets[tok.start[0] - 1], tok.string))
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        pass  # unfinished code: keep what was found
+    return starts
+
+
+def _parses(source: str) -> bool:
+    try:
+        ast.parse(source)
+    except (SyntaxError, ValueError):
+        return False
+    return True
+
+
+def truncate_python(prompt: str, completion: str) -> str:
+    """Keep definitions (helpers after the function are fine); cut at the first top-level
+    statement that runs code (print, assert, `if __name__`, a call). If the rest does not
+    parse (a helper cut off at the token limit), drop trailing top-level blocks until it does."""
+    source = prompt + completion
+    starts = [(offset - len(prompt), token) for offset, token in _python_top_level_starts(source) if offset >= len(prompt)]
+    cut = next((offset for offset, token in starts if token not in PYTHON_DEFINITION_STARTS), len(completion))
+    body = completion[:cut]
+    if _parses(prompt + body):
+        return body
+    for offset, _ in reversed([s for s in starts if 0 < s[0] < cut]):
+        if _parses(prompt + completion[:offset]):
+            return completion[:offset]
+    return body
 
 
 def truncate_braces(prompt: str, completion: str, language: str) -> str:
@@ -188,7 +226,7 @@ def truncate_braces(prompt: str, completion: str, language: str) -> str:
 def truncate_completion(language: str, prompt: str, completion: str) -> str:
     """Where an execution harness stops a left-to-right completion for this language."""
     if language == "python":
-        return truncate_python(completion)
+        return truncate_python(prompt, completion)
     if language in ("java", "javascript", "typescript", "go"):
         return truncate_braces(prompt, completion, language)
     return completion

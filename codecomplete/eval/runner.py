@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -66,11 +67,15 @@ class Progress:
         self.start = time.perf_counter()
         self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self._last_tenth = -1
+        self._lock = threading.Lock()
 
     def advance(self, n: int = 1) -> None:
-        self.done += n
-        if not self.enabled:
-            return
+        with self._lock:
+            self.done += n
+            if self.enabled:
+                self._draw()
+
+    def _draw(self) -> None:
         rate = self.done / max(time.perf_counter() - self.start, 1e-9)
         if self._tty:
             filled = int(30 * self.done / self.total)

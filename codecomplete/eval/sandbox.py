@@ -245,8 +245,6 @@ class Sandbox:
             plan = self._plan(argv, work, env, limits, uid, extra_write_dirs)
             with open(run_root / "stdin", "rb") as fin, open(run_root / "stdout", "wb") as fout, open(run_root / "stderr", "wb") as ferr:
                 returncode, timed_out, wall_ms = _launch(plan, fout, ferr, fin, limits.timeout_s)
-            if uid is not None:
-                _kill_uid(uid)
             stdout = _read_capped(run_root / "stdout", limits.output_bytes)
             stderr = _read_capped(run_root / "stderr", limits.output_bytes)
             sandbox_error = ""
@@ -294,7 +292,7 @@ class Sandbox:
                 "scope": True,
             }
         return {
-            "argv": list(argv), "cwd": str(work), "env": full_env, "rlimits": rlimits,
+            "argv": list(argv), "cwd": str(work), "env": full_env, "parent_pid": os.getpid(), "rlimits": rlimits,
             "namespaces": namespaces, "uid": uid, "gid": uid, "read_all": iso.read_all and uid is not None,
             "landlock": landlock,
         }
