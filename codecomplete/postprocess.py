@@ -44,9 +44,10 @@ class ScanState:
     string: str | None = None  # delimiter of the string the scan is inside
     comment: str | None = None  # "line" or "block"
     errors: int = 0  # stray or mismatched closers, unterminated one-line strings
+    low: int = 0  # the shallowest the stack got during the last scan_brackets call
 
     def copy(self) -> ScanState:
-        return ScanState(list(self.stack), self.string, self.comment, self.errors)
+        return ScanState(list(self.stack), self.string, self.comment, self.errors, self.low)
 
     def key(self) -> tuple:
         return (tuple(self.stack), self.string, self.comment, self.errors)
@@ -115,6 +116,7 @@ def scan_brackets(
     stack = state.stack
     floor = len(stack) if floor is None else floor
     underflow: int | None = None
+    low = len(stack)
     pos, n = 0, len(text)
     while pos < n:
         if state.comment == "line":
@@ -156,6 +158,7 @@ def scan_brackets(
                         depth = -1
                     if underflow is None and depth < floor:
                         underflow = match.start()
+                    low = min(low, len(stack))
                 elif kind == _LINE_COMMENT:
                     state.comment, pos = "line", match.end()
                     break
@@ -168,6 +171,7 @@ def scan_brackets(
                 # else: a character literal, skipped whole
             else:
                 break
+    state.low = low
     return state, underflow
 
 
@@ -356,6 +360,8 @@ def decide_scope(
             opener = code[-1]
             if opener == ":" and (state.stack or (lang and lang.block_style != "indent")):
                 opener = ""  # a dict value or a slice, not a block
+            elif opener in "([" and on_opener_line:
+                opener = ""  # `foo(|`: the arguments usually fit on the line
 
     prefix_lines = prefix[max(0, len(prefix) - PREFIX_SCAN_CHARS) :].split("\n")
     if opener:

@@ -7,6 +7,7 @@ import functools
 import math
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from codecomplete.languages import Language, parser_for
 from codecomplete.postprocess import ScanState, code_part, prefix_state, scan_brackets
@@ -33,7 +34,7 @@ INCOMPLETE_PENALTY = 0.3  # ends mid-construct (`x = `, `if a:`); often still a 
 # Among equally likely candidates a longer one saves more typing; log keeps this a tie-breaker.
 LENGTH_WEIGHT = 0.02  # per nat of log(1 + characters)
 
-_CONTINUATION_ENDINGS = tuple("&& || -> => :: = + - * / % & | ^ . \\".split())
+_CONTINUATION_ENDINGS = tuple("&& || -> => :: = + - * / % & | ^ .".split())
 _COMPLETE_ENDINGS = ("++", "--", "*/", "import *")
 _CONTINUES_BLOCK = re.compile(r"[)\]}]|(?:else|elif|except|finally|catch)\b")
 _PY_BLOCK_HEADER = re.compile(
@@ -58,15 +59,22 @@ class _Baseline:
 
     tree: object
     prefix_bytes: bytes
-    suffix_bytes: bytes  # the suffix window and closers for what is still open at its end
-    tail_bytes: int  # how many of those are the added closers
+    suffix_bytes: bytes  # the suffix window, without the closing tail
+    tail: bytes  # closers for what is still open where the window ends
+    suffix_is_whole: bool  # the suffix window runs to the end of the document
     cursor_row: int
     cursor_column: int  # in bytes
     error_rows: frozenset[int]
     prefix_state: ScanState
     suffix_window: str
-    bracket_cost: tuple[int, int]
-    suffix_costs: dict[tuple, tuple[int, int]] = field(default_factory=dict)  # state -> cost
+    suffix_errors: int  # stray closers and broken strings in the suffix window, as it is
+    suffix_scans: dict[tuple, _SuffixScan] = field(default_factory=dict)  # memo by scan state
+
+
+class _SuffixScan(NamedTuple):
+    errors: int  # stray closers and broken strings
+    low: int  # the shallowest the bracket stack got
+    tail: bytes  # closers for the brackets still open at the end
 
 
 def _windows(prefix: str, suffix: str) -> tuple[int, str]:
@@ -129,10 +137,11 @@ def _enclosing_headers(prefix: str, window_start: int, lang: Language) -> str:
 
 
 @functools.lru_cache(maxsize=2)  # callers of syntax_report pass one prefix per candidate
-def _window_texts(prefix: str, suffix: str, lang: Language) -> tuple[str, str]:
-    """The text parsed before and after the cursor."""
+def _window_texts(prefix: str, suffix: str, lang: Language) -> tuple[str, str, bool]:
+    """The text parsed before and after the cursor; whether the latter is all of the suffix."""
     window_start, suffix_window = _windows(prefix, suffix)
-    return _enclosing_headers(prefix, window_start, lang) + prefix[window_start:], suffix_window
+    prefix_window = _enclosing_headers(prefix, window_start, lang) + prefix[window_start:]
+    return prefix_window, suffix_window, len(suffix_window) == len(suffix)
 
 
 def _is_code_line(line: str, lang: Language) -> bool:
@@ -156,67 +165,95 @@ def _rows(node) -> range:
     return range(node.start_point.row, node.end_point.row + 1)
 
 
-def _state_cost(base: _Baseline, state: ScanState, lang: Language) -> tuple[int, int]:
-    """(stray closers and broken strings, brackets left open) at the end of the suffix window."""
+def _suffix_scan(base: _Baseline, state: ScanState, lang: Language) -> _SuffixScan:
+    """Scan the suffix window from the state after a candidate (memoised by that state)."""
     key = state.key()
-    cost = base.suffix_costs.get(key)
-    if cost is None:
+    found = base.suffix_scans.get(key)
+    if found is None:
         end = scan_brackets(base.suffix_window, lang, state.copy())[0]
-        cost = (end.errors + (end.string is not None), len(end.stack))
-        base.suffix_costs[key] = cost
-    return cost
+        errors = end.errors + (end.string is not None)
+        found = base.suffix_scans[key] = _SuffixScan(errors, end.low, _closing_tail(end, lang))
+    return found
 
 
-def _closing_tail(state: ScanState, suffix_window: str, lang: Language) -> str:
+def _closing_tail(end: ScanState, lang: Language) -> bytes:
     """Closers for the brackets still open where the window ends: tree-sitter recovers from a
-    class left open at the end of the input by making the whole class one ERROR."""
-    end = scan_brackets(suffix_window, lang, state.copy())[0]
+    class left open at the end of its input by making the whole class one ERROR."""
     if not end.stack:
-        return ""
+        return b""
     tail = end.string or ""  # a line comment ends at the newline below
     if end.comment == "block" and lang.block_comment:
         tail = lang.block_comment[1]
     closer = {open_: close for open_, close in lang.brackets}
-    return tail + "\n" + "".join(closer[open_] for open_ in reversed(end.stack))
+    return (tail + "\n" + "".join(closer[open_] for open_ in reversed(end.stack))).encode()
+
+
+def _bracket_problems(base: _Baseline, state: ScanState, scan: _SuffixScan) -> int:
+    """Brackets the candidate breaks, given the scan state after it and the suffix scan."""
+    if scan.errors != base.suffix_errors:  # stray and mismatched closers decide
+        return max(0, scan.errors - base.suffix_errors)
+    # Brackets the candidate opened and nothing in the window closed. A `{` may close beyond
+    # a window cut mid-file (a class), so only at the end of the file; `(` and `[` rarely do.
+    # state.low: the prefix brackets the candidate left alone; the rest of the stack is its own
+    opened = state.stack[state.low : min(scan.low, len(state.stack))]
+    return sum(1 for b in opened if base.suffix_is_whole or b in "([")
 
 
 @functools.lru_cache(maxsize=8)
-def _baseline(lang: Language, prefix_window: str, suffix_window: str) -> _Baseline:
+def _baseline(
+    lang: Language, prefix_window: str, suffix_window: str, suffix_is_whole: bool
+) -> _Baseline:
     state = prefix_state(prefix_window, lang)
     prefix_bytes = prefix_window.encode()
-    tail_bytes = _closing_tail(state, suffix_window, lang).encode()
-    suffix_bytes = suffix_window.encode() + tail_bytes
-    tree = parser_for(lang).parse(prefix_bytes + suffix_bytes)
-    error_rows: set[int] = set()
-    for node in _error_nodes(tree.root_node):
-        error_rows.update(_rows(node))
-    line_start = prefix_bytes.rfind(b"\n") + 1
     base = _Baseline(
-        tree=tree,
+        tree=None,
         prefix_bytes=prefix_bytes,
-        suffix_bytes=suffix_bytes,
-        tail_bytes=len(tail_bytes),
+        suffix_bytes=suffix_window.encode(),
+        tail=b"",
+        suffix_is_whole=suffix_is_whole,
         cursor_row=prefix_bytes.count(b"\n"),
-        cursor_column=len(prefix_bytes) - line_start,
-        error_rows=frozenset(error_rows),
+        cursor_column=len(prefix_bytes) - (prefix_bytes.rfind(b"\n") + 1),
+        error_rows=frozenset(),
         prefix_state=state,
         suffix_window=suffix_window,
-        bracket_cost=(0, 0),
+        suffix_errors=0,
     )
-    base.bracket_cost = _state_cost(base, state, lang)
+    scan = _suffix_scan(base, state, lang)
+    base.suffix_errors, base.tail = scan.errors, scan.tail
+    base.tree = parser_for(lang).parse(prefix_bytes + base.suffix_bytes + base.tail)
+    error_rows: set[int] = set()
+    for node in _error_nodes(base.tree.root_node):
+        error_rows.update(_rows(node))
+    base.error_rows = frozenset(error_rows)
     return base
 
 
-def _is_incomplete(
-    text: str, line_suffix: str, lang: Language, start: ScanState, end: ScanState
-) -> bool:
-    """The candidate stops mid-construct: a dangling operator, a block header with no body,
-    a string it opened."""
-    if line_suffix.strip() or end.comment is not None:
+def _end_point(start: tuple[int, int], text: bytes) -> tuple[int, int]:
+    """The (row, byte column) where text ends if it starts at start."""
+    newlines = text.count(b"\n")
+    if not newlines:
+        return start[0], start[1] + len(text)
+    return start[0] + newlines, len(text) - text.rfind(b"\n") - 1
+
+
+def _is_incomplete(text: str, base: _Baseline, lang: Language, end: ScanState) -> bool:
+    """The candidate stops mid-construct where the suffix does not go on with it: a dangling
+    operator, a block header with no body, a string it opened."""
+    suffix = base.suffix_window
+    newline = suffix.find("\n")
+    if (suffix if newline < 0 else suffix[:newline]).strip() or end.comment is not None:
+        return False
+    if not text.strip():
         return False
     if end.string is not None:
-        return start.string is None
-    last = code_part(text[text.rfind("\n") + 1 :], lang).rstrip()
+        return base.prefix_state.string is None
+    last_line = text[text.rfind("\n") + 1 :]
+    if "\n" not in text:
+        last_line = base.prefix_bytes[base.prefix_bytes.rfind(b"\n") + 1 :].decode() + text
+    next_line = next((line for line in suffix[newline + 1 :].split("\n", 20) if line.strip()), "")
+    if newline >= 0 and _width(next_line) > _width(last_line):
+        return False  # the next line continues the statement or fills the block
+    last = code_part(last_line, lang).rstrip()
     if not last:
         return False
     if last.endswith(_CONTINUATION_ENDINGS) and not last.endswith(_COMPLETE_ENDINGS):
@@ -239,24 +276,30 @@ def syntax_report(prefix: str, text: str, suffix: str, lang: Language) -> Syntax
 
 
 def _report(base: _Baseline, text: str, lang: Language) -> SyntaxReport:
+    state = scan_brackets(text, lang, base.prefix_state.copy())[0]
+    scan = _suffix_scan(base, state, lang)
     text_bytes = text.encode()
-    cursor_byte = len(base.prefix_bytes)
-    new_rows = text_bytes.count(b"\n")
-    if new_rows:
-        end_column = len(text_bytes) - text_bytes.rfind(b"\n") - 1
-    else:
-        end_column = base.cursor_column + len(text_bytes)
+    # two edits to the baseline tree: the candidate at the cursor, and the closing tail
+    # rewritten for the brackets open after it; then an incremental reparse
     edited = base.tree.copy()
-    start_point = (base.cursor_row, base.cursor_column)
+    cursor_byte = len(base.prefix_bytes)
+    cursor = (base.cursor_row, base.cursor_column)
+    text_end = cursor_byte + len(text_bytes)
+    text_end_point = _end_point(cursor, text_bytes)
+    edited.edit(cursor_byte, cursor_byte, text_end, cursor, cursor, text_end_point)
+    tail_start = text_end + len(base.suffix_bytes)
+    tail_point = _end_point(text_end_point, base.suffix_bytes)
     edited.edit(
-        cursor_byte,
-        cursor_byte,
-        cursor_byte + len(text_bytes),
-        start_point,
-        start_point,
-        (base.cursor_row + new_rows, end_column),
+        tail_start,
+        tail_start + len(base.tail),
+        tail_start + len(scan.tail),
+        tail_point,
+        _end_point(tail_point, base.tail),
+        _end_point(tail_point, scan.tail),
     )
-    tree = parser_for(lang).parse(base.prefix_bytes + text_bytes + base.suffix_bytes, edited)
+    document = base.prefix_bytes + text_bytes + base.suffix_bytes + scan.tail
+    tree = parser_for(lang).parse(document, edited)
+    new_rows = text_bytes.count(b"\n")
 
     # A node is old if, on every row of the edited region it touches, the document without
     # the candidate already had an error; rows strictly inside a multi-line candidate are fresh.
@@ -264,13 +307,11 @@ def _report(base: _Baseline, text: str, lang: Language) -> SyntaxReport:
     # damage), so rows outside the region are not compared.
     first_row, last_row = base.cursor_row, base.cursor_row + new_rows
     region_end = last_row + CONTEXT_ROWS
-    text_end = cursor_byte + len(text_bytes)
-    tail_start = text_end + len(base.suffix_bytes) - base.tail_bytes  # errors there are ours
     new_errors = new_missing = 0
     for node in _error_nodes(tree.root_node):
         start_row, end_row = node.start_point.row, node.end_point.row
         if end_row < first_row or start_row > region_end or node.start_byte >= tail_start:
-            continue
+            continue  # away from the edit, or in the closing tail we added
         if node.is_missing:
             inside = cursor_byte < node.start_byte < text_end
         else:
@@ -285,14 +326,8 @@ def _report(base: _Baseline, text: str, lang: Language) -> SyntaxReport:
             else:
                 new_errors += 1
 
-    state = scan_brackets(text, lang, base.prefix_state.copy())[0]
-    # counted apart, so closing the bracket being typed does not excuse a stray one
-    errors, unclosed = _state_cost(base, state, lang)
-    errors_before, unclosed_before = base.bracket_cost
-    unbalanced = max(0, errors - errors_before) + max(0, unclosed - unclosed_before)
-    newline = base.suffix_window.find("\n")
-    line_suffix = base.suffix_window if newline < 0 else base.suffix_window[:newline]
-    incomplete = _is_incomplete(text, line_suffix, lang, base.prefix_state, state)
+    unbalanced = _bracket_problems(base, state, scan)
+    incomplete = _is_incomplete(text, base, lang, state)
     ok = not (new_errors or new_missing or unbalanced or incomplete)
     return SyntaxReport(ok, new_errors, new_missing, unbalanced, incomplete)
 
@@ -334,3 +369,61 @@ def rerank(
         )
     ranked.sort(key=lambda c: -c.score)
     return ranked
+
+
+def measure_rerank_ms(document: str, lang: Language, positions: int = 30, seed: int = 0) -> dict:
+    """Time syntax_report at random mid-line cursors of a real file (for `codecomplete bench`).
+
+    At each cursor the true rest of the line is one candidate and three damaged copies are
+    the others. Returns milliseconds for the first candidate of a request (it parses the
+    window) and for each further one, as CPU time of this thread (wall time suffers from
+    other processes), and how often the true rest passes and a damaged copy is flagged."""
+    import random
+    import statistics
+    import time
+
+    rng = random.Random(seed)
+    lines = document.split("\n")
+    starts = [0]
+    for line in lines:
+        starts.append(starts[-1] + len(line) + 1)
+    rows = [r for r, line in enumerate(lines) if len(line.strip()) >= 12]
+    first_ms, next_ms, wall_ms = [], [], []
+    true_ok = damaged_flagged = damaged = 0
+    for row in rng.sample(rows, min(positions, len(rows))):
+        line = lines[row]
+        indent = len(line) - len(line.lstrip())
+        cut = rng.randint(indent + 2, len(line) - 2)
+        prefix, rest = document[: starts[row] + cut], line[cut:]
+        suffix = document[starts[row] + len(line) :]
+        _baseline.cache_clear()
+        _window_texts.cache_clear()
+        spaced = rest.replace(" ", " x ", 1) if " " in rest else rest + " x"
+        damaged_copies = [rest + ")", rest[:-1], spaced]
+        for i, text in enumerate([rest, *damaged_copies]):
+            cpu, wall = time.thread_time(), time.perf_counter()
+            report = syntax_report(prefix, text, suffix, lang)
+            (first_ms if i == 0 else next_ms).append((time.thread_time() - cpu) * 1e3)
+            wall_ms.append((time.perf_counter() - wall) * 1e3)
+            if i == 0:
+                true_ok += report.ok
+            elif text != rest:
+                damaged += 1
+                damaged_flagged += not report.ok
+    next_ms.sort()
+
+    def median(values: list[float]) -> float | None:
+        return round(statistics.median(values), 3) if values else None
+
+    return {
+        "language": lang.id,
+        "lines": len(lines),
+        "cursors": len(first_ms),
+        "first_candidate_cpu_ms_median": median(first_ms),
+        "per_candidate_cpu_ms_median": median(next_ms),
+        "per_candidate_cpu_ms_p90": round(next_ms[int(0.9 * len(next_ms))], 3) if next_ms else None,
+        "wall_ms_median": median(wall_ms),
+        "true_rest_ok": true_ok,
+        "damaged_flagged": damaged_flagged,
+        "damaged": damaged,
+    }

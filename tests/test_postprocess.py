@@ -41,6 +41,13 @@ def test_python_mid_line_is_single_line():
     assert not scope.multiline
 
 
+def test_open_paren_at_line_end_is_single_line_but_the_line_below_is_a_block():
+    assert not decide_scope("x = foo(", "\n", PY).multiline
+    scope = decide_scope("x = foo(\n    ", "\n", PY)
+    assert scope.multiline and not scope.suffix_closes_block
+    assert scope.stop_index("a,\n    b,\n)\nprint(x)") == len("a,\n    b,\n)")
+
+
 def test_python_dict_value_colon_is_not_a_block():
     scope = decide_scope('d = {\n    "a":', "\n}\n", PY)
     assert not scope.multiline

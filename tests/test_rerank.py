@@ -2,7 +2,7 @@ import pytest
 
 from codecomplete.languages import language_for
 from codecomplete.request import Candidate
-from codecomplete.rerank import rerank, syntax_report
+from codecomplete.rerank import measure_rerank_ms, rerank, syntax_report
 
 # language id -> (prefix, suffix, clean candidate, syntax-breaking candidate)
 CASES = {
@@ -176,3 +176,11 @@ def test_rerank_does_not_mutate_its_input():
 )
 def test_edge_inputs_parse_without_raising(prefix, text, suffix):
     assert syntax_report(prefix, text, suffix, language_for("python")).ok
+
+
+def test_measure_rerank_reports_timings_and_checks():
+    lines = [f"def f{i}(x):\n    return x + {i}  # the value\n" for i in range(40)]
+    result = measure_rerank_ms("\n".join(lines), language_for("python"), positions=3)
+    assert result["cursors"] == 3
+    assert result["true_rest_ok"] == 3
+    assert result["per_candidate_cpu_ms_median"] > 0
