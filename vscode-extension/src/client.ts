@@ -46,13 +46,17 @@ export function clientOptions(
   };
 }
 
-/** Gate requests on the enable switches; answer `workspace/configuration` with the server settings. */
+/**
+ * Gate requests on the enable switches; answer `workspace/configuration` with the server settings.
+ * The suggestion menu is off unless asked for: VS Code asks for menu items on most keystrokes,
+ * and a menu request would supersede the ghost-text request for the same document on the server.
+ */
 export function middleware(hooks: ClientHooks): Middleware {
   return {
     provideInlineCompletionItems: (document, position, context, token, next) =>
       hooks.shouldComplete(document.languageId) ? next(document, position, context, token) : null,
     provideCompletionItem: (document, position, context, token, next) =>
-      hooks.shouldComplete(document.languageId) ? next(document, position, context, token) : null,
+      hooks.shouldOfferMenu(document.languageId) ? next(document, position, context, token) : null,
     workspace: {
       configuration: async (params, token, next) => {
         const answer = await next(params, token);

@@ -19,6 +19,7 @@ export interface CompletionClient {
 /** What the client's middleware asks the controller on every request. */
 export interface ClientHooks {
   shouldComplete(languageId: string): boolean;
+  shouldOfferMenu(languageId: string): boolean;
   serverSettings(): ServerSettings;
 }
 
@@ -129,6 +130,7 @@ export class ServerController {
     this.lastError = undefined;
     const client = this.deps.createClient(command, this.settings, {
       shouldComplete: (languageId) => this.shouldComplete(languageId),
+      shouldOfferMenu: (languageId) => this.settings.completionMenu && this.shouldComplete(languageId),
       serverSettings: () => this.settings.server,
     });
     this.client = client;

@@ -23,6 +23,8 @@ export interface ServerSettings {
 /** Everything the extension reads from `codecomplete.*`. */
 export interface Settings {
   enabled: boolean;
+  /** Also send textDocument/completion (the suggestion menu); off: ghost text only. */
+  completionMenu: boolean;
   serverPath: string;
   pythonPath: string;
   server: ServerSettings;
@@ -53,6 +55,7 @@ export function readSettings(config: ConfigReader): Settings {
   const d = DEFAULT_SERVER_SETTINGS;
   return {
     enabled: config.get<boolean>('enabled') ?? true,
+    completionMenu: config.get<boolean>('completionMenu') ?? false,
     serverPath: stringOr(config.get('serverPath'), '').trim(),
     pythonPath: stringOr(config.get('pythonPath'), '').trim(),
     server: {

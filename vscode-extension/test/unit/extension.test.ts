@@ -118,6 +118,20 @@ test('languages switched off never reach the server', async () => {
   assert.equal(recorded('textDocument/inlineCompletion').length, before);
 });
 
+test('suggestion menu requests stay off unless completionMenu is set', async () => {
+  const document = mock.openDocument('/work/menu.py', 'python', 'pri\n');
+  const provider: any = mock.providers('registerCompletionItemProvider')[0];
+  const context = { triggerKind: 0, triggerCharacter: undefined };
+  const ask = () => provider.provideCompletionItems(document, new Position(0, 3), new CancellationTokenSource().token, context);
+  assert.equal(await ask(), null);
+  assert.equal(recorded('textDocument/completion').length, 0);
+  mock.setSettings({ 'codecomplete.completionMenu': true });
+  const result = await ask();
+  assert.equal((result.items ?? result)[0].label, 'hello');
+  assert.equal(recorded('textDocument/completion').length, 1);
+  mock.setSettings({ 'codecomplete.completionMenu': undefined });
+});
+
 test('settings changes reach the running server without a restart', async () => {
   mock.setSettings({ 'codecomplete.maxTokens': 16, 'codecomplete.enable': { '*': true, go: false } });
   const change = await waitFor('didChangeConfiguration', () => recorded('workspace/didChangeConfiguration').at(-1));
