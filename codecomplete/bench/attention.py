@@ -68,9 +68,12 @@ def run(args) -> int:
     cfg = ModelConfig(**{**base, "n_layers": layers})
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = Transformer(cfg)
-    model.init_weights(0)
-    model = model.to(device=device, dtype=dtype).eval()
+    with torch.device(device):  # build and fill on the device: 7B-like layers are large
+        model = Transformer(cfg).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
+    model.eval()
     repeat = args.repeat or (50 if cuda else 5)
     sync = torch.cuda.synchronize if cuda else None
     gbps = H200_COPY_GBPS if cuda else CPU_COPY_GBPS
