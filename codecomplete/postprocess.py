@@ -184,11 +184,22 @@ def _state_after(text: str, lang: Language | None) -> ScanState:
     return scan_brackets(text, lang)[0]
 
 
+# A line that starts a top-level statement is almost never inside a string or comment:
+# scanning from one keeps a mid-docstring start from inverting every string after it.
+_TOP_LEVEL = {
+    "indent": re.compile(r"^(?:(?:def|class|async|import|from)\b|@|if __name__)", re.M),
+    "brace": re.compile(r"^[A-Za-z_#}]", re.M),
+}
+
+
 def prefix_state(prefix: str, lang: Language | None) -> ScanState:
     """Bracket/string state at the cursor, scanned over the last PREFIX_SCAN_CHARS of prefix."""
     start = 0
     if len(prefix) > PREFIX_SCAN_CHARS:
         start = _line_start(prefix, len(prefix) - PREFIX_SCAN_CHARS)
+        safe = _TOP_LEVEL[(lang or GENERIC).block_style].search(prefix, start)
+        if safe is not None and safe.start() < len(prefix) - PREFIX_SCAN_CHARS // 4:
+            start = safe.start()
     return _state_after(prefix[start:], lang).copy()
 
 

@@ -137,11 +137,13 @@ def _enclosing_headers(prefix: str, window_start: int, lang: Language) -> str:
 
 
 @functools.lru_cache(maxsize=2)  # callers of syntax_report pass one prefix per candidate
-def _window_texts(prefix: str, suffix: str, lang: Language) -> tuple[str, str, bool]:
-    """The text parsed before and after the cursor; whether the latter is all of the suffix."""
+def _window_texts(prefix: str, suffix: str, lang: Language) -> tuple[str, str, bool, tuple]:
+    """The text parsed before and after the cursor, whether the latter is all of the suffix,
+    and the bracket state at the cursor (scanned from a safe start, not the window's)."""
     window_start, suffix_window = _windows(prefix, suffix)
     prefix_window = _enclosing_headers(prefix, window_start, lang) + prefix[window_start:]
-    return prefix_window, suffix_window, len(suffix_window) == len(suffix)
+    state = prefix_state(prefix, lang).key()
+    return prefix_window, suffix_window, len(suffix_window) == len(suffix), state
 
 
 def _is_code_line(line: str, lang: Language) -> bool:
@@ -201,9 +203,10 @@ def _bracket_problems(base: _Baseline, state: ScanState, scan: _SuffixScan) -> i
 
 @functools.lru_cache(maxsize=8)
 def _baseline(
-    lang: Language, prefix_window: str, suffix_window: str, suffix_is_whole: bool
+    lang: Language, prefix_window: str, suffix_window: str, suffix_is_whole: bool, state_key: tuple
 ) -> _Baseline:
-    state = prefix_state(prefix_window, lang)
+    stack, string, comment, errors = state_key
+    state = ScanState(list(stack), string, comment, errors)
     prefix_bytes = prefix_window.encode()
     base = _Baseline(
         tree=None,
