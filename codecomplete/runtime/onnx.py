@@ -1,0 +1,196 @@
+"""The onnxruntime runtime: the laptop path, int8 weights, no torch at run time.
+
+The graph is built at load time from the model folder's config and weights
+(onnx_graph.py); one session serves prefill and the bifurcated decode step. The context
+KV lives in numpy buffers (L, capacity, G, D), token-major, so `buf[i, :m]` is a
+contiguous view that onnxruntime reads in place: prefill appends only the tokens after
+the common prefix with the previous prompt, and decode steps copy nothing of the context.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from codecomplete.models.source import ModelSource
+
+from .base import BranchState, ContextState, Runtime
+from .onnx_graph import LINEAR_KINDS, build_model
+
+log = logging.getLogger(__name__)
+
+PREFILL_CHUNK_TOKENS = 256  # long prompts run in chunks: bounded score matrices, no upper triangle
+
+
+def physical_cores() -> int:
+    """Physical CPU cores of this machine (hyper-threads do not help the int8 GEMMs)."""
+    cores = set()
+    base = Path("/sys/devices/system/cpu")
+    for topo in base.glob("cpu[0-9]*/topology"):
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:
+            continue
+    if cores:
+        return len(cores)
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def pick_providers(device: str) -> list[str]:
+    """CUDA when asked for (or 'auto') and onnxruntime-gpu is installed, else CPU."""
+    available = ort.get_available_providers()
+    if device not in ("cpu", "cuda", "auto"):
+        raise ValueError(f"unknown device {device!r}; choose cpu, cuda or auto")
+    if device in ("cuda", "auto") and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise RuntimeError("device 'cuda' asked for, but onnxruntime has no CUDAExecutionProvider "
+                           "(install onnxruntime-gpu)")
+    return ["CPUExecutionProvider"]
+
+
+def is_int8(source: ModelSource) -> bool:
+    return source.quantization.startswith("int8") or any(k.endswith("_scale") for k in source.weights)
+
+
+@dataclass
+class ContextKV:
+    """The context KV: k, v (L, capacity, G, D) float32, filled up to the context length."""
+
+    k: np.ndarray
+    v: np.ndarray
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+
+@dataclass
+class BranchKV:
+    """Per-branch decode KV: k, v (L, max_new_tokens, N, G, D) float32."""
+
+    k: np.ndarray
+    v: np.ndarray
+
+
+class OnnxRuntime(Runtime):
+    name = "onnx"
+
+    def __init__(self, source: ModelSource, device: str = "cpu", precision: str = "auto",
+                 threads: int | None = None, linear_kind: str | None = None,
+                 prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS):
+        if precision == "auto":
+            precision = "int8" if is_int8(source) else "fp32"
+        if precision not in ("fp32", "int8"):
+            raise ValueError(f"unknown precision {precision!r} for onnx (auto, fp32, int8)")
+        linear_kind = linear_kind or precision
+        if linear_kind not in LINEAR_KINDS or (precision == "fp32") != (linear_kind == "fp32"):
+            raise ValueError(f"linear kind {linear_kind!r} does not fit precision {precision!r}")
+        self.config = source.config
+        self.tokenizer = source.tokenizer
+        self.precision = precision
+        self.linear_kind = linear_kind
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.providers = pick_providers(device)
+        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        self.threads = threads or physical_cores()
+        self.name = f"onnx-{precision}"
+
+        model = build_model(self.config, source.weights, linear_kind)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only: onnxruntime's warnings are not ours to show
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=self.providers)
+        del model
+        log.info("onnx runtime: %s, %s (%s linear layers), %d threads", self.name,
+                 self.session.get_providers()[0], linear_kind, self.threads)
+        c = self.config
+        self._kv_shape = (c.n_kv_heads, c.head_dim)
+        self._output_names = ["logits"] + [f"new_{kv}.{i}" for i in range(c.n_layers) for kv in "kv"]
+
+    def describe(self) -> dict:
+        return {"runtime": self.name, "device": self.device, "provider": self.session.get_providers()[0],
+                "linear": self.linear_kind, "threads": self.threads}
+
+    def _run(self, tokens: np.ndarray, positions: np.ndarray, ctx: ContextKV, m: int,
+             branch_k: np.ndarray, branch_v: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One graph call. branch_k/v (L, J, N, G, D). Returns logits (N, V) and the new
+        k, v per layer, interleaved: [k0, v0, k1, v1, ...], each (T, N, G, D)."""
+        feeds = {"tokens": tokens, "positions": positions}
+        for i in range(self.config.n_layers):
+            feeds[f"ctx_k.{i}"] = ctx.k[i, :m]
+            feeds[f"ctx_v.{i}"] = ctx.v[i, :m]
+            feeds[f"branch_k.{i}"] = branch_k[i]
+            feeds[f"branch_v.{i}"] = branch_v[i]
+        out = self.session.run(self._output_names, feeds)
+        return out[0], out[1:]
+
+    def new_context_kv(self) -> ContextKV:
+        c = self.config
+        shape = (c.n_layers, c.max_seq_len, *self._kv_shape)
+        return ContextKV(np.empty(shape, np.float32), np.empty(shape, np.float32))
+
+    def prefill(self, tokens, previous=None):
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise ValueError("prefill needs at least one token")
+        if len(tokens) > self.config.max_seq_len:
+            raise ValueError(f"prompt of {len(tokens)} tokens exceeds the model context {self.config.max_seq_len}")
+        keep = self.reuse_split(tokens, previous)
+        if keep and isinstance(previous.kv, ContextKV) and previous.kv.capacity >= len(tokens):
+            kv = previous.kv  # consumed: its tokens after `keep` are overwritten
+        else:
+            keep = 0
+            kv = self.new_context_kv()
+        c = self.config
+        no_branch = np.zeros((c.n_layers, 0, 1, *self._kv_shape), np.float32)
+        ids = np.asarray(tokens, dtype=np.int64)
+        start = keep
+        while start < len(tokens):
+            end = min(len(tokens), start + self.prefill_chunk_tokens)
+            logits, new_kv = self._run(ids[None, start:end], np.arange(start, end, dtype=np.int64), kv, start,
+                                       no_branch, no_branch)
+            for i in range(c.n_layers):
+                kv.k[i, start:end] = new_kv[2 * i][:, 0]
+                kv.v[i, start:end] = new_kv[2 * i + 1][:, 0]
+            start = end
+        state = ContextState(tokens, kv, reused_tokens=keep, new_tokens=len(tokens) - keep)
+        return state, logits[0]
+
+    def start_branches(self, context, n, max_new_tokens):
+        c = self.config
+        shape = (c.n_layers, max_new_tokens, n, *self._kv_shape)
+        return BranchState(n=n, max_new_tokens=max_new_tokens,
+                           kv=BranchKV(np.empty(shape, np.float32), np.empty(shape, np.float32)))
+
+    def decode(self, context, branches, next_tokens):
+        if len(next_tokens) != branches.n:
+            raise ValueError(f"{len(next_tokens)} tokens for {branches.n} branches")
+        if branches.step >= branches.max_new_tokens:
+            raise ValueError("branch caches are full")
+        m, step = len(context.tokens), branches.step
+        if m + step + 1 > self.config.max_seq_len:
+            raise ValueError("decoding past the model context")
+        bkv: BranchKV = branches.kv
+        ids = np.asarray(next_tokens, dtype=np.int64)[:, None]
+        logits, new_kv = self._run(ids, np.array([m + step], dtype=np.int64), context.kv, m,
+                                   bkv.k[:, :step], bkv.v[:, :step])
+        for i in range(self.config.n_layers):
+            bkv.k[i, step] = new_kv[2 * i][0]
+            bkv.v[i, step] = new_kv[2 * i + 1][0]
+        branches.step += 1
+        return logits
+
+    def select_branches(self, branches, keep):
+        idx = np.asarray(list(keep), dtype=np.int64)
+        bkv: BranchKV = branches.kv
+        return BranchState(n=len(idx), max_new_tokens=branches.max_new_tokens, step=branches.step,
+                           kv=BranchKV(np.ascontiguousarray(bkv.k[:, :, idx]), np.ascontiguousarray(bkv.v[:, :, idx])))

@@ -1,0 +1,345 @@
+"""Build the ONNX graph of a model from its config and numpy weights (no torch, no files).
+
+One graph serves both prefill and the bifurcated N-branch decode step:
+
+    tokens (N, T) int64           N branches, T new tokens each
+    positions (T,) int64          absolute positions of the T new tokens
+    ctx_k.i, ctx_v.i (M, G, D)    the shared context KV of layer i, no batch dimension
+    branch_k.i, branch_v.i (J, N, G, D)   each branch's own earlier tokens (J may be 0)
+ -> logits (N, V)                 for the last new token of each branch
+    new_k.i, new_v.i (T, N, G, D) this call's keys/values, to append to the caches
+
+Prefill is N = 1 with J = 0 (the prompt's past is the context part), a decode step is
+T = 1 with J = the step. Every new token attends to all M context keys, to its branch's
+J earlier keys and causally to the new keys; one softmax runs over both parts.
+
+The caches are token-major, (M, G, D), so that `cache[:m]` is a contiguous view that
+onnxruntime reads in place; com.microsoft FusedMatMul's transBatchB reads it as
+(G, M, D) without a copy. Shapes in comments: N branches, T new tokens (Tq queries,
+T or 1 in the last layer), H query heads, G kv heads, P = H // G, D head dim, M context
+tokens, J branch tokens, JT = J + T.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from codecomplete.models.config import ModelConfig
+from codecomplete.models.folder import quantize_int8, split_int8
+
+OPSET = 17
+MS_DOMAIN = "com.microsoft"
+INT64_MAX = np.iinfo(np.int64).max
+
+# How a linear layer runs:
+#   fp32        MatMul with dequantized weights
+#   int8        DynamicQuantizeLinear (per-tensor uint8) + MatMulInteger with uint8
+#               weights (int8 + 128, zero point 128) + scale multiply: exact weights, and
+#               no int16 saturation on AVX2 (uint8 x int8 saturates there without VNNI)
+#   int8-s8     the same with int8 weights: faster kernels, but saturates on AVX2/AVX-512
+#               machines without VNNI (kept for measurement)
+#   int8-nbits  com.microsoft MatMulNBits, 8 bits, block 32, int8 activations per block
+LINEAR_KINDS = ("fp32", "int8", "int8-s8", "int8-nbits")
+
+
+@dataclass
+class LinearWeight:
+    """A linear layer's weight: float (out, in), or int8 (out, in) with scale (out,)."""
+
+    w: np.ndarray
+    scale: np.ndarray | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.w.shape[0]
+
+    def dequantized(self) -> np.ndarray:
+        if self.scale is None:
+            return np.asarray(self.w, np.float32)
+        return self.w.astype(np.float32) * self.scale[:, None]
+
+
+def stack_rows(parts: list[LinearWeight]) -> LinearWeight:
+    """One linear layer from several with the same input (fused q/k/v or gate/up)."""
+    if all(p.scale is not None for p in parts):
+        return LinearWeight(np.concatenate([p.w for p in parts]), np.concatenate([p.scale for p in parts]))
+    return LinearWeight(np.concatenate([p.dequantized() for p in parts]))
+
+
+def linear_weights(weights: dict[str, np.ndarray], int8: bool) -> dict[str, LinearWeight | np.ndarray]:
+    """Our weight names -> LinearWeight for 2-D tensors (int8 kept as is, or quantized now
+    when int8 is asked for float weights), float32 arrays for the rest."""
+    tensors, scales = split_int8(weights)
+    if int8 and not scales:
+        tensors, scales = split_int8(quantize_int8(weights))
+    out: dict[str, LinearWeight | np.ndarray] = {}
+    for name, w in tensors.items():
+        if w.ndim == 2:
+            lw = LinearWeight(w, scales.get(name))
+            out[name] = lw if int8 or lw.scale is None else LinearWeight(lw.dequantized())
+        else:
+            out[name] = np.asarray(w, np.float32)
+    return out
+
+
+def _nbits_block(k: int) -> int:
+    return 32
+
+
+class GraphBuilder:
+    """Collects nodes and initializers with unique names; small helpers for common ops."""
+
+    def __init__(self, linear_kind: str):
+        if linear_kind not in LINEAR_KINDS:
+            raise ValueError(f"unknown linear kind {linear_kind!r}; choose one of {', '.join(LINEAR_KINDS)}")
+        self.linear_kind = linear_kind
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._names: set[str] = set()
+        self._consts: dict[tuple, str] = {}
+
+    def _fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self._names:
+            name, i = f"{base}_{i}", i + 1
+        self._names.add(name)
+        return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", name: str | None = None,
+           **attrs) -> str | list[str]:
+        outs = [self._fresh(name or op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self._fresh(f"n_{outs[0]}"),
+                                           domain=domain, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def init(self, array: np.ndarray, name: str) -> str:
+        name = self._fresh(name)
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const(self, value, dtype=np.int64) -> str:
+        """A small constant, shared by value."""
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.init(arr, "c")
+        return self._consts[key]
+
+    def shape(self, *dims) -> str:
+        """A 1-D int64 shape from ints and 1-element int64 tensor names."""
+        parts = [self.const([d]) if isinstance(d, int) else d for d in dims]
+        return self.op("Concat", parts, axis=0, name="shape")
+
+    def reshape(self, x: str, *dims) -> str:
+        """Static dims may use 0 (copy) and -1; with any dynamic dim (a tensor name), all
+        dims are taken literally, so a dynamic size of 0 stays 0 (allowzero)."""
+        if all(isinstance(d, int) for d in dims):
+            return self.op("Reshape", [x, self.const(list(dims))])
+        if any(isinstance(d, int) and d <= 0 for d in dims):
+            raise ValueError("a reshape with dynamic dims takes them all literally")
+        return self.op("Reshape", [x, self.shape(*dims)], allowzero=1)
+
+    def transpose(self, x: str, perm: list[int]) -> str:
+        return self.op("Transpose", [x], perm=perm)
+
+    def slice(self, x: str, start, end, axis: int) -> str:
+        """x[start:end] along axis; start/end are ints or 1-element int64 tensor names."""
+        s = self.const([start]) if isinstance(start, int) else start
+        e = self.const([end]) if isinstance(end, int) else end
+        return self.op("Slice", [x, s, e, self.const([axis])])
+
+    def linear(self, x: str, weight: LinearWeight, bias: np.ndarray | None, name: str) -> str:
+        """x (..., in) -> (..., out) with the builder's linear kind."""
+        kind = self.linear_kind if weight.scale is not None else "fp32"
+        if kind == "fp32":
+            y = self.op("MatMul", [x, self.init(weight.dequantized().T, name + ".weight")], name=name)
+        elif kind in ("int8", "int8-s8"):
+            wt = weight.w.T  # (in, out)
+            xq, xs, xz = self.op("DynamicQuantizeLinear", [x], n_out=3, name=name + ".xq")
+            if kind == "int8":
+                w_u8 = (wt.astype(np.int16) + 128).astype(np.uint8)
+                yi = self.op("MatMulInteger", [xq, self.init(w_u8, name + ".weight_u8"), xz,
+                                               self.const(128, np.uint8)], name=name + ".i32")
+            else:
+                yi = self.op("MatMulInteger", [xq, self.init(wt, name + ".weight_s8"), xz], name=name + ".i32")
+            yf = self.op("Cast", [yi], to=TensorProto.FLOAT)
+            scale = self.op("Mul", [xs, self.init(weight.scale.astype(np.float32), name + ".scale")])
+            y = self.op("Mul", [yf, scale], name=name)
+        else:  # int8-nbits
+            k = weight.w.shape[1]
+            block = _nbits_block(k)
+            n_blocks = (k + block - 1) // block
+            q = np.full((weight.out_features, n_blocks * block), 128, np.uint8)
+            q[:, :k] = (weight.w.astype(np.int16) + 128).astype(np.uint8)
+            scales = np.repeat(weight.scale.astype(np.float32), n_blocks)
+            y = self.op("MatMulNBits", [x, self.init(q.reshape(weight.out_features, n_blocks, block), name + ".nbits"),
+                                        self.init(scales, name + ".nbits_scale")], domain=MS_DOMAIN, name=name,
+                        K=k, N=weight.out_features, bits=8, block_size=block, accuracy_level=4)
+        if bias is not None:
+            y = self.op("Add", [y, self.init(np.asarray(bias, np.float32), name + ".bias")])
+        return y
+
+    def rms_norm(self, x: str, weight: np.ndarray, eps: float, name: str) -> str:
+        # onnxruntime registers SimplifiedLayerNormalization (RMSNorm) in the ONNX domain
+        return self.op("SimplifiedLayerNormalization", [x, self.init(weight, name + ".weight")],
+                       axis=-1, epsilon=eps, stash_type=1, name=name)
+
+    def model(self, inputs, outputs, name: str) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, name, inputs, outputs, initializer=self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                        helper.make_opsetid(MS_DOMAIN, 1)])
+        model.ir_version = 8
+        return model
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """(D/2,) float32, as models/model.py computes it."""
+    half = cfg.head_dim // 2
+    exponent = np.arange(0, half, dtype=np.float32) / np.float32(half)
+    return (np.float32(1.0) / (np.float32(cfg.rope_theta) ** exponent)).astype(np.float32)
+
+
+def apply_rope(b: GraphBuilder, x: str, cos: str, sin: str, half: int) -> str:
+    """x (N, T, heads, D) rotated by cos/sin (T, 1, D/2), half-split layout."""
+    x1 = b.slice(x, 0, half, axis=-1)
+    x2 = b.slice(x, half, INT64_MAX, axis=-1)
+    first = b.op("Sub", [b.op("Mul", [x1, cos]), b.op("Mul", [x2, sin])])
+    second = b.op("Add", [b.op("Mul", [x2, cos]), b.op("Mul", [x1, sin])])
+    return b.op("Concat", [first, second], axis=-1)
+
+
+@dataclass
+class Dims:
+    """Dynamic sizes as 1-element int64 tensors: branches, context tokens, branch tokens
+    with the new ones, branches * kv heads, and the query tokens (T, or 1 in the last layer)."""
+
+    n: str
+    m: str
+    jt: str
+    ng: str
+    tq: str
+
+
+def attention(b: GraphBuilder, cfg: ModelConfig, q: str, ctx_k: str, ctx_v: str, br_k: str, br_v: str,
+              mask: str | None, dims: Dims) -> str:
+    """q (N, Tq, H, D); ctx (M, G, D); branch keys (JT, N, G, D) -> (N, Tq, H*D)."""
+    g, hd = cfg.n_kv_heads, cfg.head_dim
+    p = cfg.n_heads // g
+    scale = 1.0 / math.sqrt(hd)
+    n, m, jt, ng, tq = dims.n, dims.m, dims.jt, dims.ng, dims.tq
+    rows = b.op("Mul", [b.op("Mul", [n, tq]), b.const([p])])  # N * Tq * P
+    q5 = b.reshape(q, 0, 0, g, p, hd)  # (N, Tq, G, P, D)
+    # the shared context: all N * Tq * P queries of a kv head against its M keys at once
+    qc = b.reshape(b.transpose(q5, [2, 0, 1, 3, 4]), g, -1, hd)  # (G, N*Tq*P, D)
+    s_ctx = b.op("FusedMatMul", [qc, ctx_k], domain=MS_DOMAIN, transB=1, transBatchB=1, alpha=scale)
+    s_ctx = b.reshape(s_ctx, g, n, tq, p, m)  # (G, N, Tq, P, M)
+    # each branch's own keys
+    qb = b.reshape(b.transpose(q5, [0, 2, 1, 3, 4]), ng, b.op("Mul", [tq, b.const([p])]), hd)  # (N*G, Tq*P, D)
+    kb = b.reshape(br_k, 0, -1, hd)  # (JT, N*G, D)
+    s_br = b.op("FusedMatMul", [qb, kb], domain=MS_DOMAIN, transB=1, transBatchB=1, alpha=scale)
+    s_br = b.transpose(b.reshape(s_br, n, g, tq, p, jt), [1, 0, 2, 3, 4])  # (G, N, Tq, P, JT)
+    if mask is not None:
+        s_br = b.op("Add", [s_br, mask])
+    w = b.op("Softmax", [b.op("Concat", [s_ctx, s_br], axis=-1)], axis=-1)  # one softmax over both
+    w_ctx = b.reshape(b.slice(w, 0, m, axis=-1), g, rows, m)  # (G, N*Tq*P, M)
+    o_ctx = b.op("FusedMatMul", [w_ctx, ctx_v], domain=MS_DOMAIN, transBatchB=1)  # (G, N*Tq*P, D)
+    o_ctx = b.transpose(b.reshape(o_ctx, g, n, tq, p, hd), [1, 2, 0, 3, 4])  # (N, Tq, G, P, D)
+    w_br = b.transpose(b.slice(w, m, INT64_MAX, axis=-1), [1, 0, 2, 3, 4])  # (N, G, Tq, P, JT)
+    w_br = b.reshape(w_br, ng, b.op("Mul", [tq, b.const([p])]), jt)
+    vb = b.reshape(br_v, 0, -1, hd)  # (JT, N*G, D)
+    o_br = b.op("FusedMatMul", [w_br, vb], domain=MS_DOMAIN, transBatchB=1)  # (N*G, Tq*P, D)
+    o_br = b.transpose(b.reshape(o_br, n, g, tq, p, hd), [0, 2, 1, 3, 4])  # (N, Tq, G, P, D)
+    return b.reshape(b.op("Add", [o_ctx, o_br]), 0, 0, cfg.n_heads * hd)
+
+
+def causal_mask(b: GraphBuilder, t: str, j: str, jt: str) -> str:
+    """(T, 1, JT) float: 0 where key k <= J + t (earlier branch tokens and itself), -inf after."""
+    zero, one = b.const(0), b.const(1)
+    scalar = lambda x: b.op("Squeeze", [x, b.const([0])])  # noqa: E731
+    keys = b.op("Range", [scalar(zero), scalar(jt), scalar(one)])  # (JT,)
+    last_visible = b.op("Add", [b.op("Range", [scalar(zero), scalar(t), scalar(one)]), scalar(j)])  # (T,)
+    hidden = b.op("Greater", [keys, b.op("Unsqueeze", [last_visible, b.const([1])])])  # (T, JT)
+    mask = b.op("Where", [hidden, b.const(-np.inf, np.float32), b.const(0.0, np.float32)])
+    return b.op("Unsqueeze", [mask, b.const([1])])
+
+
+def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: str = "int8") -> onnx.ModelProto:
+    """The prefill/decode graph of a model (see the module docstring for its inputs)."""
+    b = GraphBuilder(linear_kind)
+    lw = linear_weights(weights, int8=linear_kind != "fp32")
+    g, hd, h = cfg.n_kv_heads, cfg.head_dim, cfg.n_heads
+    f32 = TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["N", "T"]),
+              helper.make_tensor_value_info("positions", TensorProto.INT64, ["T"])]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["N", cfg.vocab_size])]
+    for i in range(cfg.n_layers):
+        inputs += [helper.make_tensor_value_info(f"ctx_k.{i}", f32, ["M", g, hd]),
+                   helper.make_tensor_value_info(f"ctx_v.{i}", f32, ["M", g, hd])]
+    for i in range(cfg.n_layers):
+        inputs += [helper.make_tensor_value_info(f"branch_k.{i}", f32, ["J", "N", g, hd]),
+                   helper.make_tensor_value_info(f"branch_v.{i}", f32, ["J", "N", g, hd])]
+    for i in range(cfg.n_layers):
+        outputs += [helper.make_tensor_value_info(f"new_k.{i}", f32, ["T", "N", g, hd]),
+                    helper.make_tensor_value_info(f"new_v.{i}", f32, ["T", "N", g, hd])]
+
+    n = b.op("Shape", ["tokens"], start=0, end=1, name="N")
+    t = b.op("Shape", ["tokens"], start=1, end=2, name="T")
+    m = b.op("Shape", ["ctx_k.0"], start=0, end=1, name="M")
+    j = b.op("Shape", ["branch_k.0"], start=0, end=1, name="J")
+    dims = Dims(n=n, m=m, jt=b.op("Add", [j, t], name="JT"), ng=b.op("Mul", [n, b.const([g])], name="NG"), tq=t)
+    mask = causal_mask(b, t, j, dims.jt)
+
+    # RoPE tables for the new positions: (T, 1, D/2)
+    angles = b.op("Mul", [b.op("Unsqueeze", [b.op("Cast", ["positions"], to=f32), b.const([1])]),
+                          b.init(rope_inv_freq(cfg), "rope.inv_freq")])
+    cos = b.op("Unsqueeze", [b.op("Cos", [angles]), b.const([1])], name="rope_cos")
+    sin = b.op("Unsqueeze", [b.op("Sin", [angles]), b.const([1])], name="rope_sin")
+
+    emb = lw["tok_embeddings.weight"]
+    if emb.scale is not None:  # gather int8 rows and their scales: the table stays int8
+        rows = b.op("Cast", [b.op("Gather", [b.init(emb.w, "tok_embeddings.weight"), "tokens"])], to=f32)
+        scales = b.op("Gather", [b.init(emb.scale[:, None].astype(np.float32), "tok_embeddings.scale"), "tokens"])
+        x = b.op("Mul", [rows, scales], name="embed")
+    else:
+        x = b.op("Gather", [b.init(emb.w, "tok_embeddings.weight"), "tokens"], name="embed")  # (N, T, dim)
+
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        last = i == cfg.n_layers - 1
+        xn = b.rms_norm(x, lw[p + "attention_norm.weight"], cfg.norm_eps, p + "attention_norm")
+        qkv_w = stack_rows([lw[p + "attention.wq.weight"], lw[p + "attention.wk.weight"], lw[p + "attention.wv.weight"]])
+        qkv_b = None
+        if cfg.qkv_bias:
+            qkv_b = np.concatenate([lw[p + "attention.wq.bias"], lw[p + "attention.wk.bias"], lw[p + "attention.wv.bias"]])
+        qkv = b.reshape(b.linear(xn, qkv_w, qkv_b, p + "attention.wqkv"), 0, 0, h + 2 * g, hd)  # (N, T, H+2G, D)
+        qk = apply_rope(b, b.slice(qkv, 0, h + g, axis=2), cos, sin, hd // 2)
+        q = b.slice(qk, 0, h, axis=2)  # (N, T, H, D)
+        k = b.transpose(b.slice(qk, h, h + g, axis=2), [1, 0, 2, 3])  # (T, N, G, D)
+        v = b.transpose(b.slice(qkv, h + g, h + 2 * g, axis=2), [1, 0, 2, 3])
+        b.nodes.append(helper.make_node("Identity", [k], [f"new_k.{i}"]))
+        b.nodes.append(helper.make_node("Identity", [v], [f"new_v.{i}"]))
+        br_k = b.op("Concat", [f"branch_k.{i}", k], axis=0)  # (JT, N, G, D)
+        br_v = b.op("Concat", [f"branch_v.{i}", v], axis=0)
+        if last:  # only the last token's output is needed, and it sees every key
+            q = b.slice(q, -1, INT64_MAX, axis=1)
+            x = b.slice(x, -1, INT64_MAX, axis=1)
+        layer_dims = replace(dims, tq=b.const([1])) if last else dims
+        a = attention(b, cfg, q, f"ctx_k.{i}", f"ctx_v.{i}", br_k, br_v, None if last else mask, layer_dims)
+        x = b.op("Add", [x, b.linear(a, lw[p + "attention.wo.weight"], None, p + "attention.wo")])
+        xn = b.rms_norm(x, lw[p + "ffn_norm.weight"], cfg.norm_eps, p + "ffn_norm")
+        gate_up = b.linear(xn, stack_rows([lw[p + "feed_forward.w1.weight"], lw[p + "feed_forward.w3.weight"]]),
+                           None, p + "feed_forward.w13")
+        gate = b.slice(gate_up, 0, cfg.ffn_dim, axis=-1)
+        up = b.slice(gate_up, cfg.ffn_dim, INT64_MAX, axis=-1)
+        act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), up])
+        x = b.op("Add", [x, b.linear(act, lw[p + "feed_forward.w2.weight"], None, p + "feed_forward.w2")])
+
+    xn = b.rms_norm(b.reshape(x, -1, cfg.dim), lw["norm.weight"], cfg.norm_eps, "norm")  # (N, dim)
+    head = lw["tok_embeddings.weight"] if cfg.tie_embeddings else lw["output.weight"]
+    b.nodes.append(helper.make_node("Identity", [b.linear(xn, head, None, "output")], ["logits"]))
+    return b.model(inputs, outputs, f"codecomplete-{linear_kind}")
