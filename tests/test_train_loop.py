@@ -37,8 +37,8 @@ def test_twenty_cpu_steps_lower_the_loss_and_write_loadable_weights(tmp_path):
 
     out = tmp_path / "run"
     torch.set_num_threads(2)
-    train(TrainConfig(data=str(tmp_path / "data"), out=str(out), preset="test-tiny", tokens=20 * 4 * 128,
-                      batch_size=4, micro_batch=2, seq_len=128, lr=3e-3, warmup_steps=3, eval_every=10,
+    train(TrainConfig(data=str(tmp_path / "data"), out=str(out), preset="test-tiny", tokens=20 * 4 * 64,
+                      batch_size=4, micro_batch=2, seq_len=64, lr=3e-3, warmup_steps=3, eval_every=10,
                       eval_batches=2, log_every=1, save_every=10, workers=0, compile=False))
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
