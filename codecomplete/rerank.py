@@ -19,7 +19,7 @@ from codecomplete.request import Candidate
 WINDOW_LINES_BEFORE = 100
 WINDOW_LINES_AFTER = 50
 WINDOW_CHARS = 8_000  # per side, for files with very long lines
-HEADER_SEARCH_LINES = 2_000  # how far above the window to look for the enclosing block's header
+HEADER_SEARCH_CHARS = 200_000  # how far above the window to look for enclosing block headers
 MAX_HEADER_CHARS = 400
 CONTEXT_ROWS = 2  # error nodes count when they reach the candidate's rows or this many after;
 # further away, error recovery reshuffles on its own, and the bracket check sees real damage
@@ -110,15 +110,23 @@ def _enclosing_headers(prefix: str, window_start: int, lang: Language) -> str:
     window = prefix[window_start : window_start + WINDOW_CHARS]
     first = next((line for line in window.split("\n") if _is_code_line(line, lang)), "")
     limit = _width(first)  # blocks the window closes later are opened by the headers found
-    headers: list[str] = []
     # after `} else {` or `):`, the line that opened the block is wanted
     closing_width = limit if _CONTINUES_BLOCK.match(first.lstrip()) else None
+    indent_chars = len(first) - len(first.lstrip(" \t"))
+    search_from = max(0, window_start - HEADER_SEARCH_CHARS)
+    headers: list[str] = []
     pos = window_start
-    for _ in range(HEADER_SEARCH_LINES):
-        if (limit == 0 and closing_width is None) or pos <= 0:
+    while limit > 0 or closing_width is not None:
+        # the last line above pos indented less (or, after a continuation, no more)
+        allowed = indent_chars if closing_width is not None else indent_chars - 1
+        found = (
+            _last_line_indented(allowed).match(prefix, search_from, pos) if allowed >= 0 else None
+        )
+        if found is None:
             break
-        start = prefix.rfind("\n", 0, pos - 1) + 1
-        line, pos = prefix[start : pos - 1], start
+        start = prefix.rfind("\n", 0, found.end()) + 1
+        end = prefix.find("\n", start, pos)
+        line, pos = prefix[start : end if end >= 0 else pos], start
         if not _is_code_line(line, lang) or len(line) > MAX_HEADER_CHARS:
             continue
         width = _width(line)
@@ -130,10 +138,16 @@ def _enclosing_headers(prefix: str, window_start: int, lang: Language) -> str:
         elif width >= limit:
             continue
         headers.append(line)
-        limit = width
+        limit, indent_chars = width, len(line) - len(line.lstrip(" \t"))
         if continues:
             closing_width = width
     return "".join(line + "\n" for line in reversed(headers))
+
+
+@functools.cache
+def _last_line_indented(max_chars: int) -> re.Pattern:
+    """Matches up to the last line with at most max_chars of indentation (greedy, then back)."""
+    return re.compile(rf"(?s:.*)^[ \t]{{0,{max_chars}}}(?=[^ \t\r\n])", re.M)
 
 
 @functools.lru_cache(maxsize=2)  # callers of syntax_report pass one prefix per candidate
