@@ -7,6 +7,7 @@
 #   MINUTES=20 bash models/train/recipe.sh train   # detached (setsid nohup), survives the shell
 #   bash models/train/recipe.sh watch           # last log lines, val losses, whether it runs
 #   bash models/train/recipe.sh export DIR      # copy final weights, config, tokenizer, manifest
+#   MINUTES=20 bash models/train/recipe.sh all  # data + train, both detached (log: $WORK/all.log)
 #
 # Inputs: models/default/tokenizer.json (in git) and the carried bundle $CARRY/shards/*.jsonl.xz
 # (built by models/train/build_carry.sh). Everything else goes under $WORK (default .work).
@@ -39,7 +40,13 @@ train)
   echo $! > "$RUN/pid"
   echo "started pid $(cat "$RUN/pid") on $NGPU GPU(s); log: $RUN/train_log.jsonl"
   ;;
+all)  # data then train, all detached: survives the calling shell; watch with `watch`
+  mkdir -p "$WORK"
+  setsid nohup bash -c "bash '$0' data && bash '$0' train" > "$WORK/all.log" 2>&1 < /dev/null &
+  echo "started; log: $WORK/all.log, then $RUN/train_log.jsonl"
+  ;;
 watch)
+  tail -n 3 "$WORK/all.log" 2>/dev/null || true
   if kill -0 "$(cat "$RUN/pid")" 2>/dev/null; then echo running; else echo "not running"; fi
   grep -h '"schedule"' "$RUN/train_log.jsonl" 2>/dev/null | tail -1 || true
   grep -h val_loss "$RUN/train_log.jsonl" 2>/dev/null | tail -5 || true
@@ -54,7 +61,7 @@ export)
   ls -la "$DEST"
   ;;
 *)
-  sed -n '2,13p' "$0"
+  sed -n '2,14p' "$0"
   exit 2
   ;;
 esac
