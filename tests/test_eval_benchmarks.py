@@ -199,3 +199,11 @@ def test_lines_walks_directories_and_skips_unknown_extensions(tmp_path):
     assert len(cases) == 2 and all(c.request.path == "pkg/a.py" for c in cases)
     again = lines.load_cases([str(tmp_path / "pkg")], "line-start", OPTIONS, per_file=2, seed=1)
     assert [c.request.offset for c in cases] == [c.request.offset for c in again]
+
+
+def test_a_line_opening_a_multiline_string_is_no_syntax_error_when_completed_right():
+    source = 'def f():\n    s = """\n    text\n    """\n    return s\n'
+    case = lines.make_case(source, source.index('"""'), "f.py", "python", OPTIONS)
+    answers = iter([['"""'], ["(("]])
+    _, details = lines.evaluate(FakeEngine(lambda r: next(answers)), [case, case], show_progress=False)
+    assert [d["syntax_error"] for d in details] == [False, True]

@@ -132,15 +132,25 @@ def load_cases(paths: Sequence[str], kind: str, options: CompletionOptions, per_
 
 
 def syntax_error(prefix: str, inserted: str, suffix: str, language_id: str, reference: str) -> bool:
-    """Does inserting the text break the parse around the cursor (new ERROR/MISSING nodes or brackets)?"""
+    """Does inserting the text break the parse around the cursor (new ERROR/MISSING nodes or brackets)?
+
+    Judged by the reranker's syntax_report; where that report also faults the file's own
+    line (e.g. a line opening a multi-line string), it is not trusted and the whole file is
+    parsed with each instead: an error is more ERROR/MISSING nodes than the original has.
+    """
     lang = language_for(language_id)
     if lang is None:
         return False
     try:
         from codecomplete.rerank import syntax_report
     except ImportError:
-        return _tree_sitter_errors(prefix + inserted + suffix, lang) > _tree_sitter_errors(prefix + reference + suffix, lang)
-    report = syntax_report(prefix, inserted, suffix, lang)
+        syntax_report = None
+    if syntax_report is not None and not _report_faults(syntax_report(prefix, reference, suffix, lang)):
+        return _report_faults(syntax_report(prefix, inserted, suffix, lang))
+    return _tree_sitter_errors(prefix + inserted + suffix, lang) > _tree_sitter_errors(prefix + reference + suffix, lang)
+
+
+def _report_faults(report) -> bool:
     fields = ("new_error_nodes", "new_missing_nodes", "unbalanced_brackets")
     if all(hasattr(report, f) for f in fields):
         return any(getattr(report, f) for f in fields)  # "incomplete" is not an error: `if a:` is a fine line

@@ -193,7 +193,7 @@ def run_execution_benchmark(
             "latency_ms": round(gen.latency_ms, 3),
         }
         if top is not None and not top.passed:
-            record["failure"] = "timeout" if top.timed_out else (top.stderr or top.stdout)[-400:]
+            record["failure"] = "timeout" if top.timed_out else _excerpt(top.stderr or top.stdout)
         if gen.error:
             record["engine_error"] = gen.error
         if extra_case_fields:
@@ -207,6 +207,11 @@ def run_execution_benchmark(
     metrics["sandbox_errors"] = sum(1 for r in results if r.sandbox_error)
     metrics.update(cost_summary(generated))
     return metrics, details
+
+
+def _excerpt(text: str, chars: int = 300) -> str:
+    """Head and tail of a long output (the error is at the top for node, at the bottom for Python)."""
+    return text if len(text) <= 2 * chars else f"{text[:chars]}\n[...]\n{text[-chars:]}"
 
 
 def make_result(benchmark: str, settings: dict, metrics: dict, details: list[dict]) -> dict:

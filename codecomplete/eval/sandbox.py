@@ -224,7 +224,6 @@ class Sandbox:
         env: Mapping[str, str] | None = None,
         stdin: bytes | None = None,
         limits: Limits | None = None,
-        extra_write_dirs: Sequence[str] = (),
     ) -> RunResult:
         """Write files into a fresh temp dir, run argv there, return what happened."""
         limits = limits or self.limits
@@ -242,7 +241,7 @@ class Sandbox:
             if uid is not None:
                 _chown_tree(work, uid)
             (run_root / "stdin").write_bytes(stdin or b"")
-            plan = self._plan(argv, work, env, limits, uid, extra_write_dirs)
+            plan = self._plan(argv, work, env, limits, uid)
             with open(run_root / "stdin", "rb") as fin, open(run_root / "stdout", "wb") as fout, open(run_root / "stderr", "wb") as ferr:
                 returncode, timed_out, wall_ms = _launch(plan, fout, ferr, fin, limits.timeout_s)
             stdout = _read_capped(run_root / "stdout", limits.output_bytes)
@@ -257,7 +256,7 @@ class Sandbox:
                 _uids.release(uid)
             shutil.rmtree(run_root, ignore_errors=True)
 
-    def _plan(self, argv, work: Path, env, limits: Limits, uid: int | None, extra_write_dirs) -> dict:
+    def _plan(self, argv, work: Path, env, limits: Limits, uid: int | None) -> dict:
         iso = self.isolation
         tmp = str(work / ".tmp")
         full_env = {
@@ -286,7 +285,7 @@ class Sandbox:
         landlock = None
         if iso.landlock_abi >= 1:
             landlock = {
-                "write_dirs": [str(work), *map(str, extra_write_dirs)],
+                "write_dirs": [str(work)],
                 "write_files": ["/dev/null"],
                 "deny_tcp": True,
                 "scope": True,
