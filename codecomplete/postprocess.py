@@ -27,6 +27,7 @@ GENERIC = Language(
 
 PREFIX_SCAN_CHARS = 8_000  # how far back the bracket state at the cursor is computed
 SUFFIX_SCAN_CHARS = 4_000  # how far forward the suffix is read for bracket questions
+MAX_LINE_CHARS = 2_000  # the cursor line is read this far each way (minified files are one line)
 MAX_BLANK_LINES = 1  # a multi-line completion stops at the second blank line in a row
 MAX_PERIOD_CHARS = 40  # longest repeated unit cut_repetition looks for inside a line
 MAX_PERIOD_LINES = 8  # longest repeated block of lines cut_repetition looks for
@@ -179,6 +180,24 @@ def _line_start(text: str, index: int) -> int:
     return text.rfind("\n", 0, index) + 1
 
 
+def _cursor_line_start(prefix: str) -> int:
+    """Where the cursor line starts, or MAX_LINE_CHARS back if it is longer."""
+    lowest = max(0, len(prefix) - MAX_LINE_CHARS)
+    newline = prefix.rfind("\n", lowest)
+    return newline + 1 if newline >= 0 else lowest
+
+
+def _cursor_line_end(suffix: str) -> int:
+    """Where the cursor line ends in suffix (its newline), or -1 if not within MAX_LINE_CHARS."""
+    return suffix.find("\n", 0, MAX_LINE_CHARS)
+
+
+def _line_suffix(suffix: str) -> str:
+    """The rest of the cursor line after the cursor, at most MAX_LINE_CHARS."""
+    newline = _cursor_line_end(suffix)
+    return suffix[:newline] if newline >= 0 else suffix[:MAX_LINE_CHARS]
+
+
 @functools.lru_cache(maxsize=16)
 def _state_after(text: str, lang: Language | None) -> ScanState:
     return scan_brackets(text, lang)[0]
@@ -196,7 +215,8 @@ def prefix_state(prefix: str, lang: Language | None) -> ScanState:
     """Bracket/string state at the cursor, scanned over the last PREFIX_SCAN_CHARS of prefix."""
     start = 0
     if len(prefix) > PREFIX_SCAN_CHARS:
-        start = _line_start(prefix, len(prefix) - PREFIX_SCAN_CHARS)
+        cut = len(prefix) - PREFIX_SCAN_CHARS
+        start = prefix.rfind("\n", max(0, cut - MAX_LINE_CHARS), cut) + 1 or cut
         safe = _TOP_LEVEL[(lang or GENERIC).block_style].search(prefix, start)
         if safe is not None and safe.start() < len(prefix) - PREFIX_SCAN_CHARS // 4:
             start = safe.start()
@@ -342,10 +362,9 @@ def decide_scope(
 ) -> CompletionScope:
     """Single-line (mid-line: finish the line) or multi-line (cursor at an empty block start)."""
     lang = language
-    line_begin = _line_start(prefix, len(prefix))
+    line_begin = _cursor_line_start(prefix)
     line_prefix = prefix[line_begin:]
-    newline = suffix.find("\n")
-    line_suffix = suffix if newline < 0 else suffix[:newline]
+    line_suffix = _line_suffix(suffix)
     state = prefix_state(prefix, lang)
 
     # the line that would open the block: the cursor line itself, or the last non-blank one above
@@ -358,7 +377,7 @@ def decide_scope(
             for _ in range(50):
                 if end < 0:
                     break
-                start = _line_start(prefix, end)
+                start = prefix.rfind("\n", max(0, end - MAX_LINE_CHARS), end) + 1
                 if prefix[start:end].strip():
                     opener_line = prefix[start:end]
                     break
@@ -423,9 +442,9 @@ def drop_suffix_overlap(
     """Remove the end of text that repeats what follows the cursor (closers, quotes, next lines)."""
     if not text or not suffix:
         return text
-    newline = suffix.find("\n")
-    line_suffix = (suffix if newline < 0 else suffix[:newline]).rstrip()
-    line_prefix = prefix[_line_start(prefix, len(prefix)) :]
+    newline = _cursor_line_end(suffix)
+    line_suffix = _line_suffix(suffix).rstrip()
+    line_prefix = prefix[_cursor_line_start(prefix) :]
 
     # the rest of the cursor line, or the start of it, retyped at the end of the completion
     if line_suffix:
@@ -433,7 +452,7 @@ def drop_suffix_overlap(
         head, last = text[:last_line_start], text[last_line_start:]
         context = (line_prefix if not head else "") + last
         full_cost = _line_cost(context + line_suffix, lang)
-        for k in range(len(line_suffix), 0, -1):
+        for k in range(min(len(line_suffix), len(last)), 0, -1):
             overlap = line_suffix[:k]
             if not last.endswith(overlap):
                 continue
@@ -448,7 +467,9 @@ def drop_suffix_overlap(
         return text
     text_lines = text.split("\n")
     next_lines = [
-        line for line in suffix[newline + 1 :].split("\n", len(text_lines) + 20) if line.strip()
+        line
+        for line in suffix[newline + 1 : newline + 1 + SUFFIX_SCAN_CHARS].split("\n")
+        if line.strip()
     ]
     if not next_lines:
         return text
@@ -528,8 +549,7 @@ def clean_candidates(
     cands: list[Candidate], prefix: str, suffix: str, scope: CompletionScope
 ) -> list[Candidate]:
     """Truncate to scope, cut loops, drop suffix overlap, strip, drop empty and duplicates."""
-    newline = suffix.find("\n")
-    line_suffix = suffix if newline < 0 else suffix[:newline]
+    line_suffix = _line_suffix(suffix)
     kept: dict[str, int] = {}
     out: list[Candidate] = []
     for cand in cands:

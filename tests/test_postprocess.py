@@ -327,3 +327,12 @@ def test_scanner_skips_strings_comments_and_char_literals():
 def test_code_part_ignores_comment_markers_in_strings():
     assert code_part('x = "#"  # note', PY) == 'x = "#"  '
     assert code_part("f(); // {", JS) == "f(); "
+
+
+def test_minified_one_line_file_stays_cheap_and_sane():
+    line = "var a=function(){return 1};" * 200_000  # ~5 MB, no newline
+    prefix, suffix = line + "f(", ")" + line
+    scope = decide_scope(prefix, suffix, JS)
+    assert not scope.multiline
+    out = clean_candidates(_cands(("x)", -0.1)), prefix, suffix, scope)
+    assert [c.text for c in out] == ["x"]

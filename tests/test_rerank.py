@@ -184,3 +184,10 @@ def test_measure_rerank_reports_timings_and_checks():
     assert result["cursors"] == 3
     assert result["true_rest_ok"] == 3
     assert result["per_candidate_cpu_ms_median"] > 0
+
+
+def test_minified_one_line_file_is_handled_through_a_window():
+    js = language_for("javascript")
+    line = "var a=function(){return 1};" * 200_000  # ~5 MB, no newline
+    assert syntax_report(line + "f(", "x", ")" + line, js).ok
+    assert not syntax_report(line + "f(", "x))", ")" + line, js).ok
