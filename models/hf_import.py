@@ -77,10 +77,14 @@ class TokenFacts:
     def config_fields(self) -> dict:
         return dict(self.__dict__)
 
+    def ids(self) -> set[int]:
+        """Every token id these facts name."""
+        return {self.bos_id, self.pad_id, self.fim_prefix_id, self.fim_suffix_id, self.fim_middle_id,
+                self.fim_pad_id, self.file_sep_id, *self.eos_ids} - {-1}
+
     def named_specials(self, vocab: dict[str, int]) -> dict[str, int]:
         """Text -> id of every token these facts name (for Tokenizer's special_tokens)."""
-        ids = {self.bos_id, self.pad_id, self.fim_prefix_id, self.fim_suffix_id, self.fim_middle_id,
-               self.fim_pad_id, self.file_sep_id, *self.eos_ids} - {-1}
+        ids = self.ids()
         return {text: i for text, i in vocab.items() if i in ids}
 
 

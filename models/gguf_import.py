@@ -1,0 +1,510 @@
+"""Import a GGUF file (llama.cpp's format) of the `llama` or `qwen2` architecture as a
+ModelSource: float32 weights under our names, a rebuilt `tokenizers` tokenizer, token facts.
+
+The header is parsed here (a few hundred thousand vocabulary strings take ~0.3 s this way,
+~13 s through gguf.GGUFReader); tensor payloads are dequantized by `gguf.quants.dequantize`.
+llama.cpp's converter interleaves the q/k rows of `llama` models for its RoPE kernel; we
+undo that. `qwen2` files keep the Hugging Face (half-split) layout and load as they are.
+
+The converted model is cached as a model folder keyed by the file's sha256, under
+$CODECOMPLETE_CACHE or ~/.cache/codecomplete/gguf/, so the second start skips the slow
+dequantization.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import mmap
+import os
+import shutil
+import struct
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from .config import ModelConfig
+from .folder import (
+    FORMAT,
+    ModelLoadError,
+    dequantize,
+    is_model_folder,
+    open_model_folder,
+    quantize_int8,
+    write_safetensors,
+)
+from .hf_import import MAX_SEQ_LEN_CAP, TokenFacts, find_token_facts, pad_tokenizer_to
+from .source import ModelSource
+from .testing import param_shapes
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+CACHE_ENV = "CODECOMPLETE_CACHE"
+CACHE_DTYPES = ("float16", "float32", "int8")
+CONVERTER_VERSION = 1  # part of the cache key: bump when conversion changes
+
+# GGUF metadata value types
+_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+                   10: "<Q", 11: "<q", 12: "<d"}
+_ARRAY_DTYPES = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
+                 6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_STRING, _ARRAY = 8, 9
+
+# token types in tokenizer.ggml.token_type
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# Pre-tokenizer split regexes by tokenizer.ggml.pre (facts from the models' tokenizer.json)
+_GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+_LLAMA3_SPLIT = _QWEN2_SPLIT.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+PRE_TOKENIZER_SPLITS: dict[str, list[str]] = {
+    "default": [_GPT2_SPLIT],
+    "gpt2": [_GPT2_SPLIT],
+    "qwen2": [_QWEN2_SPLIT],
+    "llama-bpe": [_LLAMA3_SPLIT],
+    "llama3": [_LLAMA3_SPLIT],
+    "starcoder": [r"\p{N}", _GPT2_SPLIT],  # single digits, then GPT-2's split
+}
+_IGNORE_MERGES = {"llama-bpe", "llama3"}  # whole words in the vocabulary skip the merges
+_NFC = {"qwen2"}
+
+_LAYER_PARTS = {
+    "attn_norm": "attention_norm",
+    "attn_q": "attention.wq",
+    "attn_k": "attention.wk",
+    "attn_v": "attention.wv",
+    "attn_output": "attention.wo",
+    "ffn_norm": "ffn_norm",
+    "ffn_gate": "feed_forward.w1",
+    "ffn_up": "feed_forward.w3",
+    "ffn_down": "feed_forward.w2",
+}
+_TOP_LEVEL = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
+
+
+@dataclass
+class GGUFTensorInfo:
+    name: str
+    ggml_type: int
+    shape: tuple[int, ...]  # numpy order: (rows, columns); GGUF stores the reverse
+    offset: int  # absolute byte offset in the file
+
+
+class GGUFFile:
+    """A GGUF file's metadata and tensor table over a read-only memory map."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self._file = open(self.path, "rb")
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{self.path}: cannot open ({e})") from e
+        try:
+            self.metadata, self.tensors = _parse_header(self._map)
+        except (struct.error, ValueError, UnicodeDecodeError, IndexError) as e:
+            self.close()
+            raise ModelLoadError(f"{self.path}: not a readable GGUF file ({e})") from e
+
+    def close(self) -> None:
+        self._map.close()
+        self._file.close()
+
+    def __enter__(self) -> GGUFFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def get(self, key: str, default=None):
+        return self.metadata.get(key, default)
+
+    def tensor(self, name: str) -> np.ndarray:
+        """The named tensor as a float32 array, dequantized."""
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+        from gguf.quants import dequantize as gguf_dequantize
+
+        info = self.tensors[name]
+        try:
+            qtype = GGMLQuantizationType(info.ggml_type)
+        except ValueError as e:
+            raise ModelLoadError(f"{self.path}: tensor {name} has unknown type {info.ggml_type}") from e
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        *rows, cols = info.shape
+        if cols % block:
+            raise ModelLoadError(f"{self.path}: tensor {name} row of {cols} is not whole {qtype.name} blocks")
+        n_rows = int(np.prod(rows)) if rows else 1
+        row_bytes = cols // block * type_size
+        if info.offset + n_rows * row_bytes > len(self._map):
+            raise ModelLoadError(f"{self.path}: truncated (tensor {name} ends past the file)")
+        raw = np.frombuffer(self._map, dtype=np.uint8, count=n_rows * row_bytes, offset=info.offset)
+        raw = raw.reshape(*rows, row_bytes)
+        if qtype == GGMLQuantizationType.F32:
+            return raw.view(np.float32).copy()
+        try:
+            return np.asarray(gguf_dequantize(raw, qtype), dtype=np.float32)
+        except NotImplementedError as e:
+            raise ModelLoadError(f"{self.path}: cannot dequantize {qtype.name} (tensor {name})") from e
+
+
+class _Cursor:
+    """Little-endian reads from a buffer, advancing an offset."""
+
+    def __init__(self, buf, offset: int = 0):
+        self.buf, self.pos = buf, offset
+
+    def scalar(self, fmt: str):
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        raw = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return raw.decode("utf-8")
+
+    def value(self, vtype: int):
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            etype, count = self.scalar("<I"), self.scalar("<Q")
+            if etype == _STRING:
+                return [self.string() for _ in range(count)]
+            if etype in _ARRAY_DTYPES:
+                dtype = np.dtype(_ARRAY_DTYPES[etype])
+                arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
+                self.pos += count * dtype.itemsize
+                return arr
+            return [self.value(etype) for _ in range(count)]  # arrays of arrays
+        if vtype not in _SCALAR_FORMATS:
+            raise ValueError(f"unknown metadata value type {vtype}")
+        return self.scalar(_SCALAR_FORMATS[vtype])
+
+
+def _parse_header(buf) -> tuple[dict, dict[str, GGUFTensorInfo]]:
+    if buf[:4] != b"GGUF":
+        raise ValueError("bad magic (not GGUF)")
+    cur = _Cursor(buf, 4)
+    version = cur.scalar("<I")
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} is not supported (2 or 3; big-endian files are not)")
+    n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+    metadata = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        metadata[key] = cur.value(cur.scalar("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        n_dims = cur.scalar("<I")
+        dims = [cur.scalar("<Q") for _ in range(n_dims)]
+        ggml_type, offset = cur.scalar("<I"), cur.scalar("<Q")
+        infos.append((name, ggml_type, tuple(reversed(dims)), offset))
+    align = int(metadata.get("general.alignment", 32))
+    data_start = (cur.pos + align - 1) // align * align
+    tensors = {name: GGUFTensorInfo(name, t, shape, data_start + off) for name, t, shape, off in infos}
+    return metadata, tensors
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def _merge_pairs(merges: list[str]) -> list[tuple[str, str]]:
+    return [tuple(m.split(" ", 1)) for m in merges]
+
+
+def _sentencepiece_merges(tokens: list[str], scores, types) -> list[tuple[str, str]]:
+    """BPE merges recovered from a SentencePiece vocabulary: a pair merges when the
+    concatenation is a normal token, higher-scored concatenations first."""
+    ids = {}
+    for i, t in enumerate(tokens):
+        if types[i] == NORMAL:
+            ids.setdefault(t, i)
+    found = []
+    for piece, idx in ids.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in ids and right in ids:
+                found.append((-float(scores[idx]), idx, ids[left], ids[right], left, right))
+    found.sort()
+    return [(left, right) for *_, left, right in found]
+
+
+def build_gguf_tokenizer(meta: dict, extra_special_ids: set[int] = frozenset()):
+    """A `tokenizers.Tokenizer` rebuilt from tokenizer.ggml.* metadata."""
+    kind = meta.get("tokenizer.ggml.model")
+    tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
+    if not tokens:
+        raise ModelLoadError("GGUF file has no tokenizer.ggml.tokens")
+    types = meta.get("tokenizer.ggml.token_type")
+    types = [NORMAL] * len(tokens) if types is None else [int(t) for t in types]
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    if kind == "gpt2":
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        if pre not in PRE_TOKENIZER_SPLITS:
+            raise ModelLoadError(f"GGUF pre-tokenizer {pre!r} is not supported "
+                                 f"(supported: {', '.join(PRE_TOKENIZER_SPLITS)})")
+        merges = _merge_pairs(meta.get("tokenizer.ggml.merges") or [])
+        tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in _IGNORE_MERGES))
+        if pre in _NFC:
+            tok.normalizer = normalizers.NFC()
+        splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZER_SPLITS[pre]]
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+    elif kind == "llama":  # SentencePiece BPE with byte fallback (Llama 2, CodeLlama)
+        scores = meta.get("tokenizer.ggml.scores")
+        merges = meta.get("tokenizer.ggml.merges")
+        if merges is not None:
+            pairs = _merge_pairs(merges)
+        elif scores is not None:
+            pairs = _sentencepiece_merges(tokens, scores, types)
+        else:
+            raise ModelLoadError("SentencePiece GGUF vocabulary has neither merges nor scores")
+        unk_id = int(meta.get("tokenizer.ggml.unknown_token_id", 0))
+        tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, unk_token=tokens[unk_id], fuse_unk=True,
+                                   byte_fallback=True))
+        rules = [normalizers.Replace(" ", "\u2581")]
+        if meta.get("tokenizer.ggml.add_space_prefix", True):
+            rules.insert(0, normalizers.Prepend("\u2581"))
+        tok.normalizer = normalizers.Sequence(rules)
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                         decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    else:
+        raise ModelLoadError(f"GGUF tokenizer model {kind!r} is not supported (gpt2 or llama)")
+    special_types = (CONTROL, UNKNOWN, UNUSED)
+    special = [AddedToken(t, special=True, normalized=False) for i, t in enumerate(tokens)
+               if (types[i] in special_types or i in extra_special_ids) and vocab[t] == i]
+    user = [AddedToken(t, special=False, normalized=False) for i, t in enumerate(tokens)
+            if types[i] == USER_DEFINED and i not in extra_special_ids and vocab[t] == i]
+    tok.add_special_tokens(special)
+    tok.add_tokens(user)
+    return tok
+
+
+def _meta_id(meta: dict, key: str) -> int:
+    value = meta.get(f"tokenizer.ggml.{key}")
+    return -1 if value is None else int(value)
+
+
+def gguf_token_facts(meta: dict) -> TokenFacts:
+    """BOS/EOS/pad and FIM ids from metadata, completed by the token texts."""
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    default_add_bos = meta.get("tokenizer.ggml.model") == "llama" or meta.get("tokenizer.ggml.pre") in _IGNORE_MERGES
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", default_add_bos))
+    eos = [_meta_id(meta, k) for k in ("eos_token_id", "eot_token_id", "eom_token_id")]
+    facts = find_token_facts(vocab, eos, _meta_id(meta, "bos_token_id") if add_bos else -1,
+                             _meta_id(meta, "padding_token_id"))
+    for field_name, keys in (("fim_prefix_id", ("fim_pre_token_id", "prefix_token_id")),
+                             ("fim_suffix_id", ("fim_suf_token_id", "suffix_token_id")),
+                             ("fim_middle_id", ("fim_mid_token_id", "middle_token_id")),
+                             ("fim_pad_id", ("fim_pad_token_id",)),
+                             ("file_sep_id", ("fim_sep_token_id",))):
+        ids = [_meta_id(meta, k) for k in keys if _meta_id(meta, k) >= 0]
+        if ids:
+            setattr(facts, field_name, ids[0])
+    for stop in (facts.fim_pad_id, facts.file_sep_id, _meta_id(meta, "fim_rep_token_id")):
+        if stop >= 0 and stop not in facts.eos_ids:
+            facts.eos_ids.append(stop)
+    return facts
+
+
+# ---------------------------------------------------------------- config and weights
+
+
+def gguf_model_config(gf: GGUFFile, facts: TokenFacts) -> ModelConfig:
+    """ModelConfig from `<arch>.*` metadata and the tensor table."""
+    arch = gf.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(f"{gf.path}: GGUF architecture {arch!r} is not supported "
+                             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+
+    def key(name, default=None):
+        value = gf.get(f"{arch}.{name}", default)
+        if value is None:
+            raise ModelLoadError(f"{gf.path}: metadata {arch}.{name} is missing")
+        if isinstance(value, np.ndarray):
+            raise ModelLoadError(f"{gf.path}: per-layer {arch}.{name} is not supported")
+        return value
+
+    if "rope_freqs.weight" in gf.tensors:
+        raise ModelLoadError(f"{gf.path}: Llama 3.1-style rope frequency scaling is not supported yet")
+    scaling = gf.get(f"{arch}.rope.scaling.type", "none")
+    factor = float(gf.get(f"{arch}.rope.scaling.factor", 1.0) or 1.0)
+    if scaling not in ("none", "linear") or (scaling == "linear" and factor != 1.0):
+        raise ModelLoadError(f"{gf.path}: rope scaling {scaling!r} (factor {factor}) is not supported yet")
+    dim, n_heads = int(key("embedding_length")), int(key("attention.head_count"))
+    head_dim = int(key("attention.key_length", dim // n_heads))
+    if int(key("rope.dimension_count", head_dim)) != head_dim:
+        raise ModelLoadError(f"{gf.path}: partial rotary embeddings are not supported")
+    vocab_size = gf.tensors["token_embd.weight"].shape[0]
+    return ModelConfig(
+        vocab_size=vocab_size,
+        dim=dim,
+        n_layers=int(key("block_count")),
+        n_heads=n_heads,
+        n_kv_heads=int(key("attention.head_count_kv", n_heads)),
+        head_dim=head_dim,
+        ffn_dim=int(key("feed_forward_length")),
+        max_seq_len=min(int(key("context_length", 4096)), MAX_SEQ_LEN_CAP),
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        qkv_bias="blk.0.attn_q.bias" in gf.tensors,
+        tie_embeddings="output.weight" not in gf.tensors,
+        **facts.config_fields(),
+    )
+
+
+def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row order: within each head it interleaves rows i and
+    i + D/2 (pairs for its RoPE kernel); ours keeps the two halves apart."""
+    d = w.shape[0] // n_heads
+    return w.reshape(n_heads, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def our_param_name(gguf_name: str) -> str | None:
+    if gguf_name in _TOP_LEVEL:
+        return _TOP_LEVEL[gguf_name]
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_PARTS and parts[3] in ("weight", "bias"):
+        return f"layers.{parts[1]}.{_LAYER_PARTS[parts[2]]}.{parts[3]}"
+    return None
+
+
+def gguf_weights(gf: GGUFFile, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Dequantized float32 weights under our names (q/k unpermuted for llama)."""
+    names = {}
+    for gguf_name in gf.tensors:
+        name = our_param_name(gguf_name)
+        if name is None:
+            raise ModelLoadError(f"{gf.path}: tensor {gguf_name!r} is not one this importer knows")
+        names[gguf_name] = name
+    expected = param_shapes(cfg)
+    missing = sorted(set(expected) - set(names.values()))
+    if missing:
+        raise ModelLoadError(f"{gf.path}: tensors missing for {missing[:5]}")
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # numpy releases the GIL
+        arrays = dict(zip(names.values(), pool.map(gf.tensor, names), strict=True))
+    if gf.get("general.architecture") == "llama":
+        for i in range(cfg.n_layers):
+            for part, heads in (("wq", cfg.n_heads), ("wk", cfg.n_kv_heads)):
+                for kind in ("weight", "bias"):
+                    name = f"layers.{i}.attention.{part}.{kind}"
+                    if name in arrays:
+                        arrays[name] = unpermute_rope_rows(arrays[name], heads)
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            raise ModelLoadError(f"{gf.path}: {name} has shape {arrays[name].shape}, expected {shape}")
+    return arrays
+
+
+def convert_gguf(path: str | Path) -> tuple[ModelConfig, object, dict[str, np.ndarray]]:
+    """(config, tokenizers.Tokenizer, float32 weights) from a GGUF file, uncached."""
+    with GGUFFile(path) as gf:
+        arch = gf.get("general.architecture")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ModelLoadError(f"{gf.path}: GGUF architecture {arch!r} is not supported "
+                                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        facts = gguf_token_facts(gf.metadata)
+        hf_tok = build_gguf_tokenizer(gf.metadata, facts.ids())
+        cfg = gguf_model_config(gf, facts)
+        weights = gguf_weights(gf, cfg)
+    pad_tokenizer_to(hf_tok, cfg.vocab_size)
+    return cfg, hf_tok, weights
+
+
+# ---------------------------------------------------------------- cache
+
+
+def cache_root() -> Path:
+    """$CODECOMPLETE_CACHE, else ~/.cache/codecomplete."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "codecomplete"
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def cache_folder_for(path: str | Path, cache_dtype: str) -> Path:
+    digest = file_sha256(path)
+    return cache_root() / "gguf" / f"{Path(path).stem}-{digest[:16]}-v{CONVERTER_VERSION}-{cache_dtype}"
+
+
+def write_cache_folder(folder: Path, cfg: ModelConfig, hf_tok, weights: dict[str, np.ndarray],
+                       cache_dtype: str, source_file: Path) -> None:
+    """Write a model folder atomically (a temp folder renamed into place)."""
+    if cache_dtype == "int8":
+        tensors, quantization = quantize_int8(weights), "int8-per-channel"
+    else:
+        dtype = np.float16 if cache_dtype == "float16" else np.float32
+        tensors, quantization = {k: v.astype(dtype) for k, v in weights.items()}, "none"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        write_safetensors(tmp / "model.safetensors", tensors)
+        hf_tok.save(str(tmp / "tokenizer.json"))
+        meta = {"format": FORMAT, "version": 1, "model": cfg.to_dict(), "weights": "model.safetensors",
+                "tokenizer": "tokenizer.json", "quantization": quantization,
+                "converted_from": {"gguf": source_file.name, "dtype": cache_dtype}}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not is_model_folder(folder):  # another process may have won the race
+            raise
+
+
+def _source_from_folder(folder: Path, gguf_path: Path) -> ModelSource:
+    from codecomplete.tokenizer import Tokenizer
+
+    mf = open_model_folder(folder)
+    weights = mf.load_weights()
+    if mf.quantization == "none":
+        weights = dequantize(weights)  # float16 -> float32
+    return ModelSource(gguf_path.stem, mf.config, Tokenizer.from_file(mf.tokenizer_file), weights,
+                       mf.quantization, str(gguf_path))
+
+
+def load_gguf(path: str | Path, cache: bool = True, cache_dtype: str = "float16") -> ModelSource:
+    """A GGUF file as a ModelSource; with `cache`, converted once and reloaded from the
+    cache folder afterwards (float16 keeps the file's dequantized weights to ~5e-4
+    relative; int8 re-quantizes them per channel; float32 is exact)."""
+    path = Path(path)
+    if cache_dtype not in CACHE_DTYPES:
+        raise ValueError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, not {cache_dtype!r}")
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file does not exist: {path}")
+    folder = cache_folder_for(path, cache_dtype) if cache else None
+    if folder is not None and is_model_folder(folder):
+        return _source_from_folder(folder, path)
+    cfg, hf_tok, weights = convert_gguf(path)
+    if folder is not None:
+        try:
+            write_cache_folder(folder, cfg, hf_tok, weights, cache_dtype, path)
+            del weights
+            return _source_from_folder(folder, path)  # first and later starts see the same weights
+        except OSError as e:
+            log.warning("could not cache the converted GGUF model in %s: %s", folder, e)
+    from codecomplete.tokenizer import Tokenizer
+
+    return ModelSource(path.stem, cfg, Tokenizer(hf_tok), weights, "none", str(path))
