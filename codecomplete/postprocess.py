@@ -282,7 +282,9 @@ class CompletionScope:
     max_blank_lines: int = MAX_BLANK_LINES
     # the state after each run of whole lines seen so far: the decode loop calls stop_index
     # once per token with a growing text, so a call only reads the newest line
-    _lines_seen: dict[str, _LinesState] = field(default_factory=dict, repr=False, compare=False)
+    _lines_seen: dict[str, _LinesState] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def stop_index(self, generated: str) -> int | None:
         """Where a completion must end given the text generated so far; None to keep going."""
@@ -340,10 +342,8 @@ class CompletionScope:
             content_end = start + len(text.rstrip())
         if underflow is None:
             return _LinesState(scan, content_end, blank_run)
-        if not self.suffix_closes_block:
-            return _LinesState(
-                scan, content_end, blank_run, stop=underflow + 1
-            )  # close it ourselves
+        if not self.suffix_closes_block:  # nothing after the cursor closes it: keep the closer
+            return _LinesState(scan, content_end, blank_run, stop=underflow + 1)
         cut = start if not generated[start:underflow].strip() else underflow
         return _LinesState(scan, content_end, blank_run, stop=len(generated[:cut].rstrip()))
 
