@@ -126,9 +126,10 @@ _BY_EXTENSION = {ext: lang for lang in LANGUAGES for ext in lang.extensions}
 
 def language_for(language_id: str, path: str = "") -> Language | None:
     """The language for an LSP languageId, else for the path's extension; None if unknown."""
-    lang = _BY_LANGUAGE_ID.get((language_id or "").strip().lower())
-    if lang is not None:
-        return lang
+    if isinstance(language_id, str):
+        lang = _BY_LANGUAGE_ID.get(language_id.strip().lower())
+        if lang is not None:
+            return lang
     if not isinstance(path, str) or not path:
         return None
     _, ext = os.path.splitext(path)

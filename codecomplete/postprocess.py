@@ -507,23 +507,26 @@ def _substantial(lines: list[str]) -> bool:
 
 def cut_repetition(text: str) -> str:
     """Cut a repetition loop, keeping the first occurrence: a line three times in a row, or
-    a block of lines or a unit within a line that repeats until the text ends."""
+    a block of lines or a unit within a line that repeats until the text ends. Lines compare
+    without indentation (the first line starts after the cursor's)."""
     lines = text.split("\n")
-    for i in range(len(lines) - 2):
-        if lines[i] == lines[i + 1] == lines[i + 2] and _substantial(lines[i : i + 1]):
+    keys = [line.strip() for line in lines]
+    for i in range(len(keys) - 2):
+        if keys[i] == keys[i + 1] == keys[i + 2] and _substantial(keys[i : i + 1]):
             return "\n".join(lines[: i + 1])
     # blocks of lines; the last line may be cut short by the token limit
     body = text.rstrip("\n").split("\n")
-    complete, partial = body[:-1], body[-1]
+    body_keys = [line.strip() for line in body]
     for period in range(1, MAX_PERIOD_LINES + 1):
-        if len(complete) < 2 * period:
-            break
-        start = _periodic_start(complete, period)
-        repeats = (len(complete) - start) / period
-        unit = complete[start : start + period]
-        if repeats >= (3 if period == 1 else 2) and _substantial(unit):
-            if complete[len(complete) - period].startswith(partial):
-                return "\n".join(body[: start + period])
+        for complete, partial in ((body_keys, ""), (body_keys[:-1], body_keys[-1])):
+            if len(complete) < 2 * period:
+                continue
+            start = _periodic_start(complete, period)
+            repeats = (len(complete) - start) / period
+            unit = complete[start : start + period]
+            if repeats >= (3 if period == 1 else 2) and _substantial(unit):
+                if complete[len(complete) - period].startswith(partial):
+                    return "\n".join(body[: start + period])
     # a unit of characters repeating until the end
     for period in range(1, MAX_PERIOD_CHARS + 1):
         if len(text) < MIN_REPEATS_IN_LINE * period:

@@ -72,6 +72,7 @@ def test_unknown_language_is_none(language_id, path):
 
 def test_language_for_never_raises_on_odd_input():
     assert language_for(None, None) is None  # type: ignore[arg-type]
+    assert language_for(5, b"x.py") is None  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("lang", LANGUAGES, ids=lambda lang: lang.id)

@@ -233,9 +233,14 @@ def test_same_line_repeated_is_cut_to_one():
     assert cut_repetition("foo()\nfoo()\nfoo()\nfoo()") == "foo()"
 
 
+def test_repeated_line_after_the_cursor_line_is_cut():
+    assert cut_repetition("value = 1\n    value = 1\n    value = 1") == "value = 1"
+
+
 def test_block_repeating_to_the_end_is_cut_to_one_round():
     text = "a = 1\nb = 2\na = 1\nb = 2\na = 1\nb ="
     assert cut_repetition(text) == "a = 1\nb = 2"
+    assert cut_repetition("a = 1\nb = 2\na = 1\nb = 2\n") == "a = 1\nb = 2"
 
 
 def test_unit_repeating_to_the_end_of_a_line_is_cut():

@@ -191,3 +191,11 @@ def test_minified_one_line_file_is_handled_through_a_window():
     line = "var a=function(){return 1};" * 200_000  # ~5 MB, no newline
     assert syntax_report(line + "f(", "x", ")" + line, js).ok
     assert not syntax_report(line + "f(", "x))", ")" + line, js).ok
+
+
+def test_closing_the_block_the_suffix_already_closes_is_flagged():
+    js = language_for("javascript")
+    prefix, suffix = "function f() {\n  ", "\n}\nf();\n"
+    assert syntax_report(prefix, "return 1;", suffix, js).ok
+    report = syntax_report(prefix, "return 1;\n}", suffix, js)
+    assert report.unbalanced_brackets == 1 and not report.ok
