@@ -314,3 +314,72 @@ def test_truncated_or_foreign_files_are_clear_errors(tmp_path, gguf_case):
     (tmp_path / "junk.gguf").write_bytes(b"PK\x03\x04" + bytes(100))
     with pytest.raises(ModelLoadError, match="GGUF"):
         load_gguf(tmp_path / "junk.gguf", cache=False)
+
+
+def write_sentencepiece_gguf(path):
+    """A llama-architecture GGUF with a SentencePiece vocabulary (byte fallback, scores,
+    no merges) and CodeLlama's FIM tokens, as llama.cpp stores Llama 2 / CodeLlama."""
+    from tokenizers import SentencePieceBPETokenizer
+
+    trainer = SentencePieceBPETokenizer()
+    trainer.train_from_iterator([SAMPLE_CODE] * 4, vocab_size=240, show_progress=False)
+    pieces = [p for p, _ in sorted(trainer.get_vocab().items(), key=lambda kv: kv[1])]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3] + [6] * 256
+    scores = [0.0] * len(tokens)
+    for rank, piece in enumerate(p for p in pieces if p not in tokens):
+        tokens.append(piece)
+        types.append(1)
+        scores.append(-float(rank))
+    for fim in ("▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>"):
+        tokens.append(fim)
+        types.append(4)
+        scores.append(0.0)
+    model = tiny_hf_model("llama", len(tokens), tie=False, seed=5)
+    hf_cfg = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(512)
+    w.add_embedding_length(hf_cfg.hidden_size)
+    w.add_block_count(hf_cfg.num_hidden_layers)
+    w.add_feed_forward_length(hf_cfg.intermediate_size)
+    w.add_head_count(hf_cfg.num_attention_heads)
+    w.add_head_count_kv(hf_cfg.num_key_value_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    for hf_name, t in model.state_dict().items():
+        name = gguf_name(hf_name)
+        arr = t.numpy()
+        if name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = hf_cfg.num_attention_heads if "attn_q" in name else hf_cfg.num_key_value_heads
+            arr = llama_cpp_permute(arr, heads)
+        w.add_tensor(name, arr.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_sentencepiece_vocabulary_matches_transformers(tmp_path):
+    from transformers import AutoTokenizer
+
+    path = write_sentencepiece_gguf(tmp_path / "spm.gguf")
+    source = load_gguf(path, cache=False)
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    for text in TEXTS[:3] + ["naïve café — 你好", "indented\n\tx = 1\n    y  =  2 \n"]:
+        assert source.tokenizer.encode(text) == ref.encode(text, add_special_tokens=False), text
+    # Text that starts with spaces: SentencePiece (and llama.cpp) always add the dummy "▁";
+    # transformers' Metaspace conversion skips it when the text already starts with one.
+    cfg, tok = source.config, source.tokenizer
+    assert tok.encode("  a") == [tok.token_id("▁"), tok.token_id("▁"), tok.token_id("▁a")]
+    assert cfg.bos_id == 1 and 2 in cfg.eos_ids and tok.token_id("▁<EOT>") in cfg.eos_ids
+    assert (cfg.fim_prefix_id, cfg.fim_suffix_id, cfg.fim_middle_id) == tuple(
+        tok.token_id(t) for t in ("▁<PRE>", "▁<SUF>", "▁<MID>"))
+    assert tok.token_bytes[cfg.fim_prefix_id] == b""
