@@ -131,9 +131,12 @@ class GraphBuilder:
         return self._consts[key]
 
     def shape(self, *dims) -> str:
-        """A 1-D int64 shape from ints and 1-element int64 tensor names."""
-        parts = [self.const([d]) if isinstance(d, int) else d for d in dims]
-        return self.op("Concat", parts, axis=0, name="shape")
+        """A 1-D int64 shape from ints and 1-element int64 tensor names (built once per dims)."""
+        key = ("shape", *dims)
+        if key not in self._consts:
+            parts = [self.const([d]) if isinstance(d, int) else d for d in dims]
+            self._consts[key] = self.op("Concat", parts, axis=0, name="shape")
+        return self._consts[key]
 
     def reshape(self, x: str, *dims) -> str:
         """Static dims may use 0 (copy) and -1; with any dynamic dim (a tensor name), all
@@ -159,10 +162,10 @@ class GraphBuilder:
         if kind == "fp32":
             y = self.op("MatMul", [x, self.init(weight.dequantized().T, name + ".weight")], name=name)
         elif kind in ("int8", "int8-s8"):
-            wt = weight.w.T  # (in, out)
+            wt = np.ascontiguousarray(weight.w.T)  # (in, out)
             xq, xs, xz = self.op("DynamicQuantizeLinear", [x], n_out=3, name=name + ".xq")
             if kind == "int8":
-                w_u8 = (wt.astype(np.int16) + 128).astype(np.uint8)
+                w_u8 = wt.view(np.uint8) ^ np.uint8(0x80)  # int8 + 128 as uint8
                 yi = self.op("MatMulInteger", [xq, self.init(w_u8, name + ".weight_u8"), xz,
                                                self.const(128, np.uint8)], name=name + ".i32")
             else:
@@ -175,7 +178,7 @@ class GraphBuilder:
             block = _nbits_block(k)
             n_blocks = (k + block - 1) // block
             q = np.full((weight.out_features, n_blocks * block), 128, np.uint8)
-            q[:, :k] = (weight.w.astype(np.int16) + 128).astype(np.uint8)
+            q[:, :k] = weight.w.view(np.uint8) ^ np.uint8(0x80)
             scales = np.repeat(weight.scale.astype(np.float32), n_blocks)
             y = self.op("MatMulNBits", [x, self.init(q.reshape(weight.out_features, n_blocks, block), name + ".nbits"),
                                         self.init(scales, name + ".nbits_scale")], domain=MS_DOMAIN, name=name,
@@ -197,20 +200,13 @@ class GraphBuilder:
         return model
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """(D/2,) float32, as models/model.py computes it."""
+def rope_tables(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (max_seq_len, D/2) float32, computed as models/model.py computes them."""
     half = cfg.head_dim // 2
     exponent = np.arange(0, half, dtype=np.float32) / np.float32(half)
-    return (np.float32(1.0) / (np.float32(cfg.rope_theta) ** exponent)).astype(np.float32)
-
-
-def apply_rope(b: GraphBuilder, x: str, cos: str, sin: str, half: int) -> str:
-    """x (N, T, heads, D) rotated by cos/sin (T, 1, D/2), half-split layout."""
-    x1 = b.slice(x, 0, half, axis=-1)
-    x2 = b.slice(x, half, INT64_MAX, axis=-1)
-    first = b.op("Sub", [b.op("Mul", [x1, cos]), b.op("Mul", [x2, sin])])
-    second = b.op("Add", [b.op("Mul", [x2, cos]), b.op("Mul", [x1, sin])])
-    return b.op("Concat", [first, second], axis=-1)
+    inv_freq = (np.float32(1.0) / (np.float32(cfg.rope_theta) ** exponent)).astype(np.float32)
+    angles = np.arange(cfg.max_seq_len, dtype=np.float32)[:, None] * inv_freq[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
 @dataclass
@@ -294,11 +290,9 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: s
     dims = Dims(n=n, m=m, jt=b.op("Add", [j, t], name="JT"), ng=b.op("Mul", [n, b.const([g])], name="NG"), tq=t)
     mask = causal_mask(b, t, j, dims.jt)
 
-    # RoPE tables for the new positions: (T, 1, D/2)
-    angles = b.op("Mul", [b.op("Unsqueeze", [b.op("Cast", ["positions"], to=f32), b.const([1])]),
-                          b.init(rope_inv_freq(cfg), "rope.inv_freq")])
-    cos = b.op("Unsqueeze", [b.op("Cos", [angles]), b.const([1])], name="rope_cos")
-    sin = b.op("Unsqueeze", [b.op("Sin", [angles]), b.const([1])], name="rope_sin")
+    cos, sin = rope_tables(cfg)
+    rope_cos, rope_sin = b.init(cos, "rope.cos"), b.init(sin, "rope.sin")
+    position_ids = b.op("Expand", [b.op("Unsqueeze", ["positions", b.const([0])]), b.shape(n, t)])  # (N, T)
 
     emb = lw["tok_embeddings.weight"]
     if emb.scale is not None:  # gather int8 rows and their scales: the table stays int8
@@ -317,7 +311,10 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: s
         if cfg.qkv_bias:
             qkv_b = np.concatenate([lw[p + "attention.wq.bias"], lw[p + "attention.wk.bias"], lw[p + "attention.wv.bias"]])
         qkv = b.reshape(b.linear(xn, qkv_w, qkv_b, p + "attention.wqkv"), 0, 0, h + 2 * g, hd)  # (N, T, H+2G, D)
-        qk = apply_rope(b, b.slice(qkv, 0, h + g, axis=2), cos, sin, hd // 2)
+        qk = b.reshape(b.slice(qkv, 0, h + g, axis=2), 0, 0, (h + g) * hd)  # (N, T, (H+G)*D)
+        qk = b.op("RotaryEmbedding", [qk, position_ids, rope_cos, rope_sin], domain=MS_DOMAIN,
+                  interleaved=0, num_heads=h + g)  # half-split layout, as models/model.py
+        qk = b.reshape(qk, 0, 0, h + g, hd)
         q = b.slice(qk, 0, h, axis=2)  # (N, T, H, D)
         k = b.transpose(b.slice(qk, h, h + g, axis=2), [1, 0, 2, 3])  # (T, N, G, D)
         v = b.transpose(b.slice(qkv, h + g, h + 2 * g, axis=2), [1, 0, 2, 3])

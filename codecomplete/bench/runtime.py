@@ -1,0 +1,206 @@
+"""Runtimes side by side: prefill and decode-step milliseconds and resident memory.
+
+Each runtime is measured in a fresh subprocess (so its RSS is its own) on the same
+weights: the given model, the shipped default, or random weights of a preset shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .common import emit, format_table, median_ms, progress, rss_mb
+
+RUNTIMES = ("torch-fp32", "torch-int8", "onnx-fp32", "onnx-int8")
+# extra onnx int8 kernels, for comparing them (see runtime/onnx_graph.py LINEAR_KINDS)
+EXTRA_RUNTIMES = ("onnx-int8-s8", "onnx-int8-nbits")
+BASELINE = "torch-fp32"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON only")
+    parser.add_argument("--model", help="model folder (default: the shipped model, else --preset random weights)")
+    parser.add_argument("--preset", default="base-42m", help="shape of the random-weight model when there is no model")
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES),
+                        help=f"comma-separated, from {', '.join(RUNTIMES + EXTRA_RUNTIMES)}")
+    parser.add_argument("--prefill-tokens", default="256,2048", help="prompt lengths (capped at the model context)")
+    parser.add_argument("--decode-context", type=int, default=1024, help="context tokens under the decode steps")
+    parser.add_argument("--decode-n", default="1,4", help="branch counts for the decode step")
+    parser.add_argument("--decode-steps", type=int, default=16, help="steps per timed decode run")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per figure (median)")
+    parser.add_argument("--threads", type=int, default=0, help="threads per runtime (0: physical cores)")
+    parser.add_argument("--plot", help="write a bar chart to this PNG")
+
+
+def resolve_model(args: argparse.Namespace, workdir: Path) -> tuple[Path, str]:
+    """The model folder to measure, and a note on where it came from."""
+    from codecomplete.models.folder import is_model_folder
+    from codecomplete.models.source import default_model_dir
+
+    if args.model:
+        return Path(args.model), "given"
+    if is_model_folder(default_model_dir()):
+        return default_model_dir(), "shipped default"
+    return random_model_folder(workdir / args.preset, args.preset), f"random weights, preset {args.preset}"
+
+
+def random_model_folder(path: Path, preset_name: str) -> Path:
+    """An int8 model folder with random weights (GPT-2 scale) of a preset shape."""
+    from codecomplete.models.config import preset
+    from codecomplete.models.folder import save_model_folder
+    from codecomplete.models.testing import random_weights, train_test_tokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = preset(preset_name)
+    tokenizer = train_test_tokenizer(path / "tokenizer.json")  # ids are random anyway
+    save_model_folder(path, cfg, random_weights(cfg, seed=0, std=0.02), tokenizer, int8=True)
+    return path
+
+
+def load(name: str, model_dir: Path, threads: int):
+    """A runtime by bench name, e.g. onnx-int8 or onnx-int8-s8."""
+    from codecomplete.models.source import load_model_source
+
+    kind, _, precision = name.partition("-")
+    source = load_model_source(model_dir)
+    if kind == "torch":
+        from codecomplete.runtime.torch import TorchRuntime
+
+        return TorchRuntime(source, precision=precision, threads=threads)
+    from codecomplete.runtime.onnx import OnnxRuntime
+
+    linear_kind = precision
+    return OnnxRuntime(source, precision=precision.split("-")[0], threads=threads, linear_kind=linear_kind)
+
+
+def measure(name: str, model_dir: Path, spec: dict) -> list[dict]:
+    """Rows for one runtime (run inside the worker subprocess)."""
+    import numpy as np
+
+    t0 = time.perf_counter()
+    rt = load(name, model_dir, spec["threads"])
+    load_s = time.perf_counter() - t0
+    cfg = rt.config
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.vocab_size, cfg.max_seq_len).tolist()
+    rows = [{"runtime": name, "stage": "load", "tokens": 0, "n": 0, "ms": load_s * 1000.0}]
+    for t in spec["prefill_tokens"]:
+        t = min(t, cfg.max_seq_len)
+        repeat = spec["repeat"] if t <= 512 else max(1, spec["repeat"] - 1)
+        ms = median_ms(lambda t=t: rt.prefill(ids[:t]), repeat=repeat, warmup=1)
+        rows.append({"runtime": name, "stage": "prefill", "tokens": t, "n": 1, "ms": ms})
+    steps = spec["decode_steps"]
+    context = min(spec["decode_context"], cfg.max_seq_len - steps)
+    state, _ = rt.prefill(ids[:context])
+    for n in spec["decode_n"]:
+        def run_steps(n=n):
+            branches = rt.start_branches(state, n, steps)
+            for i in range(steps):
+                rt.decode(state, branches, ids[i : i + n] if n > 1 else [ids[i]])
+        ms = median_ms(run_steps, repeat=spec["repeat"], warmup=1) / steps
+        rows.append({"runtime": name, "stage": "decode", "tokens": context, "n": n, "ms": ms})
+    rss = rss_mb()
+    for row in rows:
+        row["rss_mb"] = round(rss, 1)
+        row["ms"] = round(row["ms"], 3)
+    return rows
+
+
+def run_worker(name: str, model_dir: Path, spec: dict) -> tuple[list[dict], str | None]:
+    """Measure one runtime in a fresh Python process."""
+    cmd = [sys.executable, "-m", "codecomplete.bench.runtime", "--worker", name, str(model_dir), json.dumps(spec)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        return [], f"{name} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
+    return json.loads(done.stdout.strip().splitlines()[-1]), None
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """speedup_vs_torch_fp32: the torch-fp32 time of the same figure over this one."""
+    base = {(r["stage"], r["tokens"], r["n"]): r["ms"] for r in rows if r["runtime"] == BASELINE}
+    for r in rows:
+        key = (r["stage"], r["tokens"], r["n"])
+        if key in base and r["ms"] > 0:
+            r["speedup_vs_torch_fp32"] = round(base[key] / r["ms"], 2)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = sorted({(r["stage"], r["tokens"], r["n"]) for r in rows if r["stage"] != "load"})
+    names = list(dict.fromkeys(r["runtime"] for r in rows))
+    fig, axes = plt.subplots(1, len(figures), figsize=(3.2 * len(figures), 3.6))
+    for ax, (stage, tokens, n) in zip(axes if len(figures) > 1 else [axes], figures, strict=True):
+        ms = [next((r["ms"] for r in rows if r["runtime"] == name and (r["stage"], r["tokens"], r["n"]) == (stage, tokens, n)), 0)
+              for name in names]
+        ax.bar(range(len(names)), ms, color=["#999" if x.startswith("torch") else "#3a7" for x in names])
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"{stage} {tokens} tok" + (f", N={n}" if stage == "decode" else ""), fontsize=9)
+        ax.set_ylabel("ms")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def run(args: argparse.Namespace) -> int:
+    from codecomplete.runtime.onnx import physical_cores
+
+    names = [x.strip() for x in args.runtimes.split(",") if x.strip()]
+    unknown = [x for x in names if x not in RUNTIMES + EXTRA_RUNTIMES]
+    if unknown:
+        print(f"unknown runtimes: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    notes = []
+    if importlib.util.find_spec("torch") is None:
+        notes.append("torch is not installed: torch rows skipped")
+        names = [x for x in names if not x.startswith("torch")]
+    spec = {"prefill_tokens": [int(x) for x in args.prefill_tokens.split(",")],
+            "decode_n": [int(x) for x in args.decode_n.split(",")], "decode_context": args.decode_context,
+            "decode_steps": args.decode_steps, "repeat": args.repeat,
+            "threads": args.threads or physical_cores()}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, origin = resolve_model(args, Path(tmp))
+        progress(f"bench runtime: {model_dir.name} ({origin}), {spec['threads']} threads")
+        rows = []
+        for name in names:
+            progress(f"  {name} ...")
+            got, error = run_worker(name, model_dir, spec)
+            rows += got
+            if error:
+                notes.append(error)
+        from codecomplete.models.folder import open_model_folder
+
+        config = open_model_folder(model_dir).config
+    add_ratios(rows)
+    result = {"model": {"origin": origin, "path": None if origin.startswith("random") else str(model_dir),
+                        "params_m": round(config.n_params() / 1e6, 1), "vocab": config.vocab_size,
+                        "dim": config.dim, "layers": config.n_layers, "heads": config.n_heads,
+                        "kv_heads": config.n_kv_heads, "max_seq_len": config.max_seq_len},
+              "threads": spec["threads"], "rows": rows, "notes": notes}
+    if args.plot and rows:
+        plot(rows, args.plot)
+    columns = ["runtime", "stage", "tokens", "n", "ms", "speedup_vs_torch_fp32", "rss_mb"]
+    emit(result, args.json, format_table(rows, columns) if rows else None)
+    return 0 if rows else 1
+
+
+def _worker_main(argv: list[str]) -> int:
+    name, model_dir, spec = argv[0], Path(argv[1]), json.loads(argv[2])
+    print(json.dumps(measure(name, model_dir, spec)))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        sys.exit(_worker_main(sys.argv[2:]))
+    parser = argparse.ArgumentParser(prog="codecomplete bench runtime")
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))
