@@ -22,6 +22,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from lsprotocol import types
@@ -45,6 +46,7 @@ WINDOW_BEFORE_CHARS = 64_000  # the engine sees at most this much text before th
 WINDOW_AFTER_CHARS = 16_000  # ...and this much after it
 NEIGHBOUR_CHARS = 32_000  # per other open document
 MAX_NEIGHBOURS = 8
+NVIM_RUNTIME = Path(__file__).resolve().parent / "nvim"  # holds lua/codecomplete/init.lua
 PARENT_POLL_S = float(os.environ.get("CODECOMPLETE_PARENT_POLL_S", "2"))  # seconds between checks
 
 try:
@@ -496,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline-ms", type=int, default=d.deadline_ms)
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     p.add_argument("--check", action="store_true", help="load the model, print what loaded, exit 0 (or 1 with the error)")
+    p.add_argument("--nvim-runtime", action="store_true",
+                   help="print the folder to add to Neovim's 'runtimepath' for require('codecomplete'), then exit")
     p.add_argument("--engine-factory", default=None, metavar="MODULE:NAME",
                    help="for tests: a callable (model, runtime, device) -> engine instead of the real engine")
     return p
@@ -503,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.nvim_runtime:
+        print(NVIM_RUNTIME)
+        return 0
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
                         format="codecomplete-lsp %(levelname)s %(name)s: %(message)s")
     logging.getLogger("codecomplete").setLevel(args.log_level)
