@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import importlib.util
 import json
 
 import pytest
@@ -103,6 +104,8 @@ def test_lines_report_writes_markdown_and_json(tmp_path, monkeypatch, capsys):
     assert {"exact_match", "edit_similarity", "syntax_error_rate", "oracle_exact_match", "latency_p50_ms"} <= set(result)
     assert (report / "report.md").read_text().startswith("# lines/line-start")
     assert json.loads((report / "results.json").read_text())["cases"] == 2
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (report / "metrics.png").stat().st_size > 0 and "![metrics.png]" in (report / "report.md").read_text()
 
 
 def test_data_dir_comes_from_the_flag_then_the_environment(tmp_path, monkeypatch):
