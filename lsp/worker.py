@@ -133,12 +133,14 @@ class Worker:
         except Exception as e:  # ModelLoadError and anything else a broken model can raise
             elapsed = (time.perf_counter() - t0) * 1000.0
             self.error = f"{type(e).__name__}: {e}" if not str(e).strip() else str(e)
-            if generation == self._load_generation:
-                self.state = "ready" if self.engine is not None else "error"
+            if generation != self._load_generation:
+                return LoadResult(False, self.error, elapsed, superseded=True)
+            self.state = "ready" if self.engine is not None else "error"
             return LoadResult(False, self.error, elapsed)
         self.engine, self.engine_key, self.error = engine, key, ""
-        if generation == self._load_generation:
-            self.state = "ready"
+        if generation != self._load_generation:  # a newer load is queued: it will report
+            return LoadResult(True, superseded=True)
+        self.state = "ready"
         describe = getattr(engine, "describe", None)
         try:
             message = str(describe()) if callable(describe) else type(engine).__name__

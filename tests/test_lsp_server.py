@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -429,3 +430,31 @@ async def test_server_exits_when_the_editor_process_dies():
             client._server.kill()
         await client.stop()
     assert client._server.returncode == 0
+
+
+async def test_tcp_mode_listens_on_localhost_and_serves():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = await asyncio.create_subprocess_exec(*SERVER, "--tcp", str(port), env=ENV)
+    client = make_test_lsp_client()
+    track_status(client)
+    try:
+        for _ in range(300):  # the server needs a few seconds to import and listen
+            try:
+                await client.start_tcp("127.0.0.1", port)
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        await client.initialize_session(types.InitializeParams(capabilities=CAPS))
+        await wait_for_state(client, "ready")
+        open_doc(client, "def show(value):\n    pri\n")
+        assert (await inline(client, 1, 7))[0].insert_text == "nt(value)"
+        await client.shutdown_async(None)
+        client.exit(None)
+        assert await asyncio.wait_for(server.wait(), timeout=20) == 0
+    finally:
+        if server.returncode is None:
+            server.kill()
+            await server.wait()
+        await asyncio.wait_for(client.stop(), timeout=10)
