@@ -23,8 +23,8 @@ SECTION = "codecomplete"
 RUNTIMES = ("onnx", "torch")
 DEVICES = ("cpu", "cuda")
 MAX_CANDIDATES = 16
-MAX_TOKENS_LIMIT = 1024
-DEADLINE_MS_RANGE = (10, 60_000)
+MAX_TOKENS_LIMIT = 4096
+DEADLINE_MS_RANGE = (1, 600_000)  # the VS Code extension clamps to the same ranges
 
 
 @dataclass(frozen=True)
