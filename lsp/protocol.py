@@ -31,6 +31,11 @@ logger = logging.getLogger("codecomplete.lsp.protocol")
 JSONRPC_VERSION = "2.0"
 
 
+def valid_id(msg_id: Any) -> bool:
+    """LSP request ids are integers or strings (never null: a response must name its request)."""
+    return isinstance(msg_id, (int, str)) and not isinstance(msg_id, bool)
+
+
 @dataclass
 class MalformedMessage:
     """A JSON-RPC message that could not be turned into its LSP type."""
@@ -41,7 +46,7 @@ class MalformedMessage:
     @property
     def msg_id(self) -> int | str | None:
         msg_id = self.data.get("id")
-        return msg_id if isinstance(msg_id, (int, str)) and not isinstance(msg_id, bool) else None
+        return msg_id if valid_id(msg_id) else None
 
 
 def _describe(exc: Exception) -> str:
@@ -89,6 +94,9 @@ class CodecompleteProtocol(LanguageServerProtocol):
             logger.warning("ignoring a message that is not JSON-RPC: %s", _short(message))
             self._reject_if_request(message, "not a JSON-RPC 2.0 message")
             return
+        if isinstance(message, RPCRequest) and not valid_id(message.id):
+            logger.warning("ignoring request %r with an invalid id %r", message.method, message.id)
+            return
         if message.jsonrpc != JSONRPC_VERSION:
             logger.warning("ignoring a message with jsonrpc=%r", message.jsonrpc)
             if isinstance(message, RPCRequest):
@@ -121,7 +129,8 @@ class CodecompleteProtocol(LanguageServerProtocol):
                 self._send_error(msg_id, JsonRpcInvalidRequest(f"invalid request: {reason}"))
 
     def _send_error(self, msg_id: int | str, error: JsonRpcException) -> None:
-        self._send_response(msg_id, error=error.to_response_error())
+        if valid_id(msg_id):
+            self._send_response(msg_id, error=error.to_response_error())
 
     def _handle_cancel_notification(self, msg_id):
         # Clients cancel requests that have already been answered all the time: not news.

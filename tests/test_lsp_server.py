@@ -9,7 +9,9 @@ LSP specification warnings are errors here.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -458,3 +460,26 @@ async def test_tcp_mode_listens_on_localhost_and_serves():
             server.kill()
             await server.wait()
         await asyncio.wait_for(client.stop(), timeout=10)
+
+
+async def test_random_garbage_never_kills_the_server_or_reaches_the_user(client: LanguageClient):
+    rnd = random.Random(int(os.environ.get("CODECOMPLETE_FUZZ_SEED", "7")))
+    n_messages = len(client.messages)
+    shapes = [
+        lambda: rnd.randbytes(rnd.randint(1, 200)),
+        lambda: json.dumps({"jsonrpc": rnd.choice(["2.0", "1.0", None]), "id": rnd.choice([None, [1], {"a": 1}, "x"]),
+                            "method": rnd.choice(["textDocument/completion", "textDocument/didChange", "$/cancelRequest",
+                                                  "initialize", 5]),
+                            "params": rnd.choice([None, [], 3, "p", {"textDocument": {"uri": 1}}])}).encode(),
+        lambda: json.dumps({"jsonrpc": "2.0", "method": "textDocument/didChange", "params": {
+            "textDocument": {"uri": PY, "version": 9}, "contentChanges": [{
+                "range": {"start": {"line": rnd.randint(0, 99), "character": rnd.randint(0, 99)},
+                          "end": {"line": rnd.randint(0, 99), "character": rnd.randint(0, 99)}},
+                "text": rnd.choice(["", "x", "\ud800", "😀\r\n"])}]}}).encode(),
+    ]
+    open_doc(client, "def show(value):\n    pri\n")
+    for _ in range(int(os.environ.get("CODECOMPLETE_FUZZ_COUNT", "60"))):
+        write_raw(client, rnd.choice(shapes)())
+    open_doc(client, "def show(value):\n    pri\n")
+    assert (await inline(client, 1, 7))[0].insert_text == "nt(value)"
+    assert len(client.messages) == n_messages
