@@ -136,6 +136,14 @@ function M.configure(settings)
   end
 end
 
+local function wanted(bufnr)
+  local ft = vim.bo[bufnr].filetype
+  if vim.bo[bufnr].buftype ~= "" or ft == "" then
+    return false
+  end
+  return M.config.filetypes == nil or vim.tbl_contains(M.config.filetypes, ft)
+end
+
 function M.setup(opts)
   M.config = vim.tbl_deep_extend("force", vim.deepcopy(M.defaults), opts or {})
   local group = vim.api.nvim_create_augroup("codecomplete", { clear = true })
@@ -143,11 +151,17 @@ function M.setup(opts)
     group = group,
     pattern = M.config.filetypes or "*",
     callback = function(args)
-      if vim.bo[args.buf].buftype == "" and vim.bo[args.buf].filetype ~= "" then
+      if wanted(args.buf) then
         M.attach(args.buf)
       end
     end,
   })
+  -- Buffers opened before setup (lazy-loading plugin managers) get attached too.
+  for _, bufnr in ipairs(vim.api.nvim_list_bufs()) do
+    if vim.api.nvim_buf_is_loaded(bufnr) and wanted(bufnr) then
+      M.attach(bufnr)
+    end
+  end
 end
 
 return M
