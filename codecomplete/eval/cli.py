@@ -103,7 +103,7 @@ def _settings(args, engine, options: CompletionOptions, **extra) -> dict:
         "model": "reference solutions" if args.reference else (args.model or "default"),
         "runtime": args.runtime, "device": args.device, "seed": args.seed, "limit": args.limit,
         **extra,
-        "options": {k: v for k, v in asdict(options).items()},
+        "options": asdict(options),
         "python": platform.python_version(),
     }
     describe = getattr(engine, "describe", None)

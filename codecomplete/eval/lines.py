@@ -189,6 +189,7 @@ def score(cases: Sequence[Case], generated) -> tuple[dict, list[dict]]:
             "tokens_generated": gen.tokens_generated,
             "model_calls": gen.model_calls,
             "latency_ms": round(gen.latency_ms, 3),
+            "timings_ms": {k: round(v, 3) for k, v in gen.timings_ms.items()},  # the engine's stages
         }
         if lines:
             suffix = case.request.suffix[max(gen.candidates[0].replace_suffix_chars, 0):]

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from codecomplete.eval import mxeval
 from codecomplete.eval.data import DataError, read_jsonl, subsample
 from codecomplete.eval.metrics import same_first_line
-from codecomplete.eval.programs import Program, build_program, left_to_right_source
 from codecomplete.eval.runner import Case, Generated
-from codecomplete.request import Candidate, CompletionOptions, CompletionRequest
+from codecomplete.request import CompletionOptions
 
 SPLITS = ("word", "punc", "space", "prefix-sep", "prefix-indent")
 DATASET_PREFIX = {"python": "mbpp", "java": "mbjp", "javascript": "mbjsp"}
-SOURCE_NAME = {"python": "main.py", "java": "Main.java", "javascript": "main.js"}
 
 
 def data_file(data_dir: Path, language: str, split: str, baseline: bool = False) -> Path:
@@ -38,19 +37,9 @@ def load_cases(data_dir: Path, language: str, split: str, options: CompletionOpt
     return [case_for(record, language, options) for record in records]
 
 
-def case_for(record: dict, language: str, options: CompletionOptions) -> Case:
-    prompt = record["prompt"]
-    request = CompletionRequest(text=prompt, offset=len(prompt), language=language, path=SOURCE_NAME[language], options=options)
-    return Case(record["task_id"], request, record.get("canonical_solution") or "", language, record)
-
-
-def program_source(case: Case, completion: str) -> str:
-    record = case.problem
-    return left_to_right_source(case.language, case.request.prefix, completion, record["test"], record["entry_point"])
-
-
-def program_of(case: Case, candidate: Candidate) -> Program:
-    return build_program(case.language, program_source(case, candidate.text))
+# Same shape as mxeval: the prompt is the document, prompt + completion + test the program.
+case_for = mxeval.case_for
+program_of = mxeval.program_of
 
 
 def exact_match_fields(case: Case, gen: Generated) -> dict:
