@@ -48,7 +48,11 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Ids for text, with no special tokens added; sentinel strings in text stay text."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except (TypeError, ValueError):  # lone surrogates (e.g. from JSON escapes) are not text
+            clean = text.encode("utf-8", errors="replace").decode("utf-8")
+            return self._tok.encode(clean, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.bytes_of(ids).decode("utf-8", errors="replace")

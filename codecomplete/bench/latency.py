@@ -1,0 +1,164 @@
+"""Typing replay: one completion request per keystroke through the engine (or the real
+LSP server with --lsp), cold and warm latency percentiles and where the time goes."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from codecomplete.bench.common import emit, format_table, percentile, progress
+
+DEFAULT_FILE = Path(__file__).resolve().parents[1] / "engine.py"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", nargs="?", default=str(DEFAULT_FILE), help="source file to type through")
+    p.add_argument("--language", default="", help="LSP languageId (default: from the extension)")
+    p.add_argument("--keystrokes", type=int, default=60)
+    p.add_argument("--cold", type=int, default=5, help="cold requests (fresh caches, full prompt)")
+    p.add_argument("--n", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--deadline-ms", type=float, default=2000.0)
+    p.add_argument("--prompt-tokens", type=int, default=1024, help="prefix + suffix token budget")
+    p.add_argument("--start", type=int, default=None, help="character offset where typing begins")
+    p.add_argument("--model", default=None)
+    p.add_argument("--runtime", default="onnx", choices=["onnx", "torch"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--lsp", action="store_true", help="also replay through the real server over stdio")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", default=None, help="write a latency-per-keystroke PNG")
+
+
+def _language(path: str, language: str) -> str:
+    if language:
+        return language
+    from codecomplete.languages import language_for
+
+    lang = language_for("", path)
+    return lang.id if lang else ""
+
+
+def default_start(text: str, keystrokes: int) -> int:
+    """A line start past the middle of the file with room for the keystrokes after it."""
+    target = min(len(text) - keystrokes - 1, max(0, len(text) * 2 // 3))
+    start = text.rfind("\n", 0, max(target, 0)) + 1
+    return max(0, start)
+
+
+def _stage_shares(completions) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for c in completions:
+        for k, v in c.timings_ms.items():
+            if k != "total":
+                totals[k] = totals.get(k, 0.0) + v
+    whole = sum(c.timings_ms.get("total", 0.0) for c in completions) or 1.0
+    return {k: round(v / whole, 4) for k, v in sorted(totals.items())}
+
+
+def replay_engine(engine, text: str, path: str, language: str, start: int, keystrokes: int, opts_kwargs: dict,
+                  cold: int) -> dict:
+    """Cold requests at several positions, then one request per typed character."""
+    from codecomplete.request import CompletionOptions, CompletionRequest
+
+    end = min(len(text), start + keystrokes)
+    suffix = text[end:]
+
+    def request(offset: int, doc_end_suffix: str) -> CompletionRequest:
+        doc = text[:offset] + doc_end_suffix
+        return CompletionRequest(text=doc, offset=offset, language=language, path=path,
+                                 options=CompletionOptions(**opts_kwargs))
+
+    cold_ms = []
+    positions = [max(1, int(len(text) * f)) for f in (0.55, 0.65, 0.75, 0.85, 0.95)][:cold]
+    for pos in positions:
+        engine.contexts.clear()
+        engine.suggestions.clear()
+        t0 = time.perf_counter()
+        engine.complete(request(pos, text[pos:]))
+        cold_ms.append((time.perf_counter() - t0) * 1000)
+    engine.contexts.clear()
+    engine.suggestions.clear()
+    engine.complete(request(start, suffix))  # the file is open: the first keystroke's prompt is cached
+    warm, cached, other, per_key = [], [], [], []
+    for offset in range(start + 1, end + 1):
+        t0 = time.perf_counter()
+        c = engine.complete(request(offset, suffix))
+        ms = (time.perf_counter() - t0) * 1000
+        kind = "cache" if c.cached else ("warm" if c.prefill_reused_tokens > 0 else "cold")
+        per_key.append({"offset": offset, "ms": ms, "kind": kind, "new_tokens": c.prefill_new_tokens})
+        (cached if kind == "cache" else warm if kind == "warm" else other).append((ms, c))
+    warm_ms = [m for m, _ in warm]
+    return {
+        "cold_p50_ms": percentile(cold_ms, 50), "cold_p95_ms": percentile(cold_ms, 95),
+        "warm_p50_ms": percentile(warm_ms, 50), "warm_p95_ms": percentile(warm_ms, 95),
+        "cache_p50_ms": percentile([m for m, _ in cached], 50),
+        "cache_hit_rate": len(cached) / max(1, len(per_key)),
+        "requests": len(per_key), "warm_requests": len(warm), "cold_requests": len(cold_ms),
+        "uncached_cold_keystrokes": len(other),
+        "warm_prefill_new_tokens_p50": statistics.median([c.prefill_new_tokens for _, c in warm]) if warm else None,
+        "warm_tokens_generated_mean": statistics.fmean([c.tokens_generated for _, c in warm]) if warm else None,
+        "stages": _stage_shares([c for _, c in warm]),
+        "keystrokes": per_key,
+    }
+
+
+def run(args) -> int:
+    from codecomplete.engine import Engine
+
+    path = str(Path(args.file))
+    text = Path(path).read_text(encoding="utf-8")
+    language = _language(path, args.language)
+    start = args.start if args.start is not None else default_start(text, args.keystrokes)
+    suffix_budget = args.prompt_tokens // 4
+    opts = dict(n=args.n, max_new_tokens=args.max_tokens, deadline_ms=args.deadline_ms, multiline=False,
+                prefix_tokens=args.prompt_tokens - suffix_budget, suffix_tokens=suffix_budget)
+    progress(f"bench latency: loading {args.model or 'the default model'} ({args.runtime}, {args.device})")
+    t0 = time.perf_counter()
+    engine = Engine.load(args.model, runtime=args.runtime, device=args.device)
+    load_ms = (time.perf_counter() - t0) * 1000
+    progress(f"  loaded in {load_ms:.0f} ms; replaying {args.keystrokes} keystrokes of {path}")
+    result = {"benchmark": "latency", "file": path, "language": language, "settings": {**opts, "start": start},
+              "model": engine.describe(), "load_ms": load_ms,
+              "engine": replay_engine(engine, text, path, language, start, args.keystrokes, opts, args.cold)}
+    flat = {k: v for k, v in result["engine"].items() if k != "keystrokes"}
+    result.update({k: v for k, v in flat.items()})  # top-level keys for quick reading
+    rows = [{"path": "engine", **{k: flat[k] for k in ("warm_p50_ms", "warm_p95_ms", "cold_p50_ms",
+                                                          "cold_p95_ms", "cache_hit_rate")}}]
+    if args.lsp:
+        from codecomplete.lsp.replay import run_lsp_replay
+
+        del engine  # one model in memory at a time
+        progress("  replaying through the language server over stdio")
+        lsp = run_lsp_replay(path, language, args.n, args.max_tokens, args.keystrokes, model=args.model,
+                             runtime=args.runtime, device=args.device, deadline_ms=int(args.deadline_ms),
+                             start=start, keep_suffix=True)
+        result["lsp"] = lsp
+        rows.append({"path": "lsp", "warm_p50_ms": lsp.get("p50_ms"), "warm_p95_ms": lsp.get("p95_ms")})
+        if lsp.get("p50_ms") is not None:
+            result["lsp_minus_engine_p50_ms"] = lsp["p50_ms"] - flat["warm_p50_ms"]
+    emit(result if args.json else {k: v for k, v in result.items() if k not in ("engine", "lsp")}, args.json,
+         format_table(rows, list(rows[0].keys())))
+    if args.plot:
+        _plot(result["engine"]["keystrokes"], args.plot)
+    return 0
+
+
+def _plot(per_key: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    colors = {"warm": "tab:blue", "cache": "tab:green", "cold": "tab:red"}
+    for kind, color in colors.items():
+        pts = [(i, k["ms"]) for i, k in enumerate(per_key) if k["kind"] == kind]
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=10, color=color, label=kind)
+    ax.set_xlabel("keystroke")
+    ax.set_ylabel("ms")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
