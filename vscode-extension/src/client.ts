@@ -11,6 +11,7 @@ import {
 } from 'vscode-languageclient/node';
 import type { ClientHooks, ClientFactory } from './controller';
 import type { ServerCommand } from './serverCommand';
+import { stdioOptions } from './serverLog';
 import { SECTION, initializationOptions, type Settings } from './settings';
 
 export const CLIENT_ID = 'codecomplete';
@@ -41,6 +42,7 @@ export function clientOptions(
     documentSelector: [{ scheme: 'file' }, { scheme: 'untitled' }],
     initializationOptions: initializationOptions(settings.server),
     outputChannel,
+    stdioOptions,
     revealOutputChannelOn: RevealOutputChannelOn.Never,
     middleware: middleware(hooks),
   };
