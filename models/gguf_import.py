@@ -72,12 +72,15 @@ PRE_TOKENIZER_SPLITS: dict[str, list[str]] = {
     "default": [_GPT2_SPLIT],
     "gpt2": [_GPT2_SPLIT],
     "qwen2": [_QWEN2_SPLIT],
+    "deepseek-r1-qwen": [_QWEN2_SPLIT],
     "llama-bpe": [_LLAMA3_SPLIT],
     "llama3": [_LLAMA3_SPLIT],
+    "llama-v3": [_LLAMA3_SPLIT],
+    "smaug-bpe": [_LLAMA3_SPLIT],
     "starcoder": [r"\p{N}", _GPT2_SPLIT],  # single digits, then GPT-2's split
 }
-_IGNORE_MERGES = {"llama-bpe", "llama3"}  # whole words in the vocabulary skip the merges
-_NFC = {"qwen2"}
+_IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3", "smaug-bpe"}  # whole words in the vocabulary skip the merges
+_NFC = {"qwen2", "deepseek-r1-qwen"}
 
 _LAYER_PARTS = {
     "attn_norm": "attention_norm",

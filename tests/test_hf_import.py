@@ -55,7 +55,8 @@ def _randomize(model, seed: int) -> None:
                 p.copy_(0.08 * torch.randn(p.shape, generator=g))
 
 
-def write_hf_folder(path, model_type: str, tie: bool, seed: int = 0, vocab_pad: int = 0, **config_overrides):
+def write_hf_folder(path, model_type: str, tie: bool, seed: int = 0, vocab_pad: int = 0, sharded: bool = False,
+                    **config_overrides):
     """save_pretrained a random-weight model and its tokenizer; returns the HF model."""
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -76,7 +77,7 @@ def write_hf_folder(path, model_type: str, tie: bool, seed: int = 0, vocab_pad: 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).float().eval()
     _randomize(model, seed)
-    model.save_pretrained(path, safe_serialization=True, max_shard_size="100KB" if not tie else "50GB")
+    model.save_pretrained(path, safe_serialization=True, max_shard_size="100KB" if sharded else "50GB")
     fast.save_pretrained(path)
     return model
 
@@ -86,7 +87,8 @@ def write_hf_folder(path, model_type: str, tie: bool, seed: int = 0, vocab_pad: 
 def hf_case(request, tmp_path_factory):
     model_type, tie = request.param
     path = tmp_path_factory.mktemp(f"hf-{model_type}")
-    hf_model = write_hf_folder(path, model_type, tie, seed=len(model_type), vocab_pad=20 if tie else 0)
+    hf_model = write_hf_folder(path, model_type, tie, seed=len(model_type), vocab_pad=20 if tie else 0,
+                               sharded=not tie)
     return path, hf_model, model_type, tie
 
 
@@ -175,13 +177,16 @@ def test_bos_from_tokenizer_config_add_bos_token(tmp_path):
     assert load_hf_folder(tmp_path).config.bos_id == 0
 
 
-def test_sharded_checkpoint_loads_through_its_index(hf_case):
-    path, _, model_type, tie = hf_case
-    if tie:
-        pytest.skip("only the untied cases are written sharded")
-    assert (path / "model.safetensors.index.json").is_file()
-    assert len(list(path.glob("*.safetensors"))) > 1
-    assert load_model_source(path).name == path.name
+def test_sharded_checkpoint_loads_through_its_index(tmp_path):
+    hf_model = write_hf_folder(tmp_path, "qwen2", tie=True, sharded=True)
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    weights = load_model_source(tmp_path).weights
+    want = hf_model.state_dict()
+    np.testing.assert_array_equal(weights["layers.1.feed_forward.w2.weight"],
+                                  want["model.layers.1.mlp.down_proj.weight"].numpy())
+    np.testing.assert_array_equal(weights["layers.0.attention.wk.bias"],
+                                  want["model.layers.0.self_attn.k_proj.bias"].numpy())
 
 
 def test_sliding_window_caps_the_context(tmp_path):
