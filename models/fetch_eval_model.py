@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=None, help="folder for the GGUF file")
     args = parser.parse_args(argv)
     path = fetch(args.cache or default_cache_dir())
-    print(path)
+    print(path.resolve())
     return 0
 
 

@@ -447,8 +447,11 @@ def cache_root() -> Path:
 
 
 def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(16 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def cache_folder_for(path: str | Path, cache_dtype: str) -> Path:
