@@ -465,8 +465,11 @@ def write_cache_folder(folder: Path, cfg: ModelConfig, hf_tok, weights: dict[str
     if cache_dtype == "int8":
         tensors, quantization = quantize_int8(weights), "int8-per-channel"
     else:
-        dtype = np.float16 if cache_dtype == "float16" else np.float32
-        tensors, quantization = {k: v.astype(dtype) for k, v in weights.items()}, "none"
+        half = cache_dtype == "float16"
+        fits = float(np.finfo(np.float16).max)  # a tensor with larger values stays float32
+        tensors = {k: v.astype(np.float16 if half and np.abs(v).max() <= fits else np.float32)
+                   for k, v in weights.items()}
+        quantization = "none"
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     umask = os.umask(0)
