@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from .common import emit, format_table, median_ms, progress, rss_mb
+from .common import emit, format_table, progress, rss_mb
 
 RUNTIMES = ("torch-fp32", "torch-int8", "onnx-fp32", "onnx-int8")
 # extra onnx int8 kernels, for comparing them (see runtime/onnx_graph.py LINEAR_KINDS)
@@ -26,14 +27,16 @@ BASELINE = "torch-fp32"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON only")
     parser.add_argument("--model", help="model folder (default: the shipped model, else --preset random weights)")
-    parser.add_argument("--preset", default="base-42m", help="shape of the random-weight model when there is no model")
+    parser.add_argument("--preset", help="measure random weights of this preset shape (e.g. base-42m); "
+                        "the default when neither --model nor the shipped model exists")
     parser.add_argument("--runtimes", default=",".join(RUNTIMES),
                         help=f"comma-separated, from {', '.join(RUNTIMES + EXTRA_RUNTIMES)}")
     parser.add_argument("--prefill-tokens", default="256,2048", help="prompt lengths (capped at the model context)")
     parser.add_argument("--decode-context", type=int, default=1024, help="context tokens under the decode steps")
     parser.add_argument("--decode-n", default="1,4", help="branch counts for the decode step")
     parser.add_argument("--decode-steps", type=int, default=16, help="steps per timed decode run")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per figure (median)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed prefill runs per figure")
+    parser.add_argument("--decode-repeat", type=int, default=8, help="timed decode runs per figure")
     parser.add_argument("--threads", type=int, default=0, help="threads per runtime (0: physical cores)")
     parser.add_argument("--plot", help="write a bar chart to this PNG")
 
@@ -45,9 +48,10 @@ def resolve_model(args: argparse.Namespace, workdir: Path) -> tuple[Path, str]:
 
     if args.model:
         return Path(args.model), "given"
-    if is_model_folder(default_model_dir()):
+    if not args.preset and is_model_folder(default_model_dir()):
         return default_model_dir(), "shipped default"
-    return random_model_folder(workdir / args.preset, args.preset), f"random weights, preset {args.preset}"
+    name = args.preset or "base-42m"
+    return random_model_folder(workdir / name, name), f"random weights, preset {name}"
 
 
 def random_model_folder(path: Path, preset_name: str) -> Path:
@@ -79,22 +83,39 @@ def load(name: str, model_dir: Path, threads: int):
     return OnnxRuntime(source, precision=precision.split("-")[0], threads=threads, linear_kind=linear_kind)
 
 
+def time_ms(fn, repeat: int, warmup: int = 1) -> dict:
+    """Wall milliseconds of fn(): median and min (the min is the figure to trust on a busy
+    machine: other processes only ever add time), and the median CPU milliseconds of this
+    process (robust to a busy machine with --threads 1; with more threads it counts
+    spinning workers too)."""
+    for _ in range(warmup):
+        fn()
+    wall, cpu = [], []
+    for _ in range(repeat):
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn()
+        wall.append((time.perf_counter() - t0) * 1000.0)
+        cpu.append((time.process_time() - c0) * 1000.0)
+    return {"ms": statistics.median(wall), "ms_min": min(wall), "cpu_ms": statistics.median(cpu)}
+
+
 def measure(name: str, model_dir: Path, spec: dict) -> list[dict]:
     """Rows for one runtime (run inside the worker subprocess)."""
     import numpy as np
 
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     rt = load(name, model_dir, spec["threads"])
-    load_s = time.perf_counter() - t0
+    load_ms = (time.perf_counter() - t0) * 1000.0
+    rows = [{"runtime": name, "stage": "load", "tokens": 0, "n": 0, "ms": load_ms, "ms_min": load_ms,
+             "cpu_ms": (time.process_time() - c0) * 1000.0}]
     cfg = rt.config
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, cfg.max_seq_len).tolist()
-    rows = [{"runtime": name, "stage": "load", "tokens": 0, "n": 0, "ms": load_s * 1000.0}]
     for t in spec["prefill_tokens"]:
         t = min(t, cfg.max_seq_len)
         repeat = spec["repeat"] if t <= 512 else max(1, spec["repeat"] - 1)
-        ms = median_ms(lambda t=t: rt.prefill(ids[:t]), repeat=repeat, warmup=1)
-        rows.append({"runtime": name, "stage": "prefill", "tokens": t, "n": 1, "ms": ms})
+        rows.append({"runtime": name, "stage": "prefill", "tokens": t, "n": 1,
+                     **time_ms(lambda t=t: rt.prefill(ids[:t]), repeat)})
     steps = spec["decode_steps"]
     context = min(spec["decode_context"], cfg.max_seq_len - steps)
     state, _ = rt.prefill(ids[:context])
@@ -103,12 +124,14 @@ def measure(name: str, model_dir: Path, spec: dict) -> list[dict]:
             branches = rt.start_branches(state, n, steps)
             for i in range(steps):
                 rt.decode(state, branches, ids[i : i + n] if n > 1 else [ids[i]])
-        ms = median_ms(run_steps, repeat=spec["repeat"], warmup=1) / steps
-        rows.append({"runtime": name, "stage": "decode", "tokens": context, "n": n, "ms": ms})
+        per_run = time_ms(run_steps, spec["decode_repeat"])
+        rows.append({"runtime": name, "stage": "decode", "tokens": context, "n": n,
+                     **{k: v / steps for k, v in per_run.items()}})
     rss = rss_mb()
     for row in rows:
         row["rss_mb"] = round(rss, 1)
-        row["ms"] = round(row["ms"], 3)
+        for key in ("ms", "ms_min", "cpu_ms"):
+            row[key] = round(row[key], 3)
     return rows
 
 
@@ -122,12 +145,15 @@ def run_worker(name: str, model_dir: Path, spec: dict) -> tuple[list[dict], str 
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """speedup_vs_torch_fp32: the torch-fp32 time of the same figure over this one."""
-    base = {(r["stage"], r["tokens"], r["n"]): r["ms"] for r in rows if r["runtime"] == BASELINE}
-    for r in rows:
-        key = (r["stage"], r["tokens"], r["n"])
-        if key in base and r["ms"] > 0:
-            r["speedup_vs_torch_fp32"] = round(base[key] / r["ms"], 2)
+    """speedup_vs_torch_fp32: the torch-fp32 time of the same figure over this one (of
+    the medians; speedup_min_... of the minima, cpu_speedup_... of the CPU times)."""
+    for stat, label in (("ms", "speedup_vs_torch_fp32"), ("ms_min", "speedup_min_vs_torch_fp32"),
+                        ("cpu_ms", "cpu_speedup_vs_torch_fp32")):
+        base = {(r["stage"], r["tokens"], r["n"]): r[stat] for r in rows if r["runtime"] == BASELINE}
+        for r in rows:
+            key = (r["stage"], r["tokens"], r["n"])
+            if key in base and r[stat] > 0:
+                r[label] = round(base[key] / r[stat], 2)
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -164,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         names = [x for x in names if not x.startswith("torch")]
     spec = {"prefill_tokens": [int(x) for x in args.prefill_tokens.split(",")],
             "decode_n": [int(x) for x in args.decode_n.split(",")], "decode_context": args.decode_context,
-            "decode_steps": args.decode_steps, "repeat": args.repeat,
+            "decode_steps": args.decode_steps, "repeat": args.repeat, "decode_repeat": args.decode_repeat,
             "threads": args.threads or physical_cores()}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, origin = resolve_model(args, Path(tmp))
@@ -187,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
               "threads": spec["threads"], "rows": rows, "notes": notes}
     if args.plot and rows:
         plot(rows, args.plot)
-    columns = ["runtime", "stage", "tokens", "n", "ms", "speedup_vs_torch_fp32", "rss_mb"]
+    columns = ["runtime", "stage", "tokens", "n", "ms", "ms_min", "cpu_ms", "speedup_vs_torch_fp32",
+               "speedup_min_vs_torch_fp32", "cpu_speedup_vs_torch_fp32", "rss_mb"]
     emit(result, args.json, format_table(rows, columns) if rows else None)
     return 0 if rows else 1
 

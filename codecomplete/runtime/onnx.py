@@ -5,6 +5,9 @@ The graph is built at load time from the model folder's config and weights
 KV lives in numpy buffers (L, capacity, G, D), token-major, so `buf[i, :m]` is a
 contiguous view that onnxruntime reads in place: prefill appends only the tokens after
 the common prefix with the previous prompt, and decode steps copy nothing of the context.
+With onnxruntime-gpu the CUDA provider runs the same graph in fp32, but the KV still
+lives in host memory and crosses to the GPU on every call: it works, it is not the fast
+GPU path (the torch runtime is).
 """
 
 from __future__ import annotations
@@ -84,8 +87,11 @@ class OnnxRuntime(Runtime):
     def __init__(self, source: ModelSource, device: str = "cpu", precision: str = "auto",
                  threads: int | None = None, linear_kind: str | None = None,
                  prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS):
+        self.providers = pick_providers(device)
+        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         if precision == "auto":
-            precision = "int8" if is_int8(source) else "fp32"
+            # onnxruntime's CUDA kernels have no uint8-weight MatMulInteger: fp32 there
+            precision = "int8" if is_int8(source) and self.device == "cpu" else "fp32"
         if precision not in ("fp32", "int8"):
             raise ValueError(f"unknown precision {precision!r} for onnx (auto, fp32, int8)")
         linear_kind = linear_kind or precision
@@ -96,8 +102,6 @@ class OnnxRuntime(Runtime):
         self.precision = precision
         self.linear_kind = linear_kind
         self.prefill_chunk_tokens = prefill_chunk_tokens
-        self.providers = pick_providers(device)
-        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self.threads = threads or physical_cores()
         self.name = f"onnx-{precision}"
 
