@@ -22,6 +22,8 @@ export interface CodeCompleteApi {
   outputChannel: vscode.LogOutputChannel;
 }
 
+let active: ServerController | undefined;
+
 export function activate(context: vscode.ExtensionContext): CodeCompleteApi {
   const outputChannel = vscode.window.createOutputChannel('CodeComplete', { log: true });
   const settings = () => readSettings(vscode.workspace.getConfiguration(SECTION));
@@ -35,10 +37,10 @@ export function activate(context: vscode.ExtensionContext): CodeCompleteApi {
     showError: (message) => void showStartError(message, outputChannel),
   });
 
+  active = controller;
   context.subscriptions.push(
     outputChannel,
     status,
-    { dispose: () => void controller.dispose() },
     vscode.commands.registerCommand(COMMANDS.enable, () => setEnabled(true)),
     vscode.commands.registerCommand(COMMANDS.disable, () => setEnabled(false)),
     vscode.commands.registerCommand(COMMANDS.toggle, () => setEnabled(!controller.currentSettings.enabled)),
@@ -56,8 +58,11 @@ export function activate(context: vscode.ExtensionContext): CodeCompleteApi {
   return { controller, status, outputChannel };
 }
 
-export function deactivate(): void {
-  // The controller is disposed through context.subscriptions.
+/** VS Code waits for the returned promise: the server gets shutdown/exit before the host ends. */
+export function deactivate(): Promise<void> | undefined {
+  const controller = active;
+  active = undefined;
+  return controller?.dispose();
 }
 
 /** Flip the global switch where the user's effective value lives (workspace beats user). */

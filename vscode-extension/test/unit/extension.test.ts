@@ -6,7 +6,7 @@ import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { after, before, test } from 'node:test';
-import { activate, COMMANDS, type CodeCompleteApi } from '../../src/extension';
+import { activate, COMMANDS, deactivate, type CodeCompleteApi } from '../../src/extension';
 import { CancellationTokenSource, InlineCompletionList, InlineCompletionTriggerKind, mock, Position } from '../mock/vscode';
 
 const FAKE_SERVER = resolve(__dirname, '../../fixtures/fakeServer.js');
@@ -66,8 +66,8 @@ before(async () => {
 });
 
 after(async () => {
+  await deactivate();
   for (const subscription of subscriptions) subscription.dispose();
-  await api?.controller.stop();
   rmSync(dir, { recursive: true, force: true });
 });
 
@@ -168,4 +168,11 @@ test('show log command reveals the output channel with the server log', async ()
   const channel = mock.outputChannels.find((c) => c.name === 'CodeComplete');
   assert.ok(channel?.shown);
   assert.ok(channel!.lines.some((line) => line.includes('Starting')));
+});
+
+test('deactivate shuts the server down', async () => {
+  const pid = recorded('initialize').at(-1)!.pid;
+  await deactivate();
+  await waitFor('exit', () => recorded('exit').some((r) => r.pid === pid));
+  assert.equal(api.controller.running, false);
 });
