@@ -5,6 +5,9 @@
 # playwright-core under .e2e/. Takes about ten minutes on two cores, mostly code-server.
 set -eu
 cd "$(dirname "$0")/../.."
+# Run from `npm run`, this shell inherits the outer npm's settings (npm_config_*), among them a
+# user agent naming the outer Node; code-server's install script reads its Node version there.
+for name in $(env | sed -n 's/^\(npm_config_[A-Za-z0-9_]*\)=.*/\1/p'); do unset "$name"; done
 E2E=.e2e
 NODE_VERSION=24.22.3
 CODE_SERVER_VERSION=4.139.1
