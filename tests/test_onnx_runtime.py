@@ -84,6 +84,19 @@ def test_fp32_decode_logits_equal_torch(model, request):
         assert np.abs(got - expected).max() < 1e-3
 
 
+def test_float16_kv_cache_stays_close_to_torch(tiny_gqa_model_dir):
+    torch_rt = _torch_fp32(tiny_gqa_model_dir)
+    rt = OnnxRuntime(load_model_source(tiny_gqa_model_dir), precision="fp32", kv_dtype="float16")
+    tokens = rt.tokenizer.encode(TEXTS[1])
+    t_state, expected = torch_rt.prefill(tokens)
+    state, got = rt.prefill(tokens)
+    assert state.kv.k.dtype == np.float16
+    assert np.abs(got - expected).max() < 1e-2
+    t_br, br = torch_rt.start_branches(t_state, 2, 4), rt.start_branches(state, 2, 4)
+    for step in [[5, 9], [12, 13]]:
+        assert np.abs(rt.decode(state, br, step) - torch_rt.decode(t_state, t_br, step)).max() < 1e-2
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_n_branch_decode_equals_separate_single_branch_decodes(tiny_gqa_model_dir, precision):
     rt = OnnxRuntime(load_model_source(tiny_gqa_model_dir), precision=precision)

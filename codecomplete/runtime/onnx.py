@@ -63,7 +63,7 @@ def is_int8(source: ModelSource) -> bool:
 
 @dataclass
 class ContextKV:
-    """The context KV: k, v (L, capacity, G, D) float32, filled up to the context length."""
+    """The context KV: k, v (L, capacity, G, D), filled up to the context length."""
 
     k: np.ndarray
     v: np.ndarray
@@ -75,7 +75,7 @@ class ContextKV:
 
 @dataclass
 class BranchKV:
-    """Per-branch decode KV: k, v (L, max_new_tokens, N, G, D) float32."""
+    """Per-branch decode KV: k, v (L, max_new_tokens, N, G, D)."""
 
     k: np.ndarray
     v: np.ndarray
@@ -86,7 +86,7 @@ class OnnxRuntime(Runtime):
 
     def __init__(self, source: ModelSource, device: str = "cpu", precision: str = "auto",
                  threads: int | None = None, linear_kind: str | None = None,
-                 prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS):
+                 prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS, kv_dtype: str | None = None):
         self.providers = pick_providers(device)
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         if precision == "auto":
@@ -105,7 +105,10 @@ class OnnxRuntime(Runtime):
         self.threads = threads or physical_cores()
         self.name = f"onnx-{precision}"
 
-        model = build_model(self.config, source.weights, linear_kind)
+        # int8 runs keep the KV in float16: attention reads half the bytes
+        self.kv_dtype = kv_dtype or ("float16" if precision == "int8" else "float32")
+        self._np_kv = np.dtype(self.kv_dtype)
+        model = build_model(self.config, source.weights, linear_kind, self.kv_dtype)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = self.threads
@@ -121,7 +124,7 @@ class OnnxRuntime(Runtime):
 
     def describe(self) -> dict:
         return {"runtime": self.name, "device": self.device, "provider": self.session.get_providers()[0],
-                "linear": self.linear_kind, "threads": self.threads}
+                "linear": self.linear_kind, "kv_dtype": self.kv_dtype, "threads": self.threads}
 
     def _run(self, tokens: np.ndarray, positions: np.ndarray, ctx: ContextKV, m: int,
              branch_k: np.ndarray, branch_v: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -139,7 +142,7 @@ class OnnxRuntime(Runtime):
     def new_context_kv(self) -> ContextKV:
         c = self.config
         shape = (c.n_layers, c.max_seq_len, *self._kv_shape)
-        return ContextKV(np.empty(shape, np.float32), np.empty(shape, np.float32))
+        return ContextKV(np.empty(shape, self._np_kv), np.empty(shape, self._np_kv))
 
     def prefill(self, tokens, previous=None):
         tokens = [int(t) for t in tokens]
@@ -154,7 +157,7 @@ class OnnxRuntime(Runtime):
             keep = 0
             kv = self.new_context_kv()
         c = self.config
-        no_branch = np.zeros((c.n_layers, 0, 1, *self._kv_shape), np.float32)
+        no_branch = np.zeros((c.n_layers, 0, 1, *self._kv_shape), self._np_kv)
         ids = np.asarray(tokens, dtype=np.int64)
         start = keep
         while start < len(tokens):
@@ -172,7 +175,7 @@ class OnnxRuntime(Runtime):
         c = self.config
         shape = (c.n_layers, max_new_tokens, n, *self._kv_shape)
         return BranchState(n=n, max_new_tokens=max_new_tokens,
-                           kv=BranchKV(np.empty(shape, np.float32), np.empty(shape, np.float32)))
+                           kv=BranchKV(np.empty(shape, self._np_kv), np.empty(shape, self._np_kv)))
 
     def decode(self, context, branches, next_tokens):
         if len(next_tokens) != branches.n:

@@ -264,24 +264,31 @@ def causal_mask(b: GraphBuilder, t: str, j: str, jt: str) -> str:
     return b.op("Unsqueeze", [mask, b.const([1])])
 
 
-def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: str = "int8") -> onnx.ModelProto:
-    """The prefill/decode graph of a model (see the module docstring for its inputs)."""
+KV_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+
+
+def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: str = "int8",
+                kv_dtype: str = "float32") -> onnx.ModelProto:
+    """The prefill/decode graph of a model (see the module docstring for its inputs).
+    kv_dtype float16 stores the caches in half the bytes; attention still runs in float32."""
     b = GraphBuilder(linear_kind)
     lw = linear_weights(weights, int8=linear_kind != "fp32")
     g, hd, h = cfg.n_kv_heads, cfg.head_dim, cfg.n_heads
-    f32 = TensorProto.FLOAT
+    f32, kv_type = TensorProto.FLOAT, KV_DTYPES[kv_dtype]
     inputs = [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["N", "T"]),
               helper.make_tensor_value_info("positions", TensorProto.INT64, ["T"])]
     outputs = [helper.make_tensor_value_info("logits", f32, ["N", cfg.vocab_size])]
     for i in range(cfg.n_layers):
-        inputs += [helper.make_tensor_value_info(f"ctx_k.{i}", f32, ["M", g, hd]),
-                   helper.make_tensor_value_info(f"ctx_v.{i}", f32, ["M", g, hd])]
+        inputs += [helper.make_tensor_value_info(f"ctx_k.{i}", kv_type, ["M", g, hd]),
+                   helper.make_tensor_value_info(f"ctx_v.{i}", kv_type, ["M", g, hd])]
     for i in range(cfg.n_layers):
-        inputs += [helper.make_tensor_value_info(f"branch_k.{i}", f32, ["J", "N", g, hd]),
-                   helper.make_tensor_value_info(f"branch_v.{i}", f32, ["J", "N", g, hd])]
+        inputs += [helper.make_tensor_value_info(f"branch_k.{i}", kv_type, ["J", "N", g, hd]),
+                   helper.make_tensor_value_info(f"branch_v.{i}", kv_type, ["J", "N", g, hd])]
     for i in range(cfg.n_layers):
-        outputs += [helper.make_tensor_value_info(f"new_k.{i}", f32, ["T", "N", g, hd]),
-                    helper.make_tensor_value_info(f"new_v.{i}", f32, ["T", "N", g, hd])]
+        outputs += [helper.make_tensor_value_info(f"new_k.{i}", kv_type, ["T", "N", g, hd]),
+                    helper.make_tensor_value_info(f"new_v.{i}", kv_type, ["T", "N", g, hd])]
+    as_f32 = (lambda x: x) if kv_type == f32 else (lambda x: b.op("Cast", [x], to=f32))  # noqa: E731
+    as_kv = (lambda x: x) if kv_type == f32 else (lambda x: b.op("Cast", [x], to=kv_type))  # noqa: E731
 
     n = b.op("Shape", ["tokens"], start=0, end=1, name="N")
     t = b.op("Shape", ["tokens"], start=1, end=2, name="T")
@@ -316,17 +323,19 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: s
                   interleaved=0, num_heads=h + g)  # half-split layout, as models/model.py
         qk = b.reshape(qk, 0, 0, h + g, hd)
         q = b.slice(qk, 0, h, axis=2)  # (N, T, H, D)
-        k = b.transpose(b.slice(qk, h, h + g, axis=2), [1, 0, 2, 3])  # (T, N, G, D)
-        v = b.transpose(b.slice(qkv, h + g, h + 2 * g, axis=2), [1, 0, 2, 3])
+        k = as_kv(b.transpose(b.slice(qk, h, h + g, axis=2), [1, 0, 2, 3]))  # (T, N, G, D)
+        v = as_kv(b.transpose(b.slice(qkv, h + g, h + 2 * g, axis=2), [1, 0, 2, 3]))
         b.nodes.append(helper.make_node("Identity", [k], [f"new_k.{i}"]))
         b.nodes.append(helper.make_node("Identity", [v], [f"new_v.{i}"]))
-        br_k = b.op("Concat", [f"branch_k.{i}", k], axis=0)  # (JT, N, G, D)
-        br_v = b.op("Concat", [f"branch_v.{i}", v], axis=0)
+        # the new keys as stored (rounded to the cache dtype), so later steps see the same
+        br_k = as_f32(b.op("Concat", [f"branch_k.{i}", k], axis=0))  # (JT, N, G, D)
+        br_v = as_f32(b.op("Concat", [f"branch_v.{i}", v], axis=0))
         if last:  # only the last token's output is needed, and it sees every key
             q = b.slice(q, -1, INT64_MAX, axis=1)
             x = b.slice(x, -1, INT64_MAX, axis=1)
         layer_dims = replace(dims, tq=b.const([1])) if last else dims
-        a = attention(b, cfg, q, f"ctx_k.{i}", f"ctx_v.{i}", br_k, br_v, None if last else mask, layer_dims)
+        a = attention(b, cfg, q, as_f32(f"ctx_k.{i}"), as_f32(f"ctx_v.{i}"), br_k, br_v, None if last else mask,
+                      layer_dims)
         x = b.op("Add", [x, b.linear(a, lw[p + "attention.wo.weight"], None, p + "attention.wo")])
         xn = b.rms_norm(x, lw[p + "ffn_norm.weight"], cfg.norm_eps, p + "ffn_norm")
         gate_up = b.linear(xn, stack_rows([lw[p + "feed_forward.w1.weight"], lw[p + "feed_forward.w3.weight"]]),
@@ -339,4 +348,4 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: s
     xn = b.rms_norm(b.reshape(x, -1, cfg.dim), lw["norm.weight"], cfg.norm_eps, "norm")  # (N, dim)
     head = lw["tok_embeddings.weight"] if cfg.tie_embeddings else lw["output.weight"]
     b.nodes.append(helper.make_node("Identity", [b.linear(xn, head, None, "output")], ["logits"]))
-    return b.model(inputs, outputs, f"codecomplete-{linear_kind}")
+    return b.model(inputs, outputs, f"codecomplete-{linear_kind}-kv-{kv_dtype}")
