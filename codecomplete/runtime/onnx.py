@@ -12,6 +12,7 @@ GPU path (the torch runtime is).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from dataclasses import dataclass
@@ -55,6 +56,14 @@ def pick_providers(device: str) -> list[str]:
         raise RuntimeError("device 'cuda' asked for, but onnxruntime has no CUDAExecutionProvider "
                            "(install onnxruntime-gpu)")
     return ["CPUExecutionProvider"]
+
+
+def release_free_memory() -> None:
+    """Hand the graph build's freed buffers back to the OS (glibc keeps them otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def is_int8(source: ModelSource) -> bool:
@@ -116,6 +125,7 @@ class OnnxRuntime(Runtime):
         options.log_severity_level = 3  # errors only: onnxruntime's warnings are not ours to show
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=self.providers)
         del model
+        release_free_memory()
         log.info("onnx runtime: %s, %s (%s linear layers), %d threads", self.name,
                  self.session.get_providers()[0], linear_kind, self.threads)
         c = self.config
