@@ -15,7 +15,8 @@ J earlier keys and causally to the new keys; one softmax runs over both parts.
 
 The caches are token-major, (M, G, D), so that `cache[:m]` is a contiguous view that
 onnxruntime reads in place; com.microsoft FusedMatMul's transBatchB reads it as
-(G, M, D) without a copy. Shapes in comments: N branches, T new tokens (Tq queries,
+(G, M, D) without a copy. They may be float16 (half the bytes to read per step);
+attention itself runs in float32. Shapes in comments: N branches, T new tokens (Tq queries,
 T or 1 in the last layer), H query heads, G kv heads, P = H // G, D head dim, M context
 tokens, J branch tokens, JT = J + T.
 """
@@ -39,12 +40,15 @@ INT64_MAX = np.iinfo(np.int64).max
 # How a linear layer runs:
 #   fp32        MatMul with dequantized weights
 #   int8        DynamicQuantizeLinear (per-tensor uint8) + MatMulInteger with uint8
-#               weights (int8 + 128, zero point 128) + scale multiply: exact weights, and
-#               no int16 saturation on AVX2 (uint8 x int8 saturates there without VNNI)
-#   int8-s8     the same with int8 weights: faster kernels, but saturates on AVX2/AVX-512
-#               machines without VNNI (kept for measurement)
-#   int8-nbits  com.microsoft MatMulNBits, 8 bits, block 32, int8 activations per block
+#               weights (int8 + 128, zero point 128) + scale multiply, which onnxruntime
+#               fuses into one com.microsoft DynamicQuantizeMatMul: exact weights, and no
+#               int16 saturation (uint8 x int8 saturates on AVX2 machines without VNNI)
+#   int8-s8     the same with int8 weights: faster kernels where it saturates; top-1
+#               agreement 0.64 on the shipped model on such a CPU (kept for measurement)
+#   int8-nbits  com.microsoft MatMulNBits, 8 bits, int8 activations per block of 32:
+#               the most accurate int8, but 2x slower prefill here
 LINEAR_KINDS = ("fp32", "int8", "int8-s8", "int8-nbits")
+NBITS_BLOCK = 32
 
 
 @dataclass
@@ -85,10 +89,6 @@ def linear_weights(weights: dict[str, np.ndarray], int8: bool) -> dict[str, Line
         else:
             out[name] = np.asarray(w, np.float32)
     return out
-
-
-def _nbits_block(k: int) -> int:
-    return 32
 
 
 class GraphBuilder:
@@ -175,7 +175,7 @@ class GraphBuilder:
             y = self.op("Mul", [yf, scale], name=name)
         else:  # int8-nbits
             k = weight.w.shape[1]
-            block = _nbits_block(k)
+            block = NBITS_BLOCK
             n_blocks = (k + block - 1) // block
             q = np.full((weight.out_features, n_blocks * block), 128, np.uint8)
             q[:, :k] = weight.w.view(np.uint8) ^ np.uint8(0x80)
