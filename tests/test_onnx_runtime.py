@@ -227,3 +227,13 @@ def test_bad_calls_raise_value_errors(tiny_model_dir):
     rt.decode(short, br, [1])
     with pytest.raises(ValueError):
         rt.decode(short, br, [1])
+
+
+def test_cuda_without_onnxruntime_gpu_is_a_clear_error(tiny_model_dir):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed here")
+    with pytest.raises(RuntimeError, match="onnxruntime-gpu"):
+        OnnxRuntime(load_model_source(tiny_model_dir), device="cuda")
+    assert OnnxRuntime(load_model_source(tiny_model_dir), device="auto").device == "cpu"

@@ -126,8 +126,8 @@ class OnnxRuntime(Runtime):
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=self.providers)
         del model
         release_free_memory()
-        log.info("onnx runtime: %s, %s (%s linear layers), %d threads", self.name,
-                 self.session.get_providers()[0], linear_kind, self.threads)
+        log.info("onnx runtime: %s on %s (%s linear layers, %s KV cache, %d threads)", self.name,
+                 self.session.get_providers()[0], linear_kind, self.kv_dtype, self.threads)
         c = self.config
         self._kv_shape = (c.n_kv_heads, c.head_dim)
         self._output_names = ["logits"] + [f"new_{kv}.{i}" for i in range(c.n_layers) for kv in "kv"]
