@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from codecomplete.alignment import VocabTrie, strip_constraint
 from codecomplete.cache import ContextCache, SuggestionCache
 from codecomplete.languages import Language, language_for
@@ -46,6 +48,11 @@ class Engine:
         cfg = runtime.config
         self.stop_ids = set(cfg.eos_ids) | {i for i in (cfg.fim_prefix_id, cfg.fim_suffix_id, cfg.fim_middle_id,
                                                         cfg.fim_pad_id, cfg.file_sep_id, cfg.pad_id) if i >= 0}
+        # tokens with no text that are not stops (padding placeholders, unused specials)
+        token_bytes = runtime.tokenizer.token_bytes
+        vocab = cfg.vocab_size
+        self.banned_ids = np.array([i for i in range(vocab) if (i >= len(token_bytes) or not token_bytes[i])
+                                    and i not in self.stop_ids], dtype=np.int64)
 
     @classmethod
     def load(cls, model: str | None = None, runtime: str = "onnx", device: str = "cpu",
@@ -129,7 +136,8 @@ class Engine:
                         max_new_tokens=max_new,
                         constraint=constraint, trie=self.trie if constraint else None,
                         stop_ids=self.stop_ids, stop_fn=stop_fn, temperature=opts.temperature,
-                        top_p=opts.top_p, seed=opts.seed, deadline=deadline, cancelled=cancelled)
+                        top_p=opts.top_p, seed=opts.seed, deadline=deadline, cancelled=cancelled,
+                        banned=self.banned_ids if len(self.banned_ids) else None)
 
     @staticmethod
     def _to_candidates(result: GenerationResult, constraint: bytes, scope: CompletionScope) -> list[Candidate]:

@@ -122,7 +122,10 @@ class PromptBuilder:
         for _sim, path, snippet in rank_snippets(request.neighbours, around, current_path=request.path):
             if path in used_paths:
                 continue  # one snippet per file keeps the context diverse
-            toks = self._header(path) + self.tok.encode(snippet) if self.cfg.file_sep_id >= 0 else []
+            # each snippet reads like a whole file packed before this one in training:
+            # <file_sep>path\n text <eos>
+            eos = self.cfg.eos_ids[:1]
+            toks = self._header(path) + self.tok.encode(snippet) + eos if self.cfg.file_sep_id >= 0 else []
             if not toks or len(out) + len(toks) > budget:
                 continue
             out = toks + out  # most similar ends up nearest the cursor

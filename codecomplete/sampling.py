@@ -61,11 +61,13 @@ def generate(runtime: Runtime, context: ContextState, first_logits: np.ndarray, 
              max_new_tokens: int, constraint: bytes, trie: VocabTrie | None,
              stop_ids: set[int], stop_fn: Callable[[bytes], int | None],
              temperature: float = 0.8, top_p: float = 0.95, seed: int = 0,
-             deadline: float | None = None, cancelled: Callable[[], bool] = lambda: False) -> GenerationResult:
+             deadline: float | None = None, cancelled: Callable[[], bool] = lambda: False,
+             banned: np.ndarray | None = None) -> GenerationResult:
     """Decode n candidates (0 greedy, the rest sampled with seeds seed+i).
 
     stop_fn(visible_bytes) returns how many visible bytes to keep when the text must
     stop there (line end, block end), else None. deadline is a time.monotonic() value.
+    banned: ids never sampled (special or placeholder tokens that are not stops).
     """
     token_bytes = runtime.tokenizer.token_bytes
     branches = [Branch(i, remaining=constraint) for i in range(n)]
@@ -80,6 +82,8 @@ def generate(runtime: Runtime, context: ContextState, first_logits: np.ndarray, 
         for row, bi in enumerate(active):
             b = branches[bi]
             lg = np.array(logits[row], dtype=np.float32)
+            if banned is not None:
+                lg[banned] = -np.inf
             if b.remaining and trie is not None:
                 t0 = time.perf_counter()
                 mask = trie.mask(b.remaining)

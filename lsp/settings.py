@@ -101,6 +101,8 @@ def section_of(raw: Any) -> Mapping[str, Any]:
     """The codecomplete keys of a settings payload, nested or at the top level."""
     if not isinstance(raw, Mapping):
         return {}
+    if isinstance(raw.get("settings"), Mapping):  # {"settings": {"codecomplete": {...}}}
+        raw = raw["settings"]
     nested = raw.get(SECTION)
     if isinstance(nested, Mapping):
         return nested

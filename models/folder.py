@@ -102,15 +102,18 @@ def split_int8(weights: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], d
     return tensors, scales
 
 
-def dequantize(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """float32 copy of a weight dict, int8 tensors multiplied back by their scales."""
+def dequantize(weights: dict[str, np.ndarray], copy: bool = True) -> dict[str, np.ndarray]:
+    """float32 weight dict, int8 tensors multiplied back by their scales. copy=False keeps
+    float32 tensors as they are (possibly read-only views of a memory-mapped file)."""
     tensors, scales = split_int8(weights)
     out = {}
     for name, w in tensors.items():
         if name in scales:
             out[name] = w.astype(np.float32) * scales[name][:, None]
+        elif copy or w.dtype != np.float32:
+            out[name] = np.array(w, dtype=np.float32)
         else:
-            out[name] = np.array(w, dtype=np.float32)  # a writable copy, not a view of the mmap
+            out[name] = w
     return out
 
 

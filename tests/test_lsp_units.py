@@ -136,3 +136,11 @@ def test_clean_text_rejects_binary_and_replaces_lone_surrogates_in_place():
     assert clean_text("a\x00b") is None
     assert clean_text("a\ud800b") == "a?b"
     assert clean_text("é😀") == "é😀"
+
+
+def test_settings_accept_the_settings_wrapper_in_initialization_options():
+    from codecomplete.lsp.settings import section_of
+
+    assert section_of({"settings": {"codecomplete": {"candidates": 2}}}) == {"candidates": 2}
+    assert section_of({"codecomplete": {"candidates": 3}}) == {"candidates": 3}
+    assert section_of({"candidates": 5}) == {"candidates": 5}

@@ -85,3 +85,21 @@ def test_int8_cpu_weights_keep_fp32_top1(tiny_model_dir):
             total += 1
     assert total > 50
     assert agree / total >= 0.98
+
+
+@pytest.mark.parametrize("attention", ["bifurcated-einsum", "plain"])
+def test_every_attention_mode_gives_the_same_logits(tiny_gqa_model_dir, attention):
+    from codecomplete.models.source import load_model_source
+    from codecomplete.runtime.torch import TorchRuntime
+
+    source = load_model_source(str(tiny_gqa_model_dir))
+    ref, other = TorchRuntime(source), TorchRuntime(source, attention=attention)
+    tokens = ref.tokenizer.encode(TEXTS[0])
+    outs = []
+    for rt in (ref, other):
+        state, _ = rt.prefill(tokens)
+        br = rt.start_branches(state, 3, 4)
+        rt.decode(state, br, [5, 6, 7])
+        br = rt.select_branches(br, [2, 0])
+        outs.append(rt.decode(state, br, [8, 9]))
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-4)

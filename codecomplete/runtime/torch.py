@@ -4,13 +4,14 @@ bitsandbytes Linear8bitLt). Bifurcated decode by default."""
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from codecomplete.models.folder import dequantize
-from codecomplete.models.model import Transformer
+from codecomplete.models.model import Transformer, decode_step_plain_cached
 from codecomplete.models.source import ModelSource
 
 from .base import BranchState, ContextState, Runtime
@@ -19,10 +20,14 @@ log = logging.getLogger(__name__)
 
 
 def build_torch_model(source: ModelSource, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
-    """A Transformer holding the source's weights (int8 weights are dequantized)."""
-    model = Transformer(source.config)
-    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in dequantize(source.weights).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    """A Transformer holding the source's weights (int8 weights are dequantized). Built on
+    the meta device and filled by assignment: no random init, no extra copy."""
+    with torch.device("meta"):
+        model = Transformer(source.config)
+    with warnings.catch_warnings():  # read-only mmap views: inference never writes weights
+        warnings.simplefilter("ignore", UserWarning)
+        state = {k: torch.from_numpy(v) for k, v in dequantize(source.weights, copy=False).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.to(device=device, dtype=dtype).eval()
@@ -65,7 +70,7 @@ def quantize_bnb_int8(model: Transformer) -> Transformer:
             if isinstance(child, torch.nn.Linear):
                 q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
                                         has_fp16_weights=False, threshold=6.0)
-                q.weight = bnb.nn.Int8Params(child.weight.data.to(torch.float16).cpu(), requires_grad=False,
+                q.weight = bnb.nn.Int8Params(child.weight.data.to(torch.float16).cpu().contiguous(), requires_grad=False,
                                              has_fp16_weights=False)
                 if child.bias is not None:
                     q.bias = torch.nn.Parameter(child.bias.data.to(torch.float16).cpu(), requires_grad=False)
@@ -73,37 +78,57 @@ def quantize_bnb_int8(model: Transformer) -> Transformer:
     return model
 
 
+ATTENTION_MODES = ("bifurcated", "bifurcated-einsum", "plain")
+
+
 class TorchRuntime(Runtime):
     name = "torch"
 
-    def __init__(self, source: ModelSource, device: str = "cpu", precision: str = "auto",
-                 attention: str = "bifurcated", threads: int | None = None):
+    def __init__(self, source: ModelSource | None, device: str = "cpu", precision: str = "auto",
+                 attention: str = "bifurcated", threads: int | None = None, model: Transformer | None = None):
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' asked for, but torch sees no CUDA device")
         if precision == "auto":
             precision = "bf16" if device == "cuda" else "fp32"
         if precision not in ("fp32", "bf16", "fp16", "int8"):
             raise ValueError(f"unknown precision {precision!r} (fp32, bf16, fp16, int8)")
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"unknown attention {attention!r} ({', '.join(ATTENTION_MODES)})")
         if threads:
             torch.set_num_threads(threads)
-        self.config = source.config
-        self.tokenizer = source.tokenizer
         self.device = torch.device(device)
         self.precision = precision
         self.attention = attention
         float_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        if precision == "int8":
+        if precision == "int8":  # bitsandbytes computes in fp16 on CUDA
             float_dtype = torch.float16 if device == "cuda" else torch.float32
         self.dtype = float_dtype
-        model = build_torch_model(source, "cpu" if precision == "int8" else device, float_dtype)
+        if model is None:
+            model = build_torch_model(source, "cpu" if precision == "int8" else device, float_dtype)
+        else:
+            model = model.to(dtype=float_dtype, device="cpu" if precision == "int8" else device).eval()
         if precision == "int8":
-            model = quantize_bnb_int8(model.to(float_dtype)) if device == "cuda" else quantize_weight_only_int8(model)
+            model = quantize_bnb_int8(model) if device == "cuda" else quantize_weight_only_int8(model)
             model = model.to(device)
         self.model = model
+        self.config = model.cfg
+        self.tokenizer = source.tokenizer if source is not None else None
         self.name = f"torch-{precision}"
+
+    @classmethod
+    def from_model(cls, model: Transformer, tokenizer=None, **kwargs) -> TorchRuntime:
+        """A runtime around a model built in memory (benchmarks with random weights)."""
+        rt = cls(None, model=model, **kwargs)
+        rt.tokenizer = tokenizer
+        return rt
 
     def describe(self) -> dict:
         return {"runtime": self.name, "device": str(self.device), "attention": self.attention}
+
+    def weight_bytes(self) -> int:
+        """Bytes held by the model's parameters and buffers (int8 weights count one byte)."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def _tensor(self, ids: Sequence[int]) -> torch.Tensor:
         return torch.tensor(list(ids), dtype=torch.long, device=self.device)
@@ -119,14 +144,28 @@ class TorchRuntime(Runtime):
         if keep and previous.kv is not None and previous.kv[0].shape[2] >= len(tokens):
             k_buf, v_buf = previous.kv
         else:
-            keep = 0
-            k_buf, v_buf = self.model.new_cache(self.config.max_seq_len, dtype=self.dtype, device=self.device)
+            # capacity grows in steps: a 32k-context model must not take 32k of KV per prompt
+            capacity = min(self.config.max_seq_len, -(-(len(tokens) + 256) // 1024) * 1024)
+            new_k, new_v = self.model.new_cache(capacity, dtype=self.dtype, device=self.device)
+            if keep and previous.kv is not None:
+                new_k[:, :, :keep] = previous.kv[0][:, :, :keep]
+                new_v[:, :, :keep] = previous.kv[1][:, :, :keep]
+            k_buf, v_buf = new_k, new_v
         logits = self.model.prefill(self._tensor(tokens[keep:]), k_buf, v_buf, keep)
         state = ContextState(tokens, (k_buf, v_buf), reused_tokens=keep, new_tokens=len(tokens) - keep)
         return state, logits.float().cpu().numpy()
 
     def start_branches(self, context, n, max_new_tokens):
         c = self.config
+        m = len(context.tokens)
+        if self.attention == "plain":  # every branch gets its own copy of the context KV
+            k_buf, v_buf = context.kv
+            shape = (c.n_layers, n, c.n_kv_heads, m + max_new_tokens, c.head_dim)
+            full_k = torch.empty(shape, dtype=self.dtype, device=self.device)
+            full_v = torch.empty(shape, dtype=self.dtype, device=self.device)
+            full_k[:, :, :, :m] = k_buf[:, None, :, :m]
+            full_v[:, :, :, :m] = v_buf[:, None, :, :m]
+            return BranchState(n=n, max_new_tokens=max_new_tokens, kv=(full_k, full_v))
         shape = (c.n_layers, n, c.n_kv_heads, max_new_tokens, c.head_dim)
         dec_k = torch.empty(shape, dtype=self.dtype, device=self.device)
         dec_v = torch.empty(shape, dtype=self.dtype, device=self.device)
@@ -143,8 +182,12 @@ class TorchRuntime(Runtime):
             raise ValueError("decoding past the model context")
         k_buf, v_buf = context.kv
         dec_k, dec_v = branches.kv
-        logits = self.model.decode_step(self._tensor(next_tokens), k_buf[:, :, :m], v_buf[:, :, :m],
-                                        dec_k, dec_v, branches.step, self.attention)
+        tokens = self._tensor(next_tokens)
+        if self.attention == "plain":
+            logits = decode_step_plain_cached(self.model, tokens, dec_k, dec_v, m, branches.step)
+        else:
+            logits = self.model.decode_step(tokens, k_buf[:, :, :m], v_buf[:, :, :m], dec_k, dec_v,
+                                            branches.step, self.attention)
         branches.step += 1
         return logits.float().cpu().numpy()
 
