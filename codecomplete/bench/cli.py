@@ -9,6 +9,7 @@ BENCHMARKS = {
     "attention": "codecomplete.bench.attention",  # one decode step, plain vs bifurcated
     "runtime": "codecomplete.bench.runtime",  # torch/onnx x fp32/int8 prefill and decode
     "latency": "codecomplete.bench.latency",  # typing replay through the engine or the LSP
+    "soak": "codecomplete.bench.soak",  # a fixed-pace typing replay for a while: latency drift, RSS, backlog
     "generate": "codecomplete.bench.generate",  # N-candidate generation end to end (CUDA)
 }
 
