@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import attrs
 import cattrs
 from lsprotocol import types
 from pygls.capabilities import ServerCapabilitiesBuilder
@@ -77,6 +78,9 @@ class CodecompleteProtocol(LanguageServerProtocol):
                     return self._converter.structure(data, types.ResponseErrorMessage)
                 if "method" in data:
                     request_type = self.get_message_type(data["method"]) or JsonRPCRequestMessage
+                    if not hasattr(request_type, "__attrs_attrs__") or "id" not in attrs.fields_dict(request_type):
+                        # A notification method sent with an id: pygls would run it and never answer.
+                        return MalformedMessage(data, f"{data['method']} is a notification and takes no id")
                     return self._converter.structure(data, request_type)
                 response_type = self._result_types.pop(data["id"], None) or JsonRPCResponseMessage
                 return self._converter.structure(data, response_type)
