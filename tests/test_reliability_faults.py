@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from codecomplete.bench.soak import RawServer
 
 FAKE = ["--engine-factory", "codecomplete.lsp.testing:fake_engine"]

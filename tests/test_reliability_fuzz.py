@@ -11,9 +11,10 @@ import json
 import os
 
 import pytest
-from codecomplete.bench.soak import RawServer, frame
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+
+from codecomplete.bench.soak import RawServer, frame
 
 ENV = {**os.environ, "CODECOMPLETE_FAKE_STEP_MS": "0.2"}
 FAKE = ["--engine-factory", "codecomplete.lsp.testing:fake_engine", "--log-level", "ERROR"]
