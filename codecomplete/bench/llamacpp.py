@@ -126,6 +126,7 @@ def run_llamacpp(model: Path, doc: Document, threads: int, ns: list[int], max_to
             t = time.perf_counter()
             generated, text = candidates(prompts[stage], n)
             rows.append(Row("llamacpp", stage, n, round((time.perf_counter() - t) * 1000, 1), generated, text))
+            progress(f"  llamacpp {stage} n={n}: {rows[-1].ms:.0f} ms, {generated} tokens")
     return {"load_ms": round(load_ms, 1), "prompt_tokens": len(prompts["cold"]), "rows": rows,
             "version": getattr(llama_cpp, "__version__", "")}
 
@@ -155,6 +156,7 @@ def run_engine(system: str, model: Path, doc: Document, threads: int, ns: list[i
     t0 = time.perf_counter()
     engine = load_engine(system, model, threads)
     load_ms = (time.perf_counter() - t0) * 1000
+    progress(f"  {system} loaded in {load_ms:.0f} ms")
     rows, prompt_tokens = [], 0
     for n in ns:
         engine.contexts.clear()
@@ -168,6 +170,7 @@ def run_engine(system: str, model: Path, doc: Document, threads: int, ns: list[i
             prompt_tokens = prompt_tokens or done.prefill_new_tokens + done.prefill_reused_tokens
             first = done.candidates[0].text if done.candidates else ""
             rows.append(Row(system, stage, n, round(ms, 1), done.tokens_generated, first))
+            progress(f"  {system} {stage} n={n}: {ms:.0f} ms, {done.tokens_generated} tokens")
     return {"load_ms": round(load_ms, 1), "prompt_tokens": prompt_tokens, "rows": rows,
             "runtime": engine.describe()}
 
@@ -205,7 +208,11 @@ def run(args: argparse.Namespace) -> int:
                 continue
             result = run_llamacpp(model, doc, args.threads, ns, args.max_tokens, args.n_ctx)
         else:
-            result = run_engine(system, model, doc, args.threads, ns, args.max_tokens)
+            try:
+                result = run_engine(system, model, doc, args.threads, ns, args.max_tokens)
+            except Exception as e:  # one runtime failing on this model must not hide the others
+                notes.append(f"{system} failed: {type(e).__name__}: {e}")
+                continue
         rows += result.pop("rows")
         details[system] = result
     out = {"model": model.name, "threads": args.threads, "max_new_tokens": args.max_tokens,
