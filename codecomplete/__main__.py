@@ -1,1 +1,3 @@
-from codecomplete.cli import main; raise SystemExit(main())
+from codecomplete.cli import main
+
+raise SystemExit(main())

@@ -15,6 +15,8 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+
 from codecomplete.models.folder import ModelLoadError  # noqa: E402
 from codecomplete.models.gguf_import import (  # noqa: E402
     GGUFFile,
@@ -22,8 +24,6 @@ from codecomplete.models.gguf_import import (  # noqa: E402
     unpermute_rope_rows,
 )
 from codecomplete.models.testing import SAMPLE_CODE, train_test_tokenizer  # noqa: E402
-from gguf import GGMLQuantizationType as Q  # noqa: E402
-
 from codecomplete.runtime import load_runtime  # noqa: E402
 from codecomplete.runtime.torch import build_torch_model  # noqa: E402
 

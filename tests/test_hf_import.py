@@ -19,7 +19,6 @@ from codecomplete.models.folder import ModelLoadError  # noqa: E402
 from codecomplete.models.hf_import import load_hf_folder  # noqa: E402
 from codecomplete.models.source import load_model_source  # noqa: E402
 from codecomplete.models.testing import SAMPLE_CODE  # noqa: E402
-
 from codecomplete.runtime import load_runtime  # noqa: E402
 from codecomplete.runtime.torch import build_torch_model  # noqa: E402
 

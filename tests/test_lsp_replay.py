@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from codecomplete.lsp.replay import default_start, run_lsp_replay
 from codecomplete.models.testing import SAMPLE_CODE
 

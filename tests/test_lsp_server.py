@@ -19,11 +19,12 @@ import time
 
 import pytest
 import pytest_lsp
-from codecomplete.lsp.testing import send_raw_request, write_raw
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException
 from pytest_lsp import ClientServerConfig, LanguageClient
 from pytest_lsp.client import make_test_lsp_client
+
+from codecomplete.lsp.testing import send_raw_request, write_raw
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"),
               pytest.mark.filterwarnings("error::pytest_lsp.checks.LspSpecificationWarning")]

@@ -5,14 +5,14 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from codecomplete.lsp.documents import UTF8, UTF16, UTF32, Document, PositionError, code_units
-from codecomplete.lsp.items import completion_items, inline_items, partial_word_start
-from codecomplete.lsp.server import clean_text, text_window
-from codecomplete.lsp.settings import Settings, apply_settings
 from hypothesis import given
 from hypothesis import strategies as st
 from lsprotocol import types
 
+from codecomplete.lsp.documents import UTF8, UTF16, UTF32, Document, PositionError, code_units
+from codecomplete.lsp.items import completion_items, inline_items, partial_word_start
+from codecomplete.lsp.server import clean_text, text_window
+from codecomplete.lsp.settings import Settings, apply_settings
 from codecomplete.request import Candidate
 
 

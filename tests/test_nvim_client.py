@@ -21,6 +21,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+
 from codecomplete.lsp.server import NVIM_RUNTIME
 
 SCRIPTS = Path(__file__).parent / "nvim"

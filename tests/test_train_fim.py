@@ -1,6 +1,7 @@
 """FIM layouts shared by training and the engine."""
 
 import numpy as np
+
 from codecomplete.models.train.fim import (
     FimIds,
     fim_example,

@@ -3,13 +3,14 @@
 import json
 
 import torch
+from safetensors.torch import load_file
+
 from codecomplete.models.config import ModelConfig
 from codecomplete.models.model import Transformer
 from codecomplete.models.train.corpus import ShardWriter
 from codecomplete.models.train.prepare import prepare
 from codecomplete.models.train.tokenizer import train_tokenizer
 from codecomplete.models.train.train import TrainConfig, lr_at, train
-from safetensors.torch import load_file
 
 
 def make_docs(n: int) -> list[str]:

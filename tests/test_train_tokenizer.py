@@ -3,13 +3,14 @@
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer
+
 from codecomplete.models.train.tokenizer import (
     SPECIAL_TOKENS,
     VOCAB_SIZE,
     special_ids,
     train_tokenizer,
 )
-from tokenizers import Tokenizer
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "default" / "tokenizer.json"
 TRICKY = [

@@ -133,9 +133,9 @@ def run(args) -> int:
                 for mode in ("bifurcated", "bifurcated-einsum"):
                     row[mode.replace("-", "_") + "_ms"] = timed(
                         lambda mode=mode: model.decode_step(tokens, ctx_k, ctx_v, dec_k, dec_v, args.decoded, mode))
-                del dec_k, dec_v
+                dec_k = dec_v = None  # free before the plain copies
                 row["plain_ms"] = timed(lambda: decode_step_plain_cached(model, tokens, full_k, full_v, ctx, args.decoded))
-                del full_k, full_v
+                full_k = full_v = None
                 if cuda:
                     torch.cuda.empty_cache()
                 row["speedup"] = row["plain_ms"] / row["bifurcated_ms"]
@@ -147,7 +147,7 @@ def run(args) -> int:
                 rows.append(row)
                 progress(f"  n={n:3d} ctx={ctx:6d} plain {row['plain_ms']:.3f} ms  bifurcated "
                          f"{row['bifurcated_ms']:.3f} ms  x{row['speedup']:.2f}")
-            del ctx_k, ctx_v
+            ctx_k = ctx_v = None
     for r in rows:  # N=32 against N=1 at the same context: the 'N candidates for the price of one' figure
         one = next((x for x in rows if x["context"] == r["context"] and x["n"] == 1), None)
         if one:

@@ -62,9 +62,9 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     def cell(v):
         return f"{v:.3f}" if isinstance(v, float) else str(v)
     widths = [max(len(c), *(len(cell(r.get(c, ""))) for r in rows)) for c in columns]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
     for r in rows:
-        lines.append("  ".join(cell(r.get(c, "")).rjust(w) for c, w in zip(columns, widths)))
+        lines.append("  ".join(cell(r.get(c, "")).rjust(w) for c, w in zip(columns, widths, strict=True)))
     return "\n".join(lines)
 
 

@@ -69,7 +69,7 @@ def _agreement(runtimes: dict, texts: list[list[int]]) -> dict:
             argmaxes[name] = [rt.model(torch.tensor(t, device=rt.device)[None])[0].float().argmax(-1).cpu()
                               for t in texts]
     for name in names[1:]:
-        agree = sum(int((a == b).sum()) for a, b in zip(argmaxes[name], argmaxes[ref]))
+        agree = sum(int((a == b).sum()) for a, b in zip(argmaxes[name], argmaxes[ref], strict=True))
         total = sum(a.numel() for a in argmaxes[ref])
         out[f"{name}_vs_{ref}"] = agree / total
     return out

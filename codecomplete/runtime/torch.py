@@ -7,7 +7,6 @@ import logging
 import warnings
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from codecomplete.models.folder import dequantize
