@@ -52,6 +52,7 @@ def test_missing_gguf_file_is_a_clear_error(tmp_path, capsys):
     assert "no GGUF file" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_both_systems_complete_the_same_request_on_a_tiny_gguf(tmp_path, monkeypatch, capsys):
     pytest.importorskip("llama_cpp")
     from test_gguf_import import write_gguf
