@@ -143,7 +143,9 @@ def run_infill(args) -> int:
     data_dir = _data_dir(args)
     if data_dir is None:
         return EXIT_DATA_ERROR
-    options = _options(args, n=args.samples, multiline=True)
+    # a single-line hole is exactly one line: complete the rest of the line, as an editor does
+    # at a line start; the other benchmarks fill several lines
+    options = _options(args, n=args.samples, multiline=args.benchmark != "single-line")
     cases = infill.load_cases(data_dir, args.benchmark, options, args.limit, args.seed)
     engine = _engine(args, cases)
     metrics, details = run_execution_benchmark(engine, cases, infill.program_of, samples=args.samples,
