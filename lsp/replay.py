@@ -19,16 +19,9 @@ from typing import Any
 from lsprotocol import types
 from pygls.lsp.client import LanguageClient
 
+from codecomplete.bench.common import percentile
+
 from .documents import UTF16, Document
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    v = sorted(values)
-    k = (len(v) - 1) * q / 100.0
-    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
 def default_start(text: str, keystrokes: int) -> int:
@@ -113,10 +106,10 @@ async def _replay(text: str, uri: str, language: str, start: int, keystrokes: in
     return {
         "requests": n + counts["errors"], "answered": counts["answered"], "empty": counts["empty"],
         "errors": counts["errors"], "items_mean": counts["items"] / n if n else 0.0,
-        "p50_ms": _percentile(latencies, 50), "p95_ms": _percentile(latencies, 95),
+        "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95),
         "mean_ms": statistics.fmean(latencies) if latencies else float("nan"),
         "max_ms": max(latencies) if latencies else float("nan"),
-        "server_p50_ms": _percentile(server_ms, 50), "load_ms": load_ms, "latencies_ms": latencies,
+        "server_p50_ms": percentile(server_ms, 50), "load_ms": load_ms, "latencies_ms": latencies,
     }
 
 
