@@ -15,7 +15,7 @@ import numpy as np
 
 from codecomplete.alignment import VocabTrie, strip_constraint
 from codecomplete.cache import ContextCache, SuggestionCache
-from codecomplete.languages import Language, language_for
+from codecomplete.languages import language_for
 from codecomplete.postprocess import CompletionScope, clean_candidates, decide_scope
 from codecomplete.prompt import PromptBuilder
 from codecomplete.request import Candidate, Completion, CompletionRequest
@@ -162,4 +162,4 @@ def prompt_back_off_room(opts) -> int:
     return opts.back_off_tokens if opts.align else 0
 
 
-__all__ = ["Engine", "Language"]
+__all__ = ["Engine"]
