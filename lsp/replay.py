@@ -60,11 +60,13 @@ async def _replay(text: str, uri: str, language: str, start: int, keystrokes: in
             uri=uri, language_id=language, version=1, text=doc.text)))
         cursor = start
         latencies: list[float] = []
+        by_source: dict[str, list[float]] = {}
         pending: list[asyncio.Future] = []
         counts = {"answered": 0, "empty": 0, "errors": 0, "items": 0}
 
         async def request(position: types.Position) -> None:
             t0 = time.perf_counter()
+            seen = len(statuses)
             try:
                 result = await client.text_document_inline_completion_async(types.InlineCompletionParams(
                     text_document=types.TextDocumentIdentifier(uri=uri), position=position,
@@ -72,7 +74,12 @@ async def _replay(text: str, uri: str, language: str, start: int, keystrokes: in
             except Exception:
                 counts["errors"] += 1
                 return
-            latencies.append((time.perf_counter() - t0) * 1000.0)
+            ms = (time.perf_counter() - t0) * 1000.0
+            latencies.append(ms)
+            if interval_ms <= 0:  # one request at a time: its status (sent before the answer) is the newest
+                await asyncio.sleep(0)
+                sources = [s.source for s in statuses[seen:] if getattr(s, "source", None)]
+                by_source.setdefault(sources[-1] if sources else "none", []).append(ms)
             items = list(getattr(result, "items", None) or [])
             counts["answered" if items else "empty"] += 1
             counts["items"] += len(items)
@@ -110,12 +117,18 @@ async def _replay(text: str, uri: str, language: str, start: int, keystrokes: in
         "mean_ms": statistics.fmean(latencies) if latencies else float("nan"),
         "max_ms": max(latencies) if latencies else float("nan"),
         "server_p50_ms": percentile(server_ms, 50), "load_ms": load_ms, "latencies_ms": latencies,
+        # per kind of answer (sequential replays only): "warm" = the model ran with its prefix KV
+        # reused, "cache" = typing-as-suggested, "cold" = a full prefill, "none" = no model answer
+        "by_source": {k: {"count": len(v), "p50_ms": percentile(v, 50), "p95_ms": percentile(v, 95)}
+                      for k, v in sorted(by_source.items())},
+        "warm_p50_ms": percentile(by_source.get("warm", []), 50),
+        "warm_p95_ms": percentile(by_source.get("warm", []), 95),
     }
 
 
 def run_lsp_replay(path: str | Path, language: str, n: int, max_tokens: int, keystrokes: int, *,
                    model: str | None = None, runtime: str = "onnx", device: str = "cpu",
-                   deadline_ms: int = 1000, start: int | None = None, interval_ms: float = 0.0,
+                   deadline_ms: int = 1000, multiline: str = "auto", start: int | None = None, interval_ms: float = 0.0,
                    keep_suffix: bool = False, engine_factory: str | None = None,
                    load_timeout_s: float = 300.0) -> dict[str, Any]:
     """Replay typing `keystrokes` characters of a file through the server; latency percentiles.
@@ -133,9 +146,9 @@ def run_lsp_replay(path: str | Path, language: str, n: int, max_tokens: int, key
         cmd += ["--model", str(model)]
     if engine_factory:
         cmd += ["--engine-factory", engine_factory]
-    settings = {"candidates": n, "maxTokens": max_tokens, "deadlineMs": deadline_ms}
+    settings = {"candidates": n, "maxTokens": max_tokens, "deadlineMs": deadline_ms, "multiline": multiline}
     result = asyncio.run(_replay(text, path.resolve().as_uri(), language, start, keystrokes, settings, cmd,
                                  interval_ms, load_timeout_s, keep_suffix))
     return {"path": str(path), "language": language, "n": n, "max_tokens": max_tokens, "keystrokes": keystrokes,
             "start": start, "model": model or "default", "runtime": runtime, "device": device,
-            "deadline_ms": deadline_ms, "interval_ms": interval_ms, **result}
+            "deadline_ms": deadline_ms, "multiline": multiline, "interval_ms": interval_ms, **result}

@@ -177,12 +177,15 @@ class CodecompleteServer(LanguageServer):
             self._shown_errors.add(message)
             self.window_show_message(types.ShowMessageParams(type=types.MessageType.Error, message=message))
 
-    def notify_status(self, state: str, message: str | None = None, latency_ms: float | None = None) -> None:
+    def notify_status(self, state: str, message: str | None = None, latency_ms: float | None = None,
+                      source: str | None = None) -> None:
         params: dict[str, Any] = {"state": state}
         if message is not None:
             params["message"] = message
         if latency_ms is not None:
             params["latencyMs"] = round(latency_ms, 1)
+        if source is not None:  # "cache" (typing-as-suggested), "warm" (prefix KV reused) or "cold"
+            params["source"] = source
         self.protocol.notify(STATUS_METHOD, params)
 
     def spawn(self, coro) -> asyncio.Task:
@@ -317,7 +320,8 @@ class CodecompleteServer(LanguageServer):
             if self._latest.get(uri) is job:
                 del self._latest[uri]
         if completion is not None and not completion.cancelled:
-            self.notify_status("ready", latency_ms=(time.perf_counter() - t0) * 1000.0)
+            source = "cache" if completion.cached else "warm" if completion.prefill_reused_tokens > 0 else "cold"
+            self.notify_status("ready", latency_ms=(time.perf_counter() - t0) * 1000.0, source=source)
         return prepared, completion
 
     def watch_parent(self, pid: int) -> None:

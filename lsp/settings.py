@@ -2,7 +2,11 @@
 
     {"model": str ("" = the server's default), "runtime": "onnx" | "torch",
      "device": "cpu" | "cuda", "candidates": 1..16, "maxTokens": int, "deadlineMs": int,
-     "enable": {languageId: bool, "*": default}}
+     "multiline": "auto" | "always" | "never", "enable": {languageId: bool, "*": default}}
+
+"multiline": "auto" lets the engine decide from the syntax at the cursor (an empty block
+start gets a block, mid-line gets the rest of the line); "never" always stops at the line
+end; "always" lets every completion run past it.
 
 They arrive in initializationOptions and workspace/didChangeConfiguration, either as
 {"codecomplete": {...}} or with the keys at the top level. A bad value is reported and
@@ -22,6 +26,7 @@ from codecomplete.request import CompletionOptions
 SECTION = "codecomplete"
 RUNTIMES = ("onnx", "torch")
 DEVICES = ("cpu", "cuda")
+MULTILINE = {"auto": None, "always": True, "never": False}
 MAX_CANDIDATES = 16
 MAX_TOKENS_LIMIT = 4096
 DEADLINE_MS_RANGE = (1, 600_000)  # the VS Code extension clamps to the same ranges
@@ -35,6 +40,7 @@ class Settings:
     candidates: int = 4
     max_tokens: int = 48
     deadline_ms: int = 1000
+    multiline: str = "auto"
     enable: Mapping[str, bool] = field(default_factory=lambda: {"*": True})
 
     def enabled_for(self, language_id: str) -> bool:
@@ -47,7 +53,7 @@ class Settings:
 
     def completion_options(self) -> CompletionOptions:
         return CompletionOptions(n=self.candidates, max_new_tokens=self.max_tokens,
-                                 deadline_ms=float(self.deadline_ms))
+                                 deadline_ms=float(self.deadline_ms), multiline=MULTILINE[self.multiline])
 
 
 def _int_in(value: Any, lo: int, hi: int) -> int:
@@ -94,6 +100,7 @@ _PARSERS = {
     "candidates": ("candidates", lambda v: _int_in(v, 1, MAX_CANDIDATES)),
     "maxTokens": ("max_tokens", lambda v: _int_in(v, 1, MAX_TOKENS_LIMIT)),
     "deadlineMs": ("deadline_ms", lambda v: _int_in(v, *DEADLINE_MS_RANGE)),
+    "multiline": ("multiline", lambda v: _one_of(v, tuple(MULTILINE))),
 }
 
 

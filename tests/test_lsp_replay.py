@@ -18,6 +18,9 @@ def test_replay_reports_latency_percentiles_per_keystroke(tmp_path):
     assert result["errors"] == 0 and result["answered"] + result["empty"] == 8
     assert 0 < result["p50_ms"] <= result["p95_ms"] <= result["max_ms"]
     assert result["load_ms"] > 0 and result["n"] == 2
+    # every sequential answer is attributed to how the server produced it
+    assert sum(v["count"] for v in result["by_source"].values()) == 8
+    assert set(result["by_source"]) <= {"cache", "warm", "cold"} and result["multiline"] == "auto"
 
 
 def test_replay_of_a_broken_model_raises_with_the_servers_message(tmp_path):

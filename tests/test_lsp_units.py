@@ -115,6 +115,15 @@ def test_settings_apply_good_values_and_keep_old_ones_for_bad_values(tmp_path):
     assert any("device" in e for e in errors) and any("enable.go" in e for e in errors)
 
 
+def test_settings_multiline_maps_to_the_engine_scope_and_rejects_other_words():
+    new, errors = apply_settings(Settings(), {"multiline": "never"})
+    assert not errors and new.completion_options().multiline is False
+    assert apply_settings(new, {"multiline": "always"})[0].completion_options().multiline is True
+    back, errors = apply_settings(new, {"multiline": True})
+    assert back.multiline == "never" and len(errors) == 1 and "auto" in errors[0]
+    assert Settings().completion_options().multiline is None
+
+
 def test_settings_reject_missing_model_folders_booleans_and_accept_top_level_keys(tmp_path):
     new, errors = apply_settings(Settings(), {"model": str(tmp_path / "nope"), "candidates": True, "maxTokens": 7})
     assert new.model == "" and new.candidates == 4 and new.max_tokens == 7 and len(errors) == 2

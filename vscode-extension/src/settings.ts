@@ -5,6 +5,8 @@ export const SECTION = 'codecomplete';
 
 export type Runtime = 'onnx' | 'torch';
 export type Device = 'cpu' | 'cuda';
+/** auto: the server decides from the syntax at the cursor; never: one line; always: may run past it. */
+export type Multiline = 'auto' | 'always' | 'never';
 
 /** Per-language switch: languageId -> enabled, with `*` as the default. */
 export type LanguageEnable = Record<string, boolean>;
@@ -17,6 +19,7 @@ export interface ServerSettings {
   candidates: number;
   maxTokens: number;
   deadlineMs: number;
+  multiline: Multiline;
   enable: LanguageEnable;
 }
 
@@ -44,6 +47,7 @@ export const DEFAULT_SERVER_SETTINGS: ServerSettings = {
   candidates: 4,
   maxTokens: 48,
   deadlineMs: 1000,
+  multiline: 'auto',
   enable: DEFAULT_ENABLE,
 };
 
@@ -65,6 +69,7 @@ export function readSettings(config: ConfigReader): Settings {
       candidates: clampInt(config.get('candidates'), 1, 16, d.candidates),
       maxTokens: clampInt(config.get('maxTokens'), 1, 4096, d.maxTokens),
       deadlineMs: clampInt(config.get('deadlineMs'), 1, 600_000, d.deadlineMs),
+      multiline: oneOf(config.get('multiline'), ['auto', 'always', 'never'] as const, d.multiline),
       enable: languageEnable(config.get('enable')),
     },
   };

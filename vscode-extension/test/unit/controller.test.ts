@@ -99,6 +99,7 @@ test('server setting changes are pushed live without a restart', async () => {
             candidates: 2,
             maxTokens: 48,
             deadlineMs: 1000,
+            multiline: 'auto',
             enable: { '*': true, markdown: false, plaintext: false },
           },
         },

@@ -83,6 +83,7 @@ test('client advertises inline completion and sends the settings at initialize',
       candidates: 3,
       maxTokens: 48,
       deadlineMs: 1000,
+      multiline: 'auto',
       enable: { '*': true, markdown: false, plaintext: false },
     },
   });

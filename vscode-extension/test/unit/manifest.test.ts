@@ -18,6 +18,7 @@ test('manifest declares every setting of the server contract', () => {
     'candidates',
     'maxTokens',
     'deadlineMs',
+    'multiline',
     'enable',
     'enabled',
   ];

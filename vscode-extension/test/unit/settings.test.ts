@@ -28,6 +28,7 @@ test('server settings carry exactly the contract keys', () => {
       candidates: 8,
       maxTokens: 128,
       deadlineMs: 250,
+      multiline: 'never',
       enable: { '*': false, python: true },
       serverPath: '/opt/bin/codecomplete-lsp',
       enabled: false,
@@ -42,6 +43,7 @@ test('server settings carry exactly the contract keys', () => {
         candidates: 8,
         maxTokens: 128,
         deadlineMs: 250,
+        multiline: 'never',
         enable: { '*': false, python: true },
       },
     },
@@ -52,12 +54,13 @@ test('server settings carry exactly the contract keys', () => {
 
 test('out-of-range and mistyped values are clamped or replaced by defaults', () => {
   const settings = readSettings(
-    config({ candidates: 99, maxTokens: -3, deadlineMs: 'soon', runtime: 'tensorflow', device: 7, enable: [1] }),
+    config({ candidates: 99, maxTokens: -3, deadlineMs: 'soon', runtime: 'tensorflow', device: 7, multiline: true, enable: [1] }),
   );
   assert.equal(settings.server.candidates, 16);
   assert.equal(settings.server.maxTokens, 1);
   assert.equal(settings.server.deadlineMs, DEFAULT_SERVER_SETTINGS.deadlineMs);
   assert.equal(settings.server.runtime, 'onnx');
+  assert.equal(settings.server.multiline, 'auto');
   assert.equal(settings.server.device, 'cpu');
   assert.deepEqual(settings.server.enable, DEFAULT_SERVER_SETTINGS.enable);
 });
