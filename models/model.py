@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused_triton
+from .bifurcated_triton import bifurcated_attention_triton
 from .config import ModelConfig
 
 
@@ -29,6 +31,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_triton.use_for(x):  # one kernel instead of nine (CUDA inference)
+            return fused_triton.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)
@@ -45,6 +49,8 @@ def rope_tables(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate (..., T, D) by position; cos/sin (T, D/2). Same layout as HF Llama/Qwen2."""
     half = x.shape[-1] // 2
+    if x.dim() == 4 and half & (half - 1) == 0 and fused_triton.use_for(x):
+        return fused_triton.rope(x, cos, sin)
     x1, x2 = x[..., :half].float(), x[..., half:].float()
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return out.to(x.dtype)
@@ -158,12 +164,14 @@ class Attention(nn.Module):
             y = bifurcated_attention_merged(q[:, :, 0], k_ctx, v_ctx, kd, vd, self.scale)
         elif attention == "bifurcated-einsum":
             y = bifurcated_attention(q[:, :, 0], k_ctx, v_ctx, kd, vd, self.scale)
+        elif attention == "bifurcated-triton":  # two Triton kernels (split context pass + merge)
+            y = bifurcated_attention_triton(q[:, :, 0], k_ctx, v_ctx, kd, vd, self.scale)
         elif attention == "plain":
             kf = torch.cat([k_ctx.expand(n, *k_ctx.shape), kd], dim=2)
             vf = torch.cat([v_ctx.expand(n, *v_ctx.shape), vd], dim=2)
             y = plain_batched_attention(q[:, :, 0], kf, vf, self.scale)
         else:
-            raise ValueError(f"unknown attention {attention!r} (bifurcated, bifurcated-einsum, plain)")
+            raise ValueError(f"unknown attention {attention!r} (bifurcated, bifurcated-einsum, bifurcated-triton, plain)")
         return self.wo(y.reshape(n, 1, -1))
 
 
@@ -255,7 +263,8 @@ class Transformer(nn.Module):
         """One step for N branches. tokens (N,); k_ctx/v_ctx (L, G, M, D) shared by all
         branches; dec_k/dec_v (L, N, G, m_max, D) written at `step`. Returns logits (N, V).
         attention: "bifurcated" (fused context pass + merge), "bifurcated-einsum" (two-part
-        einsum, one softmax) or "plain" (per-branch copies of the context: the reference)."""
+        einsum, one softmax), "bifurcated-triton" (bifurcated_triton.py: split context pass
+        and merge in two Triton kernels) or "plain" (per-branch copies of the context)."""
         m = k_ctx.shape[2]
         cos, sin = rope_tables(self.cfg, torch.arange(m + step, m + step + 1, device=tokens.device))  # no host copy: CUDA-graph safe
         h = self.tok_embeddings(tokens)[:, None]  # (N, 1, dim)

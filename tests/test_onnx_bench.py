@@ -30,3 +30,18 @@ def test_bench_runtime_prints_rows_for_each_stage(tiny_model_dir, capsys):
 
 def test_bench_runtime_rejects_unknown_runtimes(tiny_model_dir):
     assert bench_runtime.run(_args(tiny_model_dir, "onnx-int4")) == 2
+
+
+def test_bench_attention_on_cpu_checks_agreement_and_reports_ratios_and_floors(capsys):
+    from codecomplete.bench import attention as bench_attention
+
+    parser = argparse.ArgumentParser()
+    bench_attention.add_arguments(parser)
+    args = parser.parse_args(["--device", "cpu", "--context", "64", "--n", "1,2", "--repeat", "1", "--json"])
+    assert bench_attention.run(args) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [(r["n"], r["context"]) for r in rows] == [(1, 64), (2, 64)]
+    for r in rows:  # outputs agreed with plain before timing; no Triton rows on CPU
+        assert r["bifurcated_rel_err"] < 1e-4 and "bifurcated_triton_ms" not in r
+        assert r["speedup"] == r["plain_ms"] / r["best_bifurcated_ms"] and r["floor_plain_ms"] > 0
+    assert rows[0]["bifurcated_vs_n1"] == 1.0

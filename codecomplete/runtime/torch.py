@@ -77,22 +77,31 @@ def quantize_bnb_int8(model: Transformer) -> Transformer:
     return model
 
 
-ATTENTION_MODES = ("bifurcated", "bifurcated-einsum", "plain")
+ATTENTION_MODES = ("bifurcated", "bifurcated-einsum", "bifurcated-triton", "plain")
 
 
 class TorchRuntime(Runtime):
     name = "torch"
 
     def __init__(self, source: ModelSource | None, device: str = "cpu", precision: str = "auto",
-                 attention: str = "bifurcated", threads: int | None = None, model: Transformer | None = None):
+                 attention: str = "auto", threads: int | None = None, model: Transformer | None = None):
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' asked for, but torch sees no CUDA device")
         if precision == "auto":
             precision = "bf16" if device == "cuda" else "fp32"
         if precision not in ("fp32", "bf16", "fp16", "int8"):
             raise ValueError(f"unknown precision {precision!r} (fp32, bf16, fp16, int8)")
+        if attention == "auto":  # the Triton kernel on CUDA when Triton is there (it is with CUDA torch)
+            from codecomplete.models.bifurcated_triton import AVAILABLE
+
+            attention = "bifurcated-triton" if device == "cuda" and AVAILABLE else "bifurcated"
         if attention not in ATTENTION_MODES:
             raise ValueError(f"unknown attention {attention!r} ({', '.join(ATTENTION_MODES)})")
+        if attention == "bifurcated-triton":
+            from codecomplete.models.bifurcated_triton import AVAILABLE
+
+            if device != "cuda" or not AVAILABLE:
+                raise ValueError("attention 'bifurcated-triton' needs device 'cuda' and the triton package")
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)

@@ -1,0 +1,83 @@
+"""The Triton kernels (bifurcated decode attention, fused RMSNorm and RoPE) against the
+PyTorch reference. Run on CUDA when there is one, else through Triton's interpreter
+(TRITON_INTERPRET=1, in a subprocess since the flag is read when kernels are defined);
+skipped where Triton is not installed (the laptop install and CI)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+CHECK = textwrap.dedent("""
+    import torch
+    from codecomplete.models import fused_triton
+    from codecomplete.models.bifurcated_triton import bifurcated_attention_triton, plan_splits
+    from codecomplete.models.config import ModelConfig
+    from codecomplete.models.model import RMSNorm, apply_rope, bifurcated_attention, rope_tables
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    tol = 2e-2 if dev == "cuda" else 1e-5
+    torch.manual_seed(0)
+    # N, H, G, D, context, decoded: MHA, GQA (P=7 as Qwen2.5-0.5B), many branches, tiny context
+    for n, h, g, d, ctx, m in [(4, 9, 9, 64, 300, 5), (3, 14, 2, 64, 129, 1), (32, 4, 4, 128, 1000, 17),
+                               (1, 2, 1, 16, 7, 3), (5, 8, 8, 64, 64, 64)]:
+        q = torch.randn(n, h, d, device=dev, dtype=dtype)
+        kc, vc = (torch.randn(g, ctx + 10, d, device=dev, dtype=dtype)[:, :ctx] for _ in range(2))
+        kd, vd = (torch.randn(n, g, m + 4, d, device=dev, dtype=dtype)[:, :, :m] for _ in range(2))
+        ref = bifurcated_attention(q.float(), kc.float(), vc.float(), kd.float(), vd.float(), d ** -0.5)
+        out = bifurcated_attention_triton(q, kc, vc, kd, vd, d ** -0.5)
+        assert out.shape == ref.shape and out.dtype == q.dtype
+        err = float((out.float() - ref).abs().max())
+        assert err < tol, (n, h, g, d, ctx, m, err)
+    # slices: every one non-empty, together exactly the context, about two blocks per SM
+    for ctx in (1, 63, 64, 65, 8192, 16384 + 3):
+        splits, chunk = plan_splits(ctx, 32, 132, 64)
+        assert chunk % 64 == 0 and (splits - 1) * chunk < ctx <= splits * chunk
+    assert plan_splits(8192, 32, 132, 64)[0] * 32 >= 132
+    x = torch.randn(3, 2, 576, device=dev, dtype=dtype)
+    norm = RMSNorm(576).to(dev)
+    with torch.no_grad():
+        norm.weight.normal_()
+        fused_triton.set_enabled(False)
+        ref = norm(x)
+        assert float((fused_triton.rms_norm(x, norm.weight, 1e-5).float() - ref.float()).abs().max()) < tol
+    cfg = ModelConfig(vocab_size=100, dim=256, n_layers=1, n_heads=4, ffn_dim=64, max_seq_len=64)
+    q = torch.randn(2, 5, 4, 64, device=dev, dtype=dtype).transpose(1, 2)  # (B, H, T, D) as _qkv makes it
+    cos, sin = rope_tables(cfg, torch.arange(7, 12, device=dev))
+    out = fused_triton.rope(q, cos, sin)
+    assert out.is_contiguous() and float((out.float() - apply_rope(q, cos, sin).float()).abs().max()) < tol
+    print("ok")
+""")
+
+
+def test_triton_kernels_match_the_pytorch_reference():
+    env = dict(os.environ)
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    except ImportError:
+        cuda = False
+    if not cuda:
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_fused_kernels_are_off_for_cpu_tensors_and_for_training():
+    import torch
+
+    from codecomplete.models import fused_triton
+
+    assert not fused_triton.use_for(torch.zeros(2))
+    if torch.cuda.is_available() and fused_triton.AVAILABLE:
+        w = torch.zeros(2, device="cuda", requires_grad=True)
+        assert not fused_triton.use_for(w * 2) and fused_triton.use_for(torch.zeros(2, device="cuda"))
