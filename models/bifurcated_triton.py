@@ -64,7 +64,7 @@ if AVAILABLE:
         return acc / l_safe[:, None], m_i + tl.log(l_safe)
 
     @triton.jit
-    def _partial_kernel(Q, KC, VC, KD, VD, O, L,
+    def _partial_kernel(Q, KC, VC, KD, VD, PARTS, LSE,
                         stride_qn, stride_qh, stride_kcg, stride_kcm, stride_vcg, stride_vcm,
                         stride_kdn, stride_kdg, stride_kdm, stride_vdn, stride_vdg, stride_vdm,
                         stride_og, stride_os, stride_or, stride_lg, stride_ls,
@@ -75,8 +75,8 @@ if AVAILABLE:
         s = tl.program_id(1)
         r = tl.arange(0, BLOCK_Q)
         d = tl.arange(0, D)
-        o_base = O + g * stride_og + s * stride_os
-        l_base = L + g * stride_lg + s * stride_ls
+        o_base = PARTS + g * stride_og + s * stride_os
+        l_base = LSE + g * stride_lg + s * stride_ls
         if s < n_splits:  # a slice of the shared context, for every query row of head g
             ok = r < NP
             q = tl.load(Q + (r // P)[:, None] * stride_qn + (g * P + r % P)[:, None] * stride_qh + d[None, :],
@@ -96,7 +96,7 @@ if AVAILABLE:
         tl.store(l_base + r, lse, mask=ok)
 
     @triton.jit
-    def _combine_kernel(O, L, OUT, stride_og, stride_os, stride_or, stride_lg, stride_ls,
+    def _combine_kernel(PARTS, LSE, OUT, stride_og, stride_os, stride_or, stride_lg, stride_ls,
                         stride_outn, stride_outh, n_splits,
                         P: tl.constexpr, S_BLOCK: tl.constexpr, D: tl.constexpr):
         g = tl.program_id(0)
@@ -106,12 +106,12 @@ if AVAILABLE:
         sl = tl.arange(0, S_BLOCK)
         d = tl.arange(0, D)
         ok = sl < n_splits
-        lse_c = tl.load(L + g * stride_lg + sl * stride_ls + row, mask=ok, other=float("-inf"))
-        o_c = tl.load(O + g * stride_og + sl[:, None] * stride_os + row * stride_or + d[None, :],
+        lse_c = tl.load(LSE + g * stride_lg + sl * stride_ls + row, mask=ok, other=float("-inf"))
+        o_c = tl.load(PARTS + g * stride_og + sl[:, None] * stride_os + row * stride_or + d[None, :],
                       mask=ok[:, None], other=0.0)
         dec = n_splits + n
-        lse_d = tl.load(L + g * stride_lg + dec * stride_ls + p)
-        o_d = tl.load(O + g * stride_og + dec * stride_os + p * stride_or + d)
+        lse_d = tl.load(LSE + g * stride_lg + dec * stride_ls + p)
+        o_d = tl.load(PARTS + g * stride_og + dec * stride_os + p * stride_or + d)
         top = tl.maximum(tl.max(lse_c, 0), lse_d)
         w_c = tl.exp(lse_c - top)
         w_d = tl.exp(lse_d - top)
