@@ -237,3 +237,22 @@ def test_cuda_without_onnxruntime_gpu_is_a_clear_error(tiny_model_dir):
     with pytest.raises(RuntimeError, match="onnxruntime-gpu"):
         OnnxRuntime(load_model_source(tiny_model_dir), device="cuda")
     assert OnnxRuntime(load_model_source(tiny_model_dir), device="auto").device == "cpu"
+
+
+def test_weights_beside_the_protobuf_give_the_same_logits(tiny_model_dir, monkeypatch):
+    """Big tensors go to onnxruntime as external initializers (no 2 GiB protobuf limit for a
+    0.5B model in float32); the graph that only names them computes the same logits."""
+    from codecomplete.runtime import onnx_graph
+
+    source = load_model_source(str(tiny_model_dir))
+    ids = source.tokenizer.encode(TEXTS[0])
+    logits = {}
+    for threshold in (1 << 40, 256):  # everything inside, then all but the smallest tensors outside
+        monkeypatch.setattr(onnx_graph, "EXTERNAL_MIN_BYTES", threshold)
+        rt = OnnxRuntime(source, precision="fp32")
+        logits[threshold] = rt.prefill(ids)[1]
+        assert (len(rt._external) > 0) == (threshold == 256)
+    np.testing.assert_array_equal(logits[256], logits[1 << 40])
+    external: dict = {}
+    model = onnx_graph.build_model(source.config, source.weights, "fp32", external=external)
+    assert model.ByteSize() < sum(a.nbytes for a in external.values())  # the protobuf holds names, not data

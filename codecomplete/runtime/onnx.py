@@ -117,8 +117,13 @@ class OnnxRuntime(Runtime):
         # int8 runs keep the KV in float16: attention reads half the bytes
         self.kv_dtype = kv_dtype or ("float16" if precision == "int8" else "float32")
         self._np_kv = np.dtype(self.kv_dtype)
-        model = build_model(self.config, source.weights, linear_kind, self.kv_dtype)
+        external: dict[str, np.ndarray] = {}
+        model = build_model(self.config, source.weights, linear_kind, self.kv_dtype, external=external)
         options = ort.SessionOptions()
+        # the big tensors go in beside the protobuf: no 2 GiB limit, no serialised copy
+        self._external = [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()]
+        if external:
+            options.add_external_initializers(list(external), self._external)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
@@ -127,7 +132,7 @@ class OnnxRuntime(Runtime):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only: onnxruntime's warnings are not ours to show
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=self.providers)
-        del model
+        del model, external
         release_free_memory()
         log.info("onnx runtime: %s on %s (%s linear layers, %s KV cache, %d threads)", self.name,
                  self.session.get_providers()[0], linear_kind, self.kv_dtype, self.threads)

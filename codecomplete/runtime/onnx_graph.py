@@ -91,10 +91,13 @@ def linear_weights(weights: dict[str, np.ndarray], int8: bool) -> dict[str, Line
     return out
 
 
+EXTERNAL_MIN_BYTES = 1 << 20  # tensors this big travel beside the protobuf when asked
+
+
 class GraphBuilder:
     """Collects nodes and initializers with unique names; small helpers for common ops."""
 
-    def __init__(self, linear_kind: str):
+    def __init__(self, linear_kind: str, external: dict[str, np.ndarray] | None = None):
         if linear_kind not in LINEAR_KINDS:
             raise ValueError(f"unknown linear kind {linear_kind!r}; choose one of {', '.join(LINEAR_KINDS)}")
         self.linear_kind = linear_kind
@@ -102,6 +105,7 @@ class GraphBuilder:
         self.initializers: list[onnx.TensorProto] = []
         self._names: set[str] = set()
         self._consts: dict[tuple, str] = {}
+        self.external = external  # name -> array for tensors kept out of the protobuf
 
     def _fresh(self, base: str) -> str:
         name, i = base, 1
@@ -119,7 +123,12 @@ class GraphBuilder:
 
     def init(self, array: np.ndarray, name: str) -> str:
         name = self._fresh(name)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.ascontiguousarray(array)
+        if self.external is not None and array.nbytes >= EXTERNAL_MIN_BYTES:
+            self.initializers.append(external_tensor(name, array))
+            self.external[name] = array
+        else:
+            self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
     def const(self, value, dtype=np.int64) -> str:
@@ -267,11 +276,26 @@ def causal_mask(b: GraphBuilder, t: str, j: str, jt: str) -> str:
 KV_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 
 
+def external_tensor(name: str, array: np.ndarray) -> onnx.TensorProto:
+    """An initializer that names its data but does not hold it: onnxruntime takes the data
+    from SessionOptions.add_external_initializers. Keeps a protobuf under its 2 GiB limit
+    (a 0.5B-parameter model in float32 is 2.0 GB) and the weights out of a serialised copy."""
+    t = helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape)
+    tensor = onnx.TensorProto(name=name, data_type=t.type.tensor_type.elem_type, dims=list(array.shape))
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", f"memory:{name}"), ("offset", "0"), ("length", str(array.nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
 def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: str = "int8",
-                kv_dtype: str = "float32") -> onnx.ModelProto:
+                kv_dtype: str = "float32", external: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
     """The prefill/decode graph of a model (see the module docstring for its inputs).
-    kv_dtype float16 stores the caches in half the bytes; attention still runs in float32."""
-    b = GraphBuilder(linear_kind)
+    kv_dtype float16 stores the caches in half the bytes; attention still runs in float32.
+    external: a dict to receive the tensors of EXTERNAL_MIN_BYTES or more, which the graph
+    then only names (see external_tensor); None keeps everything inside the protobuf."""
+    b = GraphBuilder(linear_kind, external)
     lw = linear_weights(weights, int8=linear_kind != "fp32")
     g, hd, h = cfg.n_kv_heads, cfg.head_dim, cfg.n_heads
     f32, kv_type = TensorProto.FLOAT, KV_DTYPES[kv_dtype]
