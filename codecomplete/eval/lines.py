@@ -190,6 +190,10 @@ def score(cases: Sequence[Case], generated) -> tuple[dict, list[dict]]:
             "model_calls": gen.model_calls,
             "latency_ms": round(gen.latency_ms, 3),
             "timings_ms": {k: round(v, 3) for k, v in gen.timings_ms.items()},  # the engine's stages
+            # the ranked candidates with their score parts: rerank weights can be studied offline
+            "ranked": [{"line": line, "logprob": round(c.logprob, 4),
+                        "parts": {k: round(v, 4) for k, v in (c.score_parts or {}).items()}}
+                       for line, c in zip(lines, gen.candidates, strict=True)],
         }
         if lines:
             suffix = case.request.suffix[max(gen.candidates[0].replace_suffix_chars, 0):]
