@@ -61,10 +61,11 @@ async def _replay(text: str, uri: str, language: str, start: int, keystrokes: in
         cursor = start
         latencies: list[float] = []
         by_source: dict[str, list[float]] = {}
+        per_key: list[dict] = []
         pending: list[asyncio.Future] = []
         counts = {"answered": 0, "empty": 0, "errors": 0, "items": 0}
 
-        async def request(position: types.Position) -> None:
+        async def request(position: types.Position, offset: int) -> None:
             t0 = time.perf_counter()
             seen = len(statuses)
             try:
@@ -80,6 +81,7 @@ async def _replay(text: str, uri: str, language: str, start: int, keystrokes: in
                 await asyncio.sleep(0)
                 sources = [s.source for s in statuses[seen:] if getattr(s, "source", None)]
                 by_source.setdefault(sources[-1] if sources else "none", []).append(ms)
+                per_key.append({"offset": offset, "ms": ms, "source": sources[-1] if sources else "none"})
             items = list(getattr(result, "items", None) or [])
             counts["answered" if items else "empty"] += 1
             counts["items"] += len(items)
@@ -91,7 +93,7 @@ async def _replay(text: str, uri: str, language: str, start: int, keystrokes: in
             cursor += 1
             client.text_document_did_change(types.DidChangeTextDocumentParams(
                 text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=version), content_changes=[edit]))
-            task = asyncio.ensure_future(request(doc.position_at(cursor, UTF16)))
+            task = asyncio.ensure_future(request(doc.position_at(cursor, UTF16), cursor))
             if interval_ms > 0:  # typing at a fixed rate: newer requests supersede older ones
                 pending.append(task)
                 await asyncio.sleep(interval_ms / 1000.0)
@@ -123,6 +125,7 @@ async def _replay(text: str, uri: str, language: str, start: int, keystrokes: in
                       for k, v in sorted(by_source.items())},
         "warm_p50_ms": percentile(by_source.get("warm", []), 50),
         "warm_p95_ms": percentile(by_source.get("warm", []), 95),
+        "keystrokes": per_key,
     }
 
 

@@ -33,3 +33,23 @@ def test_replay_of_a_broken_model_raises_with_the_servers_message(tmp_path):
 def test_default_start_is_a_line_start_with_room_to_type():
     start = default_start(SAMPLE_CODE, 20)
     assert SAMPLE_CODE[start - 1] == "\n" and len(SAMPLE_CODE) - start >= 20
+
+
+def test_bench_latency_compares_the_server_with_the_engine_on_the_same_keystrokes(tiny_model_dir, capsys):
+    import argparse
+    import json
+
+    from codecomplete.bench import latency
+
+    parser = argparse.ArgumentParser()
+    latency.add_arguments(parser)
+    args = parser.parse_args(["--model", str(tiny_model_dir), "--keystrokes", "6", "--cold", "1", "--n", "2",
+                              "--max-tokens", "3", "--lsp", "--json"])
+    assert latency.run(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    engine_kinds = [k["kind"] for k in result["engine"]["keystrokes"]]
+    lsp_kinds = [k["source"] for k in result["lsp"]["keystrokes"]]
+    assert len(engine_kinds) == len(lsp_kinds) == 6 and set(lsp_kinds) <= {"warm", "cache", "cold"}
+    assert result["lsp"]["multiline"] == "never" and result["cold_p50_ms"] > 0
+    warm_both = sum(e == "warm" and s == "warm" for e, s in zip(engine_kinds, lsp_kinds, strict=True))
+    assert result["lsp_warm_paired_keystrokes"] == warm_both

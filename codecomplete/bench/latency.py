@@ -142,6 +142,13 @@ def run(args) -> int:
         # like for like: keystrokes where the model ran with its prefix KV reused, on both paths
         result["lsp_minus_engine_warm_p50_ms"] = lsp["warm_p50_ms"] - flat["warm_p50_ms"]
         result["lsp_cache_p50_ms"] = cache.get("p50_ms")
+        # the same keystrokes, warm on both paths: the server's overhead without the noise of
+        # which keystrokes happened to run the model
+        engine_ms = {k["offset"]: k["ms"] for k in result["engine"]["keystrokes"] if k["kind"] == "warm"}
+        paired = [k["ms"] - engine_ms[k["offset"]] for k in lsp["keystrokes"]
+                  if k["source"] == "warm" and k["offset"] in engine_ms]
+        result["lsp_minus_engine_warm_paired_p50_ms"] = percentile(paired, 50)
+        result["lsp_warm_paired_keystrokes"] = len(paired)
     emit(result if args.json else {k: v for k, v in result.items() if k not in ("engine", "lsp")}, args.json,
          format_table(rows, list(rows[0].keys())))
     if args.plot:
