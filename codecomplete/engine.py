@@ -137,7 +137,7 @@ class Engine:
                         constraint=constraint, trie=self.trie if constraint else None,
                         stop_ids=self.stop_ids, stop_fn=stop_fn, temperature=opts.temperature,
                         top_p=opts.top_p, seed=opts.seed, deadline=deadline, cancelled=cancelled,
-                        banned=self.banned_ids if len(self.banned_ids) else None)
+                        banned=self.banned_ids if len(self.banned_ids) else None, patience=opts.patience_steps)
 
     @staticmethod
     def _to_candidates(result: GenerationResult, constraint: bytes, scope: CompletionScope) -> list[Candidate]:
@@ -150,7 +150,9 @@ class Engine:
             if b.cut_bytes >= 0:
                 visible = visible[: b.cut_bytes]
             text = visible.decode("utf-8", errors="ignore")
-            if b.stop_reason == "deadline" and scope.multiline and "\n" in text:
+            if b.stop_reason == "patience" and not scope.multiline:
+                continue  # an unfinished line
+            if b.stop_reason in ("deadline", "patience") and scope.multiline and "\n" in text:
                 text = text[: text.rfind("\n")]  # a late block is cut at its last full line
             out.append(Candidate(text=text, logprob=b.logprob_sum / max(1, b.scored_tokens),
                                  tokens=len(b.tokens), stop_reason=b.stop_reason))

@@ -27,6 +27,9 @@ class CompletionOptions:
     rerank: bool = True
     multiline: bool | None = None  # None: decided from the syntax at the cursor
     deadline_ms: float = 1000.0
+    # after the greedy candidate ends, the sampled ones get this many more decode steps
+    # (None: wait for all); an unfinished one is dropped from one-line answers
+    patience_steps: int | None = 4
     prefix_tokens: int = 768  # budgets; the runtime's context caps the sum
     suffix_tokens: int = 256
     neighbour_tokens: int = 256

@@ -62,12 +62,15 @@ def generate(runtime: Runtime, context: ContextState, first_logits: np.ndarray, 
              stop_ids: set[int], stop_fn: Callable[[bytes], int | None],
              temperature: float = 0.8, top_p: float = 0.95, seed: int = 0,
              deadline: float | None = None, cancelled: Callable[[], bool] = lambda: False,
-             banned: np.ndarray | None = None) -> GenerationResult:
+             banned: np.ndarray | None = None, patience: int | None = None) -> GenerationResult:
     """Decode n candidates (0 greedy, the rest sampled with seeds seed+i).
 
     stop_fn(visible_bytes) returns how many visible bytes to keep when the text must
     stop there (line end, block end), else None. deadline is a time.monotonic() value.
     banned: ids never sampled (special or placeholder tokens that are not stops).
+    patience: once the greedy candidate has ended, the others get at most this many more
+    steps (stop_reason "patience"); a keystroke then costs about the greedy answer's
+    length instead of the longest sample's. None waits for every candidate.
     """
     token_bytes = runtime.tokenizer.token_bytes
     branches = [Branch(i, remaining=constraint) for i in range(n)]
@@ -77,6 +80,7 @@ def generate(runtime: Runtime, context: ContextState, first_logits: np.ndarray, 
     state = None
     constraint_ms = 0.0
     steps = 0
+    greedy_done_at = None
     vocab = first_logits.shape[-1]
     for step in range(max_new_tokens):
         for row, bi in enumerate(active):
@@ -127,6 +131,12 @@ def generate(runtime: Runtime, context: ContextState, first_logits: np.ndarray, 
             for bi in still:
                 branches[bi].stop_reason = "deadline"
             break
+        if patience is not None and branches[0].done:
+            greedy_done_at = step if greedy_done_at is None else greedy_done_at
+            if step - greedy_done_at >= patience:
+                for bi in still:
+                    branches[bi].stop_reason = "patience"
+                break
         next_tokens = [branches[bi].tokens[-1] for bi in still]
         if state is None:
             state = runtime.start_branches(context, len(still), max_new_tokens)

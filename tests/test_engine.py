@@ -53,6 +53,21 @@ def test_generated_text_always_agrees_with_the_backed_off_text(engine, offset, s
         assert data.startswith(bo.removed) or bo.removed.startswith(data)
 
 
+def test_patience_stops_the_samples_soon_after_the_greedy_candidate_ends(engine):
+    import numpy as np
+
+    rt = engine.runtime
+    state, logits = rt.prefill(rt.tokenizer.encode(SOURCE))
+    greedy_first = int(np.argmax(logits))  # a stop token for the greedy branch only
+    runs = {patience: generate(rt, state, logits, n=4, max_new_tokens=8, constraint=b"", trie=None,
+                               stop_ids={greedy_first}, stop_fn=lambda b: None, temperature=2.0,
+                               patience=patience)
+            for patience in (None, 1)}
+    assert runs[1].branches[0].stop_reason == "eos" and runs[1].steps <= 2
+    assert {b.stop_reason for b in runs[1].branches[1:]} <= {"patience", "eos"}
+    assert runs[None].steps == 7 and {b.stop_reason for b in runs[None].branches[1:]} == {"max_tokens"}
+
+
 def test_mid_token_completion_is_inserted_after_the_typed_text(engine):
     text = SOURCE + "        pri"
     completion = engine.complete(_request(text, len(text)))

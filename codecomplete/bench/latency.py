@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--deadline-ms", type=float, default=2000.0)
     p.add_argument("--prompt-tokens", type=int, default=1024, help="prefix + suffix token budget")
+    p.add_argument("--patience", type=int, default=4,
+                   help="decode steps the sampled candidates get after the greedy one ends (-1: wait for all)")
     p.add_argument("--start", type=int, default=None, help="character offset where typing begins")
     p.add_argument("--model", default=None)
     p.add_argument("--runtime", default="onnx", choices=["onnx", "torch"])
@@ -113,6 +115,7 @@ def run(args) -> int:
     start = args.start if args.start is not None else default_start(text, args.keystrokes)
     suffix_budget = args.prompt_tokens // 4
     opts = dict(n=args.n, max_new_tokens=args.max_tokens, deadline_ms=args.deadline_ms, multiline=False,
+                patience_steps=None if args.patience < 0 else args.patience,
                 prefix_tokens=args.prompt_tokens - suffix_budget, suffix_tokens=suffix_budget)
     progress(f"bench latency: loading {args.model or 'the default model'} ({args.runtime}, {args.device})")
     t0 = time.perf_counter()

@@ -69,6 +69,8 @@ def _common_arguments(p: argparse.ArgumentParser, max_new_tokens: int, deadline_
     p.add_argument("--temperature", type=float, default=CompletionOptions().temperature)
     p.add_argument("--no-align", action="store_true", help="turn token alignment off")
     p.add_argument("--no-rerank", action="store_true", help="keep the model's order (no tree-sitter rerank)")
+    p.add_argument("--patience", type=int, default=4,
+                   help="decode steps the sampled candidates get after the greedy one ends (-1: wait for all)")
     p.add_argument("--reference", action="store_true",
                    help="answer with the dataset's own solution instead of a model (checks the harness)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -87,6 +89,7 @@ def _options(args, n: int, multiline: bool) -> CompletionOptions:
     return CompletionOptions(
         n=n, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
         align=not args.no_align, rerank=not args.no_rerank, multiline=multiline, deadline_ms=args.deadline_ms,
+        patience_steps=None if args.patience < 0 else args.patience,
     )
 
 
