@@ -63,7 +63,7 @@ if AVAILABLE:
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         return acc / l_safe[:, None], m_i + tl.log(l_safe)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "m", "chunk", "n_splits"])  # one compile per shape class, not per step
     def _partial_kernel(Q, KC, VC, KD, VD, PARTS, LSE,
                         stride_qn, stride_qh, stride_kcg, stride_kcm, stride_vcg, stride_vcm,
                         stride_kdn, stride_kdg, stride_kdm, stride_vdn, stride_vdg, stride_vdm,
@@ -95,7 +95,7 @@ if AVAILABLE:
         tl.store(o_base + r[:, None] * stride_or + d[None, :], out, mask=ok[:, None])
         tl.store(l_base + r, lse, mask=ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_splits"])
     def _combine_kernel(PARTS, LSE, OUT, stride_og, stride_os, stride_or, stride_lg, stride_ls,
                         stride_outn, stride_outh, n_splits,
                         P: tl.constexpr, S_BLOCK: tl.constexpr, D: tl.constexpr):

@@ -65,6 +65,33 @@ if AVAILABLE:
         tl.store(out + HALF + c, (x2 * cos + x1 * sin).to(Y.dtype.element_ty))
 
 
+if AVAILABLE:
+
+    @triton.jit
+    def _silu_mul_kernel(G, U, Y, stride_g, stride_u, cols, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = c < cols
+        g = tl.load(G + row * stride_g + c, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(U + row * stride_u + c, mask=ok, other=0.0).to(tl.float32)
+        y = g / (1.0 + tl.exp(-g)) * u
+        tl.store(Y + row * cols + c, y.to(Y.dtype.element_ty), mask=ok)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up in one kernel (float32 inside); gate/up may be halves of one tensor."""
+    cols = gate.shape[-1]
+    g2, u2 = gate.reshape(-1, cols), up.reshape(-1, cols)
+    if g2.stride(-1) != 1 or u2.stride(-1) != 1:
+        g2, u2 = g2.contiguous(), u2.contiguous()
+    y = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
+    if y.numel():
+        block = 1024
+        _silu_mul_kernel[(g2.shape[0], triton.cdiv(cols, block))](g2, u2, y, g2.stride(0), u2.stride(0), cols,
+                                                                  BLOCK=block, num_warps=4)
+    return y.view(gate.shape)
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 

@@ -121,14 +121,19 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
         self.scale = 1.0 / math.sqrt(hd)
+        self.wqkv: nn.Linear | None = None  # set by Transformer.fuse_projections (inference)
 
     def _qkv(self, x, cos, sin):
         """x (B, T, dim) -> q (B, H, T, D), k, v (B, G, T, D) with RoPE applied."""
         b, t, _ = x.shape
-        hd = self.cfg.head_dim
-        q = self.wq(x).view(b, t, self.cfg.n_heads, hd).transpose(1, 2)
-        k = self.wk(x).view(b, t, self.cfg.n_kv_heads, hd).transpose(1, 2)
-        v = self.wv(x).view(b, t, self.cfg.n_kv_heads, hd).transpose(1, 2)
+        hd, h, g = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
+        if self.wqkv is not None:  # one matrix product instead of three
+            q, k, v = self.wqkv(x).split([h * hd, g * hd, g * hd], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(b, t, h, hd).transpose(1, 2)
+        k = k.view(b, t, g, hd).transpose(1, 2)
+        v = v.view(b, t, g, hd).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward_causal(self, x, cos, sin, k_cache=None, v_cache=None, start: int = 0):
@@ -175,14 +180,31 @@ class Attention(nn.Module):
         return self.wo(y.reshape(n, 1, -1))
 
 
+def _stack_linear(parts: list[nn.Linear]) -> nn.Linear:
+    """One nn.Linear whose outputs are the parts' outputs, concatenated."""
+    w = torch.cat([p.weight for p in parts], dim=0)
+    bias = [p.bias for p in parts]
+    out = nn.Linear(w.shape[1], w.shape[0], bias=bias[0] is not None, device=w.device, dtype=w.dtype)
+    out.weight.copy_(w)
+    if bias[0] is not None:
+        out.bias.copy_(torch.cat(bias))
+    return out
+
+
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # gate
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # up
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
+        self.w13: nn.Linear | None = None  # gate and up in one matrix (Transformer.fuse_projections)
 
     def forward(self, x):
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+            if fused_triton.use_for(gate):
+                return self.w2(fused_triton.silu_mul(gate, up))
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -216,6 +238,26 @@ class Transformer(nn.Module):
                 std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+
+    @torch.no_grad()
+    def fuse_projections(self) -> bool:
+        """For inference: q/k/v in one linear layer and gate/up in another (fewer, larger
+        matrix products per decode step; the separate layers are dropped). Only plain
+        nn.Linear layers are fused (not int8 ones); returns whether anything was fused."""
+        fused = False
+        for layer in self.layers:
+            att, ffn = layer.attention, layer.feed_forward
+            if att.wqkv is None and all(type(m) is nn.Linear for m in (att.wq, att.wk, att.wv)):
+                att.wqkv = _stack_linear([att.wq, att.wk, att.wv])
+                del att.wq, att.wk, att.wv
+                att.wq = att.wk = att.wv = None
+                fused = True
+            if ffn.w13 is None and all(type(m) is nn.Linear for m in (ffn.w1, ffn.w3)):
+                ffn.w13 = _stack_linear([ffn.w1, ffn.w3])
+                del ffn.w1, ffn.w3
+                ffn.w1 = ffn.w3 = None
+                fused = True
+        return fused
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.norm(h)

@@ -106,3 +106,24 @@ def test_causal_forward_equals_prefill_all_positions():
     tokens = torch.randint(0, model.cfg.vocab_size, (33,), generator=torch.Generator().manual_seed(9))
     k, v = model.new_cache(64)
     assert _rel_err(model.prefill(tokens, k, v, 0, last_only=False), model(tokens[None])[0]) < 1e-5
+
+
+@pytest.mark.parametrize("n_kv_heads,qkv_bias", [(4, False), (2, True)])
+def test_fused_projections_give_the_same_prefill_and_decode(n_kv_heads, qkv_bias):
+    import copy
+
+    model = _tiny(n_kv_heads, qkv_bias)
+    fused = copy.deepcopy(model)
+    assert fused.fuse_projections() and not fused.fuse_projections()  # once only
+    att = fused.layers[0].attention
+    assert att.wq is None and att.wqkv.weight.shape[0] == (4 + 2 * n_kv_heads) * model.cfg.head_dim
+    prompt = torch.randint(0, model.cfg.vocab_size, (29,), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for m in (model, fused):
+        k, v = m.new_cache(64)
+        first = m.prefill(prompt, k, v, 0)
+        shape = (m.cfg.n_layers, 3, m.cfg.n_kv_heads, 4, m.cfg.head_dim)
+        dk, dv = torch.zeros(shape), torch.zeros(shape)
+        step = m.decode_step(torch.tensor([1, 2, 3]), k[:, :, :29], v[:, :, :29], dk, dv, 0)
+        outs.append((first, step))
+    assert _rel_err(outs[1][0], outs[0][0]) < 1e-5 and _rel_err(outs[1][1], outs[0][1]) < 1e-5

@@ -54,6 +54,10 @@ CHECK = textwrap.dedent("""
     cos, sin = rope_tables(cfg, torch.arange(7, 12, device=dev))
     out = fused_triton.rope(q, cos, sin)
     assert out.is_contiguous() and float((out.float() - apply_rope(q, cos, sin).float()).abs().max()) < tol
+    gate_up = torch.randn(3, 1, 2 * 1500, device=dev, dtype=dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    ref = (torch.nn.functional.silu(gate.float()) * up.float())
+    assert float((fused_triton.silu_mul(gate, up).float() - ref).abs().max()) < tol * 4
     print("ok")
 """)
 

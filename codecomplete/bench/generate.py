@@ -124,7 +124,8 @@ def run(args) -> int:
                     if ctx + args.new_tokens + 2 > cfg.max_seq_len:
                         continue
                     prompt = rng.integers(16, cfg.vocab_size, ctx).tolist()
-                    _completion(rt, prompt[:64], 1, 2, args.device)  # warm-up
+                    for n in ns:  # warm-up: kernels compile per branch count (Triton), caches fill
+                        _completion(rt, prompt[:64], n, 2, args.device)
                     for n in ns:
                         r = _completion(rt, prompt, n, args.new_tokens, args.device)
                         rows.append({"shape": shape, "layers": cfg.n_layers, "precision": precision, "attention": mode,

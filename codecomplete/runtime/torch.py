@@ -118,6 +118,8 @@ class TorchRuntime(Runtime):
         if precision == "int8":
             model = quantize_bnb_int8(model) if device == "cuda" else quantize_weight_only_int8(model)
             model = model.to(device)
+        else:  # q/k/v and gate/up as one matrix each: fewer, larger products per step
+            model.fuse_projections()
         self.model = model
         self.config = model.cfg
         self.tokenizer = source.tokenizer if source is not None else None
