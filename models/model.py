@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import fused_triton
 from .bifurcated_triton import bifurcated_attention_triton
@@ -100,6 +101,19 @@ def bifurcated_attention_merged(q, k_ctx, v_ctx, k_dec, v_dec, scale: float):
     return out.to(q.dtype).reshape(n, h, d)
 
 
+_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa(q, k, v, **kwargs):
+    """scaled_dot_product_attention without the cuDNN backend on CUDA: cuDNN plans its
+    kernel for every new key length, and a decode step (or a prefill) has a new one each
+    time; that planning cost ~5 ms of CPU per call, more than the whole GPU step."""
+    if q.is_cuda:
+        with sdpa_kernel(_NO_CUDNN):
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 def plain_batched_attention(q, k_full, v_full, scale: float):
     """Reference decode step: q (N, H, D), k_full/v_full (N, G, M + m, D) per-branch copies."""
     n, h, d = q.shape
@@ -107,7 +121,7 @@ def plain_batched_attention(q, k_full, v_full, scale: float):
     if g != h:  # expand kv heads to query heads
         k_full = k_full.repeat_interleave(h // g, dim=1)
         v_full = v_full.repeat_interleave(h // g, dim=1)
-    out = F.scaled_dot_product_attention(q[:, :, None, :], k_full, v_full, scale=scale)
+    out = sdpa(q[:, :, None, :], k_full, v_full, scale=scale)
     return out[:, :, 0, :]
 
 
@@ -150,10 +164,10 @@ class Attention(nn.Module):
             k = k.repeat_interleave(h // g, dim=1)
             v = v.repeat_interleave(h // g, dim=1)
         if start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            y = sdpa(q, k, v, is_causal=True, scale=self.scale)
         else:  # query i (absolute start + i) sees keys 0..start + i
             mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            y = sdpa(q, k, v, attn_mask=mask, scale=self.scale)
         y = y.transpose(1, 2).reshape(b, t, h * self.cfg.head_dim)
         return self.wo(y)
 
