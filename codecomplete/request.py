@@ -90,3 +90,9 @@ class Completion:
     prefill_reused_tokens: int = 0
     prefill_new_tokens: int = 0
     cancelled: bool = False
+
+    @property
+    def source(self) -> str:
+        """How the answer was made: "cache" (typing-as-suggested), "warm" (the model ran with
+        its prefix KV reused) or "cold" (a full prefill)."""
+        return "cache" if self.cached else "warm" if self.prefill_reused_tokens > 0 else "cold"

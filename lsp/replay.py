@@ -60,7 +60,6 @@ async def _replay(text: str, uri: str, language: str, start: int, keystrokes: in
             uri=uri, language_id=language, version=1, text=doc.text)))
         cursor = start
         latencies: list[float] = []
-        by_source: dict[str, list[float]] = {}
         per_key: list[dict] = []
         pending: list[asyncio.Future] = []
         counts = {"answered": 0, "empty": 0, "errors": 0, "items": 0}
@@ -80,7 +79,6 @@ async def _replay(text: str, uri: str, language: str, start: int, keystrokes: in
             if interval_ms <= 0:  # one request at a time: its status (sent before the answer) is the newest
                 await asyncio.sleep(0)
                 sources = [s.source for s in statuses[seen:] if getattr(s, "source", None)]
-                by_source.setdefault(sources[-1] if sources else "none", []).append(ms)
                 per_key.append({"offset": offset, "ms": ms, "source": sources[-1] if sources else "none"})
             items = list(getattr(result, "items", None) or [])
             counts["answered" if items else "empty"] += 1
@@ -112,6 +110,9 @@ async def _replay(text: str, uri: str, language: str, start: int, keystrokes: in
                 server.kill()
         await client.stop()
     n = len(latencies)
+    by_source: dict[str, list[float]] = {}
+    for k in per_key:
+        by_source.setdefault(k["source"], []).append(k["ms"])
     return {
         "requests": n + counts["errors"], "answered": counts["answered"], "empty": counts["empty"],
         "errors": counts["errors"], "items_mean": counts["items"] / n if n else 0.0,

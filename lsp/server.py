@@ -320,8 +320,7 @@ class CodecompleteServer(LanguageServer):
             if self._latest.get(uri) is job:
                 del self._latest[uri]
         if completion is not None and not completion.cancelled:
-            source = "cache" if completion.cached else "warm" if completion.prefill_reused_tokens > 0 else "cold"
-            self.notify_status("ready", latency_ms=(time.perf_counter() - t0) * 1000.0, source=source)
+            self.notify_status("ready", latency_ms=(time.perf_counter() - t0) * 1000.0, source=completion.source)
         return prepared, completion
 
     def watch_parent(self, pid: int) -> None:

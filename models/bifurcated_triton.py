@@ -23,6 +23,8 @@ import functools
 
 import torch
 
+from .fused_triton import next_pow2
+
 try:
     import triton
     import triton.language as tl
@@ -31,10 +33,6 @@ except ImportError:  # the laptop install and CI have no Triton: callers check A
     tl = None
 
 AVAILABLE = triton is not None
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
 
 
 if AVAILABLE:
@@ -151,7 +149,7 @@ def bifurcated_attention_triton(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: tor
             raise ValueError("the last dimension of every input must be contiguous")
     p = h // g
     rows = n * p
-    block_q = max(16, _next_pow2(rows))
+    block_q = max(16, next_pow2(rows))
     block_k = 64 if d >= 128 or block_q >= 128 else 128
     sms = _sm_count(q.device.index or 0) if q.is_cuda else 8
     n_splits, chunk = plan_splits(ctx, g, sms, block_k)
@@ -168,5 +166,5 @@ def bifurcated_attention_triton(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: tor
     out = torch.empty(n, h, d, device=q.device, dtype=q.dtype)
     _combine_kernel[(g, rows)](
         parts, lse, out, parts.stride(0), parts.stride(1), parts.stride(2), lse.stride(0), lse.stride(1),
-        out.stride(0), out.stride(1), n_splits, P=p, S_BLOCK=max(2, _next_pow2(n_splits)), D=d, num_warps=1)
+        out.stride(0), out.stride(1), n_splits, P=p, S_BLOCK=max(2, next_pow2(n_splits)), D=d, num_warps=1)
     return out

@@ -92,7 +92,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return y.view(gate.shape)
 
 
-def _next_pow2(x: int) -> int:
+def next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
@@ -104,7 +104,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         rows = rows.contiguous()
     y = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     if rows.shape[0]:
-        block = _next_pow2(dim)
+        block = next_pow2(dim)
         _rmsnorm_kernel[(rows.shape[0],)](rows, weight, y, rows.stride(0), y.stride(0), dim, eps,
                                           BLOCK=block, num_warps=4 if block <= 2048 else 8)
     return y.view(x.shape)

@@ -263,12 +263,10 @@ class Transformer(nn.Module):
             att, ffn = layer.attention, layer.feed_forward
             if att.wqkv is None and all(type(m) is nn.Linear for m in (att.wq, att.wk, att.wv)):
                 att.wqkv = _stack_linear([att.wq, att.wk, att.wv])
-                del att.wq, att.wk, att.wv
                 att.wq = att.wk = att.wv = None
                 fused = True
             if ffn.w13 is None and all(type(m) is nn.Linear for m in (ffn.w1, ffn.w3)):
                 ffn.w13 = _stack_linear([ffn.w1, ffn.w3])
-                del ffn.w1, ffn.w3
                 ffn.w1 = ffn.w3 = None
                 fused = True
         return fused

@@ -88,7 +88,7 @@ def replay_engine(engine, text: str, path: str, language: str, start: int, keyst
         t0 = time.perf_counter()
         c = engine.complete(request(offset, suffix))
         ms = (time.perf_counter() - t0) * 1000
-        kind = "cache" if c.cached else ("warm" if c.prefill_reused_tokens > 0 else "cold")
+        kind = c.source
         per_key.append({"offset": offset, "ms": ms, "kind": kind, "new_tokens": c.prefill_new_tokens})
         (cached if kind == "cache" else warm if kind == "warm" else other).append((ms, c))
     warm_ms = [m for m, _ in warm]

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
+from codecomplete.models import bifurcated_triton
 from codecomplete.models.folder import dequantize
 from codecomplete.models.model import Transformer, decode_step_plain_cached
 from codecomplete.models.source import ModelSource
@@ -91,16 +92,13 @@ class TorchRuntime(Runtime):
             precision = "bf16" if device == "cuda" else "fp32"
         if precision not in ("fp32", "bf16", "fp16", "int8"):
             raise ValueError(f"unknown precision {precision!r} (fp32, bf16, fp16, int8)")
+        triton_ok = device == "cuda" and bifurcated_triton.AVAILABLE
         if attention == "auto":  # the Triton kernel on CUDA when Triton is there (it is with CUDA torch)
-            from codecomplete.models.bifurcated_triton import AVAILABLE
-
-            attention = "bifurcated-triton" if device == "cuda" and AVAILABLE else "bifurcated"
+            attention = "bifurcated-triton" if triton_ok else "bifurcated"
         if attention not in ATTENTION_MODES:
             raise ValueError(f"unknown attention {attention!r} ({', '.join(ATTENTION_MODES)})")
         if attention == "bifurcated-triton":
-            from codecomplete.models.bifurcated_triton import AVAILABLE
-
-            if device != "cuda" or not AVAILABLE:
+            if not triton_ok:
                 raise ValueError("attention 'bifurcated-triton' needs device 'cuda' and the triton package")
         if threads:
             torch.set_num_threads(threads)
