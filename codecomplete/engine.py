@@ -56,9 +56,9 @@ class Engine:
 
     @classmethod
     def load(cls, model: str | None = None, runtime: str = "onnx", device: str = "cpu",
-             precision: str = "auto") -> Engine:
+             precision: str = "auto", threads: int | None = None) -> Engine:
         """Load a model (None: the shipped default) into a runtime and wrap it."""
-        return cls(load_runtime(model, runtime=runtime, device=device, precision=precision))
+        return cls(load_runtime(model, runtime=runtime, device=device, precision=precision, threads=threads))
 
     def describe(self) -> dict:
         return {**self.runtime.describe(), "params_m": round(self.runtime.config.n_params() / 1e6, 1)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import platform
 import sys
 from dataclasses import asdict
@@ -76,6 +77,8 @@ def _common_arguments(p: argparse.ArgumentParser, max_new_tokens: int, deadline_
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--report", metavar="DIR", help="write results.json, report.md and plots into DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--workers", type=int, default=1,
+                   help="model processes generating in parallel (each loads the model; CPU threads are shared out)")
 
 
 def _execution_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -96,6 +99,13 @@ def _options(args, n: int, multiline: bool) -> CompletionOptions:
 def _engine(args, cases):
     if args.reference:
         return ReferenceEngine(cases)
+    if args.workers > 1:
+        from codecomplete.eval.parallel import EngineSpec, ParallelEngine, threads_per_worker
+
+        threads = threads_per_worker(args.workers) if args.device == "cpu" else 1
+        engine = ParallelEngine(EngineSpec(args.model, args.runtime, args.device, threads), args.workers)
+        atexit.register(engine.close)
+        return engine
     from codecomplete.engine import Engine
 
     return Engine.load(args.model, runtime=args.runtime, device=args.device)

@@ -94,6 +94,9 @@ class Progress:
 def generate_all(engine: EngineLike, cases: Sequence[Case], show_progress: bool = True) -> list[Generated]:
     """Run the engine on every case in order; an engine error is recorded, reported once, and scored as a miss."""
     progress = Progress(len(cases), "generate", show_progress)
+    complete_all = getattr(engine, "complete_all", None)
+    if complete_all is not None:  # several model processes (eval/parallel.py)
+        return complete_all(cases, progress)
     out = []
     reported = False
     for case in cases:

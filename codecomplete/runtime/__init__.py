@@ -10,8 +10,9 @@ RUNTIMES = ("onnx", "torch")
 
 
 def load_runtime(model: str | None = None, runtime: str = "onnx", device: str = "cpu",
-                 precision: str = "auto", source=None) -> Runtime:
-    """Load a model (None: the shipped default) into the named runtime."""
+                 precision: str = "auto", source=None, threads: int | None = None) -> Runtime:
+    """Load a model (None: the shipped default) into the named runtime.
+    threads: CPU threads for its kernels (None: the runtime's choice, all physical cores)."""
     from codecomplete.models.source import load_model_source
 
     if runtime not in RUNTIMES:
@@ -24,7 +25,7 @@ def load_runtime(model: str | None = None, runtime: str = "onnx", device: str = 
             from .torch import TorchRuntime
         except ImportError as e:
             raise RuntimeError("the torch runtime needs torch: pip install 'codecomplete[torch]'") from e
-        return TorchRuntime(source, device=device, precision=precision)
+        return TorchRuntime(source, device=device, precision=precision, threads=threads)
     from .onnx import OnnxRuntime
 
-    return OnnxRuntime(source, device=device, precision=precision)
+    return OnnxRuntime(source, device=device, precision=precision, threads=threads)
