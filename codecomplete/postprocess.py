@@ -279,6 +279,9 @@ class CompletionScope:
     suffix_closes_block: bool = True  # the block's closer already follows the cursor
     start_string: str | None = None  # the cursor sits inside this string delimiter
     start_comment: str | None = None
+    # brackets opened on the cursor line before the cursor and closed by nothing after it: the
+    # completion closes them as part of finishing the line (`if (|` -> `x > 0):` and on)
+    line_open: tuple[str, ...] = ()
     max_blank_lines: int = MAX_BLANK_LINES
     # the state after each run of whole lines seen so far: the decode loop calls stop_index
     # once per token with a growing text, so a call only reads the newest line
@@ -307,7 +310,7 @@ class CompletionScope:
         if end > 0:
             state = self._lines_seen[generated[:end]]
         else:
-            start = ScanState(string=self.start_string, comment=self.start_comment)
+            start = ScanState(stack=list(self.line_open), string=self.start_string, comment=self.start_comment)
             state = _LinesState(start, content_end=0, blank_run=0)
         if len(self._lines_seen) > 4096:
             self._lines_seen.clear()
@@ -405,10 +408,13 @@ def decide_scope(
     is_multiline = bool(opener) if multiline is None else multiline
 
     suffix_closes = True
+    line_open: tuple[str, ...] = ()
     if is_multiline and opener != ":":
         window = suffix[:SUFFIX_SCAN_CHARS]
         start = ScanState(string=state.string, comment=state.comment)
         suffix_closes = scan_brackets(window, lang, start)[1] is not None
+        if not suffix_closes and state.string is None and state.comment is None:
+            line_open = tuple(scan_brackets(line_prefix, lang, ScanState())[0].stack)
     return CompletionScope(
         multiline=is_multiline,
         base_indent=base,
@@ -416,6 +422,7 @@ def decide_scope(
         suffix_closes_block=suffix_closes,
         start_string=state.string,
         start_comment=state.comment,
+        line_open=line_open,
     )
 
 

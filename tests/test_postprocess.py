@@ -113,6 +113,18 @@ def test_single_line_stops_at_end_of_line():
     assert scope.stop_index("a, b)\nprint(1)") == len("a, b)")
 
 
+def test_multiline_closes_the_cursor_lines_brackets_and_goes_on():
+    # `if (|` with nothing after: closing `(` finishes the line, it does not end the completion
+    prefix = "def f(n):\n    for i in range(2, int(math."
+    scope = decide_scope(prefix, "", PY, multiline=True)
+    body = "sqrt(n)) + 1):\n        if n % i == 0:\n            return False\n    return True"
+    assert scope.stop_index(body) is None
+    assert scope.stop_index(body + "\nprint(1)") == len(body)
+    # one closer too many still ends it, and a closer that the suffix has is not repeated
+    assert decide_scope("    if (", "", PY, multiline=True).stop_index("x)) + y") == len("x))")
+    assert decide_scope("    if (", ")\n", PY, multiline=True).stop_index("x):") == len("x")
+
+
 def test_python_block_stops_at_dedent():
     scope = decide_scope("def f(x):\n    ", "\n", PY)
     generated = "y = x + 1\n    return y\ndef g():\n"
