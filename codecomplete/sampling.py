@@ -37,6 +37,7 @@ class GenerationResult:
     steps: int  # decode calls made
     tokens_generated: int
     constraint_ms: float  # time spent building alignment masks
+    rows_decoded: int = 0  # decode rows computed: branches with equal tokens share one
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -76,16 +77,19 @@ def generate(runtime: Runtime, context: ContextState, first_logits: np.ndarray, 
     branches = [Branch(i, remaining=constraint) for i in range(n)]
     rngs = [np.random.default_rng(seed * 1000 + i) for i in range(n)]
     active = list(range(n))
-    logits = np.broadcast_to(first_logits, (n, first_logits.shape[-1]))
+    # branches with the same tokens so far have the same state: they share one row of the
+    # runtime's decode (its logits and branch cache) until their tokens differ
+    row_of = dict.fromkeys(active, 0)
+    logits = first_logits[None, :]
     state = None
     constraint_ms = 0.0
-    steps = 0
+    steps = rows_decoded = 0
     greedy_done_at = None
     vocab = first_logits.shape[-1]
     for step in range(max_new_tokens):
-        for row, bi in enumerate(active):
+        for bi in active:
             b = branches[bi]
-            lg = np.array(logits[row], dtype=np.float32)
+            lg = np.array(logits[row_of[bi]], dtype=np.float32)
             if banned is not None:
                 lg[banned] = -np.inf
             if b.remaining and trie is not None:
@@ -137,14 +141,22 @@ def generate(runtime: Runtime, context: ContextState, first_logits: np.ndarray, 
                 for bi in still:
                     branches[bi].stop_reason = "patience"
                 break
-        next_tokens = [branches[bi].tokens[-1] for bi in still]
-        if state is None:
-            state = runtime.start_branches(context, len(still), max_new_tokens)
-        elif len(still) != len(active):
-            keep_rows = [active.index(bi) for bi in still]
-            state = runtime.select_branches(state, keep_rows)
-        active = still
+        rows: dict[tuple[int, int], int] = {}  # (row so far, next token) -> next row
+        parents, next_tokens, next_row_of = [], [], {}
+        for bi in still:
+            key = (row_of[bi], branches[bi].tokens[-1])
+            if key not in rows:
+                rows[key] = len(parents)
+                parents.append(key[0])
+                next_tokens.append(key[1])
+            next_row_of[bi] = rows[key]
+        if state is None:  # no branch cache yet: nothing to copy
+            state = runtime.start_branches(context, len(parents), max_new_tokens)
+        elif parents != list(range(state.n)):  # rows split, merged away or ended
+            state = runtime.select_branches(state, parents)
+        active, row_of = still, next_row_of
         logits = runtime.decode(context, state, next_tokens)
         steps += 1
+        rows_decoded += len(parents)
     total = sum(len(b.tokens) for b in branches)
-    return GenerationResult(branches, steps, total, constraint_ms)
+    return GenerationResult(branches, steps, total, constraint_ms, rows_decoded)

@@ -1,0 +1,81 @@
+"""The decode loop's row sharing: branches with equal tokens share one runtime row."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from codecomplete.runtime.base import BranchState
+from codecomplete.sampling import generate
+
+V = 50
+
+
+def pair(history: tuple[int, ...]) -> tuple[int, int]:
+    """The two tokens a history allows (by a hash), the first the more likely."""
+    h = hash(history) & 0xFFFFFFFF
+    a = 1 + h % (V - 1)
+    b = 1 + (h // V) % (V - 1)
+    return a, (b if b != a else 1 + a % (V - 1))
+
+
+def logits_for(history: tuple[int, ...], skew: float) -> np.ndarray:
+    lg = np.full(V, -1e9, np.float32)
+    a, b = pair(history)
+    lg[a], lg[b] = skew, 0.0
+    return lg
+
+
+class HistoryRuntime:
+    """Logits are a function of each row's own token history; rows keep that history, so a
+    branch fed another branch's row would get tokens outside its own history's pair."""
+
+    def __init__(self, skew: float):
+        self.skew = skew
+        self.tokenizer = SimpleNamespace(token_bytes=[b""] + [bytes([97 + i % 26]) for i in range(1, V)])
+        self.rows_fed: list[int] = []
+
+    def start_branches(self, context, n, max_new_tokens):
+        return BranchState(n=n, max_new_tokens=max_new_tokens, kv=[() for _ in range(n)])
+
+    def select_branches(self, branches, keep):
+        return BranchState(n=len(keep), max_new_tokens=branches.max_new_tokens, step=branches.step,
+                           kv=[branches.kv[i] for i in keep])
+
+    def decode(self, context, branches, next_tokens):
+        assert len(next_tokens) == branches.n
+        branches.kv = [h + (t,) for h, t in zip(branches.kv, next_tokens, strict=True)]
+        branches.step += 1
+        self.rows_fed.append(branches.n)
+        return np.stack([logits_for(h, self.skew) for h in branches.kv])
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 6), steps=st.integers(1, 12), seed=st.integers(0, 1000), skew=st.sampled_from([0.0, 2.0, 8.0]))
+def test_every_token_comes_from_its_own_branch_history(n, steps, seed, skew):
+    rt = HistoryRuntime(skew)
+    result = generate(rt, None, logits_for((), skew), n=n, max_new_tokens=steps, constraint=b"", trie=None,
+                      stop_ids=set(), stop_fn=lambda visible: None, seed=seed)
+    for b in result.branches:
+        assert len(b.tokens) == steps
+        for k, tok in enumerate(b.tokens):
+            allowed = pair(tuple(b.tokens[:k]))
+            assert tok in allowed
+            if b.index == 0:
+                assert tok == (allowed[0] if skew > 0 else min(allowed))  # greedy: the likelier (a tie: the lower id)
+    # one row per distinct history: never more rows than branches, fewer when they agree
+    distinct = [len({tuple(b.tokens[:k + 1]) for b in result.branches}) for k in range(steps - 1)]
+    assert rt.rows_fed == distinct
+    assert result.rows_decoded == sum(distinct)
+
+
+def test_equal_branches_share_a_row():
+    # a model sure of every token: all four candidates are the greedy one, decoded as one row
+    rt = HistoryRuntime(skew=60.0)
+    result = generate(rt, None, logits_for((), 60.0), n=4, max_new_tokens=6, constraint=b"", trie=None,
+                      stop_ids=set(), stop_fn=lambda visible: None, seed=3)
+    assert len({tuple(b.tokens) for b in result.branches}) == 1
+    assert rt.rows_fed == [1] * 5 and result.rows_decoded == 5
