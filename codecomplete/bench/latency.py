@@ -28,6 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--runtime", default="onnx", choices=["onnx", "torch"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", default="adaptive",
+                   help="onnx thread policies to compare, comma-separated: adaptive (all cores, spinning "
+                        "while computing; one thread while other programs keep the CPU busy), spin, nospin "
+                        "(all cores, workers sleep between ops), single (one thread)")
+    p.add_argument("--busy", type=int, default=0, metavar="K",
+                   help="keep K other processes spinning during the replay (typing while a build runs)")
     p.add_argument("--lsp", action="store_true", help="also replay through the real server over stdio")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", default=None, help="write a latency-per-keystroke PNG")
@@ -106,8 +112,55 @@ def replay_engine(engine, text: str, path: str, language: str, start: int, keyst
     }
 
 
-def run(args) -> int:
+THREAD_POLICIES = {"adaptive": {}, "spin": {"spin": True}, "nospin": {"spin": False}, "single": {"threads": 1}}
+
+
+def load_engine(args, policy: str):
+    """The engine for one thread policy (the torch runtime has one policy: its own)."""
     from codecomplete.engine import Engine
+
+    if args.runtime != "onnx" or policy == "adaptive":
+        return Engine.load(args.model, runtime=args.runtime, device=args.device)
+    from codecomplete.models.source import load_model_source
+    from codecomplete.runtime.onnx import OnnxRuntime, physical_cores
+
+    kwargs = {"threads": physical_cores(), **THREAD_POLICIES[policy]}
+    return Engine(OnnxRuntime(load_model_source(args.model), device=args.device, **kwargs))
+
+
+def _spin_forever() -> None:
+    while True:
+        pass
+
+
+class BackgroundLoad:
+    """K processes that keep a core each busy until the block ends."""
+
+    def __init__(self, k: int):
+        self.k, self.procs = k, []
+
+    def __enter__(self):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.procs = [ctx.Process(target=_spin_forever, daemon=True) for _ in range(self.k)]
+        for proc in self.procs:
+            proc.start()
+        return self
+
+    def __exit__(self, *exc):
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.join()
+
+
+def run(args) -> int:
+    policies = [p.strip() for p in args.threads.split(",") if p.strip()]
+    unknown = [p for p in policies if p not in THREAD_POLICIES]
+    if unknown or not policies:
+        raise SystemExit(f"bench latency: unknown thread policy {', '.join(unknown) or '(none)'}; "
+                         f"choose from {', '.join(THREAD_POLICIES)}")
 
     path = str(Path(args.file))
     text = Path(path).read_text(encoding="utf-8")
@@ -118,21 +171,35 @@ def run(args) -> int:
                 patience_steps=None if args.patience < 0 else args.patience,
                 prefix_tokens=args.prompt_tokens - suffix_budget, suffix_tokens=suffix_budget)
     progress(f"bench latency: loading {args.model or 'the default model'} ({args.runtime}, {args.device})")
-    t0 = time.perf_counter()
-    engine = Engine.load(args.model, runtime=args.runtime, device=args.device)
-    load_ms = (time.perf_counter() - t0) * 1000
-    progress(f"  loaded in {load_ms:.0f} ms; replaying {args.keystrokes} keystrokes of {path}")
     result = {"benchmark": "latency", "file": path, "language": language, "settings": {**opts, "start": start},
-              "model": engine.describe(), "load_ms": load_ms,
-              "engine": replay_engine(engine, text, path, language, start, args.keystrokes, opts, args.cold)}
+              "busy_processes": args.busy}
+    by_policy = {}
+    with BackgroundLoad(args.busy):
+        for policy in policies:
+            t0 = time.perf_counter()
+            engine = load_engine(args, policy)
+            load_ms = (time.perf_counter() - t0) * 1000
+            progress(f"  {policy}: loaded in {load_ms:.0f} ms; replaying {args.keystrokes} keystrokes of {path}")
+            by_policy[policy] = {"model": engine.describe(), "load_ms": load_ms,
+                                 **replay_engine(engine, text, path, language, start, args.keystrokes, opts, args.cold)}
+            del engine
+    first = by_policy[policies[0]]
+    result.update({"model": first["model"], "load_ms": first["load_ms"],
+                   "engine": {k: v for k, v in first.items() if k not in ("model", "load_ms")}})
+    if len(policies) > 1:  # side by side, as ratios to the first policy
+        result["threads"] = {
+            p: {"warm_p50_ms": r["warm_p50_ms"], "cold_p50_ms": r["cold_p50_ms"],
+                "warm_p50_ratio": r["warm_p50_ms"] / first["warm_p50_ms"] if first["warm_p50_ms"] else None,
+                "cold_p50_ratio": r["cold_p50_ms"] / first["cold_p50_ms"] if first["cold_p50_ms"] else None,
+                "warm_requests": r["warm_requests"], "model": r["model"]}
+            for p, r in by_policy.items()}
     flat = {k: v for k, v in result["engine"].items() if k != "keystrokes"}
     result.update({k: v for k, v in flat.items()})  # top-level keys for quick reading
-    rows = [{"path": "engine", **{k: flat[k] for k in ("warm_p50_ms", "warm_p95_ms", "cold_p50_ms",
-                                                          "cold_p95_ms", "cache_hit_rate")}}]
+    keys = ("warm_p50_ms", "warm_p95_ms", "cold_p50_ms", "cold_p95_ms", "cache_hit_rate")
+    rows = [{"path": f"engine ({p})", **{k: r[k] for k in keys}} for p, r in by_policy.items()]
     if args.lsp:
         from codecomplete.lsp.replay import run_lsp_replay
 
-        del engine  # one model in memory at a time
         progress("  replaying through the language server over stdio")
         lsp = run_lsp_replay(path, language, args.n, args.max_tokens, args.keystrokes, model=args.model,
                              runtime=args.runtime, device=args.device, deadline_ms=int(args.deadline_ms),

@@ -24,6 +24,7 @@ import onnxruntime as ort
 from codecomplete.models.source import ModelSource
 
 from .base import BranchState, ContextState, Runtime
+from .cpuload import CpuLoad
 from .onnx_graph import LINEAR_KINDS, build_model
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ class OnnxRuntime(Runtime):
 
     def __init__(self, source: ModelSource, device: str = "cpu", precision: str = "auto",
                  threads: int | None = None, linear_kind: str | None = None,
-                 prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS, kv_dtype: str | None = None):
+                 prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS, kv_dtype: str | None = None,
+                 spin: bool | None = None):
         self.providers = pick_providers(device)
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         if precision == "auto":
@@ -112,6 +114,10 @@ class OnnxRuntime(Runtime):
         self.linear_kind = linear_kind
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.threads = threads or physical_cores()
+        # threads=None: all physical cores while the machine is otherwise idle, one thread
+        # while other programs keep it busy (cpuload.py); an explicit count is kept as given
+        self.adaptive = threads is None and spin is None and self.threads > 1 and self.device == "cpu"
+        self.spin = self.threads > 1 if spin is None else spin
         self.name = f"onnx-{precision}"
 
         # int8 runs keep the KV in float16: attention reads half the bytes
@@ -119,30 +125,52 @@ class OnnxRuntime(Runtime):
         self._np_kv = np.dtype(self.kv_dtype)
         external: dict[str, np.ndarray] = {}
         model = build_model(self.config, source.weights, linear_kind, self.kv_dtype, external=external)
-        options = ort.SessionOptions()
         # the big tensors go in beside the protobuf: no 2 GiB limit, no serialised copy
+        self._external_names = list(external)
         self._external = [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()]
-        if external:
-            options.add_external_initializers(list(external), self._external)
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        # an editor backend shares the CPU: workers that spin between ops made decode steps
-        # 1.8x slower on a busy 2-core machine (and burn battery while the user types)
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3  # errors only: onnxruntime's warnings are not ours to show
-        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=self.providers)
+        self._model_bytes = model.SerializeToString()  # small: the weights are external
         del model, external
+        self.session = self._new_session(self.threads, self.spin)
+        self._single: ort.InferenceSession | None = None  # one thread: made when first needed
+        self._load = CpuLoad() if self.adaptive else None
+        self._active = self.session  # the session serving the current request
         release_free_memory()
-        log.info("onnx runtime: %s on %s (%s linear layers, %s KV cache, %d threads)", self.name,
-                 self.session.get_providers()[0], linear_kind, self.kv_dtype, self.threads)
+        log.info("onnx runtime: %s on %s (%s linear layers, %s KV cache, %d threads%s)", self.name,
+                 self.session.get_providers()[0], linear_kind, self.kv_dtype, self.threads,
+                 ", 1 while the CPU is busy" if self.adaptive else "")
         c = self.config
         self._kv_shape = (c.n_kv_heads, c.head_dim)
         self._output_names = ["logits"] + [f"new_{kv}.{i}" for i in range(c.n_layers) for kv in "kv"]
 
+    def _new_session(self, threads: int, spin: bool) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        if self._external:
+            options.add_external_initializers(self._external_names, self._external)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # several threads: workers spin between the ops of a call (a sleeping worker costs a
+        # wake-up per op) and stop spinning when the call returns, so an editor backend burns
+        # no CPU between keystrokes
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin and threads > 1 else "0")
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+        options.log_severity_level = 3  # errors only: onnxruntime's warnings are not ours to show
+        return ort.InferenceSession(self._model_bytes, options, providers=self.providers)
+
+    def _pick_session(self) -> ort.InferenceSession:
+        """All cores on an idle machine; one thread while other processes keep it busy."""
+        if self._load is None or not self._load.busy():
+            return self.session
+        if self._single is None:
+            log.info("onnx runtime: the CPU is busy (%.0f%% used by other processes): one thread until it is not",
+                     100 * self._load.share)
+            self._single = self._new_session(1, False)
+        return self._single
+
     def describe(self) -> dict:
         return {"runtime": self.name, "device": self.device, "provider": self.session.get_providers()[0],
-                "linear": self.linear_kind, "kv_dtype": self.kv_dtype, "threads": self.threads}
+                "linear": self.linear_kind, "kv_dtype": self.kv_dtype, "threads": self.threads,
+                "spin": self.spin, "threads_when_busy": 1 if self.adaptive else self.threads}
 
     def _run(self, tokens: np.ndarray, positions: np.ndarray, ctx: ContextKV, m: int,
              branch_k: np.ndarray, branch_v: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -154,7 +182,7 @@ class OnnxRuntime(Runtime):
             feeds[f"ctx_v.{i}"] = ctx.v[i, :m]
             feeds[f"branch_k.{i}"] = branch_k[i]
             feeds[f"branch_v.{i}"] = branch_v[i]
-        out = self.session.run(self._output_names, feeds)
+        out = self._active.run(self._output_names, feeds)
         return out[0], out[1:]
 
     def new_context_kv(self) -> ContextKV:
@@ -168,6 +196,7 @@ class OnnxRuntime(Runtime):
             raise ValueError("prefill needs at least one token")
         if len(tokens) > self.config.max_seq_len:
             raise ValueError(f"prompt of {len(tokens)} tokens exceeds the model context {self.config.max_seq_len}")
+        self._active = self._pick_session()  # for this prefill and the decode steps after it
         keep = self.reuse_split(tokens, previous)
         if keep and isinstance(previous.kv, ContextKV) and previous.kv.capacity >= len(tokens):
             kv = previous.kv  # consumed: its tokens after `keep` are overwritten

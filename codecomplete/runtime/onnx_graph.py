@@ -91,7 +91,7 @@ def linear_weights(weights: dict[str, np.ndarray], int8: bool) -> dict[str, Line
     return out
 
 
-EXTERNAL_MIN_BYTES = 1 << 20  # tensors this big travel beside the protobuf when asked
+EXTERNAL_MIN_BYTES = 1 << 16  # tensors this big travel beside the protobuf when asked (every weight matrix)
 
 
 class GraphBuilder:

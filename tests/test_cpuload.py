@@ -1,0 +1,88 @@
+"""The CPU-load probe and the onnx runtime's thread policy (all cores idle, one thread busy)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from codecomplete.runtime import cpuload
+from codecomplete.runtime.cpuload import CpuLoad
+
+
+class Clocks:
+    def __init__(self):
+        self.wall = self.own = self.busy = 0.0
+
+    def probe(self, cores=2, has_proc=True):
+        return CpuLoad(cores=cores, clock=lambda: self.wall, own_cpu=lambda: self.own,
+                       busy_total=(lambda: self.busy) if has_proc else (lambda: None))
+
+
+def test_share_counts_other_processes_only():
+    c = Clocks()
+    load = c.probe()
+    # 1 s: all processes used 1.5 core-seconds, 1.0 of them ours -> others 0.5 of 2 cores
+    c.wall, c.busy, c.own = 1.0, 1.5, 1.0
+    assert load.others() == pytest.approx(0.25) and not load.busy()
+    c.wall, c.busy, c.own = 2.0, 3.5, 1.2  # others 1.8 core-seconds in 1 s
+    assert load.others() == pytest.approx(0.9) and load.busy()
+    c.wall += cpuload.MIN_INTERVAL_S / 2  # too short to say: the last reading stands
+    assert load.others() == pytest.approx(0.9)
+
+
+def test_no_proc_stat_means_idle():
+    c = Clocks()
+    load = c.probe(has_proc=False)
+    c.wall = 5.0
+    assert load.others() == 0.0 and not load.busy()
+
+
+def test_the_real_probe_reads_this_machine():
+    share = CpuLoad().others()
+    assert 0.0 <= share <= 1.0
+
+
+def test_runtime_decodes_on_one_thread_while_the_cpu_is_busy(tiny_model_dir):
+    from codecomplete.models.source import load_model_source
+    from codecomplete.runtime.onnx import OnnxRuntime
+
+    src = load_model_source(tiny_model_dir)
+    rt = OnnxRuntime(src, threads=None)
+    if not rt.adaptive:
+        pytest.skip("a one-core machine has one policy")
+    c = Clocks()
+    rt._load = c.probe(cores=rt._load.cores)
+    tokens = [5, 9, 13, 17, 21, 25]
+    c.wall = 1.0  # idle: all cores, spinning
+    _, idle_logits = rt.prefill(tokens)
+    assert rt._active is rt.session and rt._single is None
+    c.wall, c.busy = 2.0, 2.0 * rt._load.cores  # every core busy with other work
+    state, busy_logits = rt.prefill(tokens)
+    assert rt._active is rt._single is not None
+    np.testing.assert_allclose(busy_logits, idle_logits, rtol=1e-4, atol=1e-4)
+    branches = rt.start_branches(state, 2, 3)
+    assert rt.decode(state, branches, [7, 8]).shape[0] == 2
+    assert rt.describe()["threads_when_busy"] == 1
+    c.wall += 1.0  # idle again: back to the fast session
+    rt.prefill(tokens)
+    assert rt._active is rt.session
+
+
+def test_bench_latency_compares_thread_policies_under_background_load(tiny_model_dir, capsys):
+    from codecomplete.bench import latency
+
+    parser = argparse.ArgumentParser()
+    latency.add_arguments(parser)
+    args = parser.parse_args(["--model", str(tiny_model_dir), "--keystrokes", "4", "--cold", "1", "--n", "2",
+                              "--max-tokens", "3", "--threads", "adaptive,nospin,single", "--busy", "1", "--json"])
+    assert latency.run(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert list(result["threads"]) == ["adaptive", "nospin", "single"] and result["busy_processes"] == 1
+    assert result["threads"]["adaptive"]["warm_p50_ratio"] in (1.0, None)
+    assert result["threads"]["single"]["model"]["threads"] == 1
+    assert result["threads"]["nospin"]["model"]["spin"] is False
+    with pytest.raises(SystemExit):
+        latency.run(parser.parse_args(["--threads", "fastest"]))
