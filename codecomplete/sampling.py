@@ -40,22 +40,24 @@ class GenerationResult:
     rows_decoded: int = 0  # decode rows computed: branches with equal tokens share one
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    m = x.max(axis=-1, keepdims=True)
-    y = x - m
-    return y - np.log(np.exp(y).sum(axis=-1, keepdims=True))
+def _logsumexp(x: np.ndarray) -> float:
+    m = float(x.max())
+    return m + float(np.log(np.exp(x - m).sum()))
 
 
 def _sample(logits: np.ndarray, rng: np.random.Generator, temperature: float, top_p: float) -> int:
-    k = min(TOP_K, logits.shape[0])
-    top = np.argpartition(-logits, k - 1)[:k]
+    v = logits.shape[0]
+    k = min(TOP_K, v)
+    top = np.argpartition(logits, v - k)[v - k:]
     top = top[np.argsort(-logits[top])]
     z = logits[top] / max(temperature, 1e-4)
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    keep = int(np.searchsorted(np.cumsum(p), top_p) + 1)
-    p = p[:keep] / p[:keep].sum()
-    return int(top[rng.choice(keep, p=p)])
+    p = np.exp(z - z[0])  # z[0] is the largest
+    c = np.cumsum(p)
+    keep = int(np.searchsorted(c, top_p * c[-1]) + 1)  # the nucleus: top_p of the mass
+    keep = min(keep, k)
+    # inverse CDF over the nucleus (what rng.choice does, without its checks and copies)
+    i = int(np.searchsorted(c[:keep], rng.random() * c[keep - 1], side="right"))
+    return int(top[min(i, keep - 1)])
 
 
 def generate(runtime: Runtime, context: ContextState, first_logits: np.ndarray, *, n: int,
@@ -87,21 +89,27 @@ def generate(runtime: Runtime, context: ContextState, first_logits: np.ndarray, 
     greedy_done_at = None
     vocab = first_logits.shape[-1]
     for step in range(max_new_tokens):
+        row_logits: dict[int, tuple[np.ndarray, float]] = {}  # row -> (logits, log-normaliser)
         for bi in active:
             b = branches[bi]
-            lg = np.array(logits[row_of[bi]], dtype=np.float32)
-            if banned is not None:
-                lg[banned] = -np.inf
+            row = row_of[bi]
+            if row not in row_logits:  # branches sharing a row share this work
+                lg = np.array(logits[row], dtype=np.float32)
+                if banned is not None:
+                    lg[banned] = -np.inf
+                row_logits[row] = (lg, _logsumexp(lg))
+            lg, lse = row_logits[row]
             if b.remaining and trie is not None:
                 t0 = time.perf_counter()
                 mask = trie.mask(b.remaining)
                 constraint_ms += (time.perf_counter() - t0) * 1000
                 lg = np.where(mask[:vocab], lg, -np.inf)
+                lse = _logsumexp(lg)
             if bi == 0:
                 tok = int(np.argmax(lg))
             else:
                 tok = _sample(lg, rngs[bi], temperature, top_p)
-            lp = _log_softmax(lg)[tok]
+            lp = float(lg[tok]) - lse
             b.tokens.append(tok)
             tb = token_bytes[tok] if tok < len(token_bytes) else b""
             if tok in stop_ids:

@@ -245,5 +245,9 @@ class OnnxRuntime(Runtime):
     def select_branches(self, branches, keep):
         idx = np.asarray(list(keep), dtype=np.int64)
         bkv: BranchKV = branches.kv
-        return BranchState(n=len(idx), max_new_tokens=branches.max_new_tokens, step=branches.step,
-                           kv=BranchKV(np.ascontiguousarray(bkv.k[:, :, idx]), np.ascontiguousarray(bkv.v[:, :, idx])))
+        step = branches.step
+        out = self.start_branches(None, len(idx), branches.max_new_tokens)
+        out.step = step
+        out.kv.k[:, :step] = bkv.k[:, :step, idx]  # only the filled steps: rows may repeat
+        out.kv.v[:, :step] = bkv.v[:, :step, idx]
+        return out
