@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="onnx thread policies to compare, comma-separated: adaptive (all cores, spinning "
                         "while computing; one thread while other programs keep the CPU busy), spin, nospin "
                         "(all cores, workers sleep between ops), single (one thread)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="replays per thread policy, the policies taking turns (a noisy machine drifts)")
     p.add_argument("--busy", type=int, default=0, metavar="K",
                    help="keep K other processes spinning during the replay (typing while a build runs)")
     p.add_argument("--lsp", action="store_true", help="also replay through the real server over stdio")
@@ -99,7 +101,7 @@ def replay_engine(engine, text: str, path: str, language: str, start: int, keyst
         (cached if kind == "cache" else warm if kind == "warm" else other).append((ms, c))
     warm_ms = [m for m, _ in warm]
     return {
-        "cold_p50_ms": percentile(cold_ms, 50), "cold_p95_ms": percentile(cold_ms, 95),
+        "cold_p50_ms": percentile(cold_ms, 50), "cold_p95_ms": percentile(cold_ms, 95), "cold_ms": cold_ms,
         "warm_p50_ms": percentile(warm_ms, 50), "warm_p95_ms": percentile(warm_ms, 95),
         "cache_p50_ms": percentile([m for m, _ in cached], 50),
         "cache_hit_rate": len(cached) / max(1, len(per_key)),
@@ -110,6 +112,37 @@ def replay_engine(engine, text: str, path: str, language: str, start: int, keyst
         "stages": _stage_shares([c for _, c in warm]),
         "keystrokes": per_key,
     }
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One replay's statistics from several rounds over the same keystrokes (pooled)."""
+    if len(rounds) == 1:
+        return rounds[0]
+    keys = [k for r in rounds for k in r["keystrokes"]]
+    warm = [k["ms"] for k in keys if k["kind"] == "warm"]
+    merged = dict(rounds[0])
+    merged.update({
+        "warm_p50_ms": percentile(warm, 50), "warm_p95_ms": percentile(warm, 95),
+        "cold_p50_ms": percentile([c for r in rounds for c in r["cold_ms"]], 50),
+        "cold_p95_ms": percentile([c for r in rounds for c in r["cold_ms"]], 95),
+        "warm_requests": len(warm), "requests": len(keys), "keystrokes": keys, "rounds": len(rounds),
+    })
+    return merged
+
+
+def policy_ratios(first: dict, other: dict) -> dict:
+    """p50 ratios to the first policy, and the median of per-keystroke ratios (the same
+    keystroke, warm under both: robust to which keystrokes ran the model)."""
+    base: dict[int, list[float]] = {}
+    for k in first["keystrokes"]:
+        if k["kind"] == "warm":
+            base.setdefault(k["offset"], []).append(k["ms"])
+    paired = [k["ms"] / statistics.median(base[k["offset"]]) for k in other["keystrokes"]
+              if k["kind"] == "warm" and k["offset"] in base]
+    ratio = lambda a, b: a / b if a and b else None  # noqa: E731
+    return {"warm_p50_ratio": ratio(other["warm_p50_ms"], first["warm_p50_ms"]),
+            "cold_p50_ratio": ratio(other["cold_p50_ms"], first["cold_p50_ms"]),
+            "warm_paired_ratio_p50": statistics.median(paired) if paired else None}
 
 
 THREAD_POLICIES = {"adaptive": {}, "spin": {"spin": True}, "nospin": {"spin": False}, "single": {"threads": 1}}
@@ -173,26 +206,29 @@ def run(args) -> int:
     progress(f"bench latency: loading {args.model or 'the default model'} ({args.runtime}, {args.device})")
     result = {"benchmark": "latency", "file": path, "language": language, "settings": {**opts, "start": start},
               "busy_processes": args.busy}
-    by_policy = {}
+    engines, by_policy = {}, {}
     with BackgroundLoad(args.busy):
         for policy in policies:
             t0 = time.perf_counter()
-            engine = load_engine(args, policy)
+            engines[policy] = load_engine(args, policy)
             load_ms = (time.perf_counter() - t0) * 1000
-            progress(f"  {policy}: loaded in {load_ms:.0f} ms; replaying {args.keystrokes} keystrokes of {path}")
-            by_policy[policy] = {"model": engine.describe(), "load_ms": load_ms,
-                                 **replay_engine(engine, text, path, language, start, args.keystrokes, opts, args.cold)}
-            del engine
+            progress(f"  {policy}: loaded in {load_ms:.0f} ms")
+            by_policy[policy] = {"model": engines[policy].describe(), "load_ms": load_ms, "rounds": []}
+        for r in range(max(1, args.rounds)):
+            for policy in policies if r % 2 == 0 else policies[::-1]:
+                progress(f"  {policy}: round {r + 1}, replaying {args.keystrokes} keystrokes of {path}")
+                by_policy[policy]["rounds"].append(
+                    replay_engine(engines[policy], text, path, language, start, args.keystrokes, opts, args.cold))
+    del engines
+    for entry in by_policy.values():
+        entry.update(merge_rounds(entry.pop("rounds")))
     first = by_policy[policies[0]]
     result.update({"model": first["model"], "load_ms": first["load_ms"],
                    "engine": {k: v for k, v in first.items() if k not in ("model", "load_ms")}})
     if len(policies) > 1:  # side by side, as ratios to the first policy
-        result["threads"] = {
-            p: {"warm_p50_ms": r["warm_p50_ms"], "cold_p50_ms": r["cold_p50_ms"],
-                "warm_p50_ratio": r["warm_p50_ms"] / first["warm_p50_ms"] if first["warm_p50_ms"] else None,
-                "cold_p50_ratio": r["cold_p50_ms"] / first["cold_p50_ms"] if first["cold_p50_ms"] else None,
-                "warm_requests": r["warm_requests"], "model": r["model"]}
-            for p, r in by_policy.items()}
+        result["threads"] = {p: {"warm_p50_ms": r["warm_p50_ms"], "cold_p50_ms": r["cold_p50_ms"],
+                                 **policy_ratios(first, r), "warm_requests": r["warm_requests"], "model": r["model"]}
+                             for p, r in by_policy.items()}
     flat = {k: v for k, v in result["engine"].items() if k != "keystrokes"}
     result.update({k: v for k, v in flat.items()})  # top-level keys for quick reading
     keys = ("warm_p50_ms", "warm_p95_ms", "cold_p50_ms", "cold_p95_ms", "cache_hit_rate")
