@@ -32,8 +32,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="onnx thread policies to compare, comma-separated: adaptive (all cores, spinning "
                         "while computing; one thread while other programs keep the CPU busy), spin, nospin "
                         "(all cores, workers sleep between ops), single (one thread)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="replays per thread policy, the policies taking turns (a noisy machine drifts)")
     p.add_argument("--busy", type=int, default=0, metavar="K",
                    help="keep K other processes spinning during the replay (typing while a build runs)")
     p.add_argument("--lsp", action="store_true", help="also replay through the real server over stdio")
@@ -70,75 +68,74 @@ def _stage_shares(completions) -> dict[str, float]:
 def replay_engine(engine, text: str, path: str, language: str, start: int, keystrokes: int, opts_kwargs: dict,
                   cold: int) -> dict:
     """Cold requests at several positions, then one request per typed character."""
+    return replay_engines({"": engine}, text, path, language, start, keystrokes, opts_kwargs, cold)[""]
+
+
+def replay_engines(engines: dict, text: str, path: str, language: str, start: int, keystrokes: int,
+                   opts_kwargs: dict, cold: int) -> dict[str, dict]:
+    """replay_engine for several engines at once: every request goes to each engine in turn
+    (the order alternating), so a machine whose speed drifts treats them alike."""
     from codecomplete.request import CompletionOptions, CompletionRequest
 
     end = min(len(text), start + keystrokes)
     suffix = text[end:]
+    names = list(engines)
 
     def request(offset: int, doc_end_suffix: str) -> CompletionRequest:
         doc = text[:offset] + doc_end_suffix
         return CompletionRequest(text=doc, offset=offset, language=language, path=path,
                                  options=CompletionOptions(**opts_kwargs))
 
-    cold_ms = []
+    def in_turn(i: int) -> list[str]:
+        return names if i % 2 == 0 else names[::-1]
+
+    cold_ms: dict[str, list[float]] = {n: [] for n in names}
     positions = [max(1, int(len(text) * f)) for f in (0.55, 0.65, 0.75, 0.85, 0.95)][:cold]
-    for pos in positions:
+    for i, pos in enumerate(positions):
+        for name in in_turn(i):
+            engine = engines[name]
+            engine.contexts.clear()
+            engine.suggestions.clear()
+            t0 = time.perf_counter()
+            engine.complete(request(pos, text[pos:]))
+            cold_ms[name].append((time.perf_counter() - t0) * 1000)
+    for engine in engines.values():
         engine.contexts.clear()
         engine.suggestions.clear()
-        t0 = time.perf_counter()
-        engine.complete(request(pos, text[pos:]))
-        cold_ms.append((time.perf_counter() - t0) * 1000)
-    engine.contexts.clear()
-    engine.suggestions.clear()
-    engine.complete(request(start, suffix))  # the file is open: the first keystroke's prompt is cached
-    warm, cached, other, per_key = [], [], [], []
+        engine.complete(request(start, suffix))  # the file is open: the first keystroke's prompt is cached
+    runs = {n: ([], [], [], []) for n in names}  # warm, cached, other, per keystroke
     for offset in range(start + 1, end + 1):
-        t0 = time.perf_counter()
-        c = engine.complete(request(offset, suffix))
-        ms = (time.perf_counter() - t0) * 1000
-        kind = c.source
-        per_key.append({"offset": offset, "ms": ms, "kind": kind, "new_tokens": c.prefill_new_tokens})
-        (cached if kind == "cache" else warm if kind == "warm" else other).append((ms, c))
-    warm_ms = [m for m, _ in warm]
-    return {
-        "cold_p50_ms": percentile(cold_ms, 50), "cold_p95_ms": percentile(cold_ms, 95), "cold_ms": cold_ms,
-        "warm_p50_ms": percentile(warm_ms, 50), "warm_p95_ms": percentile(warm_ms, 95),
-        "cache_p50_ms": percentile([m for m, _ in cached], 50),
-        "cache_hit_rate": len(cached) / max(1, len(per_key)),
-        "requests": len(per_key), "warm_requests": len(warm), "cold_requests": len(cold_ms),
-        "uncached_cold_keystrokes": len(other),
-        "warm_prefill_new_tokens_p50": statistics.median([c.prefill_new_tokens for _, c in warm]) if warm else None,
-        "warm_tokens_generated_mean": statistics.fmean([c.tokens_generated for _, c in warm]) if warm else None,
-        "stages": _stage_shares([c for _, c in warm]),
-        "keystrokes": per_key,
-    }
-
-
-def merge_rounds(rounds: list[dict]) -> dict:
-    """One replay's statistics from several rounds over the same keystrokes (pooled)."""
-    if len(rounds) == 1:
-        return rounds[0]
-    keys = [k for r in rounds for k in r["keystrokes"]]
-    warm = [k["ms"] for k in keys if k["kind"] == "warm"]
-    merged = dict(rounds[0])
-    merged.update({
-        "warm_p50_ms": percentile(warm, 50), "warm_p95_ms": percentile(warm, 95),
-        "cold_p50_ms": percentile([c for r in rounds for c in r["cold_ms"]], 50),
-        "cold_p95_ms": percentile([c for r in rounds for c in r["cold_ms"]], 95),
-        "warm_requests": len(warm), "requests": len(keys), "keystrokes": keys, "rounds": len(rounds),
-    })
-    return merged
+        for name in in_turn(offset):
+            warm, cached, other, per_key = runs[name]
+            t0 = time.perf_counter()
+            c = engines[name].complete(request(offset, suffix))
+            ms = (time.perf_counter() - t0) * 1000
+            kind = c.source
+            per_key.append({"offset": offset, "ms": ms, "kind": kind, "new_tokens": c.prefill_new_tokens})
+            (cached if kind == "cache" else warm if kind == "warm" else other).append((ms, c))
+    out = {}
+    for name, (warm, cached, other, per_key) in runs.items():
+        warm_ms, cold = [m for m, _ in warm], cold_ms[name]
+        out[name] = {
+            "cold_p50_ms": percentile(cold, 50), "cold_p95_ms": percentile(cold, 95),
+            "warm_p50_ms": percentile(warm_ms, 50), "warm_p95_ms": percentile(warm_ms, 95),
+            "cache_p50_ms": percentile([m for m, _ in cached], 50),
+            "cache_hit_rate": len(cached) / max(1, len(per_key)),
+            "requests": len(per_key), "warm_requests": len(warm), "cold_requests": len(cold),
+            "uncached_cold_keystrokes": len(other),
+            "warm_prefill_new_tokens_p50": statistics.median([c.prefill_new_tokens for _, c in warm]) if warm else None,
+            "warm_tokens_generated_mean": statistics.fmean([c.tokens_generated for _, c in warm]) if warm else None,
+            "stages": _stage_shares([c for _, c in warm]),
+            "keystrokes": per_key,
+        }
+    return out
 
 
 def policy_ratios(first: dict, other: dict) -> dict:
     """p50 ratios to the first policy, and the median of per-keystroke ratios (the same
     keystroke, warm under both: robust to which keystrokes ran the model)."""
-    base: dict[int, list[float]] = {}
-    for k in first["keystrokes"]:
-        if k["kind"] == "warm":
-            base.setdefault(k["offset"], []).append(k["ms"])
-    paired = [k["ms"] / statistics.median(base[k["offset"]]) for k in other["keystrokes"]
-              if k["kind"] == "warm" and k["offset"] in base]
+    base = {k["offset"]: k["ms"] for k in first["keystrokes"] if k["kind"] == "warm"}
+    paired = [k["ms"] / base[k["offset"]] for k in other["keystrokes"] if k["kind"] == "warm" and k["offset"] in base]
     ratio = lambda a, b: a / b if a and b else None  # noqa: E731
     return {"warm_p50_ratio": ratio(other["warm_p50_ms"], first["warm_p50_ms"]),
             "cold_p50_ratio": ratio(other["cold_p50_ms"], first["cold_p50_ms"]),
@@ -206,22 +203,17 @@ def run(args) -> int:
     progress(f"bench latency: loading {args.model or 'the default model'} ({args.runtime}, {args.device})")
     result = {"benchmark": "latency", "file": path, "language": language, "settings": {**opts, "start": start},
               "busy_processes": args.busy}
-    engines, by_policy = {}, {}
+    engines, loaded = {}, {}
     with BackgroundLoad(args.busy):
         for policy in policies:
             t0 = time.perf_counter()
             engines[policy] = load_engine(args, policy)
-            load_ms = (time.perf_counter() - t0) * 1000
-            progress(f"  {policy}: loaded in {load_ms:.0f} ms")
-            by_policy[policy] = {"model": engines[policy].describe(), "load_ms": load_ms, "rounds": []}
-        for r in range(max(1, args.rounds)):
-            for policy in policies if r % 2 == 0 else policies[::-1]:
-                progress(f"  {policy}: round {r + 1}, replaying {args.keystrokes} keystrokes of {path}")
-                by_policy[policy]["rounds"].append(
-                    replay_engine(engines[policy], text, path, language, start, args.keystrokes, opts, args.cold))
+            loaded[policy] = (time.perf_counter() - t0) * 1000
+            progress(f"  {policy}: loaded in {loaded[policy]:.0f} ms")
+        progress(f"  replaying {args.keystrokes} keystrokes of {path}" + (", policies in turn" if len(policies) > 1 else ""))
+        replays = replay_engines(engines, text, path, language, start, args.keystrokes, opts, args.cold)
+    by_policy = {p: {"model": engines[p].describe(), "load_ms": loaded[p], **replays[p]} for p in policies}
     del engines
-    for entry in by_policy.values():
-        entry.update(merge_rounds(entry.pop("rounds")))
     first = by_policy[policies[0]]
     result.update({"model": first["model"], "load_ms": first["load_ms"],
                    "engine": {k: v for k, v in first.items() if k not in ("model", "load_ms")}})
