@@ -77,14 +77,22 @@ class BackOff:
 
 
 def back_off(prefix_tokens: Sequence[int], token_bytes: Sequence[bytes], k: int,
-             special_ids: set[int] | frozenset[int] = frozenset()) -> BackOff:
+             special_ids: set[int] | frozenset[int] = frozenset(), within_line: bool = True) -> BackOff:
     """Drop up to k tokens from the end of the prefix, stopping early at a special token
-    (or a token with no text), and return the removed text."""
+    (or a token with no text), and return the removed text.
+
+    within_line: after the first token, stop at the cursor line's start: a token that ends
+    with a newline, or any token once the removed text holds one, lies on earlier lines,
+    which the typing cannot re-tokenize. Re-generating them makes the model rewrite text
+    it did not need to (a cursor on the indentation after a docstring would re-create
+    the docstring's closing quotes)."""
     kept = list(prefix_tokens)
     removed: list[bytes] = []
     while kept and len(removed) < k:
         t = kept[-1]
         if t in special_ids or not token_bytes[t]:
+            break
+        if within_line and removed and (token_bytes[t].endswith(b"\n") or any(b"\n" in r for r in removed)):
             break
         removed.append(token_bytes[t])
         kept.pop()

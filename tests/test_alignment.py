@@ -48,6 +48,18 @@ def test_back_off_removes_k_tokens_and_returns_their_text():
     assert bo.kept == [1] and bo.removed == b" print(" and bo.removed_tokens == 3
 
 
+def test_back_off_stays_on_the_cursor_line():
+    vocab = [b"", b'    """', b"\n", b"    ", b"\n    ", b"re", b"):\n"]
+    # `    """\n    re|`: the docstring's closing quotes are not re-generated
+    assert back_off([1, 2, 3, 5], vocab, 3).removed == b"    re"
+    # a token holding the line break is the partial token itself: removed, then stop
+    assert back_off([1, 4, 5], vocab, 3).removed == b"\n    re"
+    # the cursor at a line start: the line break's token goes (it may merge with the indent)
+    assert back_off([1, 6], vocab, 3).removed == b"):\n"
+    # without the rule, k tokens whatever the lines
+    assert back_off([1, 2, 3, 5], vocab, 3, within_line=False).removed == b"\n    re"
+
+
 def test_back_off_never_crosses_a_special_token():
     vocab = [b"", b"a", b"b"]
     bo = back_off([1, 0, 2], vocab, 3, special_ids={0})
