@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
 from codecomplete.eval.runner import Case, Generated, Progress
+from codecomplete.request import Completion
 
 _ENGINE = None  # the engine of this worker process
 
@@ -85,8 +87,6 @@ class ParallelEngine:
         _, gen = self._pool.submit(_complete, 0, case).result()
         if gen.error:
             raise RuntimeError(gen.error)
-        from codecomplete.request import Completion
-
         return Completion(gen.candidates, gen.timings_ms, tokens_generated=gen.tokens_generated,
                           model_calls=gen.model_calls)
 
@@ -97,8 +97,6 @@ class ParallelEngine:
         for future in as_completed(futures):
             index, gen = future.result()
             if gen.error and not reported:
-                import sys
-
                 print(f"engine error on {cases[index].task_id}: {gen.error}", file=sys.stderr)
                 reported = True
             out[index] = gen
