@@ -114,7 +114,8 @@ class Engine:
             self.suggestions.put(key, prefix, suffix, candidates)
         return Completion(candidates, timer.timings, tokens_generated=result.tokens_generated,
                           model_calls=1 + result.steps, prefill_reused_tokens=state.reused_tokens,
-                          prefill_new_tokens=state.new_tokens, cancelled=cancelled)
+                          prefill_new_tokens=state.new_tokens, cancelled=cancelled,
+                          decode_rows=result.rows_decoded, branch_rows=result.branch_rows)
 
     # -- stages ---------------------------------------------------------------------------
     @staticmethod

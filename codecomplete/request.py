@@ -90,6 +90,8 @@ class Completion:
     prefill_reused_tokens: int = 0
     prefill_new_tokens: int = 0
     cancelled: bool = False
+    decode_rows: int = 0  # runtime rows decoded (candidates with equal tokens share one)
+    branch_rows: int = 0  # the rows that would have been decoded without that sharing
 
     @property
     def source(self) -> str:

@@ -38,6 +38,7 @@ class GenerationResult:
     tokens_generated: int
     constraint_ms: float  # time spent building alignment masks
     rows_decoded: int = 0  # decode rows computed: branches with equal tokens share one
+    branch_rows: int = 0  # the rows without that sharing (active branches, summed over steps)
 
 
 def _logsumexp(x: np.ndarray) -> float:
@@ -85,26 +86,31 @@ def generate(runtime: Runtime, context: ContextState, first_logits: np.ndarray, 
     logits = first_logits[None, :]
     state = None
     constraint_ms = 0.0
-    steps = rows_decoded = 0
+    steps = rows_decoded = branch_rows = 0
     greedy_done_at = None
     vocab = first_logits.shape[-1]
     for step in range(max_new_tokens):
-        row_logits: dict[int, tuple[np.ndarray, float]] = {}  # row -> (logits, log-normaliser)
+        row_logits: dict[int, np.ndarray] = {}  # branches sharing a row share this work
+        row_lse: dict[int, float] = {}
         for bi in active:
             b = branches[bi]
             row = row_of[bi]
-            if row not in row_logits:  # branches sharing a row share this work
+            if row not in row_logits:
                 lg = np.array(logits[row], dtype=np.float32)
                 if banned is not None:
                     lg[banned] = -np.inf
-                row_logits[row] = (lg, _logsumexp(lg))
-            lg, lse = row_logits[row]
+                row_logits[row] = lg
+            lg = row_logits[row]
             if b.remaining and trie is not None:
                 t0 = time.perf_counter()
                 mask = trie.mask(b.remaining)
                 constraint_ms += (time.perf_counter() - t0) * 1000
                 lg = np.where(mask[:vocab], lg, -np.inf)
                 lse = _logsumexp(lg)
+            else:
+                if row not in row_lse:
+                    row_lse[row] = _logsumexp(lg)
+                lse = row_lse[row]
             if bi == 0:
                 tok = int(np.argmax(lg))
             else:
@@ -166,5 +172,6 @@ def generate(runtime: Runtime, context: ContextState, first_logits: np.ndarray, 
         logits = runtime.decode(context, state, next_tokens)
         steps += 1
         rows_decoded += len(parents)
+        branch_rows += len(still)
     total = sum(len(b.tokens) for b in branches)
-    return GenerationResult(branches, steps, total, constraint_ms, rows_decoded)
+    return GenerationResult(branches, steps, total, constraint_ms, rows_decoded, branch_rows)

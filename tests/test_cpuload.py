@@ -40,9 +40,18 @@ def test_no_proc_stat_means_idle():
     assert load.others() == 0.0 and not load.busy()
 
 
-def test_the_real_probe_reads_this_machine():
-    share = CpuLoad().others()
-    assert 0.0 <= share <= 1.0
+def test_the_real_probe_counts_our_own_work_as_ours():
+    import time
+
+    busy0, own0 = cpuload._proc_stat_busy(), time.process_time()
+    if busy0 is None:
+        pytest.skip("no /proc/stat here")
+    end = time.perf_counter() + 0.3
+    while time.perf_counter() < end:  # our own CPU work
+        pass
+    busy1, own1 = cpuload._proc_stat_busy(), time.process_time()
+    # the machine-wide busy time includes ours (clock ticks are 10 ms: allow two of rounding)
+    assert busy1 - busy0 >= (own1 - own0) - 0.02
 
 
 def test_runtime_decodes_on_one_thread_while_the_cpu_is_busy(tiny_model_dir):
@@ -81,8 +90,10 @@ def test_bench_latency_compares_thread_policies_under_background_load(tiny_model
     assert latency.run(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert list(result["threads"]) == ["adaptive", "nospin", "single"] and result["busy_processes"] == 1
-    assert result["threads"]["adaptive"]["warm_p50_ratio"] in (1.0, None)
-    assert result["engine"]["requests"] == 4 and result["threads"]["single"]["warm_paired_ratio_p50"] != 0
+    # every policy answered the same keystrokes; shared decode rows never exceed one per candidate
+    assert {r["requests"] for r in result["threads"].values()} == {4}
+    rows = result["engine"]["warm_decode_rows_ratio"]
+    assert rows is None or 0 < rows <= 1
     assert result["threads"]["single"]["model"]["threads"] == 1
     assert result["threads"]["nospin"]["model"]["spin"] is False
     with pytest.raises(SystemExit):

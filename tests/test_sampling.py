@@ -69,7 +69,7 @@ def test_every_token_comes_from_its_own_branch_history(n, steps, seed, skew):
     # one row per distinct history: never more rows than branches, fewer when they agree
     distinct = [len({tuple(b.tokens[:k + 1]) for b in result.branches}) for k in range(steps - 1)]
     assert rt.rows_fed == distinct
-    assert result.rows_decoded == sum(distinct)
+    assert result.rows_decoded == sum(distinct) and result.branch_rows == n * (steps - 1)
 
 
 def test_equal_branches_share_a_row():
@@ -78,4 +78,4 @@ def test_equal_branches_share_a_row():
     result = generate(rt, None, logits_for((), 60.0), n=4, max_new_tokens=6, constraint=b"", trie=None,
                       stop_ids=set(), stop_fn=lambda visible: None, seed=3)
     assert len({tuple(b.tokens) for b in result.branches}) == 1
-    assert rt.rows_fed == [1] * 5 and result.rows_decoded == 5
+    assert rt.rows_fed == [1] * 5 and result.rows_decoded == 5 and result.branch_rows == 20

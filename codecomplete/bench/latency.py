@@ -65,16 +65,11 @@ def _stage_shares(completions) -> dict[str, float]:
     return {k: round(v / whole, 4) for k, v in sorted(totals.items())}
 
 
-def replay_engine(engine, text: str, path: str, language: str, start: int, keystrokes: int, opts_kwargs: dict,
-                  cold: int) -> dict:
-    """Cold requests at several positions, then one request per typed character."""
-    return replay_engines({"": engine}, text, path, language, start, keystrokes, opts_kwargs, cold)[""]
-
-
 def replay_engines(engines: dict, text: str, path: str, language: str, start: int, keystrokes: int,
                    opts_kwargs: dict, cold: int) -> dict[str, dict]:
-    """replay_engine for several engines at once: every request goes to each engine in turn
-    (the order alternating), so a machine whose speed drifts treats them alike."""
+    """Cold requests at several positions, then one request per typed character, for each
+    engine: every request goes to each engine in turn (the order alternating), so a machine
+    whose speed drifts treats them alike."""
     from codecomplete.request import CompletionOptions, CompletionRequest
 
     end = min(len(text), start + keystrokes)
@@ -125,6 +120,11 @@ def replay_engines(engines: dict, text: str, path: str, language: str, start: in
             "uncached_cold_keystrokes": len(other),
             "warm_prefill_new_tokens_p50": statistics.median([c.prefill_new_tokens for _, c in warm]) if warm else None,
             "warm_tokens_generated_mean": statistics.fmean([c.tokens_generated for _, c in warm]) if warm else None,
+            "warm_model_calls_mean": statistics.fmean([c.model_calls for _, c in warm]) if warm else None,
+            # decode rows computed against one per candidate and step: the share saved by
+            # candidates with equal tokens sharing a row
+            "warm_decode_rows_ratio": (sum(c.decode_rows for _, c in warm) / sum(c.branch_rows for _, c in warm)
+                                       if warm and any(c.branch_rows for _, c in warm) else None),
             "stages": _stage_shares([c for _, c in warm]),
             "keystrokes": per_key,
         }
@@ -188,6 +188,8 @@ class BackgroundLoad:
 def run(args) -> int:
     policies = [p.strip() for p in args.threads.split(",") if p.strip()]
     unknown = [p for p in policies if p not in THREAD_POLICIES]
+    if args.runtime != "onnx" and policies != ["adaptive"]:
+        raise SystemExit("bench latency: --threads compares onnxruntime thread policies; the torch runtime has one")
     if unknown or not policies:
         raise SystemExit(f"bench latency: unknown thread policy {', '.join(unknown) or '(none)'}; "
                          f"choose from {', '.join(THREAD_POLICIES)}")
@@ -219,7 +221,8 @@ def run(args) -> int:
                    "engine": {k: v for k, v in first.items() if k not in ("model", "load_ms")}})
     if len(policies) > 1:  # side by side, as ratios to the first policy
         result["threads"] = {p: {"warm_p50_ms": r["warm_p50_ms"], "cold_p50_ms": r["cold_p50_ms"],
-                                 **policy_ratios(first, r), "warm_requests": r["warm_requests"], "model": r["model"]}
+                                 **policy_ratios(first, r), "warm_requests": r["warm_requests"],
+                                 "requests": r["requests"], "model": r["model"]}
                              for p, r in by_policy.items()}
     flat = {k: v for k, v in result["engine"].items() if k != "keystrokes"}
     result.update({k: v for k, v in flat.items()})  # top-level keys for quick reading

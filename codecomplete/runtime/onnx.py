@@ -218,11 +218,13 @@ class OnnxRuntime(Runtime):
         state = ContextState(tokens, kv, reused_tokens=keep, new_tokens=len(tokens) - keep)
         return state, logits[0]
 
-    def start_branches(self, context, n, max_new_tokens):
-        c = self.config
-        shape = (c.n_layers, max_new_tokens, n, *self._kv_shape)
-        return BranchState(n=n, max_new_tokens=max_new_tokens,
+    def _empty_branches(self, n: int, max_new_tokens: int, step: int = 0) -> BranchState:
+        shape = (self.config.n_layers, max_new_tokens, n, *self._kv_shape)
+        return BranchState(n=n, max_new_tokens=max_new_tokens, step=step,
                            kv=BranchKV(np.empty(shape, self._np_kv), np.empty(shape, self._np_kv)))
+
+    def start_branches(self, context, n, max_new_tokens):
+        return self._empty_branches(n, max_new_tokens)
 
     def decode(self, context, branches, next_tokens):
         if len(next_tokens) != branches.n:
@@ -246,8 +248,7 @@ class OnnxRuntime(Runtime):
         idx = np.asarray(list(keep), dtype=np.int64)
         bkv: BranchKV = branches.kv
         step = branches.step
-        out = self.start_branches(None, len(idx), branches.max_new_tokens)
-        out.step = step
+        out = self._empty_branches(len(idx), branches.max_new_tokens, step)
         out.kv.k[:, :step] = bkv.k[:, :step, idx]  # only the filled steps: rows may repeat
         out.kv.v[:, :step] = bkv.v[:, :step, idx]
         return out
