@@ -60,6 +60,12 @@ class Engine:
         """Load a model (None: the shipped default) into a runtime and wrap it."""
         return cls(load_runtime(model, runtime=runtime, device=device, precision=precision, threads=threads))
 
+    def forget(self) -> None:
+        """Drop what earlier requests left behind (prompt KV states, shown candidates), so the
+        next answer depends on its request alone: a reused KV prefix changes float rounding."""
+        self.contexts.clear()
+        self.suggestions.clear()
+
     def describe(self) -> dict:
         return {**self.runtime.describe(), "params_m": round(self.runtime.config.n_params() / 1e6, 1)}
 

@@ -89,14 +89,12 @@ def replay_engines(engines: dict, text: str, path: str, language: str, start: in
     for i, pos in enumerate(positions):
         for name in in_turn(i):
             engine = engines[name]
-            engine.contexts.clear()
-            engine.suggestions.clear()
+            engine.forget()
             t0 = time.perf_counter()
             engine.complete(request(pos, text[pos:]))
             cold_ms[name].append((time.perf_counter() - t0) * 1000)
     for engine in engines.values():
-        engine.contexts.clear()
-        engine.suggestions.clear()
+        engine.forget()
         engine.complete(request(start, suffix))  # the file is open: the first keystroke's prompt is cached
     runs = {n: ([], [], [], []) for n in names}  # warm, cached, other, per keystroke
     for offset in range(start + 1, end + 1):

@@ -55,6 +55,7 @@ def _describe() -> dict:
 
 
 def _complete(index: int, case: Case) -> tuple[int, Generated]:
+    _ENGINE.forget()  # as in a serial run: no state from the worker's earlier cases
     start = time.perf_counter()
     try:
         completion = _ENGINE.complete(case.request)

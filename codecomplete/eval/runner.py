@@ -19,7 +19,8 @@ from codecomplete.request import Candidate, Completion, CompletionRequest
 
 
 class EngineLike(Protocol):
-    """The one method of codecomplete.engine.Engine the harness uses."""
+    """The method of codecomplete.engine.Engine the harness needs; an engine that keeps state
+    between requests also has `forget()`, called before each case."""
 
     def complete(self, request: CompletionRequest) -> Completion: ...
 
@@ -99,7 +100,10 @@ def generate_all(engine: EngineLike, cases: Sequence[Case], show_progress: bool 
         return complete_all(cases, progress)
     out = []
     reported = False
+    forget = getattr(engine, "forget", None)
     for case in cases:
+        if forget is not None:
+            forget()  # each case stands alone: the same answers in any order or on any worker
         start = time.perf_counter()
         try:
             completion = engine.complete(case.request)
