@@ -46,19 +46,33 @@ def _logsumexp(x: np.ndarray) -> float:
     return m + float(np.log(np.exp(x - m).sum()))
 
 
+TAIL = 20.0  # tokens this far below the best (after temperature) hold < 3e-9 of its probability
+
+
+def _nucleus(logits: np.ndarray, temperature: float, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens nucleus sampling draws from, best first, and their cumulative weights:
+    the TOP_K best tokens, cut where they reach top_p of their mass. Only the tokens near
+    the best are ranked (a comparison over the vocabulary instead of a partition of it)."""
+    t = max(temperature, 1e-4)
+    near = np.flatnonzero(logits >= logits.max() - TAIL * t)
+    if len(near) > TOP_K:
+        near = near[np.argpartition(logits[near], len(near) - TOP_K)[len(near) - TOP_K:]]
+    top = near[np.argsort(-logits[near])]
+    z = logits[top] / t
+    c = np.cumsum(np.exp(z - z[0]))  # z[0] is the largest
+    keep = min(int(np.searchsorted(c, top_p * c[-1]) + 1), len(top))  # the nucleus: top_p of the mass
+    return top[:keep], c[:keep]
+
+
+def _draw(nucleus: tuple[np.ndarray, np.ndarray], rng: np.random.Generator) -> int:
+    """Inverse CDF over the nucleus (what rng.choice does, without its checks and copies)."""
+    top, c = nucleus
+    i = int(np.searchsorted(c, rng.random() * c[-1], side="right"))
+    return int(top[min(i, len(top) - 1)])
+
+
 def _sample(logits: np.ndarray, rng: np.random.Generator, temperature: float, top_p: float) -> int:
-    v = logits.shape[0]
-    k = min(TOP_K, v)
-    top = np.argpartition(logits, v - k)[v - k:]
-    top = top[np.argsort(-logits[top])]
-    z = logits[top] / max(temperature, 1e-4)
-    p = np.exp(z - z[0])  # z[0] is the largest
-    c = np.cumsum(p)
-    keep = int(np.searchsorted(c, top_p * c[-1]) + 1)  # the nucleus: top_p of the mass
-    keep = min(keep, k)
-    # inverse CDF over the nucleus (what rng.choice does, without its checks and copies)
-    i = int(np.searchsorted(c[:keep], rng.random() * c[keep - 1], side="right"))
-    return int(top[min(i, keep - 1)])
+    return _draw(_nucleus(logits, temperature, top_p), rng)
 
 
 def generate(runtime: Runtime, context: ContextState, first_logits: np.ndarray, *, n: int,
@@ -92,6 +106,7 @@ def generate(runtime: Runtime, context: ContextState, first_logits: np.ndarray, 
     for step in range(max_new_tokens):
         row_logits: dict[int, np.ndarray] = {}  # branches sharing a row share this work
         row_lse: dict[int, float] = {}
+        row_nucleus: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for bi in active:
             b = branches[bi]
             row = row_of[bi]
@@ -113,8 +128,12 @@ def generate(runtime: Runtime, context: ContextState, first_logits: np.ndarray, 
                 lse = row_lse[row]
             if bi == 0:
                 tok = int(np.argmax(lg))
-            else:
+            elif b.remaining and trie is not None:
                 tok = _sample(lg, rngs[bi], temperature, top_p)
+            else:  # branches sharing a row draw from one nucleus
+                if row not in row_nucleus:
+                    row_nucleus[row] = _nucleus(lg, temperature, top_p)
+                tok = _draw(row_nucleus[row], rngs[bi])
             lp = float(lg[tok]) - lse
             b.tokens.append(tok)
             tb = token_bytes[tok] if tok < len(token_bytes) else b""

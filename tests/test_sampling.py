@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from codecomplete.runtime.base import BranchState
-from codecomplete.sampling import generate
+from codecomplete.sampling import TOP_K, _nucleus, generate
 
 V = 50
 
@@ -79,3 +79,27 @@ def test_equal_branches_share_a_row():
                       stop_ids=set(), stop_fn=lambda visible: None, seed=3)
     assert len({tuple(b.tokens) for b in result.branches}) == 1
     assert rt.rows_fed == [1] * 5 and result.rows_decoded == 5 and result.branch_rows == 20
+
+
+def reference_nucleus(logits: np.ndarray, temperature: float, top_p: float) -> list[int]:
+    """Nucleus over the TOP_K best tokens, from a full sort of the vocabulary."""
+    order = np.argsort(-logits, kind="stable")[:TOP_K]
+    p = np.exp((logits[order] - logits[order[0]]) / temperature)
+    c = np.cumsum(p)
+    keep = min(int(np.searchsorted(c, top_p * c[-1]) + 1), len(order))
+    return sorted(order[:keep].tolist())
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), spread=st.floats(0.05, 30.0), masked=st.floats(0.0, 0.99),
+       temperature=st.sampled_from([0.2, 0.8, 1.0, 1.5]), top_p=st.sampled_from([0.5, 0.9, 0.95, 1.0]))
+def test_nucleus_matches_a_full_sort_of_the_vocabulary(seed, spread, masked, temperature, top_p):
+    # only tokens near the best are ranked: the set must be what a sort of everything gives
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal(3000) * spread).astype(np.float32)
+    logits[rng.random(3000) < masked] = -np.inf  # banned ids and alignment masks
+    logits[rng.integers(3000)] = logits.max() + 1.0  # a finite best
+    top, c = _nucleus(logits, temperature, top_p)
+    assert sorted(top.tolist()) == reference_nucleus(logits, temperature, top_p)
+    assert len(c) == len(top) and np.all(np.diff(c) >= 0)
+    assert list(top) == sorted(top, key=lambda t: -logits[t])  # best first
