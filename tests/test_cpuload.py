@@ -98,3 +98,20 @@ def test_bench_latency_compares_thread_policies_under_background_load(tiny_model
     assert result["threads"]["nospin"]["model"]["spin"] is False
     with pytest.raises(SystemExit):
         latency.run(parser.parse_args(["--threads", "fastest"]))
+
+
+def test_bench_latency_compares_precisions_side_by_side(tiny_model_dir, capsys):
+    from codecomplete.bench import latency
+
+    parser = argparse.ArgumentParser()
+    latency.add_arguments(parser)
+    args = parser.parse_args(["--model", str(tiny_model_dir), "--keystrokes", "3", "--cold", "1", "--n", "2",
+                              "--max-tokens", "3", "--precision", "int8,int8-w7", "--json"])
+    assert latency.run(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert list(result["precision"]) == ["int8", "int8-w7"] and "threads" not in result
+    assert [r["model"]["linear"] for r in result["precision"].values()] == ["int8", "int8-w7"]
+    assert {r["requests"] for r in result["precision"].values()} == {3}
+    assert latency.variant_names(["adaptive", "single"], ["int8", "int8-w7"])["single/int8-w7"] == ("single", "int8-w7")
+    with pytest.raises(SystemExit):
+        latency.run(parser.parse_args(["--precision", "int3"]))

@@ -45,3 +45,27 @@ def test_bench_attention_on_cpu_checks_agreement_and_reports_ratios_and_floors(c
         assert r["bifurcated_rel_err"] < 1e-4 and "bifurcated_triton_ms" not in r
         assert r["speedup"] == r["plain_ms"] / r["best_bifurcated_ms"] and r["floor_plain_ms"] > 0
     assert rows[0]["bifurcated_vs_n1"] == 1.0
+
+
+def test_bench_runtime_scores_agreement_against_the_first_runtime(tiny_model_dir, capsys):
+    parser = argparse.ArgumentParser()
+    bench_runtime.add_arguments(parser)
+    args = parser.parse_args(["--json", "--model", str(tiny_model_dir), "--runtimes", "onnx-fp32,onnx-int8,onnx-int8-w7",
+                              "--prefill-tokens", "32", "--decode-context", "64", "--decode-n", "1",
+                              "--decode-steps", "2", "--repeat", "1", "--decode-repeat", "1", "--threads", "1",
+                              "--agreement", "40"])
+    assert bench_runtime.run(args) == 0
+    scores = json.loads(capsys.readouterr().out)["agreement"]
+    assert scores["reference"] == "onnx-fp32" and set(scores) == {"reference", "onnx-int8", "onnx-int8-w7"}
+    for name in ("onnx-int8", "onnx-int8-w7"):
+        assert scores[name]["positions"] == 40 and 0.5 <= scores[name]["top1"] <= 1 and scores[name]["kl"] >= 0
+
+
+def test_agreement_of_identical_and_of_shuffled_logits():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((50, 30)).astype(np.float32)
+    assert bench_runtime.agreement(a, a) == {"top1": 1.0, "kl": 0.0, "positions": 50}
+    other = bench_runtime.agreement(a, a[::-1])
+    assert other["top1"] < 0.5 and other["kl"] > 0.1

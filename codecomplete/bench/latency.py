@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from codecomplete.bench.common import emit, format_table, percentile, progress
+from codecomplete.commands import PRECISIONS
 
 DEFAULT_FILE = Path(__file__).resolve().parents[1] / "engine.py"
 
@@ -28,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--runtime", default="onnx", choices=["onnx", "torch"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--precision", default="auto",
+                   help="precisions to compare, comma-separated: auto, int8, int8-w7 (7-bit weights), fp32, ...")
     p.add_argument("--threads", default="adaptive",
                    help="onnx thread policies to compare, comma-separated: adaptive (all cores, spinning "
                         "while computing; one thread while other programs keep the CPU busy), spin, nospin "
@@ -143,17 +146,27 @@ def policy_ratios(first: dict, other: dict) -> dict:
 THREAD_POLICIES = {"adaptive": {}, "spin": {"spin": True}, "nospin": {"spin": False}, "single": {"threads": 1}}
 
 
-def load_engine(args, policy: str):
-    """The engine for one thread policy (the torch runtime has one policy: its own)."""
+def load_engine(args, policy: str, precision: str = "auto"):
+    """The engine for one thread policy and precision (the torch runtime has one policy: its own)."""
     from codecomplete.engine import Engine
 
     if args.runtime != "onnx" or policy == "adaptive":
-        return Engine.load(args.model, runtime=args.runtime, device=args.device)
+        return Engine.load(args.model, runtime=args.runtime, device=args.device, precision=precision)
     from codecomplete.models.source import load_model_source
     from codecomplete.runtime.onnx import OnnxRuntime, physical_cores
 
     kwargs = {"threads": physical_cores(), **THREAD_POLICIES[policy]}
-    return Engine(OnnxRuntime(load_model_source(args.model), device=args.device, **kwargs))
+    return Engine(OnnxRuntime(load_model_source(args.model), device=args.device, precision=precision, **kwargs))
+
+
+def variant_names(policies: list[str], precisions: list[str]) -> dict[str, tuple[str, str]]:
+    """Engine name -> (thread policy, precision): the varied part names it."""
+    pairs = [(t, p) for t in policies for p in precisions]
+    if len(precisions) == 1:
+        return {t: (t, p) for t, p in pairs}
+    if len(policies) == 1:
+        return {p: (t, p) for t, p in pairs}
+    return {f"{t}/{p}": (t, p) for t, p in pairs}
 
 
 def _spin_forever() -> None:
@@ -191,6 +204,10 @@ def run(args) -> int:
     if unknown or not policies:
         raise SystemExit(f"bench latency: unknown thread policy {', '.join(unknown) or '(none)'}; "
                          f"choose from {', '.join(THREAD_POLICIES)}")
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    if not precisions or any(p not in PRECISIONS for p in precisions):
+        raise SystemExit(f"bench latency: unknown precision in {args.precision!r}; choose from {', '.join(PRECISIONS)}")
+    variants = variant_names(policies, precisions)
 
     path = str(Path(args.file))
     text = Path(path).read_text(encoding="utf-8")
@@ -205,23 +222,24 @@ def run(args) -> int:
               "busy_processes": args.busy}
     engines, loaded = {}, {}
     with BackgroundLoad(args.busy):
-        for policy in policies:
+        for name, (policy, precision) in variants.items():
             t0 = time.perf_counter()
-            engines[policy] = load_engine(args, policy)
-            loaded[policy] = (time.perf_counter() - t0) * 1000
-            progress(f"  {policy}: loaded in {loaded[policy]:.0f} ms")
-        progress(f"  replaying {args.keystrokes} keystrokes of {path}" + (", policies in turn" if len(policies) > 1 else ""))
+            engines[name] = load_engine(args, policy, precision)
+            loaded[name] = (time.perf_counter() - t0) * 1000
+            progress(f"  {name}: loaded in {loaded[name]:.0f} ms")
+        progress(f"  replaying {args.keystrokes} keystrokes of {path}" + (", engines in turn" if len(variants) > 1 else ""))
         replays = replay_engines(engines, text, path, language, start, args.keystrokes, opts, args.cold)
-    by_policy = {p: {"model": engines[p].describe(), "load_ms": loaded[p], **replays[p]} for p in policies}
+    by_policy = {p: {"model": engines[p].describe(), "load_ms": loaded[p], **replays[p]} for p in variants}
     del engines
-    first = by_policy[policies[0]]
+    first = by_policy[next(iter(variants))]
     result.update({"model": first["model"], "load_ms": first["load_ms"],
                    "engine": {k: v for k, v in first.items() if k not in ("model", "load_ms")}})
-    if len(policies) > 1:  # side by side, as ratios to the first policy
-        result["threads"] = {p: {"warm_p50_ms": r["warm_p50_ms"], "cold_p50_ms": r["cold_p50_ms"],
-                                 **policy_ratios(first, r), "warm_requests": r["warm_requests"],
-                                 "requests": r["requests"], "model": r["model"]}
-                             for p, r in by_policy.items()}
+    if len(variants) > 1:  # side by side, as ratios to the first engine
+        key = "threads" if len(precisions) == 1 else "precision" if len(policies) == 1 else "variants"
+        result[key] = {p: {"warm_p50_ms": r["warm_p50_ms"], "cold_p50_ms": r["cold_p50_ms"],
+                           **policy_ratios(first, r), "warm_requests": r["warm_requests"],
+                           "requests": r["requests"], "model": r["model"]}
+                       for p, r in by_policy.items()}
     flat = {k: v for k, v in result["engine"].items() if k != "keystrokes"}
     result.update({k: v for k, v in flat.items()})  # top-level keys for quick reading
     keys = ("warm_p50_ms", "warm_p95_ms", "cold_p50_ms", "cold_p95_ms", "cache_hit_rate")

@@ -20,7 +20,7 @@ from .common import emit, format_table, progress, rss_mb
 
 RUNTIMES = ("torch-fp32", "torch-int8", "onnx-fp32", "onnx-int8")
 # extra onnx int8 kernels, for comparing them (see runtime/onnx_graph.py LINEAR_KINDS)
-EXTRA_RUNTIMES = ("onnx-int8-s8", "onnx-int8-nbits")
+EXTRA_RUNTIMES = ("onnx-int8-s8", "onnx-int8-nbits", "onnx-int8-w7")
 BASELINE = "torch-fp32"
 
 
@@ -39,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-repeat", type=int, default=8, help="timed decode runs per figure")
     parser.add_argument("--threads", type=int, default=0, help="threads per runtime (0: physical cores)")
     parser.add_argument("--plot", help="write a bar chart to this PNG")
+    parser.add_argument("--agreement", type=int, default=0, metavar="POSITIONS",
+                        help="also score each runtime's next-token distribution against the first one's "
+                             "(top-1 agreement, KL) at this many positions of code (this package's sources, "
+                             "or --agreement-files)")
+    parser.add_argument("--agreement-files", nargs="*", default=None, help="source files for --agreement")
 
 
 def resolve_model(args: argparse.Namespace, workdir: Path) -> tuple[Path, str]:
@@ -127,6 +132,8 @@ def measure(name: str, model_dir: Path, spec: dict) -> list[dict]:
         per_run = time_ms(run_steps, spec["decode_repeat"])
         rows.append({"runtime": name, "stage": "decode", "tokens": context, "n": n,
                      **{k: v / steps for k, v in per_run.items()}})
+    if spec.get("agreement_out"):
+        np.save(Path(spec["agreement_out"]) / f"{name}.npy", logits_at(rt, spec["agreement_docs"]))
     rss = rss_mb()
     for row in rows:
         row["rss_mb"] = round(rss, 1)
@@ -135,10 +142,58 @@ def measure(name: str, model_dir: Path, spec: dict) -> list[dict]:
     return rows
 
 
+def agreement_docs(tokenizer, files: list[Path], positions: int, start: int = 128, stride: int = 8,
+                   per_file: int = 24) -> list[tuple[list[int], list[int]]]:
+    """(token ids, prompt lengths to score) per file: every stride-th token after the first
+    start, at most per_file of them, until `positions` in all."""
+    docs, left = [], positions
+    for path in files:
+        if left <= 0:
+            break
+        ids = tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"))
+        cuts = list(range(start, len(ids), stride))[: min(per_file, left)]
+        if cuts:
+            docs.append((ids[: cuts[-1]], cuts))
+            left -= len(cuts)
+    return docs
+
+
+def logits_at(rt, docs: list[tuple[list[int], list[int]]]):
+    """Next-token logits after each prompt length (the prompt KV reused between them)."""
+    import numpy as np
+
+    out = []
+    for ids, cuts in docs:
+        state = None
+        for cut in cuts:
+            state, logits = rt.prefill(ids[:cut], state)
+            out.append(np.asarray(logits, np.float32))
+    return np.stack(out)
+
+
+def agreement(reference, other) -> dict:
+    """Top-1 agreement and mean KL(reference || other) of two (positions, vocab) logit arrays."""
+    import numpy as np
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    p, q = log_softmax(reference.astype(np.float64)), log_softmax(other.astype(np.float64))
+    return {"top1": round(float((reference.argmax(-1) == other.argmax(-1)).mean()), 4),
+            "kl": round(float((np.exp(p) * (p - q)).sum(-1).mean()), 5), "positions": int(len(reference))}
+
+
+def default_agreement_files() -> list[Path]:
+    """This package's own Python sources, largest first: code the model was not trained on."""
+    root = Path(__file__).resolve().parents[1]
+    return sorted(root.rglob("*.py"), key=lambda p: (-p.stat().st_size, str(p)))
+
+
 def run_worker(name: str, model_dir: Path, spec: dict) -> tuple[list[dict], str | None]:
     """Measure one runtime in a fresh Python process."""
-    cmd = [sys.executable, "-m", "codecomplete.bench.runtime", "--worker", name, str(model_dir), json.dumps(spec)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "codecomplete.bench.runtime", "--worker", name, str(model_dir)]
+    done = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True)  # the spec may be long
     if done.returncode != 0:
         return [], f"{name} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
     return json.loads(done.stdout.strip().splitlines()[-1]), None
@@ -195,6 +250,12 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, origin = resolve_model(args, Path(tmp))
         progress(f"bench runtime: {model_dir.name} ({origin}), {spec['threads']} threads")
+        if args.agreement > 0:
+            from codecomplete.models.source import load_model_source
+
+            files = [Path(f) for f in args.agreement_files] if args.agreement_files else default_agreement_files()
+            spec["agreement_docs"] = agreement_docs(load_model_source(model_dir).tokenizer, files, args.agreement)
+            spec["agreement_out"] = tmp
         rows = []
         for name in names:
             progress(f"  {name} ...")
@@ -205,12 +266,23 @@ def run(args: argparse.Namespace) -> int:
         from codecomplete.models.folder import open_model_folder
 
         config = open_model_folder(model_dir).config
+        scores = {}
+        if args.agreement > 0:
+            import numpy as np
+
+            measured = [n for n in names if (Path(tmp) / f"{n}.npy").exists()]
+            if measured:
+                reference = np.load(Path(tmp) / f"{measured[0]}.npy")
+                scores = {"reference": measured[0],
+                          **{n: agreement(reference, np.load(Path(tmp) / f"{n}.npy")) for n in measured[1:]}}
     add_ratios(rows)
     result = {"model": {"origin": origin, "path": None if origin.startswith("random") else str(model_dir),
                         "params_m": round(config.n_params() / 1e6, 1), "vocab": config.vocab_size,
                         "dim": config.dim, "layers": config.n_layers, "heads": config.n_heads,
                         "kv_heads": config.n_kv_heads, "max_seq_len": config.max_seq_len},
               "threads": spec["threads"], "rows": rows, "notes": notes}
+    if scores:
+        result["agreement"] = scores
     if args.plot and rows:
         plot(rows, args.plot)
     columns = ["runtime", "stage", "tokens", "n", "ms", "ms_min", "cpu_ms", "speedup_vs_torch_fp32",
@@ -220,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _worker_main(argv: list[str]) -> int:
-    name, model_dir, spec = argv[0], Path(argv[1]), json.loads(argv[2])
+    name, model_dir, spec = argv[0], Path(argv[1]), json.loads(sys.stdin.read())
     print(json.dumps(measure(name, model_dir, spec)))
     return 0
 

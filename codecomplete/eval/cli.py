@@ -9,6 +9,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from codecomplete.commands import PRECISIONS
 from codecomplete.eval import infill, lines, mxeval, tokenalign
 from codecomplete.eval.data import DataError, resolve_data_dir
 from codecomplete.eval.metrics import mean
@@ -65,6 +66,7 @@ def _common_arguments(p: argparse.ArgumentParser, max_new_tokens: int, deadline_
     p.add_argument("--model", help="model folder (default: the shipped model)")
     p.add_argument("--runtime", default="onnx", help="onnx | torch")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--deadline-ms", type=float, default=deadline_ms)
     p.add_argument("--temperature", type=float, default=CompletionOptions().temperature)
@@ -103,12 +105,12 @@ def _engine(args, cases):
         from codecomplete.eval.parallel import EngineSpec, ParallelEngine, threads_per_worker
 
         threads = threads_per_worker(args.workers) if args.device == "cpu" else 1
-        engine = ParallelEngine(EngineSpec(args.model, args.runtime, args.device, threads), args.workers)
+        engine = ParallelEngine(EngineSpec(args.model, args.runtime, args.device, threads, args.precision), args.workers)
         atexit.register(engine.close)
         return engine
     from codecomplete.engine import Engine
 
-    return Engine.load(args.model, runtime=args.runtime, device=args.device)
+    return Engine.load(args.model, runtime=args.runtime, device=args.device, precision=args.precision)
 
 
 def _settings(args, engine, options: CompletionOptions, **extra) -> dict:

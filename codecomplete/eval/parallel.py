@@ -32,11 +32,13 @@ class EngineSpec:
     runtime: str = "onnx"
     device: str = "cpu"
     threads: int | None = None
+    precision: str = "auto"
 
     def load(self):
         from codecomplete.engine import Engine
 
-        return Engine.load(self.model, runtime=self.runtime, device=self.device, threads=self.threads)
+        return Engine.load(self.model, runtime=self.runtime, device=self.device, threads=self.threads,
+                           precision=self.precision)
 
 
 def threads_per_worker(workers: int, cores: int | None = None) -> int:

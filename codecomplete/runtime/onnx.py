@@ -103,8 +103,10 @@ class OnnxRuntime(Runtime):
         if precision == "auto":
             # onnxruntime's CUDA kernels have no uint8-weight MatMulInteger: fp32 there
             precision = "int8" if is_int8(source) and self.device == "cpu" else "fp32"
+        if precision in LINEAR_KINDS:  # a linear kind names its precision: int8-w7 is int8
+            linear_kind, precision = linear_kind or precision, precision.split("-")[0]
         if precision not in ("fp32", "int8"):
-            raise ValueError(f"unknown precision {precision!r} for onnx (auto, fp32, int8)")
+            raise ValueError(f"unknown precision {precision!r} for onnx (auto, {', '.join(LINEAR_KINDS)})")
         linear_kind = linear_kind or precision
         if linear_kind not in LINEAR_KINDS or (precision == "fp32") != (linear_kind == "fp32"):
             raise ValueError(f"linear kind {linear_kind!r} does not fit precision {precision!r}")

@@ -47,7 +47,7 @@ INT64_MAX = np.iinfo(np.int64).max
 #               agreement 0.64 on the shipped model on such a CPU (kept for measurement)
 #   int8-nbits  com.microsoft MatMulNBits, 8 bits, int8 activations per block of 32:
 #               the most accurate int8, but 2x slower prefill here
-LINEAR_KINDS = ("fp32", "int8", "int8-s8", "int8-nbits")
+LINEAR_KINDS = ("fp32", "int8", "int8-s8", "int8-nbits", "int8-w7")
 NBITS_BLOCK = 32
 
 
@@ -170,8 +170,12 @@ class GraphBuilder:
         kind = self.linear_kind if weight.scale is not None else "fp32"
         if kind == "fp32":
             y = self.op("MatMul", [x, self.init(weight.dequantized().T, name + ".weight")], name=name)
-        elif kind in ("int8", "int8-s8"):
+        elif kind in ("int8", "int8-s8", "int8-w7"):
             wt = np.ascontiguousarray(weight.w.T)  # (in, out)
+            w_scale = weight.scale
+            if kind == "int8-w7":  # 7-bit weights (-64..63): uint8 x int8 pair sums stay within int16 on AVX2
+                wt = np.clip(np.rint(wt.astype(np.float32) / 2), -64, 63).astype(np.int8)
+                w_scale = weight.scale * 2
             xq, xs, xz = self.op("DynamicQuantizeLinear", [x], n_out=3, name=name + ".xq")
             if kind == "int8":
                 w_u8 = wt.view(np.uint8) ^ np.uint8(0x80)  # int8 + 128 as uint8
@@ -180,7 +184,7 @@ class GraphBuilder:
             else:
                 yi = self.op("MatMulInteger", [xq, self.init(wt, name + ".weight_s8"), xz], name=name + ".i32")
             yf = self.op("Cast", [yi], to=TensorProto.FLOAT)
-            scale = self.op("Mul", [xs, self.init(weight.scale.astype(np.float32), name + ".scale")])
+            scale = self.op("Mul", [xs, self.init(w_scale.astype(np.float32), name + ".scale")])
             y = self.op("Mul", [yf, scale], name=name)
         else:  # int8-nbits
             k = weight.w.shape[1]
