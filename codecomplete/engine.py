@@ -65,6 +65,7 @@ class Engine:
         next answer depends on its request alone: a reused KV prefix changes float rounding."""
         self.contexts.clear()
         self.suggestions.clear()
+        self.prompts.forget()
 
     def describe(self) -> dict:
         return {**self.runtime.describe(), "params_m": round(self.runtime.config.n_params() / 1e6, 1)}

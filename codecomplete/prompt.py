@@ -35,8 +35,13 @@ class Prompt:
     suffix_end: int  # char offset where the suffix window ends
 
 
-def _prefix_window(prefix: str, budget: int, encode) -> tuple[int, list[int]]:
-    """Start offset and tokens of the longest line-anchored tail of prefix within budget."""
+TOO_LONG_MARGIN = 16  # typing more text cannot bring a window this far over budget back within it
+
+
+def _prefix_window(prefix: str, budget: int, encode, too_long: dict[int, int] | None = None) -> tuple[int, list[int]]:
+    """Start offset and tokens of the longest line-anchored tail of prefix within budget.
+    too_long: window start -> token count, for windows known to be over budget (skipped
+    without encoding); the windows found over budget now are added to it."""
     lines_start = [0] + [m.end() for m in re.finditer("\n", prefix)]
     n_lines = len(lines_start)
     # first guess from characters, then step forward on the anchor grid until it fits
@@ -49,9 +54,14 @@ def _prefix_window(prefix: str, budget: int, encode) -> tuple[int, list[int]]:
     anchor = (first // PREFIX_ANCHOR_LINES) * PREFIX_ANCHOR_LINES
     while True:
         start = lines_start[min(anchor, n_lines - 1)]
+        if too_long is not None and too_long.get(start, 0) > budget + TOO_LONG_MARGIN and anchor < n_lines - 1:
+            anchor += PREFIX_ANCHOR_LINES
+            continue
         tokens = encode(prefix[start:])
         if len(tokens) <= budget or anchor >= n_lines - 1:
             break
+        if too_long is not None:
+            too_long[start] = len(tokens)
         anchor += PREFIX_ANCHOR_LINES
     if len(tokens) > budget:  # one enormous line: keep its tail
         tokens = tokens[-budget:]
@@ -107,6 +117,13 @@ class PromptBuilder:
         self.tok = tokenizer
         self.cfg = config
         self.special_ids = frozenset(config.special_ids)
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop what the last request taught (see build)."""
+        self._last_prefix = ""
+        self._too_long: dict[int, int] = {}
+        self._last_suffix: tuple[str, int, tuple[int, list[int]]] | None = None
 
     def _header(self, path: str) -> list[int]:
         if self.cfg.file_sep_id < 0 or not path:
@@ -140,8 +157,20 @@ class PromptBuilder:
         pre_budget = min(opts.prefix_tokens, room * 2 // 3)
         suf_budget = min(opts.suffix_tokens, room - pre_budget) if self.cfg.has_fim else 0
         prefix, suffix = request.prefix, request.suffix
-        prefix_start, prefix_toks = _prefix_window(prefix, pre_budget, self.tok.encode)
-        suffix_len, suffix_toks = _suffix_window(suffix, suf_budget, self.tok.encode, self.tok.token_bytes) if suf_budget else (0, [])
+        # while the user types, the prefix only grows: windows that were far over budget on
+        # the last keystroke still are, and the suffix is the same text (the two costly encodes)
+        if not (self._last_prefix and prefix.startswith(self._last_prefix)):
+            self._too_long = {}
+        prefix_start, prefix_toks = _prefix_window(prefix, pre_budget, self.tok.encode, self._too_long)
+        self._last_prefix = prefix
+        suffix_len, suffix_toks = 0, []
+        if suf_budget:
+            head = suffix[: suf_budget * CHARS_PER_TOKEN_GUESS]
+            if self._last_suffix is not None and self._last_suffix[0] == head and self._last_suffix[1] == suf_budget:
+                suffix_len, suffix_toks = self._last_suffix[2]
+            else:
+                suffix_len, suffix_toks = _suffix_window(suffix, suf_budget, self.tok.encode, self.tok.token_bytes)
+                self._last_suffix = (head, suf_budget, (suffix_len, suffix_toks))
         k = opts.back_off_tokens if opts.align else 0
         bo = back_off(prefix_toks, self.tok.token_bytes, k, self.special_ids)
         header = self._header(request.path)
