@@ -179,8 +179,8 @@ def _torch_logits(model_dir, ids):
 
 
 def test_int8_top1_agrees_with_torch_fp32_on_peaked_logits(peaked_model_dir):
-    rt = OnnxRuntime(load_model_source(peaked_model_dir))
-    assert rt.name == "onnx-int8"
+    rt = OnnxRuntime(load_model_source(peaked_model_dir), precision="int8")  # the weights exactly as stored
+    assert rt.name == "onnx-int8" and rt.describe()["linear"] == "int8"
     ids = rt.tokenizer.encode(SAMPLE_CODE + "".join(TEXTS))
     assert _top1_agreement(rt, _torch_logits(peaked_model_dir, ids), ids) >= 0.98
 
@@ -195,6 +195,7 @@ def test_int8_top1_mostly_agrees_even_on_flat_random_logits(tiny_model_dir):
 
 def test_precision_auto_follows_the_weights(tiny_model_dir, tiny_gqa_model_dir):
     assert load_runtime(str(tiny_model_dir), runtime="onnx").name == "onnx-int8"
+    assert load_runtime(str(tiny_model_dir), runtime="onnx").describe()["linear"] == "int8-w7"  # the CPU default
     assert load_runtime(str(tiny_gqa_model_dir), runtime="onnx").name == "onnx-fp32"
     assert OnnxRuntime(load_model_source(tiny_gqa_model_dir), precision="int8").name == "onnx-int8"
     with pytest.raises(ValueError):

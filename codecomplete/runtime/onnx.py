@@ -29,6 +29,7 @@ from .onnx_graph import LINEAR_KINDS, build_model
 
 log = logging.getLogger(__name__)
 
+DEFAULT_CPU_INT8 = "int8-w7"
 PREFILL_CHUNK_TOKENS = 256  # long prompts run in chunks: bounded score matrices, no upper triangle
 
 
@@ -101,8 +102,10 @@ class OnnxRuntime(Runtime):
         self.providers = pick_providers(device)
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         if precision == "auto":
-            # onnxruntime's CUDA kernels have no uint8-weight MatMulInteger: fp32 there
-            precision = "int8" if is_int8(source) and self.device == "cpu" else "fp32"
+            # onnxruntime's CUDA kernels have no uint8-weight MatMulInteger: fp32 there. On a
+            # CPU, int8 weights run as 7-bit weights: the fast uint8 x int8 kernels, which
+            # cannot saturate int16 with them (see onnx_graph.LINEAR_KINDS)
+            precision = DEFAULT_CPU_INT8 if is_int8(source) and self.device == "cpu" else "fp32"
         if precision in LINEAR_KINDS:  # a linear kind names its precision: int8-w7 is int8
             linear_kind, precision = linear_kind or precision, precision.split("-")[0]
         if precision not in ("fp32", "int8"):
