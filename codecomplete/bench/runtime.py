@@ -250,11 +250,13 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, origin = resolve_model(args, Path(tmp))
         progress(f"bench runtime: {model_dir.name} ({origin}), {spec['threads']} threads")
+        source = None
         if args.agreement > 0:
             from codecomplete.models.source import load_model_source
 
+            source = load_model_source(model_dir)
             files = [Path(f) for f in args.agreement_files] if args.agreement_files else default_agreement_files()
-            spec["agreement_docs"] = agreement_docs(load_model_source(model_dir).tokenizer, files, args.agreement)
+            spec["agreement_docs"] = agreement_docs(source.tokenizer, files, args.agreement)
             spec["agreement_out"] = tmp
         rows = []
         for name in names:
@@ -263,9 +265,15 @@ def run(args: argparse.Namespace) -> int:
             rows += got
             if error:
                 notes.append(error)
-        from codecomplete.models.folder import open_model_folder
+        from codecomplete.models.folder import is_model_folder, open_model_folder
+        from codecomplete.models.source import load_model_source
 
-        config = open_model_folder(model_dir).config
+        if source is not None:
+            config = source.config
+        elif is_model_folder(model_dir):
+            config = open_model_folder(model_dir).config
+        else:  # a .gguf file or a Hugging Face folder
+            config = load_model_source(model_dir).config
         scores = {}
         if args.agreement > 0:
             import numpy as np
