@@ -48,6 +48,12 @@ class VocabTrie:
             ids.extend(self._by_bytes.get(remaining[:k], ()))
         return ids
 
+    def extends(self, text: bytes) -> bool:
+        """Whether some token starts with `text` and is longer: a token could begin with it."""
+        lo = bisect.bisect_left(self._sorted_bytes, text)
+        # the tokens starting with text are a range from lo; text itself, if a token, sorts first
+        return any(b.startswith(text) and len(b) > len(text) for b in self._sorted_bytes[lo : lo + 2])
+
     def allowed_ids(self, remaining: bytes) -> np.ndarray:
         """Sorted ids of every token that agrees with `remaining` (never an empty token)."""
         if not remaining:
@@ -77,9 +83,16 @@ class BackOff:
 
 
 def back_off(prefix_tokens: Sequence[int], token_bytes: Sequence[bytes], k: int,
-             special_ids: set[int] | frozenset[int] = frozenset(), within_line: bool = True) -> BackOff:
+             special_ids: set[int] | frozenset[int] = frozenset(), within_line: bool = True,
+             trie: VocabTrie | None = None) -> BackOff:
     """Drop up to k tokens from the end of the prefix, stopping early at a special token
     (or a token with no text), and return the removed text.
+
+    trie: drop only as many as needed. A token of the finished text that reaches past the
+    cursor starts with the text from its start to the cursor, so only a position where
+    that text begins some longer token can start one; the removed tokens must reach back
+    to the earliest such position. Tokens before it are where the finished text's tokens
+    are too: re-generating them costs a decode step each and changes nothing.
 
     within_line: after the first token, stop at the cursor line's start: a token that ends
     with a newline, or any token once the removed text holds one, lies on earlier lines,
@@ -96,6 +109,12 @@ def back_off(prefix_tokens: Sequence[int], token_bytes: Sequence[bytes], k: int,
             break
         removed.append(token_bytes[t])
         kept.pop()
+    if trie is not None and removed:
+        text = b"".join(reversed(removed))
+        start = next((p for p in range(len(text)) if trie.extends(text[p:])), len(text))
+        while removed and len(removed[-1]) <= start:  # the earliest removed token ends before it
+            start -= len(removed.pop())
+            kept.append(prefix_tokens[len(kept)])
     return BackOff(kept, b"".join(reversed(removed)), len(removed))
 
 

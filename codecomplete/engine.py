@@ -41,8 +41,8 @@ class Engine:
 
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
-        self.prompts = PromptBuilder(runtime.tokenizer, runtime.config)
         self.trie = VocabTrie(runtime.tokenizer.token_bytes)
+        self.prompts = PromptBuilder(runtime.tokenizer, runtime.config, self.trie)
         self.contexts = ContextCache()
         self.suggestions = SuggestionCache()
         cfg = runtime.config

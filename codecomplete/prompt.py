@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from codecomplete.alignment import BackOff, back_off
+from codecomplete.alignment import BackOff, VocabTrie, back_off
 from codecomplete.request import CompletionRequest, Neighbour
 
 PREFIX_ANCHOR_LINES = 16  # the prefix window starts on a multiple of this many lines
@@ -113,9 +113,10 @@ def rank_snippets(neighbours: list[Neighbour], around_cursor: str, lines_per_sni
 class PromptBuilder:
     """Builds prompts for one model: its tokenizer and FIM facts."""
 
-    def __init__(self, tokenizer, config):
+    def __init__(self, tokenizer, config, trie: VocabTrie | None = None):
         self.tok = tokenizer
         self.cfg = config
+        self.trie = trie or VocabTrie(tokenizer.token_bytes)
         self.special_ids = frozenset(config.special_ids)
         self.forget()
 
@@ -172,7 +173,8 @@ class PromptBuilder:
                 suffix_len, suffix_toks = _suffix_window(suffix, suf_budget, self.tok.encode, self.tok.token_bytes)
                 self._last_suffix = (head, suf_budget, (suffix_len, suffix_toks))
         k = opts.back_off_tokens if opts.align else 0
-        bo = back_off(prefix_toks, self.tok.token_bytes, k, self.special_ids)
+        bo = back_off(prefix_toks, self.tok.token_bytes, k, self.special_ids,
+                      trie=self.trie if opts.back_off_needed else None)
         header = self._header(request.path)
         ctx_budget = min(opts.neighbour_tokens, room - len(prefix_toks) - len(suffix_toks) - len(header) - 4)
         ctx = self._context(request, ctx_budget) + header

@@ -70,3 +70,41 @@ def test_advance_and_strip_constraint():
     assert advance(b" print(", b" pri") == b"nt("
     assert advance(b"nt(", b"nt(x") == b""
     assert strip_constraint(b" print(x)", b" print(") == b"x)"
+
+
+@settings(max_examples=200, deadline=None)
+@given(vocab=vocab_strategy, text=st.binary(min_size=1, max_size=8).map(lambda b: bytes(ALPHABET[x % len(ALPHABET)] for x in b)))
+def test_extends_matches_brute_force(vocab, text):
+    trie = VocabTrie(vocab)
+    assert trie.extends(text) == any(t.startswith(text) and len(t) > len(text) for t in vocab)
+
+
+@settings(max_examples=300, deadline=None)
+@given(vocab=vocab_strategy, picks=st.lists(st.integers(0, 59), min_size=1, max_size=8), k=st.integers(1, 4))
+def test_needed_back_off_reaches_the_earliest_possible_token_start_and_no_further(vocab, picks, k):
+    vocab = [t for t in vocab if t] or [b"a"]
+    prompt = [p % len(vocab) for p in picks]
+    trie = VocabTrie(vocab)
+    fixed = back_off(prompt, vocab, k, within_line=False)
+    needed = back_off(prompt, vocab, k, within_line=False, trie=trie)
+    assert needed.kept + prompt[len(needed.kept):] == prompt and needed.kept[: len(fixed.kept)] == fixed.kept
+    assert fixed.removed.endswith(needed.removed) and needed.removed_tokens <= fixed.removed_tokens
+    # no token can start in the part of the fixed span that stays in the prompt ...
+    kept_part = fixed.removed[: len(fixed.removed) - len(needed.removed)]
+    assert not any(trie.extends(fixed.removed[p:]) for p in range(len(kept_part)))
+    # ... and the first removed token is needed: a token could start inside it
+    if needed.removed_tokens:
+        first = vocab[prompt[len(needed.kept)]]
+        assert any(trie.extends(needed.removed[p:]) for p in range(len(first)))
+
+
+def test_needed_back_off_keeps_whole_words_before_the_cursor_token():
+    vocab = [b" result", b".", b"st", b"e", b"ste", b"steps", b" =", b" ", b" x", b"(", b"(self"]
+    ids = {t: i for i, t in enumerate(vocab)}
+    trie = VocabTrie(vocab)
+    prompt = [ids[b" result"], ids[b"."], ids[b"st"], ids[b"e"]]
+    assert back_off(prompt, vocab, 3).removed == b".ste"
+    assert back_off(prompt, vocab, 3, trie=trie).removed == b"ste"  # "st"+"e" may become "steps"
+    # nothing longer starts with the end of " x =": no back-off, no constrained steps
+    assert back_off([ids[b" x"], ids[b" ="]], vocab, 3, trie=trie).removed_tokens == 0
+    assert back_off([ids[b" x"], ids[b"("]], vocab, 3, trie=trie).removed == b"("

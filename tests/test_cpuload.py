@@ -112,6 +112,22 @@ def test_bench_latency_compares_precisions_side_by_side(tiny_model_dir, capsys):
     assert list(result["precision"]) == ["int8", "int8-w7"] and "threads" not in result
     assert [r["model"]["linear"] for r in result["precision"].values()] == ["int8", "int8-w7"]
     assert {r["requests"] for r in result["precision"].values()} == {3}
-    assert latency.variant_names(["adaptive", "single"], ["int8", "int8-w7"])["single/int8-w7"] == ("single", "int8-w7")
+    assert latency.variant_names(["adaptive", "single"], ["int8", "int8-w7"], ["needed"])["single/int8-w7"] == (
+        "single", "int8-w7", "needed")
     with pytest.raises(SystemExit):
         latency.run(parser.parse_args(["--precision", "int3"]))
+
+
+def test_bench_latency_compares_back_off_rules(tiny_model_dir, capsys):
+    from codecomplete.bench import latency
+
+    parser = argparse.ArgumentParser()
+    latency.add_arguments(parser)
+    args = parser.parse_args(["--model", str(tiny_model_dir), "--keystrokes", "3", "--cold", "1", "--n", "2",
+                              "--max-tokens", "3", "--back-off", "needed,fixed", "--json"])
+    assert latency.run(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert list(result["back_off"]) == ["needed", "fixed"]
+    assert {r["requests"] for r in result["back_off"].values()} == {3}
+    with pytest.raises(SystemExit):
+        latency.run(parser.parse_args(["--back-off", "some"]))

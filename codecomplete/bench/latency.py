@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(all cores, workers sleep between ops), single (one thread)")
     p.add_argument("--busy", type=int, default=0, metavar="K",
                    help="keep K other processes spinning during the replay (typing while a build runs)")
+    p.add_argument("--back-off", default="needed",
+                   help="token-alignment back-off to compare, comma-separated: needed (only as far as a token "
+                        "could span the cursor), fixed (always the last 3 tokens, as in the paper)")
     p.add_argument("--lsp", action="store_true", help="also replay through the real server over stdio")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", default=None, help="write a latency-per-keystroke PNG")
@@ -159,14 +162,31 @@ def load_engine(args, policy: str, precision: str = "auto"):
     return Engine(OnnxRuntime(load_model_source(args.model), device=args.device, precision=precision, **kwargs))
 
 
-def variant_names(policies: list[str], precisions: list[str]) -> dict[str, tuple[str, str]]:
-    """Engine name -> (thread policy, precision): the varied part names it."""
-    pairs = [(t, p) for t in policies for p in precisions]
-    if len(precisions) == 1:
-        return {t: (t, p) for t, p in pairs}
-    if len(policies) == 1:
-        return {p: (t, p) for t, p in pairs}
-    return {f"{t}/{p}": (t, p) for t, p in pairs}
+BACK_OFF = {"needed": True, "fixed": False}  # CompletionOptions.back_off_needed
+
+
+def variant_names(*dims: list[str]) -> dict[str, tuple[str, ...]]:
+    """Engine name -> one value per dimension (thread policy, precision, back-off): the
+    dimensions with more than one value name it."""
+    import itertools
+
+    varied = [i for i, d in enumerate(dims) if len(d) > 1]
+    return {"/".join(combo[i] for i in varied) or combo[0]: combo for combo in itertools.product(*dims)}
+
+
+class WithOptions:
+    """An engine whose requests get some options replaced (a variant of the same engine)."""
+
+    def __init__(self, engine, **options):
+        self.engine, self.options = engine, options
+
+    def complete(self, request):
+        from dataclasses import replace
+
+        return self.engine.complete(replace(request, options=replace(request.options, **self.options)))
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
 
 
 def _spin_forever() -> None:
@@ -207,7 +227,10 @@ def run(args) -> int:
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
     if not precisions or any(p not in PRECISIONS for p in precisions):
         raise SystemExit(f"bench latency: unknown precision in {args.precision!r}; choose from {', '.join(PRECISIONS)}")
-    variants = variant_names(policies, precisions)
+    back_offs = [b.strip() for b in args.back_off.split(",") if b.strip()]
+    if not back_offs or any(b not in BACK_OFF for b in back_offs):
+        raise SystemExit(f"bench latency: unknown back-off in {args.back_off!r}; choose from {', '.join(BACK_OFF)}")
+    variants = variant_names(policies, precisions, back_offs)
 
     path = str(Path(args.file))
     text = Path(path).read_text(encoding="utf-8")
@@ -222,9 +245,9 @@ def run(args) -> int:
               "busy_processes": args.busy}
     engines, loaded = {}, {}
     with BackgroundLoad(args.busy):
-        for name, (policy, precision) in variants.items():
+        for name, (policy, precision, back) in variants.items():
             t0 = time.perf_counter()
-            engines[name] = load_engine(args, policy, precision)
+            engines[name] = WithOptions(load_engine(args, policy, precision), back_off_needed=BACK_OFF[back])
             loaded[name] = (time.perf_counter() - t0) * 1000
             progress(f"  {name}: loaded in {loaded[name]:.0f} ms")
         progress(f"  replaying {args.keystrokes} keystrokes of {path}" + (", engines in turn" if len(variants) > 1 else ""))
@@ -235,7 +258,8 @@ def run(args) -> int:
     result.update({"model": first["model"], "load_ms": first["load_ms"],
                    "engine": {k: v for k, v in first.items() if k not in ("model", "load_ms")}})
     if len(variants) > 1:  # side by side, as ratios to the first engine
-        key = "threads" if len(precisions) == 1 else "precision" if len(policies) == 1 else "variants"
+        varied = [k for k, d in (("threads", policies), ("precision", precisions), ("back_off", back_offs)) if len(d) > 1]
+        key = varied[0] if len(varied) == 1 else "variants"
         result[key] = {p: {"warm_p50_ms": r["warm_p50_ms"], "cold_p50_ms": r["cold_p50_ms"],
                            **policy_ratios(first, r), "warm_requests": r["warm_requests"],
                            "requests": r["requests"], "model": r["model"]}
