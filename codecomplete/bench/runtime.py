@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", help="write a bar chart to this PNG")
     parser.add_argument("--agreement", type=int, default=0, metavar="POSITIONS",
                         help="also score each runtime's next-token distribution against the first one's "
-                             "(top-1 agreement, KL) at this many positions of code (this package's sources, "
-                             "or --agreement-files)")
+                             "(top-1 agreement, KL) at up to this many positions of code, at most 24 per file "
+                             "(this package's sources, or --agreement-files)")
     parser.add_argument("--agreement-files", nargs="*", default=None, help="source files for --agreement")
 
 
@@ -185,7 +185,7 @@ def agreement(reference, other) -> dict:
 
 
 def default_agreement_files() -> list[Path]:
-    """This package's own Python sources, largest first: code the model was not trained on."""
+    """This package's own Python sources, largest first."""
     root = Path(__file__).resolve().parents[1]
     return sorted(root.rglob("*.py"), key=lambda p: (-p.stat().st_size, str(p)))
 
