@@ -173,8 +173,8 @@ class PromptBuilder:
                 suffix_len, suffix_toks = _suffix_window(suffix, suf_budget, self.tok.encode, self.tok.token_bytes)
                 self._last_suffix = (head, suf_budget, (suffix_len, suffix_toks))
         k = opts.back_off_tokens if opts.align else 0
-        bo = back_off(prefix_toks, self.tok.token_bytes, k, self.special_ids,
-                      trie=self.trie if opts.back_off_needed else None)
+        needed = opts.back_off_needed if opts.back_off_needed is not None else self.cfg.align_back_off == "needed"
+        bo = back_off(prefix_toks, self.tok.token_bytes, k, self.special_ids, trie=self.trie if needed else None)
         header = self._header(request.path)
         ctx_budget = min(opts.neighbour_tokens, room - len(prefix_toks) - len(suffix_toks) - len(header) - 4)
         ctx = self._context(request, ctx_budget) + header

@@ -25,8 +25,9 @@ class CompletionOptions:
     align: bool = True  # token alignment for a cursor inside a token
     back_off_tokens: int = 3
     # back off only as far as a token of the finished text could start (False: always
-    # back_off_tokens, as the paper does; each extra token is one more decode step)
-    back_off_needed: bool = True
+    # back_off_tokens, as the paper does; each extra token is one more decode step);
+    # None: the model's own setting (ModelConfig.align_back_off)
+    back_off_needed: bool | None = None
     rerank: bool = True
     multiline: bool | None = None  # None: decided from the syntax at the cursor
     deadline_ms: float = 1000.0

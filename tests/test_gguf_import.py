@@ -223,6 +223,7 @@ def test_logits_match_transformers(gguf_case, reference):
     path, arch, tie = gguf_case
     source = load_gguf(path, cache=False)
     assert source.config.tie_embeddings == tie and source.config.qkv_bias == (arch == "qwen2")
+    assert source.config.align_back_off == "fixed"
     ids = source.tokenizer.encode(TEXTS[1])
     with torch.no_grad():
         want = reference[1](torch.tensor([ids])).logits[0].numpy()

@@ -67,3 +67,20 @@ def test_typing_encodes_only_the_window_that_fits(shipped):
     builder.build(_request(text, offset + 1), 16)
     windows = [s for s in seen if len(s) > 20]
     assert len(windows) == 1 and text[:offset + 1].endswith(windows[0])  # the prefix window, once; the suffix is remembered
+
+
+def test_the_back_off_follows_the_model_unless_the_request_says(shipped):
+    from dataclasses import replace
+
+    tokenizer, config = shipped
+    assert config.align_back_off == "needed"  # the shipped model's config.json
+    text = "total = result.ste"
+    removed = {}
+    for setting in ("needed", "fixed"):
+        builder = PromptBuilder(tokenizer, replace(config, align_back_off=setting))
+        removed[setting] = builder.build(_request(text, len(text)), 16).back_off.removed
+        forced = CompletionRequest(text=text, offset=len(text), path="a.py",
+                                   options=replace(OPTS, back_off_needed=setting == "fixed"))
+        removed["forced " + setting] = builder.build(forced, 16).back_off.removed
+    assert removed["needed"] == removed["forced fixed"] and removed["fixed"] == removed["forced needed"]
+    assert removed["fixed"].endswith(removed["needed"]) and len(removed["needed"]) < len(removed["fixed"])

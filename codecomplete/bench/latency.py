@@ -37,9 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(all cores, workers sleep between ops), single (one thread)")
     p.add_argument("--busy", type=int, default=0, metavar="K",
                    help="keep K other processes spinning during the replay (typing while a build runs)")
-    p.add_argument("--back-off", default="needed",
-                   help="token-alignment back-off to compare, comma-separated: needed (only as far as a token "
-                        "could span the cursor), fixed (always the last 3 tokens, as in the paper)")
+    p.add_argument("--back-off", default="model",
+                   help="token-alignment back-off to compare, comma-separated: model (the model's own setting), "
+                        "needed (only as far as a token could span the cursor), fixed (always the last 3 tokens, "
+                        "as in the paper)")
     p.add_argument("--lsp", action="store_true", help="also replay through the real server over stdio")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", default=None, help="write a latency-per-keystroke PNG")
@@ -162,7 +163,7 @@ def load_engine(args, policy: str, precision: str = "auto"):
     return Engine(OnnxRuntime(load_model_source(args.model), device=args.device, precision=precision, **kwargs))
 
 
-BACK_OFF = {"needed": True, "fixed": False}  # CompletionOptions.back_off_needed
+BACK_OFF = {"model": None, "needed": True, "fixed": False}  # CompletionOptions.back_off_needed
 
 
 def variant_names(*dims: list[str]) -> dict[str, tuple[str, ...]]:
