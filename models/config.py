@@ -32,6 +32,11 @@ class ModelConfig:
     file_sep_id: int = -1
     fim_order: str = "spm"  # "spm" (suffix first) or "psm" (prefix first)
     # "spm" follows Bavarian et al.: <pre><suf> suffix <mid> prefix -> middle
+    # how far token alignment backs off for this model (CompletionOptions.back_off_needed):
+    # "needed" (only as far as a token could span the cursor) for models trained here, whose
+    # FIM splits fall at any token boundary; "fixed" (the paper's k tokens) for imported
+    # ones: Qwen2.5-Coder lost first-line exact match with "needed" (README)
+    align_back_off: str = "fixed"
 
     def __post_init__(self) -> None:
         if self.n_kv_heads == 0:
@@ -42,6 +47,8 @@ class ModelConfig:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.fim_order not in ("spm", "psm"):
             raise ValueError(f"fim_order must be 'spm' or 'psm', not {self.fim_order!r}")
+        if self.align_back_off not in ("needed", "fixed"):
+            raise ValueError(f"align_back_off must be 'needed' or 'fixed', not {self.align_back_off!r}")
 
     @property
     def has_fim(self) -> bool:
@@ -94,4 +101,4 @@ PRESETS: dict[str, dict] = {
 def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-    return ModelConfig(**{**PRESETS[name], **overrides})
+    return ModelConfig(**{**PRESETS[name], "align_back_off": "needed", **overrides})

@@ -375,6 +375,7 @@ def gguf_model_config(gf: GGUFFile, facts: TokenFacts) -> ModelConfig:
         norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
         qkv_bias="blk.0.attn_q.bias" in gf.tensors,
         tie_embeddings="output.weight" not in gf.tensors,
+        align_back_off="fixed",  # see ModelConfig.align_back_off
         **facts.config_fields(),
     )
 

@@ -179,6 +179,7 @@ def hf_model_config(meta: dict, vocab_size: int, facts: TokenFacts) -> ModelConf
         norm_eps=float(meta.get("rms_norm_eps", 1e-6)),
         qkv_bias=model_type == "qwen2",
         tie_embeddings=bool(meta.get("tie_word_embeddings", False)),
+        align_back_off="fixed",  # see ModelConfig.align_back_off
         **facts.config_fields(),
     )
 
