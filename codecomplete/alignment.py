@@ -31,6 +31,7 @@ class VocabTrie:
         self._by_bytes: dict[bytes, list[int]] = {}
         for b, i in order:
             self._by_bytes.setdefault(b, []).append(i)
+        self._unique_bytes = sorted(self._by_bytes)  # a token's bytes may repeat in a vocabulary
         self._max_len = max((len(b) for b in self._sorted_bytes), default=0)
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._cache_size = mask_cache_size
@@ -50,9 +51,9 @@ class VocabTrie:
 
     def extends(self, text: bytes) -> bool:
         """Whether some token starts with `text` and is longer: a token could begin with it."""
-        lo = bisect.bisect_left(self._sorted_bytes, text)
+        lo = bisect.bisect_left(self._unique_bytes, text)
         # the tokens starting with text are a range from lo; text itself, if a token, sorts first
-        return any(b.startswith(text) and len(b) > len(text) for b in self._sorted_bytes[lo : lo + 2])
+        return any(b.startswith(text) and len(b) > len(text) for b in self._unique_bytes[lo : lo + 2])
 
     def allowed_ids(self, remaining: bytes) -> np.ndarray:
         """Sorted ids of every token that agrees with `remaining` (never an empty token)."""
