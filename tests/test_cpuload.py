@@ -100,34 +100,29 @@ def test_bench_latency_compares_thread_policies_under_background_load(tiny_model
         latency.run(parser.parse_args(["--threads", "fastest"]))
 
 
-def test_bench_latency_compares_precisions_side_by_side(tiny_model_dir, capsys):
+@pytest.mark.parametrize("flag, values, key", [("--precision", "int8,int8-w7", "precision"),
+                                               ("--back-off", "needed,fixed", "back_off")])
+def test_bench_latency_compares_variants_side_by_side(tiny_model_dir, capsys, flag, values, key):
     from codecomplete.bench import latency
 
     parser = argparse.ArgumentParser()
     latency.add_arguments(parser)
     args = parser.parse_args(["--model", str(tiny_model_dir), "--keystrokes", "3", "--cold", "1", "--n", "2",
-                              "--max-tokens", "3", "--precision", "int8,int8-w7", "--json"])
+                              "--max-tokens", "3", flag, values, "--json"])
     assert latency.run(args) == 0
     result = json.loads(capsys.readouterr().out)
-    assert list(result["precision"]) == ["int8", "int8-w7"] and "threads" not in result
-    assert [r["model"]["linear"] for r in result["precision"].values()] == ["int8", "int8-w7"]
-    assert {r["requests"] for r in result["precision"].values()} == {3}
-    assert latency.variant_names(["adaptive", "single"], ["int8", "int8-w7"], ["needed"])["single/int8-w7"] == (
-        "single", "int8-w7", "needed")
+    assert list(result[key]) == values.split(",") and "threads" not in result
+    assert {r["requests"] for r in result[key].values()} == {3}
+    if key == "precision":
+        assert [r["model"]["linear"] for r in result[key].values()] == ["int8", "int8-w7"]
     with pytest.raises(SystemExit):
-        latency.run(parser.parse_args(["--precision", "int3"]))
+        latency.run(parser.parse_args([flag, "int3"]))
 
 
-def test_bench_latency_compares_back_off_rules(tiny_model_dir, capsys):
+def test_variant_names_name_the_varied_dimensions():
     from codecomplete.bench import latency
 
-    parser = argparse.ArgumentParser()
-    latency.add_arguments(parser)
-    args = parser.parse_args(["--model", str(tiny_model_dir), "--keystrokes", "3", "--cold", "1", "--n", "2",
-                              "--max-tokens", "3", "--back-off", "needed,fixed", "--json"])
-    assert latency.run(args) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert list(result["back_off"]) == ["needed", "fixed"]
-    assert {r["requests"] for r in result["back_off"].values()} == {3}
-    with pytest.raises(SystemExit):
-        latency.run(parser.parse_args(["--back-off", "some"]))
+    names = latency.variant_names(["adaptive", "single"], ["int8", "int8-w7"], ["model"])
+    assert names["single/int8-w7"] == ("single", "int8-w7", "model") and len(names) == 4
+    assert latency.variant_names(["adaptive"], ["auto"], ["needed", "fixed"]) == {
+        "needed": ("adaptive", "auto", "needed"), "fixed": ("adaptive", "auto", "fixed")}
