@@ -7,7 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-
 PRECISIONS = ["auto", "fp32", "bf16", "fp16", "int8", "int8-w7"]
 
 

@@ -15,6 +15,10 @@ class Neighbour:
     language: str = ""
 
 
+# the --back-off choices of eval and bench: the value of CompletionOptions.back_off_needed
+BACK_OFF_RULES: dict[str, bool | None] = {"model": None, "needed": True, "fixed": False}
+
+
 @dataclass
 class CompletionOptions:
     n: int = 4  # candidates to draw (candidate 0 greedy, the rest sampled)

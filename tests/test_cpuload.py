@@ -117,6 +117,8 @@ def test_bench_latency_compares_variants_side_by_side(tiny_model_dir, capsys, fl
         assert [r["model"]["linear"] for r in result[key].values()] == ["int8", "int8-w7"]
     with pytest.raises(SystemExit):
         latency.run(parser.parse_args([flag, "int3"]))
+    with pytest.raises(SystemExit):  # the server replay would run its own settings, not these
+        latency.run(parser.parse_args([flag, values, "--lsp"]))
 
 
 def test_variant_names_name_the_varied_dimensions():

@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from codecomplete.bench.common import emit, format_table, percentile, progress
 from codecomplete.commands import PRECISIONS
+from codecomplete.request import BACK_OFF_RULES
 
 DEFAULT_FILE = Path(__file__).resolve().parents[1] / "engine.py"
 
@@ -163,9 +165,6 @@ def load_engine(args, policy: str, precision: str = "auto"):
     return Engine(OnnxRuntime(load_model_source(args.model), device=args.device, precision=precision, **kwargs))
 
 
-BACK_OFF = {"model": None, "needed": True, "fixed": False}  # CompletionOptions.back_off_needed
-
-
 def variant_names(*dims: list[str]) -> dict[str, tuple[str, ...]]:
     """Engine name -> one value per dimension (thread policy, precision, back-off): the
     dimensions with more than one value name it."""
@@ -182,8 +181,6 @@ class WithOptions:
         self.engine, self.options = engine, options
 
     def complete(self, request):
-        from dataclasses import replace
-
         return self.engine.complete(replace(request, options=replace(request.options, **self.options)))
 
     def __getattr__(self, name):
@@ -229,8 +226,12 @@ def run(args) -> int:
     if not precisions or any(p not in PRECISIONS for p in precisions):
         raise SystemExit(f"bench latency: unknown precision in {args.precision!r}; choose from {', '.join(PRECISIONS)}")
     back_offs = [b.strip() for b in args.back_off.split(",") if b.strip()]
-    if not back_offs or any(b not in BACK_OFF for b in back_offs):
-        raise SystemExit(f"bench latency: unknown back-off in {args.back_off!r}; choose from {', '.join(BACK_OFF)}")
+    if not back_offs or any(b not in BACK_OFF_RULES for b in back_offs):
+        raise SystemExit(f"bench latency: unknown back-off in {args.back_off!r}; "
+                         f"choose from {', '.join(BACK_OFF_RULES)}")
+    if args.lsp and (precisions != ["auto"] or back_offs != ["model"]):
+        raise SystemExit("bench latency: --lsp replays the server with its own settings; "
+                         "compare --precision or --back-off without it")
     variants = variant_names(policies, precisions, back_offs)
 
     path = str(Path(args.file))
@@ -248,7 +249,7 @@ def run(args) -> int:
     with BackgroundLoad(args.busy):
         for name, (policy, precision, back) in variants.items():
             t0 = time.perf_counter()
-            engines[name] = WithOptions(load_engine(args, policy, precision), back_off_needed=BACK_OFF[back])
+            engines[name] = WithOptions(load_engine(args, policy, precision), back_off_needed=BACK_OFF_RULES[back])
             loaded[name] = (time.perf_counter() - t0) * 1000
             progress(f"  {name}: loaded in {loaded[name]:.0f} ms")
         progress(f"  replaying {args.keystrokes} keystrokes of {path}" + (", engines in turn" if len(variants) > 1 else ""))

@@ -21,7 +21,7 @@ from codecomplete.eval.runner import (
     summary_text,
     to_json,
 )
-from codecomplete.request import CompletionOptions
+from codecomplete.request import BACK_OFF_RULES, CompletionOptions
 
 EXIT_DATA_ERROR = 2
 
@@ -72,7 +72,7 @@ def _common_arguments(p: argparse.ArgumentParser, max_new_tokens: int, deadline_
     p.add_argument("--temperature", type=float, default=CompletionOptions().temperature)
     p.add_argument("--no-align", action="store_true", help="turn token alignment off")
     p.add_argument("--no-rerank", action="store_true", help="keep the model's order (no tree-sitter rerank)")
-    p.add_argument("--back-off", choices=["model", "needed", "fixed"], default="model",
+    p.add_argument("--back-off", choices=list(BACK_OFF_RULES), default="model",
                    help="token alignment backs off only as far as a token could span the cursor (needed) or always "
                         "3 tokens (fixed); default: the model's setting (needed for the shipped model, fixed for "
                         "imported ones)")
@@ -97,7 +97,8 @@ def _execution_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> Non
 def _options(args, n: int, multiline: bool) -> CompletionOptions:
     return CompletionOptions(
         n=n, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-        align=not args.no_align, rerank=not args.no_rerank, back_off_needed={"model": None, "needed": True, "fixed": False}[args.back_off], multiline=multiline, deadline_ms=args.deadline_ms,
+        align=not args.no_align, rerank=not args.no_rerank, back_off_needed=BACK_OFF_RULES[args.back_off],
+        multiline=multiline, deadline_ms=args.deadline_ms,
         patience_steps=None if args.patience < 0 else args.patience,
     )
 
