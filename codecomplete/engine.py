@@ -21,6 +21,7 @@ from codecomplete.prompt import PromptBuilder
 from codecomplete.request import Candidate, Completion, CompletionRequest
 from codecomplete.rerank import rerank
 from codecomplete.runtime import Runtime, load_runtime
+from codecomplete.runtime.base import ContextState
 from codecomplete.sampling import GenerationResult, generate
 
 MAX_DOCUMENT_CHARS = 8_000_000  # bigger documents get no completion (and no error)
@@ -95,7 +96,7 @@ class Engine:
         prompt = self.prompts.build(request, max_new + prompt_back_off_room(opts))
         t = timer.stage("prompt", t)
 
-        state, logits = self.runtime.prefill(prompt.tokens, self.contexts.take(key, prompt.tokens))
+        state, logits = self._prefill(prompt.tokens, self.contexts.take(key, prompt.tokens))
         t = timer.stage("prefill", t)
 
         deadline = time.monotonic() + opts.deadline_ms / 1000.0 - (t - t_start)
@@ -120,11 +121,21 @@ class Engine:
         if not cancelled:
             self.suggestions.put(key, prefix, suffix, candidates)
         return Completion(candidates, timer.timings, tokens_generated=result.tokens_generated,
-                          model_calls=1 + result.steps, prefill_reused_tokens=state.reused_tokens,
+                          model_calls=int(state.new_tokens > 0) + result.steps, prefill_reused_tokens=state.reused_tokens,
                           prefill_new_tokens=state.new_tokens, cancelled=cancelled,
                           decode_rows=result.rows_decoded, branch_rows=result.branch_rows)
 
     # -- stages ---------------------------------------------------------------------------
+    def _prefill(self, tokens: list[int], previous: ContextState | None) -> tuple[ContextState, np.ndarray]:
+        """The prompt's KV and last logits. An unchanged prompt (typing inside a word that the
+        back-off removes, or a request repeated) runs no model call: its logits are kept."""
+        if previous is not None and previous.logits is not None and previous.tokens == tokens:
+            previous.reused_tokens, previous.new_tokens = len(tokens), 0
+            return previous, previous.logits
+        state, logits = self.runtime.prefill(tokens, previous)
+        state.logits = logits
+        return state, logits
+
     @staticmethod
     def _max_new_tokens(requested: int, multiline: bool) -> int:
         """Single-line completions rarely need more than 48 tokens; blocks may use all."""

@@ -127,3 +127,24 @@ def test_without_alignment_the_prompt_keeps_every_prefix_token(engine):
     assert prompt.back_off.removed == b""
     req_aligned = _request(text, len(text))
     assert engine.prompts.build(req_aligned, 8).back_off.removed_tokens > 0
+
+
+def test_an_unchanged_prompt_reuses_the_kept_logits_without_a_model_call(engine, monkeypatch):
+    # typing inside a word that the back-off removes leaves the prompt as it was
+    text = SOURCE + "    print_val"
+    typed = text + "u"
+    prompt = engine.prompts.build(_request(text, len(text), back_off_needed=True), 8).tokens
+    assert engine.prompts.build(_request(typed, len(typed), back_off_needed=True), 8).tokens == prompt
+    first = engine.complete(_request(text, len(text), seed=4, back_off_needed=True))
+    engine.suggestions.clear()  # no answer from the typing cache
+    prefills = []
+    real_prefill = engine.runtime.prefill
+    monkeypatch.setattr(engine.runtime, "prefill", lambda *a: prefills.append(a) or real_prefill(*a))
+    second = engine.complete(_request(typed, len(typed), seed=4, back_off_needed=True))
+    assert first.prefill_new_tokens > 0
+    assert not prefills and second.prefill_new_tokens == 0 and second.prefill_reused_tokens == len(prompt)
+    assert all(c.text for c in second.candidates)
+    # the kept logits are the prompt's own: a fresh prefill of the same tokens gives them
+    state = engine.contexts.take("demo.py", prompt)
+    assert state.tokens == prompt
+    assert abs(state.logits - real_prefill(prompt)[1]).max() < 1e-3

@@ -33,6 +33,7 @@ class ContextState:
     kv: object = None
     reused_tokens: int = 0  # how many leading tokens came from the previous state
     new_tokens: int = 0  # how many were computed by this prefill
+    logits: np.ndarray | None = None  # the last token's logits, kept by the engine for an unchanged prompt
 
     def __len__(self) -> int:
         return len(self.tokens)
