@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import PurePath
 
 from codecomplete.alignment import BackOff, VocabTrie, back_off
 from codecomplete.request import CompletionRequest, Neighbour
@@ -79,6 +80,22 @@ def _suffix_window(suffix: str, budget: int, encode, token_bytes) -> tuple[int, 
                 break
     n_chars = len(b"".join(token_bytes[t] for t in tokens).decode("utf-8", errors="ignore"))
     return n_chars, tokens
+
+
+def workspace_name(path: str, roots: list[str]) -> str:
+    """How a prompt names a file: relative to the innermost of the roots (workspace
+    folders) that holds it, with that folder's name in front (`shop/src/cart.py`, as the
+    training and evaluation data name files); a file outside every root by its own name.
+    An absolute path would put this machine's directories into the prompt."""
+    file = PurePath(path)
+    best = None
+    for root in roots:
+        base = PurePath(root)
+        if base != file and file.is_relative_to(base) and (best is None or len(base.parts) > len(best.parts)):
+            best = base
+    if best is None:
+        return file.name or path
+    return (PurePath(best.name) / file.relative_to(best)).as_posix()
 
 
 def _words(text: str) -> set[str]:

@@ -42,8 +42,10 @@ async def _replay(text: str, uri: str, language: str, start: int, keystrokes: in
     await client.start_io(*server_cmd)
     t_load = time.perf_counter()
     try:
+        folder = uri.rsplit("/", 1)[0]  # the file's folder is the workspace: the bench engine names it alike
         await client.initialize_async(types.InitializeParams(
-            capabilities=types.ClientCapabilities(), initialization_options={"codecomplete": settings}))
+            capabilities=types.ClientCapabilities(), initialization_options={"codecomplete": settings},
+            root_uri=folder, workspace_folders=[types.WorkspaceFolder(uri=folder, name=folder.rsplit("/", 1)[1])]))
         client.initialized(types.InitializedParams())
         while not any(s.state in ("ready", "error") for s in statuses):
             if time.perf_counter() - t_load > load_timeout_s:

@@ -30,6 +30,7 @@ from pygls.exceptions import JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
 from pygls.uris import to_fs_path
 
+from codecomplete.prompt import workspace_name
 from codecomplete.request import CancelToken, Completion, CompletionRequest, Neighbour
 
 from . import items as lsp_items
@@ -98,6 +99,15 @@ def path_of(uri: str) -> str:
         return to_fs_path(uri) or uri
     except Exception:
         return uri
+
+
+def prompt_path(uri: str, roots: list[str]) -> str:
+    """The name the prompt gives the document at uri (see prompt.workspace_name); roots are
+    the workspace folders' URIs. A document with no file (untitled:Untitled-1) keeps its name."""
+    path = path_of(uri)
+    if path == uri and "://" not in uri and ":" in uri:
+        return uri.split(":", 1)[1]
+    return workspace_name(path, [path_of(r) for r in roots])
 
 
 def process_alive(pid: int) -> bool:
@@ -274,7 +284,7 @@ class CodecompleteServer(LanguageServer):
             self._log_skip(uri, f"{uri} looks binary (NUL characters): no completions")
             return None
         request = CompletionRequest(text=text, offset=window_offset, language=doc.language_id,
-                                    path=path_of(uri), neighbours=self._neighbours(uri),
+                                    path=prompt_path(uri, self.workspace_roots()), neighbours=self._neighbours(uri),
                                     options=self.settings.completion_options(), cancel=CancelToken())
         snapshot = Document(doc.uri, doc.language_id, doc.version, doc.text, doc._line_starts)
         return Prepared(snapshot, offset, request)
@@ -284,12 +294,24 @@ class CodecompleteServer(LanguageServer):
             self._skipped.add(uri)
             logger.info("%s", message)
 
+    def workspace_roots(self) -> list[str]:
+        """The URIs of the open workspace folders (and the root the client named)."""
+        try:
+            ws = self.workspace
+        except RuntimeError:  # before initialize
+            return []
+        roots = [f.uri for f in ws.folders.values()]
+        if ws.root_uri and ws.root_uri not in roots:
+            roots.append(ws.root_uri)
+        return roots
+
     def _neighbours(self, uri: str) -> list[Neighbour]:
         out = []
+        roots = self.workspace_roots()
         for other in self.documents.recent(exclude=uri, limit=MAX_NEIGHBOURS):
             text = clean_text(other.text[:NEIGHBOUR_CHARS])
             if text:
-                out.append(Neighbour(path_of(other.uri), text, other.language_id))
+                out.append(Neighbour(prompt_path(other.uri, roots), text, other.language_id))
         return out
 
     async def run_completion(self, uri: str, position: types.Position) -> tuple[Prepared | None, Completion | None]:

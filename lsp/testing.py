@@ -56,6 +56,8 @@ class FakeEngine:
                 break
             time.sleep(self.step_ms / 1000.0)
         texts = fake_candidates(request.prefix, opts.n)
+        if os.environ.get("CODECOMPLETE_FAKE_ECHO") == "paths":  # what the prompt would name the files
+            texts = [request.path, *(nb.path for nb in request.neighbours)]
         candidates = [Candidate(text, score=1.0 - 0.1 * i, tokens=steps) for i, text in enumerate(texts)]
         return Completion(candidates, {"total": (time.perf_counter() - t0) * 1000.0}, tokens_generated=steps)
 

@@ -179,6 +179,27 @@ async def test_utf8_init_options_and_stray_prints_in_a_fresh_server():
         await client.shutdown_session()
 
 
+async def test_prompts_name_files_relative_to_their_workspace_folder():
+    """The file header in the prompt is `folder/path` inside a workspace folder and the bare
+    name outside, never this machine's absolute directories."""
+    client = make_test_lsp_client()
+    track_status(client)
+    await client.start_io(*SERVER, env={**ENV, "CODECOMPLETE_FAKE_ECHO": "paths"})
+    await client.initialize_session(types.InitializeParams(
+        capabilities=CAPS, root_uri="file:///home/ann/work",
+        workspace_folders=[types.WorkspaceFolder(uri="file:///home/ann/work/shop", name="shop"),
+                           types.WorkspaceFolder(uri="file:///home/ann/work/shop/vendor/lib", name="lib")]))
+    try:
+        await wait_for_state(client, "ready")
+        open_doc(client, "x = 1\n", uri="file:///tmp/scratch.py")
+        open_doc(client, "import lib\n", uri="file:///home/ann/work/shop/vendor/lib/core.py")
+        open_doc(client, "def total(items):\n    ret\n", uri="file:///home/ann/work/shop/src/cart.py")
+        items = await inline(client, 1, 7, uri="file:///home/ann/work/shop/src/cart.py")
+        assert [i.insert_text for i in items] == ["shop/src/cart.py", "lib/core.py", "scratch.py"]
+    finally:
+        await client.shutdown_session()
+
+
 # -- completion ---------------------------------------------------------------------------------------
 async def test_inline_completion_mid_token_inserts_the_rest_at_the_cursor(client: LanguageClient):
     open_doc(client, "def show(value):\n    pri\n")

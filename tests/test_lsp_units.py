@@ -11,7 +11,7 @@ from lsprotocol import types
 
 from codecomplete.lsp.documents import UTF8, UTF16, UTF32, Document, PositionError, code_units
 from codecomplete.lsp.items import completion_items, inline_items, partial_word_start
-from codecomplete.lsp.server import clean_text, text_window
+from codecomplete.lsp.server import clean_text, prompt_path, text_window
 from codecomplete.lsp.settings import Settings, apply_settings
 from codecomplete.request import Candidate
 
@@ -153,3 +153,21 @@ def test_settings_accept_the_settings_wrapper_in_initialization_options():
     assert section_of({"settings": {"codecomplete": {"candidates": 2}}}) == {"candidates": 2}
     assert section_of({"codecomplete": {"candidates": 3}}) == {"candidates": 3}
     assert section_of({"candidates": 5}) == {"candidates": 5}
+
+
+# -- prompt paths -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("uri, expected", [
+    ("file:///home/ann/shop/src/cart.py", "shop/src/cart.py"),
+    ("file:///home/ann/shop/vendor/lib/core.py", "lib/core.py"),  # the innermost folder wins
+    ("file:///home/ann/shopping/list.py", "list.py"),  # a sibling whose name extends a folder's is outside
+    ("file:///home/ann/shop", "shop"),  # the folder itself
+    ("untitled:Untitled-1", "Untitled-1"),
+    ("file:///srv/x.py", "x.py"),
+])
+def test_prompt_path_is_relative_to_the_workspace_folder_that_holds_the_file(uri, expected):
+    roots = ["file:///home/ann/shop", "file:///home/ann/shop/vendor/lib"]
+    assert prompt_path(uri, roots) == expected
+
+
+def test_prompt_path_under_a_filesystem_root_workspace_has_no_leading_slash():
+    assert prompt_path("file:///etc/app/conf.py", ["file:///"]) == "etc/app/conf.py"
