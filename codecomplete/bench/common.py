@@ -7,6 +7,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+# the file the typing benchmarks replay by default: a frozen copy of codecomplete/engine.py
+# (as of the commit that measured the README's latency rows), so figures stay comparable
+# while the real engine.py changes
+TYPING_SAMPLE = Path(__file__).resolve().parent / "data" / "typing_sample.py"
 
 
 def median_ms(fn: Callable[[], object], repeat: int = 10, warmup: int = 2, sync: Callable[[], None] | None = None) -> float:
@@ -70,3 +76,12 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 
 def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def bench_prompt_path(path: str | Path) -> str:
+    """The name a replayed file gets in prompts: its folder is the workspace, as the
+    LSP replay tells the server (prompt.workspace_name), so no machine paths enter."""
+    from codecomplete.prompt import workspace_name
+
+    full = Path(path).resolve()
+    return workspace_name(str(full), [str(full.parent)])

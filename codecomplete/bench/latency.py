@@ -9,11 +9,18 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from codecomplete.bench.common import emit, format_table, percentile, progress
+from codecomplete.bench.common import (
+    TYPING_SAMPLE,
+    bench_prompt_path,
+    emit,
+    format_table,
+    percentile,
+    progress,
+)
 from codecomplete.commands import PRECISIONS
 from codecomplete.request import BACK_OFF_RULES
 
-DEFAULT_FILE = Path(__file__).resolve().parents[1] / "engine.py"
+DEFAULT_FILE = TYPING_SAMPLE
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -253,7 +260,8 @@ def run(args) -> int:
             loaded[name] = (time.perf_counter() - t0) * 1000
             progress(f"  {name}: loaded in {loaded[name]:.0f} ms")
         progress(f"  replaying {args.keystrokes} keystrokes of {path}" + (", engines in turn" if len(variants) > 1 else ""))
-        replays = replay_engines(engines, text, path, language, start, args.keystrokes, opts, args.cold)
+        replays = replay_engines(engines, text, bench_prompt_path(path), language, start, args.keystrokes, opts,
+                                 args.cold)
     by_policy = {p: {"model": engines[p].describe(), "load_ms": loaded[p], **replays[p]} for p in variants}
     del engines
     first = by_policy[next(iter(variants))]

@@ -19,11 +19,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .common import emit, format_table, progress
+from .common import TYPING_SAMPLE, emit, format_table, progress
 
 ENGINE_SYSTEMS = ("onnx-fp32", "onnx-int8", "torch-fp32")
 DEFAULT_SYSTEMS = ("llamacpp", "onnx-fp32", "onnx-int8", "torch-fp32")
-DEFAULT_FILE = Path(__file__).resolve().parents[1] / "engine.py"
+DEFAULT_FILE = TYPING_SAMPLE
 DEFAULT_GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"
 

@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from codecomplete.bench.common import emit, percentile, progress
+from codecomplete.bench.common import TYPING_SAMPLE, emit, percentile, progress
 
-DEFAULT_FILE = Path(__file__).resolve().parents[1] / "engine.py"
+DEFAULT_FILE = TYPING_SAMPLE
 
 
 # -- a raw stdio client -------------------------------------------------------------------------
