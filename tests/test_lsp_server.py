@@ -196,6 +196,11 @@ async def test_prompts_name_files_relative_to_their_workspace_folder():
         open_doc(client, "def total(items):\n    ret\n", uri="file:///home/ann/work/shop/src/cart.py")
         items = await inline(client, 1, 7, uri="file:///home/ann/work/shop/src/cart.py")
         assert [i.insert_text for i in items] == ["shop/src/cart.py", "lib/core.py", "scratch.py"]
+        client.workspace_did_change_workspace_folders(types.DidChangeWorkspaceFoldersParams(
+            event=types.WorkspaceFoldersChangeEvent(added=[types.WorkspaceFolder(uri="file:///tmp", name="tmp")],
+                                                    removed=[])))
+        items = await inline(client, 1, 7, uri="file:///home/ann/work/shop/src/cart.py")
+        assert [i.insert_text for i in items] == ["shop/src/cart.py", "lib/core.py", "tmp/scratch.py"]
     finally:
         await client.shutdown_session()
 
