@@ -93,6 +93,8 @@ def test_bench_latency_compares_thread_policies_under_background_load(tiny_model
     # every policy answered the same keystrokes; shared decode rows never exceed one per candidate
     assert {r["requests"] for r in result["threads"].values()} == {4}
     rows = result["engine"]["warm_decode_rows_ratio"]
+    assert 0 <= result["engine"]["warm_unchanged_prompt"] <= result["engine"]["warm_requests"]
+    assert result["file"].endswith("typing_sample.py")  # the frozen default, not the live engine.py
     assert rows is None or 0 < rows <= 1
     assert result["threads"]["single"]["model"]["threads"] == 1
     assert result["threads"]["nospin"]["model"]["spin"] is False
