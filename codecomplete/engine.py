@@ -22,7 +22,7 @@ from codecomplete.request import Candidate, Completion, CompletionRequest
 from codecomplete.rerank import rerank
 from codecomplete.runtime import Runtime, load_runtime
 from codecomplete.runtime.base import ContextState
-from codecomplete.sampling import GenerationResult, generate
+from codecomplete.sampling import DecodeTrace, GenerationResult, generate
 
 MAX_DOCUMENT_CHARS = 8_000_000  # bigger documents get no completion (and no error)
 
@@ -102,6 +102,7 @@ class Engine:
         deadline = time.monotonic() + opts.deadline_ms / 1000.0 - (t - t_start)
         result = self._generate(state, logits, prompt.back_off.removed, scope, request,
                                 max_new + prompt.back_off.removed_tokens, deadline)
+        state.trace = result.trace  # the next keystroke may continue along a branch
         self.contexts.put(key, state)
         t = timer.stage("generate", t)
         timer.timings["alignment"] = result.constraint_ms
@@ -122,16 +123,28 @@ class Engine:
             self.suggestions.put(key, prefix, suffix, candidates)
         return Completion(candidates, timer.timings, tokens_generated=result.tokens_generated,
                           model_calls=int(state.new_tokens > 0) + result.steps, prefill_reused_tokens=state.reused_tokens,
-                          prefill_new_tokens=state.new_tokens, cancelled=cancelled,
+                          prefill_new_tokens=state.new_tokens, prefill_adopted_tokens=state.adopted_tokens,
+                          cancelled=cancelled,
                           decode_rows=result.rows_decoded, branch_rows=result.branch_rows)
 
     # -- stages ---------------------------------------------------------------------------
     def _prefill(self, tokens: list[int], previous: ContextState | None) -> tuple[ContextState, np.ndarray]:
-        """The prompt's KV and last logits. An unchanged prompt (typing inside a word that the
-        back-off removes, or a request repeated) runs no model call: its logits are kept."""
+        """The prompt's KV and last logits. No model call runs when the prompt is unchanged
+        (typing inside a word that the back-off removes, a request repeated: the logits are
+        kept) or when it continues the last prompt with tokens a candidate branch was fed
+        (the user typed what a candidate began with): their KV and the logits after them
+        come from that request's decode steps."""
         if previous is not None and previous.logits is not None and previous.tokens == tokens:
-            previous.reused_tokens, previous.new_tokens = len(tokens), 0
+            previous.reused_tokens, previous.new_tokens, previous.adopted_tokens = len(tokens), 0, 0
             return previous, previous.logits
+        m = len(previous.tokens) if previous is not None else 0
+        if previous is not None and isinstance(previous.trace, DecodeTrace) and len(tokens) > m \
+                and tokens[:m] == previous.tokens:
+            found = previous.trace.find(tokens[m:])
+            state = self.runtime.adopt(previous, found[0], found[1], tokens[m:]) if found else None
+            if state is not None:
+                state.logits = found[2]
+                return state, state.logits
         state, logits = self.runtime.prefill(tokens, previous)
         state.logits = logits
         return state, logits

@@ -97,6 +97,7 @@ class Completion:
     cached: bool = False  # served from the typing-as-suggested cache
     prefill_reused_tokens: int = 0
     prefill_new_tokens: int = 0
+    prefill_adopted_tokens: int = 0  # prompt tokens whose KV came from the last request's branches
     cancelled: bool = False
     decode_rows: int = 0  # runtime rows decoded (candidates with equal tokens share one)
     branch_rows: int = 0  # the rows that would have been decoded without that sharing

@@ -4,13 +4,13 @@ bifurcated decode), token alignment first, then stop rules and the deadline."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from codecomplete.alignment import VocabTrie, advance
-from codecomplete.runtime.base import ContextState, Runtime
+from codecomplete.runtime.base import BranchState, ContextState, Runtime
 
 TOP_K = 64  # sampling looks at the 64 best tokens only: cheap on 150k vocabularies
 
@@ -32,6 +32,26 @@ class Branch:
 
 
 @dataclass
+class DecodeTrace:
+    """What the decode calls of one request computed, kept for the next request: when its
+    prompt is this one's followed by tokens a branch already decoded, the runtime copies
+    their KV from the branch cache and the logits after them are here (no model call).
+
+    steps[k - 1] is the k-th decode call: {the k tokens a row was fed: row}, the branch
+    state holding those rows' KV, and the logits the call returned (rows, V)."""
+
+    steps: list[tuple[dict[tuple[int, ...], int], BranchState, np.ndarray]] = field(default_factory=list)
+
+    def find(self, tokens: Sequence[int]) -> tuple[BranchState, int, np.ndarray] | None:
+        """(branch state, row, logits after the tokens) for a decoded token path, else None."""
+        if not 0 < len(tokens) <= len(self.steps):
+            return None
+        rows, state, logits = self.steps[len(tokens) - 1]
+        row = rows.get(tuple(tokens))
+        return None if row is None else (state, row, logits[row])
+
+
+@dataclass
 class GenerationResult:
     branches: list[Branch]
     steps: int  # decode calls made
@@ -39,6 +59,7 @@ class GenerationResult:
     constraint_ms: float  # time spent building alignment masks
     rows_decoded: int = 0  # decode rows computed: branches with equal tokens share one
     branch_rows: int = 0  # the rows without that sharing (active branches, summed over steps)
+    trace: DecodeTrace = field(default_factory=DecodeTrace)
 
 
 def _logsumexp(x: np.ndarray) -> float:
@@ -97,6 +118,8 @@ def generate(runtime: Runtime, context: ContextState, first_logits: np.ndarray, 
     # branches with the same tokens so far have the same state: they share one row of the
     # runtime's decode (its logits and branch cache) until their tokens differ
     row_of = dict.fromkeys(active, 0)
+    row_paths: list[tuple[int, ...]] = [()]  # the tokens each row has been fed
+    trace = DecodeTrace()
     logits = first_logits[None, :]
     state = None
     constraint_ms = 0.0
@@ -189,8 +212,10 @@ def generate(runtime: Runtime, context: ContextState, first_logits: np.ndarray, 
             state = runtime.select_branches(state, parents)
         active, row_of = still, next_row_of
         logits = runtime.decode(context, state, next_tokens)
+        row_paths = [row_paths[p] + (t,) for p, t in zip(parents, next_tokens, strict=True)]
+        trace.steps.append(({path: r for r, path in enumerate(row_paths)}, state, logits))
         steps += 1
         rows_decoded += len(parents)
         branch_rows += len(still)
     total = sum(len(b.tokens) for b in branches)
-    return GenerationResult(branches, steps, total, constraint_ms, rows_decoded, branch_rows)
+    return GenerationResult(branches, steps, total, constraint_ms, rows_decoded, branch_rows, trace)

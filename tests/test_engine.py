@@ -148,3 +148,34 @@ def test_an_unchanged_prompt_reuses_the_kept_logits_without_a_model_call(engine,
     state = engine.contexts.take("demo.py", prompt)
     assert state.tokens == prompt
     assert abs(state.logits - real_prefill(prompt)[1]).max() < 1e-3
+
+
+def test_typing_what_a_branch_began_with_adopts_its_kv_without_a_prefill(engine, monkeypatch):
+    """The user types text a candidate branch was fed (a shown candidate's start, or one that
+    was cut): the new prompt goes on along that branch, so its KV and logits are reused."""
+    text = SOURCE + "    total = "
+    opts = dict(seed=5, align=False, n=4, max_new_tokens=6)
+    engine.forget()
+    engine.complete(_request(text, len(text), **opts))
+    previous = engine.contexts._states["demo.py"]
+    tok = engine.runtime.tokenizer
+    # find a path of fed tokens whose text, typed, makes exactly that prompt
+    typed = None
+    for k, (rows, _state, _logits) in enumerate(previous.trace.steps, start=1):
+        for path in rows:
+            candidate = text + tok.decode(list(path))
+            prompt = engine.prompts.build(_request(candidate, len(candidate), **opts), 6).tokens
+            if prompt == previous.tokens + list(path):
+                typed, adopted = candidate, k
+                break
+        if typed:
+            break
+    assert typed is not None, "no decoded path re-tokenizes to itself"
+    engine.suggestions.clear()  # not the typing cache: the model runs, but without a prefill
+    prefills = []
+    real_prefill = engine.runtime.prefill
+    monkeypatch.setattr(engine.runtime, "prefill", lambda *a: prefills.append(a) or real_prefill(*a))
+    second = engine.complete(_request(typed, len(typed), **opts))
+    assert not prefills
+    assert second.prefill_adopted_tokens == adopted and second.prefill_new_tokens == 0
+    assert second.source == "warm" and second.model_calls >= 1

@@ -161,6 +161,37 @@ def test_select_branches_keeps_the_right_caches(tiny_model_dir):
     np.testing.assert_allclose(after_kept[1], after_full[0], atol=1e-4)
 
 
+@pytest.mark.parametrize("runtime, attention", [("onnx", None), ("torch", "bifurcated"), ("torch", "plain")])
+def test_adopting_a_decoded_branch_equals_prefilling_its_tokens(tiny_gqa_model_dir, runtime, attention):
+    """A prompt that goes on with tokens a branch was fed: the branch's KV copied into the
+    context gives what a prefill of those tokens gives, for the logits and the next steps."""
+    if runtime == "torch":
+        pytest.importorskip("torch")
+        from codecomplete.runtime.torch import TorchRuntime
+
+        rt = TorchRuntime(load_model_source(tiny_gqa_model_dir), attention=attention)
+    else:
+        rt = OnnxRuntime(load_model_source(tiny_gqa_model_dir), precision="fp32")
+    prompt = rt.tokenizer.encode(TEXTS[0])
+    state, _ = rt.prefill(prompt)
+    br = rt.start_branches(state, 3, 8)
+    fed = [[5, 9, 11], [12, 13, 14], [20, 21, 22]]
+    outs = [rt.decode(state, br, toks) for toks in fed]
+    row, k = 1, 2
+    path = [fed[0][row], fed[1][row]]
+    adopted = rt.adopt(state, br, row, path)
+    assert adopted.tokens == prompt + path and adopted.adopted_tokens == k and adopted.new_tokens == 0
+    fresh, fresh_logits = rt.prefill(prompt + path)
+    np.testing.assert_allclose(outs[k - 1][row], fresh_logits, atol=1e-4)
+    a, b = rt.start_branches(adopted, 2, 4), rt.start_branches(fresh, 2, 4)
+    np.testing.assert_allclose(rt.decode(adopted, a, [3, 4]), rt.decode(fresh, b, [3, 4]), atol=1e-4)
+    # more tokens than the branch was fed, or a context at its end: the caller prefills
+    state2, _ = rt.prefill(prompt)
+    br2 = rt.start_branches(state2, 1, 4)
+    rt.decode(state2, br2, [7])
+    assert rt.adopt(state2, br2, 0, [7, 8]) is None
+
+
 def _top1_agreement(rt: OnnxRuntime, logits_fp32: np.ndarray, ids: list[int]) -> float:
     """Teacher-forced: the runtime's top-1 after each prefix vs the float model's."""
     agree, state = [], None

@@ -70,6 +70,14 @@ def test_every_token_comes_from_its_own_branch_history(n, steps, seed, skew):
     distinct = [len({tuple(b.tokens[:k + 1]) for b in result.branches}) for k in range(steps - 1)]
     assert rt.rows_fed == distinct
     assert result.rows_decoded == sum(distinct) and result.branch_rows == n * (steps - 1)
+    # the trace finds every path a branch was fed, in a row that was fed exactly that path,
+    # with the logits that followed it (what the next keystroke adopts instead of a prefill)
+    for b in result.branches:
+        for k in range(1, steps):
+            state, row, logits = result.trace.find(b.tokens[:k])
+            assert tuple(state.kv[row][:k]) == tuple(b.tokens[:k])
+            np.testing.assert_array_equal(logits, logits_for(tuple(b.tokens[:k]), skew))
+    assert result.trace.find([]) is None and result.trace.find([0] * steps) is None
 
 
 def test_equal_branches_share_a_row():

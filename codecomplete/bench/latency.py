@@ -133,8 +133,10 @@ def replay_engines(engines: dict, text: str, path: str, language: str, start: in
             "requests": len(per_key), "warm_requests": len(warm), "cold_requests": len(cold),
             "uncached_cold_keystrokes": len(other),
             "warm_prefill_new_tokens_p50": statistics.median([c.prefill_new_tokens for _, c in warm]) if warm else None,
-            # the prompt was the last one (typing inside a word the back-off removes): no prefill call
-            "warm_unchanged_prompt": sum(c.prefill_new_tokens == 0 for _, c in warm),
+            # keystrokes that ran no prefill call: the prompt was the last one (typing inside a
+            # word the back-off removes), or it went on with tokens a candidate branch was fed
+            "warm_unchanged_prompt": sum(c.prefill_new_tokens == 0 and not c.prefill_adopted_tokens for _, c in warm),
+            "warm_continued_branch": sum(c.prefill_adopted_tokens > 0 for _, c in warm),
             "warm_tokens_generated_mean": statistics.fmean([c.tokens_generated for _, c in warm]) if warm else None,
             "warm_model_calls_mean": statistics.fmean([c.model_calls for _, c in warm]) if warm else None,
             # decode rows computed against one per candidate and step: the share saved by

@@ -33,7 +33,9 @@ class ContextState:
     kv: object = None
     reused_tokens: int = 0  # how many leading tokens came from the previous state
     new_tokens: int = 0  # how many were computed by this prefill
+    adopted_tokens: int = 0  # how many came from a branch cache (Runtime.adopt), not computed
     logits: np.ndarray | None = None  # the last token's logits, kept by the engine for an unchanged prompt
+    trace: object = None  # the engine's DecodeTrace of the decode steps run over this context
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -76,6 +78,14 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     def select_branches(self, branches: BranchState, keep: Sequence[int]) -> BranchState:
         """Keep only the listed branches (in that order), e.g. after some have stopped."""
+
+    def adopt(self, context: ContextState, branches: BranchState, row: int, tokens: Sequence[int]
+              ) -> ContextState | None:
+        """The context followed by `tokens`, the first tokens fed to one row of `branches`
+        (decoded over this context), their KV copied from the branch cache: a prompt that
+        continues along a decoded branch needs no prefill. Consumes `context`. None where the
+        runtime cannot (the caller then prefills)."""
+        return None
 
     def max_context(self) -> int:
         return self.config.max_seq_len

@@ -249,6 +249,15 @@ class OnnxRuntime(Runtime):
         branches.step += 1
         return logits
 
+    def adopt(self, context, branches, row, tokens):
+        m, k = len(context.tokens), len(tokens)
+        ctx, bkv = context.kv, branches.kv
+        if not isinstance(ctx, ContextKV) or not 0 < k <= branches.step or m + k > ctx.capacity:
+            return None
+        ctx.k[:, m:m + k] = bkv.k[:, :k, row]  # (L, k, G, D) both, token-major
+        ctx.v[:, m:m + k] = bkv.v[:, :k, row]
+        return ContextState(list(context.tokens) + [int(t) for t in tokens], ctx, reused_tokens=m, adopted_tokens=k)
+
     def select_branches(self, branches, keep):
         idx = np.asarray(list(keep), dtype=np.int64)
         bkv: BranchKV = branches.kv

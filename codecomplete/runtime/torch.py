@@ -199,6 +199,19 @@ class TorchRuntime(Runtime):
         branches.step += 1
         return logits.float().cpu().numpy()
 
+    @torch.inference_mode()
+    def adopt(self, context, branches, row, tokens):
+        m, k = len(context.tokens), len(tokens)
+        k_buf, v_buf = context.kv
+        if not 0 < k <= branches.step or m + k > k_buf.shape[2]:
+            return None
+        dec_k, dec_v = branches.kv  # (L, N, G, J, D); "plain" keeps the context in front: J = m + step
+        first = m if self.attention == "plain" else 0
+        k_buf[:, :, m:m + k] = dec_k[:, row, :, first:first + k]
+        v_buf[:, :, m:m + k] = dec_v[:, row, :, first:first + k]
+        return ContextState(list(context.tokens) + [int(t) for t in tokens], (k_buf, v_buf), reused_tokens=m,
+                            adopted_tokens=k)
+
     def select_branches(self, branches, keep):
         idx = torch.tensor(list(keep), dtype=torch.long, device=self.device)
         dec_k, dec_v = branches.kv
