@@ -45,6 +45,9 @@ class Engine:
         self.trie = VocabTrie(runtime.tokenizer.token_bytes)
         self.prompts = PromptBuilder(runtime.tokenizer, runtime.config, self.trie)
         self.contexts = ContextCache()
+        # reuse what the last keystroke computed: the logits of an unchanged prompt, the KV and
+        # logits of the branches it decoded (off only to measure what that saves)
+        self.reuse_keystrokes = True
         self.suggestions = SuggestionCache()
         cfg = runtime.config
         self.stop_ids = set(cfg.eos_ids) | {i for i in (cfg.fim_prefix_id, cfg.fim_suffix_id, cfg.fim_middle_id,
@@ -96,12 +99,12 @@ class Engine:
         prompt = self.prompts.build(request, max_new + prompt_back_off_room(opts))
         t = timer.stage("prompt", t)
 
-        state, logits = self._prefill(prompt.tokens, self.contexts.take(key, prompt.tokens))
+        state, logits, reuse = self._prefill(prompt.tokens, self.contexts.take(key, prompt.tokens))
         t = timer.stage("prefill", t)
 
         deadline = time.monotonic() + opts.deadline_ms / 1000.0 - (t - t_start)
         result = self._generate(state, logits, prompt.back_off.removed, scope, request,
-                                max_new + prompt.back_off.removed_tokens, deadline)
+                                max_new + prompt.back_off.removed_tokens, deadline, reuse)
         state.trace = result.trace  # the next keystroke may continue along a branch
         self.contexts.put(key, state)
         t = timer.stage("generate", t)
@@ -128,26 +131,32 @@ class Engine:
                           decode_rows=result.rows_decoded, branch_rows=result.branch_rows)
 
     # -- stages ---------------------------------------------------------------------------
-    def _prefill(self, tokens: list[int], previous: ContextState | None) -> tuple[ContextState, np.ndarray]:
-        """The prompt's KV and last logits. No model call runs when the prompt is unchanged
-        (typing inside a word that the back-off removes, a request repeated: the logits are
-        kept) or when it continues the last prompt with tokens a candidate branch was fed
-        (the user typed what a candidate began with): their KV and the logits after them
-        come from that request's decode steps."""
+    def _prefill(self, tokens: list[int], previous: ContextState | None
+                 ) -> tuple[ContextState, np.ndarray, tuple[DecodeTrace, tuple[int, ...]] | None]:
+        """The prompt's KV and last logits, and what the decode may reuse of the last request
+        (its trace and the tokens this prompt has beyond that request's). No model call runs
+        when the prompt is unchanged (typing inside a word that the back-off removes, a
+        request repeated: the logits are kept) or when it continues the last prompt with
+        tokens a candidate branch was fed (the user typed what a candidate began with):
+        their KV and the logits after them come from that request's decode steps."""
+        if not self.reuse_keystrokes:
+            state, logits = self.runtime.prefill(tokens, previous)
+            return state, logits, None
+        trace = previous.trace if previous is not None and isinstance(previous.trace, DecodeTrace) else None
         if previous is not None and previous.logits is not None and previous.tokens == tokens:
             previous.reused_tokens, previous.new_tokens, previous.adopted_tokens = len(tokens), 0, 0
-            return previous, previous.logits
+            return previous, previous.logits, (trace, ()) if trace else None
         m = len(previous.tokens) if previous is not None else 0
-        if previous is not None and isinstance(previous.trace, DecodeTrace) and len(tokens) > m \
-                and tokens[:m] == previous.tokens:
-            found = previous.trace.find(tokens[m:])
-            state = self.runtime.adopt(previous, found[0], found[1], tokens[m:]) if found else None
+        if trace is not None and len(tokens) > m and tokens[:m] == previous.tokens:
+            ext = tuple(tokens[m:])
+            found = trace.find(ext)
+            state = self.runtime.adopt(previous, found[0], found[1], ext, start=found[3]) if found else None
             if state is not None:
                 state.logits = found[2]
-                return state, state.logits
+                return state, state.logits, (trace, ext)
         state, logits = self.runtime.prefill(tokens, previous)
         state.logits = logits
-        return state, logits
+        return state, logits, None
 
     @staticmethod
     def _max_new_tokens(requested: int, multiline: bool) -> int:
@@ -155,7 +164,7 @@ class Engine:
         return requested if multiline else min(requested, 48)
 
     def _generate(self, state, logits, constraint: bytes, scope: CompletionScope, request: CompletionRequest,
-                  max_new: int, deadline: float) -> GenerationResult:
+                  max_new: int, deadline: float, reuse=None) -> GenerationResult:
         opts = request.options
 
         def stop_fn(visible: bytes) -> int | None:
@@ -169,7 +178,8 @@ class Engine:
                         constraint=constraint, trie=self.trie if constraint else None,
                         stop_ids=self.stop_ids, stop_fn=stop_fn, temperature=opts.temperature,
                         top_p=opts.top_p, seed=opts.seed, deadline=deadline, cancelled=cancelled,
-                        banned=self.banned_ids if len(self.banned_ids) else None, patience=opts.patience_steps)
+                        banned=self.banned_ids if len(self.banned_ids) else None, patience=opts.patience_steps,
+                        reuse=reuse)
 
     @staticmethod
     def _to_candidates(result: GenerationResult, constraint: bytes, scope: CompletionScope) -> list[Candidate]:

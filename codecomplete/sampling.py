@@ -32,23 +32,46 @@ class Branch:
 
 
 @dataclass
+class TraceStep:
+    """One decode step of a request: the token paths its rows had been fed, where their KV
+    sits and the logits that followed them."""
+
+    rows: dict[tuple[int, ...], int]  # token path (from the context on) -> index into logits/state_rows
+    state: BranchState  # the branch cache holding those paths' KV
+    state_rows: list[int]  # the row of `state` for each index
+    logits: np.ndarray  # (paths, V): the logits after each path
+    offset: int = 0  # the step of `state` where a path's first token sits
+
+
+@dataclass
 class DecodeTrace:
-    """What the decode calls of one request computed, kept for the next request: when its
-    prompt is this one's followed by tokens a branch already decoded, the runtime copies
-    their KV from the branch cache and the logits after them are here (no model call).
+    """What the decode steps of one request computed, kept for the next keystroke. When
+    its prompt is this one's followed by tokens a branch was fed, the runtime copies their
+    KV from the branch cache (no prefill); and while its new branches walk paths decoded
+    here, their logits come from here (no decode call). steps[k - 1]: paths of k tokens."""
 
-    steps[k - 1] is the k-th decode call: {the k tokens a row was fed: row}, the branch
-    state holding those rows' KV, and the logits the call returned (rows, V)."""
+    steps: list[TraceStep] = field(default_factory=list)
 
-    steps: list[tuple[dict[tuple[int, ...], int], BranchState, np.ndarray]] = field(default_factory=list)
-
-    def find(self, tokens: Sequence[int]) -> tuple[BranchState, int, np.ndarray] | None:
-        """(branch state, row, logits after the tokens) for a decoded token path, else None."""
+    def find(self, tokens: Sequence[int]) -> tuple[BranchState, int, np.ndarray, int] | None:
+        """(branch state, its row, the logits after the tokens, offset) for a decoded path."""
         if not 0 < len(tokens) <= len(self.steps):
             return None
-        rows, state, logits = self.steps[len(tokens) - 1]
-        row = rows.get(tuple(tokens))
-        return None if row is None else (state, row, logits[row])
+        step = self.steps[len(tokens) - 1]
+        i = step.rows.get(tuple(tokens))
+        return None if i is None else (step.state, step.state_rows[i], step.logits[i], step.offset)
+
+    def serve(self, paths: list[tuple[int, ...]], ext: tuple[int, ...]) -> TraceStep | None:
+        """A step for rows fed `paths` over a context that is this trace's plus `ext`, when
+        every one of them was decoded here (rows in the order of paths), else None."""
+        depth = len(ext) + len(paths[0])
+        if depth > len(self.steps):
+            return None
+        step = self.steps[depth - 1]
+        found = [step.rows.get(ext + p) for p in paths]
+        if any(i is None for i in found):
+            return None
+        return TraceStep({p: r for r, p in enumerate(paths)}, step.state, [step.state_rows[i] for i in found],
+                         step.logits[found], step.offset + len(ext))
 
 
 @dataclass
@@ -60,6 +83,7 @@ class GenerationResult:
     rows_decoded: int = 0  # decode rows computed: branches with equal tokens share one
     branch_rows: int = 0  # the rows without that sharing (active branches, summed over steps)
     trace: DecodeTrace = field(default_factory=DecodeTrace)
+    served_steps: int = 0  # steps whose logits came from the previous request's trace (no decode call)
 
 
 def _logsumexp(x: np.ndarray) -> float:
@@ -101,7 +125,8 @@ def generate(runtime: Runtime, context: ContextState, first_logits: np.ndarray, 
              stop_ids: set[int], stop_fn: Callable[[bytes], int | None],
              temperature: float = 0.8, top_p: float = 0.95, seed: int = 0,
              deadline: float | None = None, cancelled: Callable[[], bool] = lambda: False,
-             banned: np.ndarray | None = None, patience: int | None = None) -> GenerationResult:
+             banned: np.ndarray | None = None, patience: int | None = None,
+             reuse: tuple[DecodeTrace, tuple[int, ...]] | None = None) -> GenerationResult:
     """Decode n candidates (0 greedy, the rest sampled with seeds seed+i).
 
     stop_fn(visible_bytes) returns how many visible bytes to keep when the text must
@@ -110,6 +135,9 @@ def generate(runtime: Runtime, context: ContextState, first_logits: np.ndarray, 
     patience: once the greedy candidate has ended, the others get at most this many more
     steps (stop_reason "patience"); a keystroke then costs about the greedy answer's
     length instead of the longest sample's. None waits for every candidate.
+    reuse: the previous request's trace and the tokens this context has beyond its context
+    (() for the same prompt): while every row walks a path decoded there, its logits are
+    taken from there and its KV copied when the first real decode step comes.
     """
     token_bytes = runtime.tokenizer.token_bytes
     branches = [Branch(i, remaining=constraint) for i in range(n)]
@@ -120,6 +148,10 @@ def generate(runtime: Runtime, context: ContextState, first_logits: np.ndarray, 
     row_of = dict.fromkeys(active, 0)
     row_paths: list[tuple[int, ...]] = [()]  # the tokens each row has been fed
     trace = DecodeTrace()
+    if reuse is not None and not getattr(runtime, "reuses_branches", False):
+        reuse = None
+    served: TraceStep | None = None  # the last step taken from the previous trace
+    served_steps = 0
     logits = first_logits[None, :]
     state = None
     constraint_ms = 0.0
@@ -206,16 +238,28 @@ def generate(runtime: Runtime, context: ContextState, first_logits: np.ndarray, 
                 parents.append(key[0])
                 next_tokens.append(key[1])
             next_row_of[bi] = rows[key]
+        new_paths = [row_paths[p] + (t,) for p, t in zip(parents, next_tokens, strict=True)]
+        active, row_of, row_paths = still, next_row_of, new_paths
+        hit = reuse[0].serve(new_paths, reuse[1]) if reuse is not None else None
+        if hit is not None:  # decoded on the last keystroke: no model call
+            served, logits = hit, hit.logits
+            trace.steps.append(hit)
+            served_steps += 1
+            continue
+        reuse = None  # a path not decoded there: from here on the model runs
+        if served is not None:  # the served steps' KV, copied into a cache of this request's own
+            state = runtime.branch_from(context, served.state, served.state_rows, served.offset, served_steps,
+                                        max_new_tokens)
+            served = None
         if state is None:  # no branch cache yet: nothing to copy
             state = runtime.start_branches(context, len(parents), max_new_tokens)
         elif parents != list(range(state.n)):  # rows split, merged away or ended
             state = runtime.select_branches(state, parents)
-        active, row_of = still, next_row_of
         logits = runtime.decode(context, state, next_tokens)
-        row_paths = [row_paths[p] + (t,) for p, t in zip(parents, next_tokens, strict=True)]
-        trace.steps.append(({path: r for r, path in enumerate(row_paths)}, state, logits))
+        trace.steps.append(TraceStep({path: r for r, path in enumerate(new_paths)}, state,
+                                     list(range(len(new_paths))), logits))
         steps += 1
         rows_decoded += len(parents)
         branch_rows += len(still)
     total = sum(len(b.tokens) for b in branches)
-    return GenerationResult(branches, steps, total, constraint_ms, rows_decoded, branch_rows, trace)
+    return GenerationResult(branches, steps, total, constraint_ms, rows_decoded, branch_rows, trace, served_steps)

@@ -103,7 +103,8 @@ def test_bench_latency_compares_thread_policies_under_background_load(tiny_model
 
 
 @pytest.mark.parametrize("flag, values, key", [("--precision", "int8,int8-w7", "precision"),
-                                               ("--back-off", "needed,fixed", "back_off")])
+                                               ("--back-off", "needed,fixed", "back_off"),
+                                               ("--reuse", "on,off", "reuse")])
 def test_bench_latency_compares_variants_side_by_side(tiny_model_dir, capsys, flag, values, key):
     from codecomplete.bench import latency
 
@@ -117,6 +118,8 @@ def test_bench_latency_compares_variants_side_by_side(tiny_model_dir, capsys, fl
     assert {r["requests"] for r in result[key].values()} == {3}
     if key == "precision":
         assert [r["model"]["linear"] for r in result[key].values()] == ["int8", "int8-w7"]
+    if key == "reuse":  # without reuse every warm keystroke runs its prefill
+        assert result[key]["off"]["warm_unchanged_prompt"] == result[key]["off"]["warm_continued_branch"] == 0
     with pytest.raises(SystemExit):
         latency.run(parser.parse_args([flag, "int3"]))
     with pytest.raises(SystemExit):  # the server replay would run its own settings, not these
@@ -126,7 +129,7 @@ def test_bench_latency_compares_variants_side_by_side(tiny_model_dir, capsys, fl
 def test_variant_names_name_the_varied_dimensions():
     from codecomplete.bench import latency
 
-    names = latency.variant_names(["adaptive", "single"], ["int8", "int8-w7"], ["model"])
-    assert names["single/int8-w7"] == ("single", "int8-w7", "model") and len(names) == 4
-    assert latency.variant_names(["adaptive"], ["auto"], ["needed", "fixed"]) == {
-        "needed": ("adaptive", "auto", "needed"), "fixed": ("adaptive", "auto", "fixed")}
+    names = latency.variant_names(["adaptive", "single"], ["int8", "int8-w7"], ["model"], ["on"])
+    assert names["single/int8-w7"] == ("single", "int8-w7", "model", "on") and len(names) == 4
+    assert latency.variant_names(["adaptive"], ["auto"], ["needed", "fixed"], ["on"]) == {
+        "needed": ("adaptive", "auto", "needed", "on"), "fixed": ("adaptive", "auto", "fixed", "on")}

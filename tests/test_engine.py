@@ -161,8 +161,8 @@ def test_typing_what_a_branch_began_with_adopts_its_kv_without_a_prefill(engine,
     tok = engine.runtime.tokenizer
     # find a path of fed tokens whose text, typed, makes exactly that prompt
     typed = None
-    for k, (rows, _state, _logits) in enumerate(previous.trace.steps, start=1):
-        for path in rows:
+    for k, step in enumerate(previous.trace.steps, start=1):
+        for path in step.rows:
             candidate = text + tok.decode(list(path))
             prompt = engine.prompts.build(_request(candidate, len(candidate), **opts), 6).tokens
             if prompt == previous.tokens + list(path):
@@ -179,3 +179,21 @@ def test_typing_what_a_branch_began_with_adopts_its_kv_without_a_prefill(engine,
     assert not prefills
     assert second.prefill_adopted_tokens == adopted and second.prefill_new_tokens == 0
     assert second.source == "warm" and second.model_calls >= 1
+
+
+def test_a_repeated_request_takes_every_step_from_the_last_trace(engine):
+    # the same prompt and seed walk the same paths: no prefill and no decode call, same answer
+    text = SOURCE + "    count = "
+    engine.forget()
+    first = engine.complete(_request(text, len(text), seed=6))
+    engine.suggestions.clear()
+    second = engine.complete(_request(text, len(text), seed=6))
+    assert first.model_calls > 1 and second.model_calls == 0 and not second.cached
+    assert [c.text for c in second.candidates] == [c.text for c in first.candidates]
+    engine.reuse_keystrokes = False  # measurement switch: every keystroke computes again
+    try:
+        engine.suggestions.clear()
+        third = engine.complete(_request(text, len(text), seed=6))
+        assert third.model_calls == first.model_calls
+    finally:
+        engine.reuse_keystrokes = True

@@ -185,6 +185,14 @@ def test_adopting_a_decoded_branch_equals_prefilling_its_tokens(tiny_gqa_model_d
     np.testing.assert_allclose(outs[k - 1][row], fresh_logits, atol=1e-4)
     a, b = rt.start_branches(adopted, 2, 4), rt.start_branches(fresh, 2, 4)
     np.testing.assert_allclose(rt.decode(adopted, a, [3, 4]), rt.decode(fresh, b, [3, 4]), atol=1e-4)
+    # the row's next token as a new branch over the adopted context: its KV copied, the
+    # following step equals decoding that token over a fresh prefill
+    again = rt.adopt(rt.prefill(prompt)[0], br, row, path)
+    moved = rt.branch_from(again, br, [row, row], start=k, steps=1, max_new_tokens=4)
+    assert moved.n == 2 and moved.step == 1
+    fresh_branch = rt.start_branches(fresh, 2, 4)
+    rt.decode(fresh, fresh_branch, [fed[k][row]] * 2)
+    np.testing.assert_allclose(rt.decode(again, moved, [6, 7]), rt.decode(fresh, fresh_branch, [6, 7]), atol=1e-4)
     # more tokens than the branch was fed, or a context at its end: the caller prefills
     state2, _ = rt.prefill(prompt)
     br2 = rt.start_branches(state2, 1, 4)

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from codecomplete.runtime.base import BranchState
+from codecomplete.runtime.base import BranchState, ContextState
 from codecomplete.sampling import TOP_K, _nucleus, generate
 
 V = 50
@@ -74,8 +74,8 @@ def test_every_token_comes_from_its_own_branch_history(n, steps, seed, skew):
     # with the logits that followed it (what the next keystroke adopts instead of a prefill)
     for b in result.branches:
         for k in range(1, steps):
-            state, row, logits = result.trace.find(b.tokens[:k])
-            assert tuple(state.kv[row][:k]) == tuple(b.tokens[:k])
+            state, row, logits, offset = result.trace.find(b.tokens[:k])
+            assert offset == 0 and tuple(state.kv[row][:k]) == tuple(b.tokens[:k])
             np.testing.assert_array_equal(logits, logits_for(tuple(b.tokens[:k]), skew))
     assert result.trace.find([]) is None and result.trace.find([0] * steps) is None
 
@@ -87,6 +87,61 @@ def test_equal_branches_share_a_row():
                       stop_ids=set(), stop_fn=lambda visible: None, seed=3)
     assert len({tuple(b.tokens) for b in result.branches}) == 1
     assert rt.rows_fed == [1] * 5 and result.rows_decoded == 5 and result.branch_rows == 20
+
+
+class PrefixRuntime(HistoryRuntime):
+    """Logits are a function of the whole token sequence, context included; branch_from
+    checks the contract: the new context is the old one followed by the skipped tokens."""
+
+    reuses_branches = True
+
+    def __init__(self, skew: float):
+        super().__init__(skew)
+        self.decode_calls = 0
+
+    def start_branches(self, context, n, max_new_tokens):
+        return BranchState(n=n, max_new_tokens=max_new_tokens, kv=[tuple(context.tokens)] * n,
+                           extra={"context": len(context.tokens)})
+
+    def select_branches(self, branches, keep):
+        out = super().select_branches(branches, keep)
+        out.extra = dict(branches.extra)
+        return out
+
+    def decode(self, context, branches, next_tokens):
+        self.decode_calls += 1
+        return super().decode(context, branches, next_tokens)
+
+    def branch_from(self, context, branches, rows, start, steps, max_new_tokens):
+        at = branches.extra["context"] + start
+        assert all(branches.kv[r][:at] == tuple(context.tokens) for r in rows)
+        return BranchState(n=len(rows), max_new_tokens=max_new_tokens, step=steps,
+                           kv=[branches.kv[r][:at + steps] for r in rows], extra={"context": len(context.tokens)})
+
+
+def _generate(rt, context, seed, steps, n, reuse=None):
+    return generate(rt, ContextState(list(context)), logits_for(tuple(context), rt.skew), n=n, max_new_tokens=steps,
+                    constraint=b"", trie=None, stop_ids=set(), stop_fn=lambda visible: None, seed=seed, reuse=reuse)
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(1, 5), steps=st.integers(2, 10), seed=st.integers(0, 1000), seed2=st.integers(0, 1000),
+       skew=st.sampled_from([0.0, 2.0, 8.0]), pick=st.integers(0, 4), k=st.integers(0, 3))
+def test_steps_taken_from_the_last_trace_give_the_same_tokens_as_decoding(n, steps, seed, seed2, skew, pick, k):
+    context = (7, 8, 9)
+    first = _generate(PrefixRuntime(skew), context, seed, steps, n)
+    ext = tuple(first.branches[pick % n].tokens[:min(k, steps - 1)])  # the user typed what a branch began with
+    fresh_rt, reuse_rt = PrefixRuntime(skew), PrefixRuntime(skew)
+    fresh = _generate(fresh_rt, context + ext, seed2, steps, n)
+    reused = _generate(reuse_rt, context + ext, seed2, steps, n, reuse=(first.trace, ext))
+    assert [b.tokens for b in reused.branches] == [b.tokens for b in fresh.branches]
+    assert reused.steps + reused.served_steps == fresh.steps == fresh_rt.decode_calls
+    assert reuse_rt.decode_calls == reused.steps
+    if not ext and seed2 == seed:  # the same request again: every step comes from the trace
+        assert reused.steps == 0
+    # the new trace serves a third keystroke too, served steps included
+    again = _generate(PrefixRuntime(skew), context + ext, seed2, steps, n, reuse=(reused.trace, ()))
+    assert again.steps == 0 and [b.tokens for b in again.branches] == [b.tokens for b in fresh.branches]
 
 
 def reference_nucleus(logits: np.ndarray, temperature: float, top_p: float) -> list[int]:

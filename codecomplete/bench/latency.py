@@ -50,6 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="token-alignment back-off to compare, comma-separated: model (the model's own setting), "
                         "needed (only as far as a token could span the cursor), fixed (always the last 3 tokens, "
                         "as in the paper)")
+    p.add_argument("--reuse", default="on",
+                   help="reuse of the last keystroke's work to compare, comma-separated: on (the logits of an "
+                        "unchanged prompt, the KV and logits of the branches it decoded), off (prefill and "
+                        "decode every keystroke)")
     p.add_argument("--lsp", action="store_true", help="also replay through the real server over stdio")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", default=None, help="write a latency-per-keystroke PNG")
@@ -240,10 +244,13 @@ def run(args) -> int:
     if not back_offs or any(b not in BACK_OFF_RULES for b in back_offs):
         raise SystemExit(f"bench latency: unknown back-off in {args.back_off!r}; "
                          f"choose from {', '.join(BACK_OFF_RULES)}")
-    if args.lsp and (precisions != ["auto"] or back_offs != ["model"]):
+    reuses = [r.strip() for r in args.reuse.split(",") if r.strip()]
+    if not reuses or any(r not in ("on", "off") for r in reuses):
+        raise SystemExit(f"bench latency: unknown reuse in {args.reuse!r}; choose from on, off")
+    if args.lsp and (precisions != ["auto"] or back_offs != ["model"] or reuses != ["on"]):
         raise SystemExit("bench latency: --lsp replays the server with its own settings; "
-                         "compare --precision or --back-off without it")
-    variants = variant_names(policies, precisions, back_offs)
+                         "compare --precision, --back-off or --reuse without it")
+    variants = variant_names(policies, precisions, back_offs, reuses)
 
     path = str(Path(args.file))
     text = Path(path).read_text(encoding="utf-8")
@@ -258,9 +265,10 @@ def run(args) -> int:
               "busy_processes": args.busy}
     engines, loaded = {}, {}
     with BackgroundLoad(args.busy):
-        for name, (policy, precision, back) in variants.items():
+        for name, (policy, precision, back, reuse) in variants.items():
             t0 = time.perf_counter()
             engines[name] = WithOptions(load_engine(args, policy, precision), back_off_needed=BACK_OFF_RULES[back])
+            engines[name].engine.reuse_keystrokes = reuse == "on"
             loaded[name] = (time.perf_counter() - t0) * 1000
             progress(f"  {name}: loaded in {loaded[name]:.0f} ms")
         progress(f"  replaying {args.keystrokes} keystrokes of {path}" + (", engines in turn" if len(variants) > 1 else ""))
@@ -272,10 +280,14 @@ def run(args) -> int:
     result.update({"model": first["model"], "load_ms": first["load_ms"],
                    "engine": {k: v for k, v in first.items() if k not in ("model", "load_ms")}})
     if len(variants) > 1:  # side by side, as ratios to the first engine
-        varied = [k for k, d in (("threads", policies), ("precision", precisions), ("back_off", back_offs)) if len(d) > 1]
+        varied = [k for k, d in (("threads", policies), ("precision", precisions), ("back_off", back_offs),
+                                 ("reuse", reuses)) if len(d) > 1]
         key = varied[0] if len(varied) == 1 else "variants"
         result[key] = {p: {"warm_p50_ms": r["warm_p50_ms"], "cold_p50_ms": r["cold_p50_ms"],
                            **policy_ratios(first, r), "warm_requests": r["warm_requests"],
+                           "warm_model_calls_mean": r["warm_model_calls_mean"],
+                           "warm_unchanged_prompt": r["warm_unchanged_prompt"],
+                           "warm_continued_branch": r["warm_continued_branch"],
                            "requests": r["requests"], "model": r["model"]}
                        for p, r in by_policy.items()}
     flat = {k: v for k, v in result["engine"].items() if k != "keystrokes"}

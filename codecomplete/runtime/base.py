@@ -79,12 +79,22 @@ class Runtime(abc.ABC):
     def select_branches(self, branches: BranchState, keep: Sequence[int]) -> BranchState:
         """Keep only the listed branches (in that order), e.g. after some have stopped."""
 
-    def adopt(self, context: ContextState, branches: BranchState, row: int, tokens: Sequence[int]
-              ) -> ContextState | None:
-        """The context followed by `tokens`, the first tokens fed to one row of `branches`
-        (decoded over this context), their KV copied from the branch cache: a prompt that
-        continues along a decoded branch needs no prefill. Consumes `context`. None where the
-        runtime cannot (the caller then prefills)."""
+    reuses_branches = False  # adopt and branch_from are implemented
+
+    def adopt(self, context: ContextState, branches: BranchState, row: int, tokens: Sequence[int],
+              start: int = 0) -> ContextState | None:
+        """The context followed by `tokens`, which one row of `branches` was fed from its step
+        `start` on (decoded over this context), their KV copied from the branch cache: a
+        prompt that continues along a decoded branch needs no prefill. Consumes `context`.
+        None where the runtime cannot (the caller then prefills)."""
+        return None
+
+    def branch_from(self, context: ContextState, branches: BranchState, rows: Sequence[int], start: int,
+                    steps: int, max_new_tokens: int) -> BranchState | None:
+        """New branches over `context` whose first `steps` tokens are those that `rows` of
+        `branches` were fed from step `start` on, their KV copied (the steps a keystroke takes
+        from the last one's trace); `context` is the one `branches` decoded over, followed by
+        their first `start` tokens. None where the runtime cannot."""
         return None
 
     def max_context(self) -> int:

@@ -249,14 +249,26 @@ class OnnxRuntime(Runtime):
         branches.step += 1
         return logits
 
-    def adopt(self, context, branches, row, tokens):
+    reuses_branches = True
+
+    def adopt(self, context, branches, row, tokens, start=0):
         m, k = len(context.tokens), len(tokens)
         ctx, bkv = context.kv, branches.kv
-        if not isinstance(ctx, ContextKV) or not 0 < k <= branches.step or m + k > ctx.capacity:
+        if not isinstance(ctx, ContextKV) or not 0 < k <= branches.step - start or m + k > ctx.capacity:
             return None
-        ctx.k[:, m:m + k] = bkv.k[:, :k, row]  # (L, k, G, D) both, token-major
-        ctx.v[:, m:m + k] = bkv.v[:, :k, row]
+        ctx.k[:, m:m + k] = bkv.k[:, start:start + k, row]  # (L, k, G, D) both, token-major
+        ctx.v[:, m:m + k] = bkv.v[:, start:start + k, row]
         return ContextState(list(context.tokens) + [int(t) for t in tokens], ctx, reused_tokens=m, adopted_tokens=k)
+
+    def branch_from(self, context, branches, rows, start, steps, max_new_tokens):
+        if steps > branches.step - start or steps > max_new_tokens:
+            return None
+        idx = np.asarray(list(rows), dtype=np.int64)
+        bkv: BranchKV = branches.kv
+        out = self._empty_branches(len(idx), max_new_tokens, steps)
+        out.kv.k[:, :steps] = bkv.k[:, start:start + steps][:, :, idx]
+        out.kv.v[:, :steps] = bkv.v[:, start:start + steps][:, :, idx]
+        return out
 
     def select_branches(self, branches, keep):
         idx = np.asarray(list(keep), dtype=np.int64)

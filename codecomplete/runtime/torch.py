@@ -199,18 +199,41 @@ class TorchRuntime(Runtime):
         branches.step += 1
         return logits.float().cpu().numpy()
 
+    reuses_branches = True
+
     @torch.inference_mode()
-    def adopt(self, context, branches, row, tokens):
+    def adopt(self, context, branches, row, tokens, start=0):
         m, k = len(context.tokens), len(tokens)
         k_buf, v_buf = context.kv
-        if not 0 < k <= branches.step or m + k > k_buf.shape[2]:
+        if not 0 < k <= branches.step - start or m + k > k_buf.shape[2]:
             return None
-        dec_k, dec_v = branches.kv  # (L, N, G, J, D); "plain" keeps the context in front: J = m + step
-        first = m if self.attention == "plain" else 0
+        dec_k, dec_v = branches.kv  # (L, N, G, J, D); "plain" keeps the context in front
+        first = self._branch_start(branches, start)
         k_buf[:, :, m:m + k] = dec_k[:, row, :, first:first + k]
         v_buf[:, :, m:m + k] = dec_v[:, row, :, first:first + k]
         return ContextState(list(context.tokens) + [int(t) for t in tokens], (k_buf, v_buf), reused_tokens=m,
                             adopted_tokens=k)
+
+    @torch.inference_mode()
+    def branch_from(self, context, branches, rows, start, steps, max_new_tokens):
+        if steps > branches.step - start or steps > max_new_tokens:
+            return None
+        idx = torch.tensor(list(rows), dtype=torch.long, device=self.device)
+        out = self.start_branches(context, len(rows), max_new_tokens)
+        out.step = steps
+        dec_k, dec_v = branches.kv
+        new_k, new_v = out.kv
+        first, to = self._branch_start(branches, start), self._branch_start(out, 0)
+        new_k[:, :, :, to:to + steps] = dec_k[:, :, :, first:first + steps].index_select(1, idx)
+        new_v[:, :, :, to:to + steps] = dec_v[:, :, :, first:first + steps].index_select(1, idx)
+        return out
+
+    def _branch_start(self, branches: BranchState, step: int) -> int:
+        """Where a branch's token of this step sits in its cache: "plain" caches hold the
+        context in front of the branch tokens, the bifurcated ones only the branch tokens."""
+        if self.attention != "plain":
+            return step
+        return branches.kv[0].shape[3] - branches.max_new_tokens + step
 
     def select_branches(self, branches, keep):
         idx = torch.tensor(list(keep), dtype=torch.long, device=self.device)
