@@ -141,7 +141,13 @@ def generate(runtime: Runtime, context: ContextState, first_logits: np.ndarray, 
     """
     token_bytes = runtime.tokenizer.token_bytes
     branches = [Branch(i, remaining=constraint) for i in range(n)]
-    rngs = [np.random.default_rng(seed * 1000 + i) for i in range(n)]
+    rngs: dict[int, np.random.Generator] = {}  # made when a branch first samples (greedy never does)
+
+    def rng(bi: int) -> np.random.Generator:
+        if bi not in rngs:
+            rngs[bi] = np.random.default_rng(seed * 1000 + bi)
+        return rngs[bi]
+
     active = list(range(n))
     # branches with the same tokens so far have the same state: they share one row of the
     # runtime's decode (its logits and branch cache) until their tokens differ
@@ -184,11 +190,11 @@ def generate(runtime: Runtime, context: ContextState, first_logits: np.ndarray, 
             if bi == 0:
                 tok = int(np.argmax(lg))
             elif b.remaining and trie is not None:
-                tok = _sample(lg, rngs[bi], temperature, top_p)
+                tok = _sample(lg, rng(bi), temperature, top_p)
             else:  # branches sharing a row draw from one nucleus
                 if row not in row_nucleus:
                     row_nucleus[row] = _nucleus(lg, temperature, top_p)
-                tok = _draw(row_nucleus[row], rngs[bi])
+                tok = _draw(row_nucleus[row], rng(bi))
             lp = float(lg[tok]) - lse
             b.tokens.append(tok)
             tb = token_bytes[tok] if tok < len(token_bytes) else b""
