@@ -86,7 +86,7 @@ class ContextKV:
 
 @dataclass
 class BranchKV:
-    """Per-branch decode KV: k, v (L, max_new_tokens, N, G, D)."""
+    """Per-branch decode KV: k, v (L, max_new_tokens, N, G, D), float32 (a few tokens each)."""
 
     k: np.ndarray
     v: np.ndarray
@@ -209,7 +209,7 @@ class OnnxRuntime(Runtime):
             keep = 0
             kv = self.new_context_kv()
         c = self.config
-        no_branch = np.zeros((c.n_layers, 0, 1, *self._kv_shape), self._np_kv)
+        no_branch = np.zeros((c.n_layers, 0, 1, *self._kv_shape), np.float32)
         ids = np.asarray(tokens, dtype=np.int64)
         start = keep
         while start < len(tokens):
@@ -226,7 +226,7 @@ class OnnxRuntime(Runtime):
     def _empty_branches(self, n: int, max_new_tokens: int, step: int = 0) -> BranchState:
         shape = (self.config.n_layers, max_new_tokens, n, *self._kv_shape)
         return BranchState(n=n, max_new_tokens=max_new_tokens, step=step,
-                           kv=BranchKV(np.empty(shape, self._np_kv), np.empty(shape, self._np_kv)))
+                           kv=BranchKV(np.empty(shape, np.float32), np.empty(shape, np.float32)))
 
     def start_branches(self, context, n, max_new_tokens):
         return self._empty_branches(n, max_new_tokens)
