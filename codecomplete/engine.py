@@ -145,7 +145,7 @@ class Engine:
         trace = previous.trace if previous is not None and isinstance(previous.trace, DecodeTrace) else None
         if previous is not None and previous.logits is not None and previous.tokens == tokens:
             previous.reused_tokens, previous.new_tokens, previous.adopted_tokens = len(tokens), 0, 0
-            return previous, previous.logits, (trace, ()) if trace else None
+            return previous, previous.logits, (trace, ()) if trace is not None else None
         m = len(previous.tokens) if previous is not None else 0
         if trace is not None and len(tokens) > m and tokens[:m] == previous.tokens:
             ext = tuple(tokens[m:])

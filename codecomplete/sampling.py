@@ -256,6 +256,8 @@ def generate(runtime: Runtime, context: ContextState, first_logits: np.ndarray, 
         if served is not None:  # the served steps' KV, copied into a cache of this request's own
             state = runtime.branch_from(context, served.state, served.state_rows, served.offset, served_steps,
                                         max_new_tokens)
+            if state is None:  # a runtime that reuses branches always can: the served steps fit
+                raise RuntimeError("the runtime could not copy the branch steps taken from the last trace")
             served = None
         if state is None:  # no branch cache yet: nothing to copy
             state = runtime.start_branches(context, len(parents), max_new_tokens)

@@ -229,6 +229,7 @@ class OnnxRuntime(Runtime):
                            kv=BranchKV(np.empty(shape, np.float32), np.empty(shape, np.float32)))
 
     def start_branches(self, context, n, max_new_tokens):
+        self._active = self._pick_session()  # a keystroke that ran no prefill decides here
         return self._empty_branches(n, max_new_tokens)
 
     def decode(self, context, branches, next_tokens):
@@ -263,6 +264,7 @@ class OnnxRuntime(Runtime):
     def branch_from(self, context, branches, rows, start, steps, max_new_tokens):
         if steps > branches.step - start or steps > max_new_tokens:
             return None
+        self._active = self._pick_session()
         idx = np.asarray(list(rows), dtype=np.int64)
         bkv: BranchKV = branches.kv
         out = self._empty_branches(len(idx), max_new_tokens, steps)

@@ -16,9 +16,9 @@ J earlier keys and causally to the new keys; one softmax runs over both parts.
 The caches are token-major, (M, G, D), so that `cache[:m]` is a contiguous view that
 onnxruntime reads in place; com.microsoft FusedMatMul's transBatchB reads it as
 (G, M, D) without a copy. It may be float16 (half the bytes to read per step); attention
-itself runs in float32, and the branch caches (a few tokens each) stay float32. Shapes in comments: N branches, T new tokens (Tq queries,
-T or 1 in the last layer), H query heads, G kv heads, P = H // G, D head dim, M context
-tokens, J branch tokens, JT = J + T.
+itself runs in float32, and the branch caches (a few tokens each) stay float32. Shapes in
+comments: N branches, T new tokens (Tq queries, T or 1 in the last layer), H query heads,
+G kv heads, P = H // G, D head dim, M context tokens, J branch tokens, JT = J + T.
 """
 
 from __future__ import annotations
