@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("torch")
@@ -197,3 +197,33 @@ def test_a_repeated_request_takes_every_step_from_the_last_trace(engine):
         assert third.model_calls == first.model_calls
     finally:
         engine.reuse_keystrokes = True
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(actions=st.lists(st.tuples(st.sampled_from(["type", "delete", "cancel", "candidates", "repeat"]),
+                                  st.sampled_from(list("ab_ (.:=\n") + ["print", "self."])), min_size=1, max_size=12))
+@example(actions=[("type", "print"), ("repeat", "a"), ("cancel", "a"), ("repeat", "a"), ("candidates", "a")])
+def test_typing_with_cancels_and_setting_changes_reuses_only_what_fits(engine, actions):
+    """Whatever the keystrokes, cancellations and option changes, reuse of the last
+    keystroke's work never fails, and a repeated request after a full answer decodes nothing."""
+    engine.forget()
+    text, n, last = SOURCE + "    ", 3, None
+    for action, arg in actions:
+        if action == "type":
+            text += arg
+        elif action == "delete":
+            text = text[:-1] if len(text) > len(SOURCE) else text
+        elif action == "candidates":
+            n = 1 + (n % 4)
+        req = _request(text, len(text), n=n, seed=7)
+        if action == "cancel":
+            req.cancel = CancelToken()
+            req.cancel.cancel()
+        engine.suggestions.clear()  # the model runs on every request
+        completion = engine.complete(req)
+        assert completion.model_calls >= 0 and all(isinstance(c.text, str) for c in completion.candidates)
+        if action == "repeat" and last is not None and last[0] == (text, n) and not last[1].cancelled \
+                and all(c.stop_reason in ("stop", "eos", "max_tokens", "patience") for c in last[1].candidates):
+            assert completion.model_calls == 0
+            assert [c.text for c in completion.candidates] == [c.text for c in last[1].candidates]
+        last = ((text, n), completion)
