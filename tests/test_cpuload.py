@@ -136,3 +136,21 @@ def test_variant_names_name_the_varied_dimensions():
     assert names["single/int8-w7"] == ("single", "int8-w7", "model", "on") and len(names) == 4
     assert latency.variant_names(["adaptive"], ["auto"], ["needed", "fixed"], ["on"]) == {
         "needed": ("adaptive", "auto", "needed", "on"), "fixed": ("adaptive", "auto", "fixed", "on")}
+
+
+def test_bench_latency_repeats_the_same_replay_and_pools_it(tiny_model_dir, capsys):
+    from codecomplete.bench import latency
+
+    parser = argparse.ArgumentParser()
+    latency.add_arguments(parser)
+    args = parser.parse_args(["--model", str(tiny_model_dir), "--keystrokes", "4", "--cold", "1", "--n", "2",
+                              "--max-tokens", "3", "--repeat", "3", "--reuse", "on,off", "--json"])
+    assert latency.run(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    engine = result["engine"]
+    assert engine["requests"] == 12 and engine["cold_requests"] == 3 and len(engine["runs"]) == 3
+    assert [sum(k["run"] == r for k in engine["keystrokes"]) for r in range(3)] == [4, 4, 4]
+    assert all(r["warm_p50_ms"] > 0 or r["warm_p50_ms"] != r["warm_p50_ms"] for r in engine["runs"])  # NaN: no warm
+    assert result["reuse"]["off"]["requests"] == 12
+    with pytest.raises(SystemExit):
+        latency.run(parser.parse_args(["--repeat", "0"]))

@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--language", default="", help="LSP languageId (default: from the extension)")
     p.add_argument("--keystrokes", type=int, default=60)
     p.add_argument("--cold", type=int, default=5, help="cold requests (fresh caches, full prompt)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the whole replay this many times from clean engines; percentiles pool all "
+                        "runs, `runs` lists each run's p50s (this machine's speed drifts between runs)")
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--deadline-ms", type=float, default=2000.0)
@@ -86,10 +89,12 @@ def _stage_shares(completions) -> dict[str, float]:
 
 
 def replay_engines(engines: dict, text: str, path: str, language: str, start: int, keystrokes: int,
-                   opts_kwargs: dict, cold: int) -> dict[str, dict]:
+                   opts_kwargs: dict, cold: int, repeat: int = 1) -> dict[str, dict]:
     """Cold requests at several positions, then one request per typed character, for each
     engine: every request goes to each engine in turn (the order alternating), so a machine
-    whose speed drifts treats them alike."""
+    whose speed drifts treats them alike. repeat > 1 runs the whole replay that many times
+    from clean engines (the same work each time): the percentiles pool every run's requests,
+    and `runs` has each run's own p50s."""
     from codecomplete.request import CompletionOptions, CompletionRequest
 
     end = min(len(text), start + keystrokes)
@@ -105,27 +110,33 @@ def replay_engines(engines: dict, text: str, path: str, language: str, start: in
         return names if i % 2 == 0 else names[::-1]
 
     cold_ms: dict[str, list[float]] = {n: [] for n in names}
-    positions = [max(1, int(len(text) * f)) for f in (0.55, 0.65, 0.75, 0.85, 0.95)][:cold]
-    for i, pos in enumerate(positions):
-        for name in in_turn(i):
-            engine = engines[name]
-            engine.forget()
-            t0 = time.perf_counter()
-            engine.complete(request(pos, text[pos:]))
-            cold_ms[name].append((time.perf_counter() - t0) * 1000)
-    for engine in engines.values():
-        engine.forget()
-        engine.complete(request(start, suffix))  # the file is open: the first keystroke's prompt is cached
     runs = {n: ([], [], [], []) for n in names}  # warm, cached, other, per keystroke
-    for offset in range(start + 1, end + 1):
-        for name in in_turn(offset):
-            warm, cached, other, per_key = runs[name]
-            t0 = time.perf_counter()
-            c = engines[name].complete(request(offset, suffix))
-            ms = (time.perf_counter() - t0) * 1000
-            kind = c.source
-            per_key.append({"offset": offset, "ms": ms, "kind": kind, "new_tokens": c.prefill_new_tokens})
-            (cached if kind == "cache" else warm if kind == "warm" else other).append((ms, c))
+    run_p50s: dict[str, list[dict]] = {n: [] for n in names}
+    positions = [max(1, int(len(text) * f)) for f in (0.55, 0.65, 0.75, 0.85, 0.95)][:cold]
+    for run in range(repeat):
+        marks = {n: (len(cold_ms[n]), len(runs[n][0])) for n in names}
+        for i, pos in enumerate(positions):
+            for name in in_turn(i):
+                engine = engines[name]
+                engine.forget()
+                t0 = time.perf_counter()
+                engine.complete(request(pos, text[pos:]))
+                cold_ms[name].append((time.perf_counter() - t0) * 1000)
+        for engine in engines.values():
+            engine.forget()
+            engine.complete(request(start, suffix))  # the file is open: the first keystroke's prompt is cached
+        for offset in range(start + 1, end + 1):
+            for name in in_turn(offset):
+                warm, cached, other, per_key = runs[name]
+                t0 = time.perf_counter()
+                c = engines[name].complete(request(offset, suffix))
+                ms = (time.perf_counter() - t0) * 1000
+                kind = c.source
+                per_key.append({"run": run, "offset": offset, "ms": ms, "kind": kind, "new_tokens": c.prefill_new_tokens})
+                (cached if kind == "cache" else warm if kind == "warm" else other).append((ms, c))
+        for n in names:
+            run_p50s[n].append({"warm_p50_ms": percentile([m for m, _ in runs[n][0][marks[n][1]:]], 50),
+                                "cold_p50_ms": percentile(cold_ms[n][marks[n][0]:], 50)})
     out = {}
     for name, (warm, cached, other, per_key) in runs.items():
         warm_ms, cold = [m for m, _ in warm], cold_ms[name]
@@ -148,6 +159,7 @@ def replay_engines(engines: dict, text: str, path: str, language: str, start: in
             "warm_decode_rows_ratio": (sum(c.decode_rows for _, c in warm) / sum(c.branch_rows for _, c in warm)
                                        if warm and any(c.branch_rows for _, c in warm) else None),
             "stages": _stage_shares([c for _, c in warm]),
+            **({"runs": run_p50s[name]} if repeat > 1 else {}),
             "keystrokes": per_key,
         }
     return out
@@ -156,8 +168,9 @@ def replay_engines(engines: dict, text: str, path: str, language: str, start: in
 def policy_ratios(first: dict, other: dict) -> dict:
     """p50 ratios to the first policy, and the median of per-keystroke ratios (the same
     keystroke, warm under both: robust to which keystrokes ran the model)."""
-    base = {k["offset"]: k["ms"] for k in first["keystrokes"] if k["kind"] == "warm"}
-    paired = [k["ms"] / base[k["offset"]] for k in other["keystrokes"] if k["kind"] == "warm" and k["offset"] in base]
+    base = {(k["run"], k["offset"]): k["ms"] for k in first["keystrokes"] if k["kind"] == "warm"}
+    paired = [k["ms"] / base[k["run"], k["offset"]] for k in other["keystrokes"]
+              if k["kind"] == "warm" and (k["run"], k["offset"]) in base]
     ratio = lambda a, b: a / b if a and b else None  # noqa: E731
     return {"warm_p50_ratio": ratio(other["warm_p50_ms"], first["warm_p50_ms"]),
             "cold_p50_ratio": ratio(other["cold_p50_ms"], first["cold_p50_ms"]),
@@ -244,6 +257,8 @@ def run(args) -> int:
     if not back_offs or any(b not in BACK_OFF_RULES for b in back_offs):
         raise SystemExit(f"bench latency: unknown back-off in {args.back_off!r}; "
                          f"choose from {', '.join(BACK_OFF_RULES)}")
+    if args.repeat < 1:
+        raise SystemExit("bench latency: --repeat must be at least 1")
     reuses = [r.strip() for r in args.reuse.split(",") if r.strip()]
     if not reuses or any(r not in ("on", "off") for r in reuses):
         raise SystemExit(f"bench latency: unknown reuse in {args.reuse!r}; choose from on, off")
@@ -273,7 +288,7 @@ def run(args) -> int:
             progress(f"  {name}: loaded in {loaded[name]:.0f} ms")
         progress(f"  replaying {args.keystrokes} keystrokes of {path}" + (", engines in turn" if len(variants) > 1 else ""))
         replays = replay_engines(engines, text, bench_prompt_path(path), language, start, args.keystrokes, opts,
-                                 args.cold)
+                                 args.cold, repeat=args.repeat)
     by_policy = {p: {"model": engines[p].describe(), "load_ms": loaded[p], **replays[p]} for p in variants}
     del engines
     first = by_policy[next(iter(variants))]
@@ -311,7 +326,7 @@ def run(args) -> int:
         result["lsp_cache_p50_ms"] = cache.get("p50_ms")
         # the same keystrokes, warm on both paths: the server's overhead without the noise of
         # which keystrokes happened to run the model
-        engine_ms = {k["offset"]: k["ms"] for k in result["engine"]["keystrokes"] if k["kind"] == "warm"}
+        engine_ms = {k["offset"]: k["ms"] for k in result["engine"]["keystrokes"] if k["kind"] == "warm" and k["run"] == 0}
         paired = [k["ms"] - engine_ms[k["offset"]] for k in lsp["keystrokes"]
                   if k["source"] == "warm" and k["offset"] in engine_ms]
         result["lsp_minus_engine_warm_paired_p50_ms"] = percentile(paired, 50)
@@ -319,7 +334,7 @@ def run(args) -> int:
     emit(result if args.json else {k: v for k, v in result.items() if k not in ("engine", "lsp")}, args.json,
          format_table(rows, list(rows[0].keys())))
     if args.plot:
-        _plot(result["engine"]["keystrokes"], args.plot)
+        _plot([k for k in result["engine"]["keystrokes"] if k["run"] == 0], args.plot)
     return 0
 
 
