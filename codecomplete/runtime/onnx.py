@@ -86,7 +86,7 @@ class ContextKV:
 
 @dataclass
 class BranchKV:
-    """Per-branch decode KV: k, v (L, max_new_tokens, N, G, D), float32 (a few tokens each)."""
+    """Per-branch decode KV: k, v (L, max_new_tokens, N, G, D), in the cache dtype."""
 
     k: np.ndarray
     v: np.ndarray
@@ -209,7 +209,7 @@ class OnnxRuntime(Runtime):
             keep = 0
             kv = self.new_context_kv()
         c = self.config
-        no_branch = np.zeros((c.n_layers, 0, 1, *self._kv_shape), np.float32)
+        no_branch = np.zeros((c.n_layers, 0, 1, *self._kv_shape), self._np_kv)
         ids = np.asarray(tokens, dtype=np.int64)
         start = keep
         while start < len(tokens):
@@ -226,10 +226,9 @@ class OnnxRuntime(Runtime):
     def _empty_branches(self, n: int, max_new_tokens: int, step: int = 0) -> BranchState:
         shape = (self.config.n_layers, max_new_tokens, n, *self._kv_shape)
         return BranchState(n=n, max_new_tokens=max_new_tokens, step=step,
-                           kv=BranchKV(np.empty(shape, np.float32), np.empty(shape, np.float32)))
+                           kv=BranchKV(np.empty(shape, self._np_kv), np.empty(shape, self._np_kv)))
 
     def start_branches(self, context, n, max_new_tokens):
-        self._active = self._pick_session()  # a keystroke that ran no prefill decides here
         return self._empty_branches(n, max_new_tokens)
 
     def decode(self, context, branches, next_tokens):
@@ -264,7 +263,6 @@ class OnnxRuntime(Runtime):
     def branch_from(self, context, branches, rows, start, steps, max_new_tokens):
         if steps > branches.step - start or steps > max_new_tokens:
             return None
-        self._active = self._pick_session()
         idx = np.asarray(list(rows), dtype=np.int64)
         bkv: BranchKV = branches.kv
         out = self._empty_branches(len(idx), max_new_tokens, steps)

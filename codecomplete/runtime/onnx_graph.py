@@ -5,9 +5,9 @@ One graph serves both prefill and the bifurcated N-branch decode step:
     tokens (N, T) int64           N branches, T new tokens each
     positions (T,) int64          absolute positions of the T new tokens
     ctx_k.i, ctx_v.i (M, G, D)    the shared context KV of layer i, no batch dimension
-    branch_k.i, branch_v.i (J, N, G, D)   each branch's own earlier tokens (J may be 0), float32
+    branch_k.i, branch_v.i (J, N, G, D)   each branch's own earlier tokens (J may be 0)
  -> logits (N, V)                 for the last new token of each branch
-    new_k.i, new_v.i (T, N, G, D) this call's keys/values (float32), to append to the caches
+    new_k.i, new_v.i (T, N, G, D) this call's keys/values, to append to the caches
 
 Prefill is N = 1 with J = 0 (the prompt's past is the context part), a decode step is
 T = 1 with J = the step. Every new token attends to all M context keys, to its branch's
@@ -15,10 +15,10 @@ J earlier keys and causally to the new keys; one softmax runs over both parts.
 
 The caches are token-major, (M, G, D), so that `cache[:m]` is a contiguous view that
 onnxruntime reads in place; com.microsoft FusedMatMul's transBatchB reads it as
-(G, M, D) without a copy. It may be float16 (half the bytes to read per step); attention
-itself runs in float32, and the branch caches (a few tokens each) stay float32. Shapes in
-comments: N branches, T new tokens (Tq queries, T or 1 in the last layer), H query heads,
-G kv heads, P = H // G, D head dim, M context tokens, J branch tokens, JT = J + T.
+(G, M, D) without a copy. They may be float16 (half the bytes to read per step);
+attention itself runs in float32. Shapes in comments: N branches, T new tokens (Tq
+queries, T or 1 in the last layer), H query heads, G kv heads, P = H // G, D head dim,
+M context tokens, J branch tokens, JT = J + T.
 """
 
 from __future__ import annotations
@@ -313,13 +313,23 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: s
     for i in range(cfg.n_layers):
         inputs += [helper.make_tensor_value_info(f"ctx_k.{i}", kv_type, ["M", g, hd]),
                    helper.make_tensor_value_info(f"ctx_v.{i}", kv_type, ["M", g, hd])]
-    for i in range(cfg.n_layers):  # the branch caches are small: float32, no casts on the way
-        inputs += [helper.make_tensor_value_info(f"branch_k.{i}", f32, ["J", "N", g, hd]),
-                   helper.make_tensor_value_info(f"branch_v.{i}", f32, ["J", "N", g, hd])]
     for i in range(cfg.n_layers):
-        outputs += [helper.make_tensor_value_info(f"new_k.{i}", f32, ["T", "N", g, hd]),
-                    helper.make_tensor_value_info(f"new_v.{i}", f32, ["T", "N", g, hd])]
+        inputs += [helper.make_tensor_value_info(f"branch_k.{i}", kv_type, ["J", "N", g, hd]),
+                   helper.make_tensor_value_info(f"branch_v.{i}", kv_type, ["J", "N", g, hd])]
+    for i in range(cfg.n_layers):
+        outputs += [helper.make_tensor_value_info(f"new_k.{i}", kv_type, ["T", "N", g, hd]),
+                    helper.make_tensor_value_info(f"new_v.{i}", kv_type, ["T", "N", g, hd])]
     as_f32 = (lambda x: x) if kv_type == f32 else (lambda x: b.op("Cast", [x], to=f32))  # noqa: E731
+
+    def kv_output(x: str, name: str) -> str:
+        """x (N, T, G, D) as the graph output `name`, (T, N, G, D) in the cache dtype; the
+        node that makes it names it (no Identity node between)."""
+        if kv_type == f32:
+            out = b.op("Transpose", [x], perm=[1, 0, 2, 3], name=name)
+        else:
+            out = b.op("Cast", [b.transpose(x, [1, 0, 2, 3])], to=kv_type, name=name)
+        assert out == name, "graph output names must be free"
+        return out
 
     n = b.op("Shape", ["tokens"], start=0, end=1, name="N")
     t = b.op("Shape", ["tokens"], start=1, end=2, name="T")
@@ -354,12 +364,11 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: s
                   interleaved=0, num_heads=h + g)  # half-split layout, as models/model.py
         qk = b.reshape(qk, 0, 0, h + g, hd)
         q = b.slice(qk, 0, h, axis=2)  # (N, T, H, D)
-        # the graph outputs themselves (T, N, G, D): no Identity node between
-        k = b.op("Transpose", [b.slice(qk, h, h + g, axis=2)], perm=[1, 0, 2, 3], name=f"new_k.{i}")
-        v = b.op("Transpose", [b.slice(qkv, h + g, h + 2 * g, axis=2)], perm=[1, 0, 2, 3], name=f"new_v.{i}")
-        assert (k, v) == (f"new_k.{i}", f"new_v.{i}")
-        br_k = b.op("Concat", [f"branch_k.{i}", k], axis=0)  # (JT, N, G, D)
-        br_v = b.op("Concat", [f"branch_v.{i}", v], axis=0)
+        k = kv_output(b.slice(qk, h, h + g, axis=2), f"new_k.{i}")  # (T, N, G, D)
+        v = kv_output(b.slice(qkv, h + g, h + 2 * g, axis=2), f"new_v.{i}")
+        # the new keys as stored (rounded to the cache dtype), so later steps see the same
+        br_k = as_f32(b.op("Concat", [f"branch_k.{i}", k], axis=0))  # (JT, N, G, D)
+        br_v = as_f32(b.op("Concat", [f"branch_v.{i}", v], axis=0))
         if last:  # only the last token's output is needed, and it sees every key
             q = b.slice(q, -1, INT64_MAX, axis=1)
             x = b.slice(x, -1, INT64_MAX, axis=1)
