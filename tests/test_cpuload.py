@@ -146,7 +146,6 @@ def test_bench_latency_repeats_the_same_replay_and_pools_it(tiny_model_dir, caps
     result = json.loads(capsys.readouterr().out)
     engine = result["engine"]
     assert engine["requests"] == 12 and engine["cold_requests"] == 3 and len(engine["runs"]) == 3
-    assert result["probe_step_ms"]["before"] > 0 and result["probe_step_ms"]["after"] > 0
     assert [sum(k["run"] == r for k in engine["keystrokes"]) for r in range(3)] == [4, 4, 4]
     assert all(r["warm_p50_ms"] > 0 or r["warm_p50_ms"] != r["warm_p50_ms"] for r in engine["runs"])  # NaN: no warm
     assert result["reuse"]["off"]["requests"] == 12

@@ -193,21 +193,6 @@ def load_engine(args, policy: str, precision: str = "auto"):
     return Engine(OnnxRuntime(load_model_source(args.model), device=args.device, precision=precision, **kwargs))
 
 
-def machine_probe_ms(runtime, text: str, context: int = 1024, n: int = 4, steps: int = 8, repeat: int = 5) -> float:
-    """Median time of one fixed decode step (n branches over `context` tokens of the text):
-    a yardstick for the machine's speed at the moment, the same work on every run."""
-    ids = runtime.tokenizer.encode(text)[:min(context, runtime.max_context() - steps - 1)] or [0]
-    state, _ = runtime.prefill(ids)
-    times = []
-    for _ in range(repeat):
-        branches = runtime.start_branches(state, n, steps)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            runtime.decode(state, branches, list(range(1, n + 1)))
-        times.append((time.perf_counter() - t0) * 1000 / steps)
-    return statistics.median(times)
-
-
 def variant_names(*dims: list[str]) -> dict[str, tuple[str, ...]]:
     """Engine name -> one value per dimension (thread policy, precision, back-off): the
     dimensions with more than one value name it."""
@@ -302,14 +287,8 @@ def run(args) -> int:
             loaded[name] = (time.perf_counter() - t0) * 1000
             progress(f"  {name}: loaded in {loaded[name]:.0f} ms")
         progress(f"  replaying {args.keystrokes} keystrokes of {path}" + (", engines in turn" if len(variants) > 1 else ""))
-        first_engine = next(iter(engines.values()))
-        probe_before = machine_probe_ms(first_engine.runtime, text)
         replays = replay_engines(engines, text, bench_prompt_path(path), language, start, args.keystrokes, opts,
                                  args.cold, repeat=args.repeat)
-        probe_after = machine_probe_ms(first_engine.runtime, text)
-    # how fast this machine ran the same fixed work before and after the replay: a run in a slow
-    # stretch shows here (this machine's speed drifts by a third), not only in the latencies
-    result["probe_step_ms"] = {"before": probe_before, "after": probe_after}
     by_policy = {p: {"model": engines[p].describe(), "load_ms": loaded[p], **replays[p]} for p in variants}
     del engines
     first = by_policy[next(iter(variants))]
