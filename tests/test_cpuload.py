@@ -104,7 +104,8 @@ def test_bench_latency_compares_thread_policies_under_background_load(tiny_model
 
 @pytest.mark.parametrize("flag, values, key", [("--precision", "int8,int8-w7", "precision"),
                                                ("--back-off", "needed,fixed", "back_off"),
-                                               ("--reuse", "on,off", "reuse")])
+                                               ("--reuse", "on,off", "reuse"),
+                                               ("--patience", "4,2", "patience")])
 def test_bench_latency_compares_variants_side_by_side(tiny_model_dir, capsys, flag, values, key):
     from codecomplete.bench import latency
 
@@ -129,10 +130,10 @@ def test_bench_latency_compares_variants_side_by_side(tiny_model_dir, capsys, fl
 def test_variant_names_name_the_varied_dimensions():
     from codecomplete.bench import latency
 
-    names = latency.variant_names(["adaptive", "single"], ["int8", "int8-w7"], ["model"], ["on"])
-    assert names["single/int8-w7"] == ("single", "int8-w7", "model", "on") and len(names) == 4
-    assert latency.variant_names(["adaptive"], ["auto"], ["needed", "fixed"], ["on"]) == {
-        "needed": ("adaptive", "auto", "needed", "on"), "fixed": ("adaptive", "auto", "fixed", "on")}
+    names = latency.variant_names(["adaptive", "single"], ["int8", "int8-w7"], ["model"], ["on"], ["4"])
+    assert names["single/int8-w7"] == ("single", "int8-w7", "model", "on", "4") and len(names) == 4
+    assert latency.variant_names(["adaptive"], ["auto"], ["needed", "fixed"], ["on"], ["4"]) == {
+        "needed": ("adaptive", "auto", "needed", "on", "4"), "fixed": ("adaptive", "auto", "fixed", "on", "4")}
 
 
 def test_bench_latency_repeats_the_same_replay_and_pools_it(tiny_model_dir, capsys):

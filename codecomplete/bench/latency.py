@@ -35,8 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--deadline-ms", type=float, default=2000.0)
     p.add_argument("--prompt-tokens", type=int, default=1024, help="prefix + suffix token budget")
-    p.add_argument("--patience", type=int, default=4,
-                   help="decode steps the sampled candidates get after the greedy one ends (-1: wait for all)")
+    p.add_argument("--patience", default="4",
+                   help="decode steps the sampled candidates get after the greedy one ends (-1: wait for all); "
+                        "several, comma-separated, are compared")
     p.add_argument("--start", type=int, default=None, help="character offset where typing begins")
     p.add_argument("--model", default=None)
     p.add_argument("--runtime", default="onnx", choices=["onnx", "torch"])
@@ -265,7 +266,15 @@ def run(args) -> int:
     if args.lsp and (precisions != ["auto"] or back_offs != ["model"] or reuses != ["on"]):
         raise SystemExit("bench latency: --lsp replays the server with its own settings; "
                          "compare --precision, --back-off or --reuse without it")
-    variants = variant_names(policies, precisions, back_offs, reuses)
+    try:
+        patiences = [str(int(x)) for x in args.patience.split(",") if x.strip()]
+    except ValueError:
+        patiences = []
+    if not patiences:
+        raise SystemExit(f"bench latency: --patience takes whole numbers (-1: wait for all), not {args.patience!r}")
+    if args.lsp and patiences != ["4"]:
+        raise SystemExit("bench latency: --lsp replays the server with its own settings; compare --patience without it")
+    variants = variant_names(policies, precisions, back_offs, reuses, patiences)
 
     path = str(Path(args.file))
     text = Path(path).read_text(encoding="utf-8")
@@ -273,16 +282,16 @@ def run(args) -> int:
     start = args.start if args.start is not None else default_start(text, args.keystrokes)
     suffix_budget = args.prompt_tokens // 4
     opts = dict(n=args.n, max_new_tokens=args.max_tokens, deadline_ms=args.deadline_ms, multiline=False,
-                patience_steps=None if args.patience < 0 else args.patience,
                 prefix_tokens=args.prompt_tokens - suffix_budget, suffix_tokens=suffix_budget)
     progress(f"bench latency: loading {args.model or 'the default model'} ({args.runtime}, {args.device})")
-    result = {"benchmark": "latency", "file": path, "language": language, "settings": {**opts, "start": start},
+    result = {"benchmark": "latency", "file": path, "language": language, "settings": {**opts, "start": start, "patience": [int(x) for x in patiences]},
               "busy_processes": args.busy}
     engines, loaded = {}, {}
     with BackgroundLoad(args.busy):
-        for name, (policy, precision, back, reuse) in variants.items():
+        for name, (policy, precision, back, reuse, patience) in variants.items():
             t0 = time.perf_counter()
-            engines[name] = WithOptions(load_engine(args, policy, precision), back_off_needed=BACK_OFF_RULES[back])
+            engines[name] = WithOptions(load_engine(args, policy, precision), back_off_needed=BACK_OFF_RULES[back],
+                                        patience_steps=None if int(patience) < 0 else int(patience))
             engines[name].engine.reuse_keystrokes = reuse == "on"
             loaded[name] = (time.perf_counter() - t0) * 1000
             progress(f"  {name}: loaded in {loaded[name]:.0f} ms")
@@ -296,7 +305,7 @@ def run(args) -> int:
                    "engine": {k: v for k, v in first.items() if k not in ("model", "load_ms")}})
     if len(variants) > 1:  # side by side, as ratios to the first engine
         varied = [k for k, d in (("threads", policies), ("precision", precisions), ("back_off", back_offs),
-                                 ("reuse", reuses)) if len(d) > 1]
+                                 ("reuse", reuses), ("patience", patiences)) if len(d) > 1]
         key = varied[0] if len(varied) == 1 else "variants"
         result[key] = {p: {"warm_p50_ms": r["warm_p50_ms"], "cold_p50_ms": r["cold_p50_ms"],
                            **policy_ratios(first, r), "warm_requests": r["warm_requests"],
