@@ -80,15 +80,22 @@ def test_runtime_decodes_on_one_thread_while_the_cpu_is_busy(tiny_model_dir):
     assert rt._active is rt.session
 
 
-def test_bench_latency_compares_thread_policies_under_background_load(tiny_model_dir, capsys):
+def _bench_latency(model_dir, capsys, keystrokes: int, *flags: str):
+    """Run `bench latency --json` on the tiny model (2 candidates, 3 tokens, 1 cold request):
+    the parser, for more calls, and the result."""
     from codecomplete.bench import latency
 
     parser = argparse.ArgumentParser()
     latency.add_arguments(parser)
-    args = parser.parse_args(["--model", str(tiny_model_dir), "--keystrokes", "4", "--cold", "1", "--n", "2",
-                              "--max-tokens", "3", "--threads", "adaptive,nospin,single", "--busy", "1", "--json"])
+    args = parser.parse_args(["--model", str(model_dir), "--keystrokes", str(keystrokes), "--cold", "1", "--n", "2",
+                              "--max-tokens", "3", *flags, "--json"])
     assert latency.run(args) == 0
-    result = json.loads(capsys.readouterr().out)
+    return latency, parser, json.loads(capsys.readouterr().out)
+
+
+def test_bench_latency_compares_thread_policies_under_background_load(tiny_model_dir, capsys):
+    latency, parser, result = _bench_latency(tiny_model_dir, capsys, 4, "--threads", "adaptive,nospin,single",
+                                             "--busy", "1")
     assert list(result["threads"]) == ["adaptive", "nospin", "single"] and result["busy_processes"] == 1
     # every policy answered the same keystrokes; shared decode rows never exceed one per candidate
     assert {r["requests"] for r in result["threads"].values()} == {4}
@@ -107,14 +114,7 @@ def test_bench_latency_compares_thread_policies_under_background_load(tiny_model
                                                ("--reuse", "on,off", "reuse"),
                                                ("--patience", "4,2", "patience")])
 def test_bench_latency_compares_variants_side_by_side(tiny_model_dir, capsys, flag, values, key):
-    from codecomplete.bench import latency
-
-    parser = argparse.ArgumentParser()
-    latency.add_arguments(parser)
-    args = parser.parse_args(["--model", str(tiny_model_dir), "--keystrokes", "3", "--cold", "1", "--n", "2",
-                              "--max-tokens", "3", flag, values, "--json"])
-    assert latency.run(args) == 0
-    result = json.loads(capsys.readouterr().out)
+    latency, parser, result = _bench_latency(tiny_model_dir, capsys, 3, flag, values)
     assert list(result[key]) == values.split(",") and "threads" not in result
     assert {r["requests"] for r in result[key].values()} == {3}
     if key == "precision":
@@ -137,14 +137,7 @@ def test_variant_names_name_the_varied_dimensions():
 
 
 def test_bench_latency_repeats_the_same_replay_and_pools_it(tiny_model_dir, capsys):
-    from codecomplete.bench import latency
-
-    parser = argparse.ArgumentParser()
-    latency.add_arguments(parser)
-    args = parser.parse_args(["--model", str(tiny_model_dir), "--keystrokes", "4", "--cold", "1", "--n", "2",
-                              "--max-tokens", "3", "--repeat", "3", "--reuse", "on,off", "--json"])
-    assert latency.run(args) == 0
-    result = json.loads(capsys.readouterr().out)
+    latency, parser, result = _bench_latency(tiny_model_dir, capsys, 4, "--repeat", "3", "--reuse", "on,off")
     engine = result["engine"]
     assert engine["requests"] == 12 and engine["cold_requests"] == 3 and len(engine["runs"]) == 3
     assert [sum(k["run"] == r for k in engine["keystrokes"]) for r in range(3)] == [4, 4, 4]
