@@ -134,29 +134,35 @@ class Engine:
     def _prefill(self, tokens: list[int], previous: ContextState | None
                  ) -> tuple[ContextState, np.ndarray, tuple[DecodeTrace, tuple[int, ...]] | None]:
         """The prompt's KV and last logits, and what the decode may reuse of the last request
-        (its trace and the tokens this prompt has beyond that request's). No model call runs
-        when the prompt is unchanged (typing inside a word that the back-off removes, a
-        request repeated: the logits are kept) or when it continues the last prompt with
-        tokens a candidate branch was fed (the user typed what a candidate began with):
-        their KV and the logits after them come from that request's decode steps."""
-        if not self.reuse_keystrokes:
-            state, logits = self.runtime.prefill(tokens, previous)
-            return state, logits, None
-        trace = previous.trace if previous is not None and isinstance(previous.trace, DecodeTrace) else None
-        if previous is not None and previous.logits is not None and previous.tokens == tokens:
-            previous.reused_tokens, previous.new_tokens, previous.adopted_tokens = len(tokens), 0, 0
-            return previous, previous.logits, (trace, ()) if trace is not None else None
-        m = len(previous.tokens) if previous is not None else 0
-        if trace is not None and len(tokens) > m and tokens[:m] == previous.tokens:
-            ext = tuple(tokens[m:])
-            found = trace.find(ext)
-            state = self.runtime.adopt(previous, found[0], found[1], ext, start=found[3]) if found else None
-            if state is not None:
-                state.logits = found[2]
-                return state, state.logits, (trace, ext)
+        (its trace and the tokens this prompt has beyond that request's)."""
+        if self.reuse_keystrokes and previous is not None:
+            reused = self._reuse_last(tokens, previous)
+            if reused is not None:
+                return reused
         state, logits = self.runtime.prefill(tokens, previous)
         state.logits = logits
         return state, logits, None
+
+    def _reuse_last(self, tokens: list[int], previous: ContextState):
+        """No model call when the prompt is unchanged (typing inside a word that the back-off
+        removes, a request repeated: the logits are kept) or when it continues the last
+        prompt with tokens a candidate branch was fed (the user typed what a candidate began
+        with): their KV and the logits after them come from that request's decode steps.
+        None: a prefill is needed."""
+        trace = previous.trace if isinstance(previous.trace, DecodeTrace) else None
+        if previous.logits is not None and previous.tokens == tokens:
+            previous.reused_tokens, previous.new_tokens, previous.adopted_tokens = len(tokens), 0, 0
+            return previous, previous.logits, (trace, ()) if trace is not None else None
+        m = len(previous.tokens)
+        if trace is None or len(tokens) <= m or tokens[:m] != previous.tokens:
+            return None
+        ext = tuple(tokens[m:])
+        found = trace.find(ext)
+        state = self.runtime.adopt(previous, found[0], found[1], ext, start=found[3]) if found else None
+        if state is None:
+            return None
+        state.logits = found[2]
+        return state, state.logits, (trace, ext)
 
     @staticmethod
     def _max_new_tokens(requested: int, multiline: bool) -> int:

@@ -194,6 +194,24 @@ def load_engine(args, policy: str, precision: str = "auto"):
     return Engine(OnnxRuntime(load_model_source(args.model), device=args.device, precision=precision, **kwargs))
 
 
+def _variant_values(flag: str, value: str, choices) -> list[str]:
+    """The comma-separated values of a variant flag, each one of `choices` (None: whole
+    numbers, written back in their plain form); a clear exit otherwise."""
+    values = [v.strip() for v in value.split(",") if v.strip()]
+    if choices is None:
+        try:
+            values = [str(int(v)) for v in values]
+        except ValueError:
+            values = []
+        wanted = "whole numbers"
+    else:
+        values = values if all(v in choices for v in values) else []
+        wanted = ", ".join(choices)
+    if not values:
+        raise SystemExit(f"bench latency: {flag} {value!r}: choose from {wanted} (comma-separated to compare)")
+    return values
+
+
 def variant_names(*dims: list[str]) -> dict[str, tuple[str, ...]]:
     """Engine name -> one value per dimension (thread policy, precision, back-off): the
     dimensions with more than one value name it."""
@@ -244,36 +262,20 @@ class BackgroundLoad:
 
 
 def run(args) -> int:
-    policies = [p.strip() for p in args.threads.split(",") if p.strip()]
-    unknown = [p for p in policies if p not in THREAD_POLICIES]
+    policies = _variant_values("--threads", args.threads, THREAD_POLICIES)
     if args.runtime != "onnx" and policies != ["adaptive"]:
         raise SystemExit("bench latency: --threads compares onnxruntime thread policies; the torch runtime has one")
-    if unknown or not policies:
-        raise SystemExit(f"bench latency: unknown thread policy {', '.join(unknown) or '(none)'}; "
-                         f"choose from {', '.join(THREAD_POLICIES)}")
-    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
-    if not precisions or any(p not in PRECISIONS for p in precisions):
-        raise SystemExit(f"bench latency: unknown precision in {args.precision!r}; choose from {', '.join(PRECISIONS)}")
-    back_offs = [b.strip() for b in args.back_off.split(",") if b.strip()]
-    if not back_offs or any(b not in BACK_OFF_RULES for b in back_offs):
-        raise SystemExit(f"bench latency: unknown back-off in {args.back_off!r}; "
-                         f"choose from {', '.join(BACK_OFF_RULES)}")
+    precisions = _variant_values("--precision", args.precision, PRECISIONS)
+    back_offs = _variant_values("--back-off", args.back_off, BACK_OFF_RULES)
+    reuses = _variant_values("--reuse", args.reuse, ("on", "off"))
+    patiences = _variant_values("--patience", args.patience, None)
     if args.repeat < 1:
         raise SystemExit("bench latency: --repeat must be at least 1")
-    reuses = [r.strip() for r in args.reuse.split(",") if r.strip()]
-    if not reuses or any(r not in ("on", "off") for r in reuses):
-        raise SystemExit(f"bench latency: unknown reuse in {args.reuse!r}; choose from on, off")
-    if args.lsp and (precisions != ["auto"] or back_offs != ["model"] or reuses != ["on"]):
+    compared = {"--precision": (precisions, "auto"), "--back-off": (back_offs, "model"), "--reuse": (reuses, "on"),
+                "--patience": (patiences, "4")}
+    if args.lsp and any(values != [default] for values, default in compared.values()):
         raise SystemExit("bench latency: --lsp replays the server with its own settings; "
-                         "compare --precision, --back-off or --reuse without it")
-    try:
-        patiences = [str(int(x)) for x in args.patience.split(",") if x.strip()]
-    except ValueError:
-        patiences = []
-    if not patiences:
-        raise SystemExit(f"bench latency: --patience takes whole numbers (-1: wait for all), not {args.patience!r}")
-    if args.lsp and patiences != ["4"]:
-        raise SystemExit("bench latency: --lsp replays the server with its own settings; compare --patience without it")
+                         f"compare {', '.join(compared)} without it")
     variants = variant_names(policies, precisions, back_offs, reuses, patiences)
 
     path = str(Path(args.file))
@@ -284,14 +286,15 @@ def run(args) -> int:
     opts = dict(n=args.n, max_new_tokens=args.max_tokens, deadline_ms=args.deadline_ms, multiline=False,
                 prefix_tokens=args.prompt_tokens - suffix_budget, suffix_tokens=suffix_budget)
     progress(f"bench latency: loading {args.model or 'the default model'} ({args.runtime}, {args.device})")
-    result = {"benchmark": "latency", "file": path, "language": language, "settings": {**opts, "start": start, "patience": [int(x) for x in patiences]},
-              "busy_processes": args.busy}
+    result = {"benchmark": "latency", "file": path, "language": language,
+              "settings": {**opts, "start": start, "patience": [int(x) for x in patiences]}, "busy_processes": args.busy}
     engines, loaded = {}, {}
     with BackgroundLoad(args.busy):
         for name, (policy, precision, back, reuse, patience) in variants.items():
             t0 = time.perf_counter()
+            steps = int(patience)
             engines[name] = WithOptions(load_engine(args, policy, precision), back_off_needed=BACK_OFF_RULES[back],
-                                        patience_steps=None if int(patience) < 0 else int(patience))
+                                        patience_steps=None if steps < 0 else steps)
             engines[name].engine.reuse_keystrokes = reuse == "on"
             loaded[name] = (time.perf_counter() - t0) * 1000
             progress(f"  {name}: loaded in {loaded[name]:.0f} ms")

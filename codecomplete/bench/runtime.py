@@ -250,10 +250,11 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, origin = resolve_model(args, Path(tmp))
         progress(f"bench runtime: {model_dir.name} ({origin}), {spec['threads']} threads")
+        from codecomplete.models.folder import is_model_folder, open_model_folder
+        from codecomplete.models.source import load_model_source
+
         source = None
         if args.agreement > 0:
-            from codecomplete.models.source import load_model_source
-
             source = load_model_source(model_dir)
             files = [Path(f) for f in args.agreement_files] if args.agreement_files else default_agreement_files()
             spec["agreement_docs"] = agreement_docs(source.tokenizer, files, args.agreement)
@@ -265,9 +266,6 @@ def run(args: argparse.Namespace) -> int:
             rows += got
             if error:
                 notes.append(error)
-        from codecomplete.models.folder import is_model_folder, open_model_folder
-        from codecomplete.models.source import load_model_source
-
         if source is not None:
             config = source.config
         elif is_model_folder(model_dir):
