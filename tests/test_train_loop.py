@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from codecomplete.models.config import ModelConfig
+from codecomplete.models.folder import read_safetensors, save_model_folder
 from codecomplete.models.model import Transformer
 from codecomplete.models.train.corpus import ShardWriter
 from codecomplete.models.train.prepare import prepare
@@ -21,7 +22,7 @@ def make_docs(n: int) -> list[str]:
     ]
 
 
-def test_twenty_cpu_steps_lower_the_loss_and_write_loadable_weights(tmp_path):
+def make_data(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     docs = make_docs(300)
@@ -36,6 +37,9 @@ def test_twenty_cpu_steps_lower_the_loss_and_write_loadable_weights(tmp_path):
     manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
     assert manifest["totals"]["tokens"] == sum(s["tokens"] for s in meta["splits"].values())
 
+
+def test_twenty_cpu_steps_lower_the_loss_and_write_loadable_weights(tmp_path):
+    make_data(tmp_path)
     out = tmp_path / "run"
     torch.set_num_threads(2)
     train(TrainConfig(data=str(tmp_path / "data"), out=str(out), preset="test-tiny", tokens=20 * 4 * 64,
@@ -62,3 +66,34 @@ def test_learning_rate_warms_up_then_decays_to_ten_percent():
     assert abs(lr_at(9, 100, cfg) - 1e-3) < 1e-12
     assert abs(lr_at(100, 100, cfg) - 1e-4) < 1e-12
     assert lr_at(50, 100, cfg) < lr_at(20, 100, cfg)
+
+
+def test_uptraining_starts_from_a_model_folder_with_its_kv_heads_pooled(tmp_path):
+    """--init DIR --kv-heads G: the run starts from the folder's (int8) weights grouped into
+    G kv heads, logs both starting val losses, and trains the grouped model further."""
+    make_data(tmp_path)
+    torch.set_num_threads(2)
+    common = dict(data=str(tmp_path / "data"), preset="test-tiny", batch_size=4, micro_batch=2, seq_len=64,
+                  warmup_steps=3, eval_batches=2, log_every=1, workers=0, compile=False)
+    first = tmp_path / "first"
+    train(TrainConfig(out=str(first), tokens=20 * 4 * 64, lr=3e-3, eval_every=20, save_every=20, **common))
+    cfg = ModelConfig.load(first / "config.json")
+    folder = tmp_path / "mha"
+    save_model_folder(folder, cfg, read_safetensors(first / "final.safetensors"), first / "tokenizer.json", int8=True)
+    mha_val = [json.loads(x)["val_loss"] for x in (first / "train_log.jsonl").read_text().splitlines()
+               if "val_loss" in x][-1]
+
+    out = tmp_path / "gqa"
+    train(TrainConfig(out=str(out), tokens=10 * 4 * 64, lr=1e-3, eval_every=10, save_every=10,
+                      init=str(folder), kv_heads=1, **common))
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    init = next(r for r in log if r.get("event") == "init")
+    assert init["source_kv_heads"] == cfg.n_kv_heads == 4
+    assert abs(init["source_val_loss"] - mha_val) < 0.05  # the int8 folder is the trained model
+    assert init["val_loss"] > init["source_val_loss"]  # pooling four heads into one costs something
+    assert log[-2]["val_loss"] < init["val_loss"]  # which the further steps win back in part
+    new = ModelConfig.load(out / "config.json")
+    assert new.n_kv_heads == 1 and new.n_heads == 4 and new.eos_ids == cfg.eos_ids
+    model = Transformer(new)
+    model.load_state_dict(load_file(str(out / "final.safetensors")))
+    assert model.layers[0].attention.wk.weight.shape == (new.head_dim, new.dim)

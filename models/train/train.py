@@ -66,6 +66,8 @@ class TrainConfig:
     compile: bool = True
     dtype: str = "bfloat16"  # autocast dtype on CUDA; "float32" disables autocast
     resume: bool = False
+    init: str = ""  # start from this model folder's weights (int8 ones are dequantized), not random
+    kv_heads: int = 0  # with --init: mean-pool its kv heads into this many groups first (GQA uptraining)
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -89,6 +91,28 @@ def model_config_for(preset_name: str, data_dir: str, seq_len: int) -> ModelConf
                   eos_ids=[ids.eot], pad_id=6, fim_prefix_id=ids.prefix, fim_suffix_id=ids.suffix,
                   fim_middle_id=ids.middle, fim_pad_id=ids.pad, file_sep_id=ids.file_sep,
                   fim_order="spm")
+
+
+def initial_weights(cfg: TrainConfig, vocab_size: int):
+    """(config, weights) to start from: the --init folder's, kv heads grouped by --kv-heads;
+    also the folder's own (config, weights) for comparison."""
+    from ..folder import dequantize, open_model_folder
+    from ..gqa import group_kv_heads
+
+    folder = open_model_folder(cfg.init)
+    if folder.config.vocab_size != vocab_size:
+        raise ValueError(f"{cfg.init}: vocabulary {folder.config.vocab_size}, the data's is {vocab_size}")
+    if folder.config.max_seq_len < cfg.seq_len:
+        raise ValueError(f"{cfg.init}: context {folder.config.max_seq_len} < --seq-len {cfg.seq_len}")
+    source = dequantize(folder.load_weights())
+    mcfg, weights = group_kv_heads(folder.config, source, cfg.kv_heads or folder.config.n_kv_heads)
+    return mcfg, weights, folder.config, source
+
+
+def model_from_weights(mcfg: ModelConfig, weights: dict) -> Transformer:
+    model = Transformer(mcfg)
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.items()}, strict=True)
+    return model
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
@@ -150,9 +174,13 @@ def train(cfg: TrainConfig) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
-    mcfg = model_config_for(cfg.preset, cfg.data, cfg.seq_len)
-    model = Transformer(mcfg)
-    model.init_weights(cfg.seed)
+    if cfg.init:
+        mcfg, init_weights, source_cfg, source_weights = initial_weights(cfg, load_meta(cfg.data)["vocab_size"])
+        model = model_from_weights(mcfg, init_weights)
+    else:
+        mcfg = model_config_for(cfg.preset, cfg.data, cfg.seq_len)
+        model = Transformer(mcfg)
+        model.init_weights(cfg.seed)
     model.to(device)
     opt = make_optimizer(model, cfg, fused=device.type == "cuda")
     state = {"step": 0, "tokens": 0, "total_steps": 0, "elapsed_s": 0.0}
@@ -196,10 +224,13 @@ def train(cfg: TrainConfig) -> dict:
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
     @torch.no_grad()
-    def evaluate() -> float:
-        model.eval()
-        losses = torch.stack([forward_loss(b) for b in val]).mean()
-        model.train()
+    def evaluate(net=None) -> float:
+        net = net or model
+        net.eval()
+        with autocast:
+            losses = torch.stack([F.cross_entropy(net(b[:, :-1].to(device)).float().flatten(0, 1),
+                                                  b[:, 1:].to(device).flatten()) for b in val]).mean()
+        net.train()
         if ddp:
             torch.distributed.all_reduce(losses, op=torch.distributed.ReduceOp.AVG)
         return losses.item()
@@ -207,6 +238,14 @@ def train(cfg: TrainConfig) -> dict:
     emit({"event": "start", "config": asdict(cfg), "model": mcfg.to_dict(), "params": mcfg.n_params(),
           "world_size": world, "tokens_per_step": tokens_per_step, "flops_per_token": fpt,
           "peak_flops_per_gpu": PEAK_FLOPS_PER_GPU, "device": str(device)})
+    if cfg.init and not state["step"]:
+        # the starting point's val loss, and the source model's when its kv heads were pooled
+        record = {"event": "init", "from": cfg.init, "val_loss": round(evaluate(raw_model), 4)}
+        if source_cfg.n_kv_heads != mcfg.n_kv_heads:
+            source = model_from_weights(source_cfg, source_weights).to(device)
+            record.update(source_kv_heads=source_cfg.n_kv_heads, source_val_loss=round(evaluate(source), 4))
+            del source
+        emit(record)
     step = state["step"]
     budget_s = cfg.minutes * 60 - state["elapsed_s"]
     loop_start = time.time()
