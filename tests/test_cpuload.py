@@ -127,6 +127,19 @@ def test_bench_latency_compares_variants_side_by_side(tiny_model_dir, capsys, fl
         latency.run(parser.parse_args([flag, values, "--lsp"]))
 
 
+def test_bench_latency_compares_model_folders_side_by_side(tiny_model_dir, tiny_gqa_model_dir, capsys):
+    """--model A,B: one engine per folder, the same keystrokes to each in turn (how the
+    grouped-query default was measured against the multi-head one)."""
+    both = f"{tiny_model_dir},{tiny_gqa_model_dir}"
+    latency, parser, result = _bench_latency(tiny_model_dir, capsys, 3, "--model", both)
+    assert list(result["models"]) == [str(tiny_model_dir), str(tiny_gqa_model_dir)]
+    first, second = result["models"].values()
+    assert first["warm_p50_ratio"] == 1.0 and {first["requests"], second["requests"]} == {3}
+    assert result["model"] == first["model"] and first["model"]["linear"] != second["model"]["linear"]  # int8, float
+    with pytest.raises(SystemExit):
+        latency.run(parser.parse_args(["--model", both, "--lsp"]))
+
+
 def test_variant_names_name_the_varied_dimensions():
     from codecomplete.bench import latency
 

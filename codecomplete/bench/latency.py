@@ -39,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="decode steps the sampled candidates get after the greedy one ends (-1: wait for all); "
                         "several, comma-separated, are compared")
     p.add_argument("--start", type=int, default=None, help="character offset where typing begins")
-    p.add_argument("--model", default=None)
+    p.add_argument("--model", default=None,
+                   help="model folder (default: the shipped model); several, comma-separated, are compared")
     p.add_argument("--runtime", default="onnx", choices=["onnx", "torch"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", default="auto",
@@ -181,17 +182,18 @@ def policy_ratios(first: dict, other: dict) -> dict:
 THREAD_POLICIES = {"adaptive": {}, "spin": {"spin": True}, "nospin": {"spin": False}, "single": {"threads": 1}}
 
 
-def load_engine(args, policy: str, precision: str = "auto"):
-    """The engine for one thread policy and precision (the torch runtime has one policy: its own)."""
+def load_engine(args, policy: str, precision: str = "auto", model: str | None = None):
+    """The engine for one model, thread policy and precision (the torch runtime has one
+    policy: its own); model None is the shipped one."""
     from codecomplete.engine import Engine
 
     if args.runtime != "onnx" or policy == "adaptive":
-        return Engine.load(args.model, runtime=args.runtime, device=args.device, precision=precision)
+        return Engine.load(model, runtime=args.runtime, device=args.device, precision=precision)
     from codecomplete.models.source import load_model_source
     from codecomplete.runtime.onnx import OnnxRuntime, physical_cores
 
     kwargs = {"threads": physical_cores(), **THREAD_POLICIES[policy]}
-    return Engine(OnnxRuntime(load_model_source(args.model), device=args.device, precision=precision, **kwargs))
+    return Engine(OnnxRuntime(load_model_source(model), device=args.device, precision=precision, **kwargs))
 
 
 def _variant_values(flag: str, value: str, choices) -> list[str]:
@@ -269,14 +271,15 @@ def run(args) -> int:
     back_offs = _variant_values("--back-off", args.back_off, BACK_OFF_RULES)
     reuses = _variant_values("--reuse", args.reuse, ("on", "off"))
     patiences = _variant_values("--patience", args.patience, None)
+    models = [m.strip() for m in (args.model or "").split(",") if m.strip()] or ["default"]
     if args.repeat < 1:
         raise SystemExit("bench latency: --repeat must be at least 1")
     compared = {"--precision": (precisions, "auto"), "--back-off": (back_offs, "model"), "--reuse": (reuses, "on"),
-                "--patience": (patiences, "4")}
-    if args.lsp and any(values != [default] for values, default in compared.values()):
+                "--patience": (patiences, "4"), "--model": (models[1:], None)}
+    if args.lsp and any(values and values != [default] for values, default in compared.values()):
         raise SystemExit("bench latency: --lsp replays the server with its own settings; "
                          f"compare {', '.join(compared)} without it")
-    variants = variant_names(policies, precisions, back_offs, reuses, patiences)
+    variants = variant_names(models, policies, precisions, back_offs, reuses, patiences)
 
     path = str(Path(args.file))
     text = Path(path).read_text(encoding="utf-8")
@@ -285,15 +288,16 @@ def run(args) -> int:
     suffix_budget = args.prompt_tokens // 4
     opts = dict(n=args.n, max_new_tokens=args.max_tokens, deadline_ms=args.deadline_ms, multiline=False,
                 prefix_tokens=args.prompt_tokens - suffix_budget, suffix_tokens=suffix_budget)
-    progress(f"bench latency: loading {args.model or 'the default model'} ({args.runtime}, {args.device})")
+    progress(f"bench latency: loading {', '.join(models)} ({args.runtime}, {args.device})")
     result = {"benchmark": "latency", "file": path, "language": language,
               "settings": {**opts, "start": start, "patience": [int(x) for x in patiences]}, "busy_processes": args.busy}
     engines, loaded = {}, {}
     with BackgroundLoad(args.busy):
-        for name, (policy, precision, back, reuse, patience) in variants.items():
+        for name, (model, policy, precision, back, reuse, patience) in variants.items():
             t0 = time.perf_counter()
             steps = int(patience)
-            engines[name] = WithOptions(load_engine(args, policy, precision), back_off_needed=BACK_OFF_RULES[back],
+            engine = load_engine(args, policy, precision, None if model == "default" else model)
+            engines[name] = WithOptions(engine, back_off_needed=BACK_OFF_RULES[back],
                                         patience_steps=None if steps < 0 else steps)
             engines[name].engine.reuse_keystrokes = reuse == "on"
             loaded[name] = (time.perf_counter() - t0) * 1000
@@ -307,8 +311,8 @@ def run(args) -> int:
     result.update({"model": first["model"], "load_ms": first["load_ms"],
                    "engine": {k: v for k, v in first.items() if k not in ("model", "load_ms")}})
     if len(variants) > 1:  # side by side, as ratios to the first engine
-        varied = [k for k, d in (("threads", policies), ("precision", precisions), ("back_off", back_offs),
-                                 ("reuse", reuses), ("patience", patiences)) if len(d) > 1]
+        varied = [k for k, d in (("models", models), ("threads", policies), ("precision", precisions),
+                                 ("back_off", back_offs), ("reuse", reuses), ("patience", patiences)) if len(d) > 1]
         key = varied[0] if len(varied) == 1 else "variants"
         result[key] = {p: {"warm_p50_ms": r["warm_p50_ms"], "cold_p50_ms": r["cold_p50_ms"],
                            **policy_ratios(first, r), "warm_requests": r["warm_requests"],
