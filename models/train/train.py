@@ -174,6 +174,8 @@ def train(cfg: TrainConfig) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
+    if cfg.kv_heads and not cfg.init:
+        raise ValueError("--kv-heads groups the kv heads of an --init model folder; give --init too")
     if cfg.init:
         mcfg, init_weights, source_cfg, source_weights = initial_weights(cfg, load_meta(cfg.data)["vocab_size"])
         model = model_from_weights(mcfg, init_weights)
@@ -216,20 +218,18 @@ def train(cfg: TrainConfig) -> dict:
             log.flush()
             print(json.dumps(record), flush=True)
 
-    def forward_loss(batch: torch.Tensor) -> torch.Tensor:
+    def forward_loss(batch: torch.Tensor, net=None) -> torch.Tensor:
         batch = batch.to(device, non_blocking=True)
         x, y = batch[:, :-1], batch[:, 1:]
         with autocast:
-            logits = model(x)
+            logits = (net or model)(x)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
     @torch.no_grad()
     def evaluate(net=None) -> float:
         net = net or model
         net.eval()
-        with autocast:
-            losses = torch.stack([F.cross_entropy(net(b[:, :-1].to(device)).float().flatten(0, 1),
-                                                  b[:, 1:].to(device).flatten()) for b in val]).mean()
+        losses = torch.stack([forward_loss(b, net) for b in val]).mean()
         net.train()
         if ddp:
             torch.distributed.all_reduce(losses, op=torch.distributed.ReduceOp.AVG)
