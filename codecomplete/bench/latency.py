@@ -271,7 +271,9 @@ def run(args) -> int:
     back_offs = _variant_values("--back-off", args.back_off, BACK_OFF_RULES)
     reuses = _variant_values("--reuse", args.reuse, ("on", "off"))
     patiences = _variant_values("--patience", args.patience, None)
-    models = [m.strip() for m in (args.model or "").split(",") if m.strip()] or ["default"]
+    # model folder by its name in the report; "default" is the shipped model unless given
+    folders = {m: m for m in (x.strip() for x in (args.model or "").split(",")) if m} or {"default": None}
+    models = list(folders)
     if args.repeat < 1:
         raise SystemExit("bench latency: --repeat must be at least 1")
     compared = {"--precision": (precisions, "auto"), "--back-off": (back_offs, "model"), "--reuse": (reuses, "on"),
@@ -296,7 +298,7 @@ def run(args) -> int:
         for name, (model, policy, precision, back, reuse, patience) in variants.items():
             t0 = time.perf_counter()
             steps = int(patience)
-            engine = load_engine(args, policy, precision, None if model == "default" else model)
+            engine = load_engine(args, policy, precision, folders[model])
             engines[name] = WithOptions(engine, back_off_needed=BACK_OFF_RULES[back],
                                         patience_steps=None if steps < 0 else steps)
             engines[name].engine.reuse_keystrokes = reuse == "on"
