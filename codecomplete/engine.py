@@ -158,11 +158,14 @@ class Engine:
             return None
         ext = tuple(tokens[m:])
         found = trace.find(ext)
-        state = self.runtime.adopt(previous, found[0], found[1], ext, start=found[3]) if found else None
+        if found is None:
+            return None
+        branches, row, logits, start = found
+        state = self.runtime.adopt(previous, branches, row, ext, start=start)
         if state is None:
             return None
-        state.logits = found[2]
-        return state, state.logits, (trace, ext)
+        state.logits = logits
+        return state, logits, (trace, ext)
 
     @staticmethod
     def _max_new_tokens(requested: int, multiline: bool) -> int:

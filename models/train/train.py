@@ -222,12 +222,12 @@ def train(cfg: TrainConfig) -> dict:
         batch = batch.to(device, non_blocking=True)
         x, y = batch[:, :-1], batch[:, 1:]
         with autocast:
-            logits = (net or model)(x)
+            logits = (model if net is None else net)(x)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
     @torch.no_grad()
     def evaluate(net=None) -> float:
-        net = net or model
+        net = model if net is None else net
         net.eval()
         losses = torch.stack([forward_loss(b, net) for b in val]).mean()
         net.train()
