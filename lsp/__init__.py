@@ -13,6 +13,7 @@
     worker.py        the one thread that owns the engine
     jobs.py          the running completion per document (newer supersedes older)
     replay.py        typing replay over stdio: per-keystroke latency (bench latency --lsp)
-    testing.py       a fake engine and raw-message helpers for tests
+    testing.py       a fake engine and a raw-message writer for tests
+    raw_client.py    a pytest-lsp client that sends unvalidated requests (test extra)
     nvim/lua/codecomplete/init.lua   the Neovim client module
 """

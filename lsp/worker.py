@@ -99,20 +99,8 @@ class Worker:
         return self._status
 
     @property
-    def state(self) -> str:
-        return self._status.state
-
-    @property
     def engine(self) -> Any:
         return self._status.engine
-
-    @property
-    def engine_key(self) -> tuple | None:
-        return self._status.engine_key
-
-    @property
-    def error(self) -> str:
-        return self._status.error
 
     @property
     def ready(self) -> bool:
