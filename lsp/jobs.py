@@ -18,7 +18,7 @@ class LatestJobs:
             job.supersede()
 
     def track(self, uri: str, job: Job) -> None:
-        """Make job the document's running one (supersede the previous one first)."""
+        """Make job the document's running one (after supersede(uri): one job per document)."""
         self._by_uri[uri] = job
 
     def release(self, uri: str, job: Job) -> None:
