@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
+import logging
 import os
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import pytest
 from lsprotocol import types
 
 from codecomplete.lsp.capabilities import ClientSupport
+from codecomplete.lsp.client_log import ClientLogHandler
 from codecomplete.lsp.documents import UTF16, Document
 from codecomplete.lsp.jobs import LatestJobs
 from codecomplete.lsp.main import NVIM_RUNTIME, check, main, parse_tcp
@@ -140,3 +143,22 @@ def test_create_server_registers_every_declared_handler():
     methods = {method for method, _, _ in HANDLERS}
     assert {types.INITIALIZE, types.TEXT_DOCUMENT_INLINE_COMPLETION, types.TEXT_DOCUMENT_DID_CLOSE} <= methods
     assert methods <= set(ls.protocol.fm.features)
+
+
+def test_client_log_handler_forwards_records_from_any_thread_with_their_level():
+    ls = create_server(lambda m, r, d: object())
+    sent: list[types.LogMessageParams] = []
+    ls.window_log_message = sent.append
+    handler = ClientLogHandler(ls)
+    record = logging.LogRecord("codecomplete.lsp", logging.WARNING, __file__, 1, "slow %s", ("load",), None)
+    handler.emit(record)  # before the worker starts there is no loop: dropped, no error
+    assert sent == []
+
+    async def run():
+        ls.loop = asyncio.get_running_loop()
+        ls.protocol.set_writer(io.BytesIO())
+        await asyncio.to_thread(handler.emit, record)
+        await asyncio.sleep(0.01)
+
+    asyncio.run(run())
+    assert [(p.type, p.message) for p in sent] == [(types.MessageType.Warning, "slow load")]
