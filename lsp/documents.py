@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from lsprotocol import types
 
@@ -108,6 +108,10 @@ class Document:
         # An offset between "\r" and "\n" belongs to the end of the line.
         line_text = self.line_text(line)
         return types.Position(line=line, character=code_units(line_text[: offset - start], encoding))
+
+    def snapshot(self) -> Document:
+        """A copy that later edits leave alone (it shares the line starts computed so far)."""
+        return replace(self)
 
     def apply_change(self, change: types.TextDocumentContentChangeEvent, encoding: str) -> None:
         """Apply one didChange content change (a ranged edit or the whole text)."""

@@ -143,6 +143,11 @@ class CodecompleteProtocol(LanguageServerProtocol):
             logger.debug("cancelled request %r", msg_id)
 
     # -- lifecycle --------------------------------------------------------------------
+    @property
+    def shutdown_received(self) -> bool:
+        """Whether the client sent shutdown; exiting without it is exit code 1 (the LSP rule)."""
+        return self._shutdown
+
     @lsp_method(types.INITIALIZE)
     def lsp_initialize(self, params: types.InitializeParams):
         """pygls's initialize, preferring UTF-8 positions when the client offers them."""

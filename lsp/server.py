@@ -1,43 +1,38 @@
-"""codecomplete-lsp: the language server. It translates LSP <-> engine and schedules; nothing more.
-
-    codecomplete-lsp                      # stdio
-    codecomplete-lsp --tcp 127.0.0.1:2087 # or a TCP port (127.0.0.1 unless a host is given)
-    codecomplete-lsp --model DIR --runtime torch --device cpu
-    codecomplete-lsp --check --model DIR  # load the model, report, exit 0 / 1
+"""The language server's handlers: each turns LSP params into a call and the answer back into LSP types.
 
 Features: textDocument/inlineCompletion (each candidate an item with insertText + range),
 textDocument/completion (menu items with text edits), incremental sync, UTF-8 / UTF-16
 positions, settings from initializationOptions and workspace/didChangeConfiguration
 (settings.py), `codecomplete/status` notifications, work-done progress while loading.
+The command line (`codecomplete-lsp`) is main.py; the engine runs in worker.py's thread.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import importlib
 import logging
 import os
-import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from lsprotocol import types
 from pygls.exceptions import JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
-from pygls.uris import to_fs_path
 
-from codecomplete.prompt import workspace_name
 from codecomplete.request import CancelToken, Completion, CompletionRequest, Neighbour
 
 from . import items as lsp_items
+from .capabilities import ClientSupport
 from .documents import Document, Documents, PositionError
+from .jobs import LatestJobs
+from .process import exit_when_gone
 from .protocol import CodecompleteProtocol
 from .settings import SECTION, Settings, apply_settings, section_of
 from .worker import EngineFactory, Worker, default_engine_factory
+from .workspace import prompt_path, root_uris
 
 logger = logging.getLogger("codecomplete.lsp")
 
@@ -47,8 +42,6 @@ WINDOW_BEFORE_CHARS = 64_000  # the engine sees at most this much text before th
 WINDOW_AFTER_CHARS = 16_000  # ...and this much after it
 NEIGHBOUR_CHARS = 32_000  # per other open document
 MAX_NEIGHBOURS = 8
-NVIM_RUNTIME = Path(__file__).resolve().parent / "nvim"  # holds lua/codecomplete/init.lua
-PARENT_POLL_S = float(os.environ.get("CODECOMPLETE_PARENT_POLL_S", "2"))  # seconds between checks
 
 try:
     from importlib.metadata import version as _version
@@ -94,48 +87,26 @@ def clean_text(text: str) -> str | None:
         return text.encode("utf-8", "replace").decode("utf-8")
 
 
-def path_of(uri: str) -> str:
-    try:
-        return to_fs_path(uri) or uri
-    except Exception:
-        return uri
+def settings_after_failed_load(settings: Settings, loaded_key: tuple | None, default_model: str | None) -> Settings:
+    """Settings that failed to load fall back to what is still loaded (loaded_key: the worker's engine_key)."""
+    if loaded_key is None:
+        return settings
+    model_key, runtime, device = loaded_key
+    return replace(settings, runtime=runtime, device=device,
+                   model="" if model_key == default_model else (model_key or ""))
 
 
-def prompt_path(uri: str, roots: list[str]) -> str:
-    """The name the prompt gives the document at uri (see prompt.workspace_name); roots are
-    the workspace folders' URIs. A document with no file (untitled:Untitled-1) keeps its name."""
-    path = path_of(uri)
-    if path == uri and "://" not in uri and ":" in uri:
-        return uri.split(":", 1)[1]
-    return workspace_name(path, [path_of(r) for r in roots])
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process exists (and is not a zombie)."""
-    if sys.platform == "win32":  # os.kill(pid, 0) would terminate it on Windows
-        import ctypes
-
-        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
-        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-        if not handle:
-            return False
-        code = ctypes.c_ulong()
-        ok = kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
-        kernel32.CloseHandle(handle)
-        return bool(ok) and code.value == 259  # STILL_ACTIVE
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
+def status_params(state: str, message: str | None = None, latency_ms: float | None = None,
+                  source: str | None = None) -> dict[str, Any]:
+    """The params of a codecomplete/status notification."""
+    params: dict[str, Any] = {"state": state}
+    if message is not None:
+        params["message"] = message
+    if latency_ms is not None:
+        params["latencyMs"] = round(latency_ms, 1)
+    if source is not None:  # "cache" (typing-as-suggested), "warm" (prefix KV reused) or "cold"
+        params["source"] = source
+    return params
 
 
 @dataclass
@@ -163,14 +134,12 @@ class CodecompleteServer(LanguageServer):
         self.documents = Documents()
         self.worker: Worker | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.supports_progress = False
-        self.supports_markdown = False
-        self.supports_configuration = False
-        self._latest: dict[str, Any] = {}  # uri -> the Job now being computed for it
+        self.client_support = ClientSupport()
+        self.jobs = LatestJobs()
         self._shown_errors: set[str] = set()
         self._skipped: set[str] = set()  # uris we already logged as too big / binary
         self._tasks: set[asyncio.Task] = set()
-        self.exit_process = os._exit
+        self.exit_process: Callable[[int], object] = os._exit
 
     @property
     def encoding(self) -> str:
@@ -189,20 +158,17 @@ class CodecompleteServer(LanguageServer):
 
     def notify_status(self, state: str, message: str | None = None, latency_ms: float | None = None,
                       source: str | None = None) -> None:
-        params: dict[str, Any] = {"state": state}
-        if message is not None:
-            params["message"] = message
-        if latency_ms is not None:
-            params["latencyMs"] = round(latency_ms, 1)
-        if source is not None:  # "cache" (typing-as-suggested), "warm" (prefix KV reused) or "cold"
-            params["source"] = source
-        self.protocol.notify(STATUS_METHOD, params)
+        self.protocol.notify(STATUS_METHOD, status_params(state, message, latency_ms, source))
 
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    def watch_parent(self, pid: int) -> None:
+        """Exit when the editor's process goes (it may die without closing our stdin)."""
+        self.spawn(exit_when_gone(pid, self.exit_process))
 
     # -- settings and the engine ------------------------------------------------------
     def update_settings(self, raw: Any, source: str) -> None:
@@ -216,6 +182,16 @@ class CodecompleteServer(LanguageServer):
             logger.info("settings from %s: %s", source, new)
         if self.worker is not None and new.engine_key != old.engine_key:
             self.spawn(self.load_engine())
+
+    async def pull_settings(self) -> Any:
+        """Our section as the client has it now (workspace/configuration); None if it would not say."""
+        try:
+            answer = await self.workspace_configuration_async(
+                types.ConfigurationParams(items=[types.ConfigurationItem(section=SECTION)]))
+        except Exception as e:
+            logger.warning("workspace/configuration failed: %s", e)
+            return None
+        return answer[0] if answer else None
 
     async def load_engine(self) -> None:
         """(Re)load the engine in the worker, with progress and status notifications."""
@@ -236,16 +212,13 @@ class CodecompleteServer(LanguageServer):
             logger.info("loaded %s in %.0f ms: %s", what, result.elapsed_ms, result.message)
             self.notify_status("ready", f"{what} loaded in {result.elapsed_ms:.0f} ms")
             return
-        # Settings that fail to load fall back to what is still loaded.
-        if self.worker.engine_key is not None:
-            model_key, runtime, device = self.worker.engine_key
-            self.settings = replace(self.settings, runtime=runtime, device=device,
-                                    model="" if model_key == self.default_model else (model_key or ""))
+        status = self.worker.status()
+        self.settings = settings_after_failed_load(self.settings, status.engine_key, self.default_model)
         self.show_error_once(f"codecomplete: could not load {what}: {result.message}")
-        self.notify_status("ready" if self.worker.ready else "error", result.message)
+        self.notify_status("ready" if status.ready else "error", result.message)
 
     async def _begin_progress(self, message: str) -> str | None:
-        if not self.supports_progress:
+        if not self.client_support.progress:
             return None
         token = f"codecomplete-load-{uuid.uuid4()}"
         try:
@@ -286,8 +259,7 @@ class CodecompleteServer(LanguageServer):
         request = CompletionRequest(text=text, offset=window_offset, language=doc.language_id,
                                     path=prompt_path(uri, self.workspace_roots()), neighbours=self._neighbours(uri),
                                     options=self.settings.completion_options(), cancel=CancelToken())
-        snapshot = Document(doc.uri, doc.language_id, doc.version, doc.text, doc._line_starts)
-        return Prepared(snapshot, offset, request)
+        return Prepared(doc.snapshot(), offset, request)
 
     def _log_skip(self, uri: str, message: str) -> None:
         if uri not in self._skipped:
@@ -297,13 +269,9 @@ class CodecompleteServer(LanguageServer):
     def workspace_roots(self) -> list[str]:
         """The URIs of the open workspace folders (and the root the client named)."""
         try:
-            ws = self.workspace
+            return root_uris(self.workspace)
         except RuntimeError:  # before initialize
             return []
-        roots = [f.uri for f in ws.folders.values()]
-        if ws.root_uri and ws.root_uri not in roots:
-            roots.append(ws.root_uri)
-        return roots
 
     def _neighbours(self, uri: str) -> list[Neighbour]:
         out = []
@@ -324,11 +292,9 @@ class CodecompleteServer(LanguageServer):
         assert self.worker is not None
         if not self.worker.ready:
             return prepared, None
-        previous = self._latest.pop(uri, None)
-        if previous is not None:
-            previous.supersede()
+        self.jobs.supersede(uri)
         job = self.worker.complete(prepared.request, float(self.settings.deadline_ms))
-        self._latest[uri] = job
+        self.jobs.track(uri, job)
         try:
             completion = await asyncio.wait_for(asyncio.shield(job.future), timeout=self.settings.deadline_ms / 1000.0)
         except asyncio.TimeoutError:
@@ -339,74 +305,71 @@ class CodecompleteServer(LanguageServer):
             job.supersede()
             raise
         finally:
-            if self._latest.get(uri) is job:
-                del self._latest[uri]
+            self.jobs.release(uri, job)
         if completion is not None and not completion.cancelled:
             self.notify_status("ready", latency_ms=(time.perf_counter() - t0) * 1000.0, source=completion.source)
         return prepared, completion
 
-    def watch_parent(self, pid: int) -> None:
-        async def poll() -> None:
-            while True:
-                await asyncio.sleep(PARENT_POLL_S)
-                if not process_alive(pid):
-                    logger.warning("the editor (process %d) is gone: exiting", pid)
-                    sys.stderr.flush()
-                    self.exit_process(0)
-                    return
-
-        self.spawn(poll())
+    def forget(self, uri: str) -> None:
+        """A document closed: stop its running job; a reopened one is logged afresh if skipped."""
+        self._skipped.discard(uri)
+        self.jobs.supersede(uri)
 
 
 # -- handlers -----------------------------------------------------------------------------------
+# (method, registration options, handler): create_server registers each on a new server.
+HANDLERS: list[tuple[str, Any, Callable]] = []
+
+
+def handler(method: str, options: Any = None) -> Callable[[Callable], Callable]:
+    """Declare fn the handler of an LSP method on every server create_server makes."""
+    def register(fn: Callable) -> Callable:
+        HANDLERS.append((method, options, fn))
+        return fn
+
+    return register
+
+
+@handler(types.INITIALIZE)
 def on_initialize(ls: CodecompleteServer, params: types.InitializeParams) -> None:
-    caps = params.capabilities
-    ls.supports_progress = bool(caps.window and caps.window.work_done_progress)
-    ls.supports_configuration = bool(caps.workspace and caps.workspace.configuration)
-    doc_formats = (caps.text_document and caps.text_document.completion and caps.text_document.completion.completion_item
-                   and caps.text_document.completion.completion_item.documentation_format) or []
-    ls.supports_markdown = types.MarkupKind.Markdown in doc_formats
+    ls.client_support = ClientSupport.from_capabilities(params.capabilities)
     if params.initialization_options is not None:
         ls.update_settings(params.initialization_options, "initializationOptions")
     if params.process_id:
         ls.watch_parent(params.process_id)
 
 
+@handler(types.INITIALIZED)
 def on_initialized(ls: CodecompleteServer, params: types.InitializedParams) -> None:
     ls.start_worker()
 
 
+@handler(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
 async def on_did_change_configuration(ls: CodecompleteServer, params: types.DidChangeConfigurationParams) -> None:
     raw = params.settings
-    if not section_of(raw) and ls.supports_configuration:  # a "pull" client: ask for the section
-        try:
-            answer = await ls.workspace_configuration_async(
-                types.ConfigurationParams(items=[types.ConfigurationItem(section=SECTION)]))
-            raw = answer[0] if answer else None
-        except Exception as e:
-            logger.warning("workspace/configuration failed: %s", e)
-            return
+    if not section_of(raw) and ls.client_support.configuration:  # a "pull" client: ask for the section
+        raw = await ls.pull_settings()
     ls.update_settings(raw, "workspace/didChangeConfiguration")
 
 
+@handler(types.TEXT_DOCUMENT_DID_OPEN)
 def on_did_open(ls: CodecompleteServer, params: types.DidOpenTextDocumentParams) -> None:
     ls.documents.open(params.text_document)
 
 
+@handler(types.TEXT_DOCUMENT_DID_CHANGE)
 def on_did_change(ls: CodecompleteServer, params: types.DidChangeTextDocumentParams) -> None:
     if ls.documents.change(params, ls.encoding) is None:
         logger.info("didChange for %s, which is not open: ignored", params.text_document.uri)
 
 
+@handler(types.TEXT_DOCUMENT_DID_CLOSE)
 def on_did_close(ls: CodecompleteServer, params: types.DidCloseTextDocumentParams) -> None:
-    uri = params.text_document.uri
-    ls.documents.close(uri)
-    ls._skipped.discard(uri)
-    job = ls._latest.pop(uri, None)
-    if job is not None:
-        job.supersede()
+    ls.documents.close(params.text_document.uri)
+    ls.forget(params.text_document.uri)
 
 
+@handler(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
 async def on_inline_completion(ls: CodecompleteServer, params: types.InlineCompletionParams) -> types.InlineCompletionList:
     prepared, completion = await ls.run_completion(params.text_document.uri, params.position)
     if prepared is None or completion is None:
@@ -415,12 +378,13 @@ async def on_inline_completion(ls: CodecompleteServer, params: types.InlineCompl
         items=lsp_items.inline_items(prepared.doc, prepared.offset, completion.candidates, ls.encoding))
 
 
+@handler(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(trigger_characters=[".", "("], resolve_provider=False))
 async def on_completion(ls: CodecompleteServer, params: types.CompletionParams) -> types.CompletionList:
     prepared, completion = await ls.run_completion(params.text_document.uri, params.position)
     if prepared is None or completion is None:
         return types.CompletionList(is_incomplete=True, items=[])
     items = lsp_items.completion_items(prepared.doc, prepared.offset, completion.candidates, ls.encoding,
-                                       markdown=ls.supports_markdown)
+                                       markdown=ls.client_support.markdown)
     # Incomplete: the candidates depend on every character typed, so ask again as the user types.
     return types.CompletionList(is_incomplete=True, items=items)
 
@@ -429,148 +393,6 @@ def create_server(engine_factory: EngineFactory = default_engine_factory, defaul
                   default_model: str | None = None) -> CodecompleteServer:
     """A server with every handler registered (the engine factory is injectable for tests)."""
     ls = CodecompleteServer(engine_factory, defaults, default_model)
-    ls.feature(types.INITIALIZE)(on_initialize)
-    ls.feature(types.INITIALIZED)(on_initialized)
-    ls.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)(on_did_change_configuration)
-    ls.feature(types.TEXT_DOCUMENT_DID_OPEN)(on_did_open)
-    ls.feature(types.TEXT_DOCUMENT_DID_CHANGE)(on_did_change)
-    ls.feature(types.TEXT_DOCUMENT_DID_CLOSE)(on_did_close)
-    ls.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())(on_inline_completion)
-    ls.feature(types.TEXT_DOCUMENT_COMPLETION,
-               types.CompletionOptions(trigger_characters=[".", "("], resolve_provider=False))(on_completion)
+    for method, options, fn in HANDLERS:
+        ls.feature(method, options)(fn)
     return ls
-
-
-# -- process setup ------------------------------------------------------------------------------
-class SafeStdin:
-    """stdin for pygls: message bodies that are not valid UTF-8 get U+FFFD instead of vanishing."""
-
-    def __init__(self, raw):
-        self._raw = raw
-
-    def readline(self) -> bytes:
-        return self._raw.readline()
-
-    def read(self, n: int) -> bytes:
-        data = self._raw.read(n)
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError:
-            logger.warning("a message that is not valid UTF-8 arrived: undecodable bytes replaced")
-            data = data.decode("utf-8", "replace").encode("utf-8")
-        return data
-
-
-def claim_stdout():
-    """The LSP channel: a private copy of fd 1. fd 1 and sys.stdout then go to stderr, so that
-    a stray print (ours, a library's, a C extension's) cannot corrupt the protocol."""
-    sys.stdout.flush()
-    channel = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    sys.stdout = sys.stderr
-    return channel
-
-
-class ClientLogHandler(logging.Handler):
-    """Forwards log records to the client as window/logMessage (from any thread)."""
-
-    LEVELS = ((logging.ERROR, types.MessageType.Error), (logging.WARNING, types.MessageType.Warning),
-              (logging.INFO, types.MessageType.Info))
-
-    def __init__(self, server: CodecompleteServer, level: int = logging.INFO):
-        super().__init__(level)
-        self.server = server
-
-    def emit(self, record: logging.LogRecord) -> None:
-        loop = self.server.loop
-        if loop is None or loop.is_closed():
-            return
-        kind = next((t for lvl, t in self.LEVELS if record.levelno >= lvl), types.MessageType.Log)
-        params = types.LogMessageParams(type=kind, message=self.format(record))
-        try:
-            loop.call_soon_threadsafe(self._send, params)
-        except RuntimeError:
-            pass
-
-    def _send(self, params: types.LogMessageParams) -> None:
-        if self.server.protocol.writer is not None:
-            self.server.window_log_message(params)
-
-
-def _parse_tcp(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    try:
-        return host or "127.0.0.1", int(port)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT or PORT, got {value!r}") from None
-
-
-def _load_factory(spec: str) -> EngineFactory:
-    module_name, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(module_name), attr)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    d = Settings()
-    p = argparse.ArgumentParser(prog="codecomplete-lsp", description="codecomplete language server (stdio by default)")
-    p.add_argument("--stdio", action="store_true", help="talk LSP over stdin/stdout (the default)")
-    p.add_argument("--tcp", type=_parse_tcp, metavar="HOST:PORT", help="listen on TCP instead (host 127.0.0.1 if omitted)")
-    p.add_argument("--model", default=None, help="model folder (default: the shipped model)")
-    p.add_argument("--runtime", choices=("onnx", "torch"), default=d.runtime)
-    p.add_argument("--device", choices=("cpu", "cuda"), default=d.device)
-    p.add_argument("--candidates", type=int, default=d.candidates)
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
-    p.add_argument("--deadline-ms", type=int, default=d.deadline_ms)
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    p.add_argument("--check", action="store_true", help="load the model, print what loaded, exit 0 (or 1 with the error)")
-    p.add_argument("--nvim-runtime", action="store_true",
-                   help="print the folder to add to Neovim's 'runtimepath' for require('codecomplete'), then exit")
-    p.add_argument("--engine-factory", default=None, metavar="MODULE:NAME",
-                   help="for tests: a callable (model, runtime, device) -> engine instead of the real engine")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.nvim_runtime:
-        print(NVIM_RUNTIME)
-        return 0
-    logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
-                        format="codecomplete-lsp %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("codecomplete").setLevel(args.log_level)
-    factory = _load_factory(args.engine_factory) if args.engine_factory else default_engine_factory
-    defaults, errors = apply_settings(Settings(), {"runtime": args.runtime, "device": args.device,
-                                                   "candidates": args.candidates, "maxTokens": args.max_tokens,
-                                                   "deadlineMs": args.deadline_ms})
-    for error in errors:
-        print(f"codecomplete-lsp: {error}", file=sys.stderr)
-    if args.check:
-        return _check(factory, args.model, defaults)
-    channel = claim_stdout() if args.tcp is None else None
-    server = create_server(factory, defaults, default_model=args.model)
-    logging.getLogger("codecomplete").addHandler(ClientLogHandler(server))
-    if args.tcp is not None:
-        server.start_tcp(*args.tcp)
-    else:
-        server.start_io(SafeStdin(sys.stdin.buffer), channel)
-    code = 0 if server.protocol._shutdown else 1  # the LSP rule: exit without shutdown is an error
-    sys.stderr.flush()
-    os._exit(code)  # the worker may be mid-decode in native code: do not wait for it
-
-
-def _check(factory: EngineFactory, model: str | None, settings: Settings) -> int:
-    t0 = time.perf_counter()
-    try:
-        engine = factory(model, settings.runtime, settings.device)
-    except Exception as e:
-        print(f"codecomplete-lsp: could not load {model or 'the default model'}: {e}", file=sys.stderr)
-        return 1
-    describe = getattr(engine, "describe", None)
-    info = describe() if callable(describe) else type(engine).__name__
-    print(f"codecomplete-lsp: loaded {model or 'the default model'} in {(time.perf_counter() - t0) * 1000:.0f} ms: {info}",
-          file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -82,15 +82,3 @@ def write_raw(client, body: bytes) -> None:
     """Write one framed message of arbitrary bytes to a pygls client's server (garbage tests)."""
     header = f"Content-Length: {len(body)}\r\n\r\n".encode("ascii")
     client.protocol.writer.write(header + body)
-
-
-def send_raw_request(client, message: dict):
-    """Send a request dict as-is (no validation); await the result to get the response."""
-    import asyncio
-    import json
-    from concurrent.futures import Future
-
-    future: Future = Future()
-    client.protocol._request_futures[message["id"]] = future
-    write_raw(client, json.dumps(message).encode("utf-8"))
-    return asyncio.wrap_future(future)

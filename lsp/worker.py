@@ -4,6 +4,12 @@ The engine is synchronous and not thread-safe, so nothing else touches it. Resul
 back to the event loop as asyncio futures, resolved on the loop's thread only, so that a
 superseded or cancelled request can be answered at once while its job is still queued
 or decoding (the engine stops at the next decode step once the CancelToken is set).
+
+What the worker holds (state, engine, the engine's key, the last error) is one immutable
+WorkerStatus, replaced whole under a lock by both threads: load() on the event loop marks
+it loading, the worker thread installs what a load produced. A reader takes status() once
+and sees a consistent value: never "ready" without an engine, never an engine with the
+key of another.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from codecomplete.request import CancelToken, Completion, CompletionRequest
@@ -42,6 +48,20 @@ class LoadResult:
     superseded: bool = False
 
 
+@dataclass(frozen=True)
+class WorkerStatus:
+    """What the worker has now; replaced whole, never changed in place."""
+
+    state: str = "idle"  # idle | loading | ready | error
+    engine: Any = None
+    engine_key: tuple | None = None  # (model, runtime, device) that made engine
+    error: str = ""  # why the last load failed ("" after a successful one)
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready" and self.engine is not None
+
+
 @dataclass
 class Job:
     """One completion request on its way through the worker."""
@@ -66,24 +86,33 @@ class Worker:
         self._factory = factory
         self._loop = loop
         self._queue: queue.Queue = queue.Queue()
+        # Guards _status and _load_generation: load() writes them on the event loop's
+        # thread, _load on the worker's; a check-then-write of either happens under it.
+        self._lock = threading.Lock()
         self._load_generation = 0
-        self.engine: Any = None
-        self.engine_key: tuple | None = None
-        self.state = "idle"  # idle | loading | ready | error
-        self.error = ""
+        self._status = WorkerStatus()
         self._thread = threading.Thread(target=self._run, name="codecomplete-worker", daemon=True)
         self._thread.start()
 
+    def status(self) -> WorkerStatus:
+        """A consistent snapshot of state, engine, engine_key and error."""
+        return self._status
+
+    @property
+    def engine(self) -> Any:
+        return self._status.engine
+
     @property
     def ready(self) -> bool:
-        return self.state == "ready" and self.engine is not None
+        return self._status.ready
 
     def load(self, model: str | None, runtime: str, device: str) -> asyncio.Future:
         """Queue a (re)load; resolves to a LoadResult. The old engine stays if it fails."""
-        self._load_generation += 1
-        self.state = "loading"
         future = self._loop.create_future()
-        self._queue.put(("load", (self._load_generation, (model, runtime, device)), future))
+        with self._lock:
+            self._load_generation += 1
+            self._status = replace(self._status, state="loading")
+            self._queue.put(("load", (self._load_generation, (model, runtime, device)), future))
         return future
 
     def complete(self, request: CompletionRequest, deadline_ms: float) -> Job:
@@ -123,24 +152,34 @@ class Worker:
                 logger.exception("worker job failed")
                 self._resolve(future, None if kind == "complete" else LoadResult(False, "internal error"))
 
+    def _is_current(self, generation: int) -> bool:
+        """Whether no newer load has been queued since this one (call under the lock)."""
+        return generation == self._load_generation
+
     def _load(self, generation: int, key: tuple) -> LoadResult:
-        if generation != self._load_generation:
-            return LoadResult(False, superseded=True)
+        with self._lock:
+            if not self._is_current(generation):
+                return LoadResult(False, superseded=True)
         t0 = time.perf_counter()
         model, runtime, device = key
         try:
             engine = self._factory(model, runtime, device)
         except Exception as e:  # ModelLoadError and anything else a broken model can raise
             elapsed = (time.perf_counter() - t0) * 1000.0
-            self.error = f"{type(e).__name__}: {e}" if not str(e).strip() else str(e)
-            if generation != self._load_generation:
-                return LoadResult(False, self.error, elapsed, superseded=True)
-            self.state = "ready" if self.engine is not None else "error"
-            return LoadResult(False, self.error, elapsed)
-        self.engine, self.engine_key, self.error = engine, key, ""
-        if generation != self._load_generation:  # a newer load is queued: it will report
+            error = f"{type(e).__name__}: {e}" if not str(e).strip() else str(e)
+            with self._lock:
+                current = self._is_current(generation)
+                old = self._status
+                # A newer load is queued: the state stays "loading" and that load reports.
+                state = ("ready" if old.engine is not None else "error") if current else old.state
+                self._status = replace(old, state=state, error=error)
+            return LoadResult(False, error, elapsed, superseded=not current)
+        with self._lock:
+            current = self._is_current(generation)
+            # Installed even when superseded: if the newer load fails, this one is what stays.
+            self._status = WorkerStatus("ready" if current else self._status.state, engine, key, "")
+        if not current:  # a newer load is queued: it will report
             return LoadResult(True, superseded=True)
-        self.state = "ready"
         describe = getattr(engine, "describe", None)
         try:
             message = str(describe()) if callable(describe) else type(engine).__name__

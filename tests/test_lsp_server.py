@@ -24,7 +24,8 @@ from pygls.exceptions import JsonRpcException
 from pytest_lsp import ClientServerConfig, LanguageClient
 from pytest_lsp.client import make_test_lsp_client
 
-from codecomplete.lsp.testing import send_raw_request, write_raw
+from codecomplete.lsp.raw_client import make_raw_client, send_raw_request
+from codecomplete.lsp.testing import write_raw
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"),
               pytest.mark.filterwarnings("error::pytest_lsp.checks.LspSpecificationWarning")]
@@ -108,7 +109,8 @@ def rng(a: tuple[int, int], b: tuple[int, int]) -> types.Range:
     return types.Range(start=types.Position(line=a[0], character=a[1]), end=types.Position(line=b[0], character=b[1]))
 
 
-@pytest_lsp.fixture(config=ClientServerConfig(server_command=SERVER, server_env=ENV), scope="module")
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=SERVER, server_env=ENV, client_factory=make_raw_client),
+                    scope="module")
 async def client(lsp_client: LanguageClient):
     """One server for the module (starting Python + pygls takes seconds on a busy machine).
 
@@ -367,7 +369,7 @@ async def test_model_change_reloads_the_engine_in_the_worker(client: LanguageCli
 
 
 async def test_broken_model_path_is_shown_once_answers_are_empty_and_exit_is_clean(tmp_path):
-    client = make_test_lsp_client()
+    client = make_raw_client()
     track_status(client)
     await client.start_io(*SERVER, "--model", str(tmp_path / "missing"), env=ENV)
     client._stderr_forwarder.cancel()  # this test reads the server's stderr itself

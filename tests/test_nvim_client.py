@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from codecomplete.lsp.server import NVIM_RUNTIME
+from codecomplete.lsp.main import NVIM_RUNTIME
 
 SCRIPTS = Path(__file__).parent / "nvim"
 SERVER = [sys.executable, "-m", "codecomplete.lsp", "--engine-factory", "codecomplete.lsp.testing:fake_engine"]
