@@ -149,7 +149,7 @@ def _describe(engine: Any) -> Any:
         return type(engine).__name__
 
 
-def _import(spec: str) -> Callable[..., Any]:
+def import_by_name(spec: str) -> Callable[..., Any]:
     module_name, _, qualname = spec.partition(":")
     target: Any = importlib.import_module(module_name)
     for part in qualname.split("."):
@@ -166,7 +166,7 @@ def child_main(argv: list[str] | None = None) -> None:
     conn, cell = Connection(conn_fd), CancelCell(cancel_fd)
     try:
         start = _receive(conn)
-        engine = _import(start["factory"])(*start.get("args", ()))
+        engine = import_by_name(start["factory"])(*start.get("args", ()))
     except (EOFError, OSError):
         return
     except BaseException as e:  # the parent shows the message, as for an in-process load
@@ -207,9 +207,11 @@ class ProcessEngine:
     """An engine built by `factory(*factory_args)` in a child process (multiprocessing
     "spawn"); factory must be importable by name (a module-level function)."""
 
-    def __init__(self, factory: Callable[..., Any], factory_args: tuple = (), label: str = "the model"):
+    def __init__(self, factory: Callable[..., Any], factory_args: tuple = (), label: str = "the model",
+                 restart: bool = True):
         self._factory_spec = factory_spec(factory)
         self._factory_args, self.label = json.loads(json.dumps(list(factory_args))), label
+        self._restart_after_crash = restart  # False (the CLI): a crash leaves the engine in state "error"
         self._cancelled_upto = CancelCell()  # the highest cancelled request number, shared with the child
         self._seq = 0
         self._lock = threading.Lock()  # guards the child's handles, state and crash count
@@ -218,7 +220,8 @@ class ProcessEngine:
         self._status_callback: StatusCallback | None = None
         self._closed = False
         self._crashes = 0
-        self._last_cause = ""
+        self.last_crash = ""  # what ended the last child that died: "SIGFPE", "exit code 1", ...
+        self.last_error = ""  # the last Python error the engine raised in the child
         self.state = "ready"  # ready | restarting | error
         self.message = ""
         self.child_description: Any = None
@@ -251,7 +254,8 @@ class ProcessEngine:
             self._crashed(process, "completing a request")
             return None
         if answer.get("op") != "completion":
-            logger.error("completion failed in the engine process: %s", answer.get("message", "no message"))
+            self.last_error = str(answer.get("message", "no message"))
+            logger.error("completion failed in the engine process: %s", self.last_error)
             return None
         with self._lock:
             self._crashes = 0
@@ -365,8 +369,12 @@ class ProcessEngine:
         cause = exit_cause(process.returncode)
         with self._lock:
             self._crashes += 1
-            self._last_cause = cause
+            self.last_crash = cause
             crashes = self._crashes
+        if not self._restart_after_crash:
+            logger.error("the model runtime crashed (%s) while %s", cause, while_doing)
+            self._set_state("error", f"the model runtime crashed ({cause})")
+            return
         if crashes > MAX_RESTARTS:
             self._give_up(cause)
             return
@@ -387,7 +395,7 @@ class ProcessEngine:
                 with self._lock:
                     self._crashes += 1
                     attempt = self._crashes
-                    self._last_cause = e.cause
+                    self.last_crash = e.cause
                 if attempt > MAX_RESTARTS:
                     self._give_up(e.cause)
                     return
@@ -403,7 +411,7 @@ class ProcessEngine:
                     return
                 self._process, self._conn, self.child_description = process, conn, description
             logger.info("engine restarted in %.0f ms", (time.perf_counter() - t0) * 1000.0)
-            self._set_state("ready", f"engine restarted after a crash ({self._last_cause})")
+            self._set_state("ready", f"engine restarted after a crash ({self.last_crash})")
             return
 
     def _give_up(self, cause: str) -> None:
@@ -444,7 +452,7 @@ def factory_spec(factory: Callable[..., Any]) -> str:
     """'module:qualname' of a module-level callable, checked to import back to itself."""
     spec = f"{getattr(factory, '__module__', '')}:{getattr(factory, '__qualname__', '')}"
     try:
-        found = _import(spec)
+        found = import_by_name(spec)
     except (ImportError, AttributeError, ValueError):
         found = None
     if found is not factory:

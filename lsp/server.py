@@ -35,6 +35,7 @@ from codecomplete.request import CancelToken, Completion, CompletionRequest, Nei
 
 from . import items as lsp_items
 from .documents import Document, Documents, PositionError
+from .engines import engine_target, make_engine
 from .protocol import CodecompleteProtocol
 from .settings import SECTION, Settings, apply_settings, section_of
 from .worker import EngineFactory, Worker, default_engine_factory
@@ -222,7 +223,7 @@ class CodecompleteServer(LanguageServer):
         assert self.worker is not None
         s = self.settings
         model = s.model or self.default_model
-        what = f"{model or 'the default model'} ({s.runtime}, {s.device})"
+        what = engine_target(s, model)
         self.notify_status("loading", f"loading {what}")
         pending = self.worker.load(model, s.runtime, s.device)
         token = await self._begin_progress(f"loading {what}")
@@ -235,6 +236,7 @@ class CodecompleteServer(LanguageServer):
         if result.ok:
             logger.info("loaded %s in %.0f ms: %s", what, result.elapsed_ms, result.message)
             self.notify_status("ready", f"{what} loaded in {result.elapsed_ms:.0f} ms")
+            self._watch_engine_status()
             return
         # Settings that fail to load fall back to what is still loaded.
         if self.worker.engine_key is not None:
@@ -256,10 +258,34 @@ class CodecompleteServer(LanguageServer):
         self.work_done_progress.begin(token, types.WorkDoneProgressBegin(title="codecomplete", message=message))
         return token
 
+    def _watch_engine_status(self) -> None:
+        """Crashes and restarts of a child-process engine, an unreachable team server: to the
+        status bar (and an error once as a message), from whatever thread they happen on."""
+        watch = getattr(self.worker.engine if self.worker else None, "watch_status", None)
+        if not callable(watch):
+            return
+        loop = self.loop
+
+        def from_any_thread(state: str, message: str) -> None:
+            def show() -> None:
+                self.notify_status(state, message)
+                if state == "error":
+                    self.show_error_once(f"codecomplete: {message}")
+
+            try:
+                loop.call_soon_threadsafe(show)
+            except RuntimeError:  # the loop is closed: the server is going away
+                pass
+
+        watch(from_any_thread)
+
+    def _make_engine(self, model: str | None, runtime: str, device: str) -> Any:
+        return make_engine(self.engine_factory, self.settings, model, runtime, device)
+
     def start_worker(self) -> None:
         if self.worker is None:
             self.loop = asyncio.get_running_loop()
-            self.worker = Worker(self.engine_factory, self.loop)
+            self.worker = Worker(self._make_engine, self.loop)
             self.spawn(self.load_engine())
 
     # -- completion -------------------------------------------------------------------
@@ -525,6 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="load the model, print what loaded, exit 0 (or 1 with the error)")
     p.add_argument("--nvim-runtime", action="store_true",
                    help="print the folder to add to Neovim's 'runtimepath' for require('codecomplete'), then exit")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the engine in the server's process (default: a child process that is restarted "
+                        "when the model runtime crashes; setting isolate)")
+    p.add_argument("--server", default="", metavar="URL", help="use the team service at URL (setting server)")
     p.add_argument("--engine-factory", default=None, metavar="MODULE:NAME",
                    help="for tests: a callable (model, runtime, device) -> engine instead of the real engine")
     return p
@@ -541,7 +571,8 @@ def main(argv: list[str] | None = None) -> int:
     factory = _load_factory(args.engine_factory) if args.engine_factory else default_engine_factory
     defaults, errors = apply_settings(Settings(), {"runtime": args.runtime, "device": args.device,
                                                    "candidates": args.candidates, "maxTokens": args.max_tokens,
-                                                   "deadlineMs": args.deadline_ms})
+                                                   "deadlineMs": args.deadline_ms,
+                                                   "isolate": not args.in_process, "server": args.server})
     for error in errors:
         print(f"codecomplete-lsp: {error}", file=sys.stderr)
     if args.check:

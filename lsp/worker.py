@@ -19,6 +19,8 @@ from typing import Any
 
 from codecomplete.request import CancelToken, Completion, CompletionRequest
 
+from .engines import close_engine
+
 logger = logging.getLogger("codecomplete.lsp")
 
 # (model folder or None for the default, runtime, device) -> an object with .complete(request)
@@ -137,7 +139,9 @@ class Worker:
                 return LoadResult(False, self.error, elapsed, superseded=True)
             self.state = "ready" if self.engine is not None else "error"
             return LoadResult(False, self.error, elapsed)
-        self.engine, self.engine_key, self.error = engine, key, ""
+        old, self.engine, self.engine_key, self.error = self.engine, engine, key, ""
+        if old is not None and old is not engine:
+            close_engine(old)  # a child process or a connection of the replaced engine
         if generation != self._load_generation:  # a newer load is queued: it will report
             return LoadResult(True, superseded=True)
         self.state = "ready"
