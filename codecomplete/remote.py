@@ -229,11 +229,14 @@ class RemoteEngine:
             response = conn.getresponse()
             response.read()
         except (OSError, http.client.HTTPException) as e:
+            conn.close()
             reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
             self._failed(RemoteError("error", f"cannot reach the team server {self.url}: {reason}"))
             return
-        finally:
+        if response.will_close:
             conn.close()
+        else:
+            self._conn = conn  # the first completion goes over the same connection
         if response.status == 503:
             self._failed(RemoteError("loading", f"the team server {self.url} is loading its model"))
         elif response.status != 200:
