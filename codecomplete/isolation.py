@@ -42,7 +42,9 @@ logger = logging.getLogger("codecomplete.isolation")
 MAX_RESTARTS = 5  # crashes in a row (no answer in between) before the engine gives up
 RESTART_PAUSES_S = (0.0, 0.5, 1.0, 2.0, 4.0)  # before restart k (the last one repeats)
 CANCEL_POLL_S = 0.005  # how often a waiting request looks at its CancelToken
-HUNG_GRACE_S = 3.0  # a child silent this long past the deadline (or a cancel) is killed
+HUNG_GRACE_S = 30.0  # a child silent this long past the deadline (or a cancel) is killed: a
+# prefill is not cut by the deadline and takes seconds on a busy machine, and a kill costs a reload
+STDERR_FD = 2  # the file descriptor, not sys.stderr: that may be a test capture without one
 SETTABLE = ("reuse_keystrokes",)  # engine attributes a caller may set through the pipe (bench)
 
 StatusCallback = Callable[[str, str], None]  # (state, message), called from any thread
@@ -307,7 +309,7 @@ class ProcessEngine:
         cancel_fd = self._cancelled_upto.fd
         command = [sys.executable, "-c", CHILD_COMMAND, str(child_sock.fileno()), str(cancel_fd)]
         # stdout is the LSP channel or the CLI's answer: the child's prints go to stderr
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(),
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=STDERR_FD,
                                    pass_fds=(child_sock.fileno(), cancel_fd), close_fds=True)
         child_sock.close()
         parent_end = Connection(parent_sock.detach())

@@ -260,3 +260,22 @@ def test_cli_crash_while_loading_is_reported_too(tmp_path):
     (model / "fault_on_load").write_text("SIGSEGV")
     done = _cli(tmp_path, DOC, "--model", str(model))
     assert done.returncode == 4 and "crashed (SIGSEGV) while loading" in done.stderr
+
+
+# -- bench latency --isolation ---------------------------------------------------------------------------
+def test_bench_latency_compares_the_engine_in_process_and_in_a_child_on_the_same_keystrokes(tiny_model_dir, capsys):
+    from test_cpuload import _bench_latency
+
+    latency, parser, result = _bench_latency(tiny_model_dir, capsys, 4, "--isolation", "inprocess,process")
+    pair = result["isolation"]
+    assert list(pair) == ["inprocess", "process"] and {r["requests"] for r in pair.values()} == {4}
+    assert pair["process"]["model"]["isolation"] == "process" and "isolation" not in pair["inprocess"]["model"]
+    # the same engine behind a pipe takes the same paths (cache, warm) on the same keystrokes
+    assert pair["process"]["paired_keystrokes"] == 4 and pair["process"]["paired_delta_p50_ms"] is not None
+    assert pair["process"]["warm_unchanged_prompt"] == pair["inprocess"]["warm_unchanged_prompt"]
+    # settings reach the child: without reuse every warm keystroke runs its prefill there too
+    _, _, off = _bench_latency(tiny_model_dir, capsys, 3, "--isolation", "process", "--reuse", "off")
+    assert off["engine"]["warm_unchanged_prompt"] == off["engine"]["warm_continued_branch"] == 0
+    assert off["model"]["isolation"] == "process"
+    with pytest.raises(SystemExit):
+        latency.run(parser.parse_args(["--isolation", "thread"]))
