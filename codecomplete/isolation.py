@@ -112,6 +112,16 @@ class CancelCell:
         struct.pack_into("q", self._map, 0, v)
 
 
+def remaining_deadline_ms(request: CompletionRequest) -> float:
+    """The request's time budget as it leaves this process: options.deadline_ms, or less when
+    the request carries an absolute `deadline` (time.monotonic() seconds) that comes sooner."""
+    budget_ms = float(request.options.deadline_ms)
+    deadline = getattr(request, "deadline", None)
+    if isinstance(deadline, (int, float)) and not isinstance(deadline, bool):
+        budget_ms = min(budget_ms, (deadline - time.monotonic()) * 1000.0)
+    return max(1.0, budget_ms)
+
+
 # -- the child ----------------------------------------------------------------------------------
 def _send(conn: Connection, message: dict) -> None:
     conn.send_bytes(json.dumps(message).encode("utf-8"))
@@ -245,7 +255,7 @@ class ProcessEngine:
             self._seq += 1
             seq = self._seq
         payload = request_to_json(request)
-        payload["options"]["deadline_ms"] = max(1.0, float(payload["options"]["deadline_ms"]))
+        payload["options"]["deadline_ms"] = remaining_deadline_ms(request)
         give_up_at = time.monotonic() + payload["options"]["deadline_ms"] / 1000.0 + HUNG_GRACE_S
         try:
             _send(conn, {"op": "complete", "seq": seq, "request": payload})

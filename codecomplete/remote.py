@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
+from codecomplete.isolation import remaining_deadline_ms
 from codecomplete.request import CancelToken, Completion, CompletionRequest
 from codecomplete.wire import WireError, completion_from_json, request_to_json
 
@@ -104,9 +105,10 @@ class RemoteEngine:
         if time.monotonic() < self._retry_at:
             return None
         body = request_to_json(request)
+        body["options"]["deadline_ms"] = remaining_deadline_ms(request)
         body["session"] = self.session_key(request.path or "<untitled>")
         payload = json.dumps(body).encode("utf-8")
-        deadline_s = float(request.options.deadline_ms) / 1000.0
+        deadline_s = body["options"]["deadline_ms"] / 1000.0
         try:
             status, headers, answer = self._post(payload, request.cancel, deadline_s)
         except RemoteError as e:

@@ -20,7 +20,14 @@ from lsprotocol import types
 from test_lsp_server import CAPS, ENV, inline, open_doc, track_status, wait_for_state
 
 from codecomplete import isolation
-from codecomplete.isolation import EngineCrashed, EngineLoadFailed, ProcessEngine, exit_cause
+from codecomplete.isolation import (
+    EngineCrashed,
+    EngineLoadFailed,
+    ProcessEngine,
+    exit_cause,
+    remaining_deadline_ms,
+)
+from codecomplete.lsp.server import process_alive
 from codecomplete.lsp.testing import faulty_engine
 from codecomplete.request import CancelToken, CompletionOptions, CompletionRequest
 
@@ -57,6 +64,15 @@ def engine():
 
 
 # -- ProcessEngine ------------------------------------------------------------------------------------
+def test_a_requests_absolute_deadline_shortens_the_budget_it_leaves_with():
+    r = request(deadline_ms=1000)
+    assert remaining_deadline_ms(r) == 1000.0
+    r.deadline = time.monotonic() + 0.25
+    assert 200.0 < remaining_deadline_ms(r) <= 250.0
+    r.deadline = time.monotonic() - 1.0
+    assert remaining_deadline_ms(r) == 1.0  # the wire's floor: the engine stops at once
+
+
 def test_exit_cause_names_signals_and_exit_codes():
     assert exit_cause(-signal.SIGFPE) == "SIGFPE" and exit_cause(-signal.SIGSEGV) == "SIGSEGV"
     assert exit_cause(3) == "exit code 3" and exit_cause(None) == "no exit code"
@@ -172,19 +188,7 @@ def test_factories_must_be_importable_by_name():
 def test_closing_stops_the_child(engine):
     pid = engine.pid
     engine.close()
-    wait_until(lambda: not _alive(pid), 5.0)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return True
+    wait_until(lambda: not process_alive(pid), 5.0)
 
 
 # -- the language server --------------------------------------------------------------------------------
