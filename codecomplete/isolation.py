@@ -214,8 +214,33 @@ def child_main(argv: list[str] | None = None) -> None:
         _send(conn, answer)
 
 
+class EngineStatus:
+    """The state an engine that can fail on its own reports to the editor: ready, or
+    restarting / loading / error with a message; watchers hear of each change."""
+
+    state = "ready"
+    message = ""
+    _status_callback: StatusCallback | None = None
+
+    def watch_status(self, callback: StatusCallback | None) -> None:
+        """Call callback(state, message) on every change of state (from any thread), and now
+        when the engine is not ready."""
+        self._status_callback = callback
+        if callback is not None and self.state != "ready":
+            callback(self.state, self.message)
+
+    def _set_state(self, state: str, message: str) -> None:
+        self.state, self.message = state, message
+        callback = self._status_callback
+        if callback is not None:
+            try:
+                callback(state, message)
+            except Exception:
+                logger.exception("status callback failed")
+
+
 # -- the parent -----------------------------------------------------------------------------------
-class ProcessEngine:
+class ProcessEngine(EngineStatus):
     """An engine built by `factory(*factory_args)` in a child process (multiprocessing
     "spawn"); factory must be importable by name (a module-level function)."""
 
@@ -229,13 +254,11 @@ class ProcessEngine:
         self._lock = threading.Lock()  # guards the child's handles, state and crash count
         self._process = None
         self._conn: Connection | None = None
-        self._status_callback: StatusCallback | None = None
         self._closed = False
         self._crashes = 0
         self.last_crash = ""  # what ended the last child that died: "SIGFPE", "exit code 1", ...
         self.last_error = ""  # the last Python error the engine raised in the child
         self.state = "ready"  # ready | restarting | error
-        self.message = ""
         self.child_description: Any = None
         self._process, self._conn, self.child_description = self._start_child()
 
@@ -288,13 +311,6 @@ class ProcessEngine:
         self._call({"op": "set", "attributes": {"reuse_keystrokes": bool(value)}})
 
     _reuse_keystrokes = True
-
-    def watch_status(self, callback: StatusCallback | None) -> None:
-        """Call callback(state, message) on every change of state (restarting, ready, error),
-        and now when the engine is not ready."""
-        self._status_callback = callback
-        if callback is not None and self.state != "ready":
-            callback(self.state, self.message)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send the child a signal (tests and fault drills)."""
@@ -432,15 +448,6 @@ class ProcessEngine:
         logger.error("%s", message)
         self._set_state("error", message)
 
-    def _set_state(self, state: str, message: str) -> None:
-        with self._lock:
-            self.state, self.message = state, message
-        callback = self._status_callback
-        if callback is not None:
-            try:
-                callback(state, message)
-            except Exception:
-                logger.exception("status callback failed")
 
 
 def _stop(process: subprocess.Popen | None, conn: Connection | None) -> None:
@@ -486,4 +493,4 @@ class IsolatedFactory:
         return ProcessEngine(self.factory, (model, runtime, device), label=model or "the default model")
 
 
-__all__ = ["ProcessEngine", "IsolatedFactory", "EngineCrashed", "EngineLoadFailed", "exit_cause", "MAX_RESTARTS"]
+__all__ = ["ProcessEngine", "EngineStatus", "IsolatedFactory", "EngineCrashed", "EngineLoadFailed", "exit_cause", "MAX_RESTARTS"]

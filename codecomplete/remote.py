@@ -21,10 +21,9 @@ import select
 import ssl
 import threading
 import time
-from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from codecomplete.isolation import remaining_deadline_ms
+from codecomplete.isolation import EngineStatus, remaining_deadline_ms
 from codecomplete.request import CancelToken, Completion, CompletionRequest
 from codecomplete.wire import WireError, completion_from_json, request_to_json
 
@@ -37,8 +36,6 @@ ANSWER_GRACE_S = 2.0  # how long past the request's deadline an answer may take
 CANCEL_POLL_S = 0.005
 RETRY_PAUSES_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # after failure k in a row (the last repeats)
 LOADING_PAUSE_S = 1.0  # between tries while the service loads its model (503)
-
-StatusCallback = Callable[[str, str], None]
 
 
 class RemoteError(Exception):
@@ -68,7 +65,7 @@ def _error_text(body: bytes) -> str:
         return ""
 
 
-class RemoteEngine:
+class RemoteEngine(EngineStatus):
     """The team service as an engine (see the module docstring)."""
 
     def __init__(self, server_url: str, api_key: str = "", check_health: bool = True):
@@ -83,7 +80,6 @@ class RemoteEngine:
         self._session_salt = os.urandom(16).hex()  # per process: sessions of two editors never collide
         self._conn: http.client.HTTPConnection | None = None
         self._lock = threading.Lock()
-        self._status_callback: StatusCallback | None = None
         self._failures = 0
         self._retry_at = 0.0
         self.state, self.message = "ready", f"team server {self.url}"
@@ -117,12 +113,6 @@ class RemoteEngine:
         if status is None:  # cancelled: the connection is closed, the server stops
             return None
         return self._read_answer(status, headers, answer)
-
-    def watch_status(self, callback: StatusCallback | None) -> None:
-        """Call callback(state, message) on every change of state, and now when not ready."""
-        self._status_callback = callback
-        if callback is not None and self.state != "ready":
-            callback(self.state, self.message)
 
     def close(self) -> None:
         self._drop_connection()
@@ -261,15 +251,6 @@ class RemoteEngine:
         if self.state != "ready":
             logger.info("the team server %s answers again", self.url)
             self._set_state("ready", f"team server {self.url}")
-
-    def _set_state(self, state: str, message: str) -> None:
-        self.state, self.message = state, message
-        callback = self._status_callback
-        if callback is not None:
-            try:
-                callback(state, message)
-            except Exception:
-                logger.exception("status callback failed")
 
 
 __all__ = ["RemoteEngine", "RemoteError", "public_url", "COMPLETE_PATH", "HEALTH_PATH"]
