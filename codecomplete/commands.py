@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -111,7 +112,7 @@ def run_complete(args) -> int:
     except ValueError as e:
         print(f"codecomplete: {e}", file=sys.stderr)
         return 2
-    engine, code = _load_engine(args, isolated=not args.in_process)
+    engine, code = _load_engine(args, isolated=not args.in_process and os.name == "posix")
     if engine is None:
         return code
     multiline = {"auto": None, "yes": True, "no": False}[args.multiline]

@@ -24,6 +24,7 @@ from test_lsp_server import (
     CAPS,
     ENV,
     SERVER,
+    configure,
     inline,
     inline_params,
     open_doc,
@@ -323,5 +324,14 @@ async def test_lsp_remote_mode_inline_completion_cancellation_and_server_down(st
         assert len(shown) == 1 and stand_in.url in shown[0]
         logs = " ".join(m.message for m in client.log_messages)
         assert API_KEY not in logs and "def show" not in logs
+
+        other = StandIn()  # changing the server setting reconnects
+        try:
+            n_status = len(client.statuses)
+            configure(client, server=other.url)
+            assert other.url in (await wait_for_state(client, "ready", after=n_status, timeout_s=30)).message
+            assert await inline(client, 1, 7) and len(other.requests) == 1
+        finally:
+            other.close()
     finally:
         await client.shutdown_session()
