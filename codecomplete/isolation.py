@@ -2,9 +2,11 @@
 SIGFPE, SIGKILL from the out-of-memory killer) ends the child and not the language server
 or the CLI.
 
-`ProcessEngine` has the engine's face (`complete`, `describe`, `forget`): it sends each
-request to the child as JSON (`wire.request_to_json`) over a pipe and reads the answer
-the same way, so nothing from the child is ever unpickled. The parent's CancelToken
+`ProcessEngine` has the engine's face (`complete`, `describe`, `forget`). The child is a
+fresh interpreter (`python -c`, no fork of a server with threads) that gets a socket pair
+and the cancel cell as inherited file descriptors; each request goes to it as JSON
+(`wire.request_to_json`, length-framed by multiprocessing.connection's bytes calls) and the
+answer comes back the same way, so nothing from the child is ever unpickled. The parent's CancelToken
 reaches the child through one shared integer, the highest cancelled request number, that
 the child's token reads between decode steps. A child that dies mid-request makes that
 request answer None, logs one error naming the signal, and is restarted (the model
@@ -179,6 +181,9 @@ def child_main(argv: list[str] | None = None) -> None:
     try:
         start = _receive(conn)
         engine = import_by_name(start["factory"])(*start.get("args", ()))
+        for name, value in (start.get("attributes") or {}).items():
+            if name in SETTABLE:
+                setattr(engine, name, value)
     except (EOFError, OSError):
         return
     except BaseException as e:  # the parent shows the message, as for an in-process load
@@ -241,8 +246,8 @@ class EngineStatus:
 
 # -- the parent -----------------------------------------------------------------------------------
 class ProcessEngine(EngineStatus):
-    """An engine built by `factory(*factory_args)` in a child process (multiprocessing
-    "spawn"); factory must be importable by name (a module-level function)."""
+    """An engine built by `factory(*factory_args)` in a child process (a fresh interpreter that
+    imports the factory by name: a module-level function, its arguments plain JSON values)."""
 
     def __init__(self, factory: Callable[..., Any], factory_args: tuple = (), label: str = "the model",
                  restart: bool = True):
@@ -251,6 +256,7 @@ class ProcessEngine(EngineStatus):
         self._restart_after_crash = restart  # False (the CLI): a crash leaves the engine in state "error"
         self._cancelled_upto = CancelCell()  # the highest cancelled request number, shared with the child
         self._seq = 0
+        self._attributes: dict[str, Any] = {}  # set on the engine (SETTABLE), also after a restart
         self._lock = threading.Lock()  # guards the child's handles, state and crash count
         self._process = None
         self._conn: Connection | None = None
@@ -308,14 +314,10 @@ class ProcessEngine(EngineStatus):
     @reuse_keystrokes.setter
     def reuse_keystrokes(self, value: bool) -> None:
         self._reuse_keystrokes = bool(value)
+        self._attributes["reuse_keystrokes"] = bool(value)  # a restarted child gets it too
         self._call({"op": "set", "attributes": {"reuse_keystrokes": bool(value)}})
 
     _reuse_keystrokes = True
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Send the child a signal (tests and fault drills)."""
-        if self._process is not None and self._process.pid:
-            os.kill(self._process.pid, sig)
 
     @property
     def pid(self) -> int | None:
@@ -340,7 +342,8 @@ class ProcessEngine(EngineStatus):
         child_sock.close()
         parent_end = Connection(parent_sock.detach())
         try:
-            _send(parent_end, {"factory": self._factory_spec, "args": self._factory_args})
+            _send(parent_end, {"factory": self._factory_spec, "args": self._factory_args,
+                               "attributes": self._attributes})
             first = _receive(parent_end)
         except (EOFError, OSError, ValueError):
             _stop(process, parent_end)
