@@ -247,7 +247,8 @@ class EngineStatus:
 # -- the parent -----------------------------------------------------------------------------------
 class ProcessEngine(EngineStatus):
     """An engine built by `factory(*factory_args)` in a child process (a fresh interpreter that
-    imports the factory by name: a module-level function, its arguments plain JSON values)."""
+    imports the factory by name: a module-level function, its arguments plain JSON values).
+    Like the Engine, one request at a time: call it from one thread (the worker's)."""
 
     def __init__(self, factory: Callable[..., Any], factory_args: tuple = (), label: str = "the model",
                  restart: bool = True):
