@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +33,11 @@ def register(sub) -> None:
     p.add_argument("--no-align", action="store_true", help="no token alignment")
     p.add_argument("--no-rerank", action="store_true", help="order by log-probability only")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the model in this process (default: a child process, so that a crash of the "
+                        "model runtime is reported instead of ending the command)")
+    p.add_argument("--engine-factory", default=None, metavar="MODULE:NAME",
+                   help="for tests: a callable (model, runtime, device) -> engine instead of the real engine")
     add_model_arguments(p)
     p.set_defaults(func=run_complete)
 
@@ -52,15 +58,45 @@ def line_char_to_offset(text: str, line: int, character: int) -> int:
     return sum(len(x) + 1 for x in lines[:line]) + character
 
 
-def _load_engine(args):
+EXIT_RUNTIME_CRASHED = 4  # the model runtime died from a signal (the child process did)
+
+
+def load_engine(model: str | None, runtime: str, device: str, precision: str = "auto"):
+    """The real engine (a module-level function: a child process builds it by name)."""
     from codecomplete.engine import Engine
+
+    return Engine.load(model, runtime=runtime, device=device, precision=precision)
+
+
+def _crash_message(cause: str, while_doing: str) -> str:
+    return (f"codecomplete: the model runtime crashed ({cause}) while {while_doing}; this onnxruntime or torch "
+            "build may not support this CPU: try --runtime torch, --precision fp32 or another onnxruntime version")
+
+
+def _load_engine(args, isolated: bool = False):
+    """(engine, exit code): the engine, or None with 3 (cannot load) or 4 (the runtime crashed)."""
     from codecomplete.models.folder import ModelLoadError
 
+    factory_name = getattr(args, "engine_factory", None)
+    if factory_name:
+        from codecomplete.isolation import import_by_name
+
+        factory, factory_args = import_by_name(factory_name), (args.model, args.runtime, args.device)
+    else:
+        factory, factory_args = load_engine, (args.model, args.runtime, args.device, args.precision)
     try:
-        return Engine.load(args.model, runtime=args.runtime, device=args.device, precision=args.precision)
+        if not isolated:
+            return factory(*factory_args), 0
+        from codecomplete.isolation import EngineCrashed, ProcessEngine
+
+        try:
+            return ProcessEngine(factory, factory_args, label=args.model or "the default model", restart=False), 0
+        except EngineCrashed as e:
+            print(_crash_message(e.cause, "loading the model"), file=sys.stderr)
+            return None, EXIT_RUNTIME_CRASHED
     except (ModelLoadError, RuntimeError, ValueError, OSError) as e:
         print(f"codecomplete: cannot load the model: {e}", file=sys.stderr)
-        return None
+        return None, 3
 
 
 def run_complete(args) -> int:
@@ -76,15 +112,26 @@ def run_complete(args) -> int:
     except ValueError as e:
         print(f"codecomplete: {e}", file=sys.stderr)
         return 2
-    engine = _load_engine(args)
+    engine, code = _load_engine(args, isolated=not args.in_process and os.name == "posix")
     if engine is None:
-        return 3
+        return code
     multiline = {"auto": None, "yes": True, "no": False}[args.multiline]
     opts = CompletionOptions(n=args.n, max_new_tokens=args.max_tokens, deadline_ms=args.deadline_ms, seed=args.seed,
                              align=not args.no_align, rerank=not args.no_rerank, multiline=multiline)
     request = CompletionRequest(text=text, offset=offset, language=args.language,
                                 path="" if args.file == "-" else args.file, options=opts)
-    completion = engine.complete(request)
+    try:
+        completion = engine.complete(request)
+    finally:
+        if hasattr(engine, "close"):
+            engine.close()
+    if completion is None:  # only a child-process engine answers None: it crashed or raised
+        if getattr(engine, "state", "") == "error":
+            print(_crash_message(engine.last_crash or "unknown cause", "completing"), file=sys.stderr)
+            return EXIT_RUNTIME_CRASHED
+        print(f"codecomplete: the completion failed: {getattr(engine, 'last_error', '') or 'no answer'}",
+              file=sys.stderr)
+        return 1
     if args.json:
         out = {"candidates": [{"text": c.text, "score": c.score, "logprob": c.logprob, "syntax_ok": c.syntax_ok,
                                "score_parts": c.score_parts, "tokens": c.tokens, "stop_reason": c.stop_reason}
@@ -107,9 +154,9 @@ def run_complete(args) -> int:
 
 
 def run_info(args) -> int:
-    engine = _load_engine(args)
+    engine, code = _load_engine(args)
     if engine is None:
-        return 3
+        return code
     cfg = engine.runtime.config
     json.dump({**engine.describe(), "config": cfg.to_dict()}, sys.stdout, indent=2)
     sys.stdout.write("\n")

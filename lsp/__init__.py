@@ -11,6 +11,7 @@
     settings.py      the `codecomplete` settings section (shared with the VS Code extension)
     items.py         engine candidates -> inline items and completion-menu items
     worker.py        the one thread that owns the engine
+    engines.py       which engine it holds: the team server, a child process (default), in-process
     jobs.py          the running completion per document (newer supersedes older)
     replay.py        typing replay over stdio: per-keystroke latency (bench latency --lsp)
     testing.py       a fake engine and a raw-message writer for tests

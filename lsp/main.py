@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="load the model, print what loaded, exit 0 (or 1 with the error)")
     p.add_argument("--nvim-runtime", action="store_true",
                    help="print the folder to add to Neovim's 'runtimepath' for require('codecomplete'), then exit")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the engine in the server's process (default: a child process that is restarted "
+                        "when the model runtime crashes; setting isolate)")
+    p.add_argument("--server", default="", metavar="URL", help="use the team service at URL (setting server)")
     p.add_argument("--engine-factory", default=None, metavar="MODULE:NAME",
                    help="for tests: a callable (model, runtime, device) -> engine instead of the real engine")
     return p
@@ -75,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     factory = load_factory(args.engine_factory) if args.engine_factory else default_engine_factory
     defaults, errors = apply_settings(Settings(), {"runtime": args.runtime, "device": args.device,
                                                    "candidates": args.candidates, "maxTokens": args.max_tokens,
-                                                   "deadlineMs": args.deadline_ms})
+                                                   "deadlineMs": args.deadline_ms,
+                                                   "isolate": not args.in_process, "server": args.server})
     for error in errors:
         print(f"codecomplete-lsp: {error}", file=sys.stderr)
     if args.check:

@@ -27,6 +27,7 @@ from codecomplete.request import CancelToken, Completion, CompletionRequest, Nei
 from . import items as lsp_items
 from .capabilities import ClientSupport
 from .documents import Document, Documents, PositionError
+from .engines import engine_target, make_engine
 from .jobs import LatestJobs
 from .process import exit_when_gone
 from .protocol import CodecompleteProtocol
@@ -198,7 +199,7 @@ class CodecompleteServer(LanguageServer):
         assert self.worker is not None
         s = self.settings
         model = s.model or self.default_model
-        what = f"{model or 'the default model'} ({s.runtime}, {s.device})"
+        what = engine_target(s, model)
         self.notify_status("loading", f"loading {what}")
         pending = self.worker.load(model, s.runtime, s.device)
         token = await self._begin_progress(f"loading {what}")
@@ -211,6 +212,7 @@ class CodecompleteServer(LanguageServer):
         if result.ok:
             logger.info("loaded %s in %.0f ms: %s", what, result.elapsed_ms, result.message)
             self.notify_status("ready", f"{what} loaded in {result.elapsed_ms:.0f} ms")
+            self._watch_engine_status()
             return
         status = self.worker.status()
         self.settings = settings_after_failed_load(self.settings, status.engine_key, self.default_model)
@@ -229,10 +231,34 @@ class CodecompleteServer(LanguageServer):
         self.work_done_progress.begin(token, types.WorkDoneProgressBegin(title="codecomplete", message=message))
         return token
 
+    def _watch_engine_status(self) -> None:
+        """Crashes and restarts of a child-process engine, an unreachable team server: to the
+        status bar (and an error once as a message), from whatever thread they happen on."""
+        watch = getattr(self.worker.engine if self.worker else None, "watch_status", None)
+        if not callable(watch):
+            return
+        loop = self.loop
+
+        def from_any_thread(state: str, message: str) -> None:
+            def show() -> None:
+                self.notify_status(state, message)
+                if state == "error":
+                    self.show_error_once(f"codecomplete: {message}")
+
+            try:
+                loop.call_soon_threadsafe(show)
+            except RuntimeError:  # the loop is closed: the server is going away
+                pass
+
+        watch(from_any_thread)
+
+    def _make_engine(self, model: str | None, runtime: str, device: str) -> Any:
+        return make_engine(self.engine_factory, self.settings, model, runtime, device)
+
     def start_worker(self) -> None:
         if self.worker is None:
             self.loop = asyncio.get_running_loop()
-            self.worker = Worker(self.engine_factory, self.loop)
+            self.worker = Worker(self._make_engine, self.loop)
             self.spawn(self.load_engine())
 
     # -- completion -------------------------------------------------------------------

@@ -2,7 +2,13 @@
 
     {"model": str ("" = the server's default), "runtime": "onnx" | "torch",
      "device": "cpu" | "cuda", "candidates": 1..16, "maxTokens": int, "deadlineMs": int,
-     "multiline": "auto" | "always" | "never", "enable": {languageId: bool, "*": default}}
+     "multiline": "auto" | "always" | "never", "enable": {languageId: bool, "*": default},
+     "isolate": bool, "server": str (URL, "" = local), "apiKey": str}
+
+"isolate" (default true) runs the local engine in a child process, so that a crash of the
+native runtime restarts the engine instead of ending the server. "server" set to the team
+service's URL sends the same requests there instead (model, runtime and device are then
+the service's); "apiKey" is its bearer token (never logged).
 
 "multiline": "auto" lets the engine decide from the syntax at the cursor (an empty block
 start gets a block, mid-line gets the rest of the line); "never" always stops at the line
@@ -42,6 +48,9 @@ class Settings:
     deadline_ms: int = 1000
     multiline: str = "auto"
     enable: Mapping[str, bool] = field(default_factory=lambda: {"*": True})
+    isolate: bool = True  # the engine in a child process (codecomplete.isolation)
+    server: str = ""  # the team service's URL; "" = the local engine
+    api_key: str = field(default="", repr=False)  # never in a log line
 
     def enabled_for(self, language_id: str) -> bool:
         return bool(self.enable.get(language_id, self.enable.get("*", True)))
@@ -49,7 +58,7 @@ class Settings:
     @property
     def engine_key(self) -> tuple[str, str, str]:
         """What the loaded engine depends on: changing any of these reloads it."""
-        return (self.model, self.runtime, self.device)
+        return (self.model, self.runtime, self.device, self.isolate, self.server, self.api_key)
 
     def completion_options(self) -> CompletionOptions:
         return CompletionOptions(n=self.candidates, max_new_tokens=self.max_tokens,
@@ -79,6 +88,31 @@ def _model(value: Any) -> str:
     return value.strip()
 
 
+def _server_url(value: Any) -> str:
+    from urllib.parse import urlsplit
+
+    if not isinstance(value, str):
+        raise ValueError(f"expected a URL (string), got {type(value).__name__}")
+    url = value.strip().rstrip("/")
+    if url:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
+    return url
+
+
+def _api_key(value: Any) -> str:
+    if not isinstance(value, str) or any(c in value for c in "\r\n"):
+        raise ValueError("expected a string on one line")
+    return value.strip()
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
 def _enable(value: Any) -> tuple[dict[str, bool], list[str]]:
     if not isinstance(value, Mapping):
         raise ValueError(f"expected an object of languageId -> true/false, got {value!r}")
@@ -101,7 +135,11 @@ _PARSERS = {
     "maxTokens": ("max_tokens", lambda v: _int_in(v, 1, MAX_TOKENS_LIMIT)),
     "deadlineMs": ("deadline_ms", lambda v: _int_in(v, *DEADLINE_MS_RANGE)),
     "multiline": ("multiline", lambda v: _one_of(v, tuple(MULTILINE))),
+    "isolate": ("isolate", _flag),
+    "server": ("server", _server_url),
+    "apiKey": ("api_key", _api_key),
 }
+SECRET_KEYS = {"apiKey"}  # their values never appear in a message
 
 
 def section_of(raw: Any) -> Mapping[str, Any]:
@@ -132,7 +170,10 @@ def apply_settings(current: Settings, raw: Any) -> tuple[Settings, list[str]]:
                 name, parse = _PARSERS[key]
                 changes[name] = parse(value)
         except ValueError as e:
-            errors.append(f"{SECTION}.{key}: {e}; keeping {_current_value(current, key)!r}")
+            if key in SECRET_KEYS:
+                errors.append(f"{SECTION}.{key}: {e}; keeping the current one")
+            else:
+                errors.append(f"{SECTION}.{key}: {e}; keeping {_current_value(current, key)!r}")
     return dataclasses.replace(current, **changes), errors
 
 

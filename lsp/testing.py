@@ -82,3 +82,34 @@ def write_raw(client, body: bytes) -> None:
     """Write one framed message of arbitrary bytes to a pygls client's server (garbage tests)."""
     header = f"Content-Length: {len(body)}\r\n\r\n".encode("ascii")
     client.protocol.writer.write(header + body)
+
+
+FAULT_MARKER = "CODECOMPLETE_FAULT:"  # in a document: the faulty engine's process dies of that signal
+
+
+class FaultyEngine(FakeEngine):
+    """The fake engine, except that a document holding FAULT_MARKER + a signal name
+    (CODECOMPLETE_FAULT:SIGFPE) kills its process with that signal, as a crashing native
+    runtime would."""
+
+    def complete(self, request: CompletionRequest) -> Completion:
+        at = request.text.find(FAULT_MARKER)
+        if at >= 0:
+            import signal
+
+            name = request.text[at + len(FAULT_MARKER):].split(None, 1)[0]
+            os.kill(os.getpid(), getattr(signal, name, signal.SIGSEGV))
+            time.sleep(5.0)  # a signal that does not kill at once still never answers
+        return super().complete(request)
+
+
+def faulty_engine(model: str | None, runtime: str, device: str) -> FaultyEngine:
+    """Engine factory for `--engine-factory codecomplete.lsp.testing:faulty_engine`; a model
+    folder holding a file `fault_on_load` names a signal its process dies of while loading."""
+    engine = fake_engine(model, runtime, device)
+    if model is not None and (Path(model) / "fault_on_load").is_file():
+        import signal
+
+        os.kill(os.getpid(), getattr(signal, (Path(model) / "fault_on_load").read_text().strip()))
+        time.sleep(5.0)
+    return FaultyEngine(step_ms=engine.step_ms)

@@ -25,6 +25,8 @@ from typing import Any
 
 from codecomplete.request import CancelToken, Completion, CompletionRequest
 
+from .engines import close_engine
+
 logger = logging.getLogger("codecomplete.lsp")
 
 # (model folder or None for the default, runtime, device) -> an object with .complete(request)
@@ -177,7 +179,10 @@ class Worker:
         with self._lock:
             current = self._is_current(generation)
             # Installed even when superseded: if the newer load fails, this one is what stays.
+            old = self._status.engine
             self._status = WorkerStatus("ready" if current else self._status.state, engine, key, "")
+        if old is not None and old is not engine:
+            close_engine(old)  # a child process or a connection of the replaced engine
         if not current:  # a newer load is queued: it will report
             return LoadResult(True, superseded=True)
         describe = getattr(engine, "describe", None)

@@ -59,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="reuse of the last keystroke's work to compare, comma-separated: on (the logits of an "
                         "unchanged prompt, the KV and logits of the branches it decoded), off (prefill and "
                         "decode every keystroke)")
+    p.add_argument("--isolation", default="inprocess",
+                   help="where the engine runs, comma-separated to compare: inprocess (this process), process "
+                        "(a child process, as the language server runs it: each request and answer cross a pipe)")
     p.add_argument("--lsp", action="store_true", help="also replay through the real server over stdio")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", default=None, help="write a latency-per-keystroke PNG")
@@ -171,29 +174,48 @@ def policy_ratios(first: dict, other: dict) -> dict:
     """p50 ratios to the first policy, and the median of per-keystroke ratios (the same
     keystroke, warm under both: robust to which keystrokes ran the model)."""
     base = {(k["run"], k["offset"]): k["ms"] for k in first["keystrokes"] if k["kind"] == "warm"}
-    paired = [k["ms"] / base[k["run"], k["offset"]] for k in other["keystrokes"]
+    paired = [(k["ms"], base[k["run"], k["offset"]]) for k in other["keystrokes"]
               if k["kind"] == "warm" and (k["run"], k["offset"]) in base]
+    # every keystroke that took the same path under both (cache hits too): the fixed cost per request
+    same_kind = {(k["run"], k["offset"]): k for k in first["keystrokes"]}
+    paired_any = [k["ms"] - same_kind[k["run"], k["offset"]]["ms"] for k in other["keystrokes"]
+                  if (k["run"], k["offset"]) in same_kind and same_kind[k["run"], k["offset"]]["kind"] == k["kind"]]
     ratio = lambda a, b: a / b if a and b else None  # noqa: E731
     return {"warm_p50_ratio": ratio(other["warm_p50_ms"], first["warm_p50_ms"]),
             "cold_p50_ratio": ratio(other["cold_p50_ms"], first["cold_p50_ms"]),
-            "warm_paired_ratio_p50": statistics.median(paired) if paired else None}
+            "warm_paired_ratio_p50": statistics.median([a / b for a, b in paired]) if paired else None,
+            "warm_paired_delta_p50_ms": statistics.median([a - b for a, b in paired]) if paired else None,
+            "paired_delta_p50_ms": statistics.median(paired_any) if paired_any else None,
+            "paired_keystrokes": len(paired_any)}
 
 
 THREAD_POLICIES = {"adaptive": {}, "spin": {"spin": True}, "nospin": {"spin": False}, "single": {"threads": 1}}
+ISOLATIONS = ("inprocess", "process")
 
 
-def load_engine(args, policy: str, precision: str = "auto", model: str | None = None):
+def load_engine(args, policy: str, precision: str = "auto", model: str | None = None, isolation: str = "inprocess"):
     """The engine for one model, thread policy and precision (the torch runtime has one
-    policy: its own); model None is the shipped one."""
+    policy: its own); model None is the shipped one. isolation "process": built in a child
+    process and called through the pipe, as the language server does."""
+    if isolation == "process":
+        from codecomplete.isolation import ProcessEngine
+
+        return ProcessEngine(build_engine, (args.runtime, args.device, policy, precision, model),
+                             label=model or "the default model", restart=False)
+    return build_engine(args.runtime, args.device, policy, precision, model)
+
+
+def build_engine(runtime: str, device: str, policy: str, precision: str, model: str | None):
+    """load_engine's work in plain values (a child process calls it by name)."""
     from codecomplete.engine import Engine
 
-    if args.runtime != "onnx" or policy == "adaptive":
-        return Engine.load(model, runtime=args.runtime, device=args.device, precision=precision)
+    if runtime != "onnx" or policy == "adaptive":
+        return Engine.load(model, runtime=runtime, device=device, precision=precision)
     from codecomplete.models.source import load_model_source
     from codecomplete.runtime.onnx import OnnxRuntime, physical_cores
 
     kwargs = {"threads": physical_cores(), **THREAD_POLICIES[policy]}
-    return Engine(OnnxRuntime(load_model_source(model), device=args.device, precision=precision, **kwargs))
+    return Engine(OnnxRuntime(load_model_source(model), device=device, precision=precision, **kwargs))
 
 
 def _variant_values(flag: str, value: str, choices) -> list[str]:
@@ -271,17 +293,19 @@ def run(args) -> int:
     back_offs = _variant_values("--back-off", args.back_off, BACK_OFF_RULES)
     reuses = _variant_values("--reuse", args.reuse, ("on", "off"))
     patiences = _variant_values("--patience", args.patience, None)
+    isolations = _variant_values("--isolation", args.isolation, ISOLATIONS)
     # model folder by its name in the report; "default" is the shipped model unless given
     folders = {m: m for m in (x.strip() for x in (args.model or "").split(",")) if m} or {"default": None}
     models = list(folders)
     if args.repeat < 1:
         raise SystemExit("bench latency: --repeat must be at least 1")
     compared = {"--precision": (precisions, "auto"), "--back-off": (back_offs, "model"), "--reuse": (reuses, "on"),
-                "--patience": (patiences, "4"), "--model": (models[1:], None)}
+                "--patience": (patiences, "4"), "--model": (models[1:], None),
+                "--isolation": (isolations, "inprocess")}
     if args.lsp and any(values and values != [default] for values, default in compared.values()):
         raise SystemExit("bench latency: --lsp replays the server with its own settings; "
                          f"compare {', '.join(compared)} without it")
-    variants = variant_names(models, policies, precisions, back_offs, reuses, patiences)
+    variants = variant_names(models, policies, precisions, back_offs, reuses, patiences, isolations)
 
     path = str(Path(args.file))
     text = Path(path).read_text(encoding="utf-8")
@@ -295,26 +319,32 @@ def run(args) -> int:
               "settings": {**opts, "start": start, "patience": [int(x) for x in patiences]}, "busy_processes": args.busy}
     engines, loaded = {}, {}
     with BackgroundLoad(args.busy):
-        for name, (model, policy, precision, back, reuse, patience) in variants.items():
+        for name, (model, policy, precision, back, reuse, patience, isolation) in variants.items():
             t0 = time.perf_counter()
             steps = int(patience)
-            engine = load_engine(args, policy, precision, folders[model])
+            engine = load_engine(args, policy, precision, folders[model], isolation)
             engines[name] = WithOptions(engine, back_off_needed=BACK_OFF_RULES[back],
                                         patience_steps=None if steps < 0 else steps)
             engines[name].engine.reuse_keystrokes = reuse == "on"
             loaded[name] = (time.perf_counter() - t0) * 1000
             progress(f"  {name}: loaded in {loaded[name]:.0f} ms")
         progress(f"  replaying {args.keystrokes} keystrokes of {path}" + (", engines in turn" if len(variants) > 1 else ""))
-        replays = replay_engines(engines, text, bench_prompt_path(path), language, start, args.keystrokes, opts,
-                                 args.cold, repeat=args.repeat)
-    by_policy = {p: {"model": engines[p].describe(), "load_ms": loaded[p], **replays[p]} for p in variants}
+        try:
+            replays = replay_engines(engines, text, bench_prompt_path(path), language, start, args.keystrokes,
+                                     opts, args.cold, repeat=args.repeat)
+            by_policy = {p: {"model": engines[p].describe(), "load_ms": loaded[p], **replays[p]} for p in variants}
+        finally:
+            for engine in engines.values():
+                if hasattr(engine.engine, "close"):
+                    engine.engine.close()  # a child process
     del engines
     first = by_policy[next(iter(variants))]
     result.update({"model": first["model"], "load_ms": first["load_ms"],
                    "engine": {k: v for k, v in first.items() if k not in ("model", "load_ms")}})
     if len(variants) > 1:  # side by side, as ratios to the first engine
         varied = [k for k, d in (("models", models), ("threads", policies), ("precision", precisions),
-                                 ("back_off", back_offs), ("reuse", reuses), ("patience", patiences)) if len(d) > 1]
+                                 ("back_off", back_offs), ("reuse", reuses), ("patience", patiences),
+                                 ("isolation", isolations)) if len(d) > 1]
         key = varied[0] if len(varied) == 1 else "variants"
         result[key] = {p: {"warm_p50_ms": r["warm_p50_ms"], "cold_p50_ms": r["cold_p50_ms"],
                            **policy_ratios(first, r), "warm_requests": r["warm_requests"],

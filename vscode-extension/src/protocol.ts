@@ -3,7 +3,8 @@
 /** Notification the server sends after loading the model and after each completion. */
 export const STATUS_NOTIFICATION = 'codecomplete/status';
 
-export type ServerState = 'loading' | 'ready' | 'error';
+/** restarting: the model runtime crashed and its process is being restarted. */
+export type ServerState = 'loading' | 'ready' | 'error' | 'restarting';
 
 export interface StatusParams {
   state: ServerState;
@@ -15,7 +16,7 @@ export interface StatusParams {
 export function parseStatus(params: unknown): StatusParams | undefined {
   if (params === null || typeof params !== 'object') return undefined;
   const { state, message, latencyMs } = params as Record<string, unknown>;
-  if (state !== 'loading' && state !== 'ready' && state !== 'error') return undefined;
+  if (state !== 'loading' && state !== 'ready' && state !== 'error' && state !== 'restarting') return undefined;
   return {
     state,
     message: typeof message === 'string' ? message : undefined,

@@ -21,6 +21,12 @@ export interface ServerSettings {
   deadlineMs: number;
   multiline: Multiline;
   enable: LanguageEnable;
+  /** The local engine in a child process (a runtime crash restarts it instead of ending the server). */
+  isolate: boolean;
+  /** The team service's URL; '' = the local engine. */
+  server: string;
+  /** Bearer token for `server`. */
+  apiKey: string;
 }
 
 /** Everything the extension reads from `codecomplete.*`. */
@@ -49,6 +55,9 @@ export const DEFAULT_SERVER_SETTINGS: ServerSettings = {
   deadlineMs: 1000,
   multiline: 'auto',
   enable: DEFAULT_ENABLE,
+  isolate: true,
+  server: '',
+  apiKey: '',
 };
 
 /** Settings whose change needs a new server process (everything else is pushed live). */
@@ -71,6 +80,9 @@ export function readSettings(config: ConfigReader): Settings {
       deadlineMs: clampInt(config.get('deadlineMs'), 1, 600_000, d.deadlineMs),
       multiline: oneOf(config.get('multiline'), ['auto', 'always', 'never'] as const, d.multiline),
       enable: languageEnable(config.get('enable')),
+      isolate: config.get<boolean>('isolate') ?? d.isolate,
+      server: serverUrl(config.get('server')),
+      apiKey: stringOr(config.get('apiKey'), d.apiKey).trim(),
     },
   };
 }
@@ -99,6 +111,12 @@ function languageEnable(value: unknown): LanguageEnable {
   }
   if (!('*' in result)) result['*'] = true;
   return result;
+}
+
+/** An http(s) URL without a trailing slash, or '' (also for anything that is not one). */
+function serverUrl(value: unknown): string {
+  const url = stringOr(value, '').trim().replace(/\/+$/, '');
+  return /^https?:\/\/[^/\s]+/.test(url) ? url : '';
 }
 
 function stringOr(value: unknown, fallback: string): string {

@@ -1,10 +1,10 @@
-// The status bar item: server state (starting / loading / ready / error / stopped) and last latency.
+// The status bar item: server state (starting / loading / ready / error / restarting / stopped) and last latency.
 
 import * as vscode from 'vscode';
 import type { StatusParams } from './protocol';
 
 /** Server states as the client sees them: the server's own plus the process lifecycle. */
-export type ClientState = 'starting' | 'loading' | 'ready' | 'error' | 'stopped';
+export type ClientState = 'starting' | 'loading' | 'ready' | 'error' | 'restarting' | 'stopped';
 
 export interface StatusView {
   state: ClientState;
@@ -24,6 +24,7 @@ const ICONS: Record<ClientState, string> = {
   loading: '$(loading~spin)',
   ready: '$(sparkle)',
   error: '$(error)',
+  restarting: '$(sync~spin)',
   stopped: '$(debug-stop)',
 };
 
@@ -32,6 +33,7 @@ const LABELS: Record<ClientState, string> = {
   loading: 'loading model',
   ready: 'ready',
   error: 'error',
+  restarting: 'restarting the engine',
   stopped: 'server stopped',
 };
 
@@ -49,7 +51,7 @@ export function describeStatus(view: StatusView): StatusText {
 /** Fold a server status notification into the current view. */
 export function applyServerStatus(view: StatusView, status: StatusParams): StatusView {
   // A model (re)load makes the old latency meaningless; a ready without a figure keeps the last one.
-  const latencyMs = status.state === 'loading' ? undefined : status.latencyMs ?? view.latencyMs;
+  const latencyMs = status.state === 'loading' || status.state === 'restarting' ? undefined : status.latencyMs ?? view.latencyMs;
   return { ...view, state: status.state, message: status.message, latencyMs };
 }
 

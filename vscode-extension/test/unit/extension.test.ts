@@ -85,6 +85,9 @@ test('client advertises inline completion and sends the settings at initialize',
       deadlineMs: 1000,
       multiline: 'auto',
       enable: { '*': true, markdown: false, plaintext: false },
+      isolate: true,
+      server: '',
+      apiKey: '',
     },
   });
 });

@@ -21,6 +21,9 @@ test('manifest declares every setting of the server contract', () => {
     'multiline',
     'enable',
     'enabled',
+    'isolate',
+    'server',
+    'apiKey',
   ];
   for (const name of names) assert.ok(properties[`codecomplete.${name}`], `codecomplete.${name}`);
 });

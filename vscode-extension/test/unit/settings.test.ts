@@ -45,6 +45,9 @@ test('server settings carry exactly the contract keys', () => {
         deadlineMs: 250,
         multiline: 'never',
         enable: { '*': false, python: true },
+        isolate: true,
+        server: '',
+        apiKey: '',
       },
     },
   });
@@ -77,4 +80,16 @@ test('language switch uses its own entry before the star default', () => {
   assert.equal(isLanguageEnabled(enable, 'rust'), false);
   assert.equal(isLanguageEnabled({ '*': true, plaintext: false }, 'rust'), true);
   assert.equal(isLanguageEnabled({}, 'rust'), true);
+});
+
+test('remote mode: server URL and API key pass through, a bad URL means the local engine', () => {
+  const remote = readSettings(config({ server: ' https://complete.example.com/ ', apiKey: ' sk-123 ', isolate: false }));
+  assert.equal(remote.server.server, 'https://complete.example.com');
+  assert.equal(remote.server.apiKey, 'sk-123');
+  assert.equal(remote.server.isolate, false);
+  assert.equal(settingsNotification(remote.server).settings.codecomplete.server, 'https://complete.example.com');
+  for (const bad of ['complete.example.com', 'ftp://x', 42, 'http://']) {
+    assert.equal(readSettings(config({ server: bad })).server.server, '', String(bad));
+  }
+  assert.equal(readSettings(config({ apiKey: 7 })).server.apiKey, '');
 });

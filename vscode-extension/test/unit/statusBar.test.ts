@@ -18,6 +18,20 @@ test('loading and error states are spelled out, error marked', () => {
   assert.match(error.tooltip, /no model at \/x/);
 });
 
+test('a crashed engine restarting spins and forgets the old latency; the message says why', () => {
+  const view = applyServerStatus(
+    { state: 'ready', enabled: true, latencyMs: 80 },
+    { state: 'restarting', message: 'the model runtime crashed (SIGFPE); restarting the engine' },
+  );
+  assert.equal(view.latencyMs, undefined);
+  const shown = describeStatus(view);
+  assert.match(shown.text, /sync~spin/);
+  assert.match(shown.tooltip, /restarting the engine/);
+  assert.match(shown.tooltip, /SIGFPE/);
+  assert.equal(shown.isError, false);
+  assert.deepEqual(parseStatus({ state: 'restarting', message: 'x' }), { state: 'restarting', message: 'x', latencyMs: undefined });
+});
+
 test('disabled completions show a slashed icon whatever the server does', () => {
   const view = describeStatus({ state: 'ready', enabled: false, latencyMs: 5 });
   assert.match(view.text, /circle-slash/);

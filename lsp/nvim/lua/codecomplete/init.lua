@@ -9,6 +9,12 @@
 -- `codecomplete-lsp --nvim-runtime` prints it):
 --
 --   require("codecomplete").setup({ settings = { candidates = 4, maxTokens = 48 } })
+--
+-- The team service instead of the local model (model, runtime and device are then the
+-- service's; keep the key out of shared dotfiles, e.g. read it from the environment):
+--
+--   require("codecomplete").setup({ settings = {
+--     server = "https://complete.example.com", apiKey = os.getenv("CODECOMPLETE_API_KEY") } })
 
 local M = {}
 local uv = vim.uv or vim.loop
@@ -16,7 +22,9 @@ local uv = vim.uv or vim.loop
 M.defaults = {
   cmd = { "codecomplete-lsp" },
   filetypes = nil, -- nil: every buffer with a filetype; or a list such as { "python", "lua" }
-  settings = {}, -- the `codecomplete` section: model, runtime, device, candidates, maxTokens, deadlineMs, multiline, enable
+  -- the `codecomplete` section: model, runtime, device, candidates, maxTokens, deadlineMs, multiline,
+  -- enable, isolate (the model in a child process, default true), server (team service URL), apiKey
+  settings = {},
   inline = nil, -- nil: ghost text where vim.lsp.inline_completion exists (0.12+), else the menu
   accept_key = "<Tab>", -- ghost text: accept (the key keeps its meaning when there is nothing to accept)
   next_key = "<M-]>",
