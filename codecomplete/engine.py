@@ -16,13 +16,14 @@ import numpy as np
 from codecomplete.alignment import VocabTrie, strip_constraint
 from codecomplete.cache import ContextCache, SuggestionCache
 from codecomplete.languages import language_for
-from codecomplete.postprocess import CompletionScope, clean_candidates, decide_scope
+from codecomplete.postprocess import clean_candidates
 from codecomplete.prompt import PromptBuilder
 from codecomplete.request import Candidate, Completion, CompletionRequest
 from codecomplete.rerank import rerank
 from codecomplete.runtime import Runtime, load_runtime
 from codecomplete.runtime.base import ContextState
 from codecomplete.sampling import DecodeTrace, GenerationResult, generate
+from codecomplete.scope import CompletionScope, decide_scope
 
 MAX_DOCUMENT_CHARS = 8_000_000  # bigger documents get no completion (and no error)
 

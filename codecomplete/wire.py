@@ -129,8 +129,7 @@ def request_from_json(raw: Any, base_options: CompletionOptions | None = None) -
 
 def candidate_to_json(c: Candidate) -> dict[str, Any]:
     return {"text": c.text, "score": c.score, "logprob": c.logprob, "syntax_ok": c.syntax_ok,
-            "score_parts": dict(c.score_parts), "tokens": c.tokens, "stop_reason": str(c.stop_reason),
-            "replace_suffix_chars": c.replace_suffix_chars}
+            "score_parts": dict(c.score_parts), "tokens": c.tokens, "stop_reason": str(c.stop_reason)}
 
 
 def completion_to_json(completion: Completion) -> dict[str, Any]:

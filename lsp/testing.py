@@ -15,21 +15,15 @@ import time
 from pathlib import Path
 
 from codecomplete.request import Candidate, Completion, CompletionRequest
+from codecomplete.text import partial_word_start
 
 WORDS = ("print(value)", "printf(value)", "if value:\n    return value", "private_total = 0",
          "value = compute(total)", "return value")
 
 
-def _partial_word(prefix: str) -> str:
-    start = len(prefix)
-    while start > 0 and (prefix[start - 1] == "_" or prefix[start - 1].isalnum()):
-        start -= 1
-    return prefix[start:]
-
-
 def fake_candidates(prefix: str, n: int) -> list[str]:
     """Completions of the word being typed, or whole words at the start of one."""
-    partial = _partial_word(prefix)
+    partial = prefix[partial_word_start(prefix, len(prefix)):]
     texts = [w[len(partial):] for w in WORDS if w.startswith(partial) and len(w) > len(partial)]
     return (texts or ["_fake(value)"])[:n]
 
