@@ -17,6 +17,8 @@ class Neighbour:
     language: str = ""
 
 
+ANSWER_MARGIN_MS = 20.0  # decoding stops this long before the deadline: time to post-process and answer
+
 # the --back-off choices of eval and bench: the value of CompletionOptions.back_off_needed
 BACK_OFF_RULES: dict[str, bool | None] = {"model": None, "needed": True, "fixed": False}
 
@@ -91,6 +93,10 @@ class CompletionRequest:
         if self.deadline is not None:
             return self.deadline
         return (time.monotonic() if now is None else now) + self.options.deadline_ms / 1000.0
+
+    def decode_deadline(self, now: float | None = None) -> float:
+        """Until when (time.monotonic()) the model may decode: the deadline less ANSWER_MARGIN_MS."""
+        return self.due(now) - ANSWER_MARGIN_MS / 1000.0
 
     @property
     def prefix(self) -> str:

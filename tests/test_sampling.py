@@ -8,8 +8,10 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from codecomplete.reuse import Reuse
 from codecomplete.runtime.base import BranchState, ContextState
-from codecomplete.sampling import TOP_K, _nucleus, generate
+from codecomplete.sampler import TOP_K, _nucleus
+from codecomplete.sampling import generate
 
 V = 50
 
@@ -74,9 +76,9 @@ def test_every_token_comes_from_its_own_branch_history(n, steps, seed, skew):
     # with the logits that followed it (what the next keystroke adopts instead of a prefill)
     for b in result.branches:
         for k in range(1, steps):
-            state, row, logits, offset = result.trace.find(b.tokens[:k])
-            assert offset == 0 and tuple(state.kv[row][:k]) == tuple(b.tokens[:k])
-            np.testing.assert_array_equal(logits, logits_for(tuple(b.tokens[:k]), skew))
+            found = result.trace.find(b.tokens[:k])
+            assert found.offset == 0 and tuple(found.branches.kv[found.row][:k]) == tuple(b.tokens[:k])
+            np.testing.assert_array_equal(found.logits, logits_for(tuple(b.tokens[:k]), skew))
     assert result.trace.find([]) is None and result.trace.find([0] * steps) is None
 
 
@@ -133,14 +135,14 @@ def test_steps_taken_from_the_last_trace_give_the_same_tokens_as_decoding(n, ste
     ext = tuple(first.branches[pick % n].tokens[:min(k, steps - 1)])  # the user typed what a branch began with
     fresh_rt, reuse_rt = PrefixRuntime(skew), PrefixRuntime(skew)
     fresh = _generate(fresh_rt, context + ext, seed2, steps, n)
-    reused = _generate(reuse_rt, context + ext, seed2, steps, n, reuse=(first.trace, ext))
+    reused = _generate(reuse_rt, context + ext, seed2, steps, n, reuse=Reuse(first.trace, ext))
     assert [b.tokens for b in reused.branches] == [b.tokens for b in fresh.branches]
     assert reused.steps + reused.served_steps == fresh.steps == fresh_rt.decode_calls
     assert reuse_rt.decode_calls == reused.steps
     if not ext and seed2 == seed:  # the same request again: every step comes from the trace
         assert reused.steps == 0
     # the new trace serves a third keystroke too, served steps included
-    again = _generate(PrefixRuntime(skew), context + ext, seed2, steps, n, reuse=(reused.trace, ()))
+    again = _generate(PrefixRuntime(skew), context + ext, seed2, steps, n, reuse=Reuse(reused.trace, ()))
     assert again.steps == 0 and [b.tokens for b in again.branches] == [b.tokens for b in fresh.branches]
 
 
