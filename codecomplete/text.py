@@ -18,11 +18,12 @@ TAB_WIDTH = 4  # columns of a tab when indentation widths are compared
 
 
 # -- the document ------------------------------------------------------------------------
-def document_problem(text: str) -> str | None:
-    """Why a document gets no completions (too big, binary), or None when it may."""
+def document_problem(text: str, offset: int) -> str | None:
+    """Why a document gets no completions at offset (too big, binary around the cursor), or
+    None when it may."""
     if len(text) > MAX_DOCUMENT_CHARS:
         return f"it has {len(text)} characters (limit {MAX_DOCUMENT_CHARS})"
-    if "\x00" in text:
+    if "\x00" in text_window(text, offset)[0]:
         return "it looks binary (NUL characters)"
     return None
 
@@ -66,7 +67,7 @@ def windowed_request(request: CompletionRequest) -> CompletionRequest | None:
     """The request as the stages read it: its document cut to the window around the cursor
     and cleaned, each neighbour cut to NEIGHBOUR_CHARS and cleaned (binary ones dropped);
     None when the document gets no completions (document_problem)."""
-    if document_problem(request.text) is not None:
+    if len(request.text) > MAX_DOCUMENT_CHARS:
         return None
     window, offset = text_window(request.text, request.offset)
     text = clean_text(window)

@@ -41,12 +41,13 @@ class FakeEngine:
     def complete(self, request: CompletionRequest) -> Completion:
         self.requests.append(request)
         t0 = time.perf_counter()
+        decode_deadline = request.decode_deadline(time.monotonic())
         opts = request.options
         steps = 0
         for steps in range(1, opts.max_new_tokens + 1):
-            if request.cancel is not None and request.cancel.cancelled:
+            if request.cancel.cancelled:
                 return Completion([], {"total": (time.perf_counter() - t0) * 1000.0}, tokens_generated=steps, cancelled=True)
-            if (time.perf_counter() - t0) * 1000.0 + self.step_ms > opts.deadline_ms:
+            if time.monotonic() + self.step_ms / 1000.0 > decode_deadline:
                 break
             time.sleep(self.step_ms / 1000.0)
         texts = fake_candidates(request.prefix, opts.n)

@@ -44,9 +44,11 @@ def test_clean_text_rejects_binary_and_replaces_lone_surrogates_in_place():
 
 
 def test_document_problem_names_huge_and_binary_documents():
-    assert document_problem("x = 1\n") is None
-    assert "limit" in document_problem("x" * (MAX_DOCUMENT_CHARS + 1))
-    assert "binary" in document_problem("a\x00b")
+    assert document_problem("x = 1\n", 3) is None
+    assert "limit" in document_problem("x" * (MAX_DOCUMENT_CHARS + 1), 0)
+    assert "binary" in document_problem("a\x00b", 1)
+    far = "\x00" + "x = 1\n" * 20_000  # a NUL outside the window around the cursor is no problem
+    assert document_problem(far, len(far)) is None
 
 
 def test_windowed_request_cuts_the_document_and_neighbours_and_keeps_small_ones():
