@@ -236,3 +236,34 @@ def test_typing_with_cancels_and_setting_changes_reuses_only_what_fits(engine, a
             assert completion.model_calls == 0
             assert [c.text for c in completion.candidates] == [c.text for c in last[1].candidates]
         last = ((text, n), completion)
+
+
+def test_a_deadline_stamped_on_arrival_is_kept_and_a_passed_one_stops_the_decode(engine):
+    import time
+
+    text = SOURCE + "    v = "
+    unstamped = _request(text, len(text), max_new_tokens=16)
+    engine.forget()
+    engine.complete(unstamped)
+    assert unstamped.deadline is None and unstamped.options.deadline_ms == 60_000  # the caller's request as it was
+    late = _request(text, len(text), max_new_tokens=16)
+    late.deadline = time.monotonic() - 1.0  # arrived, then waited past its deadline
+    engine.forget()
+    completion = engine.complete(late)
+    assert completion.model_calls == 1  # the prefill, then one token each and the deadline
+    assert all(c.stop_reason == "deadline" for c in completion.candidates)
+
+
+def test_the_engine_windows_a_long_document_as_the_server_used_to(engine):
+    from codecomplete.text import text_window
+
+    filler = "".join(f"value_{i} = {i}\n" for i in range(12_000))  # ~200k characters
+    text = filler + SOURCE + "    u = "
+    window, offset = text_window(text, len(text))
+    assert len(window) < len(text)
+    engine.forget()
+    whole = engine.complete(_request(text, len(text), seed=3))
+    engine.forget()
+    cut = engine.complete(_request(window, offset, seed=3))
+    assert [c.text for c in whole.candidates] == [c.text for c in cut.candidates]
+    assert whole.prefill_new_tokens == cut.prefill_new_tokens

@@ -168,3 +168,40 @@ def test_nucleus_matches_a_full_sort_of_the_vocabulary(seed, spread, masked, tem
     assert sorted(top.tolist()) == reference_nucleus(logits, temperature, top_p)
     assert len(c) == len(top) and np.all(np.diff(c) >= 0)
     assert list(top) == sorted(top, key=lambda t: -logits[t])  # best first
+
+
+def _loop(rt, context, seed, steps, n):
+    from codecomplete.alignment import Alignment
+    from codecomplete.sampler import Sampler
+    from codecomplete.sampling import DecodeLoop
+
+    alignment = Alignment(b"", None)
+    sampler = Sampler(temperature=0.8, top_p=0.95, seed=seed, banned=None, alignment=alignment)
+    return DecodeLoop(rt, ContextState(list(context)), logits_for(tuple(context), rt.skew), n=n,
+                      max_new_tokens=steps, alignment=alignment, sampler=sampler, stop_ids=set(),
+                      stop_bytes=lambda visible: None)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 4), steps=st.integers(1, 8), seed=st.integers(0, 1000))
+def test_two_loops_stepped_in_turn_from_outside_give_what_generate_gives(n, steps, seed):
+    """A scheduler advances each request's loop one step at a time, interleaving them:
+    each must end with the tokens a plain generate gives."""
+    contexts = ((7, 8, 9), (3, 4))
+    runtimes = [PrefixRuntime(2.0) for _ in contexts]
+    loops = [_loop(rt, c, seed + i, steps, n) for i, (rt, c) in enumerate(zip(runtimes, contexts, strict=True))]
+    going = [True] * len(loops)
+    while any(going):
+        for i, loop in enumerate(loops):  # prepare next tokens -> runtime decode -> consume logits
+            if going[i] and loop.sample():
+                assert loop.prepare()  # no trace to serve from: every step is a decode
+                assert loop.branches.n == len(loop.next_tokens)
+                loop.accept(runtimes[i].decode(loop.context, loop.branches, loop.next_tokens))
+            else:
+                going[i] = False
+    for i, (loop, c) in enumerate(zip(loops, contexts, strict=True)):
+        want = _generate(PrefixRuntime(2.0), c, seed + i, steps, n)
+        got = loop.result()
+        assert [b.tokens for b in got.branches] == [b.tokens for b in want.branches]
+        assert got.steps == want.steps == runtimes[i].decode_calls
+        assert {b.stop_reason for b in got.branches} == {"max_tokens"}
