@@ -60,6 +60,15 @@ class CancelToken:
     def cancelled(self) -> bool:
         return self._event.is_set()
 
+    # a request crosses process boundaries (parallel eval): the copy starts in the same state
+    def __getstate__(self) -> dict:
+        return {"cancelled": self.cancelled}  # a dict: a false state would skip __setstate__
+
+    def __setstate__(self, state: dict) -> None:
+        self._event = threading.Event()
+        if state["cancelled"]:
+            self._event.set()
+
 
 class StopReason(enum.StrEnum):
     """Why a candidate ended (the values are what JSON and the logs carry)."""

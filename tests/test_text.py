@@ -70,3 +70,12 @@ def test_windowed_request_cuts_the_document_and_neighbours_and_keeps_small_ones(
 def test_indentation_helpers_count_tabs_as_four_columns():
     assert indent_of("\t  x = 1") == "\t  " and indent_of("x") == ""
     assert indent_width("\t  x = 1") == 6 and indent_width("    ") == 4
+
+
+def test_a_request_pickles_with_its_cancel_token_state():
+    import pickle
+
+    request = CompletionRequest(text="x", offset=1)
+    assert not pickle.loads(pickle.dumps(request)).cancel.cancelled
+    request.cancel.cancel()
+    assert pickle.loads(pickle.dumps(request)).cancel.cancelled
