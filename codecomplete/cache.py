@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from codecomplete.request import Candidate
+from codecomplete.request import Candidate, StopReason
 from codecomplete.reuse import KeptContext
 from codecomplete.runtime.base import common_prefix_len
 
@@ -75,7 +75,7 @@ class SuggestionCache:
             if c.text.startswith(typed) and len(c.text) > len(typed):
                 out.append(Candidate(text=c.text[len(typed):], score=c.score, logprob=c.logprob,
                                      syntax_ok=c.syntax_ok, score_parts=dict(c.score_parts), tokens=0,
-                                     stop_reason="cached"))
+                                     stop_reason=StopReason.CACHED))
         return out or None
 
     def clear(self) -> None:

@@ -181,7 +181,7 @@ class Engine:
             if text is None:
                 continue
             out.append(Candidate(text=text, logprob=b.logprob_sum / max(1, b.scored_tokens),
-                                 tokens=len(b.tokens), stop_reason=b.stop_reason))
+                                 tokens=len(b.tokens), stop_reason=b.stop_reason or ""))
         return out
 
 
