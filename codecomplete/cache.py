@@ -7,18 +7,19 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from codecomplete.request import Candidate
-from codecomplete.runtime.base import ContextState, common_prefix_len
+from codecomplete.request import Candidate, StopReason
+from codecomplete.reuse import KeptContext
+from codecomplete.runtime.base import common_prefix_len
 
 
 class ContextCache:
-    """A few recent ContextStates; hands out the one sharing the most prompt tokens."""
+    """A few recent prompts' kept KV states; hands out the one sharing the most prompt tokens."""
 
     def __init__(self, size: int = 2):
         self.size = size
-        self._states: OrderedDict[str, ContextState] = OrderedDict()
+        self._states: OrderedDict[str, KeptContext] = OrderedDict()
 
-    def take(self, key: str, tokens: list[int]) -> ContextState | None:
+    def take(self, key: str, tokens: list[int]) -> KeptContext | None:
         """Remove and return the best state for these tokens (the runtime may consume it)."""
         if not self._states:
             return None
@@ -27,8 +28,8 @@ class ContextCache:
             best_key = key if key in self._states else next(iter(self._states))  # recycle buffers
         return self._states.pop(best_key)
 
-    def put(self, key: str, state: ContextState) -> None:
-        self._states[key] = state
+    def put(self, key: str, kept: KeptContext) -> None:
+        self._states[key] = kept
         self._states.move_to_end(key)
         while len(self._states) > self.size:
             self._states.popitem(last=False)
@@ -74,7 +75,7 @@ class SuggestionCache:
             if c.text.startswith(typed) and len(c.text) > len(typed):
                 out.append(Candidate(text=c.text[len(typed):], score=c.score, logprob=c.logprob,
                                      syntax_ok=c.syntax_ok, score_parts=dict(c.score_parts), tokens=0,
-                                     stop_reason="cached"))
+                                     stop_reason=StopReason.CACHED))
         return out or None
 
     def clear(self) -> None:

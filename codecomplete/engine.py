@@ -1,7 +1,17 @@
-"""The completion pipeline, one small function per stage:
+"""The completion pipeline. One keystroke reads top to bottom, each step in its module:
 
-    prompt -> alignment (back-off) -> prefill (KV reuse) -> generate (N branches)
-    -> postprocess -> rerank
+    request   (request.py)  CompletionRequest: document, cursor, options, deadline, cancel
+    -> text       (text.py)       size limit, window around the cursor, cleaning
+    -> scope      (scope.py)      single line or block, and the stop rule that follows
+    -> prompt     (prompt.py)     FIM tokens within budget, with alignment's back-off
+                                  (alignment.py)
+    -> prefill / reuse (reuse.py) the runtime's prefill, or the last keystroke's KV,
+                                  logits and decode trace
+    -> step loop  (sampling.py)   N branches stepped together; sampler.py picks tokens,
+                                  alignment masks them, the scope's stop cuts each once
+    -> post-process (postprocess.py) loops, retyped suffix, whitespace, duplicates
+    -> rerank     (rerank.py)     tree-sitter checks and the final order
+    -> Completion (request.py), which lsp/items.py turns into LSP items in that order
 
 The engine knows nothing about LSP and never imports torch or onnxruntime itself.
 """
@@ -13,18 +23,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from codecomplete.alignment import VocabTrie, strip_constraint
+from codecomplete.alignment import Alignment, VocabTrie, back_off_tokens
 from codecomplete.cache import ContextCache, SuggestionCache
 from codecomplete.languages import language_for
-from codecomplete.postprocess import CompletionScope, clean_candidates, decide_scope
+from codecomplete.postprocess import clean_candidates
 from codecomplete.prompt import PromptBuilder
 from codecomplete.request import Candidate, Completion, CompletionRequest
 from codecomplete.rerank import rerank
+from codecomplete.reuse import KeptContext, Prefilled, Reuse, reuse_last
 from codecomplete.runtime import Runtime, load_runtime
-from codecomplete.runtime.base import ContextState
-from codecomplete.sampling import DecodeTrace, GenerationResult, generate
+from codecomplete.sampler import Sampler
+from codecomplete.sampling import DecodeLoop, GenerationResult, run
+from codecomplete.scope import CompletionScope, decide_scope
+from codecomplete.text import windowed_request
 
-MAX_DOCUMENT_CHARS = 8_000_000  # bigger documents get no completion (and no error)
+SINGLE_LINE_MAX_NEW_TOKENS = 48  # single-line completions rarely need more; blocks may use all
 
 
 @dataclass
@@ -77,9 +90,11 @@ class Engine:
     # -- the pipeline -----------------------------------------------------------------
     def complete(self, request: CompletionRequest) -> Completion:
         t_start = time.perf_counter()
+        decode_deadline = request.decode_deadline(time.monotonic())  # stamped once, here if not before
         if not 0 <= request.offset <= len(request.text):
             raise ValueError(f"cursor offset {request.offset} is outside the document (0..{len(request.text)})")
-        if len(request.text) > MAX_DOCUMENT_CHARS:
+        request = windowed_request(request)
+        if request is None:  # too big or binary: no completion (and no error)
             return Completion([], {"total": 0.0})
         opts = request.options
         key = request.path or "<untitled>"
@@ -95,22 +110,22 @@ class Engine:
 
         t = time.perf_counter()
         scope = decide_scope(prefix, suffix, lang, opts.multiline)
-        max_new = self._max_new_tokens(opts.max_new_tokens, scope.multiline)
-        prompt = self.prompts.build(request, max_new + prompt_back_off_room(opts))
+        max_new = opts.max_new_tokens if scope.multiline else min(opts.max_new_tokens, SINGLE_LINE_MAX_NEW_TOKENS)
+        prompt = self.prompts.build(request, max_new + back_off_tokens(opts))
         t = timer.stage("prompt", t)
 
-        state, logits, reuse = self._prefill(prompt.tokens, self.contexts.take(key, prompt.tokens))
+        kept, reuse = self._prefill(prompt.tokens, self.contexts.take(key, prompt.tokens))
         t = timer.stage("prefill", t)
 
-        deadline = time.monotonic() + opts.deadline_ms / 1000.0 - (t - t_start)
-        result = self._generate(state, logits, prompt.back_off.removed, scope, request,
-                                max_new + prompt.back_off.removed_tokens, deadline, reuse)
-        state.trace = result.trace  # the next keystroke may continue along a branch
-        self.contexts.put(key, state)
+        alignment = Alignment(prompt.back_off.removed, self.trie)
+        result = self._generate(kept, alignment, scope, request, max_new + prompt.back_off.removed_tokens,
+                                decode_deadline, reuse)
+        kept.trace = result.trace  # the next keystroke may continue along a branch
+        self.contexts.put(key, kept)
         t = timer.stage("generate", t)
         timer.timings["alignment"] = result.constraint_ms
 
-        candidates = self._to_candidates(result, prompt.back_off.removed, scope)
+        candidates = self._to_candidates(result, alignment, scope)
         candidates = clean_candidates(candidates, prefix, suffix, scope)
         t = timer.stage("postprocess", t)
         if opts.rerank:
@@ -121,9 +136,10 @@ class Engine:
                 c.score = c.logprob
         timer.stage("rerank", t)
         timer.timings["total"] = (time.perf_counter() - t_start) * 1000.0
-        cancelled = request.cancel is not None and request.cancel.cancelled
+        cancelled = request.cancel.cancelled
         if not cancelled:
             self.suggestions.put(key, prefix, suffix, candidates)
+        state = kept.state
         return Completion(candidates, timer.timings, tokens_generated=result.tokens_generated,
                           model_calls=int(state.new_tokens > 0) + result.steps, prefill_reused_tokens=state.reused_tokens,
                           prefill_new_tokens=state.new_tokens, prefill_adopted_tokens=state.adopted_tokens,
@@ -131,88 +147,42 @@ class Engine:
                           decode_rows=result.rows_decoded, branch_rows=result.branch_rows)
 
     # -- stages ---------------------------------------------------------------------------
-    def _prefill(self, tokens: list[int], previous: ContextState | None
-                 ) -> tuple[ContextState, np.ndarray, tuple[DecodeTrace, tuple[int, ...]] | None]:
-        """The prompt's KV and last logits, and what the decode may reuse of the last request
-        (its trace and the tokens this prompt has beyond that request's)."""
+    def _prefill(self, tokens: list[int], previous: KeptContext | None) -> Prefilled:
+        """The prompt's KV and last logits, and what the decode may reuse of the last request."""
         if self.reuse_keystrokes and previous is not None:
-            reused = self._reuse_last(tokens, previous)
+            reused = reuse_last(self.runtime, tokens, previous)
             if reused is not None:
                 return reused
-        state, logits = self.runtime.prefill(tokens, previous)
-        state.logits = logits
-        return state, logits, None
+        state, logits = self.runtime.prefill(tokens, previous.state if previous is not None else None)
+        return Prefilled(KeptContext(state, logits), None)
 
-    def _reuse_last(self, tokens: list[int], previous: ContextState):
-        """No model call when the prompt is unchanged (typing inside a word that the back-off
-        removes, a request repeated: the logits are kept) or when it continues the last
-        prompt with tokens a candidate branch was fed (the user typed what a candidate began
-        with): their KV and the logits after them come from that request's decode steps.
-        None: a prefill is needed."""
-        trace = previous.trace if isinstance(previous.trace, DecodeTrace) else None
-        if previous.logits is not None and previous.tokens == tokens:
-            previous.reused_tokens, previous.new_tokens, previous.adopted_tokens = len(tokens), 0, 0
-            return previous, previous.logits, (trace, ()) if trace is not None else None
-        m = len(previous.tokens)
-        if trace is None or len(tokens) <= m or tokens[:m] != previous.tokens:
-            return None
-        ext = tuple(tokens[m:])
-        found = trace.find(ext)
-        if found is None:
-            return None
-        branches, row, logits, start = found
-        state = self.runtime.adopt(previous, branches, row, ext, start=start)
-        if state is None:
-            return None
-        state.logits = logits
-        return state, logits, (trace, ext)
-
-    @staticmethod
-    def _max_new_tokens(requested: int, multiline: bool) -> int:
-        """Single-line completions rarely need more than 48 tokens; blocks may use all."""
-        return requested if multiline else min(requested, 48)
-
-    def _generate(self, state, logits, constraint: bytes, scope: CompletionScope, request: CompletionRequest,
-                  max_new: int, deadline: float, reuse=None) -> GenerationResult:
+    def _generate(self, kept: KeptContext, alignment: Alignment, scope: CompletionScope,
+                  request: CompletionRequest, max_new: int, deadline: float, reuse: Reuse | None
+                  ) -> GenerationResult:
         opts = request.options
-
-        def stop_fn(visible: bytes) -> int | None:
-            text = visible.decode("utf-8", errors="ignore")
-            cut = scope.stop_index(text)
-            return None if cut is None else len(text[:cut].encode("utf-8"))
-
-        cancelled = (lambda: request.cancel.cancelled) if request.cancel is not None else (lambda: False)
-        return generate(self.runtime, state, logits, n=max(1, opts.n),
-                        max_new_tokens=max_new,
-                        constraint=constraint, trie=self.trie if constraint else None,
-                        stop_ids=self.stop_ids, stop_fn=stop_fn, temperature=opts.temperature,
-                        top_p=opts.top_p, seed=opts.seed, deadline=deadline, cancelled=cancelled,
-                        banned=self.banned_ids if len(self.banned_ids) else None, patience=opts.patience_steps,
-                        reuse=reuse)
+        sampler = Sampler(temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed,
+                          banned=self.banned_ids if len(self.banned_ids) else None, alignment=alignment)
+        loop = DecodeLoop(self.runtime, kept.state, kept.logits, n=max(1, opts.n), max_new_tokens=max_new,
+                          alignment=alignment, sampler=sampler, stop_ids=self.stop_ids, stop_bytes=scope.stop_bytes,
+                          deadline=deadline, cancelled=lambda: request.cancel.cancelled,
+                          patience=opts.patience_steps, reuse=reuse)
+        return run(loop)
 
     @staticmethod
-    def _to_candidates(result: GenerationResult, constraint: bytes, scope: CompletionScope) -> list[Candidate]:
+    def _to_candidates(result: GenerationResult, alignment: Alignment, scope: CompletionScope) -> list[Candidate]:
         out = []
         for b in result.branches:
-            data = bytes(b.data)
-            if len(data) < len(constraint):
+            visible = alignment.visible(bytes(b.data))
+            if visible is None:
                 continue  # stopped before re-creating the typed text: nothing to show
-            visible = strip_constraint(data, constraint)
             if b.cut_bytes >= 0:
                 visible = visible[: b.cut_bytes]
-            text = visible.decode("utf-8", errors="ignore")
-            if b.stop_reason == "patience" and not scope.multiline:
-                continue  # an unfinished line
-            if b.stop_reason in ("deadline", "patience") and scope.multiline and "\n" in text:
-                text = text[: text.rfind("\n")]  # a late block is cut at its last full line
+            text = scope.finish(visible.decode("utf-8", errors="ignore"), b.stop_reason)
+            if text is None:
+                continue
             out.append(Candidate(text=text, logprob=b.logprob_sum / max(1, b.scored_tokens),
-                                 tokens=len(b.tokens), stop_reason=b.stop_reason))
+                                 tokens=len(b.tokens), stop_reason=b.stop_reason or ""))
         return out
-
-
-def prompt_back_off_room(opts) -> int:
-    """Context room kept for re-generating backed-off tokens."""
-    return opts.back_off_tokens if opts.align else 0
 
 
 __all__ = ["Engine"]

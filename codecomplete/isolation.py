@@ -35,8 +35,8 @@ from codecomplete.request import CancelToken, Completion, CompletionRequest
 from codecomplete.wire import (
     completion_from_json,
     completion_to_json,
+    outgoing_request_json,
     request_from_json,
-    request_to_json,
 )
 
 logger = logging.getLogger("codecomplete.isolation")
@@ -112,16 +112,6 @@ class CancelCell:
     @value.setter
     def value(self, v: int) -> None:
         struct.pack_into("q", self._map, 0, v)
-
-
-def remaining_deadline_ms(request: CompletionRequest) -> float:
-    """The request's time budget as it leaves this process: options.deadline_ms, or less when
-    the request carries an absolute `deadline` (time.monotonic() seconds) that comes sooner."""
-    budget_ms = float(request.options.deadline_ms)
-    deadline = getattr(request, "deadline", None)
-    if isinstance(deadline, (int, float)) and not isinstance(deadline, bool):
-        budget_ms = min(budget_ms, (deadline - time.monotonic()) * 1000.0)
-    return max(1.0, budget_ms)
 
 
 # -- the child ----------------------------------------------------------------------------------
@@ -284,8 +274,9 @@ class ProcessEngine(EngineStatus):
             process, conn = self._process, self._conn
             self._seq += 1
             seq = self._seq
-        payload = request_to_json(request)
-        payload["options"]["deadline_ms"] = remaining_deadline_ms(request)
+        payload = outgoing_request_json(request)
+        if payload is None:  # a document that gets no completions (too big, binary)
+            return Completion([])
         give_up_at = time.monotonic() + payload["options"]["deadline_ms"] / 1000.0 + HUNG_GRACE_S
         try:
             _send(conn, {"op": "complete", "seq": seq, "request": payload})

@@ -37,6 +37,8 @@ class Language:
 
 
 _C_LIKE = dict(block_style="brace", line_comment="//")
+# JavaScript and TypeScript: template strings span lines, no character literals, 2-space indent
+_JS_LIKE = dict(_C_LIKE, quotes=('"', "'", "`"), multiline_quotes=("`",), char_literals=False, indent_unit="  ")
 
 LANGUAGES: tuple[Language, ...] = (
     Language(
@@ -58,11 +60,7 @@ LANGUAGES: tuple[Language, ...] = (
         (".js", ".jsx", ".mjs", ".cjs"),
         "tree_sitter_javascript",
         "language",
-        **_C_LIKE,
-        quotes=('"', "'", "`"),
-        multiline_quotes=("`",),
-        char_literals=False,
-        indent_unit="  ",
+        **_JS_LIKE,
     ),
     Language(
         "typescript",
@@ -70,11 +68,7 @@ LANGUAGES: tuple[Language, ...] = (
         (".ts", ".mts", ".cts"),
         "tree_sitter_typescript",
         "language_typescript",
-        **_C_LIKE,
-        quotes=('"', "'", "`"),
-        multiline_quotes=("`",),
-        char_literals=False,
-        indent_unit="  ",
+        **_JS_LIKE,
     ),
     Language(
         "tsx",
@@ -82,11 +76,7 @@ LANGUAGES: tuple[Language, ...] = (
         (".tsx",),
         "tree_sitter_typescript",
         "language_tsx",
-        **_C_LIKE,
-        quotes=('"', "'", "`"),
-        multiline_quotes=("`",),
-        char_literals=False,
-        indent_unit="  ",
+        **_JS_LIKE,
     ),
     Language(
         "go",

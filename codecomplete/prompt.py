@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import PurePath
 
-from codecomplete.alignment import BackOff, VocabTrie, back_off
+from codecomplete.alignment import BackOff, VocabTrie, back_off_prompt
 from codecomplete.request import CompletionRequest, Neighbour
 
 PREFIX_ANCHOR_LINES = 16  # the prefix window starts on a multiple of this many lines
@@ -189,9 +189,7 @@ class PromptBuilder:
             else:
                 suffix_len, suffix_toks = _suffix_window(suffix, suf_budget, self.tok.encode, self.tok.token_bytes)
                 self._last_suffix = (head, suf_budget, (suffix_len, suffix_toks))
-        k = opts.back_off_tokens if opts.align else 0
-        needed = opts.back_off_needed if opts.back_off_needed is not None else self.cfg.align_back_off == "needed"
-        bo = back_off(prefix_toks, self.tok.token_bytes, k, self.special_ids, trie=self.trie if needed else None)
+        bo = back_off_prompt(prefix_toks, opts, self.cfg, self.tok.token_bytes, self.special_ids, self.trie)
         header = self._header(request.path)
         ctx_budget = min(opts.neighbour_tokens, room - len(prefix_toks) - len(suffix_toks) - len(header) - 4)
         ctx = self._context(request, ctx_budget) + header

@@ -23,9 +23,9 @@ import threading
 import time
 from urllib.parse import urlsplit
 
-from codecomplete.isolation import EngineStatus, remaining_deadline_ms
+from codecomplete.isolation import EngineStatus
 from codecomplete.request import CancelToken, Completion, CompletionRequest
-from codecomplete.wire import WireError, completion_from_json, request_to_json
+from codecomplete.wire import WireError, completion_from_json, outgoing_request_json
 
 logger = logging.getLogger("codecomplete.remote")
 
@@ -100,8 +100,9 @@ class RemoteEngine(EngineStatus):
         """The service's answer; None when cancelled, busy, paused after a failure, or failed."""
         if time.monotonic() < self._retry_at:
             return None
-        body = request_to_json(request)
-        body["options"]["deadline_ms"] = remaining_deadline_ms(request)
+        body = outgoing_request_json(request)
+        if body is None:  # a document that gets no completions (too big, binary)
+            return Completion([])
         body["session"] = self.session_key(request.path or "<untitled>")
         payload = json.dumps(body).encode("utf-8")
         deadline_s = body["options"]["deadline_ms"] / 1000.0

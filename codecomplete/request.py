@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import enum
 import threading
+import time
 from dataclasses import dataclass, field
 
 
@@ -14,6 +16,8 @@ class Neighbour:
     text: str
     language: str = ""
 
+
+ANSWER_MARGIN_MS = 20.0  # decoding stops this long before the deadline: time to post-process and answer
 
 # the --back-off choices of eval and bench: the value of CompletionOptions.back_off_needed
 BACK_OFF_RULES: dict[str, bool | None] = {"model": None, "needed": True, "fixed": False}
@@ -56,6 +60,27 @@ class CancelToken:
     def cancelled(self) -> bool:
         return self._event.is_set()
 
+    # a request crosses process boundaries (parallel eval): the copy starts in the same state
+    def __getstate__(self) -> dict:
+        return {"cancelled": self.cancelled}  # a dict: a false state would skip __setstate__
+
+    def __setstate__(self, state: dict) -> None:
+        self._event = threading.Event()
+        if state["cancelled"]:
+            self._event.set()
+
+
+class StopReason(enum.StrEnum):
+    """Why a candidate ended (the values are what JSON and the logs carry)."""
+
+    EOS = "eos"  # the model emitted an end or sentinel token
+    STOP = "stop"  # the scope's stop rule ended the line or block
+    MAX_TOKENS = "max_tokens"
+    DEADLINE = "deadline"
+    PATIENCE = "patience"  # the greedy candidate had ended some steps before
+    CANCELLED = "cancelled"
+    CACHED = "cached"  # the rest of a candidate shown before (typing-as-suggested)
+
 
 @dataclass
 class CompletionRequest:
@@ -65,7 +90,22 @@ class CompletionRequest:
     path: str = ""
     neighbours: list[Neighbour] = field(default_factory=list)
     options: CompletionOptions = field(default_factory=CompletionOptions)
-    cancel: CancelToken | None = None
+    cancel: CancelToken = field(default_factory=CancelToken)
+    # absolute time.monotonic() seconds by which the answer is due, stamped once by whoever
+    # receives the request (the language server on arrival); None: the engine stamps
+    # now + options.deadline_ms when it starts
+    deadline: float | None = None
+
+    def due(self, now: float | None = None) -> float:
+        """The absolute deadline: the stamped one, else now (time.monotonic()) plus
+        options.deadline_ms (the CLI and eval leave it unset and get this)."""
+        if self.deadline is not None:
+            return self.deadline
+        return (time.monotonic() if now is None else now) + self.options.deadline_ms / 1000.0
+
+    def decode_deadline(self, now: float | None = None) -> float:
+        """Until when (time.monotonic()) the model may decode: the deadline less ANSWER_MARGIN_MS."""
+        return self.due(now) - ANSWER_MARGIN_MS / 1000.0
 
     @property
     def prefix(self) -> str:
@@ -84,8 +124,7 @@ class Candidate:
     syntax_ok: bool = True
     score_parts: dict[str, float] = field(default_factory=dict)
     tokens: int = 0  # tokens generated for it
-    stop_reason: str = ""  # eos | line | block | max_tokens | deadline | cancelled
-    replace_suffix_chars: int = 0  # characters after the cursor this candidate replaces
+    stop_reason: str = ""  # a StopReason value
 
 
 @dataclass

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from codecomplete.languages import Language, parser_for
-from codecomplete.postprocess import ScanState, code_part, prefix_state, scan_brackets
+from codecomplete.lexer import ScanState, code_part, prefix_state, scan_brackets
 from codecomplete.request import Candidate
+from codecomplete.text import indent_of, indent_width
 
 # Lines parsed around the cursor: bounds the cost on huge files. The damage a candidate does
 # shows near it (an unclosed string or bracket still reaches the window's end), and reparse
@@ -101,19 +102,15 @@ def _windows(prefix: str, suffix: str) -> tuple[int, str]:
     return lower, suffix[:end]
 
 
-def _width(line: str) -> int:
-    return len(line[: len(line) - len(line.lstrip(" \t"))].expandtabs(4))
-
-
 def _enclosing_headers(prefix: str, window_start: int, lang: Language) -> str:
     """The lines above the window that open the blocks it sits in (`class A {`, `def f(`),
     so that a window cut from the middle of a class parses as it does in the file."""
     window = prefix[window_start : window_start + WINDOW_CHARS]
     first = next((line for line in window.split("\n") if _is_code_line(line, lang)), "")
-    limit = _width(first)  # blocks the window closes later are opened by the headers found
+    limit = indent_width(first)  # blocks the window closes later are opened by the headers found
     # after `} else {` or `):`, the line that opened the block is wanted
     closing_width = limit if _CONTINUES_BLOCK.match(first.lstrip()) else None
-    indent_chars = len(first) - len(first.lstrip(" \t"))
+    indent_chars = len(indent_of(first))
     search_from = max(0, window_start - HEADER_SEARCH_CHARS)
     headers: list[str] = []
     pos = window_start
@@ -130,7 +127,7 @@ def _enclosing_headers(prefix: str, window_start: int, lang: Language) -> str:
         line, pos = prefix[start : end if end >= 0 else pos], start
         if not _is_code_line(line, lang) or len(line) > MAX_HEADER_CHARS:
             continue
-        width = _width(line)
+        width = indent_width(line)
         continues = _CONTINUES_BLOCK.match(line.lstrip()) is not None
         if closing_width is not None:
             if width > closing_width or continues:
@@ -139,7 +136,7 @@ def _enclosing_headers(prefix: str, window_start: int, lang: Language) -> str:
         elif width >= limit:
             continue
         headers.append(line)
-        limit, indent_chars = width, len(line) - len(line.lstrip(" \t"))
+        limit, indent_chars = width, len(indent_of(line))
         if continues:
             closing_width = width
     return "".join(line + "\n" for line in reversed(headers))
@@ -269,7 +266,7 @@ def _is_incomplete(text: str, base: _Baseline, lang: Language, end: ScanState) -
     if "\n" not in text:
         last_line = base.prefix_bytes[base.prefix_bytes.rfind(b"\n") + 1 :].decode() + text
     next_line = next((line for line in suffix[newline + 1 :].split("\n", 20) if line.strip()), "")
-    if newline >= 0 and _width(next_line) > _width(last_line):
+    if newline >= 0 and indent_width(next_line) > indent_width(last_line):
         return False  # the next line continues the statement or fills the block
     last = code_part(last_line, lang).rstrip()
     if not last:

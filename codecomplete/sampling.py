@@ -1,18 +1,27 @@
-"""The N-candidate decode loop: one prefill, N branches stepped together (the runtime's
-bifurcated decode), token alignment first, then stop rules and the deadline."""
+"""The N-candidate step loop: one prefill, N branches stepped together (the runtime's
+bifurcated decode), token alignment first, then stop rules and the deadline.
+
+`DecodeLoop` holds one request's decode state and is advanced from outside, one step at
+a time: `sample` consumes the current logits (a token per branch, the stop rules), then
+`prepare` groups the branches into runtime rows and either serves the next logits from
+the last keystroke's trace or leaves `branches`/`next_tokens` for a runtime decode,
+whose logits go back through `accept`. `generate` is the plain loop over it; a batched
+scheduler can interleave the decode calls of many loops.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from codecomplete.alignment import VocabTrie, advance
+from codecomplete.alignment import Alignment, VocabTrie, advance
+from codecomplete.request import StopReason
+from codecomplete.reuse import DecodeTrace, Reuse, TraceStep
 from codecomplete.runtime.base import BranchState, ContextState, Runtime
-
-TOP_K = 64  # sampling looks at the 64 best tokens only: cheap on 150k vocabularies
+from codecomplete.sampler import Sampler
 
 
 @dataclass
@@ -23,55 +32,12 @@ class Branch:
     remaining: bytes = b""  # the constraint still to re-generate
     logprob_sum: float = 0.0
     scored_tokens: int = 0
-    stop_reason: str = ""
+    stop_reason: StopReason | None = None
     cut_bytes: int = -1  # visible bytes to keep, when a stop rule cut the text
 
     @property
     def done(self) -> bool:
-        return bool(self.stop_reason)
-
-
-@dataclass
-class TraceStep:
-    """One decode step of a request: the token paths its rows had been fed, where their KV
-    sits and the logits that followed them."""
-
-    rows: dict[tuple[int, ...], int]  # token path (from the context on) -> index into logits/state_rows
-    state: BranchState  # the branch cache holding those paths' KV
-    state_rows: list[int]  # the row of `state` for each index
-    logits: np.ndarray  # (paths, V): the logits after each path
-    offset: int = 0  # the step of `state` where a path's first token sits
-
-
-@dataclass
-class DecodeTrace:
-    """What the decode steps of one request computed, kept for the next keystroke. When
-    its prompt is this one's followed by tokens a branch was fed, the runtime copies their
-    KV from the branch cache (no prefill); and while its new branches walk paths decoded
-    here, their logits come from here (no decode call). steps[k - 1]: paths of k tokens."""
-
-    steps: list[TraceStep] = field(default_factory=list)
-
-    def find(self, tokens: Sequence[int]) -> tuple[BranchState, int, np.ndarray, int] | None:
-        """(branch state, its row, the logits after the tokens, offset) for a decoded path."""
-        if not 0 < len(tokens) <= len(self.steps):
-            return None
-        step = self.steps[len(tokens) - 1]
-        i = step.rows.get(tuple(tokens))
-        return None if i is None else (step.state, step.state_rows[i], step.logits[i], step.offset)
-
-    def serve(self, paths: list[tuple[int, ...]], ext: tuple[int, ...]) -> TraceStep | None:
-        """A step for rows fed `paths` over a context that is this trace's plus `ext`, when
-        every one of them was decoded here (rows in the order of paths), else None."""
-        depth = len(ext) + len(paths[0])
-        if depth > len(self.steps):
-            return None
-        step = self.steps[depth - 1]
-        found = [step.rows.get(ext + p) for p in paths]
-        if any(i is None for i in found):
-            return None
-        return TraceStep({p: r for r, p in enumerate(paths)}, step.state, [step.state_rows[i] for i in found],
-                         step.logits[found], step.offset + len(ext))
+        return self.stop_reason is not None
 
 
 @dataclass
@@ -86,38 +52,158 @@ class GenerationResult:
     served_steps: int = 0  # steps whose logits came from the previous request's trace (no decode call)
 
 
-def _logsumexp(x: np.ndarray) -> float:
-    m = float(x.max())
-    return m + float(np.log(np.exp(x - m).sum()))
+class DecodeLoop:
+    """One request's N branches between decode steps.
 
+    stop_bytes(visible_bytes) returns how many visible bytes to keep when the text must
+    stop there (line end, block end), else None. deadline is a time.monotonic() value.
+    patience: once the greedy candidate has ended, the others get at most this many more
+    steps (stop_reason "patience"); a keystroke then costs about the greedy answer's
+    length instead of the longest sample's. None waits for every candidate.
+    reuse: the previous request's trace and the tokens this context has beyond its context:
+    while every row walks a path decoded there, its logits are taken from there and its KV
+    copied when the first real decode step comes.
+    """
 
-TAIL = 20.0  # tokens this far below the best (after temperature) hold < 3e-9 of its probability
+    def __init__(self, runtime: Runtime, context: ContextState, first_logits: np.ndarray, *, n: int,
+                 max_new_tokens: int, alignment: Alignment, sampler: Sampler, stop_ids: set[int],
+                 stop_bytes: Callable[[bytes], int | None], deadline: float | None = None,
+                 cancelled: Callable[[], bool] = lambda: False, patience: int | None = None,
+                 reuse: Reuse | None = None):
+        self.runtime, self.context = runtime, context
+        self.max_new_tokens = max_new_tokens
+        self.alignment, self.sampler = alignment, sampler
+        self.stop_ids, self.stop_bytes = stop_ids, stop_bytes
+        self.deadline, self.cancelled, self.patience = deadline, cancelled, patience
+        self.token_bytes = runtime.tokenizer.token_bytes
+        self.branches_out = [Branch(i, remaining=alignment.removed) for i in range(n)]
+        self.active = list(range(n))
+        # branches with the same tokens so far have the same state: they share one row of the
+        # runtime's decode (its logits and branch cache) until their tokens differ
+        self.row_of = dict.fromkeys(self.active, 0)
+        self.row_paths: list[tuple[int, ...]] = [()]  # the tokens each row has been fed
+        self.trace = DecodeTrace()
+        self.reuse = reuse if reuse is not None and getattr(runtime, "reuses_branches", False) else None
+        self.served: TraceStep | None = None  # the last step taken from the previous trace
+        self.served_steps = 0
+        self.logits = first_logits[None, :]  # (rows, V)
+        self.branches: BranchState | None = None  # the runtime's branch cache, once decoding
+        self.parents: list[int] = []  # the row each next row continues
+        self.next_tokens: list[int] = []  # the token each next row is fed
+        self.step = 0
+        self.steps = self.rows_decoded = self.branch_rows = 0
+        self.greedy_done_at: int | None = None
 
+    def sample(self) -> bool:
+        """Draw a token for every active branch from the current logits and apply the stop
+        rules; True while some branch goes on (then call prepare)."""
+        if self.step >= self.max_new_tokens:  # no token allowed at all
+            return False
+        branches, constraint_len = self.branches_out, len(self.alignment.removed)
+        token_bytes, n_bytes = self.token_bytes, len(self.token_bytes)
+        self.sampler.start_step(self.logits)
+        for bi in self.active:
+            b = branches[bi]
+            tok, lp = self.sampler.pick(bi, self.row_of[bi], b.remaining)
+            b.tokens.append(tok)
+            if tok in self.stop_ids:
+                b.stop_reason = StopReason.EOS
+                b.tokens.pop()
+                continue
+            tb = token_bytes[tok] if tok < n_bytes else b""
+            b.data.extend(tb)
+            if b.remaining:  # re-creating the backed-off text: scored once it is done
+                b.remaining = advance(b.remaining, tb)
+                if b.remaining:
+                    continue
+            b.logprob_sum += lp
+            b.scored_tokens += 1
+            cut = self.stop_bytes(bytes(b.data[constraint_len:]))
+            if cut is not None:
+                b.cut_bytes = cut
+                b.stop_reason = StopReason.STOP
+        still = [bi for bi in self.active if branches[bi].stop_reason is None]
+        reason = self._stop_all(still)
+        if reason is not None:
+            for bi in still:
+                branches[bi].stop_reason = reason
+            self.active = []
+            return False
+        self.active = still
+        return bool(still)
 
-def _nucleus(logits: np.ndarray, temperature: float, top_p: float) -> tuple[np.ndarray, np.ndarray]:
-    """The tokens nucleus sampling draws from, best first, and their cumulative weights:
-    the TOP_K best tokens, cut where they reach top_p of their mass. Only the tokens near
-    the best are ranked (a comparison over the vocabulary instead of a partition of it)."""
-    t = max(temperature, 1e-4)
-    near = np.flatnonzero(logits >= logits.max() - TAIL * t)
-    if len(near) > TOP_K:
-        near = near[np.argpartition(logits[near], len(near) - TOP_K)[len(near) - TOP_K:]]
-    top = near[np.argsort(-logits[near])]
-    z = logits[top] / t
-    c = np.cumsum(np.exp(z - z[0]))  # z[0] is the largest
-    keep = min(int(np.searchsorted(c, top_p * c[-1]) + 1), len(top))  # the nucleus: top_p of the mass
-    return top[:keep], c[:keep]
+    def _stop_all(self, still: list[int]) -> StopReason | None:
+        """Why every branch still going stops now (limits, cancel, deadline, patience), or None."""
+        step, self.step = self.step, self.step + 1
+        if not still:
+            return None
+        if step == self.max_new_tokens - 1:
+            return StopReason.MAX_TOKENS
+        if self.cancelled():
+            return StopReason.CANCELLED
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            return StopReason.DEADLINE
+        if self.patience is not None and self.branches_out[0].done:
+            self.greedy_done_at = step if self.greedy_done_at is None else self.greedy_done_at
+            if step - self.greedy_done_at >= self.patience:
+                return StopReason.PATIENCE
+        return None
 
+    def prepare(self) -> bool:
+        """Group the active branches into rows for the next step. False: their logits came
+        from the last keystroke's trace (call sample again); True: the runtime must decode
+        `next_tokens` into `branches` and hand the logits to accept."""
+        rows: dict[tuple[int, int], int] = {}  # (row so far, next token) -> next row
+        parents, next_tokens, next_row_of = [], [], {}
+        branches = self.branches_out
+        for bi in self.active:
+            key = (self.row_of[bi], branches[bi].tokens[-1])
+            row = rows.get(key)
+            if row is None:
+                row = rows[key] = len(parents)
+                parents.append(key[0])
+                next_tokens.append(key[1])
+            next_row_of[bi] = row
+        row_paths = self.row_paths
+        new_paths = [row_paths[p] + (t,) for p, t in zip(parents, next_tokens, strict=True)]
+        self.row_of, self.row_paths = next_row_of, new_paths
+        self.parents, self.next_tokens = parents, next_tokens
+        hit = self.reuse.trace.serve(new_paths, self.reuse.ext) if self.reuse is not None else None
+        if hit is not None:  # decoded on the last keystroke: no model call
+            self.served, self.logits = hit, hit.logits
+            self.trace.steps.append(hit)
+            self.served_steps += 1
+            return False
+        self.reuse = None  # a path not decoded there: from here on the model runs
+        runtime, state = self.runtime, self.branches
+        if self.served is not None:  # the served steps' KV, copied into a cache of this request's own
+            served = self.served
+            state = runtime.branch_from(self.context, served.state, served.state_rows, served.offset,
+                                        self.served_steps, self.max_new_tokens)
+            if state is None:  # a runtime that reuses branches always can: the served steps fit
+                raise RuntimeError("the runtime could not copy the branch steps taken from the last trace")
+            self.served = None
+        if state is None:  # no branch cache yet: nothing to copy
+            state = runtime.start_branches(self.context, len(parents), self.max_new_tokens)
+        elif parents != list(range(state.n)):  # rows split, merged away or ended
+            state = runtime.select_branches(state, parents)
+        self.branches = state
+        return True
 
-def _draw(nucleus: tuple[np.ndarray, np.ndarray], rng: np.random.Generator) -> int:
-    """Inverse CDF over the nucleus (what rng.choice does, without its checks and copies)."""
-    top, c = nucleus
-    i = int(np.searchsorted(c, rng.random() * c[-1], side="right"))
-    return int(top[min(i, len(top) - 1)])
+    def accept(self, logits: np.ndarray) -> None:
+        """The runtime's logits (rows, V) after decoding next_tokens into branches."""
+        self.logits = logits
+        self.trace.steps.append(TraceStep({path: r for r, path in enumerate(self.row_paths)}, self.branches,
+                                          list(range(len(self.row_paths))), logits))
+        self.steps += 1
+        self.rows_decoded += len(self.parents)
+        self.branch_rows += len(self.active)
 
-
-def _sample(logits: np.ndarray, rng: np.random.Generator, temperature: float, top_p: float) -> int:
-    return _draw(_nucleus(logits, temperature, top_p), rng)
+    def result(self) -> GenerationResult:
+        branches = self.branches_out
+        total = sum(len(b.tokens) for b in branches)
+        return GenerationResult(branches, self.steps, total, self.alignment.mask_ms, self.rows_decoded,
+                                self.branch_rows, self.trace, self.served_steps)
 
 
 def generate(runtime: Runtime, context: ContextState, first_logits: np.ndarray, *, n: int,
@@ -126,148 +212,22 @@ def generate(runtime: Runtime, context: ContextState, first_logits: np.ndarray, 
              temperature: float = 0.8, top_p: float = 0.95, seed: int = 0,
              deadline: float | None = None, cancelled: Callable[[], bool] = lambda: False,
              banned: np.ndarray | None = None, patience: int | None = None,
-             reuse: tuple[DecodeTrace, tuple[int, ...]] | None = None) -> GenerationResult:
-    """Decode n candidates (0 greedy, the rest sampled with seeds seed+i).
+             reuse: Reuse | None = None) -> GenerationResult:
+    """Decode n candidates (0 greedy, the rest sampled with seeds seed+i): DecodeLoop's
+    arguments (stop_fn is its stop_bytes); banned: ids never sampled (special or placeholder
+    tokens that are not stops)."""
+    alignment = Alignment(constraint, trie)
+    sampler = Sampler(temperature=temperature, top_p=top_p, seed=seed, banned=banned, alignment=alignment)
+    loop = DecodeLoop(runtime, context, first_logits, n=n, max_new_tokens=max_new_tokens, alignment=alignment,
+                      sampler=sampler, stop_ids=stop_ids, stop_bytes=stop_fn, deadline=deadline,
+                      cancelled=cancelled, patience=patience, reuse=reuse)
+    return run(loop)
 
-    stop_fn(visible_bytes) returns how many visible bytes to keep when the text must
-    stop there (line end, block end), else None. deadline is a time.monotonic() value.
-    banned: ids never sampled (special or placeholder tokens that are not stops).
-    patience: once the greedy candidate has ended, the others get at most this many more
-    steps (stop_reason "patience"); a keystroke then costs about the greedy answer's
-    length instead of the longest sample's. None waits for every candidate.
-    reuse: the previous request's trace and the tokens this context has beyond its context
-    (() for the same prompt): while every row walks a path decoded there, its logits are
-    taken from there and its KV copied when the first real decode step comes.
-    """
-    token_bytes = runtime.tokenizer.token_bytes
-    branches = [Branch(i, remaining=constraint) for i in range(n)]
-    rngs: dict[int, np.random.Generator] = {}  # made when a branch first samples (greedy never does)
 
-    def rng(bi: int) -> np.random.Generator:
-        if bi not in rngs:
-            rngs[bi] = np.random.default_rng(seed * 1000 + bi)
-        return rngs[bi]
-
-    active = list(range(n))
-    # branches with the same tokens so far have the same state: they share one row of the
-    # runtime's decode (its logits and branch cache) until their tokens differ
-    row_of = dict.fromkeys(active, 0)
-    row_paths: list[tuple[int, ...]] = [()]  # the tokens each row has been fed
-    trace = DecodeTrace()
-    if reuse is not None and not getattr(runtime, "reuses_branches", False):
-        reuse = None
-    served: TraceStep | None = None  # the last step taken from the previous trace
-    served_steps = 0
-    logits = first_logits[None, :]
-    state = None
-    constraint_ms = 0.0
-    steps = rows_decoded = branch_rows = 0
-    greedy_done_at = None
-    vocab = first_logits.shape[-1]
-    for step in range(max_new_tokens):
-        row_logits: dict[int, np.ndarray] = {}  # branches sharing a row share this work
-        row_lse: dict[int, float] = {}
-        row_nucleus: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for bi in active:
-            b = branches[bi]
-            row = row_of[bi]
-            if row not in row_logits:
-                lg = np.array(logits[row], dtype=np.float32)
-                if banned is not None:
-                    lg[banned] = -np.inf
-                row_logits[row] = lg
-            lg = row_logits[row]
-            if b.remaining and trie is not None:
-                t0 = time.perf_counter()
-                mask = trie.mask(b.remaining)
-                constraint_ms += (time.perf_counter() - t0) * 1000
-                lg = np.where(mask[:vocab], lg, -np.inf)
-                lse = _logsumexp(lg)
-            else:
-                if row not in row_lse:
-                    row_lse[row] = _logsumexp(lg)
-                lse = row_lse[row]
-            if bi == 0:
-                tok = int(np.argmax(lg))
-            elif b.remaining and trie is not None:
-                tok = _sample(lg, rng(bi), temperature, top_p)
-            else:  # branches sharing a row draw from one nucleus
-                if row not in row_nucleus:
-                    row_nucleus[row] = _nucleus(lg, temperature, top_p)
-                tok = _draw(row_nucleus[row], rng(bi))
-            lp = float(lg[tok]) - lse
-            b.tokens.append(tok)
-            tb = token_bytes[tok] if tok < len(token_bytes) else b""
-            if tok in stop_ids:
-                b.stop_reason = "eos"
-                b.tokens.pop()
-                continue
-            b.data.extend(tb)
-            was_constrained = bool(b.remaining)
-            b.remaining = advance(b.remaining, tb) if b.remaining else b""
-            if not was_constrained or not b.remaining:
-                b.logprob_sum += float(lp)
-                b.scored_tokens += 1
-            if not b.remaining:
-                visible = bytes(b.data[len(constraint):])
-                cut = stop_fn(visible)
-                if cut is not None:
-                    b.cut_bytes = cut
-                    b.stop_reason = "stop"
-        still = [bi for bi in active if not branches[bi].done]
-        if not still:
-            break
-        if step == max_new_tokens - 1:
-            for bi in still:
-                branches[bi].stop_reason = "max_tokens"
-            break
-        if cancelled():
-            for bi in still:
-                branches[bi].stop_reason = "cancelled"
-            break
-        if deadline is not None and time.monotonic() > deadline:
-            for bi in still:
-                branches[bi].stop_reason = "deadline"
-            break
-        if patience is not None and branches[0].done:
-            greedy_done_at = step if greedy_done_at is None else greedy_done_at
-            if step - greedy_done_at >= patience:
-                for bi in still:
-                    branches[bi].stop_reason = "patience"
-                break
-        rows: dict[tuple[int, int], int] = {}  # (row so far, next token) -> next row
-        parents, next_tokens, next_row_of = [], [], {}
-        for bi in still:
-            key = (row_of[bi], branches[bi].tokens[-1])
-            if key not in rows:
-                rows[key] = len(parents)
-                parents.append(key[0])
-                next_tokens.append(key[1])
-            next_row_of[bi] = rows[key]
-        new_paths = [row_paths[p] + (t,) for p, t in zip(parents, next_tokens, strict=True)]
-        active, row_of, row_paths = still, next_row_of, new_paths
-        hit = reuse[0].serve(new_paths, reuse[1]) if reuse is not None else None
-        if hit is not None:  # decoded on the last keystroke: no model call
-            served, logits = hit, hit.logits
-            trace.steps.append(hit)
-            served_steps += 1
-            continue
-        reuse = None  # a path not decoded there: from here on the model runs
-        if served is not None:  # the served steps' KV, copied into a cache of this request's own
-            state = runtime.branch_from(context, served.state, served.state_rows, served.offset, served_steps,
-                                        max_new_tokens)
-            if state is None:  # a runtime that reuses branches always can: the served steps fit
-                raise RuntimeError("the runtime could not copy the branch steps taken from the last trace")
-            served = None
-        if state is None:  # no branch cache yet: nothing to copy
-            state = runtime.start_branches(context, len(parents), max_new_tokens)
-        elif parents != list(range(state.n)):  # rows split, merged away or ended
-            state = runtime.select_branches(state, parents)
-        logits = runtime.decode(context, state, next_tokens)
-        trace.steps.append(TraceStep({path: r for r, path in enumerate(new_paths)}, state,
-                                     list(range(len(new_paths))), logits))
-        steps += 1
-        rows_decoded += len(parents)
-        branch_rows += len(still)
-    total = sum(len(b.tokens) for b in branches)
-    return GenerationResult(branches, steps, total, constraint_ms, rows_decoded, branch_rows, trace, served_steps)
+def run(loop: DecodeLoop) -> GenerationResult:
+    """Step a loop to its end, one runtime decode call per step not served from a trace."""
+    decode = loop.runtime.decode
+    while loop.sample():
+        if loop.prepare():
+            loop.accept(decode(loop.context, loop.branches, loop.next_tokens))
+    return loop.result()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Any
 
 from codecomplete.request import (
@@ -20,6 +21,7 @@ from codecomplete.request import (
     CompletionRequest,
     Neighbour,
 )
+from codecomplete.text import windowed_request
 
 MAX_NEIGHBOURS = 32
 # option -> (type, lowest, highest) for the fields a client may set; None: no bound
@@ -104,6 +106,19 @@ def request_to_json(request: CompletionRequest) -> dict[str, Any]:
     }
 
 
+def outgoing_request_json(request: CompletionRequest) -> dict[str, Any] | None:
+    """What another process (the engine's child, the team server) gets for a request: the
+    document windowed as the engine would (the window, not megabytes, crosses every keystroke),
+    its options with the time left until the request's deadline; None when the document
+    gets no completions (too big, binary)."""
+    windowed = windowed_request(request)
+    if windowed is None:
+        return None
+    body = request_to_json(windowed)
+    body["options"]["deadline_ms"] = max(1.0, (request.due() - time.monotonic()) * 1000.0)
+    return body
+
+
 def request_from_json(raw: Any, base_options: CompletionOptions | None = None) -> CompletionRequest:
     """A CompletionRequest from `request_to_json`'s shape; WireError names a bad field."""
     if not isinstance(raw, dict):
@@ -129,8 +144,7 @@ def request_from_json(raw: Any, base_options: CompletionOptions | None = None) -
 
 def candidate_to_json(c: Candidate) -> dict[str, Any]:
     return {"text": c.text, "score": c.score, "logprob": c.logprob, "syntax_ok": c.syntax_ok,
-            "score_parts": dict(c.score_parts), "tokens": c.tokens, "stop_reason": str(c.stop_reason),
-            "replace_suffix_chars": c.replace_suffix_chars}
+            "score_parts": dict(c.score_parts), "tokens": c.tokens, "stop_reason": str(c.stop_reason)}
 
 
 def completion_to_json(completion: Completion) -> dict[str, Any]:

@@ -22,7 +22,8 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
 
-from codecomplete.request import CancelToken, Completion, CompletionRequest, Neighbour
+from codecomplete.request import Completion, CompletionRequest, Neighbour
+from codecomplete.text import document_problem
 
 from . import items as lsp_items
 from .capabilities import ClientSupport
@@ -38,10 +39,6 @@ from .workspace import prompt_path, root_uris
 logger = logging.getLogger("codecomplete.lsp")
 
 STATUS_METHOD = "codecomplete/status"
-MAX_DOCUMENT_CHARS = 4_000_000  # bigger documents get empty answers
-WINDOW_BEFORE_CHARS = 64_000  # the engine sees at most this much text before the cursor...
-WINDOW_AFTER_CHARS = 16_000  # ...and this much after it
-NEIGHBOUR_CHARS = 32_000  # per other open document
 MAX_NEIGHBOURS = 8
 
 try:
@@ -53,41 +50,6 @@ except Exception:  # not installed: running from a checkout
 
 
 # -- pure helpers -------------------------------------------------------------------------
-def text_window(text: str, offset: int, before: int = WINDOW_BEFORE_CHARS,
-                after: int = WINDOW_AFTER_CHARS) -> tuple[str, int]:
-    """(window, offset in it): the text around the cursor that the engine gets.
-
-    The edges move in steps of a quarter window and sit on line starts, so that while the
-    user types they stay put and the engine's cached prompt stays valid.
-    """
-    if len(text) <= before + after:
-        return text, offset
-    step_before, step_after = max(before // 4, 1), max(after // 4, 1)
-    start = max(0, -(-(offset - before) // step_before) * step_before)
-    line_start = text.find("\n", start, offset)
-    if start > 0 and line_start >= 0:
-        start = line_start + 1
-    end = min(len(text), (offset + after) // step_after * step_after)
-    line_end = text.rfind("\n", offset, end)
-    if end < len(text) and line_end >= 0:
-        end = line_end + 1
-    end = max(end, offset)
-    return text[start:end], offset - start
-
-
-def clean_text(text: str) -> str | None:
-    """The text as the engine may see it; None for binary content (NUL bytes)."""
-    if "\x00" in text:
-        return None
-    if text.isascii():
-        return text
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:  # lone surrogates (from JSON escapes): one "?" each, offsets stay
-        return text.encode("utf-8", "replace").decode("utf-8")
-
-
 def settings_after_failed_load(settings: Settings, loaded_key: tuple | None, default_model: str | None) -> Settings:
     """Settings that failed to load fall back to what is still loaded (loaded_key: the worker's engine_key)."""
     if loaded_key is None:
@@ -274,17 +236,15 @@ class CodecompleteServer(LanguageServer):
             raise JsonRpcInvalidParams(str(e)) from None
         if not self.settings.enabled_for(doc.language_id):
             return None
-        if len(doc.text) > MAX_DOCUMENT_CHARS:
-            self._log_skip(uri, f"{uri} has {len(doc.text)} characters (limit {MAX_DOCUMENT_CHARS}): no completions")
+        problem = document_problem(doc.text, offset)  # the engine would answer empty: skip the queue
+        if problem is not None:
+            self._log_skip(uri, f"no completions for {uri}: {problem}")
             return None
-        window, window_offset = text_window(doc.text, offset)
-        text = clean_text(window)
-        if text is None:
-            self._log_skip(uri, f"{uri} looks binary (NUL characters): no completions")
-            return None
-        request = CompletionRequest(text=text, offset=window_offset, language=doc.language_id,
+        # the whole document: the engine windows it; the deadline runs from the request's arrival
+        request = CompletionRequest(text=doc.text, offset=offset, language=doc.language_id,
                                     path=prompt_path(uri, self.workspace_roots()), neighbours=self._neighbours(uri),
-                                    options=self.settings.completion_options(), cancel=CancelToken())
+                                    options=self.settings.completion_options(),
+                                    deadline=time.monotonic() + self.settings.deadline_ms / 1000.0)
         return Prepared(doc.snapshot(), offset, request)
 
     def _log_skip(self, uri: str, message: str) -> None:
@@ -303,9 +263,8 @@ class CodecompleteServer(LanguageServer):
         out = []
         roots = self.workspace_roots()
         for other in self.documents.recent(exclude=uri, limit=MAX_NEIGHBOURS):
-            text = clean_text(other.text[:NEIGHBOUR_CHARS])
-            if text:
-                out.append(Neighbour(prompt_path(other.uri, roots), text, other.language_id))
+            if other.text:  # the engine cuts and cleans each one
+                out.append(Neighbour(prompt_path(other.uri, roots), other.text, other.language_id))
         return out
 
     async def run_completion(self, uri: str, position: types.Position) -> tuple[Prepared | None, Completion | None]:
@@ -319,10 +278,11 @@ class CodecompleteServer(LanguageServer):
         if not self.worker.ready:
             return prepared, None
         self.jobs.supersede(uri)
-        job = self.worker.complete(prepared.request, float(self.settings.deadline_ms))
+        job = self.worker.complete(prepared.request)
         self.jobs.track(uri, job)
         try:
-            completion = await asyncio.wait_for(asyncio.shield(job.future), timeout=self.settings.deadline_ms / 1000.0)
+            completion = await asyncio.wait_for(asyncio.shield(job.future),
+                                                timeout=max(0.0, prepared.request.deadline - time.monotonic()))
         except asyncio.TimeoutError:
             logger.info("deadline (%d ms) passed for %s: empty answer", self.settings.deadline_ms, uri)
             completion = None

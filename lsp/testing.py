@@ -15,21 +15,15 @@ import time
 from pathlib import Path
 
 from codecomplete.request import Candidate, Completion, CompletionRequest
+from codecomplete.text import partial_word_start
 
 WORDS = ("print(value)", "printf(value)", "if value:\n    return value", "private_total = 0",
          "value = compute(total)", "return value")
 
 
-def _partial_word(prefix: str) -> str:
-    start = len(prefix)
-    while start > 0 and (prefix[start - 1] == "_" or prefix[start - 1].isalnum()):
-        start -= 1
-    return prefix[start:]
-
-
 def fake_candidates(prefix: str, n: int) -> list[str]:
     """Completions of the word being typed, or whole words at the start of one."""
-    partial = _partial_word(prefix)
+    partial = prefix[partial_word_start(prefix, len(prefix)):]
     texts = [w[len(partial):] for w in WORDS if w.startswith(partial) and len(w) > len(partial)]
     return (texts or ["_fake(value)"])[:n]
 
@@ -47,12 +41,13 @@ class FakeEngine:
     def complete(self, request: CompletionRequest) -> Completion:
         self.requests.append(request)
         t0 = time.perf_counter()
+        decode_deadline = request.decode_deadline(time.monotonic())
         opts = request.options
         steps = 0
         for steps in range(1, opts.max_new_tokens + 1):
-            if request.cancel is not None and request.cancel.cancelled:
+            if request.cancel.cancelled:
                 return Completion([], {"total": (time.perf_counter() - t0) * 1000.0}, tokens_generated=steps, cancelled=True)
-            if (time.perf_counter() - t0) * 1000.0 + self.step_ms > opts.deadline_ms:
+            if time.monotonic() + self.step_ms / 1000.0 > decode_deadline:
                 break
             time.sleep(self.step_ms / 1000.0)
         texts = fake_candidates(request.prefix, opts.n)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from codecomplete.request import CancelToken, Completion, CompletionRequest
+from codecomplete.request import Completion, CompletionRequest
 
 from .engines import close_engine
 
@@ -31,8 +31,6 @@ logger = logging.getLogger("codecomplete.lsp")
 
 # (model folder or None for the default, runtime, device) -> an object with .complete(request)
 EngineFactory = Callable[[str | None, str, str], Any]
-
-ENGINE_MARGIN_MS = 20.0  # the engine's own deadline is this much inside ours: time to answer
 
 
 def default_engine_factory(model: str | None, runtime: str, device: str) -> Any:
@@ -70,7 +68,6 @@ class Job:
 
     request: CompletionRequest
     future: asyncio.Future  # -> Completion | None, set on the event loop only
-    deadline_ms: float
     received: float = field(default_factory=time.perf_counter)
     started: float = 0.0
 
@@ -117,11 +114,10 @@ class Worker:
             self._queue.put(("load", (self._load_generation, (model, runtime, device)), future))
         return future
 
-    def complete(self, request: CompletionRequest, deadline_ms: float) -> Job:
-        """Queue a completion; its future resolves to a Completion or None (no answer)."""
-        if request.cancel is None:
-            request.cancel = CancelToken()
-        job = Job(request, self._loop.create_future(), deadline_ms)
+    def complete(self, request: CompletionRequest) -> Job:
+        """Queue a completion (its deadline stamped by the caller); its future resolves to a
+        Completion or None (no answer)."""
+        job = Job(request, self._loop.create_future())
         self._queue.put(("complete", job, job.future))
         return job
 
@@ -197,10 +193,8 @@ class Worker:
         if request.cancel.cancelled or self.engine is None:
             return None
         job.started = time.perf_counter()
-        remaining_ms = job.deadline_ms - (job.started - job.received) * 1000.0 - ENGINE_MARGIN_MS
-        if remaining_ms <= 0:
+        if time.monotonic() >= request.decode_deadline():  # it waited in the queue past its deadline
             return None
-        request.options.deadline_ms = min(request.options.deadline_ms, remaining_ms)
         try:
             return self.engine.complete(request)
         except Exception:

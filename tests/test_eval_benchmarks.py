@@ -58,9 +58,9 @@ def test_infill_passes_the_right_middle_and_fails_the_wrong_one():
     assert request.prefix == INFILL_RECORDS[0]["prompt"] and request.suffix == INFILL_RECORDS[0]["suffix"]
 
 
-def test_infill_candidate_replacing_suffix_characters_is_applied():
+def test_infill_program_is_prompt_candidate_and_the_whole_suffix():
     case = infill.case_for({**INFILL_RECORDS[0], "suffix": "    return total\n"}, OPTIONS)
-    source = infill.program_source(case, Candidate(text="    total += b\n    ret", replace_suffix_chars=7))
+    source = infill.program_source(case, Candidate(text="    total += b\n"))
     assert "    total += b\n    return total\n" in source
 
 

@@ -1,4 +1,4 @@
-"""The server's pure parts: positions, edits, settings, items, the text window."""
+"""The server's pure parts: positions, edits, settings, items."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from lsprotocol import types
 
 from codecomplete.lsp.documents import UTF8, UTF16, UTF32, Document, PositionError, code_units
-from codecomplete.lsp.items import completion_items, inline_items, partial_word_start
-from codecomplete.lsp.server import clean_text, prompt_path, text_window
+from codecomplete.lsp.items import completion_items, inline_items
+from codecomplete.lsp.server import prompt_path
 from codecomplete.lsp.settings import Settings, apply_settings
 from codecomplete.request import Candidate
 
@@ -77,21 +77,24 @@ def test_offsets_and_positions_round_trip(text, data):
 
 
 # -- items -----------------------------------------------------------------------------------------
-def test_partial_word_covers_identifier_characters_only():
-    text = "x = self.valü"
-    assert text[partial_word_start(text, len(text)):] == "valü"
-    assert partial_word_start("a + ", 4) == 4
-
-
-def test_completion_items_rank_by_score_dedupe_and_cover_the_partial_word():
+def test_completion_items_keep_the_engine_order_merge_equal_first_lines_and_cover_the_partial_word():
     doc = Document("u", "python", 1, "    pri)\n")
-    cands = [Candidate("nt(x", score=0.1), Candidate("nt(y", score=0.9, replace_suffix_chars=1),
-             Candidate("nt(x", score=0.05), Candidate("\n    pass", score=0.5)]
+    # the engine's order (best first); the menu shows one line, so two candidates whose
+    # first lines agree give one entry, and a candidate whose first line is empty gives none
+    cands = [Candidate("nt(y", score=0.1), Candidate("nt(x", score=0.9),
+             Candidate("nt(x\n    z", score=0.95), Candidate("\n    pass", score=0.5)]
     items = completion_items(doc, 7, cands, UTF16)
     assert [i.label for i in items] == ["print(y", "print(x"]
-    assert items[0].text_edit.range == types.Range(start=pos(0, 4), end=pos(0, 8))  # replaces ")" too
-    assert items[1].text_edit.range == types.Range(start=pos(0, 4), end=pos(0, 7))
+    assert items[0].text_edit.range == types.Range(start=pos(0, 4), end=pos(0, 7))  # up to the cursor
     assert [i.sort_text for i in items] == ["0000", "0001"]
+
+
+def test_inline_items_keep_the_engine_order_and_insert_at_the_cursor():
+    doc = Document("u", "python", 1, "print()\n")
+    cands = [Candidate("y", score=0.1), Candidate("x", score=0.9), Candidate("", score=1.0)]
+    items = inline_items(doc, 6, cands, UTF16)
+    assert [i.insert_text for i in items] == ["y", "x"]
+    assert all(i.range == types.Range(start=pos(0, 6), end=pos(0, 6)) for i in items)
 
 
 def test_multiline_candidates_give_their_first_line_to_the_menu_and_everything_inline():
@@ -127,24 +130,6 @@ def test_settings_multiline_maps_to_the_engine_scope_and_rejects_other_words():
 def test_settings_reject_missing_model_folders_booleans_and_accept_top_level_keys(tmp_path):
     new, errors = apply_settings(Settings(), {"model": str(tmp_path / "nope"), "candidates": True, "maxTokens": 7})
     assert new.model == "" and new.candidates == 4 and new.max_tokens == 7 and len(errors) == 2
-
-
-# -- text handed to the engine -------------------------------------------------------------------------
-def test_text_window_keeps_the_cursor_and_stays_put_while_typing():
-    text = "".join(f"line {i}\n" for i in range(40_000))
-    offset = len(text) // 2
-    window, local = text_window(text, offset, before=10_000, after=2_000)
-    assert window[local - 20:local + 20] == text[offset - 20:offset + 20]
-    assert len(window) <= 12_000 and (local == 0 or text[offset - local - 1] == "\n")
-    window2, local2 = text_window(text, offset + 3, before=10_000, after=2_000)
-    assert offset - local == offset + 3 - local2  # same start one keystroke later
-    assert text_window("short", 3) == ("short", 3)
-
-
-def test_clean_text_rejects_binary_and_replaces_lone_surrogates_in_place():
-    assert clean_text("a\x00b") is None
-    assert clean_text("a\ud800b") == "a?b"
-    assert clean_text("é😀") == "é😀"
 
 
 def test_settings_accept_the_settings_wrapper_in_initialization_options():

@@ -5,15 +5,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from codecomplete.languages import language_for
-from codecomplete.postprocess import (
-    clean_candidates,
-    code_part,
-    cut_repetition,
-    decide_scope,
-    drop_suffix_overlap,
-    scan_brackets,
-)
-from codecomplete.request import Candidate
+from codecomplete.lexer import code_part, scan_brackets
+from codecomplete.postprocess import clean_candidates, cut_repetition, drop_suffix_overlap
+from codecomplete.request import Candidate, StopReason
+from codecomplete.scope import decide_scope
 
 PY = language_for("python")
 JS = language_for("javascript")
@@ -281,11 +276,29 @@ def _cands(*pairs):
     return [Candidate(text=t, logprob=lp) for t, lp in pairs]
 
 
-def test_clean_truncates_to_scope_and_drops_overlap():
+def test_decode_stop_then_clean_cuts_to_scope_and_drops_overlap():
     prefix, suffix = "y = foo(", ")\n"
     scope = decide_scope(prefix, suffix, PY)
-    out = clean_candidates(_cands(("x)\nprint(y)", -0.5)), prefix, suffix, scope)
+    generated = b"x)\nprint(y)"
+    kept = scope.stop_bytes(generated)  # what the decode loop asks after each token
+    assert kept == len("x)")
+    out = clean_candidates(_cands((generated[:kept].decode(), -0.5)), prefix, suffix, scope)
     assert [c.text for c in out] == ["x"]
+
+
+def test_stop_bytes_counts_bytes_not_characters():
+    scope = decide_scope('s = "', '"\n', PY)
+    assert scope.stop_bytes("héllo\nx".encode()) == len("héllo".encode()) == 6
+
+
+def test_finish_drops_an_unfinished_line_and_cuts_a_late_block_at_its_last_full_line():
+    line = decide_scope("y = foo(", ")\n", PY)
+    assert line.finish("x, y", StopReason.PATIENCE) is None
+    assert line.finish("x, y", StopReason.DEADLINE) == "x, y"
+    block = decide_scope("def f(x):\n    ", "\n", PY)
+    assert block.finish("y = 1\n    ret", StopReason.DEADLINE) == "y = 1"
+    assert block.finish("y = 1\n    ret", StopReason.PATIENCE) == "y = 1"
+    assert block.finish("y = 1\n    ret", StopReason.MAX_TOKENS) == "y = 1\n    ret"
 
 
 def test_clean_drops_empty_and_keeps_higher_logprob_duplicate():

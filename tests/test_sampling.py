@@ -8,8 +8,10 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from codecomplete.reuse import Reuse
 from codecomplete.runtime.base import BranchState, ContextState
-from codecomplete.sampling import TOP_K, _nucleus, generate
+from codecomplete.sampler import TOP_K, _nucleus
+from codecomplete.sampling import generate
 
 V = 50
 
@@ -74,9 +76,9 @@ def test_every_token_comes_from_its_own_branch_history(n, steps, seed, skew):
     # with the logits that followed it (what the next keystroke adopts instead of a prefill)
     for b in result.branches:
         for k in range(1, steps):
-            state, row, logits, offset = result.trace.find(b.tokens[:k])
-            assert offset == 0 and tuple(state.kv[row][:k]) == tuple(b.tokens[:k])
-            np.testing.assert_array_equal(logits, logits_for(tuple(b.tokens[:k]), skew))
+            found = result.trace.find(b.tokens[:k])
+            assert found.offset == 0 and tuple(found.branches.kv[found.row][:k]) == tuple(b.tokens[:k])
+            np.testing.assert_array_equal(found.logits, logits_for(tuple(b.tokens[:k]), skew))
     assert result.trace.find([]) is None and result.trace.find([0] * steps) is None
 
 
@@ -133,14 +135,14 @@ def test_steps_taken_from_the_last_trace_give_the_same_tokens_as_decoding(n, ste
     ext = tuple(first.branches[pick % n].tokens[:min(k, steps - 1)])  # the user typed what a branch began with
     fresh_rt, reuse_rt = PrefixRuntime(skew), PrefixRuntime(skew)
     fresh = _generate(fresh_rt, context + ext, seed2, steps, n)
-    reused = _generate(reuse_rt, context + ext, seed2, steps, n, reuse=(first.trace, ext))
+    reused = _generate(reuse_rt, context + ext, seed2, steps, n, reuse=Reuse(first.trace, ext))
     assert [b.tokens for b in reused.branches] == [b.tokens for b in fresh.branches]
     assert reused.steps + reused.served_steps == fresh.steps == fresh_rt.decode_calls
     assert reuse_rt.decode_calls == reused.steps
     if not ext and seed2 == seed:  # the same request again: every step comes from the trace
         assert reused.steps == 0
     # the new trace serves a third keystroke too, served steps included
-    again = _generate(PrefixRuntime(skew), context + ext, seed2, steps, n, reuse=(reused.trace, ()))
+    again = _generate(PrefixRuntime(skew), context + ext, seed2, steps, n, reuse=Reuse(reused.trace, ()))
     assert again.steps == 0 and [b.tokens for b in again.branches] == [b.tokens for b in fresh.branches]
 
 
@@ -166,3 +168,40 @@ def test_nucleus_matches_a_full_sort_of_the_vocabulary(seed, spread, masked, tem
     assert sorted(top.tolist()) == reference_nucleus(logits, temperature, top_p)
     assert len(c) == len(top) and np.all(np.diff(c) >= 0)
     assert list(top) == sorted(top, key=lambda t: -logits[t])  # best first
+
+
+def _loop(rt, context, seed, steps, n):
+    from codecomplete.alignment import Alignment
+    from codecomplete.sampler import Sampler
+    from codecomplete.sampling import DecodeLoop
+
+    alignment = Alignment(b"", None)
+    sampler = Sampler(temperature=0.8, top_p=0.95, seed=seed, banned=None, alignment=alignment)
+    return DecodeLoop(rt, ContextState(list(context)), logits_for(tuple(context), rt.skew), n=n,
+                      max_new_tokens=steps, alignment=alignment, sampler=sampler, stop_ids=set(),
+                      stop_bytes=lambda visible: None)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 4), steps=st.integers(1, 8), seed=st.integers(0, 1000))
+def test_two_loops_stepped_in_turn_from_outside_give_what_generate_gives(n, steps, seed):
+    """A scheduler advances each request's loop one step at a time, interleaving them:
+    each must end with the tokens a plain generate gives."""
+    contexts = ((7, 8, 9), (3, 4))
+    runtimes = [PrefixRuntime(2.0) for _ in contexts]
+    loops = [_loop(rt, c, seed + i, steps, n) for i, (rt, c) in enumerate(zip(runtimes, contexts, strict=True))]
+    going = [True] * len(loops)
+    while any(going):
+        for i, loop in enumerate(loops):  # prepare next tokens -> runtime decode -> consume logits
+            if going[i] and loop.sample():
+                assert loop.prepare()  # no trace to serve from: every step is a decode
+                assert loop.branches.n == len(loop.next_tokens)
+                loop.accept(runtimes[i].decode(loop.context, loop.branches, loop.next_tokens))
+            else:
+                going[i] = False
+    for i, (loop, c) in enumerate(zip(loops, contexts, strict=True)):
+        want = _generate(PrefixRuntime(2.0), c, seed + i, steps, n)
+        got = loop.result()
+        assert [b.tokens for b in got.branches] == [b.tokens for b in want.branches]
+        assert got.steps == want.steps == runtimes[i].decode_calls
+        assert {b.stop_reason for b in got.branches} == {"max_tokens"}

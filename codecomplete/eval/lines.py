@@ -19,6 +19,7 @@ from codecomplete.eval.metrics import edit_similarity, mean, same_line
 from codecomplete.eval.runner import Case, EngineLike, cost_summary, generate_all
 from codecomplete.languages import language_for
 from codecomplete.request import CompletionOptions, CompletionRequest
+from codecomplete.text import indent_of, is_word_char
 
 CURSOR_KINDS = ("mid-token", "boundary", "line-start")
 SKIP_DIRS = {".git", ".hg", ".svn", "node_modules", "__pycache__", ".venv", "venv", ".tox", "build", "dist", "target"}
@@ -70,14 +71,10 @@ def _lines(text: str):
         end = text.find("\n", start)
         end = len(text) if end == -1 else end
         line = text[start:end]
-        yield start, start + len(line) - len(line.lstrip(" \t")), end
+        yield start, start + len(indent_of(line)), end
         if end == len(text):
             break
         start = end + 1
-
-
-def _is_word(ch: str) -> bool:
-    return ch.isalnum() or ch == "_"
 
 
 def cursor_positions(text: str, kind: str, rng: random.Random) -> list[int]:
@@ -96,7 +93,7 @@ def cursor_positions(text: str, kind: str, rng: random.Random) -> list[int]:
                 if not text[p:end].strip():
                     break
                 before, after = text[p - 1], text[p]
-                if _is_word(before) and _is_word(after):
+                if is_word_char(before) and is_word_char(after):
                     continue
                 if before.isspace() and after.isspace():
                     continue
@@ -196,8 +193,7 @@ def score(cases: Sequence[Case], generated) -> tuple[dict, list[dict]]:
                        for line, c in zip(lines, gen.candidates, strict=True)],
         }
         if lines:
-            suffix = case.request.suffix[max(gen.candidates[0].replace_suffix_chars, 0):]
-            record["syntax_error"] = syntax_error(case.request.prefix, top, suffix, case.language, target)
+            record["syntax_error"] = syntax_error(case.request.prefix, top, case.request.suffix, case.language, target)
         if gen.error:
             record["engine_error"] = gen.error
         details.append(record)

@@ -154,9 +154,9 @@ def cost_summary(generated: Sequence[Generated]) -> dict:
 
 
 def insertion_text(case: Case, candidate: Candidate) -> tuple[str, str]:
-    """(text inserted at the cursor, the document's suffix after the candidate replaced its part)."""
-    suffix = case.request.suffix[max(candidate.replace_suffix_chars, 0):]
-    return candidate.text, suffix
+    """(text inserted at the cursor, the document's suffix after it): the engine has already
+    dropped what a candidate retyped of the suffix, so the suffix stays whole."""
+    return candidate.text, case.request.suffix
 
 
 def run_execution_benchmark(

@@ -34,8 +34,6 @@ class ContextState:
     reused_tokens: int = 0  # how many leading tokens came from the previous state
     new_tokens: int = 0  # how many were computed by this prefill
     adopted_tokens: int = 0  # how many came from a branch cache (Runtime.adopt), not computed
-    logits: np.ndarray | None = None  # the last token's logits, kept by the engine for an unchanged prompt
-    trace: object = None  # the engine's DecodeTrace of the decode steps run over this context
 
     def __len__(self) -> int:
         return len(self.tokens)
