@@ -54,7 +54,7 @@ def line_char_to_offset(text: str, line: int, character: int) -> int:
 
 def _load_engine(args):
     from codecomplete.engine import Engine
-    from codecomplete.models.folder import ModelLoadError
+    from codecomplete.models.format.folder import ModelLoadError
 
     try:
         return Engine.load(args.model, runtime=args.runtime, device=args.device, precision=args.precision)

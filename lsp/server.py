@@ -30,6 +30,7 @@ from pygls.exceptions import JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
 from pygls.uris import to_fs_path
 
+from codecomplete import __version__
 from codecomplete.prompt import workspace_name
 from codecomplete.request import CancelToken, Completion, CompletionRequest, Neighbour
 
@@ -50,12 +51,6 @@ MAX_NEIGHBOURS = 8
 NVIM_RUNTIME = Path(__file__).resolve().parent / "nvim"  # holds lua/codecomplete/init.lua
 PARENT_POLL_S = float(os.environ.get("CODECOMPLETE_PARENT_POLL_S", "2"))  # seconds between checks
 
-try:
-    from importlib.metadata import version as _version
-
-    __version__ = _version("codecomplete")
-except Exception:  # not installed: running from a checkout
-    __version__ = "0.0.0"
 
 
 # -- pure helpers -------------------------------------------------------------------------
@@ -331,7 +326,7 @@ class CodecompleteServer(LanguageServer):
         self._latest[uri] = job
         try:
             completion = await asyncio.wait_for(asyncio.shield(job.future), timeout=self.settings.deadline_ms / 1000.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             logger.info("deadline (%d ms) passed for %s: empty answer", self.settings.deadline_ms, uri)
             completion = None
             job.supersede()

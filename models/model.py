@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import fused_triton
 from .bifurcated_triton import bifurcated_attention_triton
-from .config import ModelConfig
+from .format.config import ModelConfig
 
 
 class RMSNorm(nn.Module):

@@ -17,8 +17,8 @@ transformers = pytest.importorskip("transformers")
 
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
-from codecomplete.models.folder import ModelLoadError  # noqa: E402
-from codecomplete.models.gguf_import import (  # noqa: E402
+from codecomplete.models.format.folder import ModelLoadError  # noqa: E402
+from codecomplete.models.format.gguf_import import (  # noqa: E402
     GGUFFile,
     load_gguf,
     unpermute_rope_rows,

@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from codecomplete.models.config import ModelConfig  # noqa: E402
+from codecomplete.models.format.config import ModelConfig  # noqa: E402
 from codecomplete.models.model import (  # noqa: E402
     Transformer,
     bifurcated_attention,

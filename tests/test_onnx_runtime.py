@@ -8,9 +8,9 @@ import logging
 import numpy as np
 import pytest
 
-from codecomplete.models.config import preset
-from codecomplete.models.folder import save_model_folder
-from codecomplete.models.source import load_model_source
+from codecomplete.models.format.config import preset
+from codecomplete.models.format.folder import save_model_folder
+from codecomplete.models.format.source import load_model_source
 from codecomplete.models.testing import SAMPLE_CODE, random_weights, train_test_tokenizer
 from codecomplete.runtime import load_runtime
 from codecomplete.runtime.onnx import OnnxRuntime

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from codecomplete.models.source import load_model_source  # noqa: E402
+from codecomplete.models.format.source import load_model_source  # noqa: E402
 from codecomplete.runtime import load_runtime  # noqa: E402
 
 TEXTS = [
@@ -89,7 +89,7 @@ def test_int8_cpu_weights_keep_fp32_top1(tiny_model_dir):
 
 @pytest.mark.parametrize("attention", ["bifurcated-einsum", "plain"])
 def test_every_attention_mode_gives_the_same_logits(tiny_gqa_model_dir, attention):
-    from codecomplete.models.source import load_model_source
+    from codecomplete.models.format.source import load_model_source
     from codecomplete.runtime.torch import TorchRuntime
 
     source = load_model_source(str(tiny_gqa_model_dir))

@@ -5,8 +5,8 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from codecomplete.models.config import ModelConfig
-from codecomplete.models.folder import read_safetensors, save_model_folder
+from codecomplete.models.format.config import ModelConfig
+from codecomplete.models.format.folder import read_safetensors, save_model_folder
 from codecomplete.models.model import Transformer
 from codecomplete.models.train.corpus import ShardWriter
 from codecomplete.models.train.prepare import prepare

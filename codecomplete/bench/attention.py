@@ -47,7 +47,7 @@ def run(args) -> int:
 
     from codecomplete.bench.common import median_ms
     from codecomplete.models import bifurcated_triton, fused_triton
-    from codecomplete.models.config import ModelConfig
+    from codecomplete.models.format.config import ModelConfig
     from codecomplete.models.model import Transformer, decode_step_plain_cached
 
     cuda = args.device == "cuda"

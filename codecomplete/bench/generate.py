@@ -79,9 +79,9 @@ def run(args) -> int:
     import numpy as np
     import torch
 
-    from codecomplete.models.config import ModelConfig
+    from codecomplete.models.format.config import ModelConfig
+    from codecomplete.models.format.source import load_model_source
     from codecomplete.models.model import Transformer
-    from codecomplete.models.source import load_model_source
     from codecomplete.runtime.torch import TorchRuntime
 
     if args.device == "cuda" and not torch.cuda.is_available():

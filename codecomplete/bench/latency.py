@@ -189,7 +189,7 @@ def load_engine(args, policy: str, precision: str = "auto", model: str | None = 
 
     if args.runtime != "onnx" or policy == "adaptive":
         return Engine.load(model, runtime=args.runtime, device=args.device, precision=precision)
-    from codecomplete.models.source import load_model_source
+    from codecomplete.models.format.source import load_model_source
     from codecomplete.runtime.onnx import OnnxRuntime, physical_cores
 
     kwargs = {"threads": physical_cores(), **THREAD_POLICIES[policy]}

@@ -13,7 +13,7 @@ def load_runtime(model: str | None = None, runtime: str = "onnx", device: str = 
                  precision: str = "auto", source=None, threads: int | None = None) -> Runtime:
     """Load a model (None: the shipped default) into the named runtime.
     threads: CPU threads for its kernels (None: the runtime's choice, all physical cores)."""
-    from codecomplete.models.source import load_model_source
+    from codecomplete.models.format.source import load_model_source
 
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")

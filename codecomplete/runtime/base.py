@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from codecomplete.models.config import ModelConfig
-from codecomplete.tokenizer import Tokenizer
+from codecomplete.models.format.config import ModelConfig
+from codecomplete.models.format.tokenizer import Tokenizer
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from codecomplete.models.source import ModelSource
+from codecomplete.models.format.source import ModelSource
 
 from .base import BranchState, ContextState, Runtime
 from .cpuload import CpuLoad

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 import torch
 
 from codecomplete.models import bifurcated_triton
-from codecomplete.models.folder import dequantize
+from codecomplete.models.format.folder import dequantize
+from codecomplete.models.format.source import ModelSource
 from codecomplete.models.model import Transformer, decode_step_plain_cached
-from codecomplete.models.source import ModelSource
 
 from .base import BranchState, ContextState, Runtime
 

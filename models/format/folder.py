@@ -27,7 +27,7 @@ from .config import ModelConfig
 
 FORMAT = "codecomplete-model"
 SCALE_SUFFIX = "_scale"
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default"
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
@@ -37,6 +37,31 @@ _DTYPES = {
 
 class ModelLoadError(RuntimeError):
     """A model folder or file is missing, truncated or not what it claims to be."""
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes, as the folder stores them (models/model.py's state_dict before fusion)."""
+    d, hd = cfg.dim, cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (cfg.vocab_size, d)}
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        shapes[p + "attention_norm.weight"] = (d,)
+        shapes[p + "attention.wq.weight"] = (cfg.n_heads * hd, d)
+        shapes[p + "attention.wk.weight"] = (cfg.n_kv_heads * hd, d)
+        shapes[p + "attention.wv.weight"] = (cfg.n_kv_heads * hd, d)
+        if cfg.qkv_bias:
+            shapes[p + "attention.wq.bias"] = (cfg.n_heads * hd,)
+            shapes[p + "attention.wk.bias"] = (cfg.n_kv_heads * hd,)
+            shapes[p + "attention.wv.bias"] = (cfg.n_kv_heads * hd,)
+        shapes[p + "attention.wo.weight"] = (d, cfg.n_heads * hd)
+        shapes[p + "ffn_norm.weight"] = (d,)
+        shapes[p + "feed_forward.w1.weight"] = (cfg.ffn_dim, d)
+        shapes[p + "feed_forward.w2.weight"] = (d, cfg.ffn_dim)
+        shapes[p + "feed_forward.w3.weight"] = (cfg.ffn_dim, d)
+    shapes["norm.weight"] = (d,)
+    if not cfg.tie_embeddings:
+        shapes["output.weight"] = (cfg.vocab_size, d)
+    return shapes
 
 
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
@@ -129,7 +154,7 @@ class ModelFolder:
         return read_safetensors(self.weights_file)
 
     def load_tokenizer(self):
-        from codecomplete.tokenizer import Tokenizer
+        from .tokenizer import Tokenizer
 
         return Tokenizer.from_file(self.tokenizer_file)
 
