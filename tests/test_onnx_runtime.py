@@ -167,9 +167,9 @@ def test_adopting_a_decoded_branch_equals_prefilling_its_tokens(tiny_gqa_model_d
     context gives what a prefill of those tokens gives, for the logits and the next steps."""
     if runtime == "torch":
         pytest.importorskip("torch")
-        from codecomplete.runtime.torch import TorchRuntime
+        from codecomplete.bench.reference import torch_runtime
 
-        rt = TorchRuntime(load_model_source(tiny_gqa_model_dir), attention=attention)
+        rt = torch_runtime(attention, load_model_source(tiny_gqa_model_dir))
     else:
         rt = OnnxRuntime(load_model_source(tiny_gqa_model_dir), precision="fp32")
     prompt = rt.tokenizer.encode(TEXTS[0])

@@ -89,11 +89,12 @@ def test_int8_cpu_weights_keep_fp32_top1(tiny_model_dir):
 
 @pytest.mark.parametrize("attention", ["bifurcated-einsum", "plain"])
 def test_every_attention_mode_gives_the_same_logits(tiny_gqa_model_dir, attention):
+    from codecomplete.bench.reference import torch_runtime
     from codecomplete.models.format.source import load_model_source
     from codecomplete.runtime.torch import TorchRuntime
 
     source = load_model_source(str(tiny_gqa_model_dir))
-    ref, other = TorchRuntime(source), TorchRuntime(source, attention=attention)
+    ref, other = TorchRuntime(source), torch_runtime(attention, source)
     tokens = ref.tokenizer.encode(TEXTS[0])
     outs = []
     for rt in (ref, other):
