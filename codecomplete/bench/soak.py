@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from codecomplete.bench.common import TYPING_SAMPLE, emit, percentile, progress
+from codecomplete.runtime import DEVICES, RUNTIMES
 
 DEFAULT_FILE = TYPING_SAMPLE
 
@@ -270,8 +271,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, default=15.0, help="keystrokes per second")
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--model", default=None)
-    p.add_argument("--runtime", default="onnx", choices=["onnx", "torch"])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--runtime", default="onnx", choices=RUNTIMES)
+    p.add_argument("--device", default="cpu", choices=DEVICES)
     p.add_argument("--n", type=int, default=4, help="candidates")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--deadline-ms", type=int, default=1000)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from codecomplete.models.format.config import ModelConfig
-from codecomplete.models.format.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the annotation only: importing the runtime names costs no tokenizers import
+    from codecomplete.models.format.tokenizer import Tokenizer
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:

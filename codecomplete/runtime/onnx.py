@@ -23,6 +23,7 @@ import onnxruntime as ort
 
 from codecomplete.models.format.source import ModelSource
 
+from . import DEVICES
 from .base import BranchState, ContextState, Runtime
 from .cpuload import CpuLoad
 from .onnx_graph import LINEAR_KINDS, build_model
@@ -50,8 +51,8 @@ def physical_cores() -> int:
 def pick_providers(device: str) -> list[str]:
     """CUDA when asked for (or 'auto') and onnxruntime-gpu is installed, else CPU."""
     available = ort.get_available_providers()
-    if device not in ("cpu", "cuda", "auto"):
-        raise ValueError(f"unknown device {device!r}; choose cpu, cuda or auto")
+    if device not in (*DEVICES, "auto"):
+        raise ValueError(f"unknown device {device!r}; choose {', '.join(DEVICES)} or auto")
     if device in ("cuda", "auto") and "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "cuda":

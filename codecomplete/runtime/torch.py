@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from codecomplete.models import bifurcated_triton
-from codecomplete.models.format.folder import dequantize
+from codecomplete.models.format.folder import dequantize, quantize_rows_int8
 from codecomplete.models.format.source import ModelSource
 from codecomplete.models.model import DECODE_ATTENTION, Transformer
 
@@ -49,15 +49,15 @@ class WeightOnlyInt8Linear(torch.nn.Module):
 
 
 def quantize_weight_only_int8(model: Transformer) -> Transformer:
-    """Swap every nn.Linear for WeightOnlyInt8Linear (per-output-channel symmetric int8)."""
+    """Swap every nn.Linear for WeightOnlyInt8Linear (the model folder's int8 rule:
+    per-output-channel symmetric, folder.quantize_rows_int8)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, torch.nn.Linear):
-                w = child.weight.data.float()
-                scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
-                q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
+                q, scale = quantize_rows_int8(child.weight.data.float().cpu().numpy())
                 bias = None if child.bias is None else child.bias.data.clone()
-                setattr(parent, name, WeightOnlyInt8Linear(q, scale.to(child.weight.dtype), bias))
+                setattr(parent, name, WeightOnlyInt8Linear(torch.from_numpy(q), torch.from_numpy(scale).to(child.weight.dtype),
+                                                           bias))
     return model
 
 

@@ -105,6 +105,16 @@ def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
+def quantize_rows_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output channel: (int8 (out, in), float32 scale (out,)) with
+    w ≈ int8 * scale[:, None]. An all-zero row gets scale 1 (not 0): its int8 values are 0
+    and dequantize to 0, and nothing divides by zero."""
+    w = np.asarray(w, dtype=np.float32)
+    scale = np.abs(w).max(axis=1) / 127.0
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    return np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8), scale
+
+
 def quantize_int8(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per-output-channel symmetric int8 for every 2-D weight; 1-D tensors stay float32."""
     out: dict[str, np.ndarray] = {}
@@ -113,10 +123,7 @@ def quantize_int8(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if w.ndim != 2:
             out[name] = w
             continue
-        scale = np.abs(w).max(axis=1) / 127.0
-        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-        out[name] = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
-        out[name + SCALE_SUFFIX] = scale
+        out[name], out[name + SCALE_SUFFIX] = quantize_rows_int8(w)
     return out
 
 
