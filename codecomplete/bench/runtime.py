@@ -192,7 +192,8 @@ def default_agreement_files() -> list[Path]:
 
 def run_worker(name: str, model_dir: Path, spec: dict) -> tuple[list[dict], str | None]:
     """Measure one runtime in a fresh Python process."""
-    cmd = [sys.executable, "-m", "codecomplete.bench.runtime", "--worker", name, str(model_dir)]
+    # -P: a checkout's codecomplete/ folder in the working directory must not shadow the package
+    cmd = [sys.executable, "-P", "-m", "codecomplete.bench.runtime", "--worker", name, str(model_dir)]
     done = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True)  # the spec may be long
     if done.returncode != 0:
         return [], f"{name} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"

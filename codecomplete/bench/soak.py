@@ -39,7 +39,7 @@ class RawServer:
     """The server as a subprocess, spoken to in raw bytes; every message it sends is kept."""
 
     def __init__(self, args: list[str], env: dict | None = None):
-        cmd = [sys.executable, "-m", "codecomplete.lsp", *args]
+        cmd = [sys.executable, "-P", "-m", "codecomplete.lsp", *args]  # -P: no checkout folder shadows the package
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=env)
         self.pid = self.proc.pid
