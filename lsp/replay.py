@@ -108,7 +108,7 @@ async def _replay(text: str, uri: str, language: str, start: int, keystrokes: in
         if server is not None and server.returncode is None:
             try:
                 await asyncio.wait_for(server.wait(), timeout=5.0)
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 server.kill()
         await client.stop()
     n = len(latencies)
