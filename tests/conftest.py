@@ -17,6 +17,7 @@ import pytest
 _CHECKOUT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _CHECKOUT]
 os.environ["PYTHONSAFEPATH"] = "1"  # children: no script or working folder on sys.path
+# (a child's PYTHONPATH must not hold an empty entry either: that one is the working folder)
 
 
 @pytest.fixture(autouse=True)
