@@ -8,13 +8,15 @@ import os
 import sys
 from pathlib import Path
 
+from codecomplete.runtime import DEVICES, RUNTIMES
+
 PRECISIONS = ["auto", "fp32", "bf16", "fp16", "int8", "int8-w7"]
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder, Hugging Face folder or .gguf file (default: the shipped model)")
-    p.add_argument("--runtime", default="onnx", choices=["onnx", "torch"])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--runtime", default="onnx", choices=RUNTIMES)
+    p.add_argument("--device", default="cpu", choices=DEVICES)
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="weights and kernels: fp32, bf16, fp16 (torch), int8, int8-w7 (onnx: 7-bit weights)")
 
@@ -75,7 +77,7 @@ def _crash_message(cause: str, while_doing: str) -> str:
 
 def _load_engine(args, isolated: bool = False):
     """(engine, exit code): the engine, or None with 3 (cannot load) or 4 (the runtime crashed)."""
-    from codecomplete.models.folder import ModelLoadError
+    from codecomplete.models.format.folder import ModelLoadError
 
     factory_name = getattr(args, "engine_factory", None)
     if factory_name:

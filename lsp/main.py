@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from codecomplete.runtime import DEVICES, RUNTIMES
+
 from .client_log import ClientLogHandler
 from .process import SafeStdin, claim_stdout
 from .server import create_server
@@ -50,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stdio", action="store_true", help="talk LSP over stdin/stdout (the default)")
     p.add_argument("--tcp", type=parse_tcp, metavar="HOST:PORT", help="listen on TCP instead (host 127.0.0.1 if omitted)")
     p.add_argument("--model", default=None, help="model folder (default: the shipped model)")
-    p.add_argument("--runtime", choices=("onnx", "torch"), default=d.runtime)
-    p.add_argument("--device", choices=("cpu", "cuda"), default=d.device)
+    p.add_argument("--runtime", choices=RUNTIMES, default=d.runtime)
+    p.add_argument("--device", choices=DEVICES, default=d.device)
     p.add_argument("--candidates", type=int, default=d.candidates)
     p.add_argument("--max-tokens", type=int, default=d.max_tokens)
     p.add_argument("--deadline-ms", type=int, default=d.deadline_ms)

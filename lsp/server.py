@@ -22,6 +22,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
 
+from codecomplete import __version__
 from codecomplete.request import Completion, CompletionRequest, Neighbour
 from codecomplete.text import document_problem
 
@@ -41,12 +42,6 @@ logger = logging.getLogger("codecomplete.lsp")
 STATUS_METHOD = "codecomplete/status"
 MAX_NEIGHBOURS = 8
 
-try:
-    from importlib.metadata import version as _version
-
-    __version__ = _version("codecomplete")
-except Exception:  # not installed: running from a checkout
-    __version__ = "0.0.0"
 
 
 # -- pure helpers -------------------------------------------------------------------------

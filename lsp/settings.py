@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from codecomplete.request import CompletionOptions
+from codecomplete.runtime import DEVICES, RUNTIMES
 
 SECTION = "codecomplete"
-RUNTIMES = ("onnx", "torch")
-DEVICES = ("cpu", "cuda")
 MULTILINE = {"auto": None, "always": True, "never": False}
 MAX_CANDIDATES = 16
 MAX_TOKENS_LIMIT = 4096

@@ -59,7 +59,7 @@ class FakeEngine:
 
 def fake_engine(model: str | None, runtime: str, device: str) -> FakeEngine:
     """Engine factory for `--engine-factory codecomplete.lsp.testing:fake_engine`."""
-    from codecomplete.models.folder import ModelLoadError
+    from codecomplete.models.format.folder import ModelLoadError
 
     time.sleep(float(os.environ.get("CODECOMPLETE_FAKE_LOAD_MS", "0")) / 1000.0)
     if os.environ.get("CODECOMPLETE_FAKE_PRINT"):  # a chatty library: must not reach the LSP channel

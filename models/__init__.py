@@ -1,4 +1,6 @@
-"""Model architecture, import, quantization, export and training (codecomplete.models).
+"""Model architecture, quantization, export and training (codecomplete.models).
 
-Modules that need torch import it themselves; `config` and `folder` do not.
+`format` is the model format, numpy only (config, model folder, tokenizer, the Hugging Face
+and GGUF importers); the runtimes and the engine import it. `model` (the torch decoder),
+`gqa`, the Triton kernels and `train` need torch and import it themselves.
 """

@@ -133,7 +133,7 @@ def plan_splits(context: int, kv_heads: int, sm_count: int, block_k: int) -> tup
 
 def bifurcated_attention_triton(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor,
                                 k_dec: torch.Tensor, v_dec: torch.Tensor, scale: float) -> torch.Tensor:
-    """Same contract as model.bifurcated_attention: q (N, H, D); k_ctx, v_ctx (G, M, D);
+    """Same contract as model.bifurcated_attention_merged: q (N, H, D); k_ctx, v_ctx (G, M, D);
     k_dec, v_dec (N, G, m, D) with m >= 1 (this step's key included). Returns (N, H, D)."""
     if not AVAILABLE:
         raise RuntimeError("bifurcated_attention_triton needs the triton package")

@@ -29,7 +29,7 @@ def evaluate(model_path: str | None, paths: list[str], window: int = 0, limit_fi
     import torch
     import torch.nn.functional as F
 
-    from codecomplete.models.source import load_model_source
+    from codecomplete.models.format.source import load_model_source
     from codecomplete.runtime.torch import build_torch_model
 
     source = load_model_source(model_path)

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .config import ModelConfig
+from .format.config import ModelConfig
 
 
 def group_kv_heads(config: ModelConfig, weights: dict[str, np.ndarray],

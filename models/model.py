@@ -1,11 +1,16 @@
-"""A Llama-style decoder (RMSNorm, RoPE, SwiGLU) with three attention paths.
+"""A Llama-style decoder (RMSNorm, RoPE, SwiGLU), gpt-fast style: the whole forward pass.
 
+Two attention paths share every block (TransformerBlock.forward holds the residuals):
 - causal prefill over a prompt, appending to a context KV cache that has no batch
-  dimension: k, v (Hkv, M, D) per layer;
-- plain batched decode (the reference): each of N branches carries its own copy of the
-  context KV, (N, Hkv, M + m, D);
+  dimension: k, v (Hkv, M, D) per layer (training is the same path without a cache);
 - bifurcated decode: the context KV is read once for all branches, each branch has a
   small decode KV (N, Hkv, m, D), and one softmax runs over both parts.
+The reference variants (plain batched attention over per-branch copies, the two-part
+einsum) live beside the benchmark that measures against them, codecomplete/bench/attention.py.
+
+q/k/v and gate/up are one linear layer each (fewer, larger matrix products); the model
+folder stores them apart (wq, wk, wv, w1, w3): load_state_dict fuses them, state_dict
+splits them again, so checkpoints keep the folder's names.
 
 Shapes are named in comments: N branches, H query heads, G kv heads, P = H // G queries
 per kv head, M context tokens, m decoded tokens, D head dim, T new tokens.
@@ -14,6 +19,8 @@ per kv head, M context tokens, m decoded tokens, D head dim, T new tokens.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import fused_triton
 from .bifurcated_triton import bifurcated_attention_triton
-from .config import ModelConfig
+from .format.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -57,29 +64,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.to(x.dtype)
 
 
-def bifurcated_attention(q, k_ctx, v_ctx, k_dec, v_dec, scale: float):
-    """One decode step for N branches over a shared context.
-
-    q (N, H, D); k_ctx, v_ctx (G, M, D) stored once; k_dec, v_dec (N, G, m, D) per branch,
-    already holding this step's key/value. Returns (N, H, D).
-    """
-    n, h, d = q.shape
-    g = k_ctx.shape[0]
-    qg = q.view(n, g, h // g, d)  # (N, G, P, D)
-    s_ctx = torch.einsum("ngpd,gmd->ngpm", qg, k_ctx)  # (N, G, P, M)
-    s_dec = torch.einsum("ngpd,ngmd->ngpm", qg, k_dec)  # (N, G, P, m)
-    m_ctx = s_ctx.shape[-1]
-    w = (torch.cat([s_ctx, s_dec], dim=-1).float() * scale).softmax(dim=-1).to(q.dtype)
-    out = torch.einsum("ngpm,gmd->ngpd", w[..., :m_ctx], v_ctx)
-    out = out + torch.einsum("ngpm,ngmd->ngpd", w[..., m_ctx:], v_dec)
-    return out.reshape(n, h, d)
-
-
 def bifurcated_attention_merged(q, k_ctx, v_ctx, k_dec, v_dec, scale: float):
-    """The same step as bifurcated_attention, with the context part done by one fused
-    flash-attention call over all N·P queries stacked per kv head (it returns the
-    log-sum-exp), the small per-branch part by einsum, and a log-sum-exp merge.
-    Reads the context KV once, in one kernel, instead of materialising scores."""
+    """One decode step for N branches over a shared context: q (N, H, D); k_ctx, v_ctx
+    (G, M, D) stored once; k_dec, v_dec (N, G, m, D) per branch, already holding this
+    step's key/value. Returns (N, H, D).
+
+    The context part is one fused flash-attention call over all N·P queries stacked per kv
+    head (it returns the log-sum-exp), the small per-branch part an einsum, then a
+    log-sum-exp merge: the context KV is read once, in one kernel, and no scores are
+    materialised (bench/attention.py holds the two-part einsum it replaces)."""
     n, h, d = q.shape
     g = k_ctx.shape[0]
     p = h // g
@@ -114,37 +107,67 @@ def sdpa(q, k, v, **kwargs):
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
-def plain_batched_attention(q, k_full, v_full, scale: float):
-    """Reference decode step: q (N, H, D), k_full/v_full (N, G, M + m, D) per-branch copies."""
-    n, h, d = q.shape
-    g = k_full.shape[1]
-    if g != h:  # expand kv heads to query heads
-        k_full = k_full.repeat_interleave(h // g, dim=1)
-        v_full = v_full.repeat_interleave(h // g, dim=1)
-    out = sdpa(q[:, :, None, :], k_full, v_full, scale=scale)
-    return out[:, :, 0, :]
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+# decode attention by name: the library-call composition (CPU and CUDA) and the Triton kernel
+DECODE_ATTENTION: dict[str, Callable] = {
+    "bifurcated": bifurcated_attention_merged,
+    "bifurcated-triton": bifurcated_attention_triton,  # split context pass + merge, two kernels
+}
+
+
+def _fuse_parts_on_load(module, state_dict, prefix, *_):
+    """load_state_dict pre-hook: the folder's separate layers (wq, wk, wv; w1, w3) become
+    the module's fused one, their rows stacked in that order."""
+    for fused, parts in module.FUSED.items():
+        for kind in ("weight", "bias"):
+            names = [f"{prefix}{part}.{kind}" for part in parts]
+            if all(name in state_dict for name in names):
+                state_dict[f"{prefix}{fused}.{kind}"] = torch.cat([state_dict.pop(name) for name in names])
+
+
+def _split_fused_on_save(module, state_dict, prefix, _metadata):
+    """state_dict post-hook: the fused layers as the folder's separate ones again (copies:
+    safetensors refuses tensors that share memory)."""
+    for fused, parts in module.FUSED.items():
+        if type(getattr(module, fused)) is not nn.Linear:  # a quantized layer keeps its own layout
+            continue
+        for kind in ("weight", "bias"):
+            tensor = state_dict.pop(f"{prefix}{fused}.{kind}", None)
+            if tensor is None:
+                continue
+            for part, rows in zip(parts, tensor.split(module.part_rows[fused]), strict=True):
+                state_dict[f"{prefix}{part}.{kind}"] = rows.clone()
+
+
+class _FusedProjections(nn.Module):
+    """A module with fused linear layers (FUSED: fused name -> the folder's part names)."""
+
+    FUSED: dict[str, tuple[str, ...]] = {}
+
+    def __init__(self, part_rows: dict[str, list[int]]):
         super().__init__()
-        self.cfg = cfg
+        self.part_rows = part_rows  # fused name -> output rows of each part, in FUSED order
+        self.register_load_state_dict_pre_hook(_fuse_parts_on_load)
+        self.register_state_dict_post_hook(_split_fused_on_save)
+
+
+class Attention(_FusedProjections):
+    FUSED = {"wqkv": ("wq", "wk", "wv")}
+
+    def __init__(self, cfg: ModelConfig):
         hd = cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=cfg.qkv_bias)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        super().__init__({"wqkv": [cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd]})
+        self.cfg = cfg
+        self.wqkv = nn.Linear(cfg.dim, sum(self.part_rows["wqkv"]), bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
         self.scale = 1.0 / math.sqrt(hd)
-        self.wqkv: nn.Linear | None = None  # set by Transformer.fuse_projections (inference)
 
-    def _qkv(self, x, cos, sin):
+    def qkv(self, x, cos, sin):
         """x (B, T, dim) -> q (B, H, T, D), k, v (B, G, T, D) with RoPE applied."""
         b, t, _ = x.shape
         hd, h, g = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
-        if self.wqkv is not None:  # one matrix product instead of three
-            q, k, v = self.wqkv(x).split([h * hd, g * hd, g * hd], dim=-1)
-        else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q, k, v = self.wqkv(x).split(self.part_rows["wqkv"], dim=-1)
         q = q.view(b, t, h, hd).transpose(1, 2)
         k = k.view(b, t, g, hd).transpose(1, 2)
         v = v.view(b, t, g, hd).transpose(1, 2)
@@ -154,7 +177,7 @@ class Attention(nn.Module):
         """Training (no cache) or prefill. x (B, T, dim). With a cache (B, G, cap, D) the new
         keys/values are written at [start, start + T) and attention covers [0, start + T)."""
         b, t, _ = x.shape
-        q, k, v = self._qkv(x, cos, sin)
+        q, k, v = self.qkv(x, cos, sin)
         if k_cache is not None:
             k_cache[:, :, start : start + t] = k
             v_cache[:, :, start : start + t] = v
@@ -171,55 +194,31 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(b, t, h * self.cfg.head_dim)
         return self.wo(y)
 
-    def forward_decode(self, x, cos, sin, k_ctx, v_ctx, k_dec, v_dec, step: int, attention: str):
+    def forward_decode(self, x, cos, sin, k_ctx, v_ctx, k_dec, v_dec, step: int, attend: Callable):
         """One token per branch. x (N, 1, dim); k_ctx/v_ctx (G, M, D); k_dec/v_dec
-        (N, G, m_max, D) preallocated, written in place at index `step`."""
+        (N, G, m_max, D) preallocated, written in place at index `step`; attend has
+        bifurcated_attention_merged's contract."""
         n = x.shape[0]
-        q, k, v = self._qkv(x, cos, sin)  # q (N, H, 1, D), k/v (N, G, 1, D)
+        q, k, v = self.qkv(x, cos, sin)  # q (N, H, 1, D), k/v (N, G, 1, D)
         k_dec[:, :, step] = k[:, :, 0]
         v_dec[:, :, step] = v[:, :, 0]
-        kd, vd = k_dec[:, :, : step + 1], v_dec[:, :, : step + 1]
-        if attention == "bifurcated":
-            y = bifurcated_attention_merged(q[:, :, 0], k_ctx, v_ctx, kd, vd, self.scale)
-        elif attention == "bifurcated-einsum":
-            y = bifurcated_attention(q[:, :, 0], k_ctx, v_ctx, kd, vd, self.scale)
-        elif attention == "bifurcated-triton":  # two Triton kernels (split context pass + merge)
-            y = bifurcated_attention_triton(q[:, :, 0], k_ctx, v_ctx, kd, vd, self.scale)
-        elif attention == "plain":
-            kf = torch.cat([k_ctx.expand(n, *k_ctx.shape), kd], dim=2)
-            vf = torch.cat([v_ctx.expand(n, *v_ctx.shape), vd], dim=2)
-            y = plain_batched_attention(q[:, :, 0], kf, vf, self.scale)
-        else:
-            raise ValueError(f"unknown attention {attention!r} (bifurcated, bifurcated-einsum, bifurcated-triton, plain)")
+        y = attend(q[:, :, 0], k_ctx, v_ctx, k_dec[:, :, : step + 1], v_dec[:, :, : step + 1], self.scale)
         return self.wo(y.reshape(n, 1, -1))
 
 
-def _stack_linear(parts: list[nn.Linear]) -> nn.Linear:
-    """One nn.Linear whose outputs are the parts' outputs, concatenated."""
-    w = torch.cat([p.weight for p in parts], dim=0)
-    bias = [p.bias for p in parts]
-    out = nn.Linear(w.shape[1], w.shape[0], bias=bias[0] is not None, device=w.device, dtype=w.dtype)
-    out.weight.copy_(w)
-    if bias[0] is not None:
-        out.bias.copy_(torch.cat(bias))
-    return out
+class FeedForward(_FusedProjections):
+    FUSED = {"w13": ("w1", "w3")}  # gate and up
 
-
-class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # gate
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # up
+        super().__init__({"w13": [cfg.ffn_dim, cfg.ffn_dim]})
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
-        self.w13: nn.Linear | None = None  # gate and up in one matrix (Transformer.fuse_projections)
 
     def forward(self, x):
-        if self.w13 is not None:
-            gate, up = self.w13(x).chunk(2, dim=-1)
-            if fused_triton.use_for(gate):
-                return self.w2(fused_triton.silu_mul(gate, up))
-            return self.w2(F.silu(gate) * up)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        if fused_triton.use_for(gate):  # one kernel for silu(gate) * up (CUDA inference)
+            return self.w2(fused_triton.silu_mul(gate, up))
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -229,6 +228,11 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, attend: Callable) -> torch.Tensor:
+        """x (B, T, dim); attend(attention, normed x) is this block's attention (causal or decode)."""
+        h = x + attend(self.attention, self.attention_norm(x))
+        return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
@@ -241,7 +245,8 @@ class Transformer(nn.Module):
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
     def init_weights(self, seed: int = 0) -> None:
-        """GPT-2 style init: normal(0.02), residual projections scaled by depth."""
+        """GPT-2 style init: normal(0.02), residual projections scaled by depth. A fused layer
+        draws its parts one after another, so a seed gives the weights it gave unfused."""
         g = torch.Generator().manual_seed(seed)
         for name, p in self.named_parameters():
             if p.dim() == 1:
@@ -250,26 +255,10 @@ class Transformer(nn.Module):
             std = 0.02
             if name.endswith("wo.weight") or name.endswith("w2.weight"):
                 std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+            owner, _, layer = name.rsplit(".", 1)[0].rpartition(".")
+            rows = getattr(self.get_submodule(owner), "part_rows", {}).get(layer, [p.shape[0]])
             with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-
-    @torch.no_grad()
-    def fuse_projections(self) -> bool:
-        """For inference: q/k/v in one linear layer and gate/up in another (fewer, larger
-        matrix products per decode step; the separate layers are dropped). Only plain
-        nn.Linear layers are fused (not int8 ones); returns whether anything was fused."""
-        fused = False
-        for layer in self.layers:
-            att, ffn = layer.attention, layer.feed_forward
-            if att.wqkv is None and all(type(m) is nn.Linear for m in (att.wq, att.wk, att.wv)):
-                att.wqkv = _stack_linear([att.wq, att.wk, att.wv])
-                att.wq = att.wk = att.wv = None
-                fused = True
-            if ffn.w13 is None and all(type(m) is nn.Linear for m in (ffn.w1, ffn.w3)):
-                ffn.w13 = _stack_linear([ffn.w1, ffn.w3])
-                ffn.w1 = ffn.w3 = None
-                fused = True
-        return fused
+                p.copy_(torch.cat([torch.randn((r, *p.shape[1:]), generator=g) for r in rows]) * std)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.norm(h)
@@ -277,15 +266,17 @@ class Transformer(nn.Module):
             return F.linear(h, self.tok_embeddings.weight)
         return self.output(h)
 
+    def run_layers(self, h: torch.Tensor, attend: Callable) -> torch.Tensor:
+        """h (B, T, dim) through every block; attend(i, attention, x) is layer i's attention."""
+        for i, layer in enumerate(self.layers):
+            h = layer(h, partial(attend, i))
+        return h
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Training forward: tokens (B, T) -> logits (B, T, V)."""
         t = tokens.shape[1]
         cos, sin = rope_tables(self.cfg, torch.arange(t, device=tokens.device))
-        h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            a = layer.attention.forward_causal(layer.attention_norm(h), cos, sin)
-            h = h + a
-            h = h + layer.feed_forward(layer.ffn_norm(h))
+        h = self.run_layers(self.tok_embeddings(tokens), lambda i, att, x: att.forward_causal(x, cos, sin))
         return self.logits(h)
 
     def new_cache(self, capacity: int, dtype=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,50 +294,25 @@ class Transformer(nn.Module):
         are written in place. Returns logits (V,) of the last token, or (T, V)."""
         t = tokens.shape[0]
         cos, sin = rope_tables(self.cfg, torch.arange(start, start + t, device=tokens.device))
-        h = self.tok_embeddings(tokens)[None]  # (1, T, dim)
-        for i, layer in enumerate(self.layers):
-            h = h + layer.attention.forward_causal(layer.attention_norm(h), cos, sin,
-                                                   k_cache[i][None], v_cache[i][None], start)
-            h = h + layer.feed_forward(layer.ffn_norm(h))
+        h = self.run_layers(self.tok_embeddings(tokens)[None],  # (1, T, dim)
+                            lambda i, att, x: att.forward_causal(x, cos, sin, k_cache[i][None], v_cache[i][None], start))
         h = h[0, -1] if last_only else h[0]
         return self.logits(h)
 
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, k_ctx: torch.Tensor, v_ctx: torch.Tensor,
-                    dec_k: torch.Tensor, dec_v: torch.Tensor, step: int, attention: str = "bifurcated"):
+                    dec_k: torch.Tensor, dec_v: torch.Tensor, step: int,
+                    attention: str | Callable = "bifurcated") -> torch.Tensor:
         """One step for N branches. tokens (N,); k_ctx/v_ctx (L, G, M, D) shared by all
         branches; dec_k/dec_v (L, N, G, m_max, D) written at `step`. Returns logits (N, V).
-        attention: "bifurcated" (fused context pass + merge), "bifurcated-einsum" (two-part
-        einsum, one softmax), "bifurcated-triton" (bifurcated_triton.py: split context pass
-        and merge in two Triton kernels) or "plain" (per-branch copies of the context)."""
+        attention: a name of DECODE_ATTENTION, or a function with its contract (the
+        benchmark's reference variants)."""
+        attend = DECODE_ATTENTION.get(attention) if isinstance(attention, str) else attention
+        if attend is None:
+            raise ValueError(f"unknown attention {attention!r} ({', '.join(DECODE_ATTENTION)})")
         m = k_ctx.shape[2]
         cos, sin = rope_tables(self.cfg, torch.arange(m + step, m + step + 1, device=tokens.device))  # no host copy: CUDA-graph safe
-        h = self.tok_embeddings(tokens)[:, None]  # (N, 1, dim)
-        for i, layer in enumerate(self.layers):
-            a = layer.attention.forward_decode(layer.attention_norm(h), cos, sin, k_ctx[i], v_ctx[i],
-                                               dec_k[i], dec_v[i], step, attention)
-            h = h + a
-            h = h + layer.feed_forward(layer.ffn_norm(h))
+        h = self.run_layers(self.tok_embeddings(tokens)[:, None],  # (N, 1, dim)
+                            lambda i, att, x: att.forward_decode(x, cos, sin, k_ctx[i], v_ctx[i], dec_k[i], dec_v[i],
+                                                                 step, attend))
         return self.logits(h[:, 0])
-
-
-@torch.no_grad()
-def decode_step_plain_cached(model: Transformer, tokens: torch.Tensor, full_k: torch.Tensor,
-                             full_v: torch.Tensor, m_ctx: int, step: int) -> torch.Tensor:
-    """Plain batched decode as batch serving does it without prefix sharing: each branch
-    holds its own copy of the context KV in a persistent cache full_k/full_v
-    (L, N, G, M + m_max, D); this step writes slot M + step and attends over the rest."""
-    cfg = model.cfg
-    pos = m_ctx + step
-    cos, sin = rope_tables(cfg, torch.arange(pos, pos + 1, device=tokens.device))
-    h = model.tok_embeddings(tokens)[:, None]  # (N, 1, dim)
-    n = tokens.shape[0]
-    for i, layer in enumerate(model.layers):
-        attn = layer.attention
-        q, k, v = attn._qkv(layer.attention_norm(h), cos, sin)
-        full_k[i, :, :, pos] = k[:, :, 0]
-        full_v[i, :, :, pos] = v[:, :, 0]
-        y = plain_batched_attention(q[:, :, 0], full_k[i, :, :, : pos + 1], full_v[i, :, :, : pos + 1], attn.scale)
-        h = h + attn.wo(y.reshape(n, 1, -1))
-        h = h + layer.feed_forward(layer.ffn_norm(h))
-    return model.logits(h[:, 0])

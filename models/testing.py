@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig, preset
-from .folder import ModelFolder, save_model_folder
+from .format.config import ModelConfig, preset
+from .format.folder import ModelFolder, param_shapes, save_model_folder
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
                   "<|fim_pad|>", "<|file_sep|>", "<|pad|>"]
@@ -40,31 +40,6 @@ int main(void) {
     return 0;
 }
 '''
-
-
-def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Parameter names and shapes, exactly as models/model.py's state_dict has them."""
-    d, hd = cfg.dim, cfg.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (cfg.vocab_size, d)}
-    for i in range(cfg.n_layers):
-        p = f"layers.{i}."
-        shapes[p + "attention_norm.weight"] = (d,)
-        shapes[p + "attention.wq.weight"] = (cfg.n_heads * hd, d)
-        shapes[p + "attention.wk.weight"] = (cfg.n_kv_heads * hd, d)
-        shapes[p + "attention.wv.weight"] = (cfg.n_kv_heads * hd, d)
-        if cfg.qkv_bias:
-            shapes[p + "attention.wq.bias"] = (cfg.n_heads * hd,)
-            shapes[p + "attention.wk.bias"] = (cfg.n_kv_heads * hd,)
-            shapes[p + "attention.wv.bias"] = (cfg.n_kv_heads * hd,)
-        shapes[p + "attention.wo.weight"] = (d, cfg.n_heads * hd)
-        shapes[p + "ffn_norm.weight"] = (d,)
-        shapes[p + "feed_forward.w1.weight"] = (cfg.ffn_dim, d)
-        shapes[p + "feed_forward.w2.weight"] = (d, cfg.ffn_dim)
-        shapes[p + "feed_forward.w3.weight"] = (cfg.ffn_dim, d)
-    shapes["norm.weight"] = (d,)
-    if not cfg.tie_embeddings:
-        shapes["output.weight"] = (cfg.vocab_size, d)
-    return shapes
 
 
 def random_weights(cfg: ModelConfig, seed: int = 0, std: float = 0.08) -> dict[str, np.ndarray]:

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
+from pathlib import Path
 
 import pytest
+
+# The checkout's codecomplete/ folder is not the package: setuptools' package-dir puts lsp/
+# and models/ inside it at install time. `python -m pytest` (and any `python -m`/`-c` child
+# started from the repository root) puts the root first on sys.path, where codecomplete/
+# would shadow the installed package and lack codecomplete.lsp and codecomplete.models.
+# So the tests import what is installed (editable or not), and so do the processes they start.
+_CHECKOUT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _CHECKOUT]
+os.environ["PYTHONSAFEPATH"] = "1"  # children: no script or working folder on sys.path
+# (a child's PYTHONPATH must not hold an empty entry either: that one is the working folder)
 
 
 @pytest.fixture(autouse=True)

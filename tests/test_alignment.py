@@ -33,7 +33,7 @@ def test_mask_is_cached_and_identical_on_second_call():
 
 
 def test_real_tokenizer_masks_match_brute_force(tiny_model_dir):
-    from codecomplete.tokenizer import Tokenizer
+    from codecomplete.models.format.tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(tiny_model_dir / "tokenizer.json")
     vocab = tok.token_bytes

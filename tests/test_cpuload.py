@@ -55,7 +55,7 @@ def test_the_real_probe_counts_our_own_work_as_ours():
 
 
 def test_runtime_decodes_on_one_thread_while_the_cpu_is_busy(tiny_model_dir):
-    from codecomplete.models.source import load_model_source
+    from codecomplete.models.format.source import load_model_source
     from codecomplete.runtime.onnx import OnnxRuntime
 
     src = load_model_source(tiny_model_dir)

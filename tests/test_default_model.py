@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from codecomplete.models.folder import DEFAULT_MODEL_DIR, open_model_folder
+from codecomplete.models.format.folder import DEFAULT_MODEL_DIR, open_model_folder
 
 BUDGET_BYTES = 64 * 2**20
 HOLDOUT_FALLBACK = (

@@ -17,8 +17,8 @@ transformers = pytest.importorskip("transformers")
 
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
-from codecomplete.models.folder import ModelLoadError  # noqa: E402
-from codecomplete.models.gguf_import import (  # noqa: E402
+from codecomplete.models.format.folder import ModelLoadError  # noqa: E402
+from codecomplete.models.format.gguf_import import (  # noqa: E402
     GGUFFile,
     load_gguf,
     unpermute_rope_rows,
@@ -111,15 +111,8 @@ def tiny_hf_model(arch: str, vocab_size: int, tie: bool, seed: int):
     return model
 
 
-def write_gguf(path, arch: str, tie: bool, pre: str, seed: int = 0, extra=None, all_f32: bool = False):
-    """A tiny GGUF written the way llama.cpp's converter would (q/k permuted for llama)."""
-    tok_file = train_test_tokenizer(path.with_suffix(".tokenizer.json"), vocab_size=300)
-    tok = json.loads(tok_file.read_text())
-    vocab = {**tok["model"]["vocab"], **{t["content"]: t["id"] for t in tok["added_tokens"]}}
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    specials = {t["id"] for t in tok["added_tokens"] if t["special"]}
-    model = tiny_hf_model(arch, len(tokens), tie, seed)
-    hf_cfg = model.config
+def gguf_writer(path, arch: str, hf_cfg):
+    """A GGUF writer holding the architecture keys of a transformers config (context 512)."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(512)
     w.add_embedding_length(hf_cfg.hidden_size)
@@ -129,6 +122,19 @@ def write_gguf(path, arch: str, tie: bool, pre: str, seed: int = 0, extra=None, 
     w.add_head_count_kv(hf_cfg.num_key_value_heads)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-6)
+    return w
+
+
+def write_gguf(path, arch: str, tie: bool, pre: str, seed: int = 0, extra=None, all_f32: bool = False):
+    """A tiny GGUF written the way llama.cpp's converter would (q/k permuted for llama)."""
+    tok_file = train_test_tokenizer(path.with_suffix(".tokenizer.json"), vocab_size=300)
+    tok = json.loads(tok_file.read_text())
+    vocab = {**tok["model"]["vocab"], **{t["content"]: t["id"] for t in tok["added_tokens"]}}
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    specials = {t["id"] for t in tok["added_tokens"] if t["special"]}
+    model = tiny_hf_model(arch, len(tokens), tie, seed)
+    hf_cfg = model.config
+    w = gguf_writer(path, arch, hf_cfg)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
@@ -345,15 +351,7 @@ def write_sentencepiece_gguf(path):
         scores.append(0.0)
     model = tiny_hf_model("llama", len(tokens), tie=False, seed=5)
     hf_cfg = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(512)
-    w.add_embedding_length(hf_cfg.hidden_size)
-    w.add_block_count(hf_cfg.num_hidden_layers)
-    w.add_feed_forward_length(hf_cfg.intermediate_size)
-    w.add_head_count(hf_cfg.num_attention_heads)
-    w.add_head_count_kv(hf_cfg.num_key_value_heads)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-6)
+    w = gguf_writer(path, "llama", hf_cfg)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores(scores)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from codecomplete.models.config import ModelConfig
+from codecomplete.models.format.config import ModelConfig
 from codecomplete.models.gqa import group_kv_heads
 from codecomplete.models.model import Transformer
 from codecomplete.models.testing import random_weights

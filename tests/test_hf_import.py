@@ -15,9 +15,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from codecomplete.models.folder import ModelLoadError  # noqa: E402
-from codecomplete.models.hf_import import load_hf_folder  # noqa: E402
-from codecomplete.models.source import load_model_source  # noqa: E402
+from codecomplete.models.format.folder import ModelLoadError  # noqa: E402
+from codecomplete.models.format.hf_import import load_hf_folder  # noqa: E402
+from codecomplete.models.format.source import load_model_source  # noqa: E402
 from codecomplete.models.testing import SAMPLE_CODE  # noqa: E402
 from codecomplete.runtime import load_runtime  # noqa: E402
 from codecomplete.runtime.torch import build_torch_model  # noqa: E402

@@ -8,13 +8,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from codecomplete.models.config import ModelConfig  # noqa: E402
-from codecomplete.models.model import (  # noqa: E402
-    Transformer,
+from codecomplete.bench.reference import (  # noqa: E402
     bifurcated_attention,
-    bifurcated_attention_merged,
+    plain_attention_over_copies,
     plain_batched_attention,
 )
+from codecomplete.models.format.config import ModelConfig  # noqa: E402
+from codecomplete.models.format.folder import param_shapes  # noqa: E402
+from codecomplete.models.model import Transformer, bifurcated_attention_merged  # noqa: E402
 
 
 def _rel_err(a, b) -> float:
@@ -53,7 +54,7 @@ def _tiny(n_kv_heads: int, qkv_bias: bool = False) -> Transformer:
     return model.eval()
 
 
-@pytest.mark.parametrize("attention", ["bifurcated", "bifurcated-einsum"])
+@pytest.mark.parametrize("attention", ["bifurcated", bifurcated_attention], ids=["merged", "einsum"])
 @pytest.mark.parametrize("n_kv_heads,qkv_bias", [(4, False), (2, True), (1, False)])
 def test_bifurcated_decode_steps_equal_plain_batched_decode(n_kv_heads, qkv_bias, attention):
     model = _tiny(n_kv_heads, qkv_bias)
@@ -68,7 +69,8 @@ def test_bifurcated_decode_steps_equal_plain_batched_decode(n_kv_heads, qkv_bias
     m = prompt.shape[0]
     for s in range(steps):
         out_b = model.decode_step(tokens[s], k[:, :, :m], v[:, :, :m], bk, bv, s, attention=attention)
-        out_p = model.decode_step(tokens[s], k[:, :, :m], v[:, :, :m], pk, pv, s, attention="plain")
+        out_p = model.decode_step(tokens[s], k[:, :, :m], v[:, :, :m], pk, pv, s,
+                                  attention=plain_attention_over_copies)
         assert _rel_err(out_b, out_p) < 1e-5
 
 
@@ -108,22 +110,43 @@ def test_causal_forward_equals_prefill_all_positions():
     assert _rel_err(model.prefill(tokens, k, v, 0, last_only=False), model(tokens[None])[0]) < 1e-5
 
 
-@pytest.mark.parametrize("n_kv_heads,qkv_bias", [(4, False), (2, True)])
-def test_fused_projections_give_the_same_prefill_and_decode(n_kv_heads, qkv_bias):
-    import copy
+@pytest.mark.parametrize("n_kv_heads,qkv_bias,tie", [(4, False, True), (2, True, False)])
+def test_folder_weights_fuse_at_load_and_split_back_in_the_state_dict(n_kv_heads, qkv_bias, tie):
+    """The model folder stores wq/wk/wv and w1/w3 apart; the model holds them fused."""
+    cfg = ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, ffn_dim=96,
+                      qkv_bias=qkv_bias, tie_embeddings=tie)
+    g = torch.Generator().manual_seed(0)
+    weights = {name: torch.randn(shape, generator=g) for name, shape in param_shapes(cfg).items()}
+    model = Transformer(cfg)
+    model.load_state_dict(weights, strict=True)
+    att, ffn = model.layers[1].attention, model.layers[1].feed_forward
+    assert torch.equal(att.wqkv.weight, torch.cat([weights[f"layers.1.attention.{w}.weight"] for w in ("wq", "wk", "wv")]))
+    assert torch.equal(ffn.w13.weight, torch.cat([weights[f"layers.1.feed_forward.{w}.weight"] for w in ("w1", "w3")]))
+    if qkv_bias:
+        assert torch.equal(att.wqkv.bias, torch.cat([weights[f"layers.1.attention.{w}.bias"] for w in ("wq", "wk", "wv")]))
+    state = model.state_dict()
+    assert set(state) == set(weights)
+    assert all(torch.equal(state[k], weights[k]) for k in weights)
+    # parts are copies: safetensors refuses tensors that share memory
+    assert state["layers.0.attention.wq.weight"].data_ptr() != state["layers.0.attention.wk.weight"].data_ptr()
 
-    model = _tiny(n_kv_heads, qkv_bias)
-    fused = copy.deepcopy(model)
-    assert fused.fuse_projections() and not fused.fuse_projections()  # once only
-    att = fused.layers[0].attention
-    assert att.wq is None and att.wqkv.weight.shape[0] == (4 + 2 * n_kv_heads) * model.cfg.head_dim
-    prompt = torch.randint(0, model.cfg.vocab_size, (29,), generator=torch.Generator().manual_seed(0))
-    outs = []
-    for m in (model, fused):
-        k, v = m.new_cache(64)
-        first = m.prefill(prompt, k, v, 0)
-        shape = (m.cfg.n_layers, 3, m.cfg.n_kv_heads, 4, m.cfg.head_dim)
-        dk, dv = torch.zeros(shape), torch.zeros(shape)
-        step = m.decode_step(torch.tensor([1, 2, 3]), k[:, :, :29], v[:, :, :29], dk, dv, 0)
-        outs.append((first, step))
-    assert _rel_err(outs[1][0], outs[0][0]) < 1e-5 and _rel_err(outs[1][1], outs[0][1]) < 1e-5
+
+def test_load_with_a_missing_part_is_an_error():
+    cfg = ModelConfig(vocab_size=97, dim=64, n_layers=1, n_heads=4, ffn_dim=96)
+    weights = {name: torch.zeros(shape) for name, shape in param_shapes(cfg).items()}
+    del weights["layers.0.attention.wk.weight"]
+    with pytest.raises(RuntimeError, match="wqkv.weight"):
+        Transformer(cfg).load_state_dict(weights, strict=True)
+
+
+def test_init_weights_draw_the_same_values_for_a_seed():
+    cfg = ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96)
+    a, b = Transformer(cfg), Transformer(cfg)
+    a.init_weights(seed=7)
+    b.init_weights(seed=7)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    # the parts are drawn one after another: wq's rows are the first draws after the embedding
+    g = torch.Generator().manual_seed(7)
+    torch.randn((cfg.vocab_size, cfg.dim), generator=g)
+    wq = torch.randn((cfg.n_heads * cfg.head_dim, cfg.dim), generator=g) * 0.02
+    assert torch.equal(a.state_dict()["layers.0.attention.wq.weight"], wq)

@@ -7,10 +7,11 @@ import logging
 
 import numpy as np
 import pytest
+from branch_decode import together_and_alone
 
-from codecomplete.models.config import preset
-from codecomplete.models.folder import save_model_folder
-from codecomplete.models.source import load_model_source
+from codecomplete.models.format.config import preset
+from codecomplete.models.format.folder import save_model_folder
+from codecomplete.models.format.source import load_model_source
 from codecomplete.models.testing import SAMPLE_CODE, random_weights, train_test_tokenizer
 from codecomplete.runtime import load_runtime
 from codecomplete.runtime.onnx import OnnxRuntime
@@ -99,21 +100,13 @@ def test_float16_kv_cache_stays_close_to_torch(tiny_gqa_model_dir):
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_n_branch_decode_equals_separate_single_branch_decodes(tiny_gqa_model_dir, precision):
-    rt = OnnxRuntime(load_model_source(tiny_gqa_model_dir), precision=precision)
-    state, _ = rt.prefill(rt.tokenizer.encode(TEXTS[3]))
-    steps = [[5, 9, 11], [12, 13, 14], [20, 21, 22]]
-    br = rt.start_branches(state, 3, 8)
-    for toks in steps:
-        together = rt.decode(state, br, toks)
-    for b in range(3):
-        single = rt.start_branches(state, 1, 8)
-        for toks in steps:
-            alone = rt.decode(state, single, [toks[b]])
+    together, alone = together_and_alone(OnnxRuntime(load_model_source(tiny_gqa_model_dir), precision=precision))
+    for b, single in enumerate(alone):
         if precision == "fp32":
-            np.testing.assert_allclose(together[b], alone[0], atol=1e-4)
+            np.testing.assert_allclose(together[b], single, atol=1e-4)
         else:  # activations are quantized per tensor, so the other branches move the scale
-            assert together[b].argmax() == alone[0].argmax()
-            assert np.abs(together[b] - alone[0]).max() < 0.1 * np.abs(alone[0]).max()
+            assert together[b].argmax() == single.argmax()
+            assert np.abs(together[b] - single).max() < 0.1 * np.abs(single).max()
 
 
 def test_prefill_with_reuse_equals_fresh_prefill(tiny_gqa_model_dir):
@@ -167,9 +160,9 @@ def test_adopting_a_decoded_branch_equals_prefilling_its_tokens(tiny_gqa_model_d
     context gives what a prefill of those tokens gives, for the logits and the next steps."""
     if runtime == "torch":
         pytest.importorskip("torch")
-        from codecomplete.runtime.torch import TorchRuntime
+        from codecomplete.bench.reference import torch_runtime
 
-        rt = TorchRuntime(load_model_source(tiny_gqa_model_dir), attention=attention)
+        rt = torch_runtime(attention, load_model_source(tiny_gqa_model_dir))
     else:
         rt = OnnxRuntime(load_model_source(tiny_gqa_model_dir), precision="fp32")
     prompt = rt.tokenizer.encode(TEXTS[0])

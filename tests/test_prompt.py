@@ -8,10 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from codecomplete.models.folder import open_model_folder
+from codecomplete.models.format.folder import open_model_folder
+from codecomplete.models.format.tokenizer import Tokenizer
 from codecomplete.prompt import PromptBuilder
 from codecomplete.request import CompletionOptions, CompletionRequest
-from codecomplete.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = (ROOT / "codecomplete" / "engine.py").read_text(encoding="utf-8")

@@ -91,7 +91,7 @@ def factory(model, runtime, device):
 
 def test_an_exception_in_the_worker_is_logged_and_the_server_keeps_answering(tmp_path):
     (tmp_path / "raising_engine.py").write_text(RAISING_ENGINE)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
     server = RawServer(["--engine-factory", "raising_engine:factory"], env=env)
     try:
         assert server.initialize(timeout_s=60) == "ready"

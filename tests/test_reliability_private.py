@@ -54,7 +54,7 @@ def test_cli_complete_makes_no_network_attempt(tiny_model_dir, tmp_path):
     source = tmp_path / "main.py"
     source.write_text("def show(value):\n    pri\n")
     env = {**os.environ, "NETWORK_ATTEMPTS_FILE": str(attempts),
-           "PYTHONPATH": os.pathsep.join([str(tmp_path / "guard"), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "guard"), os.environ.get("PYTHONPATH")]))}
     for extra in (["--model", str(tiny_model_dir)], []):  # a given model folder, then the shipped one
         proc = subprocess.run([sys.executable, "-m", "codecomplete", "complete", str(source), "--line", "1",
                                "--character", "7", "--n", "1", "--max-tokens", "4", *extra],

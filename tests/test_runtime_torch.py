@@ -7,7 +7,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from codecomplete.models.source import load_model_source  # noqa: E402
+from branch_decode import together_and_alone  # noqa: E402
+
+from codecomplete.models.format.source import load_model_source  # noqa: E402
 from codecomplete.runtime import load_runtime  # noqa: E402
 
 TEXTS = [
@@ -38,18 +40,9 @@ def test_prefill_of_identical_prompt_recomputes_only_the_last_token(tiny_model_d
 
 
 def test_n_branch_decode_equals_separate_single_branch_decodes(tiny_gqa_model_dir):
-    rt = load_runtime(str(tiny_gqa_model_dir), runtime="torch")
-    ctx_tokens = rt.tokenizer.encode(TEXTS[3])
-    steps = [[5, 9, 11], [12, 13, 14], [20, 21, 22]]
-    state, _ = rt.prefill(ctx_tokens)
-    br = rt.start_branches(state, 3, 8)
-    for toks in steps:
-        together = rt.decode(state, br, toks)
-    for b in range(3):
-        single = rt.start_branches(state, 1, 8)
-        for toks in steps:
-            alone = rt.decode(state, single, [toks[b]])
-        np.testing.assert_allclose(together[b], alone[0], atol=1e-4)
+    together, alone = together_and_alone(load_runtime(str(tiny_gqa_model_dir), runtime="torch"))
+    for b, single in enumerate(alone):
+        np.testing.assert_allclose(together[b], single, atol=1e-4)
 
 
 def test_select_branches_keeps_the_right_caches(tiny_model_dir):
@@ -89,11 +82,12 @@ def test_int8_cpu_weights_keep_fp32_top1(tiny_model_dir):
 
 @pytest.mark.parametrize("attention", ["bifurcated-einsum", "plain"])
 def test_every_attention_mode_gives_the_same_logits(tiny_gqa_model_dir, attention):
-    from codecomplete.models.source import load_model_source
+    from codecomplete.bench.reference import torch_runtime
+    from codecomplete.models.format.source import load_model_source
     from codecomplete.runtime.torch import TorchRuntime
 
     source = load_model_source(str(tiny_gqa_model_dir))
-    ref, other = TorchRuntime(source), TorchRuntime(source, attention=attention)
+    ref, other = TorchRuntime(source), torch_runtime(attention, source)
     tokens = ref.tokenizer.encode(TEXTS[0])
     outs = []
     for rt in (ref, other):

@@ -5,8 +5,8 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from codecomplete.models.config import ModelConfig
-from codecomplete.models.folder import read_safetensors, save_model_folder
+from codecomplete.models.format.config import ModelConfig
+from codecomplete.models.format.folder import read_safetensors, save_model_folder
 from codecomplete.models.model import Transformer
 from codecomplete.models.train.corpus import ShardWriter
 from codecomplete.models.train.prepare import prepare
@@ -96,4 +96,4 @@ def test_uptraining_starts_from_a_model_folder_with_its_kv_heads_pooled(tmp_path
     assert new.n_kv_heads == 1 and new.n_heads == 4 and new.eos_ids == cfg.eos_ids
     model = Transformer(new)
     model.load_state_dict(load_file(str(out / "final.safetensors")))
-    assert model.layers[0].attention.wk.weight.shape == (new.head_dim, new.dim)
+    assert model.state_dict()["layers.0.attention.wk.weight"].shape == (new.head_dim, new.dim)

@@ -19,8 +19,9 @@ CHECK = textwrap.dedent("""
     import torch
     from codecomplete.models import fused_triton
     from codecomplete.models.bifurcated_triton import bifurcated_attention_triton, plan_splits
-    from codecomplete.models.config import ModelConfig
-    from codecomplete.models.model import RMSNorm, apply_rope, bifurcated_attention, rope_tables
+    from codecomplete.models.format.config import ModelConfig
+    from codecomplete.bench.reference import bifurcated_attention
+    from codecomplete.models.model import RMSNorm, apply_rope, rope_tables
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32

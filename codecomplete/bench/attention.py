@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from codecomplete.bench.common import emit, format_table, progress
+from codecomplete.runtime import DEVICES
 
 CPU_CONFIG = dict(vocab_size=16384, dim=512, n_layers=2, n_heads=8, ffn_dim=1408, max_seq_len=8192 + 64)
 CUDA_CONFIG = dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, ffn_dim=11008, max_seq_len=16384 + 64)
@@ -14,7 +15,7 @@ CPU_COPY_GBPS = 9.5  # memory copy measured on the 2-core AVX2 box
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cpu", choices=DEVICES)
     p.add_argument("--n", default="1,4,16,32", help="comma-separated candidate counts")
     p.add_argument("--context", default=None, help="comma-separated context lengths (default 512,2048,8192; CUDA adds 16384)")
     p.add_argument("--layers", type=int, default=0, help="layers to run (default: CPU 2; CUDA as many as memory allows, at most 32)")
@@ -46,9 +47,10 @@ def run(args) -> int:
     import torch
 
     from codecomplete.bench.common import median_ms
+    from codecomplete.bench.reference import REFERENCE_ATTENTION, decode_step_plain_cached
     from codecomplete.models import bifurcated_triton, fused_triton
-    from codecomplete.models.config import ModelConfig
-    from codecomplete.models.model import Transformer, decode_step_plain_cached
+    from codecomplete.models.format.config import ModelConfig
+    from codecomplete.models.model import Transformer
 
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -77,7 +79,6 @@ def run(args) -> int:
         for name, p in model.named_parameters():
             p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
     model.eval()
-    model.fuse_projections()  # as the torch runtime runs it: q/k/v and gate/up one product each
     repeat = args.repeat or (50 if cuda else 5)
     sync = torch.cuda.synchronize if cuda else None
     gbps = H200_COPY_GBPS if cuda else CPU_COPY_GBPS
@@ -111,6 +112,9 @@ def run(args) -> int:
         return times[len(times) // 2]
 
     # the bifurcated variants: library composition, two-part einsum, and (CUDA + Triton) the kernel
+    def attention_of(mode: str):  # the model's own by name, the reference einsum from bench/reference.py
+        return REFERENCE_ATTENTION.get(mode, mode)
+
     bif_modes = ["bifurcated", "bifurcated-einsum"] + (["bifurcated-triton"] if cuda and bifurcated_triton.AVAILABLE else [])
     unfused = cuda and fused_triton.AVAILABLE and not args.no_unfused
     rows = []
@@ -132,14 +136,15 @@ def run(args) -> int:
                 # same inputs, so the outputs must agree before any timing counts
                 ref = decode_step_plain_cached(model, tokens, full_k, full_v, ctx, args.decoded).float()
                 for mode in bif_modes:
-                    out = model.decode_step(tokens, ctx_k, ctx_v, dec_k, dec_v, args.decoded, mode).float()
+                    out = model.decode_step(tokens, ctx_k, ctx_v, dec_k, dec_v, args.decoded, attention_of(mode)).float()
                     err = float((out - ref).norm() / ref.norm())
                     row[mode.replace("-", "_") + "_rel_err"] = err
                     if err > (1e-1 if cuda else 1e-4):  # bf16 through many random layers drifts
                         raise AssertionError(f"{mode} differs from plain: relative error {err:.2e}")
                 for mode in bif_modes:
                     row[mode.replace("-", "_") + "_ms"] = timed(
-                        lambda mode=mode: model.decode_step(tokens, ctx_k, ctx_v, dec_k, dec_v, args.decoded, mode))
+                        lambda mode=mode: model.decode_step(tokens, ctx_k, ctx_v, dec_k, dec_v, args.decoded,
+                                                           attention_of(mode)))
                 if unfused:  # the same steps with RMSNorm and RoPE as plain PyTorch ops (~40 more kernels a layer)
                     fused_triton.set_enabled(False)
                     row["bifurcated_unfused_ms"] = timed(

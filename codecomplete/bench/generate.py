@@ -7,12 +7,13 @@ import argparse
 import time
 
 from codecomplete.bench.common import emit, format_table, progress
+from codecomplete.runtime import DEVICES
 
 SEVEN_B = dict(vocab_size=32000, dim=4096, n_heads=32, ffn_dim=11008)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cuda", choices=DEVICES)
     p.add_argument("--model", default=None, help="model to load (default: the shipped model)")
     p.add_argument("--shapes", default="ours,7b", help="ours (the loaded model) and/or 7b (random 7B-like layers)")
     p.add_argument("--layers-7b", type=int, default=8, help="layers of the random 7B-like model")
@@ -20,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", default="2048,8192,16384", help="prompt lengths (capped by each model's context)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--precisions", default="bf16,int8", help="bf16, fp32, int8 (CUDA int8: bitsandbytes)")
-    p.add_argument("--attention", default="plain,bifurcated")
+    p.add_argument("--attention", default="plain,bifurcated",
+                   help="plain, bifurcated, bifurcated-einsum, bifurcated-triton (CUDA)")
     p.add_argument("--agreement", action="store_true", help="top-1 agreement of each precision with the first")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", default=None)
@@ -79,10 +81,10 @@ def run(args) -> int:
     import numpy as np
     import torch
 
-    from codecomplete.models.config import ModelConfig
+    from codecomplete.bench.reference import torch_runtime
+    from codecomplete.models.format.config import ModelConfig
+    from codecomplete.models.format.source import load_model_source
     from codecomplete.models.model import Transformer
-    from codecomplete.models.source import load_model_source
-    from codecomplete.runtime.torch import TorchRuntime
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("codecomplete bench generate: --device cuda but torch sees no CUDA device")
@@ -96,8 +98,8 @@ def run(args) -> int:
     for shape in args.shapes.split(","):
         if shape == "ours":
             source = load_model_source(args.model)
-            build = lambda precision, mode, source=source: TorchRuntime(  # noqa: E731
-                source, device=args.device, precision=precision, attention=mode)
+            build = lambda precision, mode, source=source: torch_runtime(  # noqa: E731
+                mode, source, device=args.device, precision=precision)
             cfg = source.config
         elif shape == "7b":
             cfg = ModelConfig(**SEVEN_B, n_layers=args.layers_7b, max_seq_len=max(contexts) + args.new_tokens + 8)
@@ -109,7 +111,7 @@ def run(args) -> int:
 
             def build(precision, mode, base=base):
                 model = base if precision != "int8" else _copy_model(base)
-                return TorchRuntime.from_model(model, device=args.device, precision=precision, attention=mode)
+                return torch_runtime(mode, model=model, device=args.device, precision=precision)
         else:
             raise SystemExit(f"unknown shape {shape!r}")
         per_precision = {}

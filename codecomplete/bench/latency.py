@@ -19,6 +19,7 @@ from codecomplete.bench.common import (
 )
 from codecomplete.commands import PRECISIONS
 from codecomplete.request import BACK_OFF_RULES
+from codecomplete.runtime import DEVICES, RUNTIMES
 
 DEFAULT_FILE = TYPING_SAMPLE
 
@@ -41,8 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start", type=int, default=None, help="character offset where typing begins")
     p.add_argument("--model", default=None,
                    help="model folder (default: the shipped model); several, comma-separated, are compared")
-    p.add_argument("--runtime", default="onnx", choices=["onnx", "torch"])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--runtime", default="onnx", choices=RUNTIMES)
+    p.add_argument("--device", default="cpu", choices=DEVICES)
     p.add_argument("--precision", default="auto",
                    help="precisions to compare, comma-separated: auto, int8, int8-w7 (7-bit weights), fp32, ...")
     p.add_argument("--threads", default="adaptive",
@@ -211,7 +212,7 @@ def build_engine(runtime: str, device: str, policy: str, precision: str, model: 
 
     if runtime != "onnx" or policy == "adaptive":
         return Engine.load(model, runtime=runtime, device=device, precision=precision)
-    from codecomplete.models.source import load_model_source
+    from codecomplete.models.format.source import load_model_source
     from codecomplete.runtime.onnx import OnnxRuntime, physical_cores
 
     kwargs = {"threads": physical_cores(), **THREAD_POLICIES[policy]}

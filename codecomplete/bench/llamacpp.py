@@ -136,7 +136,7 @@ def run_llamacpp(model: Path, doc: Document, threads: int, ns: list[int], max_to
 def load_engine(system: str, model: Path, threads: int):
     """Engine over the GGUF file in one runtime, with the thread count set."""
     from codecomplete.engine import Engine
-    from codecomplete.models.gguf_import import load_gguf
+    from codecomplete.models.format.gguf_import import load_gguf
 
     runtime_name, precision = system.split("-")
     source = load_gguf(model, cache_dtype="int8" if precision == "int8" else "float32")
@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"bench llamacpp: unknown systems {unknown}")
         return 2
     ns = [int(x) for x in args.n.split(",")]
-    from codecomplete.models.gguf_import import load_gguf
+    from codecomplete.models.format.gguf_import import load_gguf
 
     tokenizer = load_gguf(model).tokenizer
     doc = cut_document(Path(args.file).read_text(), lambda s: len(tokenizer.encode(s)),

@@ -48,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_model(args: argparse.Namespace, workdir: Path) -> tuple[Path, str]:
     """The model folder to measure, and a note on where it came from."""
-    from codecomplete.models.folder import is_model_folder
-    from codecomplete.models.source import default_model_dir
+    from codecomplete.models.format.folder import is_model_folder
+    from codecomplete.models.format.source import default_model_dir
 
     if args.model:
         return Path(args.model), "given"
@@ -61,8 +61,8 @@ def resolve_model(args: argparse.Namespace, workdir: Path) -> tuple[Path, str]:
 
 def random_model_folder(path: Path, preset_name: str) -> Path:
     """An int8 model folder with random weights (GPT-2 scale) of a preset shape."""
-    from codecomplete.models.config import preset
-    from codecomplete.models.folder import save_model_folder
+    from codecomplete.models.format.config import preset
+    from codecomplete.models.format.folder import save_model_folder
     from codecomplete.models.testing import random_weights, train_test_tokenizer
 
     path.mkdir(parents=True, exist_ok=True)
@@ -74,7 +74,7 @@ def random_model_folder(path: Path, preset_name: str) -> Path:
 
 def load(name: str, model_dir: Path, threads: int):
     """A runtime by bench name, e.g. onnx-int8 or onnx-int8-s8."""
-    from codecomplete.models.source import load_model_source
+    from codecomplete.models.format.source import load_model_source
 
     kind, _, precision = name.partition("-")
     source = load_model_source(model_dir)
@@ -192,7 +192,8 @@ def default_agreement_files() -> list[Path]:
 
 def run_worker(name: str, model_dir: Path, spec: dict) -> tuple[list[dict], str | None]:
     """Measure one runtime in a fresh Python process."""
-    cmd = [sys.executable, "-m", "codecomplete.bench.runtime", "--worker", name, str(model_dir)]
+    # -P: a checkout's codecomplete/ folder in the working directory must not shadow the package
+    cmd = [sys.executable, "-P", "-m", "codecomplete.bench.runtime", "--worker", name, str(model_dir)]
     done = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True)  # the spec may be long
     if done.returncode != 0:
         return [], f"{name} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
@@ -250,8 +251,8 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, origin = resolve_model(args, Path(tmp))
         progress(f"bench runtime: {model_dir.name} ({origin}), {spec['threads']} threads")
-        from codecomplete.models.folder import is_model_folder, open_model_folder
-        from codecomplete.models.source import load_model_source
+        from codecomplete.models.format.folder import is_model_folder, open_model_folder
+        from codecomplete.models.format.source import load_model_source
 
         source = None
         if args.agreement > 0:

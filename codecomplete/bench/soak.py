@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from codecomplete.bench.common import TYPING_SAMPLE, emit, percentile, progress
+from codecomplete.runtime import DEVICES, RUNTIMES
 
 DEFAULT_FILE = TYPING_SAMPLE
 
@@ -38,7 +39,7 @@ class RawServer:
     """The server as a subprocess, spoken to in raw bytes; every message it sends is kept."""
 
     def __init__(self, args: list[str], env: dict | None = None):
-        cmd = [sys.executable, "-m", "codecomplete.lsp", *args]
+        cmd = [sys.executable, "-P", "-m", "codecomplete.lsp", *args]  # -P: no checkout folder shadows the package
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=env)
         self.pid = self.proc.pid
@@ -270,8 +271,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, default=15.0, help="keystrokes per second")
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--model", default=None)
-    p.add_argument("--runtime", default="onnx", choices=["onnx", "torch"])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--runtime", default="onnx", choices=RUNTIMES)
+    p.add_argument("--device", default="cpu", choices=DEVICES)
     p.add_argument("--n", type=int, default=4, help="candidates")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--deadline-ms", type=int, default=1000)

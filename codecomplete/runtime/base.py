@@ -10,11 +10,14 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from codecomplete.models.config import ModelConfig
-from codecomplete.tokenizer import Tokenizer
+from codecomplete.models.format.config import ModelConfig
+
+if TYPE_CHECKING:  # the annotation only: importing the runtime names costs no tokenizers import
+    from codecomplete.models.format.tokenizer import Tokenizer
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -94,6 +97,24 @@ class Runtime(abc.ABC):
         from the last one's trace); `context` is the one `branches` decoded over, followed by
         their first `start` tokens. None where the runtime cannot."""
         return None
+
+    def check_prefill(self, tokens: Sequence[int]) -> list[int]:
+        """The prompt as a list of ints; a clear error for one that is empty or too long."""
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise ValueError("prefill needs at least one token")
+        if len(tokens) > self.config.max_seq_len:
+            raise ValueError(f"prompt of {len(tokens)} tokens exceeds the model context {self.config.max_seq_len}")
+        return tokens
+
+    def check_decode(self, context: ContextState, branches: BranchState, next_tokens: Sequence[int]) -> None:
+        """A clear error for a decode step that does not fit the branches or the context."""
+        if len(next_tokens) != branches.n:
+            raise ValueError(f"{len(next_tokens)} tokens for {branches.n} branches")
+        if branches.step >= branches.max_new_tokens:
+            raise ValueError("branch caches are full")
+        if len(context.tokens) + branches.step + 1 > self.config.max_seq_len:
+            raise ValueError("decoding past the model context")
 
     def max_context(self) -> int:
         return self.config.max_seq_len

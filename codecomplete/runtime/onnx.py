@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from codecomplete.models.source import ModelSource
+from codecomplete.models.format.source import ModelSource
 
+from . import DEVICES
 from .base import BranchState, ContextState, Runtime
 from .cpuload import CpuLoad
 from .onnx_graph import LINEAR_KINDS, build_model
@@ -50,8 +51,8 @@ def physical_cores() -> int:
 def pick_providers(device: str) -> list[str]:
     """CUDA when asked for (or 'auto') and onnxruntime-gpu is installed, else CPU."""
     available = ort.get_available_providers()
-    if device not in ("cpu", "cuda", "auto"):
-        raise ValueError(f"unknown device {device!r}; choose cpu, cuda or auto")
+    if device not in (*DEVICES, "auto"):
+        raise ValueError(f"unknown device {device!r}; choose {', '.join(DEVICES)} or auto")
     if device in ("cuda", "auto") and "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "cuda":
@@ -196,11 +197,7 @@ class OnnxRuntime(Runtime):
         return ContextKV(np.empty(shape, self._np_kv), np.empty(shape, self._np_kv))
 
     def prefill(self, tokens, previous=None):
-        tokens = [int(t) for t in tokens]
-        if not tokens:
-            raise ValueError("prefill needs at least one token")
-        if len(tokens) > self.config.max_seq_len:
-            raise ValueError(f"prompt of {len(tokens)} tokens exceeds the model context {self.config.max_seq_len}")
+        tokens = self.check_prefill(tokens)
         self._active = self._pick_session()  # for this prefill and the decode steps after it
         keep = self.reuse_split(tokens, previous)
         if keep and isinstance(previous.kv, ContextKV) and previous.kv.capacity >= len(tokens):
@@ -232,13 +229,8 @@ class OnnxRuntime(Runtime):
         return self._empty_branches(n, max_new_tokens)
 
     def decode(self, context, branches, next_tokens):
-        if len(next_tokens) != branches.n:
-            raise ValueError(f"{len(next_tokens)} tokens for {branches.n} branches")
-        if branches.step >= branches.max_new_tokens:
-            raise ValueError("branch caches are full")
+        self.check_decode(context, branches, next_tokens)
         m, step = len(context.tokens), branches.step
-        if m + step + 1 > self.config.max_seq_len:
-            raise ValueError("decoding past the model context")
         bkv: BranchKV = branches.kv
         ids = np.asarray(next_tokens, dtype=np.int64)[:, None]
         logits, new_kv = self._run(ids, np.array([m + step], dtype=np.int64), context.kv, m,

@@ -30,8 +30,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from codecomplete.models.config import ModelConfig
-from codecomplete.models.folder import quantize_int8, split_int8
+from codecomplete.models.format.config import ModelConfig
+from codecomplete.models.format.folder import quantize_int8, split_int8
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from codecomplete.models import bifurcated_triton
-from codecomplete.models.folder import dequantize
-from codecomplete.models.model import Transformer, decode_step_plain_cached
-from codecomplete.models.source import ModelSource
+from codecomplete.models.format.folder import dequantize, quantize_rows_int8
+from codecomplete.models.format.source import ModelSource
+from codecomplete.models.model import DECODE_ATTENTION, Transformer
 
 from .base import BranchState, ContextState, Runtime
 
@@ -49,15 +49,15 @@ class WeightOnlyInt8Linear(torch.nn.Module):
 
 
 def quantize_weight_only_int8(model: Transformer) -> Transformer:
-    """Swap every nn.Linear for WeightOnlyInt8Linear (per-output-channel symmetric int8)."""
+    """Swap every nn.Linear for WeightOnlyInt8Linear (the model folder's int8 rule:
+    per-output-channel symmetric, folder.quantize_rows_int8)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, torch.nn.Linear):
-                w = child.weight.data.float()
-                scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
-                q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
+                q, scale = quantize_rows_int8(child.weight.data.float().cpu().numpy())
                 bias = None if child.bias is None else child.bias.data.clone()
-                setattr(parent, name, WeightOnlyInt8Linear(q, scale.to(child.weight.dtype), bias))
+                setattr(parent, name, WeightOnlyInt8Linear(torch.from_numpy(q), torch.from_numpy(scale).to(child.weight.dtype),
+                                                           bias))
     return model
 
 
@@ -78,14 +78,14 @@ def quantize_bnb_int8(model: Transformer) -> Transformer:
     return model
 
 
-ATTENTION_MODES = ("bifurcated", "bifurcated-einsum", "bifurcated-triton", "plain")
+ATTENTION_MODES = tuple(DECODE_ATTENTION)  # bench/reference.py holds the reference variants
 
 
 class TorchRuntime(Runtime):
     name = "torch"
 
     def __init__(self, source: ModelSource | None, device: str = "cpu", precision: str = "auto",
-                 attention: str = "auto", threads: int | None = None, model: Transformer | None = None):
+                 attention: str | Callable = "auto", threads: int | None = None, model: Transformer | None = None):
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' asked for, but torch sees no CUDA device")
         if precision == "auto":
@@ -95,7 +95,7 @@ class TorchRuntime(Runtime):
         triton_ok = device == "cuda" and bifurcated_triton.AVAILABLE
         if attention == "auto":  # the Triton kernel on CUDA when Triton is there (it is with CUDA torch)
             attention = "bifurcated-triton" if triton_ok else "bifurcated"
-        if attention not in ATTENTION_MODES:
+        if not callable(attention) and attention not in ATTENTION_MODES:  # a function: a reference variant
             raise ValueError(f"unknown attention {attention!r} ({', '.join(ATTENTION_MODES)})")
         if attention == "bifurcated-triton":
             if not triton_ok:
@@ -116,8 +116,6 @@ class TorchRuntime(Runtime):
         if precision == "int8":
             model = quantize_bnb_int8(model) if device == "cuda" else quantize_weight_only_int8(model)
             model = model.to(device)
-        else:  # q/k/v and gate/up as one matrix each: fewer, larger products per step
-            model.fuse_projections()
         self.model = model
         self.config = model.cfg
         self.tokenizer = source.tokenizer if source is not None else None
@@ -131,7 +129,8 @@ class TorchRuntime(Runtime):
         return rt
 
     def describe(self) -> dict:
-        return {"runtime": self.name, "device": str(self.device), "attention": self.attention}
+        attention = self.attention if isinstance(self.attention, str) else self.attention.__name__
+        return {"runtime": self.name, "device": str(self.device), "attention": attention}
 
     def weight_bytes(self) -> int:
         """Bytes held by the model's parameters and buffers (int8 weights count one byte)."""
@@ -143,11 +142,7 @@ class TorchRuntime(Runtime):
 
     @torch.inference_mode()
     def prefill(self, tokens, previous=None):
-        tokens = list(tokens)
-        if not tokens:
-            raise ValueError("prefill needs at least one token")
-        if len(tokens) > self.config.max_seq_len:
-            raise ValueError(f"prompt of {len(tokens)} tokens exceeds the model context {self.config.max_seq_len}")
+        tokens = self.check_prefill(tokens)
         keep = self.reuse_split(tokens, previous)
         if keep and previous.kv is not None and previous.kv[0].shape[2] >= len(tokens):
             k_buf, v_buf = previous.kv
@@ -165,15 +160,6 @@ class TorchRuntime(Runtime):
 
     def start_branches(self, context, n, max_new_tokens):
         c = self.config
-        m = len(context.tokens)
-        if self.attention == "plain":  # every branch gets its own copy of the context KV
-            k_buf, v_buf = context.kv
-            shape = (c.n_layers, n, c.n_kv_heads, m + max_new_tokens, c.head_dim)
-            full_k = torch.empty(shape, dtype=self.dtype, device=self.device)
-            full_v = torch.empty(shape, dtype=self.dtype, device=self.device)
-            full_k[:, :, :, :m] = k_buf[:, None, :, :m]
-            full_v[:, :, :, :m] = v_buf[:, None, :, :m]
-            return BranchState(n=n, max_new_tokens=max_new_tokens, kv=(full_k, full_v))
         shape = (c.n_layers, n, c.n_kv_heads, max_new_tokens, c.head_dim)
         dec_k = torch.empty(shape, dtype=self.dtype, device=self.device)
         dec_v = torch.empty(shape, dtype=self.dtype, device=self.device)
@@ -181,23 +167,18 @@ class TorchRuntime(Runtime):
 
     @torch.inference_mode()
     def decode(self, context, branches, next_tokens):
-        if len(next_tokens) != branches.n:
-            raise ValueError(f"{len(next_tokens)} tokens for {branches.n} branches")
-        if branches.step >= branches.max_new_tokens:
-            raise ValueError("branch caches are full")
-        m = len(context.tokens)
-        if m + branches.step + 1 > self.config.max_seq_len:
-            raise ValueError("decoding past the model context")
-        k_buf, v_buf = context.kv
-        dec_k, dec_v = branches.kv
-        tokens = self._tensor(next_tokens)
-        if self.attention == "plain":
-            logits = decode_step_plain_cached(self.model, tokens, dec_k, dec_v, m, branches.step)
-        else:
-            logits = self.model.decode_step(tokens, k_buf[:, :, :m], v_buf[:, :, :m], dec_k, dec_v,
-                                            branches.step, self.attention)
+        self.check_decode(context, branches, next_tokens)
+        logits = self._decode_step(context, branches, self._tensor(next_tokens))
         branches.step += 1
         return logits.float().cpu().numpy()
+
+    def _decode_step(self, context: ContextState, branches: BranchState, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (N, V) of one step; writes this step's KV into the branch caches."""
+        m = len(context.tokens)
+        k_buf, v_buf = context.kv
+        dec_k, dec_v = branches.kv
+        return self.model.decode_step(tokens, k_buf[:, :, :m], v_buf[:, :, :m], dec_k, dec_v, branches.step,
+                                      self.attention)
 
     reuses_branches = True
 
@@ -207,7 +188,7 @@ class TorchRuntime(Runtime):
         k_buf, v_buf = context.kv
         if not 0 < k <= branches.step - start or m + k > k_buf.shape[2]:
             return None
-        dec_k, dec_v = branches.kv  # (L, N, G, J, D); "plain" keeps the context in front
+        dec_k, dec_v = branches.kv  # (L, N, G, J, D)
         first = self._branch_start(branches, start)
         k_buf[:, :, m:m + k] = dec_k[:, row, :, first:first + k]
         v_buf[:, :, m:m + k] = dec_v[:, row, :, first:first + k]
@@ -229,11 +210,9 @@ class TorchRuntime(Runtime):
         return out
 
     def _branch_start(self, branches: BranchState, step: int) -> int:
-        """Where a branch's token of this step sits in its cache: "plain" caches hold the
-        context in front of the branch tokens, the bifurcated ones only the branch tokens."""
-        if self.attention != "plain":
-            return step
-        return branches.kv[0].shape[3] - branches.max_new_tokens + step
+        """Where a branch's token of this step sits in its cache (bifurcated caches hold only
+        the branch tokens)."""
+        return step
 
     def select_branches(self, branches, keep):
         idx = torch.tensor(list(keep), dtype=torch.long, device=self.device)

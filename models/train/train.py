@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..config import ModelConfig, preset
+from ..format.config import ModelConfig, preset
 from ..model import Transformer
 from .data import PackConfig, PackedBatches, fixed_batches, load_meta
 from .fim import FimIds
@@ -96,7 +96,7 @@ def model_config_for(preset_name: str, data_dir: str, seq_len: int) -> ModelConf
 def initial_weights(cfg: TrainConfig, vocab_size: int):
     """(config, weights) to start from: the --init folder's, kv heads grouped by --kv-heads;
     also the folder's own (config, weights) for comparison."""
-    from ..folder import dequantize, open_model_folder
+    from ..format.folder import dequantize, open_model_folder
     from ..gqa import group_kv_heads
 
     folder = open_model_folder(cfg.init)

@@ -17,7 +17,7 @@ from .folder import DEFAULT_MODEL_DIR, ModelLoadError, is_model_folder, open_mod
 class ModelSource:
     name: str
     config: ModelConfig
-    tokenizer: object  # codecomplete.tokenizer.Tokenizer
+    tokenizer: object  # codecomplete.models.format.tokenizer.Tokenizer
     weights: dict[str, np.ndarray]  # float, or int8 with `<name>_scale` float32 beside
     quantization: str  # "int8-per-channel" | "none"
     path: str = ""

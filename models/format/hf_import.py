@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelConfig
-from .folder import ModelLoadError, read_safetensors
+from .folder import ModelLoadError, param_shapes, read_safetensors
 from .source import ModelSource
-from .testing import param_shapes
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 MAX_SEQ_LEN_CAP = 32768  # longer contexts than this are not useful for completion on a laptop
@@ -279,7 +278,7 @@ def load_hf_tokenizer(folder: Path, vocab_size: int, eos_ids: list[int], pad_id:
     """(Tokenizer, TokenFacts) from tokenizer.json and tokenizer_config.json."""
     from tokenizers import Tokenizer as HFTokenizer
 
-    from codecomplete.tokenizer import Tokenizer
+    from .tokenizer import Tokenizer
 
     tok_file = folder / "tokenizer.json"
     if not tok_file.is_file():

@@ -27,7 +27,7 @@ from .config import ModelConfig
 
 FORMAT = "codecomplete-model"
 SCALE_SUFFIX = "_scale"
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default"
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
@@ -37,6 +37,31 @@ _DTYPES = {
 
 class ModelLoadError(RuntimeError):
     """A model folder or file is missing, truncated or not what it claims to be."""
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes, as the folder stores them (models/model.py's state_dict before fusion)."""
+    d, hd = cfg.dim, cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (cfg.vocab_size, d)}
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        shapes[p + "attention_norm.weight"] = (d,)
+        shapes[p + "attention.wq.weight"] = (cfg.n_heads * hd, d)
+        shapes[p + "attention.wk.weight"] = (cfg.n_kv_heads * hd, d)
+        shapes[p + "attention.wv.weight"] = (cfg.n_kv_heads * hd, d)
+        if cfg.qkv_bias:
+            shapes[p + "attention.wq.bias"] = (cfg.n_heads * hd,)
+            shapes[p + "attention.wk.bias"] = (cfg.n_kv_heads * hd,)
+            shapes[p + "attention.wv.bias"] = (cfg.n_kv_heads * hd,)
+        shapes[p + "attention.wo.weight"] = (d, cfg.n_heads * hd)
+        shapes[p + "ffn_norm.weight"] = (d,)
+        shapes[p + "feed_forward.w1.weight"] = (cfg.ffn_dim, d)
+        shapes[p + "feed_forward.w2.weight"] = (d, cfg.ffn_dim)
+        shapes[p + "feed_forward.w3.weight"] = (cfg.ffn_dim, d)
+    shapes["norm.weight"] = (d,)
+    if not cfg.tie_embeddings:
+        shapes["output.weight"] = (cfg.vocab_size, d)
+    return shapes
 
 
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
@@ -80,6 +105,16 @@ def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
+def quantize_rows_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output channel: (int8 (out, in), float32 scale (out,)) with
+    w ≈ int8 * scale[:, None]. An all-zero row gets scale 1 (not 0): its int8 values are 0
+    and dequantize to 0, and nothing divides by zero."""
+    w = np.asarray(w, dtype=np.float32)
+    scale = np.abs(w).max(axis=1) / 127.0
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    return np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8), scale
+
+
 def quantize_int8(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per-output-channel symmetric int8 for every 2-D weight; 1-D tensors stay float32."""
     out: dict[str, np.ndarray] = {}
@@ -88,10 +123,7 @@ def quantize_int8(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if w.ndim != 2:
             out[name] = w
             continue
-        scale = np.abs(w).max(axis=1) / 127.0
-        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-        out[name] = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
-        out[name + SCALE_SUFFIX] = scale
+        out[name], out[name + SCALE_SUFFIX] = quantize_rows_int8(w)
     return out
 
 
@@ -129,7 +161,7 @@ class ModelFolder:
         return read_safetensors(self.weights_file)
 
     def load_tokenizer(self):
-        from codecomplete.tokenizer import Tokenizer
+        from .tokenizer import Tokenizer
 
         return Tokenizer.from_file(self.tokenizer_file)
 

@@ -36,12 +36,12 @@ from .folder import (
     ModelLoadError,
     is_model_folder,
     open_model_folder,
+    param_shapes,
     quantize_int8,
     write_safetensors,
 )
 from .hf_import import MAX_SEQ_LEN_CAP, TokenFacts, find_token_facts, pad_tokenizer_to
 from .source import ModelSource
-from .testing import param_shapes
 
 log = logging.getLogger(__name__)
 
@@ -506,7 +506,7 @@ def _widen(w: np.ndarray) -> np.ndarray:
 
 
 def _source_from_folder(folder: Path, gguf_path: Path) -> ModelSource:
-    from codecomplete.tokenizer import Tokenizer
+    from .tokenizer import Tokenizer
 
     mf = open_model_folder(folder)
     weights = mf.load_weights()
@@ -538,6 +538,6 @@ def load_gguf(path: str | Path, cache: bool = True, cache_dtype: str | None = No
             return _source_from_folder(folder, path)  # first and later starts see the same weights
         except OSError as e:
             log.warning("could not cache the converted GGUF model in %s: %s", folder, e)
-    from codecomplete.tokenizer import Tokenizer
+    from .tokenizer import Tokenizer
 
     return ModelSource(path.stem, cfg, Tokenizer(hf_tok), weights, "none", str(path))
