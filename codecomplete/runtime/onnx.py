@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -25,27 +23,18 @@ from codecomplete.models.format.source import ModelSource
 
 from . import DEVICES
 from .base import BranchState, ContextState, Runtime
+from .cpu import this_cpu
 from .cpuload import CpuLoad
-from .onnx_graph import LINEAR_KINDS, build_model
+from .onnx_graph import LINEAR_KINDS, build_model, has_empty_context_bug
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CPU_INT8 = "int8-w7"
 PREFILL_CHUNK_TOKENS = 256  # long prompts run in chunks: bounded score matrices, no upper triangle
 
 
 def physical_cores() -> int:
     """Physical CPU cores of this machine (hyper-threads do not help the int8 GEMMs)."""
-    cores = set()
-    base = Path("/sys/devices/system/cpu")
-    for topo in base.glob("cpu[0-9]*/topology"):
-        try:
-            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
-        except OSError:
-            continue
-    if cores:
-        return len(cores)
-    return max(1, (os.cpu_count() or 2) // 2)
+    return this_cpu().physical_cores
 
 
 def pick_providers(device: str) -> list[str]:
@@ -99,14 +88,20 @@ class OnnxRuntime(Runtime):
     def __init__(self, source: ModelSource, device: str = "cpu", precision: str = "auto",
                  threads: int | None = None, linear_kind: str | None = None,
                  prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS, kv_dtype: str | None = None,
-                 spin: bool | None = None):
+                 spin: bool | None = None, empty_context_guard: bool | None = None):
         self.providers = pick_providers(device)
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        self.precision_reason = f"precision {precision} asked for"
         if precision == "auto":
             # onnxruntime's CUDA kernels have no uint8-weight MatMulInteger: fp32 there. On a
-            # CPU, int8 weights run as 7-bit weights: the fast uint8 x int8 kernels, which
-            # cannot saturate int16 with them (see onnx_graph.LINEAR_KINDS)
-            precision = DEFAULT_CPU_INT8 if is_int8(source) and self.device == "cpu" else "fp32"
+            # CPU, int8 weights take the fast uint8 x int8 kernels: full 8-bit weights where
+            # VNNI/AMX make them exact, 7-bit ones where AVX2 would saturate (runtime/cpu.py)
+            if is_int8(source) and self.device == "cpu":
+                precision, self.precision_reason = this_cpu().int8_linear_kind()
+            else:
+                precision = "fp32"
+                self.precision_reason = ("float weights" if not is_int8(source) else
+                                         "onnxruntime's CUDA kernels have no uint8 x int8 MatMulInteger")
         if precision in LINEAR_KINDS:  # a linear kind names its precision: int8-w7 is int8
             linear_kind, precision = linear_kind or precision, precision.split("-")[0]
         if precision not in ("fp32", "int8"):
@@ -119,6 +114,7 @@ class OnnxRuntime(Runtime):
         self.precision = precision
         self.linear_kind = linear_kind
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self._threads_asked = bool(threads)
         self.threads = threads or physical_cores()
         # threads=None: all physical cores while the machine is otherwise idle, one thread
         # while other programs keep it busy (cpuload.py); an explicit count is kept as given
@@ -130,7 +126,16 @@ class OnnxRuntime(Runtime):
         self.kv_dtype = kv_dtype or ("float16" if precision == "int8" else "float32")
         self._np_kv = np.dtype(self.kv_dtype)
         external: dict[str, np.ndarray] = {}
-        model = build_model(self.config, source.weights, linear_kind, self.kv_dtype, external=external)
+        # None: where this onnxruntime has the empty-context bug (onnx_graph.EMPTY_CONTEXT_BUG)
+        self.empty_context_guard = (has_empty_context_bug(ort.__version__) if empty_context_guard is None
+                                    else empty_context_guard)
+        model = build_model(self.config, source.weights, linear_kind, self.kv_dtype, external=external,
+                            ctx_bias=self.empty_context_guard)
+        if self.empty_context_guard:
+            c = self.config
+            self._ctx_bias_zeros = np.zeros(c.max_seq_len, np.float32)
+            self._ctx_bias_empty = np.array([-np.inf], np.float32)
+            self._stand_in_row = np.zeros((1, c.n_kv_heads, c.head_dim), self._np_kv)
         # the big tensors go in beside the protobuf: no 2 GiB limit, no serialised copy
         self._external_names = list(external)
         self._external = [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()]
@@ -174,18 +179,26 @@ class OnnxRuntime(Runtime):
         return self._single
 
     def describe(self) -> dict:
+        cpu = this_cpu()
         return {"runtime": self.name, "device": self.device, "provider": self.session.get_providers()[0],
-                "linear": self.linear_kind, "kv_dtype": self.kv_dtype, "threads": self.threads,
-                "spin": self.spin, "threads_when_busy": 1 if self.adaptive else self.threads}
+                "onnxruntime": ort.__version__, "linear": self.linear_kind, "linear_reason": self.precision_reason,
+                "kv_dtype": self.kv_dtype, "threads": self.threads,
+                "threads_reason": "as asked" if self._threads_asked else f"one per physical core of {cpu.model}",
+                "cpu_simd": cpu.describe()["simd"], "spin": self.spin,
+                "threads_when_busy": 1 if self.adaptive else self.threads,
+                "empty_context_guard": self.empty_context_guard}
 
     def _run(self, tokens: np.ndarray, positions: np.ndarray, ctx: ContextKV, m: int,
              branch_k: np.ndarray, branch_v: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """One graph call. branch_k/v (L, J, N, G, D). Returns logits (N, V) and the new
         k, v per layer, interleaved: [k0, v0, k1, v1, ...], each (T, N, G, D)."""
         feeds = {"tokens": tokens, "positions": positions}
+        stand_in = self.empty_context_guard and m == 0
+        if self.empty_context_guard:
+            feeds["ctx_bias"] = self._ctx_bias_empty if stand_in else self._ctx_bias_zeros[:m]
         for i in range(self.config.n_layers):
-            feeds[f"ctx_k.{i}"] = ctx.k[i, :m]
-            feeds[f"ctx_v.{i}"] = ctx.v[i, :m]
+            feeds[f"ctx_k.{i}"] = self._stand_in_row if stand_in else ctx.k[i, :m]
+            feeds[f"ctx_v.{i}"] = self._stand_in_row if stand_in else ctx.v[i, :m]
             feeds[f"branch_k.{i}"] = branch_k[i]
             feeds[f"branch_v.{i}"] = branch_v[i]
         out = self._active.run(self._output_names, feeds)

@@ -52,6 +52,23 @@ INT64_MAX = np.iinfo(np.int64).max
 #               every CPU. The CPU default. Top-1 agreement with fp32 0.964 (int8: 0.974)
 #               on the shipped model (`codecomplete bench runtime --agreement 1500`)
 LINEAR_KINDS = ("fp32", "int8", "int8-s8", "int8-nbits", "int8-w7")
+
+# onnxruntime 1.19 to 1.31 (CPU) die with SIGFPE when com.microsoft FusedMatMul with
+# transBatchB gets a B whose leading (batch-major) dimension is 0: our context scores on a
+# cold prefill, whose context is empty. Seen with 1.19.2, 1.20.1, 1.30.0 and 1.31.1 on an
+# AVX2 EPYC and with 1.30.0 on a Sapphire Rapids Xeon; 1.32.0 is fixed. On those versions
+# the graph takes a ctx_bias input and a cold prefill passes one zero stand-in row with
+# bias -inf (its softmax weight is exactly 0), so no call has an empty context.
+EMPTY_CONTEXT_BUG = ((1, 19), (1, 32))  # [first, fixed)
+
+
+def has_empty_context_bug(version: str) -> bool:
+    """Whether this onnxruntime version dies on an empty FusedMatMul batch (see above)."""
+    try:
+        major_minor = tuple(int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return False
+    return EMPTY_CONTEXT_BUG[0] <= major_minor < EMPTY_CONTEXT_BUG[1]
 NBITS_BLOCK = 32
 
 
@@ -239,7 +256,7 @@ class Dims:
 
 
 def attention(b: GraphBuilder, cfg: ModelConfig, q: str, ctx_k: str, ctx_v: str, br_k: str, br_v: str,
-              mask: str | None, dims: Dims) -> str:
+              mask: str | None, dims: Dims, ctx_bias: str | None = None) -> str:
     """q (N, Tq, H, D); ctx (M, G, D); branch keys (JT, N, G, D) -> (N, Tq, H*D)."""
     g, hd = cfg.n_kv_heads, cfg.head_dim
     p = cfg.n_heads // g
@@ -251,6 +268,8 @@ def attention(b: GraphBuilder, cfg: ModelConfig, q: str, ctx_k: str, ctx_v: str,
     qc = b.reshape(b.transpose(q5, [2, 0, 1, 3, 4]), g, -1, hd)  # (G, N*Tq*P, D)
     s_ctx = b.op("FusedMatMul", [qc, ctx_k], domain=MS_DOMAIN, transB=1, transBatchB=1, alpha=scale)
     s_ctx = b.reshape(s_ctx, g, n, tq, p, m)  # (G, N, Tq, P, M)
+    if ctx_bias is not None:  # 0 for real context rows, -inf for the stand-in row (EMPTY_CONTEXT_BUG)
+        s_ctx = b.op("Add", [s_ctx, ctx_bias])
     # each branch's own keys
     qb = b.reshape(b.transpose(q5, [0, 2, 1, 3, 4]), ng, b.op("Mul", [tq, b.const([p])]), hd)  # (N*G, Tq*P, D)
     kb = b.reshape(br_k, 0, -1, hd)  # (JT, N*G, D)
@@ -298,11 +317,14 @@ def external_tensor(name: str, array: np.ndarray) -> onnx.TensorProto:
 
 
 def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: str = "int8",
-                kv_dtype: str = "float32", external: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+                kv_dtype: str = "float32", external: dict[str, np.ndarray] | None = None,
+                ctx_bias: bool = False) -> onnx.ModelProto:
     """The prefill/decode graph of a model (see the module docstring for its inputs).
     kv_dtype float16 stores the caches in half the bytes; attention still runs in float32.
     external: a dict to receive the tensors of EXTERNAL_MIN_BYTES or more, which the graph
-    then only names (see external_tensor); None keeps everything inside the protobuf."""
+    then only names (see external_tensor); None keeps everything inside the protobuf. ctx_bias adds an input `ctx_bias` (M,) float
+    added to the context scores, so that a cold prefill can pass one masked stand-in row
+    instead of an empty context (EMPTY_CONTEXT_BUG)."""
     b = GraphBuilder(linear_kind, external)
     lw = linear_weights(weights, int8=linear_kind != "fp32")
     g, hd, h = cfg.n_kv_heads, cfg.head_dim, cfg.n_heads
@@ -313,6 +335,8 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: s
     for i in range(cfg.n_layers):
         inputs += [helper.make_tensor_value_info(f"ctx_k.{i}", kv_type, ["M", g, hd]),
                    helper.make_tensor_value_info(f"ctx_v.{i}", kv_type, ["M", g, hd])]
+    if ctx_bias:
+        inputs.append(helper.make_tensor_value_info("ctx_bias", f32, ["M"]))
     for i in range(cfg.n_layers):
         inputs += [helper.make_tensor_value_info(f"branch_k.{i}", kv_type, ["J", "N", g, hd]),
                    helper.make_tensor_value_info(f"branch_v.{i}", kv_type, ["J", "N", g, hd])]
@@ -374,7 +398,7 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: s
             x = b.slice(x, -1, INT64_MAX, axis=1)
         layer_dims = replace(dims, tq=b.const([1])) if last else dims
         a = attention(b, cfg, q, as_f32(f"ctx_k.{i}"), as_f32(f"ctx_v.{i}"), br_k, br_v, None if last else mask,
-                      layer_dims)
+                      layer_dims, "ctx_bias" if ctx_bias else None)
         x = b.op("Add", [x, b.linear(a, lw[p + "attention.wo.weight"], None, p + "attention.wo")])
         xn = b.rms_norm(x, lw[p + "ffn_norm.weight"], cfg.norm_eps, p + "ffn_norm")
         gate_up = b.linear(xn, stack_rows([lw[p + "feed_forward.w1.weight"], lw[p + "feed_forward.w3.weight"]]),
