@@ -10,7 +10,7 @@ from pathlib import Path
 
 from codecomplete.runtime import DEVICES, RUNTIMES
 
-PRECISIONS = ["auto", "fp32", "bf16", "fp16", "int8", "int8-w7"]
+PRECISIONS = ["auto", "fp32", "bf16", "fp16", "int8", "int8-s8", "int8-w7"]
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
