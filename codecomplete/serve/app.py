@@ -58,6 +58,7 @@ class EngineReplica:
         self.engine = Engine.load(model, runtime=runtime, device=device, precision=precision, threads=threads)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.cancelled_requests = 0  # calls whose client went away before the answer
 
     async def complete(self, request: CompletionRequest, session: str = "") -> tuple[Completion, str]:
         """The engine's answer and this replica's id. `session` is read by the router only."""
@@ -67,10 +68,12 @@ class EngineReplica:
             return await running, self.replica_id
         except asyncio.CancelledError:
             token.cancel()  # the client went away: the decode loop stops at its next step
+            self.cancelled_requests += 1
             raise
 
     def describe(self) -> dict[str, Any]:
-        return {"replica": self.replica_id, "pid": os.getpid(), "model": self.engine.describe()}
+        return {"replica": self.replica_id, "pid": os.getpid(), "model": self.engine.describe(),
+                "cancelled_requests": self.cancelled_requests}
 
 
 fastapi_app = FastAPI(title="codecomplete team server", docs_url=None, redoc_url=None, openapi_url=None)
