@@ -96,6 +96,16 @@ def _report_progress(done: threading.Event) -> None:
             last = line
 
 
+def share_cpus(device: str, most_replicas: int) -> tuple[int | None, float]:
+    """(onnx threads per replica, Ray CPUs per replica): CPU replicas share the physical cores
+    out; one replica keeps the runtime's own policy (all cores while the machine is idle)."""
+    from codecomplete.runtime.onnx import physical_cores
+
+    cores = physical_cores()
+    threads = max(1, cores // most_replicas) if most_replicas > 1 and device == "cpu" else None
+    return threads, max(0.1, round(cores / most_replicas, 2))
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -111,13 +121,7 @@ def run(args) -> int:
         if e.name and e.name.split(".")[0] in ("ray", "fastapi", "pydantic", "starlette"):
             raise SystemExit(INSTALL_HINT) from None
         raise
-    from codecomplete.runtime.onnx import physical_cores
-
-    most_replicas = autoscale[1] if autoscale else args.replicas
-    cores = physical_cores()
-    # CPU replicas share the cores out (a replica per core at most gets one thread each)
-    threads = max(1, cores // most_replicas) if most_replicas > 1 and args.device == "cpu" else None
-    replica_cpus = max(0.1, round(cores / most_replicas, 2))
+    threads, replica_cpus = share_cpus(args.device, autoscale[1] if autoscale else args.replicas)
     model_name = Path(args.model).name if args.model else "codecomplete-default"
     settings = ServeSettings(model_name=model_name, keys=tuple(keys), per_key_concurrency=args.per_key_concurrency,
                              request_timeout_s=args.request_timeout_s)
@@ -162,4 +166,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-__all__ = ["register", "run", "check_settings", "parse_autoscale"]
+__all__ = ["register", "run", "check_settings", "parse_autoscale", "share_cpus"]
