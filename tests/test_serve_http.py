@@ -285,3 +285,8 @@ def test_killing_a_replica_mid_run_the_next_requests_are_answered(server):
     after = [call(server, "POST", "/aff/infill", {"input_prefix": f"x{k} = os.path.jo", "n_predict": 4})[0]
              for k in range(4)]
     assert after == [200] * 4, (results, after)
+    deadline = time.monotonic() + 90  # Ray Serve starts a replacement
+    while serve.status().applications["aff"].deployments["EngineReplica"].replica_states.get("RUNNING", 0) < 2:
+        assert time.monotonic() < deadline, serve.status().applications["aff"].deployments["EngineReplica"]
+        time.sleep(0.5)
+    assert victim not in {info["pid"] for info in _replicas("aff").values()}

@@ -156,3 +156,23 @@ def test_serve_refuses_a_public_address_without_keys(tmp_path):
         check_settings(_serve_args("--api-keys", str(tmp_path / "empty")))
     with pytest.raises(SystemExit, match="MIN:MAX"):
         parse_autoscale("3")
+
+
+def test_bench_users_type_at_different_places_of_the_file():
+    from codecomplete.bench.serve import user_keystrokes
+
+    text = "".join(f"line {i} = value_{i}\n" for i in range(200))
+    starts = [user_keystrokes(text, u, 8, 20)[0] for u in range(8)]
+    assert len(set(starts)) == 8 and min(starts) >= len(text) // 2
+    start, suffix, offsets = user_keystrokes(text, 3, 8, 20)
+    assert offsets == list(range(start + 1, start + 21)) and text.endswith(suffix)
+
+
+def test_bench_serve_refuses_bad_variant_lists():
+    from codecomplete.bench.serve import _values
+
+    assert _values("--users", "1,4, 8") == [1, 4, 8]
+    assert _values("--affinity", "on,off", ("on", "off")) == ["on", "off"]
+    for flag, value, choices in (("--users", "0", None), ("--users", "a", None), ("--affinity", "maybe", ("on", "off"))):
+        with pytest.raises(SystemExit, match="bench serve"):
+            _values(flag, value, choices)

@@ -246,6 +246,9 @@ def _deploy(replicas: int, affinity: bool) -> None:
     from codecomplete.serve.cli import share_cpus
 
     threads, replica_cpus = share_cpus("cpu", replicas)
+    # a new application, not an update of the last one: a rolling update would wait for CPUs
+    # the old replicas hold
+    serve.delete(APP_NAME)
     serve.run(build_app(replicas=replicas, affinity=affinity, threads=threads, replica_cpus=replica_cpus),
               name=APP_NAME, route_prefix="/", logging_config={"enable_access_log": False})
 

@@ -154,6 +154,16 @@ class Gateway:
                 raise ApiError(422, str(e).splitlines()[-1], "invalid_request_error") from None
         raise AssertionError("unreachable")
 
+    async def _shaped(self, request: Request, owner: str, model, api) -> tuple[Any, dict[str, Any], dict[str, str]]:
+        """One request of an API shape module (infill, openai): its body, answer and headers.
+        The X-Codecomplete-Session header overrides the session the shape derives."""
+        body = parse_body(model, await read_json(request))
+        completion_request = api.to_completion_request(body)
+        header = request.headers.get(native.SESSION_HEADER)
+        session = f"{owner}/{header}" if header else api.session_key(body, owner)
+        completion, replica = await self._complete(completion_request, session)
+        return body, api.to_response(completion, body, self.settings.model_name), _completion_headers(completion, replica)
+
     async def _guarded(self, request: Request, route: str, handle) -> Response:
         """Auth, the per-key limit, errors as JSON, one log line without document text."""
         t0 = time.perf_counter()
@@ -174,8 +184,8 @@ class Gateway:
         except ApiError as e:
             log.info("%s key=%s status=%d %s", route, owner, e.status, e.kind)
             return JSONResponse(e.body(), status_code=e.status)
-        except Exception as e:  # the message may quote a request: log the type only
-            log.exception("%s key=%s failed: %s", route, owner, type(e).__name__)
+        except Exception as e:  # the message and traceback may quote a request: log the type only
+            log.error("%s key=%s failed: %s", route, owner, type(e).__name__)
             return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}", "server_error").body(),
                                 status_code=500)
         finally:
@@ -211,13 +221,7 @@ class Gateway:
     @fastapi_app.post("/infill")
     async def infill(self, request: Request) -> Response:
         async def answer(owner: str) -> Response:
-            body = parse_body(infill.InfillRequest, await read_json(request))
-            completion_request = infill.to_completion_request(body)
-            header = request.headers.get(native.SESSION_HEADER)
-            session = f"{owner}/{header}" if header else infill.session_key(body, owner)
-            completion, replica = await self._complete(completion_request, session)
-            response = infill.to_response(completion, body, self.settings.model_name)
-            headers = _completion_headers(completion, replica)
+            body, response, headers = await self._shaped(request, owner, infill.InfillRequest, infill)
             if body.stream:
                 return _sse(infill.stream_events(response, body.response_fields), headers)
             return JSONResponse(infill.select_fields(response, body.response_fields), headers=headers)
@@ -226,13 +230,7 @@ class Gateway:
     @fastapi_app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         async def answer(owner: str) -> Response:
-            body = parse_body(openai.CompletionsRequest, await read_json(request))
-            completion_request = openai.to_completion_request(body)
-            header = request.headers.get(native.SESSION_HEADER)
-            session = f"{owner}/{header}" if header else openai.session_key(body, owner)
-            completion, replica = await self._complete(completion_request, session)
-            response = openai.to_response(completion, body, self.settings.model_name)
-            headers = _completion_headers(completion, replica)
+            body, response, headers = await self._shaped(request, owner, openai.CompletionsRequest, openai)
             if body.stream:
                 return _sse([*openai.stream_chunks(response), "[DONE]"], headers)
             return JSONResponse(response, headers=headers)
