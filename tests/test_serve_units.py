@@ -176,3 +176,17 @@ def test_bench_serve_refuses_bad_variant_lists():
     for flag, value, choices in (("--users", "0", None), ("--users", "a", None), ("--affinity", "maybe", ("on", "off"))):
         with pytest.raises(SystemExit, match="bench serve"):
             _values(flag, value, choices)
+
+
+def test_ray_app_builder_takes_the_serve_settings_and_needs_keys(tmp_path):
+    from ray.serve import Application
+
+    from codecomplete.serve.cli import app_builder
+
+    with pytest.raises(ValueError, match="api_keys"):
+        app_builder({"replicas": "2"})
+    keys = tmp_path / "keys"
+    keys.write_text("team:team-key-000001\n")
+    assert isinstance(app_builder({"api_keys": str(keys), "replicas": "2", "affinity": "off"}), Application)
+    with pytest.raises(SystemExit, match="replicas"):
+        app_builder({"api_keys": str(keys), "replicas": "0"})

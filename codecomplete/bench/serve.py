@@ -139,6 +139,7 @@ def type_through(client: Client, text: str, path: str, language: str, user: int,
         due = max(due, time.perf_counter())  # a late answer delays the next keystroke
         records.append({"user": user, "offset": offset, "status": status, "ms": ms,
                         "source": answer.get("source"), "replica": answer.get("replica"),
+                        "new_tokens": answer.get("prefill_new_tokens", 0),
                         "engine_ms": answer.get("timings_ms", {}).get("total")})
 
 
@@ -167,6 +168,10 @@ def run_users(base_url: str, api_key: str | None, users: int, text: str, path: s
             "errors": len(records) - len(answered),
             "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95),
             "warm_share": len(warm) / max(1, len(answered)),
+            # typing-as-suggested hits: the replica that showed the suggestion answers it
+            "cache_share": sum(r["source"] == "cache" for r in answered) / max(1, len(answered)),
+            "prefill_new_tokens_mean": (sum(r["new_tokens"] or 0 for r in answered) / len(answered)
+                                        if answered else None),
             "warm_p50_ms": percentile([r["ms"] for r in warm], 50),
             "requests_per_s": len(answered) / wall_s if wall_s else 0.0,
             "replicas_per_user_mean": (sum(len(s) for s in per_user_replicas.values()) / len(per_user_replicas)
@@ -297,7 +302,8 @@ def run(args) -> int:
                         row = {"replicas": replicas, "affinity": affinity if replicas > 1 else "-",
                                **run_users(base_url, None, users, text, prompt_path, language, args)}
                         progress(f"    {users} user(s): p50 {row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms, "
-                                 f"warm {row['warm_share']:.0%}, {row['requests_per_s']:.1f} req/s")
+                                 f"warm {row['warm_share']:.0%}, typing cache {row['cache_share']:.0%}, "
+                                 f"{row['requests_per_s']:.1f} req/s")
                         result["rows"].append(row)
             if args.paired_keystrokes > 0:
                 progress(f"  paired: {args.paired_keystrokes} keystrokes through one replica and in-process")
@@ -308,7 +314,7 @@ def run(args) -> int:
             ray.shutdown()
             redirect.__exit__(None, None, None)
     columns = ["replicas", "affinity", "users", "p50_ms", "p95_ms", "answered", "errors", "warm_share",
-               "requests_per_s"]
+               "cache_share", "prefill_new_tokens_mean", "requests_per_s"]
     emit(result, args.json, format_table(result["rows"], columns))
     if args.plot:
         _plot(result["rows"], args.plot)

@@ -106,21 +106,11 @@ def share_cpus(device: str, most_replicas: int) -> tuple[int | None, float]:
     return threads, max(0.1, round(cores / most_replicas, 2))
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+def build_from_settings(args):
+    """The application for checked settings (argparse names), and the keys it holds."""
+    from codecomplete.serve.app import ServeSettings, build_app
 
-
-def run(args) -> int:
     keys, autoscale = check_settings(args)
-    try:
-        import ray
-        from ray import serve
-
-        from codecomplete.serve.app import ServeSettings, build_app
-    except ModuleNotFoundError as e:
-        if e.name and e.name.split(".")[0] in ("ray", "fastapi", "pydantic", "starlette"):
-            raise SystemExit(INSTALL_HINT) from None
-        raise
     threads, replica_cpus = share_cpus(args.device, autoscale[1] if autoscale else args.replicas)
     model_name = Path(args.model).name if args.model else "codecomplete-default"
     settings = ServeSettings(model_name=model_name, keys=tuple(keys), per_key_concurrency=args.per_key_concurrency,
@@ -128,6 +118,40 @@ def run(args) -> int:
     app = build_app(args.model, runtime=args.runtime, device=args.device, precision=args.precision,
                     replicas=args.replicas, autoscale=autoscale, threads=threads, replica_cpus=replica_cpus,
                     affinity=args.affinity == "on", settings=settings)
+    return app, keys, autoscale
+
+
+def app_builder(builder_args: dict[str, str]):
+    """For Ray's own `serve run codecomplete.serve.cli:app_builder api_keys=keys.txt replicas=2`
+    and KubeRay's serveConfigV2 (import_path, args): the same settings as `codecomplete serve`
+    without --host/--port/--address (the cluster's Serve config has those). An API keys file
+    is required: where the cluster's proxy listens is not ours to check."""
+    if not builder_args.get("api_keys"):
+        raise ValueError("codecomplete serve: api_keys=FILE is required when Ray deploys the application")
+    parser = argparse.ArgumentParser(prog="codecomplete serve")
+    add_arguments(parser)
+    argv = []
+    for name, value in builder_args.items():
+        argv += [f"--{name.replace('_', '-')}", str(value)]
+    app, _, _ = build_from_settings(parser.parse_args(argv))
+    return app
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args) -> int:
+    check_settings(args)  # refusals before Ray is imported
+    try:
+        import ray
+        from ray import serve
+
+        app, keys, autoscale = build_from_settings(args)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in ("ray", "fastapi", "pydantic", "starlette"):
+            raise SystemExit(INSTALL_HINT) from None
+        raise
 
     # Ctrl-C, and a service manager's SIGTERM, shut down the same way (a shell may start a
     # background job with SIGINT ignored)
@@ -166,4 +190,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-__all__ = ["register", "run", "check_settings", "parse_autoscale", "share_cpus"]
+__all__ = ["register", "run", "check_settings", "parse_autoscale", "share_cpus", "app_builder", "build_from_settings"]
