@@ -13,6 +13,10 @@ def _register_all(sub) -> None:
     from codecomplete.bench.cli import register as register_bench
 
     register_bench(sub)
+    # the serve command registers without Ray installed; running it says how to install it
+    from codecomplete.serve.cli import register as register_serve
+
+    register_serve(sub)
     try:
         from codecomplete.eval.cli import register as register_eval
     except ModuleNotFoundError as e:

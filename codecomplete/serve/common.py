@@ -1,0 +1,77 @@
+"""What every API shape of the team server shares: the error shape, stop strings, session keys."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from codecomplete.request import Completion
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_STOP_STRINGS = 16
+# candidates drawn when a client asks for fewer: the reranker needs some to choose from
+MIN_CANDIDATES_DRAWN = 4
+
+
+class ApiError(Exception):
+    """An answer other than 200: status, message and an OpenAI-style error type."""
+
+    def __init__(self, status: int, message: str, kind: str):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "code": self.status}}
+
+
+def invalid(message: str) -> ApiError:
+    return ApiError(422, message, "invalid_request_error")
+
+
+def parse_body(model: type[BaseModel], raw: Any) -> BaseModel:
+    """A request model from a JSON value; 422 naming the first bad field."""
+    if not isinstance(raw, dict):
+        raise invalid("expected a JSON object")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise invalid(f"{where}: {first['msg']}") from None
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, str]:
+    """The text before the earliest stop string, and that string ("" when none occurs)."""
+    cut, word = len(text), ""
+    for stop in stops:
+        at = text.find(stop) if stop else -1
+        if 0 <= at < cut:
+            cut, word = at, stop
+    return text[:cut], word
+
+
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if len(stops) > MAX_STOP_STRINGS:
+        raise invalid(f"stop: at most {MAX_STOP_STRINGS} strings")
+    return [s for s in stops if s]
+
+
+def is_warm(completion: Completion) -> bool:
+    """Answered from what this replica kept: the typing cache or a reused prefix KV."""
+    return completion.source in ("warm", "cache")
+
+
+def text_session(owner: str, text: str) -> str:
+    """A session key from a request's first line when the client names nothing better: the
+    first line of a file (or of the window an editor sends) rarely changes while typing."""
+    first_line = text.split("\n", 1)[0]
+    return f"{owner}/{hashlib.sha256(first_line.encode('utf-8', 'replace')).hexdigest()[:16]}"
+
+
+def drawn_candidates(wanted: int) -> int:
+    return max(wanted, MIN_CANDIDATES_DRAWN)

@@ -1,0 +1,95 @@
+"""Affinity routing: each session's requests go to the replica holding its KV cache.
+
+A keystroke's request is cheap only on the replica that served the document's last
+request (prefix KV reuse, branch adoption, the typing-as-suggested cache live there). So a
+session key (the client's, or the API key's name + the file) sticks to the replica that
+served it, while that replica is not overloaded: its queue no more than
+`imbalance_requests` longer than the shortest one. Otherwise, and for a new session, the
+power of two choices: two random replicas, the shorter queue first (ties: the replica
+owning fewer sessions, so typists spread over the replicas).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+DEFAULT_IMBALANCE_REQUESTS = 4
+MAX_SESSIONS = 65536  # owners remembered; the oldest session is forgotten first
+
+
+def session_of(pending: PendingRequest | None) -> str:
+    """The session key the ingress passed as the `session` keyword argument ("" if none)."""
+    if pending is None:
+        return ""
+    session = (pending.kwargs or {}).get("session", "")
+    return session if isinstance(session, str) else ""
+
+
+def choose_for_session(owner: Hashable | None, candidates: Sequence[Hashable],
+                       queue_lens: dict[Hashable, int | None], sessions_owned: dict[Hashable, int],
+                       imbalance_requests: int, rng: random.Random) -> list[list[Hashable]]:
+    """Ranked replica ids for one request: [[owner], fallback] while the owner is a candidate
+    and not overloaded, else [fallback]; fallback is two random candidates, best first.
+    An unknown queue length counts as empty (the router probes it before sending)."""
+    if not candidates:
+        return []
+    queue = {c: queue_lens.get(c) or 0 for c in candidates}
+    shortest = min(queue.values())
+    picked = list(candidates) if len(candidates) <= 2 else rng.sample(list(candidates), 2)
+    fallback = sorted(picked, key=lambda c: (queue[c], sessions_owned.get(c, 0)))
+    if owner in queue and queue[owner] - shortest <= imbalance_requests:
+        return [[owner], [c for c in fallback if c != owner] or [owner]]
+    return [fallback]
+
+
+class SessionAffinityRouter(RequestRouter):
+    """Ray Serve request router: session key -> the replica that served it last."""
+
+    def initialize_state(self, imbalance_requests: int = DEFAULT_IMBALANCE_REQUESTS, **kwargs) -> None:
+        self.imbalance_requests = imbalance_requests
+        self._owners: OrderedDict[str, ReplicaID] = OrderedDict()
+        self._sessions_owned: dict[ReplicaID, int] = {}
+        self._rng = random.Random()
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        by_id = {r.replica_id: r for r in candidate_replicas}
+        session = session_of(pending_request)
+        owner = self._owners.get(session) if session else None
+        queue_lens = {rid: self.replica_queue_len_cache.get(rid) for rid in by_id}
+        ranks = choose_for_session(owner, list(by_id), queue_lens, self._sessions_owned,
+                                   self.imbalance_requests, self._rng)
+        if pending_request is not None:
+            # every rank full: wait before asking again, instead of spinning
+            pending_request.routing_context.should_backoff = True
+        return [[by_id[rid] for rid in rank] for rank in ranks]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        session = session_of(pending_request)
+        if not session:
+            return
+        previous = self._owners.pop(session, None)
+        if previous is not None:
+            self._release(previous)
+        self._owners[session] = replica_id
+        self._sessions_owned[replica_id] = self._sessions_owned.get(replica_id, 0) + 1
+        while len(self._owners) > MAX_SESSIONS:
+            _, oldest = self._owners.popitem(last=False)
+            self._release(oldest)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        for session in [s for s, rid in self._owners.items() if rid == replica_id]:
+            del self._owners[session]
+        self._sessions_owned.pop(replica_id, None)
+
+    def _release(self, replica_id: ReplicaID) -> None:
+        count = self._sessions_owned.get(replica_id, 0) - 1
+        if count > 0:
+            self._sessions_owned[replica_id] = count
+        else:
+            self._sessions_owned.pop(replica_id, None)
