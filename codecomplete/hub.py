@@ -228,7 +228,11 @@ class RemoteFile:
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(name.rsplit("/", 1)[-1], p) for p in patterns)
+    """Glob match on the path or the file name, case-insensitive: repositories spell the same
+    quantization Q4_K_M (bartowski) and q4_k_m (Qwen)."""
+    name = name.lower()
+    return any(fnmatch.fnmatchcase(name, p.lower()) or fnmatch.fnmatchcase(name.rsplit("/", 1)[-1], p.lower())
+               for p in patterns)
 
 
 def _describe(files: Iterable[RemoteFile]) -> str:
