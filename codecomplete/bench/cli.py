@@ -12,6 +12,7 @@ BENCHMARKS = {
     "soak": "codecomplete.bench.soak",  # a fixed-pace typing replay for a while: latency drift, RSS, backlog
     "generate": "codecomplete.bench.generate",  # N-candidate generation end to end (CUDA)
     "llamacpp": "codecomplete.bench.llamacpp",  # side by side with llama.cpp on the same GGUF file
+    "llamaserver": "codecomplete.bench.llamaserver",  # the typing replay through llama-server's /infill and ours
 }
 
 
