@@ -258,6 +258,14 @@ def test_editor_model_setting_accepts_a_pulled_name(standin):
     assert errors == [] and settings.model == "tiny-coder"
 
 
+def test_language_server_loads_a_pulled_model_by_name(standin, capsys):
+    from codecomplete.lsp.server import main as lsp_main
+
+    hub.pull(REPO)
+    assert lsp_main(["--check", "--model", "tiny-coder"]) == 0
+    assert "loaded tiny-coder" in capsys.readouterr().err
+
+
 def test_missing_huggingface_hub_says_how_to_install(standin, monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     with pytest.raises(hub.HubError, match=r"codecomplete\[hub\]"):
