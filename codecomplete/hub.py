@@ -42,6 +42,8 @@ from pathlib import Path
 MANIFEST_NAME = "pulled.json"
 MODEL_DIRNAME = "model"
 PARTIAL_DIRNAME = "partial"
+OFFLINE_MESSAGE = ("HF_HUB_OFFLINE is set, and `models pull` needs the network: unset it to pull "
+                   "(pulled models: codecomplete models list)")
 INSTALL_HINT = "pip install 'codecomplete[hub]'  (it adds huggingface_hub)"
 # Files a Hugging Face checkpoint folder needs besides its *.safetensors (see models/hf_import.py).
 HF_METADATA_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
@@ -227,12 +229,13 @@ class RemoteFile:
         return self.sha256 or self.blob_id or hashlib.sha1(self.name.encode()).hexdigest()
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    """Glob match on the path or the file name, case-insensitive: repositories spell the same
-    quantization Q4_K_M (bartowski) and q4_k_m (Qwen)."""
-    name = name.lower()
-    return any(fnmatch.fnmatchcase(name, p.lower()) or fnmatch.fnmatchcase(name.rsplit("/", 1)[-1], p.lower())
-               for p in patterns)
+def _matching(remote: list[RemoteFile], patterns: list[str]) -> list[RemoteFile]:
+    """Files whose path matches a glob, else those whose file name does; case-insensitive:
+    repositories spell the same quantization Q4_K_M (bartowski) and q4_k_m (Qwen)."""
+    lowered = [p.lower() for p in patterns]
+    by_path = [f for f in remote if any(fnmatch.fnmatchcase(f.name.lower(), p) for p in lowered)]
+    return by_path or [f for f in remote
+                       if any(fnmatch.fnmatchcase(f.name.rsplit("/", 1)[-1].lower(), p) for p in lowered)]
 
 
 def _describe(files: Iterable[RemoteFile]) -> str:
@@ -243,10 +246,11 @@ def choose_files(repo: str, remote: list[RemoteFile], patterns: list[str]) -> li
     """The files a pull fetches: one GGUF, or a safetensors checkpoint with its config and
     tokenizer. Several GGUFs and no --file: HubError listing them (never gigabytes unasked)."""
     ggufs = [f for f in remote if f.name.endswith(".gguf")]
-    tensors = [f for f in remote if f.name.endswith(".safetensors")]
+    # the checkpoint is the top-level *.safetensors; subfolders hold other variants (onnx/, original/ ...)
+    tensors = [f for f in remote if f.name.endswith(".safetensors") and "/" not in f.name]
     metadata = [f for f in remote if f.name in HF_METADATA_FILES]
     if patterns:
-        picked = [f for f in remote if _matches(f.name, patterns)]
+        picked = _matching(remote, patterns)
         if not picked:
             raise HubError(f"{repo}: no file matches {' '.join(patterns)}; its model files are:\n"
                            f"{_describe(ggufs + tensors) or '  (none)'}")
@@ -304,8 +308,7 @@ def _hub_error(hf, repo: str, revision: str, error: Exception) -> HubError:
     if isinstance(error, getattr(errors, "EntryNotFoundError", ())):
         return HubError(f"{repo}: a listed file is missing on the Hub ({error})")
     if isinstance(error, getattr(errors, "OfflineModeIsEnabled", ())):
-        return HubError("HF_HUB_OFFLINE is set, and `models pull` needs the network: unset it to pull "
-                        "(pulled models: codecomplete models list)")
+        return HubError(OFFLINE_MESSAGE)
     status = getattr(getattr(error, "response", None), "status_code", None)
     if status is not None:
         return HubError(f"{url} answered HTTP {status} for {repo}: {str(error).splitlines()[0]}")
@@ -313,7 +316,7 @@ def _hub_error(hf, repo: str, revision: str, error: Exception) -> HubError:
                     "if you use a mirror")
 
 
-def _remote_files(hf, api, repo: str, revision: str) -> tuple[str, list[RemoteFile]]:
+def _remote_files(api, repo: str, revision: str) -> tuple[str, list[RemoteFile]]:
     info = api.model_info(repo, revision=revision, files_metadata=True)
     files = []
     for sibling in info.siblings or []:
@@ -344,7 +347,7 @@ def _content_matches(path: Path, remote: RemoteFile) -> bool:
     return digest.hexdigest() == (remote.sha256 or remote.blob_id)
 
 
-def _download(hf, repo: str, commit: str, remote: RemoteFile, destination: Path, partial: Path) -> None:
+def _download(repo: str, commit: str, remote: RemoteFile, destination: Path, partial: Path) -> None:
     """One file, resumed from `partial` when a previous pull stopped part-way."""
     from huggingface_hub.file_download import get_hf_file_metadata, hf_hub_url, http_get
     from huggingface_hub.utils import build_hf_headers
@@ -393,12 +396,11 @@ def pull(repo: str, patterns: list[str] | None = None, revision: str = "main",
     repo = check_repo_id(repo)
     patterns = [p for p in (patterns or []) if p.strip()]
     if is_offline():
-        raise HubError("HF_HUB_OFFLINE is set, and `models pull` needs the network: unset it to pull "
-                       "(pulled models: codecomplete models list)")
+        raise HubError(OFFLINE_MESSAGE)
     hf = _import_hub()
     api = hf.HfApi(endpoint=endpoint())
     try:
-        commit, remote = _remote_files(hf, api, repo, revision)
+        commit, remote = _remote_files(api, repo, revision)
         chosen = choose_files(repo, remote, patterns)
         folder = repo_folder(repo)
         previous = _read_pulled(folder)
@@ -411,7 +413,7 @@ def pull(repo: str, patterns: list[str] | None = None, revision: str = "main",
             if destination.is_file() and _content_matches(destination, remote_file):
                 log(f"  {remote_file.name}: already here")
             else:
-                _download(hf, repo, commit, remote_file, destination,
+                _download(repo, commit, remote_file, destination,
                           folder / PARTIAL_DIRNAME / f"{remote_file.content_id}.part")
             check = {"sha256": remote_file.sha256} if remote_file.sha256 else {"blob_id": remote_file.blob_id}
             model.files[remote_file.name] = {"size": destination.stat().st_size, **check}

@@ -137,6 +137,24 @@ def test_pattern_matching_several_ggufs_is_refused(standin):
         hub.pull(GGUF_REPO, ["*IQ2*"])
 
 
+def _remote(*names: str) -> list[hub.RemoteFile]:
+    return [hub.RemoteFile(name, 10, None, None) for name in names]
+
+
+def test_checkpoint_choice_takes_top_level_safetensors_with_config_and_tokenizer():
+    remote = _remote("config.json", "tokenizer.json", "model.safetensors", "onnx/model.safetensors",
+                     "pytorch_model.bin", "README.md")
+    chosen = {f.name for f in hub.choose_files(REPO, remote, [])}
+    assert chosen == {"config.json", "tokenizer.json", "model.safetensors"}
+    picked = {f.name for f in hub.choose_files(REPO, remote, ["model.safetensors"])}
+    assert picked == {"config.json", "tokenizer.json", "model.safetensors"}
+
+
+def test_pickle_only_repo_is_refused():
+    with pytest.raises(hub.HubError, match="never loads pickle"):
+        hub.choose_files(REPO, _remote("config.json", "pytorch_model.bin"), [])
+
+
 def test_killed_pull_resumes_with_a_range_request(standin, tmp_path):
     """A pull killed mid-file leaves a partial file; the next pull asks only for the rest."""
     name = BIG_GGUF
