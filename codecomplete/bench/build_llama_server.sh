@@ -20,7 +20,7 @@ if [[ -n "${LLAMA_CPP_PYTHON_VERSION:-}" ]]; then spec="llama-cpp-python==$LLAMA
 mkdir -p "$work_dir/sdist"
 if ! ls "$work_dir"/sdist/llama_cpp_python-*.tar.gz >/dev/null 2>&1; then
     echo "downloading the $spec sdist into $work_dir/sdist" >&2
-    $pip_cmd download --no-deps --no-binary :all: --no-build-isolation -d "$work_dir/sdist" "$spec" >&2
+    $pip_cmd download --no-deps --no-binary :all: -d "$work_dir/sdist" "$spec" >&2
 fi
 sdist="$(ls -t "$work_dir"/sdist/llama_cpp_python-*.tar.gz | head -n 1)"
 version="$(basename "$sdist" .tar.gz)"
