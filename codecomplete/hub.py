@@ -42,7 +42,7 @@ from pathlib import Path
 MANIFEST_NAME = "pulled.json"
 MODEL_DIRNAME = "model"
 PARTIAL_DIRNAME = "partial"
-OFFLINE_MESSAGE = ("HF_HUB_OFFLINE is set, and `models pull` needs the network: unset it to pull "
+OFFLINE_MESSAGE = ("HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, and `models pull` needs the network: unset it to pull "
                    "(pulled models: codecomplete models list)")
 INSTALL_HINT = "pip install 'codecomplete[hub]'  (it adds huggingface_hub)"
 # Files a Hugging Face checkpoint folder needs besides its *.safetensors (see models/hf_import.py).
@@ -277,7 +277,9 @@ def choose_files(repo: str, remote: list[RemoteFile], patterns: list[str]) -> li
 
 
 def is_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE_VALUES
+    """huggingface_hub's own rule: HF_HUB_OFFLINE, or TRANSFORMERS_OFFLINE, set to a true value."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().lower() in _TRUE_VALUES
 
 
 def endpoint() -> str:

@@ -54,7 +54,12 @@ def standin(tmp_path, monkeypatch, tiny_repo_files):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored login token
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for offline in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(offline, raising=False)
+    # other test modules set HF_HUB_OFFLINE=1 before huggingface_hub is imported, which reads it once
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     yield server
     server.stop()
 
@@ -64,7 +69,7 @@ def _sha256(path: Path) -> str:
 
 
 def _env(tmp_path: Path, url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_HUB_OFFLINE")}
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(HF_ENDPOINT=url, CODECOMPLETE_CACHE=str(tmp_path / "cache"), HF_HOME=str(tmp_path / "hf-home"))
     return env
 
@@ -206,6 +211,10 @@ def test_dropped_connection_is_resumed_within_one_pull(standin):
 def test_offline_mode_is_a_clear_error_without_any_request(standin, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(hub.HubError, match="HF_HUB_OFFLINE"):
+        hub.pull(REPO)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "yes")
+    with pytest.raises(hub.HubError, match="TRANSFORMERS_OFFLINE"):
         hub.pull(REPO)
     assert standin.requests == []
 
