@@ -53,6 +53,7 @@ class HubStandIn:
     repos: dict[str, Repo] = field(default_factory=dict)
     requests: list[Recorded] = field(default_factory=list)
     stalls: dict[str, Stall] = field(default_factory=dict)  # file name -> how to cut its first GET
+    corrupt: set[str] = field(default_factory=set)  # file names served with one byte changed
     release: threading.Event = field(default_factory=threading.Event)
     stalled: threading.Event = field(default_factory=threading.Event)
 
@@ -181,6 +182,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"}, body)
             status = 206
             headers = {**headers, "Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
+        if file_name in self.hub.corrupt:
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
         part = data[start:]
         stall = self.hub.stalls.get(file_name)
         if not body or stall is None or stall.times <= 0:

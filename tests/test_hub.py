@@ -208,6 +208,16 @@ def test_dropped_connection_is_resumed_within_one_pull(standin):
     assert _sha256(model.model_path()) == hashlib.sha256(standin.repos[GGUF_REPO].files[name]).hexdigest()
 
 
+def test_bytes_that_fail_the_checksum_are_refused_and_dropped(standin):
+    name = "tiny-coder-q4_k_m.gguf"
+    standin.corrupt.add(name)
+    with pytest.raises(hub.HubError, match="do not match the Hub's checksum"):
+        hub.pull(GGUF_REPO, [name])
+    assert not list(hub.repo_folder(GGUF_REPO).rglob("*.gguf")) and not list(hub.repo_folder(GGUF_REPO).rglob("*.part"))
+    standin.corrupt.clear()
+    assert hub.pull(GGUF_REPO, [name]).model_path().name == name
+
+
 def test_offline_mode_is_a_clear_error_without_any_request(standin, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(hub.HubError, match="HF_HUB_OFFLINE"):
