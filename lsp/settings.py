@@ -82,7 +82,7 @@ def _model(value: Any) -> str:
         except HubError as e:  # a short name shared by several pulled models
             raise ValueError(str(e)) from e
         if pulled is None:
-            raise ValueError(f"no such model file or folder, and no pulled model of that name: {value} "
+            raise ValueError(f"no such model folder or file, and no pulled model of that name: {value} "
                              "(codecomplete models list shows the pulled ones)")
     return value
 
