@@ -1,4 +1,4 @@
-"""The `codecomplete` command: complete, bench, eval, serve."""
+"""The `codecomplete` command: complete, models, bench, eval, serve."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ def _register_all(sub) -> None:
     from codecomplete.commands import register as register_commands
 
     register_commands(sub)
+    from codecomplete.models_command import register as register_models
+
+    register_models(sub)
     from codecomplete.bench.cli import register as register_bench
 
     register_bench(sub)

@@ -14,7 +14,7 @@ PRECISIONS = ["auto", "fp32", "bf16", "fp16", "int8", "int8-s8", "int8-w7"]
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model folder, Hugging Face folder or .gguf file (default: the shipped model)")
+    p.add_argument("--model", default=None, help="model folder, Hugging Face folder, .gguf file or a pulled model's name (codecomplete models list; default: the shipped model)")
     p.add_argument("--runtime", default="onnx", choices=RUNTIMES)
     p.add_argument("--device", default="cpu", choices=DEVICES)
     p.add_argument("--precision", default="auto", choices=PRECISIONS,

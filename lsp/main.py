@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="codecomplete-lsp", description="codecomplete language server (stdio by default)")
     p.add_argument("--stdio", action="store_true", help="talk LSP over stdin/stdout (the default)")
     p.add_argument("--tcp", type=parse_tcp, metavar="HOST:PORT", help="listen on TCP instead (host 127.0.0.1 if omitted)")
-    p.add_argument("--model", default=None, help="model folder (default: the shipped model)")
+    p.add_argument("--model", default=None, help="model folder, .gguf file or a pulled model's name (default: the shipped model)")
     p.add_argument("--runtime", choices=RUNTIMES, default=d.runtime)
     p.add_argument("--device", choices=DEVICES, default=d.device)
     p.add_argument("--candidates", type=int, default=d.candidates)

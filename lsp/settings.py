@@ -1,6 +1,6 @@
 """Client settings: the `codecomplete` section shared with the VS Code extension.
 
-    {"model": str ("" = the server's default), "runtime": "onnx" | "torch",
+    {"model": str (a path or a pulled model's name; "" = the server's default), "runtime": "onnx" | "torch",
      "device": "cpu" | "cuda", "candidates": 1..16, "maxTokens": int, "deadlineMs": int,
      "multiline": "auto" | "always" | "never", "enable": {languageId: bool, "*": default},
      "isolate": bool, "server": str (URL, "" = local), "apiKey": str}
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from codecomplete.hub import HubError, find_pulled
 from codecomplete.request import CompletionOptions
 from codecomplete.runtime import DEVICES, RUNTIMES
 
@@ -39,7 +40,7 @@ DEADLINE_MS_RANGE = (1, 600_000)  # the VS Code extension clamps to the same ran
 
 @dataclass(frozen=True)
 class Settings:
-    model: str = ""  # a model folder; "" = the server's default
+    model: str = ""  # a model folder or file, or a pulled model's name; "" = the server's default
     runtime: str = "onnx"
     device: str = "cpu"
     candidates: int = 4
@@ -81,10 +82,17 @@ def _one_of(value: Any, choices: tuple[str, ...]) -> str:
 
 def _model(value: Any) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"expected a folder path (string), got {value!r}")
-    if value.strip() and not Path(value).expanduser().exists():
-        raise ValueError(f"no such model folder: {value}")
-    return value.strip()
+        raise ValueError(f"expected a model path or a pulled model's name (string), got {value!r}")
+    value = value.strip()
+    if value and not Path(value).expanduser().exists():
+        try:
+            pulled = find_pulled(value)
+        except HubError as e:  # a short name shared by several pulled models
+            raise ValueError(str(e)) from e
+        if pulled is None:
+            raise ValueError(f"no such model folder or file, and no pulled model of that name: {value} "
+                             "(codecomplete models list shows the pulled ones)")
+    return value
 
 
 def _server_url(value: Any) -> str:

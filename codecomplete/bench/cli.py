@@ -13,6 +13,7 @@ BENCHMARKS = {
     "generate": "codecomplete.bench.generate",  # N-candidate generation end to end (CUDA)
     "llamacpp": "codecomplete.bench.llamacpp",  # side by side with llama.cpp on the same GGUF file
     "serve": "codecomplete.bench.serve",  # simulated users typing against the team server over HTTP
+    "llamaserver": "codecomplete.bench.llamaserver",  # the typing replay through llama-server's /infill and ours
 }
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from codecomplete.hub import resolve_model_path
+
 from .config import ModelConfig
 from .folder import DEFAULT_MODEL_DIR, ModelLoadError, is_model_folder, open_model_folder
 
@@ -29,7 +31,7 @@ def default_model_dir() -> Path:
 
 def load_model_source(path: str | Path | None = None) -> ModelSource:
     """Load a model by path; None means the shipped default model."""
-    p = Path(path).expanduser() if path else DEFAULT_MODEL_DIR
+    p = Path(resolve_model_path(path)).expanduser() if path else DEFAULT_MODEL_DIR  # a pulled model's name too
     if not p.exists():
         if path is None:
             raise ModelLoadError(f"the shipped default model is missing ({p}); reinstall codecomplete")
