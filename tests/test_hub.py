@@ -296,7 +296,7 @@ def test_editor_model_setting_accepts_a_pulled_name(standin):
 
 
 def test_language_server_loads_a_pulled_model_by_name(standin, capsys):
-    from codecomplete.lsp.server import main as lsp_main
+    from codecomplete.lsp.main import main as lsp_main
 
     hub.pull(REPO)
     assert lsp_main(["--check", "--model", "tiny-coder"]) == 0
