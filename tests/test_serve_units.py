@@ -190,3 +190,34 @@ def test_ray_app_builder_takes_the_serve_settings_and_needs_keys(tmp_path):
     assert isinstance(app_builder({"api_keys": str(keys), "replicas": "2", "affinity": "off"}), Application)
     with pytest.raises(SystemExit, match="replicas"):
         app_builder({"api_keys": str(keys), "replicas": "0"})
+
+
+def _engine_deployment(app):
+    """The EngineReplica deployment bound under the Gateway of an application."""
+    return app._bound_deployment.init_args[0]._bound_deployment
+
+
+def test_cuda_replicas_take_one_gpu_each_and_autoscale_on_ongoing_requests():
+    from codecomplete.serve.app import build_app
+
+    engine = _engine_deployment(build_app(device="cuda", runtime="torch", autoscale=(1, 4)))
+    assert engine.ray_actor_options == {"num_cpus": 1, "num_gpus": 1}
+    scaling = engine._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.initial_replicas, scaling.max_replicas) == (1, 1, 4)
+    assert scaling.target_ongoing_requests == 2
+
+
+def test_cpu_replicas_share_the_cores_out_and_keep_the_affinity_router(monkeypatch):
+    from codecomplete.serve import cli
+    from codecomplete.serve.app import build_app
+
+    monkeypatch.setattr("codecomplete.runtime.onnx.physical_cores", lambda: 8)
+    threads, cpus = cli.share_cpus("cpu", 4)
+    assert (threads, cpus) == (2, 2.0)  # 4 replicas on 8 cores: 2 onnx threads and 2 Ray CPUs each
+    assert cli.share_cpus("cuda", 4)[0] is None  # GPU replicas keep the runtime's own threads
+    engine = _engine_deployment(build_app(replicas=4, threads=threads, replica_cpus=cpus))
+    assert engine.ray_actor_options == {"num_cpus": 2.0} and engine._deployment_config.num_replicas == 4
+    router = engine._deployment_config.request_router_config.request_router_class
+    assert "SessionAffinityRouter" in str(router)
+    plain = _engine_deployment(build_app(replicas=2, affinity=False))._deployment_config.request_router_config
+    assert "SessionAffinityRouter" not in str(plain.request_router_class)
