@@ -27,6 +27,7 @@ from ray import serve  # noqa: E402
 from codecomplete.request import CompletionOptions, CompletionRequest  # noqa: E402
 from codecomplete.serve.app import ServeSettings, build_app  # noqa: E402
 from codecomplete.serve.auth import parse_keys  # noqa: E402
+from codecomplete.serve.common import neutral_folder  # noqa: E402
 from codecomplete.wire import completion_from_json, request_to_json  # noqa: E402
 
 ALICE, BOB = "alice-key-000000001", "bob-key-0000000002"
@@ -42,7 +43,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server():
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with neutral_folder():  # the tests run from the checkout's root
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         # four replicas share two CPUs, one onnx thread each; both applications start at once

@@ -290,7 +290,10 @@ def run(args) -> int:
         # Ray's log monitor prints to stdout, which holds the JSON: send it to stderr
         redirect = contextlib.redirect_stdout(sys.stderr)
         redirect.__enter__()
-        ray.init(include_dashboard=False, log_to_driver=False)
+        from codecomplete.serve.common import neutral_folder
+
+        with neutral_folder():
+            ray.init(include_dashboard=False, log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             for replicas in replicas_list:

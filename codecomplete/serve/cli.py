@@ -147,6 +147,8 @@ def run(args) -> int:
         import ray
         from ray import serve
 
+        from codecomplete.serve.common import neutral_folder
+
         app, keys, autoscale = build_from_settings(args)
     except ModuleNotFoundError as e:
         if e.name and e.name.split(".")[0] in ("ray", "fastapi", "pydantic", "starlette"):
@@ -158,7 +160,8 @@ def run(args) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     _log(f"starting Ray ({'joining ' + args.address if args.address else 'a local instance'})")
-    ray.init(address=args.address, include_dashboard=False if not args.address else None)
+    with neutral_folder():
+        ray.init(address=args.address, include_dashboard=False if not args.address else None)
     serve.start(http_options={"host": args.host, "port": args.port})
     done = threading.Event()
     progress = threading.Thread(target=_report_progress, args=(done,), daemon=True)

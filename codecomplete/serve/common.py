@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -75,3 +79,16 @@ def text_session(owner: str, text: str) -> str:
 
 def drawn_candidates(wanted: int) -> int:
     return max(wanted, MIN_CANDIDATES_DRAWN)
+
+
+@contextlib.contextmanager
+def neutral_folder() -> Iterator[None]:
+    """Start a local Ray inside this: its workers start in the driver's folder and put it on
+    sys.path, so from a source checkout they would import its codecomplete/ folder (which
+    is not the installed package) instead of the package."""
+    here = os.getcwd()
+    os.chdir(tempfile.gettempdir())
+    try:
+        yield
+    finally:
+        os.chdir(here)
