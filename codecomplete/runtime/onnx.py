@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from codecomplete.models.format.folder import Q4_SUFFIX
 from codecomplete.models.format.source import ModelSource
 
 from . import DEVICES
@@ -62,6 +63,11 @@ def is_int8(source: ModelSource) -> bool:
     return source.quantization.startswith("int8") or any(k.endswith("_scale") for k in source.weights)
 
 
+def is_int4(source: ModelSource) -> bool:
+    """Some weights are stored 4-bit (a 4-bit GGUF's, folder.Q4Weight)."""
+    return source.quantization.startswith("int4") or any(k.endswith(Q4_SUFFIX) for k in source.weights)
+
+
 @dataclass
 class ContextKV:
     """The context KV: k, v (L, capacity, G, D), filled up to the context length."""
@@ -96,15 +102,23 @@ class OnnxRuntime(Runtime):
             # onnxruntime's CUDA kernels have no uint8-weight MatMulInteger: fp32 there. On a
             # CPU, int8 weights take the fast uint8 x int8 kernels: full 8-bit weights where
             # VNNI/AMX make them exact, 7-bit ones where AVX2 would saturate (runtime/cpu.py)
-            if is_int8(source) and self.device == "cpu":
+            quantized = is_int8(source) or is_int4(source)
+            if quantized and self.device == "cpu":
                 precision, self.precision_reason = this_cpu().int8_linear_kind()
+                if is_int4(source):  # the 4-bit weights run as they are stored, the int8 ones by this CPU's kind
+                    precision, self.precision_reason = "int4", (
+                        f"4-bit weights as stored (MatMulNBits); int8 ones as {precision}: {self.precision_reason}")
             else:
                 precision = "fp32"
-                self.precision_reason = ("float weights" if not is_int8(source) else
+                self.precision_reason = ("float weights" if not quantized else
                                          "onnxruntime's CUDA kernels have no uint8 x int8 MatMulInteger")
+        if precision == "int4" and linear_kind is None:
+            # stored 4-bit weights: the int8 ones take this CPU's int8 kind; a model with
+            # none is made 4-bit throughout (the int4 linear kind)
+            linear_kind = this_cpu().int8_linear_kind()[0] if is_int4(source) else "int4"
         if precision in LINEAR_KINDS:  # a linear kind names its precision: int8-w7 is int8
             linear_kind, precision = linear_kind or precision, precision.split("-")[0]
-        if precision not in ("fp32", "int8"):
+        if precision not in ("fp32", "int8", "int4"):
             raise ValueError(f"unknown precision {precision!r} for onnx (auto, {', '.join(LINEAR_KINDS)})")
         linear_kind = linear_kind or precision
         if linear_kind not in LINEAR_KINDS or (precision == "fp32") != (linear_kind == "fp32"):
@@ -122,8 +136,8 @@ class OnnxRuntime(Runtime):
         self.spin = self.threads > 1 if spin is None else spin
         self.name = f"onnx-{precision}"
 
-        # int8 runs keep the KV in float16: attention reads half the bytes
-        self.kv_dtype = kv_dtype or ("float16" if precision == "int8" else "float32")
+        # int8 and int4 runs keep the KV in float16: attention reads half the bytes
+        self.kv_dtype = kv_dtype or ("float16" if precision in ("int8", "int4") else "float32")
         self._np_kv = np.dtype(self.kv_dtype)
         external: dict[str, np.ndarray] = {}
         # None: where this onnxruntime has the empty-context bug (onnx_graph.EMPTY_CONTEXT_BUG)
