@@ -258,6 +258,8 @@ class GraphBuilder:
         kind = self.linear_kind if weight.scale is not None else "fp32"
         if weight.q4 is not None:
             kind = "fp32" if self.linear_kind == "fp32" else "int4"
+        elif kind == "int4":  # an int8 weight kept so (the embedding table as the head): the exact int8 kernels
+            kind = "int8"
         if kind == "int4":
             q4 = weight.q4
             n, n_blocks = q4.scales.shape
