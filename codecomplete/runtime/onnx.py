@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +58,28 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def drop_mapped_pages(weights: dict[str, np.ndarray]) -> int:
+    """Tell the kernel it may drop the resident pages of the memory-mapped files behind
+    `weights` (a model folder's safetensors): the graph holds its own copies of most of
+    them now. Safe for a read-only file mapping: a page read again is read back from the
+    file. Returns the bytes advised."""
+    maps: dict[int, mmap.mmap] = {}
+    for w in weights.values():
+        base = w
+        while base is not None and not isinstance(base, mmap.mmap):
+            base = getattr(base, "base", None) if isinstance(base, np.ndarray) else getattr(base, "obj", None)
+        if isinstance(base, mmap.mmap):
+            maps[id(base)] = base
+    advised = 0
+    for m in maps.values():
+        try:
+            m.madvise(mmap.MADV_DONTNEED)
+            advised += len(m)
+        except (AttributeError, OSError, ValueError):  # no madvise here, or a closed map
+            pass
+    return advised
 
 
 def is_int8(source: ModelSource) -> bool:
@@ -155,7 +178,12 @@ class OnnxRuntime(Runtime):
         self._external = [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()]
         self._model_bytes = model.SerializeToString()  # small: the weights are external
         del model, external
+        # the graph holds its own copies of most weights (transposed int8), and the session
+        # its packed ones: the folder's mapped pages need not stay resident (before the
+        # session, to lower the peak; after it, for the pages it read while packing)
+        drop_mapped_pages(source.weights)
         self.session = self._new_session(self.threads, self.spin)
+        drop_mapped_pages(source.weights)
         self._single: ort.InferenceSession | None = None  # one thread: made when first needed
         self._load = CpuLoad() if self.adaptive else None
         self._active = self.session  # the session serving the current request

@@ -152,6 +152,18 @@ def linear_weights(weights: dict[str, np.ndarray], int8: bool, int4: bool = Fals
     return out
 
 
+def halve_to_7_bits(w: np.ndarray, chunk_rows: int = 4096) -> np.ndarray:
+    """int8 weights halved and rounded half to even (np.rint(w / 2)), clipped to -64..63,
+    in int16 a chunk of rows at a time: no float32 copy of a vocabulary-sized head."""
+    out = np.empty(w.shape, np.int8)
+    for start in range(0, w.shape[0], chunk_rows):
+        x = w[start:start + chunk_rows].astype(np.int16)
+        half = x >> 1  # floor(x / 2); an odd x lies between half and half + 1: take the even one
+        half += (x & 1) & (half & 1)
+        out[start:start + chunk_rows] = np.clip(half, -64, 63)
+    return out
+
+
 def pack_q4_zeros(zeros: np.ndarray) -> np.ndarray:
     """Zero points (N, n_blocks) 0..15 as MatMulNBits wants them: two a byte (low nibble
     first), each row padded to whole bytes, flattened."""
@@ -271,11 +283,10 @@ class GraphBuilder:
         elif kind == "fp32":
             y = self.op("MatMul", [x, self.init(weight.dequantized().T, name + ".weight")], name=name)
         elif kind in ("int8", "int8-s8", "int8-w7"):
-            wt = np.ascontiguousarray(weight.w.T)  # (in, out)
-            w_scale = weight.scale
+            w, w_scale = weight.w, weight.scale
             if kind == "int8-w7":  # 7-bit weights (-64..63): uint8 x int8 pair sums stay within int16 on AVX2
-                wt = np.clip(np.rint(wt.astype(np.float32) / 2), -64, 63).astype(np.int8)
-                w_scale = weight.scale * 2
+                w, w_scale = halve_to_7_bits(w), weight.scale * 2
+            wt = np.ascontiguousarray(w.T)  # (in, out)
             xq, xs, xz = self.op("DynamicQuantizeLinear", [x], n_out=3, name=name + ".xq")
             if kind == "int8":
                 w_u8 = wt.view(np.uint8) ^ np.uint8(0x80)  # int8 + 128 as uint8
