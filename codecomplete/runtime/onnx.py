@@ -12,9 +12,12 @@ GPU path (the torch runtime is).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import mmap
+import tempfile
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,13 +68,7 @@ def drop_mapped_pages(weights: dict[str, np.ndarray]) -> int:
     `weights` (a model folder's safetensors): the graph holds its own copies of most of
     them now. Safe for a read-only file mapping: a page read again is read back from the
     file. Returns the bytes advised."""
-    maps: dict[int, mmap.mmap] = {}
-    for w in weights.values():
-        base = w
-        while base is not None and not isinstance(base, mmap.mmap):
-            base = getattr(base, "base", None) if isinstance(base, np.ndarray) else getattr(base, "obj", None)
-        if isinstance(base, mmap.mmap):
-            maps[id(base)] = base
+    maps = {id(m): m for m in (_mapped_file(w) for w in weights.values()) if m is not None}
     advised = 0
     for m in maps.values():
         try:
@@ -80,6 +77,76 @@ def drop_mapped_pages(weights: dict[str, np.ndarray]) -> int:
         except (AttributeError, OSError, ValueError):  # no madvise here, or a closed map
             pass
     return advised
+
+
+class SpilledArrays(dict):
+    """The graph's external weights, each written to an unlinked file as the builder makes
+    it and read back as a view of that file mapped once (`finish`). onnxruntime packs its
+    own copy of every weight at session start but needs ours alive; file-backed, ours can
+    leave memory (drop_mapped_pages) instead of doubling it. Arrays that are views of a
+    mapped file already (a model folder's 4-bit weights) are kept as they are."""
+
+    ALIGN = 64
+
+    def __init__(self, directory: str | None = None):
+        super().__init__()
+        try:
+            self._file = tempfile.TemporaryFile(dir=directory)
+        except OSError:
+            self._file = tempfile.TemporaryFile()
+        self._records: dict[str, tuple[int, np.dtype, tuple[int, ...]]] = {}
+        self._size = 0
+        self._map: mmap.mmap | None = None
+
+    def __setitem__(self, name: str, array: np.ndarray) -> None:
+        if _mapped_file(array) is not None or array.nbytes == 0:
+            super().__setitem__(name, array)
+            return
+        offset = -self._size % self.ALIGN + self._size
+        self._file.seek(offset)
+        self._file.write(memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B"))
+        self._size = offset + array.nbytes
+        self._records[name] = (offset, array.dtype, array.shape)
+        super().__setitem__(name, None)  # keeps the order; the view comes with finish()
+
+    def finish(self) -> SpilledArrays:
+        self._file.flush()
+        if self._records:
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+            for name, (offset, dtype, shape) in self._records.items():
+                count = int(np.prod(shape))
+                super().__setitem__(name, np.frombuffer(self._map, dtype, count, offset).reshape(shape))
+        self._file.close()  # the mapping keeps the unlinked file's pages
+        return self
+
+
+def _mapped_file(array: np.ndarray) -> mmap.mmap | None:
+    """The memory map an array is a view of, if any."""
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None) if isinstance(base, np.ndarray) else getattr(base, "obj", None)
+    return base
+
+
+@contextlib.contextmanager
+def dropping_mapped_pages(weights: dict[str, np.ndarray], every_s: float = 0.05):
+    """drop_mapped_pages every `every_s` while the body runs, and once after: onnxruntime
+    reads each weight once to pack its own copy, so without this every page it has read
+    stays resident until the session is made (the peak of a start)."""
+    stop = threading.Event()
+
+    def loop():
+        while not stop.wait(every_s):
+            drop_mapped_pages(weights)
+
+    worker = threading.Thread(target=loop, name="drop-mapped-pages", daemon=True)
+    worker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        worker.join()
+        drop_mapped_pages(weights)
 
 
 def is_int8(source: ModelSource) -> bool:
@@ -162,7 +229,9 @@ class OnnxRuntime(Runtime):
         # int8 and int4 runs keep the KV in float16: attention reads half the bytes
         self.kv_dtype = kv_dtype or ("float16" if precision in ("int8", "int4") else "float32")
         self._np_kv = np.dtype(self.kv_dtype)
-        external: dict[str, np.ndarray] = {}
+        from codecomplete.models.format.gguf_import import cache_root
+
+        external = SpilledArrays(str(cache_root()) if cache_root().is_dir() else None)
         # None: where this onnxruntime has the empty-context bug (onnx_graph.EMPTY_CONTEXT_BUG)
         self.empty_context_guard = (has_empty_context_bug(ort.__version__) if empty_context_guard is None
                                     else empty_context_guard)
@@ -174,16 +243,18 @@ class OnnxRuntime(Runtime):
             self._ctx_bias_empty = np.array([-np.inf], np.float32)
             self._stand_in_row = np.zeros((1, c.n_kv_heads, c.head_dim), self._np_kv)
         # the big tensors go in beside the protobuf: no 2 GiB limit, no serialised copy
+        external.finish()
         self._external_names = list(external)
         self._external = [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()]
         self._model_bytes = model.SerializeToString()  # small: the weights are external
+        spilled = dict(external)
         del model, external
         # the graph holds its own copies of most weights (transposed int8), and the session
         # its packed ones: the folder's mapped pages need not stay resident (before the
         # session, to lower the peak; after it, for the pages it read while packing)
         drop_mapped_pages(source.weights)
-        self.session = self._new_session(self.threads, self.spin)
-        drop_mapped_pages(source.weights)
+        with dropping_mapped_pages({**source.weights, **spilled}):  # the OrtValues keep the spilled file mapped
+            self.session = self._new_session(self.threads, self.spin)
         self._single: ort.InferenceSession | None = None  # one thread: made when first needed
         self._load = CpuLoad() if self.adaptive else None
         self._active = self.session  # the session serving the current request
