@@ -235,8 +235,9 @@ class OnnxRuntime(Runtime):
         # None: where this onnxruntime has the empty-context bug (onnx_graph.EMPTY_CONTEXT_BUG)
         self.empty_context_guard = (has_empty_context_bug(ort.__version__) if empty_context_guard is None
                                     else empty_context_guard)
-        model = build_model(self.config, source.weights, linear_kind, self.kv_dtype, external=external,
-                            ctx_bias=self.empty_context_guard)
+        with dropping_mapped_pages(source.weights):  # the folder's pages, read once to build the graph's copies
+            model = build_model(self.config, source.weights, linear_kind, self.kv_dtype, external=external,
+                                ctx_bias=self.empty_context_guard)
         if self.empty_context_guard:
             c = self.config
             self._ctx_bias_zeros = np.zeros(c.max_seq_len, np.float32)

@@ -153,14 +153,15 @@ def linear_weights(weights: dict[str, np.ndarray], int8: bool, int4: bool = Fals
 
 
 def halve_to_7_bits(w: np.ndarray, chunk_rows: int = 4096) -> np.ndarray:
-    """int8 weights halved and rounded half to even (np.rint(w / 2)), clipped to -64..63,
-    in int16 a chunk of rows at a time: no float32 copy of a vocabulary-sized head."""
-    out = np.empty(w.shape, np.int8)
+    """int8 weights (out, in) halved and rounded half to even (np.rint(w / 2)), clipped to
+    -64..63, and transposed to (in, out): in int16 a chunk of rows at a time, so that a
+    vocabulary-sized head costs one int8 copy, not float32 ones."""
+    out = np.empty(w.shape[::-1], np.int8)
     for start in range(0, w.shape[0], chunk_rows):
         x = w[start:start + chunk_rows].astype(np.int16)
         half = x >> 1  # floor(x / 2); an odd x lies between half and half + 1: take the even one
         half += (x & 1) & (half & 1)
-        out[start:start + chunk_rows] = np.clip(half, -64, 63)
+        out[:, start:start + chunk_rows] = np.clip(half, -64, 63).T
     return out
 
 
@@ -283,10 +284,11 @@ class GraphBuilder:
         elif kind == "fp32":
             y = self.op("MatMul", [x, self.init(weight.dequantized().T, name + ".weight")], name=name)
         elif kind in ("int8", "int8-s8", "int8-w7"):
-            w, w_scale = weight.w, weight.scale
+            w_scale = weight.scale
             if kind == "int8-w7":  # 7-bit weights (-64..63): uint8 x int8 pair sums stay within int16 on AVX2
-                w, w_scale = halve_to_7_bits(w), weight.scale * 2
-            wt = np.ascontiguousarray(w.T)  # (in, out)
+                wt, w_scale = halve_to_7_bits(weight.w), weight.scale * 2  # (in, out)
+            else:
+                wt = np.ascontiguousarray(weight.w.T)  # (in, out)
             xq, xs, xz = self.op("DynamicQuantizeLinear", [x], n_out=3, name=name + ".xq")
             if kind == "int8":
                 w_u8 = wt.view(np.uint8) ^ np.uint8(0x80)  # int8 + 128 as uint8
