@@ -12,18 +12,21 @@ GPU path (the torch runtime is).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import mmap
 import tempfile
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
-from codecomplete.models.format.folder import Q4_SUFFIX
+from codecomplete.models.format.folder import (
+    Q4_SUFFIX,
+    dropping_mapped_pages,
+    mapped_file,
+    mapped_files,
+)
 from codecomplete.models.format.source import ModelSource
 
 from . import DEVICES
@@ -63,22 +66,6 @@ def release_free_memory() -> None:
         pass
 
 
-def drop_mapped_pages(weights: dict[str, np.ndarray]) -> int:
-    """Tell the kernel it may drop the resident pages of the memory-mapped files behind
-    `weights` (a model folder's safetensors): the graph holds its own copies of most of
-    them now. Safe for a read-only file mapping: a page read again is read back from the
-    file. Returns the bytes advised."""
-    maps = {id(m): m for m in (_mapped_file(w) for w in weights.values()) if m is not None}
-    advised = 0
-    for m in maps.values():
-        try:
-            m.madvise(mmap.MADV_DONTNEED)
-            advised += len(m)
-        except (AttributeError, OSError, ValueError):  # no madvise here, or a closed map
-            pass
-    return advised
-
-
 class SpilledArrays(dict):
     """The graph's external weights, each written to an unlinked file as the builder makes
     it and read back as a view of that file mapped once (`finish`). onnxruntime packs its
@@ -99,7 +86,7 @@ class SpilledArrays(dict):
         self._map: mmap.mmap | None = None
 
     def __setitem__(self, name: str, array: np.ndarray) -> None:
-        if _mapped_file(array) is not None or array.nbytes == 0:
+        if mapped_file(array) is not None or array.nbytes == 0:
             super().__setitem__(name, array)
             return
         offset = -self._size % self.ALIGN + self._size
@@ -118,35 +105,6 @@ class SpilledArrays(dict):
                 super().__setitem__(name, np.frombuffer(self._map, dtype, count, offset).reshape(shape))
         self._file.close()  # the mapping keeps the unlinked file's pages
         return self
-
-
-def _mapped_file(array: np.ndarray) -> mmap.mmap | None:
-    """The memory map an array is a view of, if any."""
-    base = array
-    while base is not None and not isinstance(base, mmap.mmap):
-        base = getattr(base, "base", None) if isinstance(base, np.ndarray) else getattr(base, "obj", None)
-    return base
-
-
-@contextlib.contextmanager
-def dropping_mapped_pages(weights: dict[str, np.ndarray], every_s: float = 0.05):
-    """drop_mapped_pages every `every_s` while the body runs, and once after: onnxruntime
-    reads each weight once to pack its own copy, so without this every page it has read
-    stays resident until the session is made (the peak of a start)."""
-    stop = threading.Event()
-
-    def loop():
-        while not stop.wait(every_s):
-            drop_mapped_pages(weights)
-
-    worker = threading.Thread(target=loop, name="drop-mapped-pages", daemon=True)
-    worker.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        worker.join()
-        drop_mapped_pages(weights)
 
 
 def is_int8(source: ModelSource) -> bool:
@@ -235,7 +193,7 @@ class OnnxRuntime(Runtime):
         # None: where this onnxruntime has the empty-context bug (onnx_graph.EMPTY_CONTEXT_BUG)
         self.empty_context_guard = (has_empty_context_bug(ort.__version__) if empty_context_guard is None
                                     else empty_context_guard)
-        with dropping_mapped_pages(source.weights):  # the folder's pages, read once to build the graph's copies
+        with dropping_mapped_pages(mapped_files(source.weights)):  # read once to build the graph's copies
             model = build_model(self.config, source.weights, linear_kind, self.kv_dtype, external=external,
                                 ctx_bias=self.empty_context_guard)
         if self.empty_context_guard:
@@ -251,10 +209,8 @@ class OnnxRuntime(Runtime):
         spilled = dict(external)
         del model, external
         # the graph holds its own copies of most weights (transposed int8), and the session
-        # its packed ones: the folder's mapped pages need not stay resident (before the
-        # session, to lower the peak; after it, for the pages it read while packing)
-        drop_mapped_pages(source.weights)
-        with dropping_mapped_pages({**source.weights, **spilled}):  # the OrtValues keep the spilled file mapped
+        # its packed ones: the mapped pages of the folder and of the spill file need not stay resident
+        with dropping_mapped_pages(mapped_files({**source.weights, **spilled})):  # OrtValues keep the spill mapped
             self.session = self._new_session(self.threads, self.spin)
         self._single: ort.InferenceSession | None = None  # one thread: made when first needed
         self._load = CpuLoad() if self.adaptive else None

@@ -19,9 +19,11 @@ Weights are read from safetensors with numpy only (no torch, never pickle).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,6 +256,55 @@ def dequantize(weights: dict[str, np.ndarray], copy: bool = True) -> dict[str, n
         else:
             out[name] = w
     return out
+
+
+def mapped_file(array) -> mmap.mmap | None:
+    """The memory map an array is a view of (read_safetensors' arrays are), if any."""
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None) if isinstance(base, np.ndarray) else getattr(base, "obj", None)
+    return base
+
+
+def mapped_files(weights: dict[str, np.ndarray]) -> list[mmap.mmap]:
+    """The distinct memory maps behind a weight dict's arrays."""
+    return list({id(m): m for m in map(mapped_file, weights.values()) if m is not None}.values())
+
+
+def drop_mapped_pages(maps: list[mmap.mmap]) -> int:
+    """Tell the kernel it may drop the resident pages of these read-only file mappings
+    (once their data has been copied or packed elsewhere). Safe: a page read again is read
+    back from the file. Returns the bytes advised."""
+    advised = 0
+    for m in maps:
+        try:
+            m.madvise(mmap.MADV_DONTNEED)
+            advised += len(m)
+        except (AttributeError, OSError, ValueError):  # no madvise here, or a closed map
+            pass
+    return advised
+
+
+@contextlib.contextmanager
+def dropping_mapped_pages(maps: list[mmap.mmap], every_s: float = 0.05):
+    """drop_mapped_pages every `every_s` while the body runs, and once after: a body that
+    reads each mapped weight once to make its own copy (a GGUF conversion, onnxruntime
+    packing its weights) would otherwise keep every page it read resident until it ends:
+    the peak memory of a start."""
+    stop = threading.Event()
+
+    def loop():
+        while not stop.wait(every_s):
+            drop_mapped_pages(maps)
+
+    worker = threading.Thread(target=loop, name="drop-mapped-pages", daemon=True)
+    worker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        worker.join()
+        drop_mapped_pages(maps)
 
 
 @dataclass

@@ -47,6 +47,7 @@ from .folder import (
     SCALE_SUFFIX,
     ModelLoadError,
     Q4Weight,
+    dropping_mapped_pages,
     is_model_folder,
     open_model_folder,
     param_shapes,
@@ -65,7 +66,7 @@ REMOVED_CACHE_DTYPE_ENV = "CODECOMPLETE_GGUF_CACHE_DTYPE"  # replaced by --preci
 # what a GGUF is converted to: the file's precision class, float32 throughout, int8 throughout
 GGUF_PRECISIONS = ("native", "fp32", "int8")
 CONVERTER_VERSION = 2  # part of the cache key: bump when conversion changes
-CHUNK_FLOAT_BYTES = 32 << 20  # rows dequantized at a time: float32 bytes in flight per tensor
+CHUNK_FLOAT_BYTES = 8 << 20  # rows dequantized at a time: float32 bytes in flight per tensor
 # ggml types converted to 4-bit blocks (by name: older gguf packages lack some)
 FOUR_BIT_TYPES = ("Q4_0", "Q4_1", "Q4_K", "IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "IQ3_S", "IQ3_XXS",
                   "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M")
@@ -141,6 +142,11 @@ class GGUFFile:
         except (struct.error, ValueError, UnicodeDecodeError, IndexError) as e:
             self.close()
             raise ModelLoadError(f"{self.path}: not a readable GGUF file ({e})") from e
+
+    @property
+    def mapped(self) -> mmap.mmap:
+        """The file's read-only memory map."""
+        return self._map
 
     def close(self) -> None:
         self._map.close()
@@ -544,7 +550,8 @@ def gguf_weights(gf: GGUFFile, cfg: ModelConfig, precision: str = "fp32", show_p
         return out
 
     weights: dict[str, np.ndarray] = {}
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # numpy releases the GIL
+    # numpy releases the GIL; each tensor's file pages are read once, then need not stay resident
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool, dropping_mapped_pages([gf.mapped]):
         for part in pool.map(one, names):
             weights.update(part)
     return weights
