@@ -168,3 +168,17 @@ def test_int4_precision_makes_a_plain_folder_4bit(tiny_model_dir):
     ids = rt.tokenizer.encode(PROMPTS[0])
     _, logits = rt.prefill(ids)
     assert np.isfinite(logits).all()
+
+
+def test_int4_precision_makes_every_gguf_linear_weight_4bit(four_bit_gguf):
+    source = load_gguf(four_bit_gguf, precision="int4")
+    rest, q4 = split_q4(source.weights)
+    assert "layers.1.feed_forward.w2.weight" in q4 and "output.weight" in q4  # Q6_K and Q8_0 too
+    assert rest["tok_embeddings.weight"].dtype == np.int8  # gathered by rows: int8
+    rt = OnnxRuntime(source, precision="int4")
+    assert rt.linear_kind == "int4"
+    auto = OnnxRuntime(load_gguf(four_bit_gguf))
+    assert auto.precision == "int4" and auto.linear_kind != "int4"  # auto: the int8 part stays int8
+    ids = rt.tokenizer.encode(PROMPTS[0])
+    _, logits = rt.prefill(ids)
+    assert np.isfinite(logits).all()

@@ -154,16 +154,15 @@ class OnnxRuntime(Runtime):
             if quantized and self.device == "cpu":
                 precision, self.precision_reason = this_cpu().int8_linear_kind()
                 if is_int4(source):  # the 4-bit weights run as they are stored, the int8 ones by this CPU's kind
+                    linear_kind = linear_kind or precision
                     precision, self.precision_reason = "int4", (
                         f"4-bit weights as stored (MatMulNBits); int8 ones as {precision}: {self.precision_reason}")
             else:
                 precision = "fp32"
                 self.precision_reason = ("float weights" if not quantized else
                                          "onnxruntime's CUDA kernels have no uint8 x int8 MatMulInteger")
-        if precision == "int4" and linear_kind is None:
-            # stored 4-bit weights: the int8 ones take this CPU's int8 kind; a model with
-            # none is made 4-bit throughout (the int4 linear kind)
-            linear_kind = this_cpu().int8_linear_kind()[0] if is_int4(source) else "int4"
+        if precision == "int4" and linear_kind is None:  # asked for: every linear weight 4-bit
+            linear_kind = "int4"
         if precision in LINEAR_KINDS:  # a linear kind names its precision: int8-w7 is int8
             linear_kind, precision = linear_kind or precision, precision.split("-")[0]
         if precision not in ("fp32", "int8", "int4"):

@@ -63,8 +63,9 @@ log = logging.getLogger(__name__)
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 CACHE_ENV = "CODECOMPLETE_CACHE"
 REMOVED_CACHE_DTYPE_ENV = "CODECOMPLETE_GGUF_CACHE_DTYPE"  # replaced by --precision: refused when set
-# what a GGUF is converted to: the file's precision class, float32 throughout, int8 throughout
-GGUF_PRECISIONS = ("native", "fp32", "int8")
+# what a GGUF is converted to: the file's precision class, float32 throughout, int8
+# throughout, 4-bit throughout (every 2-D weight but the embedding table, which is int8)
+GGUF_PRECISIONS = ("native", "fp32", "int8", "int4")
 CONVERTER_VERSION = 2  # part of the cache key: bump when conversion changes
 CHUNK_FLOAT_BYTES = 8 << 20  # rows dequantized at a time: float32 bytes in flight per tensor
 # ggml types converted to 4-bit blocks (by name: older gguf packages lack some)
@@ -446,8 +447,8 @@ def our_param_name(gguf_name: str) -> str | None:
 
 def gguf_precision(precision: str | None) -> str:
     """What a runtime precision (`--precision`) converts a GGUF to: fp32 -> fp32, int8 and
-    its linear kinds (int8-w7, ...) -> int8, everything else (auto, int4, bf16, fp16) ->
-    native, the file's own precision class. Refuses the removed environment variable."""
+    its linear kinds (int8-w7, ...) -> int8, int4 -> int4, everything else (auto, bf16,
+    fp16) -> native, the file's own precision class. Refuses the removed environment variable."""
     if os.environ.get(REMOVED_CACHE_DTYPE_ENV):
         raise ModelLoadError(f"{REMOVED_CACHE_DTYPE_ENV} is no longer read: use --precision "
                              "(auto keeps the GGUF's precision class, int8 or fp32 convert it)")
@@ -497,7 +498,8 @@ def convert_tensor(gf: GGUFFile, gguf_name: str, name: str, cfg: ModelConfig, pr
     if precision == "native" and qtype.name in FLOAT_TYPES:
         w = dequantize_raw(raw, qtype, gf.path, name)
         return {name: w.astype(np.float16) if qtype.name == "F16" else w}
-    to_q4 = precision == "native" and qtype.name in FOUR_BIT_TYPES and cols % Q4_BLOCK == 0
+    to_q4 = cols % Q4_BLOCK == 0 and name != "tok_embeddings.weight" and (
+        precision == "int4" or (precision == "native" and qtype.name in FOUR_BIT_TYPES))
     if to_q4 and qtype.name == "Q4_0":
         return q4_0_as_q4(raw).tensors(name)
     chunk = max(1, CHUNK_FLOAT_BYTES // (4 * cols))
