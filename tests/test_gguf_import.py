@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
-from codecomplete.models.format.folder import ModelLoadError  # noqa: E402
+from codecomplete.models.format.folder import ModelLoadError, dequantize  # noqa: E402
 from codecomplete.models.format.gguf_import import (  # noqa: E402
     GGUFFile,
     load_gguf,
@@ -227,7 +227,7 @@ def test_tokens_match_transformers(gguf_case, reference):
 
 def test_logits_match_transformers(gguf_case, reference):
     path, arch, tie = gguf_case
-    source = load_gguf(path, cache=False)
+    source = load_gguf(path, cache=False, precision="fp32")
     assert source.config.tie_embeddings == tie and source.config.qkv_bias == (arch == "qwen2")
     assert source.config.align_back_off == "fixed"
     ids = source.tokenizer.encode(TEXTS[1])
@@ -240,13 +240,13 @@ def test_logits_match_transformers(gguf_case, reference):
 
 def test_cached_load_runs_prefill_and_decode_like_the_full_forward(gguf_case, reference):
     path = gguf_case[0]
-    first = load_gguf(path)
-    rt = load_runtime(str(path), runtime="torch")  # the second load comes from the cache
+    first = load_gguf(path, precision="fp32")
+    rt = load_runtime(str(path), runtime="torch", precision="fp32")  # the second load comes from the cache
     ids = rt.tokenizer.encode(TEXTS[1])
     with torch.no_grad():
         want = reference[1](torch.tensor([ids])).logits[0].numpy()
     state, last = rt.prefill(ids[:-4])
-    assert np.abs(last - want[-5]).max() < 1e-4  # the default cache keeps float32
+    assert np.abs(last - want[-5]).max() < 1e-4  # the fp32 cache keeps the file's values exactly
     branches = rt.start_branches(state, 1, 4)
     for step, tok in enumerate(ids[-4:-1]):
         logits = rt.decode(state, branches, [tok])[0]
@@ -254,32 +254,40 @@ def test_cached_load_runs_prefill_and_decode_like_the_full_forward(gguf_case, re
     assert first.config == rt.config
 
 
-def test_cache_dtypes_keep_the_weights(gguf_case):
+def test_precisions_keep_the_weights(gguf_case):
     path = gguf_case[0]
-    exact = load_gguf(path, cache=False).weights
-    f32 = load_gguf(path, cache_dtype="float32")
-    again = load_gguf(path, cache_dtype="float32")
-    f16 = load_gguf(path, cache_dtype="float16")
-    i8 = load_gguf(path, cache_dtype="int8")
+    exact = load_gguf(path, cache=False, precision="fp32").weights
+    f32 = load_gguf(path, precision="fp32")
+    again = load_gguf(path, precision="fp32")
+    i8 = load_gguf(path, precision="int8")
+    native = load_gguf(path)
     for name, w in exact.items():
         np.testing.assert_array_equal(f32.weights[name], w)
         np.testing.assert_array_equal(again.weights[name], w)
-        np.testing.assert_allclose(f16.weights[name], w, rtol=1e-3, atol=1e-6)
-    assert f16.quantization == "none" and i8.quantization == "int8-per-channel"
-    assert all(w.dtype == np.float32 for w in f16.weights.values())
+    assert f32.quantization == "none" and i8.quantization == "int8-per-channel"
     assert i8.weights["layers.0.attention.wq.weight"].dtype == np.int8
+    # the tiny file has one Q4_K ffn_down (layer 0): 4-bit there, int8 for the 5/6/8-bit ones, float16 stays float16
+    assert native.quantization == "int4-blockwise"
+    assert native.weights["layers.0.feed_forward.w2.weight.q4"].dtype == np.uint8
+    assert native.weights["layers.1.feed_forward.w2.weight"].dtype == np.int8  # Q5_K
+    assert native.weights["layers.0.attention.wq.weight"].dtype == np.int8  # Q5_0
+    assert native.weights["layers.0.feed_forward.w1.weight"].dtype == np.float32  # F16, widened at load only
+    widened = dequantize(native.weights)
+    for name, w in exact.items():
+        assert np.sqrt(((widened[name] - w) ** 2).mean()) <= 0.05 * np.sqrt((w ** 2).mean()) + 1e-7, name
 
 
 def test_cache_lives_under_codecomplete_cache(tmp_path, gguf_case):
     load_gguf(gguf_case[0])
     folders = list((tmp_path / "cache" / "gguf").iterdir())
     assert len(folders) == 1 and (folders[0] / "model.safetensors").is_file()
+    assert folders[0].name.endswith("-native")
 
 
-def test_cache_dtype_comes_from_the_environment(tmp_path, gguf_case, monkeypatch):
+def test_the_removed_environment_variable_is_refused(gguf_case, monkeypatch):
     monkeypatch.setenv("CODECOMPLETE_GGUF_CACHE_DTYPE", "int8")
-    assert load_gguf(gguf_case[0]).quantization == "int8-per-channel"
-    assert [f.name.endswith("-int8") for f in (tmp_path / "cache" / "gguf").iterdir()] == [True]
+    with pytest.raises(ModelLoadError, match="use --precision"):
+        load_gguf(gguf_case[0])
 
 
 def test_qwen_token_facts_from_text(gguf_case):

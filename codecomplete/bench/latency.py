@@ -216,7 +216,7 @@ def build_engine(runtime: str, device: str, policy: str, precision: str, model: 
     from codecomplete.runtime.onnx import OnnxRuntime, physical_cores
 
     kwargs = {"threads": physical_cores(), **THREAD_POLICIES[policy]}
-    return Engine(OnnxRuntime(load_model_source(model), device=device, precision=precision, **kwargs))
+    return Engine(OnnxRuntime(load_model_source(model, precision=precision), device=device, precision=precision, **kwargs))
 
 
 def _variant_values(flag: str, value: str, choices) -> list[str]:

@@ -139,7 +139,7 @@ def load_engine(system: str, model: Path, threads: int):
     from codecomplete.models.format.gguf_import import load_gguf
 
     runtime_name, precision = system.split("-")
-    source = load_gguf(model, cache_dtype="int8" if precision == "int8" else "float32")
+    source = load_gguf(model, precision=precision)
     if runtime_name == "torch":
         from codecomplete.runtime.torch import TorchRuntime
 

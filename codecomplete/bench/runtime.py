@@ -77,7 +77,7 @@ def load(name: str, model_dir: Path, threads: int):
     from codecomplete.models.format.source import load_model_source
 
     kind, _, precision = name.partition("-")
-    source = load_model_source(model_dir)
+    source = load_model_source(model_dir, precision=precision)
     if kind == "torch":
         from codecomplete.runtime.torch import TorchRuntime
 

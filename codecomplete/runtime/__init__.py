@@ -21,7 +21,7 @@ def load_runtime(model: str | None = None, runtime: str = "onnx", device: str = 
         raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    source = source or load_model_source(model)
+    source = source or load_model_source(model, precision=precision)  # a GGUF is converted to suit
     if runtime == "torch":
         try:
             from .torch import TorchRuntime

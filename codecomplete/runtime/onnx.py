@@ -14,11 +14,19 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
+from codecomplete.models.format.folder import (
+    Q4_SUFFIX,
+    dropping_mapped_pages,
+    mapped_file,
+    mapped_files,
+)
 from codecomplete.models.format.source import ModelSource
 
 from . import DEVICES
@@ -58,8 +66,54 @@ def release_free_memory() -> None:
         pass
 
 
+class SpilledArrays(dict):
+    """The graph's external weights, each written to an unlinked file as the builder makes
+    it and read back as a view of that file mapped once (`finish`). onnxruntime packs its
+    own copy of every weight at session start but needs ours alive; file-backed, ours can
+    leave memory (drop_mapped_pages) instead of doubling it. Arrays that are views of a
+    mapped file already (a model folder's 4-bit weights) are kept as they are."""
+
+    ALIGN = 64
+
+    def __init__(self, directory: str | None = None):
+        super().__init__()
+        try:
+            self._file = tempfile.TemporaryFile(dir=directory)
+        except OSError:
+            self._file = tempfile.TemporaryFile()
+        self._records: dict[str, tuple[int, np.dtype, tuple[int, ...]]] = {}
+        self._size = 0
+        self._map: mmap.mmap | None = None
+
+    def __setitem__(self, name: str, array: np.ndarray) -> None:
+        if mapped_file(array) is not None or array.nbytes == 0:
+            super().__setitem__(name, array)
+            return
+        offset = -self._size % self.ALIGN + self._size
+        self._file.seek(offset)
+        self._file.write(memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B"))
+        self._size = offset + array.nbytes
+        self._records[name] = (offset, array.dtype, array.shape)
+        super().__setitem__(name, None)  # keeps the order; the view comes with finish()
+
+    def finish(self) -> SpilledArrays:
+        self._file.flush()
+        if self._records:
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+            for name, (offset, dtype, shape) in self._records.items():
+                count = int(np.prod(shape))
+                super().__setitem__(name, np.frombuffer(self._map, dtype, count, offset).reshape(shape))
+        self._file.close()  # the mapping keeps the unlinked file's pages
+        return self
+
+
 def is_int8(source: ModelSource) -> bool:
     return source.quantization.startswith("int8") or any(k.endswith("_scale") for k in source.weights)
+
+
+def is_int4(source: ModelSource) -> bool:
+    """Some weights are stored 4-bit (a 4-bit GGUF's, folder.Q4Weight)."""
+    return source.quantization.startswith("int4") or any(k.endswith(Q4_SUFFIX) for k in source.weights)
 
 
 @dataclass
@@ -96,15 +150,22 @@ class OnnxRuntime(Runtime):
             # onnxruntime's CUDA kernels have no uint8-weight MatMulInteger: fp32 there. On a
             # CPU, int8 weights take the fast uint8 x int8 kernels: full 8-bit weights where
             # VNNI/AMX make them exact, 7-bit ones where AVX2 would saturate (runtime/cpu.py)
-            if is_int8(source) and self.device == "cpu":
+            quantized = is_int8(source) or is_int4(source)
+            if quantized and self.device == "cpu":
                 precision, self.precision_reason = this_cpu().int8_linear_kind()
+                if is_int4(source):  # the 4-bit weights run as they are stored, the int8 ones by this CPU's kind
+                    linear_kind = linear_kind or precision
+                    precision, self.precision_reason = "int4", (
+                        f"4-bit weights as stored (MatMulNBits); int8 ones as {precision}: {self.precision_reason}")
             else:
                 precision = "fp32"
-                self.precision_reason = ("float weights" if not is_int8(source) else
+                self.precision_reason = ("float weights" if not quantized else
                                          "onnxruntime's CUDA kernels have no uint8 x int8 MatMulInteger")
+        if precision == "int4" and linear_kind is None:  # asked for: every linear weight 4-bit
+            linear_kind = "int4"
         if precision in LINEAR_KINDS:  # a linear kind names its precision: int8-w7 is int8
             linear_kind, precision = linear_kind or precision, precision.split("-")[0]
-        if precision not in ("fp32", "int8"):
+        if precision not in ("fp32", "int8", "int4"):
             raise ValueError(f"unknown precision {precision!r} for onnx (auto, {', '.join(LINEAR_KINDS)})")
         linear_kind = linear_kind or precision
         if linear_kind not in LINEAR_KINDS or (precision == "fp32") != (linear_kind == "fp32"):
@@ -122,26 +183,34 @@ class OnnxRuntime(Runtime):
         self.spin = self.threads > 1 if spin is None else spin
         self.name = f"onnx-{precision}"
 
-        # int8 runs keep the KV in float16: attention reads half the bytes
-        self.kv_dtype = kv_dtype or ("float16" if precision == "int8" else "float32")
+        # int8 and int4 runs keep the KV in float16: attention reads half the bytes
+        self.kv_dtype = kv_dtype or ("float16" if precision in ("int8", "int4") else "float32")
         self._np_kv = np.dtype(self.kv_dtype)
-        external: dict[str, np.ndarray] = {}
+        from codecomplete.models.format.gguf_import import cache_root
+
+        external = SpilledArrays(str(cache_root()) if cache_root().is_dir() else None)
         # None: where this onnxruntime has the empty-context bug (onnx_graph.EMPTY_CONTEXT_BUG)
         self.empty_context_guard = (has_empty_context_bug(ort.__version__) if empty_context_guard is None
                                     else empty_context_guard)
-        model = build_model(self.config, source.weights, linear_kind, self.kv_dtype, external=external,
-                            ctx_bias=self.empty_context_guard)
+        with dropping_mapped_pages(mapped_files(source.weights)):  # read once to build the graph's copies
+            model = build_model(self.config, source.weights, linear_kind, self.kv_dtype, external=external,
+                                ctx_bias=self.empty_context_guard)
         if self.empty_context_guard:
             c = self.config
             self._ctx_bias_zeros = np.zeros(c.max_seq_len, np.float32)
             self._ctx_bias_empty = np.array([-np.inf], np.float32)
             self._stand_in_row = np.zeros((1, c.n_kv_heads, c.head_dim), self._np_kv)
         # the big tensors go in beside the protobuf: no 2 GiB limit, no serialised copy
+        external.finish()
         self._external_names = list(external)
         self._external = [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()]
         self._model_bytes = model.SerializeToString()  # small: the weights are external
+        spilled = dict(external)
         del model, external
-        self.session = self._new_session(self.threads, self.spin)
+        # the graph holds its own copies of most weights (transposed int8), and the session
+        # its packed ones: the mapped pages of the folder and of the spill file need not stay resident
+        with dropping_mapped_pages(mapped_files({**source.weights, **spilled})):  # OrtValues keep the spill mapped
+            self.session = self._new_session(self.threads, self.spin)
         self._single: ort.InferenceSession | None = None  # one thread: made when first needed
         self._load = CpuLoad() if self.adaptive else None
         self._active = self.session  # the session serving the current request

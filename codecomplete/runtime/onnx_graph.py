@@ -31,7 +31,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from codecomplete.models.format.config import ModelConfig
-from codecomplete.models.format.folder import quantize_int8, split_int8
+from codecomplete.models.format.folder import (
+    Q4_BLOCK,
+    Q4Weight,
+    quantize_int8,
+    quantize_rows_q4,
+    split_int8,
+    split_q4,
+)
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
@@ -51,7 +58,12 @@ INT64_MAX = np.iinfo(np.int64).max
 #               a uint8 x int7 pair sum fits int16, so the fast kernels are exact on
 #               every CPU. The CPU default. Top-1 agreement with fp32 0.964 (int8: 0.974)
 #               on the shipped model (`codecomplete bench runtime --agreement 1500`)
-LINEAR_KINDS = ("fp32", "int8", "int8-s8", "int8-nbits", "int8-w7")
+#   int4        com.microsoft MatMulNBits, 4 bits per weight in blocks of 32 with a float
+#               scale and a 4-bit zero point each (accuracy_level 4: int8 activations per
+#               block): half the weight bytes of int8 per decode step. The kind of a 4-bit
+#               GGUF's 4-bit tensors; with it every other weight is made 4-bit too
+# Weights stored 4-bit (folder.Q4Weight) run as int4 whatever the kind, except fp32.
+LINEAR_KINDS = ("fp32", "int8", "int8-s8", "int8-nbits", "int8-w7", "int4")
 
 # onnxruntime 1.19 to 1.31 (CPU) die with SIGFPE when com.microsoft FusedMatMul with
 # transBatchB gets a B whose leading (batch-major) dimension is 0: our context scores on a
@@ -74,42 +86,92 @@ NBITS_BLOCK = 32
 
 @dataclass
 class LinearWeight:
-    """A linear layer's weight: float (out, in), or int8 (out, in) with scale (out,)."""
+    """A linear layer's weight: float (out, in), int8 (out, in) with scale (out,), or
+    4-bit blockwise (q4, w None)."""
 
-    w: np.ndarray
+    w: np.ndarray | None
     scale: np.ndarray | None = None
+    q4: Q4Weight | None = None
 
     @property
     def out_features(self) -> int:
-        return self.w.shape[0]
+        return self.q4.shape[0] if self.q4 is not None else self.w.shape[0]
+
+    @property
+    def storage(self) -> str:
+        return "int4" if self.q4 is not None else "float" if self.scale is None else "int8"
 
     def dequantized(self) -> np.ndarray:
+        if self.q4 is not None:
+            return self.q4.dequantized()
         if self.scale is None:
             return np.asarray(self.w, np.float32)
         return self.w.astype(np.float32) * self.scale[:, None]
 
 
 def stack_rows(parts: list[LinearWeight]) -> LinearWeight:
-    """One linear layer from several with the same input (fused q/k/v or gate/up)."""
-    if all(p.scale is not None for p in parts):
+    """One linear layer from several with the same input and storage (fused q/k/v or
+    gate/up); float when the storages differ (GraphBuilder.linear_stack keeps them apart)."""
+    if all(p.q4 is not None for p in parts):
+        return LinearWeight(None, q4=Q4Weight(*(np.concatenate([getattr(p.q4, f) for p in parts])
+                                                for f in ("packed", "scales", "zeros"))))
+    if all(p.scale is not None and p.q4 is None for p in parts):
         return LinearWeight(np.concatenate([p.w for p in parts]), np.concatenate([p.scale for p in parts]))
     return LinearWeight(np.concatenate([p.dequantized() for p in parts]))
 
 
-def linear_weights(weights: dict[str, np.ndarray], int8: bool) -> dict[str, LinearWeight | np.ndarray]:
-    """Our weight names -> LinearWeight for 2-D tensors (int8 kept as is, or quantized now
-    when int8 is asked for float weights), float32 arrays for the rest."""
-    tensors, scales = split_int8(weights)
-    if int8 and not scales:
-        tensors, scales = split_int8(quantize_int8(weights))
+EMBEDDING = "tok_embeddings.weight"  # gathered by rows: never 4-bit in the graph
+
+
+def linear_weights(weights: dict[str, np.ndarray], int8: bool, int4: bool = False
+                   ) -> dict[str, LinearWeight | np.ndarray]:
+    """Our weight names -> LinearWeight for 2-D tensors, float32 arrays for the rest.
+    int8: int8 and 4-bit weights kept as they are, float ones quantized to int8 now when
+    the model has no int8 weights at all; not int8: everything dequantized to float.
+    int4: every 2-D weight but the embedding table made 4-bit (int8 for that one)."""
+    rest, q4 = split_q4(weights)
+    tensors, scales = split_int8(rest)
+    if (int8 or int4) and not scales and not q4:
+        tensors, scales = split_int8(quantize_int8(rest))
     out: dict[str, LinearWeight | np.ndarray] = {}
+    for name, q in q4.items():
+        out[name] = LinearWeight(None, q4=q) if int8 or int4 else LinearWeight(q.dequantized())
     for name, w in tensors.items():
         if w.ndim == 2:
             lw = LinearWeight(w, scales.get(name))
-            out[name] = lw if int8 or lw.scale is None else LinearWeight(lw.dequantized())
+            out[name] = lw if int8 or int4 or lw.scale is None else LinearWeight(lw.dequantized())
         else:
             out[name] = np.asarray(w, np.float32)
+    if int4:
+        for name, lw in out.items():
+            if isinstance(lw, LinearWeight) and lw.q4 is None and name != EMBEDDING and lw.w.shape[1] % Q4_BLOCK == 0:
+                out[name] = LinearWeight(None, q4=quantize_rows_q4(lw.dequantized()))
+    emb = out.get(EMBEDDING)
+    if isinstance(emb, LinearWeight) and emb.q4 is not None:  # a table of 4-bit rows: gathered as int8
+        out[EMBEDDING] = linear_weights({EMBEDDING: emb.dequantized()}, int8=True)[EMBEDDING]
     return out
+
+
+def halve_to_7_bits(w: np.ndarray, chunk_rows: int = 4096) -> np.ndarray:
+    """int8 weights (out, in) halved and rounded half to even (np.rint(w / 2)), clipped to
+    -64..63, and transposed to (in, out): in int16 a chunk of rows at a time, so that a
+    vocabulary-sized head costs one int8 copy, not float32 ones."""
+    out = np.empty(w.shape[::-1], np.int8)
+    for start in range(0, w.shape[0], chunk_rows):
+        x = w[start:start + chunk_rows].astype(np.int16)
+        half = x >> 1  # floor(x / 2); an odd x lies between half and half + 1: take the even one
+        half += (x & 1) & (half & 1)
+        out[:, start:start + chunk_rows] = np.clip(half, -64, 63).T
+    return out
+
+
+def pack_q4_zeros(zeros: np.ndarray) -> np.ndarray:
+    """Zero points (N, n_blocks) 0..15 as MatMulNBits wants them: two a byte (low nibble
+    first), each row padded to whole bytes, flattened."""
+    rows, n_blocks = zeros.shape
+    padded = np.full((rows, n_blocks + n_blocks % 2), 8, np.uint8)
+    padded[:, :n_blocks] = zeros
+    return (padded[:, 0::2] | (padded[:, 1::2] << 4)).reshape(-1)
 
 
 EXTERNAL_MIN_BYTES = 1 << 16  # tensors this big travel beside the protobuf when asked (every weight matrix)
@@ -186,17 +248,47 @@ class GraphBuilder:
         e = self.const([end]) if isinstance(end, int) else end
         return self.op("Slice", [x, s, e, self.const([axis])])
 
+    def linear_stack(self, x: str, parts: list[LinearWeight], bias: np.ndarray | None, name: str) -> str:
+        """x (..., in) -> (..., sum of outs): several linear layers with the same input as
+        one where their storage is the same, else one per run of equal storage, concatenated
+        (a Q4_K_M file mixes 4-bit, int8 and float weights within a layer)."""
+        runs: list[list[LinearWeight]] = []
+        for p in parts:
+            if runs and runs[-1][0].storage == p.storage:
+                runs[-1].append(p)
+            else:
+                runs.append([p])
+        if len(runs) == 1:
+            return self.linear(x, stack_rows(parts), bias, name)
+        y = self.op("Concat", [self.linear(x, stack_rows(run), None, f"{name}.part{i}") for i, run in enumerate(runs)],
+                    axis=-1, name=name)
+        if bias is not None:
+            y = self.op("Add", [y, self.init(np.asarray(bias, np.float32), name + ".bias")])
+        return y
+
     def linear(self, x: str, weight: LinearWeight, bias: np.ndarray | None, name: str) -> str:
-        """x (..., in) -> (..., out) with the builder's linear kind."""
+        """x (..., in) -> (..., out) with the builder's linear kind (4-bit weights: int4)."""
         kind = self.linear_kind if weight.scale is not None else "fp32"
-        if kind == "fp32":
+        if weight.q4 is not None:
+            kind = "fp32" if self.linear_kind == "fp32" else "int4"
+        elif kind == "int4":  # an int8 weight kept so (the embedding table as the head): the exact int8 kernels
+            kind = "int8"
+        if kind == "int4":
+            q4 = weight.q4
+            n, n_blocks = q4.scales.shape
+            y = self.op("MatMulNBits", [x, self.init(q4.packed, name + ".q4"),
+                                        self.init(q4.scales.reshape(-1).astype(np.float32), name + ".q4_scales"),
+                                        self.init(pack_q4_zeros(q4.zeros), name + ".q4_zeros")],
+                        domain=MS_DOMAIN, name=name, K=n_blocks * Q4_BLOCK, N=n, bits=4, block_size=Q4_BLOCK,
+                        accuracy_level=4)
+        elif kind == "fp32":
             y = self.op("MatMul", [x, self.init(weight.dequantized().T, name + ".weight")], name=name)
         elif kind in ("int8", "int8-s8", "int8-w7"):
-            wt = np.ascontiguousarray(weight.w.T)  # (in, out)
             w_scale = weight.scale
             if kind == "int8-w7":  # 7-bit weights (-64..63): uint8 x int8 pair sums stay within int16 on AVX2
-                wt = np.clip(np.rint(wt.astype(np.float32) / 2), -64, 63).astype(np.int8)
-                w_scale = weight.scale * 2
+                wt, w_scale = halve_to_7_bits(weight.w), weight.scale * 2  # (in, out)
+            else:
+                wt = np.ascontiguousarray(weight.w.T)  # (in, out)
             xq, xs, xz = self.op("DynamicQuantizeLinear", [x], n_out=3, name=name + ".xq")
             if kind == "int8":
                 w_u8 = wt.view(np.uint8) ^ np.uint8(0x80)  # int8 + 128 as uint8
@@ -326,7 +418,7 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: s
     added to the context scores, so that a cold prefill can pass one masked stand-in row
     instead of an empty context (EMPTY_CONTEXT_BUG)."""
     b = GraphBuilder(linear_kind, external)
-    lw = linear_weights(weights, int8=linear_kind != "fp32")
+    lw = linear_weights(weights, int8=linear_kind != "fp32", int4=linear_kind == "int4")
     g, hd, h = cfg.n_kv_heads, cfg.head_dim, cfg.n_heads
     f32, kv_type = TensorProto.FLOAT, KV_DTYPES[kv_dtype]
     inputs = [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["N", "T"]),
@@ -378,11 +470,11 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: s
         p = f"layers.{i}."
         last = i == cfg.n_layers - 1
         xn = b.rms_norm(x, lw[p + "attention_norm.weight"], cfg.norm_eps, p + "attention_norm")
-        qkv_w = stack_rows([lw[p + "attention.wq.weight"], lw[p + "attention.wk.weight"], lw[p + "attention.wv.weight"]])
+        qkv_w = [lw[p + "attention.wq.weight"], lw[p + "attention.wk.weight"], lw[p + "attention.wv.weight"]]
         qkv_b = None
         if cfg.qkv_bias:
             qkv_b = np.concatenate([lw[p + "attention.wq.bias"], lw[p + "attention.wk.bias"], lw[p + "attention.wv.bias"]])
-        qkv = b.reshape(b.linear(xn, qkv_w, qkv_b, p + "attention.wqkv"), 0, 0, h + 2 * g, hd)  # (N, T, H+2G, D)
+        qkv = b.reshape(b.linear_stack(xn, qkv_w, qkv_b, p + "attention.wqkv"), 0, 0, h + 2 * g, hd)  # (N, T, H+2G, D)
         qk = b.reshape(b.slice(qkv, 0, h + g, axis=2), 0, 0, (h + g) * hd)  # (N, T, (H+G)*D)
         qk = b.op("RotaryEmbedding", [qk, position_ids, rope_cos, rope_sin], domain=MS_DOMAIN,
                   interleaved=0, num_heads=h + g)  # half-split layout, as models/model.py
@@ -401,8 +493,8 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: s
                       layer_dims, "ctx_bias" if ctx_bias else None)
         x = b.op("Add", [x, b.linear(a, lw[p + "attention.wo.weight"], None, p + "attention.wo")])
         xn = b.rms_norm(x, lw[p + "ffn_norm.weight"], cfg.norm_eps, p + "ffn_norm")
-        gate_up = b.linear(xn, stack_rows([lw[p + "feed_forward.w1.weight"], lw[p + "feed_forward.w3.weight"]]),
-                           None, p + "feed_forward.w13")
+        gate_up = b.linear_stack(xn, [lw[p + "feed_forward.w1.weight"], lw[p + "feed_forward.w3.weight"]],
+                                 None, p + "feed_forward.w13")
         gate = b.slice(gate_up, 0, cfg.ffn_dim, axis=-1)
         up = b.slice(gate_up, cfg.ffn_dim, INT64_MAX, axis=-1)
         act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), up])

@@ -3,11 +3,15 @@
     MODEL_DIR/
       config.json          {"format": "codecomplete-model", "version": 1,
                             "model": {ModelConfig fields}, "weights": "model.safetensors",
-                            "quantization": "int8-per-channel" | "none"}
+                            "quantization": "int8-per-channel" | "int4-blockwise" | "none"}
       tokenizer.json       Hugging Face `tokenizers` format (byte-level BPE)
       model.safetensors    parameter names as in models/model.py; with int8, every
                            2-D weight W (out, in) is stored as int8 `W` plus float32
-                           `W_scale` (out,): W ≈ int8 * scale[:, None]; 1-D tensors float
+                           `W_scale` (out,): W ≈ int8 * scale[:, None]; 1-D tensors float.
+                           With int4-blockwise, some 2-D weights are 4-bit instead:
+                           uint8 `W.q4` (out, in/32, 16) two weights a byte (low nibble
+                           first), float32 `W.q4_scales` and uint8 `W.q4_zeros` (out, in/32):
+                           W[r, 32b + i] ≈ (q - zero[r, b]) * scale[r, b] (MatMulNBits' layout)
       MODEL.md             what it is, what it was trained on, how it scores
 
 Weights are read from safetensors with numpy only (no torch, never pickle).
@@ -15,9 +19,11 @@ Weights are read from safetensors with numpy only (no torch, never pickle).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,10 +105,28 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     return out
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
-    from safetensors.numpy import save_file
+_DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
+
+def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
+    """Write a .safetensors file tensor by tensor from the arrays' own buffers (no
+    serialised copy of the whole model in memory)."""
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    header: dict = {"__metadata__": {k: str(v) for k, v in metadata.items()}} if metadata else {}
+    offset = 0
+    for name, a in arrays.items():
+        if a.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"cannot store {name} of dtype {a.dtype} in safetensors")
+        header[name] = {"dtype": _DTYPE_NAMES[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the format asks
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for a in arrays.values():
+            f.write(memoryview(a.reshape(-1)).cast("B") if a.size else b"")
 
 
 def quantize_rows_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -127,6 +151,89 @@ def quantize_int8(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+Q4_BLOCK = 32  # weights per 4-bit block: onnxruntime MatMulNBits' block_size, and Q4_0/Q4_K's (sub-)block
+Q4_SUFFIX, Q4_SCALES_SUFFIX, Q4_ZEROS_SUFFIX = ".q4", ".q4_scales", ".q4_zeros"
+
+
+@dataclass
+class Q4Weight:
+    """A 4-bit blockwise weight (out, in): packed (out, in/32, 16) uint8, scales and zero
+    points (out, in/32); w[r, 32b + i] = (q[r, 32b + i] - zeros[r, b]) * scales[r, b]."""
+
+    packed: np.ndarray
+    scales: np.ndarray
+    zeros: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.packed.shape[0], self.packed.shape[1] * Q4_BLOCK
+
+    def codes(self) -> np.ndarray:
+        """The 4-bit values (out, in/32, 32) as uint8 0..15."""
+        p = self.packed
+        return np.stack([p & 0x0F, p >> 4], axis=-1).reshape(p.shape[0], p.shape[1], Q4_BLOCK)
+
+    def dequantized(self) -> np.ndarray:
+        q = self.codes().astype(np.float32) - self.zeros[:, :, None].astype(np.float32)
+        return (q * self.scales[:, :, None]).reshape(self.shape)
+
+    def tensors(self, name: str) -> dict[str, np.ndarray]:
+        return {name + Q4_SUFFIX: self.packed, name + Q4_SCALES_SUFFIX: self.scales, name + Q4_ZEROS_SUFFIX: self.zeros}
+
+
+def _q4_codes(blocks: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(blocks / scales[..., None]) + zeros[..., None], 0, 15)
+
+
+def quantize_rows_q4(w: np.ndarray, refine_steps: int = 2) -> Q4Weight:
+    """Asymmetric 4-bit per block of 32 along each row, MatMulNBits' rule w ≈ (q - zero) *
+    scale with an integer zero point 0..15 (so every block's range keeps 0). Start from
+    scale = (max - min) / 15, zero = round(-min / scale); then, for the zero points one
+    either side too, alternate codes and the least-squares scale for them, and keep the
+    (zero, scale) of least squared error per block. Q4_0 blocks come back exactly; a Q4_K
+    sub-block (scale * q - min, min not a whole number of steps) nearly so: the error of
+    the shift is spread over a slightly different scale. in must be whole blocks."""
+    w = np.asarray(w, dtype=np.float32)
+    rows, cols = w.shape
+    if cols % Q4_BLOCK:
+        raise ModelLoadError(f"a 4-bit weight needs whole blocks of {Q4_BLOCK} columns, not {cols}")
+    blocks = w.reshape(rows, cols // Q4_BLOCK, Q4_BLOCK)
+    lo = np.minimum(blocks.min(axis=-1), 0.0)
+    hi = np.maximum(blocks.max(axis=-1), 0.0)
+    base = (hi - lo) / 15.0
+    base = np.where(base == 0, 1.0, base).astype(np.float32)  # an all-zero block: codes = zero point
+    z0 = np.rint(-lo / base)
+    best_err = np.full(base.shape, np.inf, np.float32)
+    best_scale, best_zero = base, np.clip(z0, 0, 15)
+    for shift in (0, -1, 1):
+        zeros = np.clip(z0 + shift, 0, 15).astype(np.float32)
+        scales = base
+        for _ in range(refine_steps + 1):
+            q = _q4_codes(blocks, scales, zeros) - zeros[..., None]
+            qq = (q * q).sum(axis=-1)
+            fitted = (blocks * q).sum(axis=-1) / np.where(qq == 0, 1.0, qq)
+            scales = np.where((qq == 0) | (fitted <= 0), scales, fitted).astype(np.float32)
+        q = _q4_codes(blocks, scales, zeros) - zeros[..., None]
+        err = ((q * scales[..., None] - blocks) ** 2).sum(axis=-1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_scale = np.where(better, scales, best_scale)
+        best_zero = np.where(better, zeros, best_zero)
+    scales, zeros = best_scale.astype(np.float32), best_zero.astype(np.uint8)
+    q = _q4_codes(blocks, scales, zeros).astype(np.uint8)
+    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    return Q4Weight(packed, scales, zeros)
+
+
+def split_q4(weights: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, Q4Weight]]:
+    """(the other tensors, 4-bit weights by their name)."""
+    names = [k[: -len(Q4_SUFFIX)] for k in weights if k.endswith(Q4_SUFFIX)]
+    q4 = {n: Q4Weight(weights[n + Q4_SUFFIX], weights[n + Q4_SCALES_SUFFIX], weights[n + Q4_ZEROS_SUFFIX])
+          for n in names}
+    parts = {k for n in names for k in (n + Q4_SUFFIX, n + Q4_SCALES_SUFFIX, n + Q4_ZEROS_SUFFIX)}
+    return {k: v for k, v in weights.items() if k not in parts}, q4
+
+
 def split_int8(weights: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(tensors, scales): int8 tensors keep their int8 values; scales keyed by tensor name."""
     scales = {k[: -len(SCALE_SUFFIX)]: v for k, v in weights.items() if k.endswith(SCALE_SUFFIX)}
@@ -135,10 +242,12 @@ def split_int8(weights: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], d
 
 
 def dequantize(weights: dict[str, np.ndarray], copy: bool = True) -> dict[str, np.ndarray]:
-    """float32 weight dict, int8 tensors multiplied back by their scales. copy=False keeps
+    """float32 weight dict, int8 tensors multiplied back by their scales, 4-bit ones
+    widened by theirs. copy=False keeps
     float32 tensors as they are (possibly read-only views of a memory-mapped file)."""
-    tensors, scales = split_int8(weights)
-    out = {}
+    rest, q4 = split_q4(weights)
+    tensors, scales = split_int8(rest)
+    out = {name: w.dequantized() for name, w in q4.items()}
     for name, w in tensors.items():
         if name in scales:
             out[name] = w.astype(np.float32) * scales[name][:, None]
@@ -149,13 +258,62 @@ def dequantize(weights: dict[str, np.ndarray], copy: bool = True) -> dict[str, n
     return out
 
 
+def mapped_file(array) -> mmap.mmap | None:
+    """The memory map an array is a view of (read_safetensors' arrays are), if any."""
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None) if isinstance(base, np.ndarray) else getattr(base, "obj", None)
+    return base
+
+
+def mapped_files(weights: dict[str, np.ndarray]) -> list[mmap.mmap]:
+    """The distinct memory maps behind a weight dict's arrays."""
+    return list({id(m): m for m in map(mapped_file, weights.values()) if m is not None}.values())
+
+
+def drop_mapped_pages(maps: list[mmap.mmap]) -> int:
+    """Tell the kernel it may drop the resident pages of these read-only file mappings
+    (once their data has been copied or packed elsewhere). Safe: a page read again is read
+    back from the file. Returns the bytes advised."""
+    advised = 0
+    for m in maps:
+        try:
+            m.madvise(mmap.MADV_DONTNEED)
+            advised += len(m)
+        except (AttributeError, OSError, ValueError):  # no madvise here, or a closed map
+            pass
+    return advised
+
+
+@contextlib.contextmanager
+def dropping_mapped_pages(maps: list[mmap.mmap], every_s: float = 0.05):
+    """drop_mapped_pages every `every_s` while the body runs, and once after: a body that
+    reads each mapped weight once to make its own copy (a GGUF conversion, onnxruntime
+    packing its weights) would otherwise keep every page it read resident until it ends:
+    the peak memory of a start."""
+    stop = threading.Event()
+
+    def loop():
+        while not stop.wait(every_s):
+            drop_mapped_pages(maps)
+
+    worker = threading.Thread(target=loop, name="drop-mapped-pages", daemon=True)
+    worker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        worker.join()
+        drop_mapped_pages(maps)
+
+
 @dataclass
 class ModelFolder:
     path: Path
     config: ModelConfig
     weights_file: Path
     tokenizer_file: Path
-    quantization: str  # "int8-per-channel" | "none"
+    quantization: str  # "int8-per-channel" | "int4-blockwise" | "none"
 
     def load_weights(self) -> dict[str, np.ndarray]:
         return read_safetensors(self.weights_file)

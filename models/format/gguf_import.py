@@ -1,14 +1,22 @@
 """Import a GGUF file (llama.cpp's format) of the `llama` or `qwen2` architecture as a
-ModelSource: float32 weights under our names, a rebuilt `tokenizers` tokenizer, token facts.
+ModelSource: weights under our names, a rebuilt `tokenizers` tokenizer, token facts.
 
 The header is parsed here (a few hundred thousand vocabulary strings take ~0.3 s this way,
 ~13 s through gguf.GGUFReader); tensor payloads are dequantized by `gguf.quants.dequantize`.
 llama.cpp's converter interleaves the q/k rows of `llama` models for its RoPE kernel; we
 undo that. `qwen2` files keep the Hugging Face (half-split) layout and load as they are.
 
-The converted model is cached as a model folder keyed by the file's sha256, under
-$CODECOMPLETE_CACHE (default ~/.cache/codecomplete)/gguf/, so the second start skips the
-slow dequantization (~25 s for a 0.5B Q4_K_M file on 2 cores).
+Precision (one switch, `--precision`, see `gguf_precision`): by default a tensor keeps its
+precision class. 4-bit types (Q4_0, Q4_1, Q4_K, IQ4_*, and the 2/3-bit K types, which fit
+4 bits) become 4-bit blockwise weights for onnxruntime's MatMulNBits (Q4_0 exactly; the
+others requantized per block of 32, see folder.quantize_rows_q4); 5-, 6- and 8-bit types
+become int8 per output channel; float tensors stay float. `fp32` widens everything
+(exact), `int8` makes every 2-D weight int8 per channel. Conversion goes tensor by tensor
+in row chunks, so no whole float32 model is ever held.
+
+The converted model is cached as a model folder keyed by the file's sha256 and the
+precision, under $CODECOMPLETE_CACHE (default ~/.cache/codecomplete)/gguf/: it holds what
+the runtime runs, and the second start skips the slow dequantization.
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ import mmap
 import os
 import shutil
 import struct
+import sys
 import tempfile
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,11 +43,16 @@ from tokenizers import Tokenizer as HFTokenizer
 from .config import ModelConfig
 from .folder import (
     FORMAT,
+    Q4_BLOCK,
+    SCALE_SUFFIX,
     ModelLoadError,
+    Q4Weight,
+    dropping_mapped_pages,
     is_model_folder,
     open_model_folder,
     param_shapes,
-    quantize_int8,
+    quantize_rows_int8,
+    quantize_rows_q4,
     write_safetensors,
 )
 from .hf_import import MAX_SEQ_LEN_CAP, TokenFacts, find_token_facts, pad_tokenizer_to
@@ -47,11 +62,16 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 CACHE_ENV = "CODECOMPLETE_CACHE"
-CACHE_DTYPE_ENV = "CODECOMPLETE_GGUF_CACHE_DTYPE"
-CACHE_DTYPES = ("float32", "float16", "int8")
-# float32 by default: exact, and memory-mapped without a copy (start in seconds); float16
-# halves the disk but needs a widening copy at every start; int8 is what the runtimes run.
-CONVERTER_VERSION = 1  # part of the cache key: bump when conversion changes
+REMOVED_CACHE_DTYPE_ENV = "CODECOMPLETE_GGUF_CACHE_DTYPE"  # replaced by --precision: refused when set
+# what a GGUF is converted to: the file's precision class, float32 throughout, int8
+# throughout, 4-bit throughout (every 2-D weight but the embedding table, which is int8)
+GGUF_PRECISIONS = ("native", "fp32", "int8", "int4")
+CONVERTER_VERSION = 2  # part of the cache key: bump when conversion changes
+CHUNK_FLOAT_BYTES = 8 << 20  # rows dequantized at a time: float32 bytes in flight per tensor
+# ggml types converted to 4-bit blocks (by name: older gguf packages lack some)
+FOUR_BIT_TYPES = ("Q4_0", "Q4_1", "Q4_K", "IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "IQ3_S", "IQ3_XXS",
+                  "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M")
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 
 # GGUF metadata value types
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -124,6 +144,11 @@ class GGUFFile:
             self.close()
             raise ModelLoadError(f"{self.path}: not a readable GGUF file ({e})") from e
 
+    @property
+    def mapped(self) -> mmap.mmap:
+        """The file's read-only memory map."""
+        return self._map
+
     def close(self) -> None:
         self._map.close()
         self._file.close()
@@ -139,8 +164,13 @@ class GGUFFile:
 
     def tensor(self, name: str) -> np.ndarray:
         """The named tensor as a float32 array, dequantized."""
+        raw, qtype = self.raw(name)
+        return dequantize_raw(raw, qtype, self.path, name)
+
+    def raw(self, name: str):
+        """The named tensor's bytes as a read-only uint8 view (*rows, row_bytes) of the
+        mapped file, and its gguf.GGMLQuantizationType."""
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-        from gguf.quants import dequantize as gguf_dequantize
 
         info = self.tensors[name]
         try:
@@ -156,13 +186,32 @@ class GGUFFile:
         if info.offset + n_rows * row_bytes > len(self._map):
             raise ModelLoadError(f"{self.path}: truncated (tensor {name} ends past the file)")
         raw = np.frombuffer(self._map, dtype=np.uint8, count=n_rows * row_bytes, offset=info.offset)
-        raw = raw.reshape(*rows, row_bytes)
-        if qtype == GGMLQuantizationType.F32:
-            return raw.view(np.float32).copy()
-        try:
-            return np.asarray(gguf_dequantize(raw, qtype), dtype=np.float32)
-        except NotImplementedError as e:
-            raise ModelLoadError(f"{self.path}: cannot dequantize {qtype.name} (tensor {name})") from e
+        return raw.reshape(*rows, row_bytes), qtype
+
+
+def dequantize_raw(raw: np.ndarray, qtype, path, name: str) -> np.ndarray:
+    """float32 values of raw GGUF rows (*rows, row_bytes) of type qtype."""
+    from gguf.quants import dequantize as gguf_dequantize
+
+    if qtype.name == "F32":
+        return raw.view(np.float32).copy()
+    try:
+        return np.asarray(gguf_dequantize(raw, qtype), dtype=np.float32)
+    except NotImplementedError as e:
+        raise ModelLoadError(f"{path}: cannot dequantize {qtype.name} (tensor {name})") from e
+
+
+def q4_0_as_q4(raw: np.ndarray) -> Q4Weight:
+    """Q4_0 rows (rows, n_blocks * 18 bytes) as a Q4Weight, exactly: a Q4_0 block is a
+    float16 scale d and 32 codes q (elements 0..15 in the low nibbles, 16..31 in the high
+    ones), w = d * (q - 8), which is MatMulNBits' (q - zero) * scale with zero 8."""
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, 18)
+    scales = blocks[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float32)
+    qs = blocks[:, :, 2:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # (rows, n_blocks, 32) in element order
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    return Q4Weight(packed, scales, np.full(scales.shape, 8, np.uint8))
 
 
 class _Cursor:
@@ -396,8 +445,23 @@ def our_param_name(gguf_name: str) -> str | None:
     return None
 
 
-def gguf_weights(gf: GGUFFile, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """Dequantized float32 weights under our names (q/k unpermuted for llama)."""
+def gguf_precision(precision: str | None) -> str:
+    """What a runtime precision (`--precision`) converts a GGUF to: fp32 -> fp32, int8 and
+    its linear kinds (int8-w7, ...) -> int8, int4 -> int4, everything else (auto, bf16,
+    fp16) -> native, the file's own precision class. Refuses the removed environment variable."""
+    if os.environ.get(REMOVED_CACHE_DTYPE_ENV):
+        raise ModelLoadError(f"{REMOVED_CACHE_DTYPE_ENV} is no longer read: use --precision "
+                             "(auto keeps the GGUF's precision class, int8 or fp32 convert it)")
+    precision = precision or "auto"
+    if precision in GGUF_PRECISIONS:
+        return precision
+    if precision == "int8" or precision.startswith("int8-"):
+        return "int8"
+    return "native"
+
+
+def _gguf_names(gf: GGUFFile, cfg: ModelConfig) -> dict[str, str]:
+    """GGUF tensor name -> our name, every expected parameter present."""
     names = {}
     for gguf_name in gf.tensors:
         name = our_param_name(gguf_name)
@@ -408,23 +472,103 @@ def gguf_weights(gf: GGUFFile, cfg: ModelConfig) -> dict[str, np.ndarray]:
     missing = sorted(set(expected) - set(names.values()))
     if missing:
         raise ModelLoadError(f"{gf.path}: tensors missing for {missing[:5]}")
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # numpy releases the GIL
-        arrays = dict(zip(names.values(), pool.map(gf.tensor, names), strict=True))
-    if gf.get("general.architecture") == "llama":
-        for i in range(cfg.n_layers):
-            for part, heads in (("wq", cfg.n_heads), ("wk", cfg.n_kv_heads)):
-                for kind in ("weight", "bias"):
-                    name = f"layers.{i}.attention.{part}.{kind}"
-                    if name in arrays:
-                        arrays[name] = unpermute_rope_rows(arrays[name], heads)
-    for name, shape in expected.items():
-        if arrays[name].shape != shape:
-            raise ModelLoadError(f"{gf.path}: {name} has shape {arrays[name].shape}, expected {shape}")
-    return arrays
+    for gguf_name, name in names.items():
+        if gf.tensors[gguf_name].shape != expected.get(name, gf.tensors[gguf_name].shape):
+            raise ModelLoadError(f"{gf.path}: {name} has shape {gf.tensors[gguf_name].shape}, "
+                                 f"expected {expected[name]}")
+    return names
 
 
-def convert_gguf(path: str | Path) -> tuple[ModelConfig, object, dict[str, np.ndarray]]:
-    """(config, tokenizers.Tokenizer, float32 weights) from a GGUF file, uncached."""
+def convert_tensor(gf: GGUFFile, gguf_name: str, name: str, cfg: ModelConfig, precision: str) -> dict[str, np.ndarray]:
+    """One GGUF tensor as the model folder stores it under `precision` (GGUF_PRECISIONS):
+    {name: float} or {name: int8, name_scale: float32} or Q4Weight.tensors(name).
+    2-D tensors are dequantized a chunk of rows at a time."""
+    raw, qtype = gf.raw(gguf_name)
+    permuted = gf.get("general.architecture") == "llama" and name.endswith(
+        ("wq.weight", "wq.bias", "wk.weight", "wk.bias"))
+    heads = cfg.n_heads if ".wq." in name else cfg.n_kv_heads
+    if raw.ndim == 1:  # a bias or norm: its bytes are one row, values are what we permute
+        w = dequantize_raw(raw, qtype, gf.path, name)
+        return {name: unpermute_rope_rows(w, heads) if permuted else w}
+    if permuted:
+        raw = unpermute_rope_rows(raw, heads)  # rows are whole blocks: permute before dequantizing
+    if precision == "fp32":
+        return {name: dequantize_raw(raw, qtype, gf.path, name)}
+    rows, cols = raw.shape[0], gf.tensors[gguf_name].shape[-1]
+    if precision == "native" and qtype.name in FLOAT_TYPES:
+        w = dequantize_raw(raw, qtype, gf.path, name)
+        return {name: w.astype(np.float16) if qtype.name == "F16" else w}
+    to_q4 = cols % Q4_BLOCK == 0 and name != "tok_embeddings.weight" and (
+        precision == "int4" or (precision == "native" and qtype.name in FOUR_BIT_TYPES))
+    if to_q4 and qtype.name == "Q4_0":
+        return q4_0_as_q4(raw).tensors(name)
+    chunk = max(1, CHUNK_FLOAT_BYTES // (4 * cols))
+    parts = []
+    for start in range(0, rows, chunk):
+        w = dequantize_raw(raw[start:start + chunk], qtype, gf.path, name)
+        parts.append(quantize_rows_q4(w) if to_q4 else quantize_rows_int8(w))
+    if to_q4:
+        return Q4Weight(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("packed", "scales", "zeros"))).tensors(name)
+    return {name: np.concatenate([q for q, _ in parts]), name + SCALE_SUFFIX: np.concatenate([s for _, s in parts])}
+
+
+class _Progress:
+    """A one-line progress bar on stderr when it is a terminal (stdout may be the LSP
+    channel), else a log line every 10%."""
+
+    def __init__(self, total: int, label: str):
+        self.total, self.label, self.done, self.start = max(total, 1), label, 0, time.monotonic()
+        self.tty = sys.stderr.isatty()
+        self._logged = -1
+
+    def step(self, amount: int) -> None:
+        self.done += amount
+        frac = self.done / self.total
+        if self.tty:
+            bar = "#" * int(30 * frac)
+            sys.stderr.write(f"\r{self.label} [{bar:<30}] {100 * frac:3.0f}% {time.monotonic() - self.start:.0f}s")
+            if self.done >= self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+        elif int(10 * frac) > self._logged:
+            self._logged = int(10 * frac)
+            log.info("%s: %.0f%% (%.0f s)", self.label, 100 * frac, time.monotonic() - self.start)
+
+
+def gguf_weights(gf: GGUFFile, cfg: ModelConfig, precision: str = "fp32", show_progress: bool = False
+                 ) -> dict[str, np.ndarray]:
+    """Weights under our names (q/k unpermuted for llama), converted tensor by tensor as
+    `precision` says (GGUF_PRECISIONS; fp32: the file's values exactly, widened)."""
+    if precision not in GGUF_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(GGUF_PRECISIONS)}, not {precision!r}")
+    names = _gguf_names(gf, cfg)
+    bar = _Progress(sum(int(np.prod(gf.tensors[n].shape)) for n in names),
+                    f"converting {gf.path.name} ({precision})") if show_progress else None
+
+    def one(gguf_name: str) -> dict[str, np.ndarray]:
+        out = convert_tensor(gf, gguf_name, names[gguf_name], cfg, precision)
+        if bar is not None:
+            bar.step(int(np.prod(gf.tensors[gguf_name].shape)))
+        return out
+
+    weights: dict[str, np.ndarray] = {}
+    # numpy releases the GIL; each tensor's file pages are read once, then need not stay resident
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool, dropping_mapped_pages([gf.mapped]):
+        for part in pool.map(one, names):
+            weights.update(part)
+    return weights
+
+
+def folder_quantization(weights: dict[str, np.ndarray]) -> str:
+    """The model folder's `quantization` field for these stored tensors."""
+    if any(k.endswith(".q4") for k in weights):
+        return "int4-blockwise"
+    return "int8-per-channel" if any(k.endswith(SCALE_SUFFIX) for k in weights) else "none"
+
+
+def convert_gguf(path: str | Path, precision: str = "fp32", show_progress: bool = False
+                 ) -> tuple[ModelConfig, object, dict[str, np.ndarray]]:
+    """(config, tokenizers.Tokenizer, weights as `precision` stores them) from a GGUF file, uncached."""
     with GGUFFile(path) as gf:
         arch = gf.get("general.architecture")
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -433,7 +577,7 @@ def convert_gguf(path: str | Path) -> tuple[ModelConfig, object, dict[str, np.nd
         facts = gguf_token_facts(gf.metadata)
         hf_tok = build_gguf_tokenizer(gf.metadata, facts.ids())
         cfg = gguf_model_config(gf, facts)
-        weights = gguf_weights(gf, cfg)
+        weights = gguf_weights(gf, cfg, precision, show_progress)
     pad_tokenizer_to(hf_tok, cfg.vocab_size)
     return cfg, hf_tok, weights
 
@@ -455,33 +599,25 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def cache_folder_for(path: str | Path, cache_dtype: str) -> Path:
+def cache_folder_for(path: str | Path, precision: str) -> Path:
     digest = file_sha256(path)
-    return cache_root() / "gguf" / f"{Path(path).stem}-{digest[:16]}-v{CONVERTER_VERSION}-{cache_dtype}"
+    return cache_root() / "gguf" / f"{Path(path).stem}-{digest[:16]}-v{CONVERTER_VERSION}-{precision}"
 
 
 def write_cache_folder(folder: Path, cfg: ModelConfig, hf_tok, weights: dict[str, np.ndarray],
-                       cache_dtype: str, source_file: Path) -> None:
+                       precision: str, source_file: Path) -> None:
     """Write a model folder atomically (a temp folder renamed into place)."""
-    if cache_dtype == "int8":
-        tensors, quantization = quantize_int8(weights), "int8-per-channel"
-    else:
-        half = cache_dtype == "float16"
-        fits = float(np.finfo(np.float16).max)  # a tensor with larger values stays float32
-        tensors = {k: v.astype(np.float16 if half and np.abs(v).max() <= fits else np.float32)
-                   for k, v in weights.items()}
-        quantization = "none"
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the cache follows the umask
     try:
-        write_safetensors(tmp / "model.safetensors", tensors)
+        write_safetensors(tmp / "model.safetensors", weights)
         hf_tok.save(str(tmp / "tokenizer.json"))
         meta = {"format": FORMAT, "version": 1, "model": cfg.to_dict(), "weights": "model.safetensors",
-                "tokenizer": "tokenizer.json", "quantization": quantization,
-                "converted_from": {"gguf": source_file.name, "dtype": cache_dtype}}
+                "tokenizer": "tokenizer.json", "quantization": folder_quantization(weights),
+                "converted_from": {"gguf": source_file.name, "precision": precision}}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(tmp, folder)
     except OSError:
@@ -509,35 +645,32 @@ def _source_from_folder(folder: Path, gguf_path: Path) -> ModelSource:
     from .tokenizer import Tokenizer
 
     mf = open_model_folder(folder)
-    weights = mf.load_weights()
-    if mf.quantization == "none":
-        weights = {name: _widen(w) for name, w in weights.items()}
+    weights = {name: _widen(w) for name, w in mf.load_weights().items()}  # float16 tensors of an F16 file
     return ModelSource(gguf_path.stem, mf.config, Tokenizer.from_file(mf.tokenizer_file), weights,
                        mf.quantization, str(gguf_path))
 
 
-def load_gguf(path: str | Path, cache: bool = True, cache_dtype: str | None = None) -> ModelSource:
+def load_gguf(path: str | Path, cache: bool = True, precision: str | None = "auto") -> ModelSource:
     """A GGUF file as a ModelSource; with `cache`, converted once and reloaded from the
-    cache folder afterwards. cache_dtype (default $CODECOMPLETE_GGUF_CACHE_DTYPE or
-    float32): float32 keeps the file's dequantized weights exactly, float16 to ~5e-4
-    relative, int8 re-quantizes them per output channel."""
-    cache_dtype = cache_dtype or os.environ.get(CACHE_DTYPE_ENV) or "float32"
+    cache folder afterwards. precision: a runtime precision (see gguf_precision): auto
+    keeps each tensor's precision class (4-bit blocks, int8 per channel, float), fp32
+    widens the file's values exactly, int8 re-quantizes every 2-D weight per channel."""
+    kind = gguf_precision(precision)
     path = Path(path)
-    if cache_dtype not in CACHE_DTYPES:
-        raise ValueError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, not {cache_dtype!r}")
     if not path.is_file():
         raise ModelLoadError(f"GGUF file does not exist: {path}")
-    folder = cache_folder_for(path, cache_dtype) if cache else None
+    folder = cache_folder_for(path, kind) if cache else None
     if folder is not None and is_model_folder(folder):
         return _source_from_folder(folder, path)
-    cfg, hf_tok, weights = convert_gguf(path)
+    cfg, hf_tok, weights = convert_gguf(path, kind, show_progress=True)
     if folder is not None:
         try:
-            write_cache_folder(folder, cfg, hf_tok, weights, cache_dtype, path)
+            write_cache_folder(folder, cfg, hf_tok, weights, kind, path)
             del weights
             return _source_from_folder(folder, path)  # first and later starts see the same weights
         except OSError as e:
             log.warning("could not cache the converted GGUF model in %s: %s", folder, e)
     from .tokenizer import Tokenizer
 
-    return ModelSource(path.stem, cfg, Tokenizer(hf_tok), weights, "none", str(path))
+    return ModelSource(path.stem, cfg, Tokenizer(hf_tok), {k: _widen(w) for k, w in weights.items()},
+                       folder_quantization(weights), str(path))

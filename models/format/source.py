@@ -21,7 +21,7 @@ class ModelSource:
     config: ModelConfig
     tokenizer: object  # codecomplete.models.format.tokenizer.Tokenizer
     weights: dict[str, np.ndarray]  # float, or int8 with `<name>_scale` float32 beside
-    quantization: str  # "int8-per-channel" | "none"
+    quantization: str  # "int8-per-channel" | "int4-blockwise" (4-bit and int8 weights) | "none"
     path: str = ""
 
 
@@ -29,8 +29,10 @@ def default_model_dir() -> Path:
     return DEFAULT_MODEL_DIR
 
 
-def load_model_source(path: str | Path | None = None) -> ModelSource:
-    """Load a model by path; None means the shipped default model."""
+def load_model_source(path: str | Path | None = None, precision: str = "auto") -> ModelSource:
+    """Load a model by path; None means the shipped default model. precision (the
+    runtime's `--precision`) says what a .gguf file is converted to (gguf_import.gguf_precision);
+    folders load as they are stored."""
     p = Path(resolve_model_path(path)).expanduser() if path else DEFAULT_MODEL_DIR  # a pulled model's name too
     if not p.exists():
         if path is None:
@@ -39,7 +41,7 @@ def load_model_source(path: str | Path | None = None) -> ModelSource:
     if p.is_file() and p.suffix == ".gguf":
         from .gguf_import import load_gguf
 
-        return load_gguf(p)
+        return load_gguf(p, precision=precision)
     if p.is_dir() and is_model_folder(p):
         folder = open_model_folder(p)
         return ModelSource(p.name, folder.config, folder.load_tokenizer(), folder.load_weights(),
