@@ -327,7 +327,9 @@ class ProcessEngine(EngineStatus):
     def _start_child(self):
         parent_sock, child_sock = socket.socketpair()
         cancel_fd = self._cancelled_upto.fd
-        command = [sys.executable, "-c", CHILD_COMMAND, str(child_sock.fileno()), str(cancel_fd)]
+        # -P: the working folder stays off sys.path, so that run from a source checkout the
+        # child imports the installed package, not the checkout's codecomplete/ folder
+        command = [sys.executable, "-P", "-c", CHILD_COMMAND, str(child_sock.fileno()), str(cancel_fd)]
         # stdout is the LSP channel or the CLI's answer: the child's prints go to stderr
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=STDERR_FD,
                                    pass_fds=(child_sock.fileno(), cancel_fd), close_fds=True)

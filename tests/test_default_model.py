@@ -61,3 +61,21 @@ def test_default_model_completes_an_everyday_call(tmp_path):
     assert completion.candidates
     assert completion.candidates[0].text.startswith("nt(")
     assert all(c.syntax_ok for c in completion.candidates[:1])
+
+
+def test_the_readme_quickstart_completes_from_the_checkout_root():
+    # `pip install . && codecomplete complete tests/data/example.py ...` from the checkout: the
+    # engine's child process must import the installed package, not the checkout's codecomplete/
+    # folder (which lacks codecomplete.lsp and codecomplete.models); PYTHONSAFEPATH, which the
+    # test session sets, would hide that
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    script = Path(sys.executable).with_name("codecomplete")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    done = subprocess.run([str(script), "complete", "tests/data/example.py", "--line", "21", "--character", "11"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "nt(line" in done.stdout
