@@ -147,7 +147,7 @@ def run_lsp_replay(path: str | Path, language: str, n: int, max_tokens: int, key
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     start = default_start(text, keystrokes) if start is None else start
-    cmd = [sys.executable, "-m", "codecomplete.lsp", "--runtime", runtime, "--device", device, "--log-level", "WARNING"]
+    cmd = [sys.executable, "-P", "-m", "codecomplete.lsp", "--runtime", runtime, "--device", device, "--log-level", "WARNING"]
     if model:
         cmd += ["--model", str(model)]
     if engine_factory:
