@@ -13,7 +13,6 @@ prints the path of the verified file (default cache: $CODECOMPLETE_CACHE or
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,9 @@ VOCAB_SIZE = 151_936
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("CODECOMPLETE_CACHE") or Path.home() / ".cache" / "codecomplete")
+    from codecomplete.hub import cache_root
+
+    return cache_root()
 
 
 def download_part(index: int, into: Path) -> bytes:

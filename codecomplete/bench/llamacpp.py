@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,8 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def default_model() -> Path:
-    base = Path(os.environ.get("CODECOMPLETE_CACHE") or Path.home() / ".cache" / "codecomplete")
-    return base / DEFAULT_GGUF_NAME
+    from codecomplete.hub import cache_root
+
+    return cache_root() / DEFAULT_GGUF_NAME
 
 
 @dataclass

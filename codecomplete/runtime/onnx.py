@@ -186,7 +186,7 @@ class OnnxRuntime(Runtime):
         # int8 and int4 runs keep the KV in float16: attention reads half the bytes
         self.kv_dtype = kv_dtype or ("float16" if precision in ("int8", "int4") else "float32")
         self._np_kv = np.dtype(self.kv_dtype)
-        from codecomplete.models.format.gguf_import import cache_root
+        from codecomplete.hub import cache_root
 
         external = SpilledArrays(str(cache_root()) if cache_root().is_dir() else None)
         # None: where this onnxruntime has the empty-context bug (onnx_graph.EMPTY_CONTEXT_BUG)

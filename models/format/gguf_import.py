@@ -40,6 +40,8 @@ import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from codecomplete.hub import cache_root
+
 from .config import ModelConfig
 from .folder import (
     FORMAT,
@@ -61,7 +63,6 @@ from .source import ModelSource
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
-CACHE_ENV = "CODECOMPLETE_CACHE"
 REMOVED_CACHE_DTYPE_ENV = "CODECOMPLETE_GGUF_CACHE_DTYPE"  # replaced by --precision: refused when set
 # what a GGUF is converted to: the file's precision class, float32 throughout, int8
 # throughout, 4-bit throughout (every 2-D weight but the embedding table, which is int8)
@@ -583,12 +584,6 @@ def convert_gguf(path: str | Path, precision: str = "fp32", show_progress: bool 
 
 
 # ---------------------------------------------------------------- cache
-
-
-def cache_root() -> Path:
-    """$CODECOMPLETE_CACHE, else ~/.cache/codecomplete."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "codecomplete"
 
 
 def file_sha256(path: str | Path) -> str:
