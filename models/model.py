@@ -1,5 +1,9 @@
 """A Llama-style decoder (RMSNorm, RoPE, SwiGLU), gpt-fast style: the whole forward pass.
 
+The imported families' variants are config fields (format/config.py), read here and by
+runtime/onnx_graph.py: LayerNorm with a bias instead of RMSNorm, a GELU MLP with or without
+a gate, biases on the attention output and the MLP, scaled embeddings, a sliding window.
+
 Two attention paths share every block (TransformerBlock.forward holds the residuals):
 - causal prefill over a prompt, appending to a context KV cache that has no batch
   dimension: k, v (Hkv, M, D) per layer (training is the same path without a cache);
@@ -46,6 +50,18 @@ class RMSNorm(nn.Module):
         return (y * self.weight.float()).to(x.dtype)
 
 
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """The architecture's norm: RMSNorm, or LayerNorm with a bias (StarCoder2)."""
+    if cfg.norm_kind == "layer":
+        return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+    return RMSNorm(cfg.dim, cfg.norm_eps)
+
+
+# the MLP's activation by ModelConfig.activation ("gelu_tanh" is transformers' gelu_pytorch_tanh)
+ACTIVATIONS: dict[str, Callable] = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh"),
+                                    "gelu": F.gelu}
+
+
 def rope_tables(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (T, D/2) for the given absolute positions (half-split layout)."""
     half = cfg.head_dim // 2
@@ -62,6 +78,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x[..., :half].float(), x[..., half:].float()
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return out.to(x.dtype)
+
+
+def visible_keys(t: int, start: int, window: int, device) -> torch.Tensor:
+    """(T, start + T) bool: query i (position start + i) sees keys 0..start + i; with a
+    sliding window only the last `window` of those, itself included (transformers' rule)."""
+    mask = torch.ones(t, start + t, dtype=torch.bool, device=device).tril(diagonal=start)
+    if window:
+        mask &= ~torch.ones_like(mask).tril(diagonal=start - window)
+    return mask
+
+
+def branch_only_attention(q, k_dec, v_dec, scale: float):
+    """q (N, H, D) over each branch's own keys k_dec, v_dec (N, G, m, D) alone: a decode step
+    whose sliding window has moved past the whole shared context."""
+    n, h, d = q.shape
+    qg = q.view(n, k_dec.shape[1], -1, d)  # (N, G, P, D)
+    w = torch.softmax(torch.einsum("ngpd,ngmd->ngpm", qg, k_dec).float() * scale, dim=-1)
+    return torch.einsum("ngpm,ngmd->ngpd", w.to(v_dec.dtype), v_dec).reshape(n, h, d)
 
 
 def bifurcated_attention_merged(q, k_ctx, v_ctx, k_dec, v_dec, scale: float):
@@ -160,7 +194,7 @@ class Attention(_FusedProjections):
         super().__init__({"wqkv": [cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd]})
         self.cfg = cfg
         self.wqkv = nn.Linear(cfg.dim, sum(self.part_rows["wqkv"]), bias=cfg.qkv_bias)
-        self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=cfg.wo_bias)
         self.scale = 1.0 / math.sqrt(hd)
 
     def qkv(self, x, cos, sin):
@@ -186,11 +220,11 @@ class Attention(_FusedProjections):
         if g != h:
             k = k.repeat_interleave(h // g, dim=1)
             v = v.repeat_interleave(h // g, dim=1)
-        if start == 0:
+        window = self.cfg.sliding_window
+        if start == 0 and (not window or window >= t):
             y = sdpa(q, k, v, is_causal=True, scale=self.scale)
-        else:  # query i (absolute start + i) sees keys 0..start + i
-            mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = sdpa(q, k, v, attn_mask=mask, scale=self.scale)
+        else:
+            y = sdpa(q, k, v, attn_mask=visible_keys(t, start, window, x.device), scale=self.scale)
         y = y.transpose(1, 2).reshape(b, t, h * self.cfg.head_dim)
         return self.wo(y)
 
@@ -198,35 +232,49 @@ class Attention(_FusedProjections):
         """One token per branch. x (N, 1, dim); k_ctx/v_ctx (G, M, D); k_dec/v_dec
         (N, G, m_max, D) preallocated, written in place at index `step`; attend has
         bifurcated_attention_merged's contract."""
-        n = x.shape[0]
+        n, m = x.shape[0], k_ctx.shape[1]
         q, k, v = self.qkv(x, cos, sin)  # q (N, H, 1, D), k/v (N, G, 1, D)
         k_dec[:, :, step] = k[:, :, 0]
         v_dec[:, :, step] = v[:, :, 0]
-        y = attend(q[:, :, 0], k_ctx, v_ctx, k_dec[:, :, : step + 1], v_dec[:, :, : step + 1], self.scale)
+        first_ctx = first_dec = 0  # the oldest context key and branch key this step sees
+        if self.cfg.sliding_window:
+            first = m + step + 1 - self.cfg.sliding_window  # as a position
+            first_ctx, first_dec = min(max(first, 0), m), max(first - m, 0)
+        k_dec, v_dec = k_dec[:, :, first_dec : step + 1], v_dec[:, :, first_dec : step + 1]
+        if first_ctx == m:  # (flash attention over no keys at all dies with SIGFPE on a CPU)
+            y = branch_only_attention(q[:, :, 0], k_dec, v_dec, self.scale)
+        else:
+            y = attend(q[:, :, 0], k_ctx[:, first_ctx:], v_ctx[:, first_ctx:], k_dec, v_dec, self.scale)
         return self.wo(y.reshape(n, 1, -1))
 
 
 class FeedForward(_FusedProjections):
-    FUSED = {"w13": ("w1", "w3")}  # gate and up
+    FUSED = {"w13": ("w1", "w3")}  # gate and up; an ungated MLP's w13 is its up layer alone
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__({"w13": [cfg.ffn_dim, cfg.ffn_dim]})
-        self.w13 = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)
-        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
+        parts = ("w1", "w3") if cfg.mlp_gated else ("w3",)
+        super().__init__({"w13": [cfg.ffn_dim] * len(parts)})
+        self.FUSED = {"w13": parts}
+        self.gated, self.activation = cfg.mlp_gated, cfg.activation
+        self.act = ACTIVATIONS[cfg.activation]
+        self.w13 = nn.Linear(cfg.dim, len(parts) * cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)  # down
 
     def forward(self, x):
+        if not self.gated:
+            return self.w2(self.act(self.w13(x)))
         gate, up = self.w13(x).chunk(2, dim=-1)
-        if fused_triton.use_for(gate):  # one kernel for silu(gate) * up (CUDA inference)
+        if self.activation == "silu" and fused_triton.use_for(gate):  # one kernel for silu(gate) * up (CUDA inference)
             return self.w2(fused_triton.silu_mul(gate, up))
-        return self.w2(F.silu(gate) * up)
+        return self.w2(self.act(gate) * up)
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_norm = make_norm(cfg)
         self.attention = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = make_norm(cfg)
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, attend: Callable) -> torch.Tensor:
@@ -241,7 +289,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = make_norm(cfg)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
     def init_weights(self, seed: int = 0) -> None:
@@ -260,6 +308,11 @@ class Transformer(nn.Module):
             with torch.no_grad():
                 p.copy_(torch.cat([torch.randn((r, *p.shape[1:]), generator=g) for r in rows]) * std)
 
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (..., dim), scaled as the architecture says (Gemma: by sqrt(dim))."""
+        x = self.tok_embeddings(tokens)
+        return x if self.cfg.embedding_scale == 1.0 else x * self.cfg.embedding_scale
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.norm(h)
         if self.output is None:
@@ -276,7 +329,7 @@ class Transformer(nn.Module):
         """Training forward: tokens (B, T) -> logits (B, T, V)."""
         t = tokens.shape[1]
         cos, sin = rope_tables(self.cfg, torch.arange(t, device=tokens.device))
-        h = self.run_layers(self.tok_embeddings(tokens), lambda i, att, x: att.forward_causal(x, cos, sin))
+        h = self.run_layers(self.embed(tokens), lambda i, att, x: att.forward_causal(x, cos, sin))
         return self.logits(h)
 
     def new_cache(self, capacity: int, dtype=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,7 +347,7 @@ class Transformer(nn.Module):
         are written in place. Returns logits (V,) of the last token, or (T, V)."""
         t = tokens.shape[0]
         cos, sin = rope_tables(self.cfg, torch.arange(start, start + t, device=tokens.device))
-        h = self.run_layers(self.tok_embeddings(tokens)[None],  # (1, T, dim)
+        h = self.run_layers(self.embed(tokens)[None],  # (1, T, dim)
                             lambda i, att, x: att.forward_causal(x, cos, sin, k_cache[i][None], v_cache[i][None], start))
         h = h[0, -1] if last_only else h[0]
         return self.logits(h)
@@ -312,7 +365,7 @@ class Transformer(nn.Module):
             raise ValueError(f"unknown attention {attention!r} ({', '.join(DECODE_ATTENTION)})")
         m = k_ctx.shape[2]
         cos, sin = rope_tables(self.cfg, torch.arange(m + step, m + step + 1, device=tokens.device))  # no host copy: CUDA-graph safe
-        h = self.run_layers(self.tok_embeddings(tokens)[:, None],  # (N, 1, dim)
+        h = self.run_layers(self.embed(tokens)[:, None],  # (N, 1, dim)
                             lambda i, att, x: att.forward_decode(x, cos, sin, k_ctx[i], v_ctx[i], dec_k[i], dec_v[i],
                                                                  step, attend))
         return self.logits(h[:, 0])

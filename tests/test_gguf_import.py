@@ -318,13 +318,13 @@ def test_unpermute_inverts_llama_cpp_permutation():
 
 
 def test_unknown_architecture_is_refused(tmp_path):
-    w = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "gemma")
+    w = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "gpt2")
     w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(ModelLoadError, match="architecture 'gemma'"):
+    with pytest.raises(ModelLoadError, match="architecture 'gpt2'"):
         load_gguf(tmp_path / "g.gguf", cache=False)
 
 

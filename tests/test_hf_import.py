@@ -189,9 +189,27 @@ def test_sharded_checkpoint_loads_through_its_index(tmp_path):
                                   want["model.layers.0.self_attn.k_proj.bias"].numpy())
 
 
-def test_sliding_window_caps_the_context(tmp_path):
+def test_a_window_on_every_layer_is_kept_with_the_whole_context(tmp_path):
     write_hf_folder(tmp_path, "mistral", tie=True, sliding_window=128)
-    assert load_hf_folder(tmp_path).config.max_seq_len == 128
+    cfg = load_hf_folder(tmp_path).config
+    assert (cfg.sliding_window, cfg.max_seq_len) == (128, 512)
+
+
+def test_a_window_on_some_layers_caps_the_context(tmp_path):
+    write_hf_folder(tmp_path, "qwen2", tie=True, use_sliding_window=True, sliding_window=128, max_window_layers=1)
+    cfg = load_hf_folder(tmp_path).config
+    assert (cfg.sliding_window, cfg.max_seq_len) == (0, 128)  # exact within the window
+
+
+def test_llama_attention_and_mlp_biases_load(tmp_path):
+    """Granite code 3B/8B are llama checkpoints with biases on every projection."""
+    hf_model = write_hf_folder(tmp_path, "llama", tie=True, attention_bias=True, mlp_bias=True)
+    source = load_hf_folder(tmp_path)
+    assert source.config.qkv_bias and source.config.wo_bias and source.config.mlp_bias
+    ids = source.tokenizer.encode(PROMPT)
+    with torch.no_grad():
+        got = build_torch_model(source)(torch.tensor([ids]))[0].numpy()
+    assert np.abs(got - _hf_logits(hf_model, ids)).max() < 1e-4
 
 
 def test_pickle_checkpoint_is_refused(tmp_path):
@@ -225,6 +243,6 @@ def test_old_style_rope_theta_is_read(tmp_path):
 
 
 def test_unsupported_architecture_is_refused(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "starcoder2"}))
-    with pytest.raises(ModelLoadError, match="starcoder2"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_bigcode"}))
+    with pytest.raises(ModelLoadError, match="gpt_bigcode"):
         load_model_source(tmp_path)

@@ -318,6 +318,25 @@ class GraphBuilder:
         return self.op("SimplifiedLayerNormalization", [x, self.init(weight, name + ".weight")],
                        axis=-1, epsilon=eps, stash_type=1, name=name)
 
+    def norm(self, x: str, cfg: ModelConfig, weights: dict, name: str) -> str:
+        """The architecture's norm of x over its last axis (ModelConfig.norm_kind)."""
+        if cfg.norm_kind == "layer":
+            return self.op("LayerNormalization", [x, self.init(weights[name + ".weight"], name + ".weight"),
+                                                  self.init(weights[name + ".bias"], name + ".bias")],
+                           axis=-1, epsilon=cfg.norm_eps, stash_type=1, name=name)
+        return self.rms_norm(x, weights[name + ".weight"], cfg.norm_eps, name)
+
+    def activation(self, x: str, kind: str) -> str:
+        """The MLP's activation (ModelConfig.activation): com.microsoft FastGelu is the tanh
+        approximation and Gelu the exact one (ONNX's own Gelu needs opset 20)."""
+        if kind == "silu":
+            return self.op("Mul", [x, self.op("Sigmoid", [x])])
+        if kind == "gelu_tanh":
+            return self.op("FastGelu", [x], domain=MS_DOMAIN)
+        if kind == "gelu":
+            return self.op("Gelu", [x], domain=MS_DOMAIN)
+        raise ValueError(f"unknown activation {kind!r}")
+
     def model(self, inputs, outputs, name: str) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, name, inputs, outputs, initializer=self.initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
@@ -348,8 +367,9 @@ class Dims:
 
 
 def attention(b: GraphBuilder, cfg: ModelConfig, q: str, ctx_k: str, ctx_v: str, br_k: str, br_v: str,
-              mask: str | None, dims: Dims, ctx_bias: str | None = None) -> str:
-    """q (N, Tq, H, D); ctx (M, G, D); branch keys (JT, N, G, D) -> (N, Tq, H*D)."""
+              mask: str | None, dims: Dims, ctx_bias: str | None = None, ctx_mask: str | None = None) -> str:
+    """q (N, Tq, H, D); ctx (M, G, D); branch keys (JT, N, G, D) -> (N, Tq, H*D). mask
+    (Tq, 1, JT) and ctx_mask (Tq, 1, M) are added to the branch and context scores."""
     g, hd = cfg.n_kv_heads, cfg.head_dim
     p = cfg.n_heads // g
     scale = 1.0 / math.sqrt(hd)
@@ -362,6 +382,8 @@ def attention(b: GraphBuilder, cfg: ModelConfig, q: str, ctx_k: str, ctx_v: str,
     s_ctx = b.reshape(s_ctx, g, n, tq, p, m)  # (G, N, Tq, P, M)
     if ctx_bias is not None:  # 0 for real context rows, -inf for the stand-in row (EMPTY_CONTEXT_BUG)
         s_ctx = b.op("Add", [s_ctx, ctx_bias])
+    if ctx_mask is not None:  # the sliding window
+        s_ctx = b.op("Add", [s_ctx, ctx_mask])
     # each branch's own keys
     qb = b.reshape(b.transpose(q5, [0, 2, 1, 3, 4]), ng, b.op("Mul", [tq, b.const([p])]), hd)  # (N*G, Tq*P, D)
     kb = b.reshape(br_k, 0, -1, hd)  # (JT, N*G, D)
@@ -381,15 +403,37 @@ def attention(b: GraphBuilder, cfg: ModelConfig, q: str, ctx_k: str, ctx_v: str,
     return b.reshape(b.op("Add", [o_ctx, o_br]), 0, 0, cfg.n_heads * hd)
 
 
-def causal_mask(b: GraphBuilder, t: str, j: str, jt: str) -> str:
-    """(T, 1, JT) float: 0 where key k <= J + t (earlier branch tokens and itself), -inf after."""
-    zero, one = b.const(0), b.const(1)
-    scalar = lambda x: b.op("Squeeze", [x, b.const([0])])  # noqa: E731
-    keys = b.op("Range", [scalar(zero), scalar(jt), scalar(one)])  # (JT,)
-    last_visible = b.op("Add", [b.op("Range", [scalar(zero), scalar(t), scalar(one)]), scalar(j)])  # (T,)
-    hidden = b.op("Greater", [keys, b.op("Unsqueeze", [last_visible, b.const([1])])])  # (T, JT)
+def _scalar(b: GraphBuilder, x: str) -> str:
+    return b.op("Squeeze", [x, b.const([0])])
+
+
+def _as_mask(b: GraphBuilder, hidden: str) -> str:
+    """(T, K) bool -> (T, 1, K) float: -inf where hidden, else 0."""
     mask = b.op("Where", [hidden, b.const(-np.inf, np.float32), b.const(0.0, np.float32)])
     return b.op("Unsqueeze", [mask, b.const([1])])
+
+
+def causal_mask(b: GraphBuilder, t: str, j: str, jt: str, window: int = 0) -> str:
+    """(T, 1, JT) float: 0 where key k <= J + t (earlier branch tokens and itself), -inf
+    after; with a sliding window also -inf where J + t - k >= window (the branch's tokens
+    are consecutive positions, so index differences are position differences)."""
+    zero, one = _scalar(b, b.const(0)), _scalar(b, b.const(1))
+    keys = b.op("Range", [zero, _scalar(b, jt), one])  # (JT,)
+    last_visible = b.op("Unsqueeze", [b.op("Add", [b.op("Range", [zero, _scalar(b, t), one]), _scalar(b, j)]),
+                                      b.const([1])])  # (T, 1)
+    hidden = b.op("Greater", [keys, last_visible])  # (T, JT)
+    if window:
+        too_old = b.op("Greater", [b.op("Sub", [last_visible, keys]), b.const(window - 1)])
+        hidden = b.op("Or", [hidden, too_old])
+    return _as_mask(b, hidden)
+
+
+def context_window_mask(b: GraphBuilder, positions: str, m: str, window: int) -> str:
+    """(T, 1, M) float: -inf for the context keys (positions 0..M-1) that lie `window` or more
+    positions before the query at `positions` (T,), else 0."""
+    keys = b.op("Range", [_scalar(b, b.const(0)), _scalar(b, m), _scalar(b, b.const(1))])  # (M,)
+    age = b.op("Sub", [b.op("Unsqueeze", [positions, b.const([1])]), keys])  # (T, M)
+    return _as_mask(b, b.op("Greater", [age, b.const(window - 1)]))
 
 
 KV_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
@@ -452,7 +496,14 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: s
     m = b.op("Shape", ["ctx_k.0"], start=0, end=1, name="M")
     j = b.op("Shape", ["branch_k.0"], start=0, end=1, name="J")
     dims = Dims(n=n, m=m, jt=b.op("Add", [j, t], name="JT"), ng=b.op("Mul", [n, b.const([g])], name="NG"), tq=t)
-    mask = causal_mask(b, t, j, dims.jt)
+    window = cfg.sliding_window
+    mask = causal_mask(b, t, j, dims.jt, window)
+    # the last layer computes only the last token, which sees every key unless a window hides some
+    last_mask = b.slice(mask, -1, INT64_MAX, axis=0) if window else None
+    ctx_mask = last_ctx_mask = None
+    if window:
+        ctx_mask = context_window_mask(b, "positions", m, window)
+        last_ctx_mask = b.slice(ctx_mask, -1, INT64_MAX, axis=0)
 
     cos, sin = rope_tables(cfg)
     rope_cos, rope_sin = b.init(cos, "rope.cos"), b.init(sin, "rope.sin")
@@ -461,15 +512,18 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: s
     emb = lw["tok_embeddings.weight"]
     if emb.scale is not None:  # gather int8 rows and their scales: the table stays int8
         rows = b.op("Cast", [b.op("Gather", [b.init(emb.w, "tok_embeddings.weight"), "tokens"])], to=f32)
-        scales = b.op("Gather", [b.init(emb.scale[:, None].astype(np.float32), "tok_embeddings.scale"), "tokens"])
+        row_scales = (emb.scale[:, None] * np.float32(cfg.embedding_scale)).astype(np.float32)  # Gemma's sqrt(dim) too
+        scales = b.op("Gather", [b.init(row_scales, "tok_embeddings.scale"), "tokens"])
         x = b.op("Mul", [rows, scales], name="embed")
     else:
         x = b.op("Gather", [b.init(emb.w, "tok_embeddings.weight"), "tokens"], name="embed")  # (N, T, dim)
+        if cfg.embedding_scale != 1.0:
+            x = b.op("Mul", [x, b.const(cfg.embedding_scale, np.float32)])
 
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
         last = i == cfg.n_layers - 1
-        xn = b.rms_norm(x, lw[p + "attention_norm.weight"], cfg.norm_eps, p + "attention_norm")
+        xn = b.norm(x, cfg, lw, p + "attention_norm")
         qkv_w = [lw[p + "attention.wq.weight"], lw[p + "attention.wk.weight"], lw[p + "attention.wv.weight"]]
         qkv_b = None
         if cfg.qkv_bias:
@@ -489,18 +543,25 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: s
             q = b.slice(q, -1, INT64_MAX, axis=1)
             x = b.slice(x, -1, INT64_MAX, axis=1)
         layer_dims = replace(dims, tq=b.const([1])) if last else dims
-        a = attention(b, cfg, q, as_f32(f"ctx_k.{i}"), as_f32(f"ctx_v.{i}"), br_k, br_v, None if last else mask,
-                      layer_dims, "ctx_bias" if ctx_bias else None)
-        x = b.op("Add", [x, b.linear(a, lw[p + "attention.wo.weight"], None, p + "attention.wo")])
-        xn = b.rms_norm(x, lw[p + "ffn_norm.weight"], cfg.norm_eps, p + "ffn_norm")
-        gate_up = b.linear_stack(xn, [lw[p + "feed_forward.w1.weight"], lw[p + "feed_forward.w3.weight"]],
-                                 None, p + "feed_forward.w13")
-        gate = b.slice(gate_up, 0, cfg.ffn_dim, axis=-1)
-        up = b.slice(gate_up, cfg.ffn_dim, INT64_MAX, axis=-1)
-        act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), up])
-        x = b.op("Add", [x, b.linear(act, lw[p + "feed_forward.w2.weight"], None, p + "feed_forward.w2")])
+        a = attention(b, cfg, q, as_f32(f"ctx_k.{i}"), as_f32(f"ctx_v.{i}"), br_k, br_v, last_mask if last else mask,
+                      layer_dims, "ctx_bias" if ctx_bias else None, last_ctx_mask if last else ctx_mask)
+        x = b.op("Add", [x, b.linear(a, lw[p + "attention.wo.weight"], lw.get(p + "attention.wo.bias"),
+                                     p + "attention.wo")])
+        xn = b.norm(x, cfg, lw, p + "ffn_norm")
+        ffn_in = ["w1", "w3"] if cfg.mlp_gated else ["w3"]  # gate and up, or up alone
+        ffn_bias = np.concatenate([lw[f"{p}feed_forward.{w}.bias"] for w in ffn_in]) if cfg.mlp_bias else None
+        gate_up = b.linear_stack(xn, [lw[f"{p}feed_forward.{w}.weight"] for w in ffn_in], ffn_bias,
+                                 p + "feed_forward.w13")
+        if cfg.mlp_gated:
+            gate = b.slice(gate_up, 0, cfg.ffn_dim, axis=-1)
+            up = b.slice(gate_up, cfg.ffn_dim, INT64_MAX, axis=-1)
+            act = b.op("Mul", [b.activation(gate, cfg.activation), up])
+        else:
+            act = b.activation(gate_up, cfg.activation)
+        x = b.op("Add", [x, b.linear(act, lw[p + "feed_forward.w2.weight"], lw.get(p + "feed_forward.w2.bias"),
+                                     p + "feed_forward.w2")])
 
-    xn = b.rms_norm(b.reshape(x, -1, cfg.dim), lw["norm.weight"], cfg.norm_eps, "norm")  # (N, dim)
+    xn = b.norm(b.reshape(x, -1, cfg.dim), cfg, lw, "norm")  # (N, dim)
     head = lw["tok_embeddings.weight"] if cfg.tie_embeddings else lw["output.weight"]
     b.nodes.append(helper.make_node("Identity", [b.linear(xn, head, None, "output")], ["logits"]))
     return b.model(inputs, outputs, f"codecomplete-{linear_kind}-kv-{kv_dtype}")

@@ -6,6 +6,9 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+NORM_KINDS = ("rms", "layer")
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+
 
 @dataclass
 class ModelConfig:
@@ -21,6 +24,14 @@ class ModelConfig:
     norm_eps: float = 1e-5
     qkv_bias: bool = False  # Qwen2 has biases on q, k, v
     tie_embeddings: bool = True
+    # architecture variants of the families we import (hf_import / gguf_import map them)
+    norm_kind: str = "rms"  # "rms" (RMSNorm) or "layer" (LayerNorm with a bias: StarCoder2)
+    mlp_gated: bool = True  # act(w1 x) * w3 x (SwiGLU, GeGLU); False: act(w3 x), no w1 (StarCoder2)
+    activation: str = "silu"  # of the MLP: "silu", "gelu_tanh" (Gemma, StarCoder2) or "gelu" (erf)
+    wo_bias: bool = False  # a bias on the attention output (StarCoder2, Granite code)
+    mlp_bias: bool = False  # biases on every MLP layer (StarCoder2, Granite code)
+    embedding_scale: float = 1.0  # token embeddings are multiplied by this (Gemma: sqrt(dim))
+    sliding_window: int = 0  # a token attends to the last this-many positions, itself included; 0: all
     # token facts
     bos_id: int = -1  # -1: the model uses no BOS
     eos_ids: list[int] = field(default_factory=list)
@@ -49,6 +60,12 @@ class ModelConfig:
             raise ValueError(f"fim_order must be 'spm' or 'psm', not {self.fim_order!r}")
         if self.align_back_off not in ("needed", "fixed"):
             raise ValueError(f"align_back_off must be 'needed' or 'fixed', not {self.align_back_off!r}")
+        if self.norm_kind not in NORM_KINDS:
+            raise ValueError(f"norm_kind must be one of {', '.join(NORM_KINDS)}, not {self.norm_kind!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, not {self.activation!r}")
+        if self.sliding_window < 0:
+            raise ValueError(f"sliding_window must be 0 (none) or positive, not {self.sliding_window}")
 
     @property
     def has_fim(self) -> bool:
@@ -67,10 +84,16 @@ class ModelConfig:
         attn = d * hd * (self.n_heads + 2 * self.n_kv_heads) + self.n_heads * hd * d
         if self.qkv_bias:
             attn += hd * (self.n_heads + 2 * self.n_kv_heads)
-        ffn = 3 * d * self.ffn_dim
-        per_layer = attn + ffn + 2 * d
+        if self.wo_bias:
+            attn += d
+        ffn_in = 2 if self.mlp_gated else 1
+        ffn = (ffn_in + 1) * d * self.ffn_dim
+        if self.mlp_bias:
+            ffn += ffn_in * self.ffn_dim + d
+        norm = d * (2 if self.norm_kind == "layer" else 1)
+        per_layer = attn + ffn + 2 * norm
         emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-        return self.n_layers * per_layer + emb + d
+        return self.n_layers * per_layer + emb + norm
 
     def to_dict(self) -> dict:
         return asdict(self)

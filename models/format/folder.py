@@ -46,25 +46,38 @@ class ModelLoadError(RuntimeError):
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Parameter names and shapes, as the folder stores them (models/model.py's state_dict before fusion)."""
+    """Parameter names and shapes, as the folder stores them (models/model.py's state_dict
+    before fusion). The order is fixed: random test weights are drawn in it."""
     d, hd = cfg.dim, cfg.head_dim
     shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (cfg.vocab_size, d)}
+
+    def norm(name: str) -> None:
+        shapes[name + ".weight"] = (d,)
+        if cfg.norm_kind == "layer":
+            shapes[name + ".bias"] = (d,)
+
+    qkv_rows = {"wq": cfg.n_heads * hd, "wk": cfg.n_kv_heads * hd, "wv": cfg.n_kv_heads * hd}
+    ffn = {"w1": (cfg.ffn_dim, d), "w2": (d, cfg.ffn_dim), "w3": (cfg.ffn_dim, d)}  # gate, down, up
+    if not cfg.mlp_gated:
+        del ffn["w1"]
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
-        shapes[p + "attention_norm.weight"] = (d,)
-        shapes[p + "attention.wq.weight"] = (cfg.n_heads * hd, d)
-        shapes[p + "attention.wk.weight"] = (cfg.n_kv_heads * hd, d)
-        shapes[p + "attention.wv.weight"] = (cfg.n_kv_heads * hd, d)
+        norm(p + "attention_norm")
+        for name, rows in qkv_rows.items():
+            shapes[f"{p}attention.{name}.weight"] = (rows, d)
         if cfg.qkv_bias:
-            shapes[p + "attention.wq.bias"] = (cfg.n_heads * hd,)
-            shapes[p + "attention.wk.bias"] = (cfg.n_kv_heads * hd,)
-            shapes[p + "attention.wv.bias"] = (cfg.n_kv_heads * hd,)
+            for name, rows in qkv_rows.items():
+                shapes[f"{p}attention.{name}.bias"] = (rows,)
         shapes[p + "attention.wo.weight"] = (d, cfg.n_heads * hd)
-        shapes[p + "ffn_norm.weight"] = (d,)
-        shapes[p + "feed_forward.w1.weight"] = (cfg.ffn_dim, d)
-        shapes[p + "feed_forward.w2.weight"] = (d, cfg.ffn_dim)
-        shapes[p + "feed_forward.w3.weight"] = (cfg.ffn_dim, d)
-    shapes["norm.weight"] = (d,)
+        if cfg.wo_bias:
+            shapes[p + "attention.wo.bias"] = (d,)
+        norm(p + "ffn_norm")
+        for name, shape in ffn.items():
+            shapes[f"{p}feed_forward.{name}.weight"] = shape
+        if cfg.mlp_bias:
+            for name, shape in ffn.items():
+                shapes[f"{p}feed_forward.{name}.bias"] = shape[:1]
+    norm("norm")
     if not cfg.tie_embeddings:
         shapes["output.weight"] = (cfg.vocab_size, d)
     return shapes

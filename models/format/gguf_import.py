@@ -1,10 +1,14 @@
-"""Import a GGUF file (llama.cpp's format) of the `llama` or `qwen2` architecture as a
-ModelSource: weights under our names, a rebuilt `tokenizers` tokenizer, token facts.
+"""Import a GGUF file (llama.cpp's format) of the `llama`, `qwen2`, `starcoder2` or `gemma`
+architecture as a ModelSource: weights under our names, a rebuilt `tokenizers` tokenizer,
+token facts.
 
 The header is parsed here (a few hundred thousand vocabulary strings take ~0.3 s this way,
 ~13 s through gguf.GGUFReader); tensor payloads are dequantized by `gguf.quants.dequantize`.
 llama.cpp's converter interleaves the q/k rows of `llama` models for its RoPE kernel; we
-undo that. `qwen2` files keep the Hugging Face (half-split) layout and load as they are.
+undo that. The other architectures keep the Hugging Face (half-split) layout and load as
+they are. What llama.cpp hard-codes per architecture rather than writing to the file
+(StarCoder2's LayerNorm and ungated GELU MLP, Gemma's GeGLU and sqrt(dim) embedding scale)
+is ARCH_FIELDS; llama.cpp's converter already stored Gemma's norm weights as 1 + weight.
 
 Precision (one switch, `--precision`, see `gguf_precision`): by default a tensor keeps its
 precision class. 4-bit types (Q4_0, Q4_1, Q4_K, IQ4_*, and the 2/3-bit K types, which fit
@@ -62,7 +66,16 @@ from .source import ModelSource
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "starcoder2", "gemma")
+# ModelConfig fields that llama.cpp builds into its graph for an architecture
+ARCH_FIELDS: dict[str, dict] = {
+    "starcoder2": dict(norm_kind="layer", mlp_gated=False, activation="gelu_tanh"),
+    "gemma": dict(activation="gelu_tanh"),  # and embedding_scale sqrt(dim), see gguf_model_config
+}
+# StarCoder2 was trained with a 4096-token window, which llama.cpp's converter does not write
+# (nor does llama.cpp apply one): such a file's context is capped there, where windowed and
+# full attention agree, unless it names its window (`starcoder2.attention.sliding_window`)
+STARCODER2_SLIDING_WINDOW = 4096
 REMOVED_CACHE_DTYPE_ENV = "CODECOMPLETE_GGUF_CACHE_DTYPE"  # replaced by --precision: refused when set
 # what a GGUF is converted to: the file's precision class, float32 throughout, int8
 # throughout, 4-bit throughout (every 2-D weight but the embedding table, which is int8)
@@ -117,6 +130,7 @@ _LAYER_PARTS = {
 _TOP_LEVEL = {
     "token_embd.weight": "tok_embeddings.weight",
     "output_norm.weight": "norm.weight",
+    "output_norm.bias": "norm.bias",
     "output.weight": "output.weight",
 }
 
@@ -412,6 +426,15 @@ def gguf_model_config(gf: GGUFFile, facts: TokenFacts) -> ModelConfig:
     if int(key("rope.dimension_count", head_dim)) != head_dim:
         raise ModelLoadError(f"{gf.path}: partial rotary embeddings are not supported")
     vocab_size = gf.tensors["token_embd.weight"].shape[0]
+    fields = dict(ARCH_FIELDS.get(arch, {}))
+    if arch == "gemma":
+        fields["embedding_scale"] = float(dim) ** 0.5
+    layer_norm = fields.get("norm_kind") == "layer"
+    eps = float(key("attention.layer_norm_epsilon", 1e-5) if layer_norm else key("attention.layer_norm_rms_epsilon", 1e-5))
+    max_len = min(int(key("context_length", 4096)), MAX_SEQ_LEN_CAP)
+    window = int(key("attention.sliding_window", 0))
+    if arch == "starcoder2" and not window:
+        max_len = min(max_len, STARCODER2_SLIDING_WINDOW)
     return ModelConfig(
         vocab_size=vocab_size,
         dim=dim,
@@ -420,11 +443,15 @@ def gguf_model_config(gf: GGUFFile, facts: TokenFacts) -> ModelConfig:
         n_kv_heads=int(key("attention.head_count_kv", n_heads)),
         head_dim=head_dim,
         ffn_dim=int(key("feed_forward_length")),
-        max_seq_len=min(int(key("context_length", 4096)), MAX_SEQ_LEN_CAP),
+        max_seq_len=max_len,
         rope_theta=float(key("rope.freq_base", 10000.0)),
-        norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        norm_eps=eps,
         qkv_bias="blk.0.attn_q.bias" in gf.tensors,
+        wo_bias="blk.0.attn_output.bias" in gf.tensors,
+        mlp_bias="blk.0.ffn_down.bias" in gf.tensors,
         tie_embeddings="output.weight" not in gf.tensors,
+        sliding_window=window if window < max_len else 0,
+        **fields,
         align_back_off="fixed",  # see ModelConfig.align_back_off
         **facts.config_fields(),
     )

@@ -1,9 +1,12 @@
 """Import a Hugging Face model folder (config.json, *.safetensors, tokenizer.json) of the
-Llama, Qwen2 or Mistral family as a ModelSource with our parameter names.
+Llama, Qwen2, Mistral, StarCoder2 or Gemma family as a ModelSource with our parameter names.
 
-HF Llama/Qwen2/Mistral use the same half-split RoPE layout as models/model.py, so q/k
-weights load unpermuted. Weights come from safetensors only; pickle checkpoints are
-refused. StarCoder2 is not supported (LayerNorm, GELU MLP and biases everywhere).
+Every family uses the same half-split RoPE layout as models/model.py, so q/k weights load
+unpermuted. What differs is a ModelConfig field each (hf_model_config): StarCoder2 has
+LayerNorm with a bias, a GELU MLP without a gate and biases everywhere; Gemma a GeGLU MLP,
+embeddings scaled by sqrt(dim) and RMSNorm by (1 + weight), which is stored here as the
+plain RMSNorm weight 1 + weight (llama.cpp's converter does the same). Weights come from
+safetensors only; pickle checkpoints are refused.
 """
 
 from __future__ import annotations
@@ -19,14 +22,15 @@ from .config import ModelConfig
 from .folder import ModelLoadError, param_shapes, read_safetensors
 from .source import ModelSource
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "starcoder2", "gemma")
 MAX_SEQ_LEN_CAP = 32768  # longer contexts than this are not useful for completion on a laptop
 
 # FIM sentinels of public code models, all trained prefix-suffix-middle (PSM):
 # (prefix, suffix, middle, pad, file separator)
 FIM_FAMILIES = (
     ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|fim_pad|>", "<|file_sep|>"),  # Qwen2.5-Coder
-    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<fim_pad>", "<file_sep>"),  # StarCoder
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", None, "<|file_separator|>"),  # CodeGemma
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<fim_pad>", "<file_sep>"),  # StarCoder, StarCoder2
     ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>", None, None),  # DeepSeek-Coder
     ("▁<PRE>", "▁<SUF>", "▁<MID>", None, None),  # CodeLlama
 )
@@ -34,6 +38,7 @@ FIM_FAMILIES = (
 STOP_TOKENS = (
     "<|endoftext|>", "<|im_end|>", "<|fim_pad|>", "<|file_sep|>", "<|repo_name|>",  # Qwen
     "<fim_pad>", "<file_sep>",  # StarCoder
+    "<|file_separator|>", "<end_of_turn>",  # CodeGemma
     "<|EOT|>", "<｜end▁of▁sentence｜>",  # DeepSeek-Coder
     "▁<EOT>",  # CodeLlama
     "<|eot_id|>", "<|end_of_text|>",  # Llama 3
@@ -47,12 +52,15 @@ _LAYER_PARTS = {
     "mlp.gate_proj": "feed_forward.w1",
     "mlp.up_proj": "feed_forward.w3",
     "mlp.down_proj": "feed_forward.w2",
+    "mlp.c_fc": "feed_forward.w3",  # StarCoder2's ungated MLP: up
+    "mlp.c_proj": "feed_forward.w2",  # and down
     "input_layernorm": "attention_norm",
     "post_attention_layernorm": "ffn_norm",
 }
 _TOP_LEVEL = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
     "model.norm.weight": "norm.weight",
+    "model.norm.bias": "norm.bias",
     "lm_head.weight": "output.weight",
 }
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
@@ -91,13 +99,15 @@ def find_token_facts(vocab: dict[str, int], eos_ids: list[int], bos_id: int = -1
                      pad_id: int = -1) -> TokenFacts:
     """FIM sentinels and stop tokens by their text, plus the given EOS/BOS/pad ids."""
     facts = TokenFacts(bos_id=bos_id, pad_id=pad_id)
-    for prefix, suffix, middle, pad, file_sep in FIM_FAMILIES:
-        if prefix in vocab and suffix in vocab and middle in vocab:
-            facts.fim_prefix_id, facts.fim_suffix_id, facts.fim_middle_id = (
-                vocab[prefix], vocab[suffix], vocab[middle])
-            facts.fim_pad_id = vocab.get(pad, -1) if pad else -1
-            facts.file_sep_id = vocab.get(file_sep, -1) if file_sep else -1
-            break
+    # the family whose every named token is there (CodeGemma and Qwen share three), else the
+    # first whose three FIM tokens are
+    found = [row for row in FIM_FAMILIES if all(t in vocab for t in row[:3])]
+    complete = [row for row in found if all(t in vocab for t in row[3:] if t)]
+    if found:
+        prefix, suffix, middle, pad, file_sep = (complete or found)[0]
+        facts.fim_prefix_id, facts.fim_suffix_id, facts.fim_middle_id = vocab[prefix], vocab[suffix], vocab[middle]
+        facts.fim_pad_id = vocab.get(pad, -1) if pad else -1
+        facts.file_sep_id = vocab.get(file_sep, -1) if file_sep else -1
     stops = [i for i in eos_ids if i >= 0] + [vocab[t] for t in STOP_TOKENS if t in vocab]
     facts.eos_ids = list(dict.fromkeys(stops))  # ordered, no duplicates
     return facts
@@ -136,35 +146,83 @@ def _rope_theta_and_max_len(meta: dict, max_len: int) -> tuple[float, int]:
                          "models/model.py implements plain RoPE only")
 
 
-def _sliding_window(meta: dict) -> int | None:
-    """The attention window if any layer uses one (capping the context makes it exact)."""
-    window = meta.get("sliding_window")
+def _sliding_window(meta: dict) -> tuple[int, bool]:
+    """(the attention window or 0, whether every layer uses it). transformers' rule: Mistral
+    and StarCoder2 window every layer when `sliding_window` is set; Qwen2 only with
+    use_sliding_window, from layer max_window_layers on; `layer_types` says it per layer."""
+    window = int(meta.get("sliding_window") or 0)
     if not window:
-        return None
-    uses = (meta.get("model_type") == "mistral" or meta.get("use_sliding_window")
-            or "sliding_attention" in (meta.get("layer_types") or []))
-    return int(window) if uses else None
+        return 0, False
+    n_layers = int(meta["num_hidden_layers"])
+    layer_types = meta.get("layer_types")
+    if layer_types:
+        sliding = [t == "sliding_attention" for t in layer_types]
+    elif meta.get("model_type") in ("mistral", "starcoder2"):
+        sliding = [True] * n_layers
+    elif meta.get("use_sliding_window"):
+        first = int(meta.get("max_window_layers") or 0)
+        sliding = [i >= first for i in range(n_layers)]
+    else:
+        sliding = [False] * n_layers
+    if not any(sliding):
+        return 0, False
+    return window, all(sliding)
+
+
+# transformers' activation names -> ModelConfig.activation
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+                "gelu_fast": "gelu_tanh", "gelu": "gelu"}
+
+
+def _activation(meta: dict) -> str:
+    model_type = meta.get("model_type")
+    act = meta.get("hidden_activation") or meta.get("hidden_act") or "silu"
+    if model_type == "gemma" and act == "gelu":  # transformers' rule: Gemma's "gelu" means the tanh approximation
+        act = "gelu_pytorch_tanh"
+    if act not in _ACTIVATIONS:
+        raise ModelLoadError(f"hidden_act {act!r} is not supported ({', '.join(_ACTIVATIONS)})")
+    kind = _ACTIVATIONS[act]
+    if model_type in ("llama", "qwen2", "mistral") and kind != "silu":
+        raise ModelLoadError(f"hidden_act {act!r} on a {model_type} model is not supported (SwiGLU with silu only)")
+    return kind
+
+
+def _family_fields(meta: dict) -> dict:
+    """The ModelConfig fields that say how this model_type's blocks are built."""
+    model_type = meta["model_type"]
+    if model_type == "starcoder2":
+        bias = bool(meta.get("use_bias", True))
+        return dict(norm_kind="layer", mlp_gated=False, qkv_bias=bias, wo_bias=bias, mlp_bias=bias,
+                    norm_eps=float(meta.get("norm_epsilon", 1e-5)))
+    if model_type == "qwen2":
+        return dict(qkv_bias=True)
+    fields = dict(qkv_bias=bool(meta.get("attention_bias")), wo_bias=bool(meta.get("attention_bias")),
+                  mlp_bias=bool(meta.get("mlp_bias")))  # llama's optional biases (Granite code), Gemma's attention ones
+    if model_type == "gemma":
+        fields["embedding_scale"] = float(meta["hidden_size"]) ** 0.5
+        fields["mlp_bias"] = False
+    return fields
+
+
+# model_type -> added to the stored norm weights: Gemma's RMSNorm scales by (1 + weight)
+NORM_WEIGHT_OFFSET = {"gemma": 1.0}
 
 
 def hf_model_config(meta: dict, vocab_size: int, facts: TokenFacts) -> ModelConfig:
-    """Map an HF config.json (llama / qwen2 / mistral) to our ModelConfig."""
+    """Map an HF config.json (SUPPORTED_MODEL_TYPES) to our ModelConfig."""
     model_type = meta.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelLoadError(f"model_type {model_type!r} is not supported (supported: "
                              f"{', '.join(SUPPORTED_MODEL_TYPES)})")
-    act = meta.get("hidden_act", meta.get("hidden_activation", "silu"))
-    if act != "silu":
-        raise ModelLoadError(f"hidden_act {act!r} is not supported (SwiGLU with silu only)")
-    if meta.get("attention_bias") or meta.get("mlp_bias"):
-        raise ModelLoadError("attention_bias / mlp_bias on a llama model are not supported "
-                             "(only q/k/v biases, as in Qwen2)")
     n_heads = int(meta["num_attention_heads"])
     dim = int(meta["hidden_size"])
     max_len = int(meta.get("max_position_embeddings") or 4096)
     theta, max_len = _rope_theta_and_max_len(meta, max_len)
-    window = _sliding_window(meta)
-    if window:
-        max_len = min(max_len, window)
+    window, every_layer = _sliding_window(meta)
+    if window and not every_layer:  # some layers windowed, some not: a context within the window is exact
+        max_len, window = min(max_len, window), 0
+    fields = {"norm_eps": float(meta.get("rms_norm_eps", 1e-6)), "activation": _activation(meta),
+              **_family_fields(meta)}
     return ModelConfig(
         vocab_size=vocab_size,
         dim=dim,
@@ -175,10 +233,10 @@ def hf_model_config(meta: dict, vocab_size: int, facts: TokenFacts) -> ModelConf
         ffn_dim=int(meta["intermediate_size"]),
         max_seq_len=min(max_len, MAX_SEQ_LEN_CAP),
         rope_theta=theta,
-        norm_eps=float(meta.get("rms_norm_eps", 1e-6)),
-        qkv_bias=model_type == "qwen2",
-        tie_embeddings=bool(meta.get("tie_word_embeddings", False)),
+        tie_embeddings=bool(meta.get("tie_word_embeddings", model_type in ("gemma", "starcoder2"))),
+        sliding_window=window if window < min(max_len, MAX_SEQ_LEN_CAP) else 0,
         align_back_off="fixed",  # see ModelConfig.align_back_off
+        **fields,
         **facts.config_fields(),
     )
 
@@ -214,7 +272,7 @@ def safetensors_files(folder: Path) -> list[Path]:
     raise ModelLoadError(f"{folder}: no *.safetensors weights")
 
 
-def load_hf_weights(folder: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
+def load_hf_weights(folder: Path, cfg: ModelConfig, model_type: str = "llama") -> dict[str, np.ndarray]:
     """float32 weights under our names, checked against the config's shapes."""
     out: dict[str, np.ndarray] = {}
     unknown = []
@@ -226,6 +284,8 @@ def load_hf_weights(folder: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
                     unknown.append(hf_name)
                 continue
             out[name] = np.asarray(arr, dtype=np.float32)
+            if name.endswith("norm.weight") and model_type in NORM_WEIGHT_OFFSET:
+                out[name] = out[name] + np.float32(NORM_WEIGHT_OFFSET[model_type])
     if unknown:
         raise ModelLoadError(f"{folder}: tensors this importer does not know: {', '.join(unknown[:5])}")
     if cfg.tie_embeddings:
@@ -300,19 +360,19 @@ def load_hf_tokenizer(folder: Path, vocab_size: int, eos_ids: list[int], pad_id:
 
 
 def load_hf_folder(path: str | Path) -> ModelSource:
-    """A Hugging Face folder (llama / qwen2 / mistral) as a float32 ModelSource."""
+    """A Hugging Face folder (SUPPORTED_MODEL_TYPES) as a float32 ModelSource."""
     folder = Path(path)
     meta = _read_json(folder / "config.json")
     if not meta:
         raise ModelLoadError(f"{folder}: no config.json")
     if meta.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise ModelLoadError(f"{folder}: model_type {meta.get('model_type')!r} is not supported "
-                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}; StarCoder2 is not)")
+                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     gen = _read_json(folder / "generation_config.json")
     eos_ids = _as_id_list(gen.get("eos_token_id")) + _as_id_list(meta.get("eos_token_id"))
     pad_ids = _as_id_list(gen.get("pad_token_id")) or _as_id_list(meta.get("pad_token_id"))
     vocab_size = int(meta["vocab_size"])
     tokenizer, facts = load_hf_tokenizer(folder, vocab_size, eos_ids, pad_ids[0] if pad_ids else -1)
     cfg = hf_model_config(meta, vocab_size, facts)
-    weights = load_hf_weights(folder, cfg)
+    weights = load_hf_weights(folder, cfg, meta["model_type"])
     return ModelSource(folder.name, cfg, tokenizer, weights, "none", str(folder))
