@@ -2,7 +2,7 @@
 
 The imported families' variants are config fields (format/config.py), read here and by
 runtime/onnx_graph.py: LayerNorm with a bias instead of RMSNorm, a GELU MLP with or without
-a gate, biases on the attention output and the MLP, scaled embeddings, a sliding window.
+a gate, biases on the attention output and the MLP, scaled embeddings, a sliding window, Granite's multipliers (attention scale, residual scale, logits divisor).
 
 Two attention paths share every block (TransformerBlock.forward holds the residuals):
 - causal prefill over a prompt, appending to a context KV cache that has no batch
@@ -195,7 +195,7 @@ class Attention(_FusedProjections):
         self.cfg = cfg
         self.wqkv = nn.Linear(cfg.dim, sum(self.part_rows["wqkv"]), bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=cfg.wo_bias)
-        self.scale = 1.0 / math.sqrt(hd)
+        self.scale = cfg.attention_scale or 1.0 / math.sqrt(hd)
 
     def qkv(self, x, cos, sin):
         """x (B, T, dim) -> q (B, H, T, D), k, v (B, G, T, D) with RoPE applied."""
@@ -276,11 +276,16 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(cfg)
         self.ffn_norm = make_norm(cfg)
         self.feed_forward = FeedForward(cfg)
+        self.residual_scale = cfg.residual_scale
 
     def forward(self, x: torch.Tensor, attend: Callable) -> torch.Tensor:
         """x (B, T, dim); attend(attention, normed x) is this block's attention (causal or decode)."""
-        h = x + attend(self.attention, self.attention_norm(x))
-        return h + self.feed_forward(self.ffn_norm(h))
+        a = attend(self.attention, self.attention_norm(x))
+        if self.residual_scale != 1.0:
+            a = a * self.residual_scale
+        h = x + a
+        f = self.feed_forward(self.ffn_norm(h))
+        return h + (f if self.residual_scale == 1.0 else f * self.residual_scale)
 
 
 class Transformer(nn.Module):
@@ -315,9 +320,8 @@ class Transformer(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.norm(h)
-        if self.output is None:
-            return F.linear(h, self.tok_embeddings.weight)
-        return self.output(h)
+        logits = F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
+        return logits if self.cfg.logits_divisor == 1.0 else logits / self.cfg.logits_divisor
 
     def run_layers(self, h: torch.Tensor, attend: Callable) -> torch.Tensor:
         """h (B, T, dim) through every block; attend(i, attention, x) is layer i's attention."""

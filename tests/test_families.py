@@ -1,4 +1,4 @@
-"""StarCoder2 and Gemma (CodeGemma) from Hugging Face folders and GGUF files, on both
+"""StarCoder2, Gemma (CodeGemma) and Granite from Hugging Face folders and GGUF files, on both
 runtimes: random-weight checkpoints that transformers itself writes must give transformers'
 logits in our torch model and in the onnx graph (fp32), agree on top-1 in int8, give the
 same logits once written to GGUF as llama.cpp's converter names tensors and metadata
@@ -95,14 +95,18 @@ def _randomize(model, seed: int, gemma: bool) -> None:
 
 
 def write_hf_folder(path, family: str, tie: bool = True, seed: int = 0, **overrides):
-    """save_pretrained a random-weight StarCoder2 or Gemma model and its tokenizer."""
+    """save_pretrained a random-weight StarCoder2, Gemma or Granite model and its tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    if family == "starcoder2":
+    if family in ("starcoder2", "granite"):  # Granite's vocabulary is StarCoder's
         tok = starcoder2_tokenizer()
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-        kwargs = dict(num_key_value_heads=2, norm_epsilon=1e-5, use_bias=True, hidden_act="gelu_pytorch_tanh",
-                      rope_theta=100000.0, sliding_window=None, bos_token_id=0, eos_token_id=0)
+        kwargs = dict(num_key_value_heads=2, rope_theta=100000.0, bos_token_id=0, eos_token_id=0)
+        if family == "starcoder2":
+            kwargs.update(norm_epsilon=1e-5, use_bias=True, hidden_act="gelu_pytorch_tanh", sliding_window=None)
+        else:  # multipliers as far from 1 as Granite 3's (12, 0.0078125, 0.22, 8)
+            kwargs.update(rms_norm_eps=1e-6, embedding_multiplier=6.0, attention_multiplier=0.05,
+                          residual_multiplier=0.3, logits_scaling=4.0, attention_bias=True)
     else:
         tok = gemma_tokenizer()
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
@@ -140,7 +144,8 @@ def write_gguf(path, family: str, model, hf_tok, quantized: bool = False, window
     TensorNameMap for the architecture, its metadata keys, Gemma's norm weights stored as
     1 + weight, no output tensor for tied embeddings, the tokenizer as gpt2 (StarCoder2)
     or SentencePiece (Gemma) vocabulary."""
-    arch = {"starcoder2": gguf.MODEL_ARCH.STARCODER2, "gemma": gguf.MODEL_ARCH.GEMMA}[family]
+    arch = {"starcoder2": gguf.MODEL_ARCH.STARCODER2, "gemma": gguf.MODEL_ARCH.GEMMA,
+            "granite": gguf.MODEL_ARCH.GRANITE}[family]
     cfg = model.config
     names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
     w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
@@ -153,6 +158,13 @@ def write_gguf(path, family: str, model, hf_tok, quantized: bool = False, window
     if family == "starcoder2":
         w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
         w.add_layer_norm_eps(cfg.norm_epsilon)
+    elif family == "granite":  # llama's keys and the multipliers under llama.cpp's names
+        w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        w.add_attention_scale(cfg.attention_multiplier)
+        w.add_embedding_scale(cfg.embedding_multiplier)
+        w.add_residual_scale(cfg.residual_multiplier)
+        w.add_logit_scale(cfg.logits_scaling)
     else:  # llama.cpp's Gemma converter writes no rope base (10000 is its default)
         w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         w.add_key_length(cfg.head_dim)
@@ -163,9 +175,9 @@ def write_gguf(path, family: str, model, hf_tok, quantized: bool = False, window
     vocab = hf_tok.get_vocab(with_added_tokens=True)
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     added = {t["content"] for t in tok["added_tokens"]}
-    if family == "starcoder2":
+    if family in ("starcoder2", "granite"):
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("starcoder")
+        w.add_tokenizer_pre("starcoder" if family == "starcoder2" else "refact")
         w.add_token_list(tokens)
         w.add_token_types([3 if t in added else 1 for t in tokens])
         w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
@@ -193,6 +205,8 @@ def write_gguf(path, family: str, model, hf_tok, quantized: bool = False, window
         arr = t.numpy().astype(np.float32)
         if family == "gemma" and hf_name.endswith("norm.weight"):
             arr = arr + 1  # what llama.cpp's GemmaModel.modify_tensors does
+        if family == "granite" and name.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
+            arr = llama_cpp_permute(arr, cfg.num_attention_heads if "attn_q" in name else cfg.num_key_value_heads)
         qtype = gguf_type(name, quantized)
         data = arr if qtype == Q.F32 else gguf.quants.quantize(arr, qtype)
         w.add_tensor(name, data, raw_dtype=None if qtype == Q.F32 else qtype)
@@ -203,12 +217,20 @@ def write_gguf(path, family: str, model, hf_tok, quantized: bool = False, window
     return path
 
 
+def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's LlamaModel.permute (Granite's converter inherits it): q/k rows of each
+    head reordered so that dims i and i + D/2 sit side by side (also for a bias)."""
+    d = w.shape[0] // n_heads
+    return w.reshape(n_heads, 2, d // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 # ---------------------------------------------------------------- fixtures
 
 CASES = {
     "starcoder2-tied": ("starcoder2", True),
     "starcoder2-untied": ("starcoder2", False),
     "gemma-mqa": ("gemma", True),
+    "granite-tied": ("granite", True),
 }
 
 
@@ -256,7 +278,10 @@ def test_config_follows_the_family(case):
     assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim) == (
         hf.hidden_size, hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads, hf.intermediate_size)
     assert cfg.tie_embeddings == hf.tie_word_embeddings
-    if family == "starcoder2":
+    if family == "granite":
+        assert (cfg.embedding_scale, cfg.attention_scale, cfg.residual_scale, cfg.logits_divisor) == (6.0, 0.05, 0.3, 4.0)
+        assert cfg.qkv_bias and cfg.wo_bias and not cfg.mlp_bias and cfg.activation == "silu"
+    elif family == "starcoder2":
         assert (cfg.norm_kind, cfg.mlp_gated, cfg.activation) == ("layer", False, "gelu_tanh")
         assert cfg.qkv_bias and cfg.wo_bias and cfg.mlp_bias and cfg.rope_theta == 100000.0
         assert cfg.norm_eps == 1e-5 and cfg.embedding_scale == 1.0
@@ -317,12 +342,13 @@ def test_gguf_config_and_tokens_match_the_folder(case):
     a, b = from_hf.config, from_gguf.config
     for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "rope_theta", "norm_eps",
                   "qkv_bias", "wo_bias", "mlp_bias", "norm_kind", "mlp_gated", "activation", "embedding_scale",
+                  "attention_scale", "residual_scale", "logits_divisor",
                   "tie_embeddings", "vocab_size", "bos_id", "fim_prefix_id", "fim_suffix_id", "fim_middle_id",
                   "file_sep_id", "fim_order"):
         want = getattr(b, field)  # GGUF floats are float32
         assert getattr(a, field) == (pytest.approx(want, rel=1e-6) if isinstance(want, float) else want), field
     assert set(a.eos_ids) <= set(b.eos_ids)
-    if family == "starcoder2":  # the same byte-level BPE: the same ids
+    if family != "gemma":  # the same byte-level BPE: the same ids
         assert from_gguf.tokenizer.encode(PROMPT) == from_hf.tokenizer.encode(PROMPT)
     else:  # merges rebuilt from SentencePiece scores: other ids maybe, the same text
         assert from_gguf.tokenizer.decode(from_gguf.tokenizer.encode(PROMPT)) == PROMPT
@@ -438,10 +464,10 @@ def test_engine_completes_with_the_family_fim_prompt(case, source_kind):
     folder, gguf_path, _, family = case
     engine = Engine.load(str(folder if source_kind == "hf" else gguf_path))
     cfg, tok = engine.runtime.config, engine.runtime.tokenizer
-    fim = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>") if family == "starcoder2" else (
-        "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
+    fim = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>") if family == "gemma" else (
+        "<fim_prefix>", "<fim_suffix>", "<fim_middle>")
     assert (cfg.fim_prefix_id, cfg.fim_suffix_id, cfg.fim_middle_id) == tuple(tok.token_id(t) for t in fim)
-    assert cfg.file_sep_id == tok.token_id("<file_sep>" if family == "starcoder2" else "<|file_separator|>")
+    assert cfg.file_sep_id == tok.token_id("<|file_separator|>" if family == "gemma" else "<file_sep>")
     assert cfg.fim_order == "psm"
     text = "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    \n"
     offset = text.index("    \n") + 4

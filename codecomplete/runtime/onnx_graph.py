@@ -372,7 +372,7 @@ def attention(b: GraphBuilder, cfg: ModelConfig, q: str, ctx_k: str, ctx_v: str,
     (Tq, 1, JT) and ctx_mask (Tq, 1, M) are added to the branch and context scores."""
     g, hd = cfg.n_kv_heads, cfg.head_dim
     p = cfg.n_heads // g
-    scale = 1.0 / math.sqrt(hd)
+    scale = cfg.attention_scale or 1.0 / math.sqrt(hd)
     n, m, jt, ng, tq = dims.n, dims.m, dims.jt, dims.ng, dims.tq
     rows = b.op("Mul", [b.op("Mul", [n, tq]), b.const([p])])  # N * Tq * P
     q5 = b.reshape(q, 0, 0, g, p, hd)  # (N, Tq, G, P, D)
@@ -481,6 +481,10 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: s
                     helper.make_tensor_value_info(f"new_v.{i}", kv_type, ["T", "N", g, hd])]
     as_f32 = (lambda x: x) if kv_type == f32 else (lambda x: b.op("Cast", [x], to=f32))  # noqa: E731
 
+    def residual(y: str) -> str:
+        """A block's attention or MLP output as added to the residual stream (Granite scales it)."""
+        return y if cfg.residual_scale == 1.0 else b.op("Mul", [y, b.const(cfg.residual_scale, np.float32)])
+
     def kv_output(x: str, name: str) -> str:
         """x (N, T, G, D) as the graph output `name`, (T, N, G, D) in the cache dtype; the
         node that makes it names it (no Identity node between)."""
@@ -545,8 +549,8 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: s
         layer_dims = replace(dims, tq=b.const([1])) if last else dims
         a = attention(b, cfg, q, as_f32(f"ctx_k.{i}"), as_f32(f"ctx_v.{i}"), br_k, br_v, last_mask if last else mask,
                       layer_dims, "ctx_bias" if ctx_bias else None, last_ctx_mask if last else ctx_mask)
-        x = b.op("Add", [x, b.linear(a, lw[p + "attention.wo.weight"], lw.get(p + "attention.wo.bias"),
-                                     p + "attention.wo")])
+        x = b.op("Add", [x, residual(b.linear(a, lw[p + "attention.wo.weight"], lw.get(p + "attention.wo.bias"),
+                                              p + "attention.wo"))])
         xn = b.norm(x, cfg, lw, p + "ffn_norm")
         ffn_in = ["w1", "w3"] if cfg.mlp_gated else ["w3"]  # gate and up, or up alone
         ffn_bias = np.concatenate([lw[f"{p}feed_forward.{w}.bias"] for w in ffn_in]) if cfg.mlp_bias else None
@@ -558,10 +562,13 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: s
             act = b.op("Mul", [b.activation(gate, cfg.activation), up])
         else:
             act = b.activation(gate_up, cfg.activation)
-        x = b.op("Add", [x, b.linear(act, lw[p + "feed_forward.w2.weight"], lw.get(p + "feed_forward.w2.bias"),
-                                     p + "feed_forward.w2")])
+        x = b.op("Add", [x, residual(b.linear(act, lw[p + "feed_forward.w2.weight"],
+                                              lw.get(p + "feed_forward.w2.bias"), p + "feed_forward.w2"))])
 
     xn = b.norm(b.reshape(x, -1, cfg.dim), cfg, lw, "norm")  # (N, dim)
     head = lw["tok_embeddings.weight"] if cfg.tie_embeddings else lw["output.weight"]
-    b.nodes.append(helper.make_node("Identity", [b.linear(xn, head, None, "output")], ["logits"]))
+    logits = b.linear(xn, head, None, "output")
+    if cfg.logits_divisor != 1.0:
+        logits = b.op("Div", [logits, b.const(cfg.logits_divisor, np.float32)])
+    b.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
     return b.model(inputs, outputs, f"codecomplete-{linear_kind}-kv-{kv_dtype}")

@@ -31,6 +31,9 @@ class ModelConfig:
     wo_bias: bool = False  # a bias on the attention output (StarCoder2, Granite code)
     mlp_bias: bool = False  # biases on every MLP layer (StarCoder2, Granite code)
     embedding_scale: float = 1.0  # token embeddings are multiplied by this (Gemma: sqrt(dim))
+    attention_scale: float = 0.0  # attention scores are q.k times this; 0: 1 / sqrt(head_dim)
+    residual_scale: float = 1.0  # attention and MLP outputs times this before each residual add (Granite)
+    logits_divisor: float = 1.0  # the logits are divided by this (Granite's logits_scaling)
     sliding_window: int = 0  # a token attends to the last this-many positions, itself included; 0: all
     # token facts
     bos_id: int = -1  # -1: the model uses no BOS
@@ -64,6 +67,9 @@ class ModelConfig:
             raise ValueError(f"norm_kind must be one of {', '.join(NORM_KINDS)}, not {self.norm_kind!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, not {self.activation!r}")
+        if self.attention_scale < 0 or self.residual_scale <= 0 or self.logits_divisor <= 0:
+            raise ValueError("attention_scale must be >= 0 (0: 1 / sqrt(head_dim)), residual_scale and "
+                             "logits_divisor positive")
         if self.sliding_window < 0:
             raise ValueError(f"sliding_window must be 0 (none) or positive, not {self.sliding_window}")
 

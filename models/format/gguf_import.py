@@ -1,11 +1,11 @@
-"""Import a GGUF file (llama.cpp's format) of the `llama`, `qwen2`, `starcoder2` or `gemma`
-architecture as a ModelSource: weights under our names, a rebuilt `tokenizers` tokenizer,
+"""Import a GGUF file (llama.cpp's format) of the `llama`, `qwen2`, `starcoder2`, `gemma` or
+`granite` architecture as a ModelSource: weights under our names, a rebuilt `tokenizers` tokenizer,
 token facts.
 
 The header is parsed here (a few hundred thousand vocabulary strings take ~0.3 s this way,
 ~13 s through gguf.GGUFReader); tensor payloads are dequantized by `gguf.quants.dequantize`.
-llama.cpp's converter interleaves the q/k rows of `llama` models for its RoPE kernel; we
-undo that. The other architectures keep the Hugging Face (half-split) layout and load as
+llama.cpp's converter interleaves the q/k rows of `llama` and `granite` models for its RoPE
+kernel; we undo that. The other architectures keep the Hugging Face (half-split) layout and load as
 they are. What llama.cpp hard-codes per architecture rather than writing to the file
 (StarCoder2's LayerNorm and ungated GELU MLP, Gemma's GeGLU and sqrt(dim) embedding scale)
 is ARCH_FIELDS; llama.cpp's converter already stored Gemma's norm weights as 1 + weight.
@@ -66,7 +66,8 @@ from .source import ModelSource
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "starcoder2", "gemma")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "starcoder2", "gemma", "granite")
+PERMUTED_ARCHITECTURES = ("llama", "granite")  # q/k rows interleaved by llama.cpp's converter
 # ModelConfig fields that llama.cpp builds into its graph for an architecture
 ARCH_FIELDS: dict[str, dict] = {
     "starcoder2": dict(norm_kind="layer", mlp_gated=False, activation="gelu_tanh"),
@@ -112,6 +113,7 @@ PRE_TOKENIZER_SPLITS: dict[str, list[str]] = {
     "llama-v3": [_LLAMA3_SPLIT],
     "smaug-bpe": [_LLAMA3_SPLIT],
     "starcoder": [r"\p{N}", _GPT2_SPLIT],  # single digits, then GPT-2's split
+    "refact": [r"\p{N}", _GPT2_SPLIT],  # llama.cpp splits Granite's (and Refact's) as StarCoder's
 }
 _IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3", "smaug-bpe"}  # whole words in the vocabulary skip the merges
 _NFC = {"qwen2", "deepseek-r1-qwen"}
@@ -429,6 +431,9 @@ def gguf_model_config(gf: GGUFFile, facts: TokenFacts) -> ModelConfig:
     fields = dict(ARCH_FIELDS.get(arch, {}))
     if arch == "gemma":
         fields["embedding_scale"] = float(dim) ** 0.5
+    if arch == "granite":  # the multipliers of its config.json, under llama.cpp's names
+        fields.update(embedding_scale=float(key("embedding_scale", 1.0)), attention_scale=float(key("attention.scale", 0.0)),
+                      residual_scale=float(key("residual_scale", 1.0)), logits_divisor=float(key("logit_scale", 1.0)))
     layer_norm = fields.get("norm_kind") == "layer"
     eps = float(key("attention.layer_norm_epsilon", 1e-5) if layer_norm else key("attention.layer_norm_rms_epsilon", 1e-5))
     max_len = min(int(key("context_length", 4096)), MAX_SEQ_LEN_CAP)
@@ -512,7 +517,7 @@ def convert_tensor(gf: GGUFFile, gguf_name: str, name: str, cfg: ModelConfig, pr
     {name: float} or {name: int8, name_scale: float32} or Q4Weight.tensors(name).
     2-D tensors are dequantized a chunk of rows at a time."""
     raw, qtype = gf.raw(gguf_name)
-    permuted = gf.get("general.architecture") == "llama" and name.endswith(
+    permuted = gf.get("general.architecture") in PERMUTED_ARCHITECTURES and name.endswith(
         ("wq.weight", "wq.bias", "wk.weight", "wk.bias"))
     heads = cfg.n_heads if ".wq." in name else cfg.n_kv_heads
     if raw.ndim == 1:  # a bias or norm: its bytes are one row, values are what we permute
@@ -565,7 +570,7 @@ class _Progress:
 
 def gguf_weights(gf: GGUFFile, cfg: ModelConfig, precision: str = "fp32", show_progress: bool = False
                  ) -> dict[str, np.ndarray]:
-    """Weights under our names (q/k unpermuted for llama), converted tensor by tensor as
+    """Weights under our names (q/k unpermuted for llama and granite), converted tensor by tensor as
     `precision` says (GGUF_PRECISIONS; fp32: the file's values exactly, widened)."""
     if precision not in GGUF_PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(GGUF_PRECISIONS)}, not {precision!r}")

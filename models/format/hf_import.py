@@ -1,11 +1,13 @@
 """Import a Hugging Face model folder (config.json, *.safetensors, tokenizer.json) of the
-Llama, Qwen2, Mistral, StarCoder2 or Gemma family as a ModelSource with our parameter names.
+Llama, Qwen2, Mistral, StarCoder2, Gemma or Granite family as a ModelSource with our parameter
+names.
 
 Every family uses the same half-split RoPE layout as models/model.py, so q/k weights load
 unpermuted. What differs is a ModelConfig field each (hf_model_config): StarCoder2 has
 LayerNorm with a bias, a GELU MLP without a gate and biases everywhere; Gemma a GeGLU MLP,
 embeddings scaled by sqrt(dim) and RMSNorm by (1 + weight), which is stored here as the
-plain RMSNorm weight 1 + weight (llama.cpp's converter does the same). Weights come from
+plain RMSNorm weight 1 + weight (llama.cpp's converter does the same); Granite is Llama with
+four multipliers (embeddings, attention scores, residual branches, logits). Weights come from
 safetensors only; pickle checkpoints are refused.
 """
 
@@ -22,7 +24,7 @@ from .config import ModelConfig
 from .folder import ModelLoadError, param_shapes, read_safetensors
 from .source import ModelSource
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "starcoder2", "gemma")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "starcoder2", "gemma", "granite")
 MAX_SEQ_LEN_CAP = 32768  # longer contexts than this are not useful for completion on a laptop
 
 # FIM sentinels of public code models, all trained prefix-suffix-middle (PSM):
@@ -182,7 +184,7 @@ def _activation(meta: dict) -> str:
     if act not in _ACTIVATIONS:
         raise ModelLoadError(f"hidden_act {act!r} is not supported ({', '.join(_ACTIVATIONS)})")
     kind = _ACTIVATIONS[act]
-    if model_type in ("llama", "qwen2", "mistral") and kind != "silu":
+    if model_type in ("llama", "qwen2", "mistral", "granite") and kind != "silu":
         raise ModelLoadError(f"hidden_act {act!r} on a {model_type} model is not supported (SwiGLU with silu only)")
     return kind
 
@@ -201,6 +203,11 @@ def _family_fields(meta: dict) -> dict:
     if model_type == "gemma":
         fields["embedding_scale"] = float(meta["hidden_size"]) ** 0.5
         fields["mlp_bias"] = False
+    if model_type == "granite":
+        fields.update(embedding_scale=float(meta.get("embedding_multiplier", 1.0)),
+                      attention_scale=float(meta.get("attention_multiplier", 1.0)),
+                      residual_scale=float(meta.get("residual_multiplier", 1.0)),
+                      logits_divisor=float(meta.get("logits_scaling", 1.0)))
     return fields
 
 
