@@ -66,6 +66,8 @@ def rope_tables(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor
     """cos, sin of shape (T, D/2) for the given absolute positions (half-split layout)."""
     half = cfg.head_dim // 2
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, half, device=positions.device, dtype=torch.float32) / half))
+    if cfg.rope_linear_factor != 1.0:  # as transformers applies linear scaling: to the frequencies
+        inv_freq = inv_freq / cfg.rope_linear_factor
     angles = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
     return angles.cos(), angles.sin()
 

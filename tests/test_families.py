@@ -481,3 +481,78 @@ def test_engine_completes_with_the_family_fim_prompt(case, source_kind):
     completion = engine.complete(request)
     assert completion.tokens_generated > 0 and completion.prefill_new_tokens == len(tokens)
     assert all(isinstance(c.text, str) and c.stop_reason for c in completion.candidates)
+
+
+# ---------------------------------------------------------------- llama.cpp itself, where it is built
+
+
+@pytest.fixture(scope="module")
+def llama_server():
+    """A llama-server binary ($CODECOMPLETE_LLAMA_SERVER, the one `bench llamaserver` built, or
+    on PATH); the test is skipped without one (CI)."""
+    from codecomplete.bench.llamaserver import default_server_binary
+
+    binary = os.environ.get("CODECOMPLETE_LLAMA_SERVER") or default_server_binary()
+    if not binary or not os.access(binary, os.X_OK):
+        pytest.skip("no llama-server binary (codecomplete/bench/build_llama_server.sh builds one)")
+    return binary
+
+
+def test_llama_cpp_reads_the_files_as_we_do(case, llama_server, tmp_path):
+    """The GGUF files these tests write, run by llama.cpp: the same tokens and the same
+    next-token log-probabilities (its top 5) as our model of the file, so the files are
+    what llama.cpp's converter makes and we read them as llama.cpp does."""
+    from codecomplete.bench.llamaserver import free_port, post_json, start_server
+
+    _, gguf_path, _, family = case
+    source = load_gguf(gguf_path, precision="fp32")
+    ours = build_torch_model(source)
+    port = free_port()
+    server = start_server([llama_server, "-m", str(gguf_path), "--host", "127.0.0.1", "--port", str(port),
+                           "-c", "512", "-t", "1", "-np", "1"], port, tmp_path)
+    try:
+        tokens = post_json(f"{server.url}/tokenize", {"content": PROMPT, "add_special": True})["tokens"]
+        assert tokens == _ids(source)
+        compared = 0
+        for end in range(len(tokens), len(tokens) - 8, -1):  # a prompt whose next token is whole UTF-8
+            answer = post_json(f"{server.url}/completion", {"prompt": tokens[:end], "n_predict": 1, "n_probs": 5,
+                                                            "temperature": 0, "cache_prompt": False})
+            if "completion_probabilities" not in answer:
+                continue
+            with torch.no_grad():
+                logprobs = torch.log_softmax(ours(torch.tensor([tokens[:end]]))[0, -1], -1).numpy()
+            top = answer["completion_probabilities"][0]["top_logprobs"]
+            assert top[0]["id"] == logprobs.argmax()
+            for entry in top:
+                assert abs(entry["logprob"] - logprobs[entry["id"]]) < 2e-3, (family, entry)  # its KV cache is float16
+            compared += 1
+        assert compared
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------- CUDA (the GPU machine only)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+def test_cuda_runtime_matches_transformers(case):
+    """The torch runtime on CUDA (the Triton decode kernel where triton is there), fp32."""
+    folder, _, model, _ = case
+    rt = load_runtime(str(folder), runtime="torch", device="cuda", precision="fp32")
+    ids = _ids(load_hf_folder(folder))
+    want = hf_logits(model, ids)
+    for k, logits in enumerate(_prefill_and_decode(rt, ids, 5)):
+        assert np.abs(logits - want[len(ids) - 6 + k]).max() < 1e-3, k
+
+
+@cuda
+def test_cuda_runtime_honours_the_window(windowed):
+    folder, _, model = windowed
+    source = load_hf_folder(folder)
+    ids = _ids(source)
+    want = hf_logits(model, ids)
+    rt = TorchRuntime(source, device="cuda", precision="fp32")
+    for k, logits in enumerate(_prefill_and_decode(rt, ids, WINDOW + 4)):
+        assert np.abs(logits - want[len(ids) - WINDOW - 5 + k]).max() < 1e-3, k

@@ -397,3 +397,35 @@ def test_sentencepiece_vocabulary_matches_transformers(tmp_path):
     assert (cfg.fim_prefix_id, cfg.fim_suffix_id, cfg.fim_middle_id) == tuple(
         tok.token_id(t) for t in ("▁<PRE>", "▁<SUF>", "▁<MID>"))
     assert tok.token_bytes[cfg.fim_prefix_id] == b""
+
+
+def test_linear_rope_scaling_and_the_deepseek_coder_split(tmp_path, monkeypatch):
+    """DeepSeek-Coder's GGUF: llama with rope.scaling linear x4 and pre-tokenizer deepseek-coder."""
+    from transformers import AutoModelForCausalLM
+
+    plain_writer = gguf_writer
+
+    def scaled_writer(path, arch, hf_cfg):
+        w = plain_writer(path, arch, hf_cfg)
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(4.0)
+        return w
+
+    monkeypatch.setitem(globals(), "gguf_writer", scaled_writer)
+    path = write_gguf(tmp_path / "ds.gguf", "llama", False, "deepseek-coder", seed=2, all_f32=True)
+    source = load_gguf(path, cache=False, precision="fp32")
+    assert source.config.rope_linear_factor == 4.0
+    text = "x=1234567\r\nfoo.bar(baz)  # 中文한국어!!?\n\n\tend"
+    ids = source.tokenizer.encode(text)
+    assert source.tokenizer.decode(ids) == text
+    assert [source.tokenizer.decode([i]) for i in ids[2:9]] == list("1234567")  # single digits
+    plain = tiny_hf_model("llama", source.config.vocab_size, tie=False, seed=2)
+    cfg = plain.config
+    cfg.rope_parameters = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+    scaled = AutoModelForCausalLM.from_config(cfg).float().eval()
+    scaled.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        want = scaled(torch.tensor([ids])).logits[0].numpy()
+        got = build_torch_model(source)(torch.tensor([ids]))[0].numpy()
+        unscaled = plain(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(got - want).max() < 1e-4 < np.abs(got - unscaled).max()

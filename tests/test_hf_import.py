@@ -222,7 +222,7 @@ def test_pickle_checkpoint_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("scaling", [{"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0},
-                                     {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}])
+                                     {"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0}])
 def test_unsupported_rope_scaling_is_a_clear_error(tmp_path, scaling):
     write_hf_folder(tmp_path, "llama", tie=False)
     meta = json.loads((tmp_path / "config.json").read_text())
@@ -231,6 +231,19 @@ def test_unsupported_rope_scaling_is_a_clear_error(tmp_path, scaling):
     (tmp_path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ModelLoadError, match="rope scaling"):
         load_hf_folder(tmp_path)
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+def test_linear_rope_scaling_matches_transformers(tmp_path, runtime):
+    """DeepSeek-Coder 1.3B/6.7B/33B are llama checkpoints with linear RoPE scaling (factor 4)."""
+    hf_model = write_hf_folder(tmp_path, "llama", tie=False, rope_theta=100000.0,
+                               rope_scaling={"rope_type": "linear", "factor": 4.0})
+    rt = load_runtime(str(tmp_path), runtime=runtime, precision="fp32")
+    assert (rt.config.rope_linear_factor, rt.config.rope_theta) == (4.0, 100000.0)
+    ids = rt.tokenizer.encode(PROMPT)
+    want = _hf_logits(hf_model, ids)
+    _, last = rt.prefill(ids)
+    assert np.abs(last - want[-1]).max() < 1e-4
 
 
 def test_old_style_rope_theta_is_read(tmp_path):

@@ -350,6 +350,8 @@ def rope_tables(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     half = cfg.head_dim // 2
     exponent = np.arange(0, half, dtype=np.float32) / np.float32(half)
     inv_freq = (np.float32(1.0) / (np.float32(cfg.rope_theta) ** exponent)).astype(np.float32)
+    if cfg.rope_linear_factor != 1.0:
+        inv_freq = (inv_freq / np.float32(cfg.rope_linear_factor)).astype(np.float32)
     angles = np.arange(cfg.max_seq_len, dtype=np.float32)[:, None] * inv_freq[None, :]
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 

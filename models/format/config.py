@@ -21,6 +21,7 @@ class ModelConfig:
     ffn_dim: int = 1408
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
+    rope_linear_factor: float = 1.0  # linear RoPE scaling: positions divided by this (DeepSeek-Coder: 4)
     norm_eps: float = 1e-5
     qkv_bias: bool = False  # Qwen2 has biases on q, k, v
     tie_embeddings: bool = True
@@ -67,6 +68,8 @@ class ModelConfig:
             raise ValueError(f"norm_kind must be one of {', '.join(NORM_KINDS)}, not {self.norm_kind!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, not {self.activation!r}")
+        if self.rope_linear_factor <= 0:
+            raise ValueError(f"rope_linear_factor must be positive, not {self.rope_linear_factor}")
         if self.attention_scale < 0 or self.residual_scale <= 0 or self.logits_divisor <= 0:
             raise ValueError("attention_scale must be >= 0 (0: 1 / sqrt(head_dim)), residual_scale and "
                              "logits_divisor positive")

@@ -114,6 +114,8 @@ PRE_TOKENIZER_SPLITS: dict[str, list[str]] = {
     "smaug-bpe": [_LLAMA3_SPLIT],
     "starcoder": [r"\p{N}", _GPT2_SPLIT],  # single digits, then GPT-2's split
     "refact": [r"\p{N}", _GPT2_SPLIT],  # llama.cpp splits Granite's (and Refact's) as StarCoder's
+    # DeepSeek-Coder (v1): newlines, letters, punctuation, CJK runs and single digits apart
+    "deepseek-coder": [r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+", r"\p{N}"],
 }
 _IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3", "smaug-bpe"}  # whole words in the vocabulary skip the merges
 _NFC = {"qwen2", "deepseek-r1-qwen"}
@@ -419,9 +421,10 @@ def gguf_model_config(gf: GGUFFile, facts: TokenFacts) -> ModelConfig:
 
     if "rope_freqs.weight" in gf.tensors:
         raise ModelLoadError(f"{gf.path}: Llama 3.1-style rope frequency scaling is not supported yet")
-    scaling = gf.get(f"{arch}.rope.scaling.type", "none")
-    factor = float(gf.get(f"{arch}.rope.scaling.factor", 1.0) or 1.0)
-    if scaling not in ("none", "linear") or (scaling == "linear" and factor != 1.0):
+    old_linear = gf.get(f"{arch}.rope.scale_linear")  # the key before rope.scaling.* (older files)
+    scaling = gf.get(f"{arch}.rope.scaling.type", "linear" if old_linear else "none")
+    factor = float(gf.get(f"{arch}.rope.scaling.factor", old_linear or 1.0) or 1.0)
+    if scaling not in ("none", "linear"):
         raise ModelLoadError(f"{gf.path}: rope scaling {scaling!r} (factor {factor}) is not supported yet")
     dim, n_heads = int(key("embedding_length")), int(key("attention.head_count"))
     head_dim = int(key("attention.key_length", dim // n_heads))
@@ -450,6 +453,7 @@ def gguf_model_config(gf: GGUFFile, facts: TokenFacts) -> ModelConfig:
         ffn_dim=int(key("feed_forward_length")),
         max_seq_len=max_len,
         rope_theta=float(key("rope.freq_base", 10000.0)),
+        rope_linear_factor=factor if scaling == "linear" else 1.0,
         norm_eps=eps,
         qkv_bias="blk.0.attn_q.bias" in gf.tensors,
         wo_bias="blk.0.attn_output.bias" in gf.tensors,

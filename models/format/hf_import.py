@@ -132,20 +132,23 @@ def _read_json(path: Path) -> dict:
         raise ModelLoadError(f"{path}: not valid JSON ({e})") from e
 
 
-def _rope_theta_and_max_len(meta: dict, max_len: int) -> tuple[float, int]:
-    """rope_theta, and max_seq_len after scaling rules; unsupported scaling is an error."""
+def _rope_theta_and_max_len(meta: dict, max_len: int) -> tuple[float, int, float]:
+    """rope_theta, max_seq_len after scaling rules, and the linear scaling factor (1: none);
+    unsupported scaling is an error."""
     params = meta.get("rope_parameters") or {}  # transformers >= 5 keeps rope facts here
     theta = float(meta.get("rope_theta") or params.get("rope_theta") or 10000.0)
     scaling = meta.get("rope_scaling") or params
     kind = scaling.get("rope_type") or scaling.get("type") or "default"
     factor = float(scaling.get("factor") or 1.0)
-    if kind == "default" or (kind == "linear" and factor == 1.0):
-        return theta, max_len
+    if kind == "default":
+        return theta, max_len, 1.0
+    if kind == "linear":  # DeepSeek-Coder 1.3B/6.7B/33B: factor 4 over 16k positions
+        return theta, max_len, factor
     if kind == "dynamic":  # dynamic NTK changes nothing up to the original length
         original = scaling.get("original_max_position_embeddings") or meta.get("max_position_embeddings")
-        return theta, min(max_len, int(original or max_len))
+        return theta, min(max_len, int(original or max_len)), 1.0
     raise ModelLoadError(f"rope scaling {kind!r} (factor {factor}) is not supported yet; "
-                         "models/model.py implements plain RoPE only")
+                         "models/model.py implements plain and linearly scaled RoPE only")
 
 
 def _sliding_window(meta: dict) -> tuple[int, bool]:
@@ -224,7 +227,7 @@ def hf_model_config(meta: dict, vocab_size: int, facts: TokenFacts) -> ModelConf
     n_heads = int(meta["num_attention_heads"])
     dim = int(meta["hidden_size"])
     max_len = int(meta.get("max_position_embeddings") or 4096)
-    theta, max_len = _rope_theta_and_max_len(meta, max_len)
+    theta, max_len, rope_factor = _rope_theta_and_max_len(meta, max_len)
     window, every_layer = _sliding_window(meta)
     if window and not every_layer:  # some layers windowed, some not: a context within the window is exact
         max_len, window = min(max_len, window), 0
@@ -240,6 +243,7 @@ def hf_model_config(meta: dict, vocab_size: int, facts: TokenFacts) -> ModelConf
         ffn_dim=int(meta["intermediate_size"]),
         max_seq_len=min(max_len, MAX_SEQ_LEN_CAP),
         rope_theta=theta,
+        rope_linear_factor=rope_factor,
         tie_embeddings=bool(meta.get("tie_word_embeddings", model_type in ("gemma", "starcoder2"))),
         sliding_window=window if window < min(max_len, MAX_SEQ_LEN_CAP) else 0,
         align_back_off="fixed",  # see ModelConfig.align_back_off
