@@ -69,11 +69,13 @@ class Runtime(abc.ABC):
     batch_attention: str = "bifurcated"   # or "plain": how decode_many attends a request's context
 
     @abc.abstractmethod
-    def prefill(self, tokens: Sequence[int], previous: ContextState | None = None
-                ) -> tuple[ContextState, np.ndarray]:
+    def prefill(self, tokens: Sequence[int], previous: ContextState | None = None, *,
+                capacity_tokens: int | None = None) -> tuple[ContextState, np.ndarray]:
         """Compute the context KV for `tokens`, reusing the longest common prefix with
         `previous` (which the call may consume). Returns the state and the last
-        token's logits (V,) float32."""
+        token's logits (V,) float32. capacity_tokens: the length the context will grow to
+        (a chunked prefill's final prompt), so the first chunk's cache holds them all;
+        a hint, which a runtime may ignore."""
 
     @abc.abstractmethod
     def start_branches(self, context: ContextState, n: int, max_new_tokens: int) -> BranchState:
