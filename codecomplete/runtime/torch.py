@@ -136,12 +136,34 @@ class TorchRuntime(Runtime):
         from . import torch_graphs
 
         if device == "cuda" and torch_graphs.varlen_supported(self):
-            self.varlen = torch_graphs.VarlenDecoder(self, max_request_rows)
+            self.varlen = torch_graphs.VarlenDecoder(self, min(max_request_rows, max_batch_rows))
             if cuda_graphs is None or cuda_graphs:
                 self.graphs = torch_graphs.DecodeGraphs(self.varlen, max_batch_rows)
                 self.graphs.capture_all()  # at load, so that no keystroke pays capture or compile
         elif cuda_graphs:
             raise ValueError("cuda_graphs needs device 'cuda', a float precision (fp32, bf16, fp16) and triton")
+        self.warm_up_s = self.warm_up() if device == "cuda" else 0.0
+
+    @torch.inference_mode()
+    def warm_up(self) -> float:
+        """Run each kind of call once on a throwaway prompt, so that the first keystroke
+        compiles no kernel: Triton specialises on whether a length is 1 or a multiple of
+        16, so prefill runs with new-token counts of each kind. Returns the seconds taken."""
+        import time
+
+        t0 = time.perf_counter()
+        vocab = self.config.vocab_size
+        prompt = [i % vocab for i in range(7, 7 + 49)]
+        state, _ = self.prefill(prompt[:29])
+        for end in (30, 46, 49):  # 1, 16, then 3 new tokens
+            state, _ = self.prefill(prompt[:end], state)
+        for n in (1, 2, 4, 8, 16):  # the kernels' block sizes for these row counts
+            branches = self.start_branches(state, n, 4)
+            for _ in range(3):
+                self.decode(state, branches, [1 % vocab] * n)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
 
     @classmethod
     def from_model(cls, model: Transformer, tokenizer=None, **kwargs) -> TorchRuntime:
