@@ -56,7 +56,8 @@ class VarlenDecoder:
         c = rt.config
         self.rt = rt
         self.max_request_rows = max_request_rows
-        self.sm_count = torch.cuda.get_device_properties(rt.device).multi_processor_count
+        cuda = rt.device.type == "cuda"  # elsewhere: Triton's interpreter, which the tests run it through
+        self.sm_count = torch.cuda.get_device_properties(rt.device).multi_processor_count if cuda else 4
         shape = (c.n_layers, 1, c.n_kv_heads, 1, c.head_dim)  # where padding rows write their keys
         self.scratch_k = torch.zeros(shape, dtype=rt.dtype, device=rt.device)
         self.scratch_v = torch.zeros(shape, dtype=rt.dtype, device=rt.device)
@@ -88,12 +89,13 @@ class VarlenDecoder:
 
         return self.rt.model.decode_rows(meta[TOKEN], meta[POSITION], attend).float()
 
-    def run(self, steps: Sequence[DecodeStep]) -> list[np.ndarray]:
-        """One step for all requests, launched eagerly (no padding)."""
-        rows = sum(s.branches.n for s in steps)
-        meta = np.zeros((FIELDS, rows), dtype=np.int64)
+    def run(self, steps: Sequence[DecodeStep], slots: int | None = None) -> list[np.ndarray]:
+        """One step for all requests, launched eagerly; slots: pad the rows to this many
+        (as a graph's bucket does)."""
+        slots = slots or sum(s.branches.n for s in steps)
+        meta = np.zeros((FIELDS, slots), dtype=np.int64)
         fill_meta(meta, self.requests(steps), self.scratch_k, self.scratch_v, self.rt.batch_attention == "plain")
-        logits = self.step(torch.from_numpy(meta).to(self.rt.device), self.plan(rows)).cpu().numpy()
+        logits = self.step(torch.from_numpy(meta).to(self.rt.device), self.plan(slots)).cpu().numpy()
         return split_rows(logits, steps)
 
 
