@@ -59,22 +59,22 @@ FIELDS = 13
 if AVAILABLE:
 
     @triton.jit
-    def _online_tile(q, k_base, v_base, offs, hi, m_i, l_i, acc, scale, D: tl.constexpr):
+    def _online_tile(q, k_base, v_base, offs, hi, m_i, l_i, acc, scale, D: tl.constexpr, DOT: tl.constexpr):
         """One key tile into the running softmax state (m_i, l_i, acc)."""
         d = tl.arange(0, D)
         valid = offs < hi
         k = tl.load(k_base + offs[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT) * scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         v = tl.load(v_base + offs[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
-        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT)
 
     @triton.jit
     def _attend_range(q, k_base, v_base, lo, hi, scale, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                      D: tl.constexpr, USE_FOR: tl.constexpr):
+                      D: tl.constexpr, USE_FOR: tl.constexpr, DOT: tl.constexpr):
         """Online softmax of q [BLOCK_Q, D] over keys [lo, hi) (contiguous rows of D):
         (m, l, acc) unnormalised, m = -inf where the range is empty."""
         m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
@@ -83,12 +83,12 @@ if AVAILABLE:
         if USE_FOR:  # compiled: a for loop, which Triton software-pipelines
             for start in range(lo, hi, BLOCK_K):
                 m_i, l_i, acc = _online_tile(q, k_base, v_base, start + tl.arange(0, BLOCK_K), hi, m_i, l_i, acc,
-                                             scale, D)
+                                             scale, D, DOT)
         else:  # the interpreter: its runtime scalars cannot bound a Python range under numpy >= 2.4
             start = lo
             while start < hi:
                 m_i, l_i, acc = _online_tile(q, k_base, v_base, start + tl.arange(0, BLOCK_K), hi, m_i, l_i, acc,
-                                             scale, D)
+                                             scale, D, DOT)
                 start += BLOCK_K
         return m_i, l_i, acc
 
@@ -98,7 +98,7 @@ if AVAILABLE:
                         stride_pr, stride_ph, stride_ps, stride_lr, stride_lh,
                         slots, layer, n_splits, row_blocks, scale,
                         G: tl.constexpr, P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
-                        BLOCK_K: tl.constexpr, D: tl.constexpr, USE_FOR: tl.constexpr):
+                        BLOCK_K: tl.constexpr, D: tl.constexpr, USE_FOR: tl.constexpr, DOT: tl.constexpr):
         x = tl.program_id(0)
         g = tl.program_id(1)
         z = tl.program_id(2)
@@ -122,7 +122,7 @@ if AVAILABLE:
                 head_off = (layer * G + g) * tl.load(META + CONTEXT_CAP * slots + x) * D
                 k_base = tl.load(META + CONTEXT_K * slots + x).to(tl.pointer_type(elem)) + head_off
                 v_base = tl.load(META + CONTEXT_V * slots + x).to(tl.pointer_type(elem)) + head_off
-                m_i, l_i, acc = _attend_range(q, k_base, v_base, lo, hi, scale, BLOCK_Q, BLOCK_K, D, USE_FOR)
+                m_i, l_i, acc = _attend_range(q, k_base, v_base, lo, hi, scale, BLOCK_Q, BLOCK_K, D, USE_FOR, DOT)
                 l_safe = tl.where(l_i > 0, l_i, 1.0)
                 tl.store(PARTS + rows[:, None] * stride_pr + heads[:, None] * stride_ph + split * stride_ps + d[None, :],
                          acc / l_safe[:, None], mask=ok[:, None])
@@ -137,7 +137,7 @@ if AVAILABLE:
                 META + BRANCH_CAP * slots + x) * D
             k_base = tl.load(META + BRANCH_K * slots + x).to(tl.pointer_type(elem)) + head_off
             v_base = tl.load(META + BRANCH_V * slots + x).to(tl.pointer_type(elem)) + head_off
-            m_i, l_i, acc = _attend_range(q, k_base, v_base, 0, step, scale, BLOCK_P, BLOCK_K, D, USE_FOR)
+            m_i, l_i, acc = _attend_range(q, k_base, v_base, 0, step, scale, BLOCK_P, BLOCK_K, D, USE_FOR, DOT)
             k_cur = tl.load(KN + x * stride_knr + g * stride_kng + d)
             v_cur = tl.load(VN + x * stride_vnr + g * stride_vng + d)
             s_cur = tl.sum(q.to(tl.float32) * k_cur.to(tl.float32)[None, :], 1) * scale
@@ -225,7 +225,7 @@ def varlen_bifurcated_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: tor
         parts.stride(0), parts.stride(1), parts.stride(2), lse.stride(0), lse.stride(1),
         slots, layer, s, plan.row_blocks, scale,
         G=g, P=p, BLOCK_Q=plan.block_q, BLOCK_P=max(16, next_pow2(p)), BLOCK_K=block_k, D=d,
-        USE_FOR=q.is_cuda, num_warps=4 if plan.block_q <= 32 else 8)
+        USE_FOR=q.is_cuda, DOT="ieee" if q.dtype == torch.float32 else None, num_warps=4 if plan.block_q <= 32 else 8)
     out = torch.empty(slots, h, d, device=q.device, dtype=q.dtype)
     _combine_kernel[(slots, h)](
         parts, lse, out, parts.stride(0), parts.stride(1), parts.stride(2), lse.stride(0), lse.stride(1),

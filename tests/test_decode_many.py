@@ -9,12 +9,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from codecomplete.bench.decode import batched_against_alone as run_batched_and_alone  # noqa: E402
 from codecomplete.models.format.config import ModelConfig  # noqa: E402
 from codecomplete.models.model import Transformer  # noqa: E402
 from codecomplete.runtime.base import DecodeStep, Runtime  # noqa: E402
 from codecomplete.runtime.torch import TorchRuntime  # noqa: E402
-
-MAX_NEW = 12
 
 
 def random_runtime(seed: int, kv_heads: int, bias: bool, **kwargs) -> TorchRuntime:
@@ -26,57 +25,6 @@ def random_runtime(seed: int, kv_heads: int, bias: bool, **kwargs) -> TorchRunti
         for name, p in model.named_parameters():
             p.normal_(1.0, 0.1) if name.endswith("norm.weight") else p.normal_(0.0, 0.1)
     return TorchRuntime.from_model(model, **kwargs)
-
-
-def build_requests(rt: TorchRuntime, seed: int, count: int) -> list[list]:
-    """[context, branches] per request after a random history: some decode steps, then
-    select_branches, adopt (the context grows along a branch) or branch_from. The same
-    seed gives the same requests on any runtime over the same model."""
-    rng = np.random.default_rng(seed)
-    vocab = rt.config.vocab_size
-    out = []
-    for _ in range(count):
-        state, _ = rt.prefill(rng.integers(0, vocab, int(rng.integers(1, 70))).tolist())
-        n = int(rng.integers(1, 6))
-        branches = rt.start_branches(state, n, MAX_NEW)
-        fed = []
-        for _ in range(int(rng.integers(0, 4))):
-            fed.append(rng.integers(0, vocab, n).tolist())
-            rt.decode(state, branches, fed[-1])
-        kind = rng.choice(["as is", "select", "adopt", "branch_from"])
-        if kind == "select" and n > 1:
-            keep = rng.permutation(n)[: int(rng.integers(1, n))].tolist()
-            branches = rt.select_branches(branches, keep)
-        elif kind == "adopt" and len(fed) >= 2:
-            row = int(rng.integers(0, n))
-            state = rt.adopt(state, branches, row, [f[row] for f in fed[1:]], start=1)
-            assert state is not None
-            branches = rt.start_branches(state, int(rng.integers(1, 6)), MAX_NEW)
-        elif kind == "branch_from" and fed:
-            rows = rng.integers(0, n, int(rng.integers(1, 5))).tolist()
-            branches = rt.branch_from(state, branches, rows, 0, len(fed), MAX_NEW)
-            assert branches is not None
-        out.append([state, branches])
-    return out
-
-
-def run_batched_and_alone(batched: TorchRuntime, alone: TorchRuntime, seed: int, count: int, steps: int):
-    """Random subsets of the requests step together through decode_many on one copy and
-    one by one through decode on the other; yields both logits for every request."""
-    together, single = build_requests(batched, seed, count), build_requests(alone, seed, count)
-    rng = np.random.default_rng(seed + 1000)
-    vocab = batched.config.vocab_size
-    for _ in range(steps):
-        open_ = [i for i, (_, b) in enumerate(together) if b.step < b.max_new_tokens]
-        chosen = [i for i in open_ if rng.random() < 0.7] or open_[:1]
-        if not chosen:
-            return
-        tokens = {i: rng.integers(0, vocab, together[i][1].n).tolist() for i in chosen}
-        outs = batched.decode_many([DecodeStep(*together[i], tokens[i]) for i in chosen])
-        for i, out in zip(chosen, outs, strict=True):
-            ref = alone.decode(*single[i], tokens[i])
-            assert together[i][1].step == single[i][1].step
-            yield out, ref
 
 
 @pytest.mark.parametrize("seed,kv_heads,bias", [(0, 4, False), (1, 2, True), (2, 1, False), (3, 2, False)])

@@ -88,12 +88,13 @@ class TorchRuntime(Runtime):
     def __init__(self, source: ModelSource | None, device: str = "cpu", precision: str = "auto",
                  attention: str | Callable = "auto", threads: int | None = None, model: Transformer | None = None,
                  batch_attention: str = "bifurcated", cuda_graphs: bool | None = None, max_batch_rows: int = 128,
-                 max_request_rows: int = 32):
+                 max_request_rows: int = 32, varlen: bool | None = None):
         """batch_attention: "bifurcated" reads each request's context once per layer for all its
         rows in decode_many, "plain" once per row (the baseline). cuda_graphs (CUDA): decode
         through CUDA graphs captured at load for batches of up to max_batch_rows rows, each
         request at most max_request_rows (None: on wherever they can run: CUDA, a float
-        precision, Triton)."""
+        precision, Triton). varlen (CUDA): the batched step's attention as one varlen kernel
+        per layer (None: where graphs can run; False: a loop over the requests, as on CPU)."""
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' asked for, but torch sees no CUDA device")
         if precision == "auto":
@@ -135,13 +136,16 @@ class TorchRuntime(Runtime):
         self.varlen = None  # torch_graphs.VarlenDecoder: the batched step on CUDA (one kernel per layer)
         from . import torch_graphs
 
-        if device == "cuda" and torch_graphs.varlen_supported(self):
+        if varlen is False and cuda_graphs:
+            raise ValueError("cuda_graphs replay the varlen step: they need varlen")
+        if device == "cuda" and torch_graphs.varlen_supported(self) and varlen is not False:
             self.varlen = torch_graphs.VarlenDecoder(self, min(max_request_rows, max_batch_rows))
             if cuda_graphs is None or cuda_graphs:
                 self.graphs = torch_graphs.DecodeGraphs(self.varlen, max_batch_rows)
                 self.graphs.capture_all()  # at load, so that no keystroke pays capture or compile
-        elif cuda_graphs:
-            raise ValueError("cuda_graphs needs device 'cuda', a float precision (fp32, bf16, fp16) and triton")
+        elif cuda_graphs or varlen:
+            raise ValueError("cuda_graphs and varlen need device 'cuda', a float precision (fp32, bf16, fp16), "
+                             "a power-of-two head size and triton")
         self.warm_up_s = self.warm_up() if device == "cuda" else 0.0
 
     @torch.inference_mode()

@@ -52,10 +52,12 @@ def row_buckets(max_rows: int) -> list[int]:
 class VarlenDecoder:
     """The batched decode step over a runtime's model (eager: launched from Python)."""
 
-    def __init__(self, rt, max_request_rows: int):
+    def __init__(self, rt, max_request_rows: int, pad_rows: bool = False):
+        """pad_rows: run() pads each batch to a power of two of rows, as the graphs do."""
         c = rt.config
         self.rt = rt
         self.max_request_rows = max_request_rows
+        self.pad_rows = pad_rows
         cuda = rt.device.type == "cuda"  # elsewhere: Triton's interpreter, which the tests run it through
         self.sm_count = torch.cuda.get_device_properties(rt.device).multi_processor_count if cuda else 4
         shape = (c.n_layers, 1, c.n_kv_heads, 1, c.head_dim)  # where padding rows write their keys
@@ -92,7 +94,8 @@ class VarlenDecoder:
     def run(self, steps: Sequence[DecodeStep], slots: int | None = None) -> list[np.ndarray]:
         """One step for all requests, launched eagerly; slots: pad the rows to this many
         (as a graph's bucket does)."""
-        slots = slots or sum(s.branches.n for s in steps)
+        rows = sum(s.branches.n for s in steps)
+        slots = slots or (1 << (rows - 1).bit_length() if self.pad_rows else rows)
         meta = np.zeros((FIELDS, slots), dtype=np.int64)
         fill_meta(meta, self.requests(steps), self.scratch_k, self.scratch_v, self.rt.batch_attention == "plain")
         logits = self.step(torch.from_numpy(meta).to(self.rt.device), self.plan(slots)).cpu().numpy()
