@@ -125,7 +125,7 @@ def random_torch_model(cfg: ModelConfig, device: str = "cuda", dtype: str = "bf1
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, std, generator=gen)
-    return model.eval()
+    return model.requires_grad_(False).eval()
 
 
 def standin_tokenizer(cfg: ModelConfig):

@@ -57,6 +57,18 @@ FIELDS = 13
 
 
 if AVAILABLE:
+    # the meta rows as constexpr globals: a kernel may read no other kind of global
+    _N_ROWS = tl.constexpr(N_ROWS)
+    _ROW_START = tl.constexpr(ROW_START)
+    _CONTEXT_LEN = tl.constexpr(CONTEXT_LEN)
+    _CONTEXT_CAP = tl.constexpr(CONTEXT_CAP)
+    _CONTEXT_K = tl.constexpr(CONTEXT_K)
+    _CONTEXT_V = tl.constexpr(CONTEXT_V)
+    _STEP = tl.constexpr(STEP)
+    _BRANCH_LAYER_STRIDE = tl.constexpr(BRANCH_LAYER_STRIDE)
+    _BRANCH_CAP = tl.constexpr(BRANCH_CAP)
+    _BRANCH_K = tl.constexpr(BRANCH_K)
+    _BRANCH_V = tl.constexpr(BRANCH_V)
 
     @triton.jit
     def _online_tile(q, k_base, v_base, offs, hi, m_i, l_i, acc, scale, D: tl.constexpr, DOT: tl.constexpr):
@@ -107,21 +119,21 @@ if AVAILABLE:
         if z < n_splits * row_blocks:  # a slice of request slot x's context, for a block of its rows
             split = z // row_blocks
             first = (z % row_blocks) * BLOCK_Q
-            n_query = tl.load(META + N_ROWS * slots + x) * P
+            n_query = tl.load(META + _N_ROWS * slots + x) * P
             if first < n_query:
                 local = first + tl.arange(0, BLOCK_Q)
                 ok = local < n_query
-                rows = tl.load(META + ROW_START * slots + x) + local // P
+                rows = tl.load(META + _ROW_START * slots + x) + local // P
                 heads = g * P + local % P
                 q = tl.load(Q + rows[:, None] * stride_qr + heads[:, None] * stride_qh + d[None, :],
                             mask=ok[:, None], other=0.0)
-                length = tl.load(META + CONTEXT_LEN * slots + x)
+                length = tl.load(META + _CONTEXT_LEN * slots + x)
                 chunk = tl.cdiv(tl.cdiv(length, n_splits), BLOCK_K) * BLOCK_K
                 lo = split * chunk
                 hi = tl.minimum(lo + chunk, length)
-                head_off = (layer * G + g) * tl.load(META + CONTEXT_CAP * slots + x) * D
-                k_base = tl.load(META + CONTEXT_K * slots + x).to(tl.pointer_type(elem)) + head_off
-                v_base = tl.load(META + CONTEXT_V * slots + x).to(tl.pointer_type(elem)) + head_off
+                head_off = (layer * G + g) * tl.load(META + _CONTEXT_CAP * slots + x) * D
+                k_base = tl.load(META + _CONTEXT_K * slots + x).to(tl.pointer_type(elem)) + head_off
+                v_base = tl.load(META + _CONTEXT_V * slots + x).to(tl.pointer_type(elem)) + head_off
                 m_i, l_i, acc = _attend_range(q, k_base, v_base, lo, hi, scale, BLOCK_Q, BLOCK_K, D, USE_FOR, DOT)
                 l_safe = tl.where(l_i > 0, l_i, 1.0)
                 tl.store(PARTS + rows[:, None] * stride_pr + heads[:, None] * stride_ph + split * stride_ps + d[None, :],
@@ -132,11 +144,11 @@ if AVAILABLE:
             ok = p < P
             heads = g * P + p
             q = tl.load(Q + x * stride_qr + heads[:, None] * stride_qh + d[None, :], mask=ok[:, None], other=0.0)
-            step = tl.load(META + STEP * slots + x)
-            head_off = layer * tl.load(META + BRANCH_LAYER_STRIDE * slots + x) + g * tl.load(
-                META + BRANCH_CAP * slots + x) * D
-            k_base = tl.load(META + BRANCH_K * slots + x).to(tl.pointer_type(elem)) + head_off
-            v_base = tl.load(META + BRANCH_V * slots + x).to(tl.pointer_type(elem)) + head_off
+            step = tl.load(META + _STEP * slots + x)
+            head_off = layer * tl.load(META + _BRANCH_LAYER_STRIDE * slots + x) + g * tl.load(
+                META + _BRANCH_CAP * slots + x) * D
+            k_base = tl.load(META + _BRANCH_K * slots + x).to(tl.pointer_type(elem)) + head_off
+            v_base = tl.load(META + _BRANCH_V * slots + x).to(tl.pointer_type(elem)) + head_off
             m_i, l_i, acc = _attend_range(q, k_base, v_base, 0, step, scale, BLOCK_P, BLOCK_K, D, USE_FOR, DOT)
             k_cur = tl.load(KN + x * stride_knr + g * stride_kng + d)
             v_cur = tl.load(VN + x * stride_vnr + g * stride_vng + d)
