@@ -93,8 +93,9 @@ class TorchRuntime(Runtime):
         rows in decode_many, "plain" once per row (the baseline). cuda_graphs (CUDA): decode
         through CUDA graphs captured at load for batches of up to max_batch_rows rows, each
         request at most max_request_rows (None: on wherever they can run: CUDA, a float
-        precision, Triton). varlen (CUDA): the batched step's attention as one varlen kernel
-        per layer (None: where graphs can run; False: a loop over the requests, as on CPU)."""
+        precision, Triton, attention "auto"; a named attention is decoded with that function,
+        eagerly). varlen (CUDA): the batched step's attention as one varlen kernel per layer
+        (None: as cuda_graphs; False: a loop over the requests, as on CPU)."""
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' asked for, but torch sees no CUDA device")
         if precision == "auto":
@@ -102,6 +103,7 @@ class TorchRuntime(Runtime):
         if precision not in ("fp32", "bf16", "fp16", "int8"):
             raise ValueError(f"unknown precision {precision!r} (fp32, bf16, fp16, int8)")
         triton_ok = device == "cuda" and bifurcated_triton.AVAILABLE
+        chosen_attention = attention != "auto"  # a named decode attention is what decode must run (benchmarks)
         if attention == "auto":  # the Triton kernel on CUDA when Triton is there (it is with CUDA torch)
             attention = "bifurcated-triton" if triton_ok else "bifurcated"
         if not callable(attention) and attention not in ATTENTION_MODES:  # a function: a reference variant
@@ -138,6 +140,10 @@ class TorchRuntime(Runtime):
 
         if varlen is False and cuda_graphs:
             raise ValueError("cuda_graphs replay the varlen step: they need varlen")
+        if varlen is None:
+            varlen = None if not chosen_attention or cuda_graphs else False
+        if cuda_graphs is None:
+            cuda_graphs = None if not chosen_attention else False
         if device == "cuda" and torch_graphs.varlen_supported(self) and varlen is not False:
             self.varlen = torch_graphs.VarlenDecoder(self, min(max_request_rows, max_batch_rows))
             if cuda_graphs is None or cuda_graphs:
