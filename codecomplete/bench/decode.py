@@ -205,16 +205,21 @@ def check_decode_many(batched, alone, seeds=(0, 1), tol: float = 1e-4) -> dict:
 
 def check_varlen_decoder_cpu(seed: int = 0) -> dict:
     """The CUDA step's code on CPU through Triton's interpreter (TRITON_INTERPRET=1): a CPU
-    runtime given a VarlenDecoder (padding its batches as the graphs do) against the loop."""
+    runtime given a VarlenDecoder (padding its batches as the graphs do), then DecodeGraphs
+    with its replays emulated (buckets of up to 8 rows: batches split), against the loop."""
     from codecomplete.runtime.torch import TorchRuntime
-    from codecomplete.runtime.torch_graphs import VarlenDecoder
+    from codecomplete.runtime.torch_graphs import DecodeGraphs, VarlenDecoder
 
     model = tiny_model(seed, n_layers=1, dim=64, ffn_dim=64, vocab_size=97)
     result = {}
-    for attention in ("bifurcated", "plain"):
+    for attention, graphs in (("bifurcated", False), ("plain", False), ("bifurcated", True)):
         batched = TorchRuntime.from_model(model, batch_attention=attention)
         batched.varlen = VarlenDecoder(batched, 8, pad_rows=True)
-        result[attention] = check_decode_many(batched, TorchRuntime.from_model(model), seeds=(seed,))
+        if graphs:
+            batched.graphs = DecodeGraphs(batched.varlen, 8, emulate=True)
+            batched.graphs.capture_all()
+        name = attention + (" through DecodeGraphs (emulated)" if graphs else "")
+        result[name] = check_decode_many(batched, TorchRuntime.from_model(model), seeds=(seed,))
     return result
 
 

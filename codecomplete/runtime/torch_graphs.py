@@ -112,10 +112,10 @@ def split_rows(logits: np.ndarray, steps: Sequence[DecodeStep]) -> list[np.ndarr
 
 
 class _Captured:
-    """One bucket's graph and its static tensors."""
+    """One bucket's graph (its replay) and its static tensors."""
 
-    def __init__(self, graph, meta_host, meta_dev, logits_dev, logits_host):
-        self.graph, self.meta_host, self.meta_dev = graph, meta_host, meta_dev
+    def __init__(self, replay, meta_host, meta_dev, logits_dev, logits_host):
+        self.replay, self.meta_host, self.meta_dev = replay, meta_host, meta_dev
         self.logits_dev, self.logits_host = logits_dev, logits_host
         self.meta_np = meta_host.numpy()  # the pinned buffer, written in place each step
 
@@ -123,13 +123,17 @@ class _Captured:
 class DecodeGraphs:
     """VarlenDecoder.step captured per bucket of rows; run() replays them."""
 
-    def __init__(self, varlen: VarlenDecoder, max_batch_rows: int):
+    def __init__(self, varlen: VarlenDecoder, max_batch_rows: int, emulate: bool = False):
+        """emulate: no CUDA graph, the step re-run eagerly into the same static tensors at
+        each replay (the tests run everything else of this class on CPU with it)."""
         if max_batch_rows < 1:
             raise ValueError("max_batch_rows must be at least 1")
         self.varlen = varlen
         self.max_rows = max_batch_rows
         self.buckets = row_buckets(max_batch_rows)
         self.captured: dict[int, _Captured] = {}
+        self.emulate = emulate
+        self.cuda = varlen.rt.device.type == "cuda"
         self.pool = None
         self.capture_s = 0.0  # how long capture_all took (compile, warm-up and capture)
 
@@ -138,10 +142,12 @@ class DecodeGraphs:
         import time
 
         t0 = time.perf_counter()
-        self.pool = torch.cuda.graph_pool_handle()
+        if not self.emulate:
+            self.pool = torch.cuda.graph_pool_handle()
         for slots in reversed(self.buckets):
             self.capture(slots)
-        torch.cuda.synchronize()
+        if self.cuda:
+            torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - t0
         log.info("captured decode graphs for %s rows in %.2f s", self.buckets, self.capture_s)
 
@@ -150,9 +156,15 @@ class DecodeGraphs:
         varlen = self.varlen
         device = varlen.rt.device
         plan = varlen.plan(slots)
-        meta_host = torch.zeros((FIELDS, slots), dtype=torch.int64, pin_memory=True)
+        meta_host = torch.zeros((FIELDS, slots), dtype=torch.int64, pin_memory=self.cuda)
         fill_meta(meta_host.numpy(), [], varlen.scratch_k, varlen.scratch_v)  # every row padding
-        meta_dev = meta_host.to(device)
+        meta_dev = meta_host.to(device, copy=True)
+        if self.emulate:
+            logits_dev = varlen.step(meta_dev, plan)
+            logits_host = torch.empty(logits_dev.shape, dtype=torch.float32, pin_memory=self.cuda)
+            self.captured[slots] = _Captured(lambda: logits_dev.copy_(varlen.step(meta_dev, plan)), meta_host,
+                                             meta_dev, logits_dev, logits_host)
+            return
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # compile the kernels and set up cuBLAS outside the capture
@@ -163,7 +175,7 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             logits_dev = varlen.step(meta_dev, plan)
         logits_host = torch.empty(logits_dev.shape, dtype=torch.float32, pin_memory=True)
-        self.captured[slots] = _Captured(graph, meta_host, meta_dev, logits_dev, logits_host)
+        self.captured[slots] = _Captured(graph.replay, meta_host, meta_dev, logits_dev, logits_host)
 
     def fits(self, steps: Sequence[DecodeStep]) -> bool:
         return self.varlen.fits(steps) and all(s.branches.n <= self.max_rows for s in steps)
@@ -188,8 +200,9 @@ class DecodeGraphs:
             cap = self.captured[slots]
             fill_meta(cap.meta_np, self.varlen.requests(group), self.varlen.scratch_k, self.varlen.scratch_v, plain)
             cap.meta_dev.copy_(cap.meta_host, non_blocking=True)
-            cap.graph.replay()
+            cap.replay()
             cap.logits_host[:rows].copy_(cap.logits_dev[:rows], non_blocking=True)
-            torch.cuda.current_stream(self.varlen.rt.device).synchronize()  # meta_host is free again after this
+            if self.cuda:
+                torch.cuda.current_stream(self.varlen.rt.device).synchronize()  # meta_host is free again after this
             out.extend(split_rows(cap.logits_host.numpy(), group))
         return out
