@@ -375,3 +375,21 @@ class Transformer(nn.Module):
                             lambda i, att, x: att.forward_decode(x, cos, sin, k_ctx[i], v_ctx[i], dec_k[i], dec_v[i],
                                                                  step, attend))
         return self.logits(h[:, 0])
+
+    @torch.no_grad()
+    def decode_rows(self, tokens: torch.Tensor, positions: torch.Tensor, attend: Callable) -> torch.Tensor:
+        """One decode step for R rows of any number of requests (the batched step of
+        decode_many): tokens, positions (R,). attend(i, q, k, v, scale) is layer i's
+        attention over whatever KV each row has: q (R, H, D), this step's k, v (R, G, D);
+        it stores k, v where the rows keep them and returns (R, H, D). Returns logits (R, V).
+        Rows are laid along the time axis of one sequence, so RoPE takes a position per row."""
+        cos, sin = rope_tables(self.cfg, positions)  # (R, D/2)
+        r = tokens.shape[0]
+
+        def layer_attend(i, att, x):  # x (1, R, dim)
+            q, k, v = att.qkv(x, cos, sin)  # (1, H, R, D), (1, G, R, D)
+            y = attend(i, q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), att.scale)
+            return att.wo(y.reshape(1, r, -1))
+
+        h = self.run_layers(self.tok_embeddings(tokens)[None], layer_attend)  # (1, R, dim)
+        return self.logits(h[0])

@@ -1,4 +1,5 @@
-"""Tiny random-weight model folders for tests and examples (numpy only, no torch)."""
+"""Tiny random-weight model folders for tests and examples (numpy only; the torch helpers
+for random 7B-shaped models import torch when called)."""
 
 from __future__ import annotations
 
@@ -84,3 +85,91 @@ def make_test_model(path: str | Path, preset_name: str = "test-tiny", seed: int 
                  fim_suffix_id=ids["<|fim_suffix|>"], fim_pad_id=ids["<|fim_pad|>"],
                  file_sep_id=ids["<|file_sep|>"], pad_id=ids["<|pad|>"], fim_order=fim_order, **overrides)
     return save_model_folder(path, cfg, random_weights(cfg, seed), tok_file, int8=int8)
+
+
+# Qwen2.5-Coder's special token ids (its tokenizer's added tokens)
+QWEN_SPECIAL_IDS = {"<|endoftext|>": 151643, "<|fim_prefix|>": 151659, "<|fim_middle|>": 151660,
+                    "<|fim_suffix|>": 151661, "<|fim_pad|>": 151662, "<|repo_name|>": 151663, "<|file_sep|>": 151664}
+
+
+def qwen7b_shape_config(**overrides) -> ModelConfig:
+    """A ModelConfig of Qwen2.5-Coder-7B's shape: 28 layers, width 3584, 28 query and 4 kv
+    heads of 128, FFN 18944, vocab 152064, q/k/v biases, RoPE theta 1e6, Qwen's FIM ids
+    (PSM). overrides: any field (n_layers=4 for a shorter model of the same width)."""
+    ids = QWEN_SPECIAL_IDS
+    fields = dict(vocab_size=152064, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, head_dim=128, ffn_dim=18944,
+                  max_seq_len=32768, rope_theta=1e6, norm_eps=1e-6, qkv_bias=True, tie_embeddings=False,
+                  eos_ids=[ids["<|endoftext|>"], ids["<|fim_pad|>"], ids["<|file_sep|>"]], pad_id=ids["<|fim_pad|>"],
+                  fim_prefix_id=ids["<|fim_prefix|>"], fim_middle_id=ids["<|fim_middle|>"],
+                  fim_suffix_id=ids["<|fim_suffix|>"], fim_pad_id=ids["<|fim_pad|>"], file_sep_id=ids["<|file_sep|>"],
+                  fim_order="psm", align_back_off="fixed")
+    return ModelConfig(**{**fields, **overrides})
+
+
+def random_torch_model(cfg: ModelConfig, device: str = "cuda", dtype: str = "bf16", seed: int = 0, std: float = 0.02):
+    """A Transformer with random weights made where it runs: built on the meta device, given
+    storage on `device` in `dtype`, filled in place (no full-size host copy, no fp32 copy:
+    a 7B shape is 15 GB in bf16). Norm weights are one."""
+    import torch
+
+    from .model import Transformer
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to(dtype=torch_dtype).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=gen)
+    return model.requires_grad_(False).eval()
+
+
+def standin_tokenizer(cfg: ModelConfig):
+    """A byte-level tokenizer whose ids fit cfg: ids 0..255 are the bytes (no merges), the
+    config's special ids hold Qwen's special tokens, every other id a placeholder that
+    no text encodes to. For random-weight models, which need a vocabulary of the right
+    size, not a good one."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from .format.tokenizer import Tokenizer, _bytes_to_unicode
+
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    special = {tid: name for name, tid in QWEN_SPECIAL_IDS.items() if tid < cfg.vocab_size}
+    for tid in range(256, cfg.vocab_size):
+        vocab[special.get(tid, f"<|standin_{tid}|>")] = tid
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in special.values()])
+    return Tokenizer(tok)
+
+
+def gguf_tokenizer(path: str | Path, vocab_size: int):
+    """The tokenizer of a GGUF file (e.g. Qwen2.5-Coder's), padded to vocab_size, without
+    reading its weights."""
+    from .format.gguf_import import GGUFFile, build_gguf_tokenizer, gguf_token_facts
+    from .format.hf_import import pad_tokenizer_to
+    from .format.tokenizer import Tokenizer
+
+    with GGUFFile(path) as gf:
+        hf_tok = build_gguf_tokenizer(gf.metadata, gguf_token_facts(gf.metadata).ids())
+    pad_tokenizer_to(hf_tok, vocab_size)
+    return Tokenizer(hf_tok)
+
+
+def random_7b_runtime(device: str = "cuda", gguf: str | Path | None = None, seed: int = 0, dtype: str = "bf16",
+                      config_overrides: dict | None = None, **runtime_kwargs):
+    """A torch runtime over a random Qwen2.5-Coder-7B-shaped model built on `device`, with
+    the GGUF's tokenizer when `gguf` is given, else standin_tokenizer. runtime_kwargs go
+    to TorchRuntime (batch_attention, cuda_graphs, max_batch_rows, ...)."""
+    from codecomplete.runtime.torch import TorchRuntime
+
+    cfg = qwen7b_shape_config(**(config_overrides or {}))
+    tokenizer = gguf_tokenizer(gguf, cfg.vocab_size) if gguf else standin_tokenizer(cfg)
+    model = random_torch_model(cfg, device, dtype, seed)
+    return TorchRuntime.from_model(model, tokenizer, device=device, precision=dtype, **runtime_kwargs)

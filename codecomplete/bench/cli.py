@@ -11,6 +11,7 @@ BENCHMARKS = {
     "latency": "codecomplete.bench.latency",  # typing replay through the engine or the LSP
     "soak": "codecomplete.bench.soak",  # a fixed-pace typing replay for a while: latency drift, RSS, backlog
     "generate": "codecomplete.bench.generate",  # N-candidate generation end to end (CUDA)
+    "decode": "codecomplete.bench.decode",  # the batched, graph-captured decode step: checks, step time vs floor
     "llamacpp": "codecomplete.bench.llamacpp",  # side by side with llama.cpp on the same GGUF file
     "serve": "codecomplete.bench.serve",  # simulated users typing against the team server over HTTP
     "llamaserver": "codecomplete.bench.llamaserver",  # the typing replay through llama-server's /infill and ours

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from codecomplete.models.model import Transformer, rope_tables, sdpa
-from codecomplete.runtime.base import BranchState
+from codecomplete.runtime.base import BranchState, Runtime
 from codecomplete.runtime.torch import TorchRuntime
 
 
@@ -83,10 +83,13 @@ class PlainCachedTorchRuntime(TorchRuntime):
     """The torch runtime with decode_step_plain_cached: every branch gets its own copy of the
     context KV (the baseline `bench generate` measures bifurcated decode against)."""
 
+    decode_many = Runtime.decode_many  # one request after another: its caches are not the bifurcated layout
+
     def __init__(self, source, **kwargs):
+        kwargs["cuda_graphs"] = False  # the graphs decode the bifurcated layout
         super().__init__(source, **kwargs)
         self.attention = "plain"
-
+        self.graphs = self.varlen = None
 
     def start_branches(self, context, n, max_new_tokens):
         c = self.config

@@ -278,7 +278,7 @@ class OnnxRuntime(Runtime):
         shape = (c.n_layers, c.max_seq_len, *self._kv_shape)
         return ContextKV(np.empty(shape, self._np_kv), np.empty(shape, self._np_kv))
 
-    def prefill(self, tokens, previous=None):
+    def prefill(self, tokens, previous=None, *, capacity_tokens=None):  # its cache always holds max_seq_len
         tokens = self.check_prefill(tokens)
         self._active = self._pick_session()  # for this prefill and the decode steps after it
         keep = self.reuse_split(tokens, previous)

@@ -14,7 +14,7 @@ from codecomplete.models.format.folder import dequantize, quantize_rows_int8
 from codecomplete.models.format.source import ModelSource
 from codecomplete.models.model import DECODE_ATTENTION, Transformer
 
-from .base import BranchState, ContextState, Runtime
+from .base import BranchState, ContextState, DecodeStep, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +79,23 @@ def quantize_bnb_int8(model: Transformer) -> Transformer:
 
 
 ATTENTION_MODES = tuple(DECODE_ATTENTION)  # bench/reference.py holds the reference variants
+BATCH_ATTENTION = ("bifurcated", "plain")  # how decode_many attends a request's context
 
 
 class TorchRuntime(Runtime):
     name = "torch"
 
     def __init__(self, source: ModelSource | None, device: str = "cpu", precision: str = "auto",
-                 attention: str | Callable = "auto", threads: int | None = None, model: Transformer | None = None):
+                 attention: str | Callable = "auto", threads: int | None = None, model: Transformer | None = None,
+                 batch_attention: str = "bifurcated", cuda_graphs: bool | None = None, max_batch_rows: int = 128,
+                 max_request_rows: int = 32, varlen: bool | None = None):
+        """batch_attention: "bifurcated" reads each request's context once per layer for all its
+        rows in decode_many, "plain" once per row (the baseline). cuda_graphs (CUDA): decode
+        through CUDA graphs captured at load for batches of up to max_batch_rows rows, each
+        request at most max_request_rows (None: on wherever they can run: CUDA, a float
+        precision, Triton, attention "auto"; a named attention is decoded with that function,
+        eagerly). varlen (CUDA): the batched step's attention as one varlen kernel per layer
+        (None: as cuda_graphs; False: a loop over the requests, as on CPU)."""
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' asked for, but torch sees no CUDA device")
         if precision == "auto":
@@ -93,6 +103,7 @@ class TorchRuntime(Runtime):
         if precision not in ("fp32", "bf16", "fp16", "int8"):
             raise ValueError(f"unknown precision {precision!r} (fp32, bf16, fp16, int8)")
         triton_ok = device == "cuda" and bifurcated_triton.AVAILABLE
+        chosen_attention = attention != "auto"  # a named decode attention is what decode must run (benchmarks)
         if attention == "auto":  # the Triton kernel on CUDA when Triton is there (it is with CUDA torch)
             attention = "bifurcated-triton" if triton_ok else "bifurcated"
         if not callable(attention) and attention not in ATTENTION_MODES:  # a function: a reference variant
@@ -100,6 +111,8 @@ class TorchRuntime(Runtime):
         if attention == "bifurcated-triton":
             if not triton_ok:
                 raise ValueError("attention 'bifurcated-triton' needs device 'cuda' and the triton package")
+        if batch_attention not in BATCH_ATTENTION:
+            raise ValueError(f"unknown batch_attention {batch_attention!r} ({', '.join(BATCH_ATTENTION)})")
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
@@ -120,6 +133,47 @@ class TorchRuntime(Runtime):
         self.config = model.cfg
         self.tokenizer = source.tokenizer if source is not None else None
         self.name = f"torch-{precision}"
+        self.batch_attention = batch_attention
+        self.graphs = None  # torch_graphs.DecodeGraphs when decode runs through CUDA graphs
+        self.varlen = None  # torch_graphs.VarlenDecoder: the batched step on CUDA (one kernel per layer)
+        from . import torch_graphs
+
+        if varlen is False and cuda_graphs:
+            raise ValueError("cuda_graphs replay the varlen step: they need varlen")
+        if varlen is None:
+            varlen = None if not chosen_attention or cuda_graphs else False
+        if cuda_graphs is None:
+            cuda_graphs = None if not chosen_attention else False
+        if device == "cuda" and torch_graphs.varlen_supported(self) and varlen is not False:
+            self.varlen = torch_graphs.VarlenDecoder(self, min(max_request_rows, max_batch_rows))
+            if cuda_graphs is None or cuda_graphs:
+                self.graphs = torch_graphs.DecodeGraphs(self.varlen, max_batch_rows)
+                self.graphs.capture_all()  # at load, so that no keystroke pays capture or compile
+        elif cuda_graphs or varlen:
+            raise ValueError("cuda_graphs and varlen need device 'cuda', a float precision (fp32, bf16, fp16), "
+                             "a power-of-two head size and triton")
+        self.warm_up_s = self.warm_up() if device == "cuda" else 0.0
+
+    @torch.inference_mode()
+    def warm_up(self) -> float:
+        """Run each kind of call once on a throwaway prompt, so that the first keystroke
+        compiles no kernel: Triton specialises on whether a length is 1 or a multiple of
+        16, so prefill runs with new-token counts of each kind. Returns the seconds taken."""
+        import time
+
+        t0 = time.perf_counter()
+        vocab = self.config.vocab_size
+        prompt = [i % vocab for i in range(7, 7 + 49)]
+        state, _ = self.prefill(prompt[:29])
+        for end in (30, 46, 49):  # 1, 16, then 3 new tokens
+            state, _ = self.prefill(prompt[:end], state)
+        for n in (1, 2, 4, 8, 16):  # the kernels' block sizes for these row counts
+            branches = self.start_branches(state, n, 4)
+            for _ in range(3):
+                self.decode(state, branches, [1 % vocab] * n)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
 
     @classmethod
     def from_model(cls, model: Transformer, tokenizer=None, **kwargs) -> TorchRuntime:
@@ -130,7 +184,8 @@ class TorchRuntime(Runtime):
 
     def describe(self) -> dict:
         attention = self.attention if isinstance(self.attention, str) else self.attention.__name__
-        return {"runtime": self.name, "device": str(self.device), "attention": attention}
+        return {"runtime": self.name, "device": str(self.device), "attention": attention,
+                "batch_attention": self.batch_attention, "cuda_graphs": self.graphs is not None}
 
     def weight_bytes(self) -> int:
         """Bytes held by the model's parameters and buffers (int8 weights count one byte)."""
@@ -141,14 +196,15 @@ class TorchRuntime(Runtime):
         return torch.tensor(list(ids), dtype=torch.long, device=self.device)
 
     @torch.inference_mode()
-    def prefill(self, tokens, previous=None):
+    def prefill(self, tokens, previous=None, *, capacity_tokens=None):
         tokens = self.check_prefill(tokens)
         keep = self.reuse_split(tokens, previous)
         if keep and previous.kv is not None and previous.kv[0].shape[2] >= len(tokens):
-            k_buf, v_buf = previous.kv
+            k_buf, v_buf = previous.kv  # a prefix's state (a chunked prefill's last chunk): no copy
         else:
             # capacity grows in steps: a 32k-context model must not take 32k of KV per prompt
-            capacity = min(self.config.max_seq_len, -(-(len(tokens) + 256) // 1024) * 1024)
+            wanted = max(len(tokens), int(capacity_tokens or 0))
+            capacity = min(self.config.max_seq_len, -(-(wanted + 256) // 1024) * 1024)
             new_k, new_v = self.model.new_cache(capacity, dtype=self.dtype, device=self.device)
             if keep and previous.kv is not None:
                 new_k[:, :, :keep] = previous.kv[0][:, :, :keep]
@@ -167,10 +223,66 @@ class TorchRuntime(Runtime):
 
     @torch.inference_mode()
     def decode(self, context, branches, next_tokens):
+        if self.graphs is not None:  # one typist takes the captured step too
+            return self.decode_many([DecodeStep(context, branches, next_tokens)])[0]
         self.check_decode(context, branches, next_tokens)
         logits = self._decode_step(context, branches, self._tensor(next_tokens))
         branches.step += 1
         return logits.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def decode_many(self, steps):
+        """All rows of all requests through the weights in one pass (one matrix product per
+        projection); attention per request over its own context plus each row's own keys
+        (CUDA: one varlen kernel launch per layer, replayed from a CUDA graph)."""
+        steps = list(steps)
+        if not steps:
+            return []
+        seen = set()
+        for s in steps:
+            self.check_decode(s.context, s.branches, s.next_tokens)
+            if id(s.branches) in seen:
+                raise ValueError("decode_many got the same branches twice in one step")
+            seen.add(id(s.branches))
+        if self.graphs is not None and self.graphs.fits(steps):
+            out = self.graphs.run(steps)
+        elif self.varlen is not None and self.varlen.fits(steps):
+            out = self.varlen.run(steps)
+        else:
+            logits = self._decode_rows_eager(steps).float().cpu().numpy()
+            out, r0 = [], 0
+            for s in steps:
+                out.append(logits[r0:r0 + s.branches.n])
+                r0 += s.branches.n
+        for s in steps:
+            s.branches.step += 1
+        return out
+
+    def _decode_rows_eager(self, steps: list[DecodeStep]) -> torch.Tensor:
+        """Logits (sum N_i, V) of one batched step; attention is a loop over the requests."""
+        tokens = self._tensor([t for s in steps for t in s.next_tokens])
+        positions = self._tensor([len(s.context.tokens) + s.branches.step for s in steps for _ in range(s.branches.n)])
+        attend_one = DECODE_ATTENTION[self.attention] if isinstance(self.attention, str) else self.attention
+        plain = self.batch_attention == "plain"
+
+        def attend(i, q, k, v, scale):  # q (R, H, D), k/v (R, G, D)
+            q = q.contiguous()
+            out = torch.empty_like(q)
+            r0 = 0
+            for s in steps:
+                n, step, m = s.branches.n, s.branches.step, len(s.context.tokens)
+                dec_k, dec_v = s.branches.kv
+                dec_k[i, :, :, step] = k[r0:r0 + n]
+                dec_v[i, :, :, step] = v[r0:r0 + n]
+                k_ctx, v_ctx = s.context.kv[0][i, :, :m], s.context.kv[1][i, :, :m]
+                # plain: every row over the context on its own, as if it held a copy of it
+                for a, b in ([(j, j + 1) for j in range(n)] if plain else [(0, n)]):
+                    out[r0 + a:r0 + b] = attend_one(q[r0 + a:r0 + b], k_ctx, v_ctx, dec_k[i, a:b, :, :step + 1],
+                                                    dec_v[i, a:b, :, :step + 1], scale)
+                r0 += n
+            return out
+
+        return self.model.decode_rows(tokens, positions, attend)
 
     def _decode_step(self, context: ContextState, branches: BranchState, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (N, V) of one step; writes this step's KV into the branch caches."""

@@ -1,0 +1,208 @@
+"""The torch runtime's batched decode step on CUDA.
+
+- VarlenDecoder: all rows of all requests through the weights in one pass, attention as
+  one varlen bifurcated kernel launch per layer (models/varlen_triton.py), whose
+  per-request facts (context and branch addresses, lengths, steps, tokens, positions)
+  are one int64 tensor `meta`.
+- DecodeGraphs: that step captured as a CUDA graph per bucket of rows (1, 2, 4, ... up
+  to max_batch_rows), at load, so that a step costs one host-to-device copy of `meta`,
+  one replay and one copy of the logits back, not hundreds of kernel launches from
+  Python. A batch is padded up to its bucket; the padding rows write into a scratch
+  branch and are never read. Contexts need no length bucket: each kernel program reads
+  its request's length from `meta`.
+
+The KV stays in the tensors prefill and start_branches allocate (no pool to copy into):
+a step addresses them through `meta`, and the caching allocator keeps their memory once
+the first keystrokes have run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from codecomplete.models import varlen_triton
+from codecomplete.models.varlen_triton import FIELDS, POSITION, TOKEN, VarlenRequest, fill_meta
+
+from .base import DecodeStep
+
+log = logging.getLogger(__name__)
+
+
+def varlen_supported(rt) -> bool:
+    """Whether the runtime's model can take the varlen step: CUDA, Triton, plain float
+    linear layers (bitsandbytes int8 keeps the eager loop), a power-of-two head size."""
+    d = rt.config.head_dim
+    return (varlen_triton.AVAILABLE and rt.device.type == "cuda" and rt.precision in ("fp32", "bf16", "fp16")
+            and d >= 16 and not d & (d - 1))
+
+
+def row_buckets(max_rows: int) -> list[int]:
+    """1, 2, 4, ... below max_rows, then max_rows itself."""
+    out, b = [], 1
+    while b < max_rows:
+        out.append(b)
+        b *= 2
+    return out + [max_rows]
+
+
+class VarlenDecoder:
+    """The batched decode step over a runtime's model (eager: launched from Python)."""
+
+    def __init__(self, rt, max_request_rows: int, pad_rows: bool = False):
+        """pad_rows: run() pads each batch to a power of two of rows, as the graphs do."""
+        c = rt.config
+        self.rt = rt
+        self.max_request_rows = max_request_rows
+        self.pad_rows = pad_rows
+        cuda = rt.device.type == "cuda"  # elsewhere: Triton's interpreter, which the tests run it through
+        self.sm_count = torch.cuda.get_device_properties(rt.device).multi_processor_count if cuda else 4
+        shape = (c.n_layers, 1, c.n_kv_heads, 1, c.head_dim)  # where padding rows write their keys
+        self.scratch_k = torch.zeros(shape, dtype=rt.dtype, device=rt.device)
+        self.scratch_v = torch.zeros(shape, dtype=rt.dtype, device=rt.device)
+        self._plans: dict[int, varlen_triton.VarlenPlan] = {}
+
+    def plan(self, slots: int) -> varlen_triton.VarlenPlan:
+        if slots not in self._plans:
+            c = self.rt.config
+            self._plans[slots] = varlen_triton.plan_varlen(slots, self.max_request_rows, c.n_heads, c.n_kv_heads,
+                                                           self.sm_count)
+        return self._plans[slots]
+
+    def fits(self, steps: Sequence[DecodeStep]) -> bool:
+        """Requests of at most max_request_rows rows whose caches are contiguous tensors."""
+        for s in steps:
+            tensors = (*s.context.kv, *s.branches.kv)
+            if s.branches.n > self.max_request_rows or not all(t.is_contiguous() for t in tensors):
+                return False
+        return True
+
+    def requests(self, steps: Sequence[DecodeStep]) -> list[VarlenRequest]:
+        return [VarlenRequest(s.context.kv[0], s.context.kv[1], len(s.context.tokens), s.branches.kv[0],
+                              s.branches.kv[1], s.branches.step, s.next_tokens) for s in steps]
+
+    def step(self, meta: torch.Tensor, plan: varlen_triton.VarlenPlan) -> torch.Tensor:
+        """Logits (slots, V) float32 of one step described by meta (FIELDS, slots) on the device."""
+        def attend(i, q, k, v, scale):
+            return varlen_triton.varlen_bifurcated_attention(q, k, v, meta, i, plan, scale)
+
+        return self.rt.model.decode_rows(meta[TOKEN], meta[POSITION], attend).float()
+
+    def run(self, steps: Sequence[DecodeStep], slots: int | None = None) -> list[np.ndarray]:
+        """One step for all requests, launched eagerly; slots: pad the rows to this many
+        (as a graph's bucket does)."""
+        rows = sum(s.branches.n for s in steps)
+        slots = slots or (1 << (rows - 1).bit_length() if self.pad_rows else rows)
+        meta = np.zeros((FIELDS, slots), dtype=np.int64)
+        fill_meta(meta, self.requests(steps), self.scratch_k, self.scratch_v, self.rt.batch_attention == "plain")
+        logits = self.step(torch.from_numpy(meta).to(self.rt.device), self.plan(slots)).cpu().numpy()
+        return split_rows(logits, steps)
+
+
+def split_rows(logits: np.ndarray, steps: Sequence[DecodeStep]) -> list[np.ndarray]:
+    """Each request's (N_i, V) rows of a batch's logits, as arrays of their own."""
+    out, r0 = [], 0
+    for s in steps:
+        out.append(np.array(logits[r0:r0 + s.branches.n]))
+        r0 += s.branches.n
+    return out
+
+
+class _Captured:
+    """One bucket's graph (its replay) and its static tensors."""
+
+    def __init__(self, replay, meta_host, meta_dev, logits_dev, logits_host):
+        self.replay, self.meta_host, self.meta_dev = replay, meta_host, meta_dev
+        self.logits_dev, self.logits_host = logits_dev, logits_host
+        self.meta_np = meta_host.numpy()  # the pinned buffer, written in place each step
+
+
+class DecodeGraphs:
+    """VarlenDecoder.step captured per bucket of rows; run() replays them."""
+
+    def __init__(self, varlen: VarlenDecoder, max_batch_rows: int, emulate: bool = False):
+        """emulate: no CUDA graph, the step re-run eagerly into the same static tensors at
+        each replay (the tests run everything else of this class on CPU with it)."""
+        if max_batch_rows < 1:
+            raise ValueError("max_batch_rows must be at least 1")
+        self.varlen = varlen
+        self.max_rows = max_batch_rows
+        self.buckets = row_buckets(max_batch_rows)
+        self.captured: dict[int, _Captured] = {}
+        self.emulate = emulate
+        self.cuda = varlen.rt.device.type == "cuda"
+        self.pool = None
+        self.capture_s = 0.0  # how long capture_all took (compile, warm-up and capture)
+
+    def capture_all(self) -> None:
+        """Capture every bucket, largest first (the smaller ones reuse its memory pool)."""
+        import time
+
+        t0 = time.perf_counter()
+        if not self.emulate:
+            self.pool = torch.cuda.graph_pool_handle()
+        for slots in reversed(self.buckets):
+            self.capture(slots)
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.capture_s = time.perf_counter() - t0
+        log.info("captured decode graphs for %s rows in %.2f s", self.buckets, self.capture_s)
+
+    @torch.inference_mode()
+    def capture(self, slots: int) -> None:
+        varlen = self.varlen
+        device = varlen.rt.device
+        plan = varlen.plan(slots)
+        meta_host = torch.zeros((FIELDS, slots), dtype=torch.int64, pin_memory=self.cuda)
+        fill_meta(meta_host.numpy(), [], varlen.scratch_k, varlen.scratch_v)  # every row padding
+        meta_dev = meta_host.to(device, copy=True)
+        if self.emulate:
+            logits_dev = varlen.step(meta_dev, plan)
+            logits_host = torch.empty(logits_dev.shape, dtype=torch.float32, pin_memory=self.cuda)
+            self.captured[slots] = _Captured(lambda: logits_dev.copy_(varlen.step(meta_dev, plan)), meta_host,
+                                             meta_dev, logits_dev, logits_host)
+            return
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # compile the kernels and set up cuBLAS outside the capture
+            for _ in range(2):
+                varlen.step(meta_dev, plan)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits_dev = varlen.step(meta_dev, plan)
+        logits_host = torch.empty(logits_dev.shape, dtype=torch.float32, pin_memory=True)
+        self.captured[slots] = _Captured(graph.replay, meta_host, meta_dev, logits_dev, logits_host)
+
+    def fits(self, steps: Sequence[DecodeStep]) -> bool:
+        return self.varlen.fits(steps) and all(s.branches.n <= self.max_rows for s in steps)
+
+    def groups(self, steps: Sequence[DecodeStep]) -> list[list[DecodeStep]]:
+        """Consecutive requests packed into batches of at most max_rows rows."""
+        out, rows = [[]], 0
+        for s in steps:
+            if rows + s.branches.n > self.max_rows and out[-1]:
+                out.append([])
+                rows = 0
+            out[-1].append(s)
+            rows += s.branches.n
+        return out
+
+    def run(self, steps: Sequence[DecodeStep]) -> list[np.ndarray]:
+        out = []
+        plain = self.varlen.rt.batch_attention == "plain"
+        for group in self.groups(steps):
+            rows = sum(s.branches.n for s in group)
+            slots = next(b for b in self.buckets if b >= rows)
+            cap = self.captured[slots]
+            fill_meta(cap.meta_np, self.varlen.requests(group), self.varlen.scratch_k, self.varlen.scratch_v, plain)
+            cap.meta_dev.copy_(cap.meta_host, non_blocking=True)
+            cap.replay()
+            cap.logits_host[:rows].copy_(cap.logits_dev[:rows], non_blocking=True)
+            if self.cuda:
+                torch.cuda.current_stream(self.varlen.rt.device).synchronize()  # meta_host is free again after this
+            out.extend(split_rows(cap.logits_host.numpy(), group))
+        return out
