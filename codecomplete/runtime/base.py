@@ -53,12 +53,20 @@ class BranchState:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class DecodeStep:
+    context: ContextState
+    branches: BranchState
+    next_tokens: Sequence[int]
+
+
 class Runtime(abc.ABC):
     """prefill / decode over one model; one instance serves one request at a time."""
 
     name: str = "runtime"
     config: ModelConfig
     tokenizer: Tokenizer
+    batch_attention: str = "bifurcated"   # or "plain": how decode_many attends a request's context
 
     @abc.abstractmethod
     def prefill(self, tokens: Sequence[int], previous: ContextState | None = None
@@ -75,6 +83,13 @@ class Runtime(abc.ABC):
     def decode(self, context: ContextState, branches: BranchState, next_tokens: Sequence[int]
                ) -> np.ndarray:
         """Feed one token to each branch; logits (N, V) float32 for the next position."""
+
+    def decode_many(self, steps: Sequence[DecodeStep]) -> list[np.ndarray]:
+        """One decode step for several independent requests: the same as calling
+        self.decode(s.context, s.branches, s.next_tokens) for each in order (each branches.step
+        advances by one), but a batching runtime runs them as one forward pass. Returns each
+        request's (N_i, V) float32 logits, in order."""
+        return [self.decode(s.context, s.branches, s.next_tokens) for s in steps]
 
     @abc.abstractmethod
     def select_branches(self, branches: BranchState, keep: Sequence[int]) -> BranchState:
