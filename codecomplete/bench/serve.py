@@ -3,6 +3,9 @@ share and throughput per (replicas, affinity, users), side by side.
 
     codecomplete bench serve --users 1,4,8 --replicas 1,2 --affinity on,off --json --plot serve.png
 
+With --device cuda (or cpu) the benchmark runs in process instead: one Engine, its batch
+scheduler on or off (bench/serve_gpu.py, its own options there).
+
 Each user types through its own place in the file (its own path and session) with
 keystroke intervals drawn around --interval-ms and a pause now and then; a keystroke's
 request goes to the native endpoint (what the language server's remote mode sends). A user
@@ -24,6 +27,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from codecomplete.bench import serve_gpu
 from codecomplete.bench.common import (
     TYPING_SAMPLE,
     bench_prompt_path,
@@ -59,6 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", default=None, help="write a p50-latency-by-users PNG")
+    serve_gpu.add_arguments(p)
 
 
 class Client:
@@ -223,6 +228,8 @@ def _deploy(replicas: int, affinity: bool) -> None:
 
 def run(args) -> int:
     users_list = _values("--users", args.users)
+    if args.device:
+        return serve_gpu.run(args, users_list, _values("--variants", args.variants, tuple(serve_gpu.VARIANTS)))
     replicas_list = _values("--replicas", args.replicas)
     affinities = _values("--affinity", args.affinity, ("on", "off"))
     if args.keystrokes < 1:
