@@ -228,6 +228,8 @@ class BatchScheduler:
         with self._cond:
             decodes, self._decodes = self._decodes, []
             prefills = list(self._prefills)
+        if not decodes and not prefills:  # the gather answered small calls only
+            return
         record = IterationRecord(started=t0, iteration_ms=0.0, decode_ms=0.0, prefill_ms=0.0, prefill_tokens=0,
                                  prefill_calls=0)
         self.stats.records.append(record)  # before any answer: a request sees its own step recorded
@@ -252,22 +254,17 @@ class BatchScheduler:
         record.iteration_ms = (time.perf_counter() - t0) * 1000.0
 
     def _gather(self) -> None:
-        """Answer small calls until every request answered at the last boundary is back."""
-        deadline = None
+        """Answer small calls until every request answered at the last step boundary is back
+        with its next call, or gather_ms have passed."""
+        deadline = time.perf_counter() + self.gather_s
         while True:
             with self._cond:
                 ops, self._ops = self._ops, []
                 if not ops:
-                    if not self._working or self._closing:
-                        return
                     now = time.perf_counter()
-                    if self._decodes or self._prefills:
-                        deadline = deadline or now + self.gather_s
-                        if now >= deadline:
-                            return
-                        self._cond.wait(deadline - now)
-                    else:
-                        self._cond.wait()
+                    if not self._working or self._closing or now >= deadline:
+                        return
+                    self._cond.wait(deadline - now)
                     continue
             for call in ops:
                 try:

@@ -32,6 +32,7 @@ import numpy as np
 
 from codecomplete.alignment import Alignment, VocabTrie, back_off_tokens
 from codecomplete.batching import (
+    GATHER_MS,
     PREFILL_CHUNK_TOKENS,
     BatchScheduler,
     DocumentTurns,
@@ -71,10 +72,11 @@ class Engine:
     batching: "off" runs one request at a time (callers from several threads queue); "on"
     runs concurrent requests together through a BatchScheduler (prefill_chunk_tokens: the
     prompt tokens prefilled between two decode steps; cached_documents: prompt KV states
-    kept, one per document). close() stops the scheduler."""
+    kept, one per document; gather_ms: how long a step waits for the requests of the last
+    one to come back). close() stops the scheduler."""
 
     def __init__(self, runtime: Runtime, batching: str = "off", prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
-                 cached_documents: int = CACHED_DOCUMENTS):
+                 cached_documents: int = CACHED_DOCUMENTS, gather_ms: float = GATHER_MS):
         if batching not in BATCHING_MODES:
             raise ValueError(f"unknown batching {batching!r} ({', '.join(BATCHING_MODES)})")
         self.runtime = runtime
@@ -82,7 +84,8 @@ class Engine:
         self.trie = VocabTrie(runtime.tokenizer.token_bytes)
         self.prompts = PromptBuilder(runtime.tokenizer, runtime.config, self.trie)
         if batching == "on":
-            self.scheduler: BatchScheduler | None = BatchScheduler(runtime, prefill_chunk_tokens=prefill_chunk_tokens)
+            self.scheduler: BatchScheduler | None = BatchScheduler(runtime, prefill_chunk_tokens=prefill_chunk_tokens,
+                                                                   gather_ms=gather_ms)
             self.contexts = ContextCache(size=cached_documents, others_when_full=True)
             self._documents = DocumentTurns()
         else:

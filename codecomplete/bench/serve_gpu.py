@@ -29,7 +29,7 @@ from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
-from codecomplete.batching import PREFILL_CHUNK_TOKENS, IterationRecord
+from codecomplete.batching import GATHER_MS, PREFILL_CHUNK_TOKENS, IterationRecord
 from codecomplete.bench.common import emit, format_table, percentile, progress
 from codecomplete.bench.typists import Typing, keystrokes_per_s, type_together
 from codecomplete.request import CompletionOptions, CompletionRequest
@@ -58,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context-tokens", type=int, default=2048, help="with --device: prompt tokens (prefix + suffix)")
     p.add_argument("--prefill-chunk-tokens", type=int, default=PREFILL_CHUNK_TOKENS,
                    help="with --device: prompt tokens prefilled between two decode steps")
+    p.add_argument("--gather-ms", type=float, default=GATHER_MS,
+                   help="with --device: how long a batched step waits for the requests of the last one")
     p.add_argument("--max-row-s", type=float, default=30.0,
                    help="with --device: no keystroke starts later than this after a row began")
     p.add_argument("--cold-every-s", type=float, default=0.0,
@@ -86,7 +88,11 @@ class Runtimes:
             )
 
             longest = max(args.context_tokens, args.cold_tokens if args.cold_every_s else 0)
-            overrides = {"max_seq_len": longest + args.new_tokens + 64, **({"n_layers": args.layers} if args.layers else {})}
+            # suffix first (SPM): typing changes only the prompt's end, so a keystroke prefills a
+            # token or two; Qwen's own order (PSM) would re-prefill the whole suffix each time,
+            # and random weights do not care which order they were "trained" in
+            overrides = {"max_seq_len": longest + args.new_tokens + 64, "fim_order": "spm",
+                         **({"n_layers": args.layers} if args.layers else {})}
             cfg = qwen7b_shape_config(**overrides)
             self.model = random_torch_model(cfg, self.device, self.precision)
             self.tokenizer = standin_tokenizer(cfg)
@@ -324,9 +330,9 @@ def run(args, users_list: list[int], variants: list[str]) -> int:
                                 suffix_tokens=suffix_tokens)
     cold_options = replace(options, prefix_tokens=args.cold_tokens - args.cold_tokens // 4,
                            suffix_tokens=args.cold_tokens // 4)
-    settings = {k: getattr(args, k) for k in ("keystrokes", "interval_ms", "pause_ms", "n", "new_tokens",
-                                               "context_tokens", "prefill_chunk_tokens", "max_row_s", "cold_every_s",
-                                               "cold_tokens", "seed")}
+    names = ("keystrokes", "interval_ms", "pause_ms", "n", "new_tokens", "context_tokens", "prefill_chunk_tokens",
+             "gather_ms", "max_row_s", "cold_every_s", "cold_tokens", "seed")
+    settings = {k: getattr(args, k) for k in names}
     result: dict = {"benchmark": "serve-in-process", "device": args.device, "model": args.model or "default",
                     "precision": runtimes.precision, "copy_gbps": copy_gbps, "settings": settings, "rows": []}
     if args.device == "cuda":
@@ -339,7 +345,7 @@ def run(args, users_list: list[int], variants: list[str]) -> int:
         t0 = time.perf_counter()
         runtime = runtimes.get(attention)
         engine = Engine(runtime, batching=batching, prefill_chunk_tokens=args.prefill_chunk_tokens,
-                        cached_documents=2 * max(users_list) + 2 * COLD_IN_FLIGHT)
+                        cached_documents=2 * max(users_list) + 2 * COLD_IN_FLIGHT, gather_ms=args.gather_ms)
         engine.exact_new_tokens = args.new_tokens
         engine.reuse_keystrokes = False  # every keystroke runs the model: the same work each time
         progress(f"  {variant}: ready in {time.perf_counter() - t0:.1f} s")
