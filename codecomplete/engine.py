@@ -95,9 +95,9 @@ class Engine:
         # reuse what the last keystroke computed: the logits of an unchanged prompt, the KV and
         # logits of the branches it decoded (off only to measure what that saves)
         self.reuse_keystrokes = True
-        # benchmarks only: every keystroke that runs the model decodes exactly this many tokens
-        # (no stop rule, patience or deadline ends it), so a random-weight model does the same
-        # work each time
+        # benchmarks only: every keystroke runs the model (no typing-as-suggested answer) and
+        # decodes exactly this many tokens (no stop rule, patience or deadline ends it), so
+        # each does the same work, whatever the weights
         self.exact_new_tokens: int | None = None
         self.suggestions = SuggestionCache()
         cfg = runtime.config
@@ -171,7 +171,7 @@ class Engine:
         lang = language_for(request.language, request.path)
         prefix, suffix = request.prefix, request.suffix
 
-        cached = self.suggestions.lookup(key, prefix, suffix)
+        cached = self.suggestions.lookup(key, prefix, suffix) if not self.exact_new_tokens else None
         if cached:
             timer.stage("cache", t_start)
             timer.timings["total"] = timer.timings["cache"]

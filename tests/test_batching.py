@@ -364,6 +364,12 @@ def test_exact_new_tokens_decodes_the_same_length_every_time(tiny_model_dir):
         c = engine.complete(_request(0, offset, n=3, max_new_tokens=2, multiline=False, deadline_ms=1))
         assert c.tokens_generated == 3 * 7
         assert all(cand.stop_reason == StopReason.MAX_TOKENS for cand in c.candidates)
+    # the user types what a candidate begins with: still a model run, not the typing cache
+    shown = next(cand.text for cand in c.candidates if len(cand.text) > 1)
+    text = DOCUMENTS[0][:330] + shown[0] + DOCUMENTS[0][330:]
+    typed = engine.complete(CompletionRequest(text=text, offset=331, language="python", path="doc0-330.py",
+                                              options=CompletionOptions(n=3, max_new_tokens=2, multiline=False)))
+    assert not typed.cached and typed.tokens_generated == 3 * 7
 
 
 def test_a_stopped_prefill_is_an_exception_with_its_part():

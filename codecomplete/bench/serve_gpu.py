@@ -7,8 +7,8 @@
 U simulated typists (bench/typists.py: their own place in a file, about --interval-ms
 between keystrokes, pauses) send each keystroke as one Engine.complete with --n candidates
 and exactly --new-tokens decoded tokens (Engine.exact_new_tokens: no stop rule, patience or
-deadline ends a candidate early, so a random-weight model does the same work each time;
-keystroke reuse is off, so every keystroke runs the model), over prompts of about
+deadline ends a candidate early, and no typing-as-suggested answer skips the model; keystroke
+reuse is off: each keystroke does the same work, whatever the weights), over prompts of about
 --context-tokens tokens. Variants: sequential (batching off: the requests queue on the
 engine's lock), batched-plain and batched-bifurcated (batching on; the torch runtime's
 decode_many attends each row to its context on its own, or each context once for all its
@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gather-ms", type=float, default=GATHER_MS,
                    help="with --device: how long a batched step waits for the requests of the last one")
     p.add_argument("--max-row-s", type=float, default=30.0,
-                   help="with --device: no keystroke starts later than this after a row began")
+                   help="with --device: a user starts no keystroke later than this after its first one")
     p.add_argument("--cold-every-s", type=float, default=0.0,
                    help="with --device: also run each row with a cold prompt arriving this often (0: never)")
     p.add_argument("--cold-tokens", type=int, default=4096, help="with --device: a cold prompt's tokens")
@@ -249,7 +249,7 @@ def run_row(engine, runtime, variant: str, users: int, cold: bool, doc: str, lan
         engine.scheduler.stats.reset()
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    typing = Typing(args.keystrokes, args.interval_ms, args.pause_ms, stop_at=time.perf_counter() + args.max_row_s)
+    typing = Typing(args.keystrokes, args.interval_ms, args.pause_ms, max_s=args.max_row_s)
     recorder = StepRecorder(runtime) if engine.scheduler is None else None
     cold_client = ColdClient(engine, doc, language, args.cold_every_s, cold_options) if cold else None
     with recorder or nullcontext(), cold_client or nullcontext():

@@ -18,13 +18,13 @@ PAUSE_CHANCE = 0.08  # per keystroke: the user stops to think
 
 @dataclass
 class Typing:
-    """How the users type: keystrokes each, the median interval and pause length; stop_at
-    (time.perf_counter()): no keystroke starts after it (a row's time cap)."""
+    """How the users type: keystrokes each, the median interval and pause length; max_s: a
+    user starts no keystroke later than this after its first (a row's time cap)."""
 
     keystrokes: int
     interval_ms: float = 150.0
     pause_ms: float = 800.0
-    stop_at: float | None = None
+    max_s: float | None = None
 
 
 def user_keystrokes(text: str, user: int, users: int, keystrokes: int) -> tuple[int, str, list[int]]:
@@ -51,11 +51,12 @@ def type_through(send: Callable[[CompletionRequest], dict], text: str, path: str
 
     send(request(start))
     due = time.perf_counter()
+    stop_at = due + typing.max_s if typing.max_s is not None else None
     for offset in offsets:
         due += rng.lognormvariate(0.0, 0.35) * typing.interval_ms / 1000.0
         if rng.random() < PAUSE_CHANCE:
             due += rng.lognormvariate(0.0, 0.5) * typing.pause_ms / 1000.0
-        if typing.stop_at is not None and due > typing.stop_at:
+        if stop_at is not None and due > stop_at and offset != offsets[0]:
             break
         time.sleep(max(0.0, due - time.perf_counter()))
         t0 = time.perf_counter()
