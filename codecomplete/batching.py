@@ -400,8 +400,8 @@ class ScheduledRuntime(Runtime):
     def _op(self, fn: Callable[[Runtime], object]):
         return self._scheduler._submit(_Call(self, fn), "op")
 
-    def prefill(self, tokens: Sequence[int], previous: ContextState | None = None, capacity_tokens: int | None = None
-                ) -> tuple[ContextState, np.ndarray]:
+    def prefill(self, tokens: Sequence[int], previous: ContextState | None = None, *,
+                capacity_tokens: int | None = None) -> tuple[ContextState, np.ndarray]:
         """The runtime's prefill, by chunks between decode steps; PrefillStopped when the
         request is cancelled or late before its end."""
         tokens = self._runtime.check_prefill(tokens)
