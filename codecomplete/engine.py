@@ -14,16 +14,30 @@
     -> Completion (request.py), which lsp/items.py turns into LSP items in that order
 
 The engine knows nothing about LSP and never imports torch or onnxruntime itself.
+
+batching "off" (a laptop, an editor): one request at a time. "on" (a team server's GPU
+replica): complete() may be called from many threads at once; each request runs this same
+pipeline in its own thread, while its runtime calls go to one scheduler thread that runs
+all waiting decode steps as one batch (batching.py). Requests for one document take turns.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
 from codecomplete.alignment import Alignment, VocabTrie, back_off_tokens
+from codecomplete.batching import (
+    GATHER_MS,
+    PREFILL_CHUNK_TOKENS,
+    BatchScheduler,
+    DocumentTurns,
+    PrefillStopped,
+)
 from codecomplete.cache import ContextCache, SuggestionCache
 from codecomplete.languages import language_for
 from codecomplete.postprocess import clean_candidates
@@ -38,6 +52,8 @@ from codecomplete.scope import CompletionScope, decide_scope
 from codecomplete.text import windowed_request
 
 SINGLE_LINE_MAX_NEW_TOKENS = 48  # single-line completions rarely need more; blocks may use all
+BATCHING_MODES = ("off", "on")
+CACHED_DOCUMENTS = 64  # with batching: documents whose prompt KV is kept (one per typist)
 
 
 @dataclass
@@ -51,16 +67,38 @@ class _Timer:
 
 
 class Engine:
-    """Turns CompletionRequests into ranked Completions with one runtime."""
+    """Turns CompletionRequests into ranked Completions with one runtime.
 
-    def __init__(self, runtime: Runtime):
+    batching: "off" runs one request at a time (callers from several threads queue); "on"
+    runs concurrent requests together through a BatchScheduler (prefill_chunk_tokens: the
+    prompt tokens prefilled between two decode steps; cached_documents: prompt KV states
+    kept, one per document; gather_ms: how long a step waits for the requests of the last
+    one to come back). close() stops the scheduler."""
+
+    def __init__(self, runtime: Runtime, batching: str = "off", prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
+                 cached_documents: int = CACHED_DOCUMENTS, gather_ms: float = GATHER_MS):
+        if batching not in BATCHING_MODES:
+            raise ValueError(f"unknown batching {batching!r} ({', '.join(BATCHING_MODES)})")
         self.runtime = runtime
+        self.batching = batching
         self.trie = VocabTrie(runtime.tokenizer.token_bytes)
         self.prompts = PromptBuilder(runtime.tokenizer, runtime.config, self.trie)
-        self.contexts = ContextCache()
+        if batching == "on":
+            self.scheduler: BatchScheduler | None = BatchScheduler(runtime, prefill_chunk_tokens=prefill_chunk_tokens,
+                                                                   gather_ms=gather_ms)
+            self.contexts = ContextCache(size=cached_documents, others_when_full=True)
+            self._documents = DocumentTurns()
+        else:
+            self.scheduler = None
+            self.contexts = ContextCache()
+            self._one_at_a_time = threading.Lock()
         # reuse what the last keystroke computed: the logits of an unchanged prompt, the KV and
         # logits of the branches it decoded (off only to measure what that saves)
         self.reuse_keystrokes = True
+        # benchmarks only: every keystroke runs the model (no typing-as-suggested answer) and
+        # decodes exactly this many tokens (no stop rule, patience or deadline ends it), so
+        # each does the same work, whatever the weights
+        self.exact_new_tokens: int | None = None
         self.suggestions = SuggestionCache()
         cfg = runtime.config
         self.stop_ids = set(cfg.eos_ids) | {i for i in (cfg.fim_prefix_id, cfg.fim_suffix_id, cfg.fim_middle_id,
@@ -73,9 +111,18 @@ class Engine:
 
     @classmethod
     def load(cls, model: str | None = None, runtime: str = "onnx", device: str = "cpu",
-             precision: str = "auto", threads: int | None = None) -> Engine:
-        """Load a model (None: the shipped default) into a runtime and wrap it."""
-        return cls(load_runtime(model, runtime=runtime, device=device, precision=precision, threads=threads))
+             precision: str = "auto", threads: int | None = None, batching: str = "off", **settings) -> Engine:
+        """Load a model (None: the shipped default) into a runtime and wrap it (settings:
+        the batching ones of Engine)."""
+        if batching not in BATCHING_MODES:  # before the model loads
+            raise ValueError(f"unknown batching {batching!r} ({', '.join(BATCHING_MODES)})")
+        return cls(load_runtime(model, runtime=runtime, device=device, precision=precision, threads=threads),
+                   batching=batching, **settings)
+
+    def close(self) -> None:
+        """Stop the batch scheduler's thread (nothing to do without batching)."""
+        if self.scheduler is not None:
+            self.scheduler.close()
 
     def forget(self) -> None:
         """Drop what earlier requests left behind (prompt KV states, shown candidates), so the
@@ -85,7 +132,8 @@ class Engine:
         self.prompts.forget()
 
     def describe(self) -> dict:
-        return {**self.runtime.describe(), "params_m": round(self.runtime.config.n_params() / 1e6, 1)}
+        return {**self.runtime.describe(), "params_m": round(self.runtime.config.n_params() / 1e6, 1),
+                "batching": self.batching}
 
     # -- the pipeline -----------------------------------------------------------------
     def complete(self, request: CompletionRequest) -> Completion:
@@ -96,13 +144,34 @@ class Engine:
         request = windowed_request(request)
         if request is None:  # too big or binary: no completion (and no error)
             return Completion([], {"total": 0.0})
-        opts = request.options
         key = request.path or "<untitled>"
+        with self._turn(key):
+            return self._complete(request, key, t_start, decode_deadline)
+
+    def _turn(self, key: str):
+        """Held while a request runs: the engine's one turn without batching, its document's with."""
+        return self._one_at_a_time if self.scheduler is None else self._documents.turn(key)
+
+    @contextmanager
+    def _runtime_for(self, request: CompletionRequest, decode_deadline: float | None):
+        """The runtime this request calls: the engine's own, or its view through the scheduler
+        (closed when the request's model work is done, so the batch stops waiting for it)."""
+        if self.scheduler is None:
+            yield self.runtime
+            return
+        session = self.scheduler.session(lambda: request.cancel.cancelled, decode_deadline)
+        try:
+            yield session
+        finally:
+            session.close()
+
+    def _complete(self, request: CompletionRequest, key: str, t_start: float, decode_deadline: float) -> Completion:
+        opts = request.options
         timer = _Timer({})
         lang = language_for(request.language, request.path)
         prefix, suffix = request.prefix, request.suffix
 
-        cached = self.suggestions.lookup(key, prefix, suffix)
+        cached = self.suggestions.lookup(key, prefix, suffix) if not self.exact_new_tokens else None
         if cached:
             timer.stage("cache", t_start)
             timer.timings["total"] = timer.timings["cache"]
@@ -111,15 +180,24 @@ class Engine:
         t = time.perf_counter()
         scope = decide_scope(prefix, suffix, lang, opts.multiline)
         max_new = opts.max_new_tokens if scope.multiline else min(opts.max_new_tokens, SINGLE_LINE_MAX_NEW_TOKENS)
-        prompt = self.prompts.build(request, max_new + back_off_tokens(opts))
+        exact = self.exact_new_tokens
+        prompt = self.prompts.build(request, exact or max_new + back_off_tokens(opts))
         t = timer.stage("prompt", t)
 
-        kept, reuse = self._prefill(prompt.tokens, self.contexts.take(key, prompt.tokens))
-        t = timer.stage("prefill", t)
+        with self._runtime_for(request, None if exact else decode_deadline) as runtime:
+            previous = self.contexts.take(key, prompt.tokens)
+            try:
+                kept, reuse = self._prefill(runtime, prompt.tokens, previous)
+            except PrefillStopped as stopped:  # cancelled or late while its prefill waited its turn
+                self._keep_stopped(key, stopped, previous)
+                timer.stage("prefill", t)
+                timer.timings["total"] = (time.perf_counter() - t_start) * 1000.0
+                return Completion([], timer.timings, cancelled=request.cancel.cancelled)
+            t = timer.stage("prefill", t)
 
-        alignment = Alignment(prompt.back_off.removed, self.trie)
-        result = self._generate(kept, alignment, scope, request, max_new + prompt.back_off.removed_tokens,
-                                decode_deadline, reuse)
+            alignment = Alignment(prompt.back_off.removed, self.trie)
+            result = self._generate(runtime, kept, alignment, scope, request,
+                                    exact or max_new + prompt.back_off.removed_tokens, decode_deadline, reuse)
         kept.trace = result.trace  # the next keystroke may continue along a branch
         self.contexts.put(key, kept)
         t = timer.stage("generate", t)
@@ -147,25 +225,37 @@ class Engine:
                           decode_rows=result.rows_decoded, branch_rows=result.branch_rows)
 
     # -- stages ---------------------------------------------------------------------------
-    def _prefill(self, tokens: list[int], previous: KeptContext | None) -> Prefilled:
+    def _prefill(self, runtime: Runtime, tokens: list[int], previous: KeptContext | None) -> Prefilled:
         """The prompt's KV and last logits, and what the decode may reuse of the last request."""
         if self.reuse_keystrokes and previous is not None:
-            reused = reuse_last(self.runtime, tokens, previous)
+            reused = reuse_last(runtime, tokens, previous)
             if reused is not None:
                 return reused
-        state, logits = self.runtime.prefill(tokens, previous.state if previous is not None else None)
+        state, logits = runtime.prefill(tokens, previous.state if previous is not None else None)
         return Prefilled(KeptContext(state, logits), None)
 
-    def _generate(self, kept: KeptContext, alignment: Alignment, scope: CompletionScope,
+    def _keep_stopped(self, key: str, stopped: PrefillStopped, previous: KeptContext | None) -> None:
+        """What a stopped prefill computed is this document's state for its next request."""
+        if stopped.state is not None:
+            self.contexts.put(key, KeptContext(stopped.state, stopped.logits))
+        elif previous is not None:  # nothing computed: the state taken is untouched
+            self.contexts.put(key, previous)
+
+    def _generate(self, runtime: Runtime, kept: KeptContext, alignment: Alignment, scope: CompletionScope,
                   request: CompletionRequest, max_new: int, deadline: float, reuse: Reuse | None
                   ) -> GenerationResult:
         opts = request.options
+        banned = self.banned_ids
+        stop_ids, stop_bytes, patience = self.stop_ids, scope.stop_bytes, opts.patience_steps
+        if self.exact_new_tokens:  # the fixed-length benchmark mode: nothing stops a branch early
+            banned = np.union1d(banned, np.array(sorted(stop_ids), dtype=np.int64))
+            stop_ids, stop_bytes, patience, deadline = set(), _never_stop, None, None
         sampler = Sampler(temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed,
-                          banned=self.banned_ids if len(self.banned_ids) else None, alignment=alignment)
-        loop = DecodeLoop(self.runtime, kept.state, kept.logits, n=max(1, opts.n), max_new_tokens=max_new,
-                          alignment=alignment, sampler=sampler, stop_ids=self.stop_ids, stop_bytes=scope.stop_bytes,
+                          banned=banned if len(banned) else None, alignment=alignment)
+        loop = DecodeLoop(runtime, kept.state, kept.logits, n=max(1, opts.n), max_new_tokens=max_new,
+                          alignment=alignment, sampler=sampler, stop_ids=stop_ids, stop_bytes=stop_bytes,
                           deadline=deadline, cancelled=lambda: request.cancel.cancelled,
-                          patience=opts.patience_steps, reuse=reuse)
+                          patience=patience, reuse=reuse)
         return run(loop)
 
     @staticmethod
@@ -185,4 +275,8 @@ class Engine:
         return out
 
 
-__all__ = ["Engine"]
+def _never_stop(visible: bytes) -> None:
+    return None
+
+
+__all__ = ["BATCHING_MODES", "Engine"]

@@ -14,7 +14,9 @@ put while the user types and the KV cache of the whole prompt survives keystroke
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import PurePath
 
 from codecomplete.alignment import BackOff, VocabTrie, back_off_prompt
@@ -23,6 +25,7 @@ from codecomplete.request import CompletionRequest, Neighbour
 PREFIX_ANCHOR_LINES = 16  # the prefix window starts on a multiple of this many lines
 CHARS_PER_TOKEN_GUESS = 6  # generous: only bounds how much text is tokenized
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MEMO_DOCUMENTS = 64  # documents whose last build is remembered (a team server's typists)
 
 
 @dataclass
@@ -127,21 +130,41 @@ def rank_snippets(neighbours: list[Neighbour], around_cursor: str, lines_per_sni
     return scored
 
 
+@dataclass
+class _Memo:
+    """What the last build for one document computed (see PromptBuilder.build)."""
+
+    last_prefix: str = ""
+    too_long: dict[int, int] = field(default_factory=dict)
+    last_suffix: tuple[str, int, tuple[int, list[int]]] | None = None
+
+
 class PromptBuilder:
-    """Builds prompts for one model: its tokenizer and FIM facts."""
+    """Builds prompts for one model: its tokenizer and FIM facts. Builds for different
+    documents may run at once; one document's builds must not (the engine serializes them)."""
 
     def __init__(self, tokenizer, config, trie: VocabTrie | None = None):
         self.tok = tokenizer
         self.cfg = config
         self.trie = trie or VocabTrie(tokenizer.token_bytes)
         self.special_ids = frozenset(config.special_ids)
-        self.forget()
+        self._lock = threading.Lock()
+        self._memos: OrderedDict[str, _Memo] = OrderedDict()
 
     def forget(self) -> None:
-        """Drop what the last request taught (see build)."""
-        self._last_prefix = ""
-        self._too_long: dict[int, int] = {}
-        self._last_suffix: tuple[str, int, tuple[int, list[int]]] | None = None
+        """Drop what earlier requests taught (see build)."""
+        with self._lock:
+            self._memos.clear()
+
+    def _memo(self, path: str) -> _Memo:
+        with self._lock:
+            memo = self._memos.get(path)
+            if memo is None:
+                memo = self._memos[path] = _Memo()
+                while len(self._memos) > MEMO_DOCUMENTS:
+                    self._memos.popitem(last=False)
+            self._memos.move_to_end(path)
+            return memo
 
     def _header(self, path: str) -> list[int]:
         if self.cfg.file_sep_id < 0 or not path:
@@ -176,19 +199,21 @@ class PromptBuilder:
         suf_budget = min(opts.suffix_tokens, room - pre_budget) if self.cfg.has_fim else 0
         prefix, suffix = request.prefix, request.suffix
         # while the user types, the prefix only grows: windows that were far over budget on
-        # the last keystroke still are, and the suffix is the same text (the two costly encodes)
-        if not (self._last_prefix and prefix.startswith(self._last_prefix)):
-            self._too_long = {}
-        prefix_start, prefix_toks = _prefix_window(prefix, pre_budget, self.tok.encode, self._too_long)
-        self._last_prefix = prefix
+        # the document's last keystroke still are, and the suffix is the same text (the two
+        # costly encodes)
+        memo = self._memo(request.path)
+        if not (memo.last_prefix and prefix.startswith(memo.last_prefix)):
+            memo.too_long = {}
+        prefix_start, prefix_toks = _prefix_window(prefix, pre_budget, self.tok.encode, memo.too_long)
+        memo.last_prefix = prefix
         suffix_len, suffix_toks = 0, []
         if suf_budget:
             head = suffix[: suf_budget * CHARS_PER_TOKEN_GUESS]
-            if self._last_suffix is not None and self._last_suffix[0] == head and self._last_suffix[1] == suf_budget:
-                suffix_len, suffix_toks = self._last_suffix[2]
+            if memo.last_suffix is not None and memo.last_suffix[0] == head and memo.last_suffix[1] == suf_budget:
+                suffix_len, suffix_toks = memo.last_suffix[2]
             else:
                 suffix_len, suffix_toks = _suffix_window(suffix, suf_budget, self.tok.encode, self.tok.token_bytes)
-                self._last_suffix = (head, suf_budget, (suffix_len, suffix_toks))
+                memo.last_suffix = (head, suf_budget, (suffix_len, suffix_toks))
         bo = back_off_prompt(prefix_toks, opts, self.cfg, self.tok.token_bytes, self.special_ids, self.trie)
         header = self._header(request.path)
         ctx_budget = min(opts.neighbour_tokens, room - len(prefix_toks) - len(suffix_toks) - len(header) - 4)

@@ -3,6 +3,9 @@ share and throughput per (replicas, affinity, users), side by side.
 
     codecomplete bench serve --users 1,4,8 --replicas 1,2 --affinity on,off --json --plot serve.png
 
+With --device cuda (or cpu) the benchmark runs in process instead: one Engine, its batch
+scheduler on or off (bench/serve_gpu.py, its own options there).
+
 Each user types through its own place in the file (its own path and session) with
 keystroke intervals drawn around --interval-ms and a pause now and then; a keystroke's
 request goes to the native endpoint (what the language server's remote mode sends). A user
@@ -18,14 +21,13 @@ import argparse
 import contextlib
 import http.client
 import json
-import random
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from codecomplete.bench import serve_gpu
 from codecomplete.bench.common import (
     TYPING_SAMPLE,
     bench_prompt_path,
@@ -35,10 +37,10 @@ from codecomplete.bench.common import (
     progress,
 )
 from codecomplete.bench.latency import _language
+from codecomplete.bench.typists import Typing, type_together, user_keystrokes
 from codecomplete.request import CompletionOptions, CompletionRequest
 
 APP_NAME = "codecomplete-bench"
-PAUSE_CHANCE = 0.08  # per keystroke: the user stops to think
 REQUEST_TIMEOUT_S = 60.0
 
 
@@ -61,6 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", default=None, help="write a p50-latency-by-users PNG")
+    serve_gpu.add_arguments(p)
 
 
 class Client:
@@ -103,59 +106,24 @@ class Client:
         self.conn.close()
 
 
-def user_keystrokes(text: str, user: int, users: int, keystrokes: int) -> tuple[int, str, list[int]]:
-    """(start, suffix, cursor offsets) of one user: users start at different lines of the
-    file's second half, so no two share a prompt."""
-    lines = [i + 1 for i, ch in enumerate(text) if ch == "\n" and i + 1 + keystrokes < len(text)]
-    half = [p for p in lines if p >= len(text) // 2] or lines or [0]
-    start = half[(user * max(1, len(half) // max(1, users))) % len(half)]
-    end = min(len(text), start + keystrokes)
-    return start, text[end:], list(range(start + 1, end + 1))
-
-
-def type_through(client: Client, text: str, path: str, language: str, user: int, users: int, args,
-                 rng: random.Random, records: list[dict]) -> None:
-    """One user: open the file (a request not counted), then type at a human pace."""
-    start, suffix, offsets = user_keystrokes(text, user, users, args.keystrokes)
-    options = CompletionOptions(n=args.n, max_new_tokens=args.max_tokens, deadline_ms=args.deadline_ms,
-                                multiline=False)
-    session = f"user{user}"
-    user_path = f"user{user}/{path}"
-
-    def request(offset: int) -> CompletionRequest:
-        return CompletionRequest(text=text[:offset] + suffix, offset=offset, language=language, path=user_path,
-                                 options=options)
-
-    client.complete(request(start), session)
-    due = time.perf_counter()
-    for offset in offsets:
-        due += rng.lognormvariate(0.0, 0.35) * args.interval_ms / 1000.0
-        if rng.random() < PAUSE_CHANCE:
-            due += rng.lognormvariate(0.0, 0.5) * args.pause_ms / 1000.0
-        time.sleep(max(0.0, due - time.perf_counter()))
-        t0 = time.perf_counter()
-        status, answer = client.complete(request(offset), session)
-        ms = (time.perf_counter() - t0) * 1000.0
-        due = max(due, time.perf_counter())  # a late answer delays the next keystroke
-        records.append({"user": user, "offset": offset, "status": status, "ms": ms,
-                        "source": answer.get("source"), "replica": answer.get("replica"),
-                        "new_tokens": answer.get("prefill_new_tokens", 0),
-                        "engine_ms": answer.get("timings_ms", {}).get("total")})
+def _sender(client: Client, session: str):
+    """A typist's send: one request to the server, the record's fields from its answer."""
+    def send(request: CompletionRequest) -> dict:
+        status, answer = client.complete(request, session)
+        return {"status": status, "source": answer.get("source"), "replica": answer.get("replica"),
+                "new_tokens": answer.get("prefill_new_tokens", 0),
+                "engine_ms": answer.get("timings_ms", {}).get("total")}
+    return send
 
 
 def run_users(base_url: str, api_key: str | None, users: int, text: str, path: str, language: str, args) -> dict:
     """All users at once; the row's figures."""
-    records: list[dict] = []
     clients = [Client(base_url, api_key) for _ in range(users)]
-    threads = [threading.Thread(target=type_through, daemon=True,
-                                args=(clients[u], text, path, language, u, users, args,
-                                      random.Random(args.seed * 1000 + u), records)) for u in range(users)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall_s = time.perf_counter() - t0
+    options = CompletionOptions(n=args.n, max_new_tokens=args.max_tokens, deadline_ms=args.deadline_ms,
+                                multiline=False)
+    typing = Typing(args.keystrokes, args.interval_ms, args.pause_ms)
+    records, wall_s = type_together([_sender(c, f"user{u}") for u, c in enumerate(clients)], text, path, language,
+                                    typing, options, args.seed)
     for c in clients:
         c.close()
     answered = [r for r in records if r["status"] == 200]
@@ -260,6 +228,8 @@ def _deploy(replicas: int, affinity: bool) -> None:
 
 def run(args) -> int:
     users_list = _values("--users", args.users)
+    if args.device:
+        return serve_gpu.run(args, users_list, _values("--variants", args.variants, tuple(serve_gpu.VARIANTS)))
     replicas_list = _values("--replicas", args.replicas)
     affinities = _values("--affinity", args.affinity, ("on", "off"))
     if args.keystrokes < 1:

@@ -1,7 +1,8 @@
 """The Ray Serve application: an HTTP ingress (FastAPI) in front of engine replicas.
 
     Ray Serve HTTP proxy -> Gateway (auth, limits, API shapes -> CompletionRequest)
-      -> SessionAffinityRouter -> EngineReplica (one Engine, one request at a time)
+      -> SessionAffinityRouter -> EngineReplica (one Engine: one request at a time, or with
+         batching many at once, their decode steps run together by the engine's scheduler)
 
 Every error answer, on every route, is `{"error": {"message", "type", "code"}}` (OpenAI's
 shape). A client that disconnects cancels its request: Ray Serve cancels the replica call,
@@ -36,6 +37,7 @@ ANONYMOUS = "anonymous"  # the owner of requests when no keys are configured
 # a replica call that fails because its process died is sent once more (a completion has no
 # side effects), to a replica Ray Serve still has or the one it restarts
 REPLICA_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+REPLICA_ONGOING_REQUESTS = 64  # with batching, a replica's requests all run at once (one thread each)
 
 
 @dataclass
@@ -48,16 +50,20 @@ class ServeSettings:
     request_timeout_s: float = 30.0
 
 
-@serve.deployment(max_ongoing_requests=64, health_check_period_s=2.0)
+@serve.deployment(max_ongoing_requests=REPLICA_ONGOING_REQUESTS, health_check_period_s=2.0)
 class EngineReplica:
-    """One Engine; requests run one at a time in its own thread, off the replica's event loop."""
+    """One Engine, off the replica's event loop: without batching its requests run one at a
+    time in one thread; with batching each in its own thread, all at once."""
 
-    def __init__(self, model: str | None, runtime: str, device: str, precision: str, threads: int | None):
+    def __init__(self, model: str | None, runtime: str, device: str, precision: str, threads: int | None,
+                 batching: str = "off"):
         from codecomplete.engine import Engine
 
-        self.engine = Engine.load(model, runtime=runtime, device=device, precision=precision, threads=threads)
+        self.engine = Engine.load(model, runtime=runtime, device=device, precision=precision, threads=threads,
+                                  batching=batching)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        workers = REPLICA_ONGOING_REQUESTS if batching == "on" else 1
+        self._worker = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engine")
         self.cancelled_requests = 0  # calls whose client went away before the answer
 
     async def complete(self, request: CompletionRequest, session: str = "") -> tuple[Completion, str]:
@@ -240,9 +246,10 @@ class Gateway:
 def build_app(model: str | None = None, runtime: str = "onnx", device: str = "cpu", precision: str = "auto",
               replicas: int = 1, autoscale: tuple[int, int] | None = None, threads: int | None = None,
               replica_cpus: float = 1.0, affinity: bool = True, settings: ServeSettings | None = None,
-              imbalance_requests: int | None = None):
+              imbalance_requests: int | None = None, batching: str = "off"):
     """The application: `serve.run(build_app(...), route_prefix=...)` starts it.
-    autoscale (min, max) replaces a fixed replica count; on CUDA each replica takes a GPU."""
+    autoscale (min, max) replaces a fixed replica count; on CUDA each replica takes a GPU.
+    batching "on": each replica runs its requests together (Engine's batch scheduler)."""
     resources = {"num_cpus": 1, "num_gpus": 1} if device == "cuda" else {"num_cpus": replica_cpus}
     options: dict[str, Any] = {"ray_actor_options": resources}
     if autoscale:
@@ -255,5 +262,5 @@ def build_app(model: str | None = None, runtime: str = "onnx", device: str = "cp
         kwargs = {} if imbalance_requests is None else {"imbalance_requests": imbalance_requests}
         options["request_router_config"] = RequestRouterConfig(
             request_router_class="codecomplete.serve.router:SessionAffinityRouter", request_router_kwargs=kwargs)
-    engine = EngineReplica.options(**options).bind(model, runtime, device, precision, threads)
+    engine = EngineReplica.options(**options).bind(model, runtime, device, precision, threads, batching)
     return Gateway.bind(engine, settings or ServeSettings())

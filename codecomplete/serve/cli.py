@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests in flight per API key before 429 (with --api-keys)")
     p.add_argument("--request-timeout-s", type=float, default=30.0,
                    help="a request no replica answered by then gets 503")
+    p.add_argument("--batching", default=None, choices=["on", "off"],
+                   help="run a replica's requests together, their decode steps batched (default: on with "
+                        "--device cuda, off on CPU)")
     p.add_argument("--affinity", default="on", choices=["on", "off"],
                    help="route each session to the replica holding its KV cache (off: power of two choices)")
     p.add_argument("--address", default=None,
@@ -106,6 +109,11 @@ def share_cpus(device: str, most_replicas: int) -> tuple[int | None, float]:
     return threads, max(0.1, round(cores / most_replicas, 2))
 
 
+def replica_batching(args) -> str:
+    """--batching, or its default: on for GPU replicas (many typists share one), off on CPU."""
+    return args.batching or ("on" if args.device == "cuda" else "off")
+
+
 def build_from_settings(args):
     """The application for checked settings (argparse names), and the keys it holds."""
     from codecomplete.serve.app import ServeSettings, build_app
@@ -117,7 +125,7 @@ def build_from_settings(args):
                              request_timeout_s=args.request_timeout_s)
     app = build_app(args.model, runtime=args.runtime, device=args.device, precision=args.precision,
                     replicas=args.replicas, autoscale=autoscale, threads=threads, replica_cpus=replica_cpus,
-                    affinity=args.affinity == "on", settings=settings)
+                    affinity=args.affinity == "on", settings=settings, batching=replica_batching(args))
     return app, keys, autoscale
 
 
@@ -171,7 +179,8 @@ def run(args) -> int:
         done.set()
         replicas = f"{autoscale[0]}-{autoscale[1]} replicas" if autoscale else f"{args.replicas} replica(s)"
         auth = f"{len(keys)} API key(s): {', '.join(k.name for k in keys)}" if keys else "no API keys"
-        _log(f"ready at http://{args.host}:{args.port} ({replicas}, {args.runtime}/{args.device}, {auth}); "
+        _log(f"ready at http://{args.host}:{args.port} ({replicas}, {args.runtime}/{args.device}, "
+             f"batching {replica_batching(args)}, {auth}); "
              "Ctrl-C stops")
         while True:
             time.sleep(3600)

@@ -1,0 +1,467 @@
+"""One replica, many requests at once: a scheduler thread owns the runtime and runs every
+waiting request's decode step as one `Runtime.decode_many` call.
+
+Each request keeps its whole pipeline in its own thread (prompt, alignment, sampler, stop
+rules, deadline, post-processing); its runtime is a `ScheduledRuntime`, whose calls wait
+for the scheduler thread. One scheduler iteration:
+
+    gather     wait (up to gather_ms) for the requests that got an answer at the last step
+               boundary to come back with their next call; small calls (start_branches,
+               select_branches, adopt, branch_from) are answered at once meanwhile
+    decode     every waiting decode step, as one decode_many (requests join at step
+               boundaries and leave when their loop ends)
+    prefill    up to prefill_chunk_tokens of newcomers' prompts, shortest first, a long
+               prompt in chunks: successive prefills over its own prefix, so a cold prompt
+               costs the others one chunk per step, not its whole length
+
+A prompt that only extends its previous state by a few tokens is not prefilled: its tokens
+ride the decode batch as a one-row branch whose KV is then adopted into the context
+(decode_extension_tokens). A cancelled or late request leaves at its next step; a cancelled
+prefill stops at its next chunk and hands back the part it computed (PrefillStopped).
+
+Only the scheduler thread touches the runtime, so a runtime stays single-threaded.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from codecomplete.runtime.base import (
+    BranchState,
+    ContextState,
+    DecodeStep,
+    Runtime,
+    common_prefix_len,
+)
+
+log = logging.getLogger(__name__)
+
+PREFILL_CHUNK_TOKENS = 512
+# a chunk of a prompt that does not finish it is at least this share of the chunk size: a
+# few tokens' prefill costs a whole pass over the weights on a GPU
+MIN_CHUNK_SHARE = 0.25
+GATHER_MS = 5.0
+DECODE_EXTENSION_TOKENS = 4
+RECORDS_KEPT = 200_000
+
+
+class PrefillStopped(Exception):
+    """A prefill left before its end (cancelled, or past the request's deadline). `state` and
+    `logits` are the prefix it computed (None: nothing was; the caller's previous state is
+    untouched and still valid)."""
+
+    def __init__(self, state: ContextState | None, logits: np.ndarray | None):
+        super().__init__("prefill stopped before its end")
+        self.state, self.logits = state, logits
+
+
+class SchedulerClosed(RuntimeError):
+    pass
+
+
+@dataclass
+class IterationRecord:
+    """What one scheduler iteration ran (the benchmarks read these)."""
+
+    started: float  # time.perf_counter()
+    iteration_ms: float  # gather + small calls + decode + prefill
+    decode_ms: float  # the decode_many call (0: no decode this iteration)
+    prefill_ms: float
+    prefill_tokens: int
+    prefill_calls: int
+    rows: tuple[int, ...] = ()  # decode rows of each request in the batch
+    contexts: tuple[int, ...] = ()  # context tokens of each request
+    branch_tokens: tuple[int, ...] = ()  # tokens in each request's branch caches after the step
+
+
+@dataclass
+class SchedulerStats:
+    records: deque = field(default_factory=lambda: deque(maxlen=RECORDS_KEPT))
+    failed_calls: int = 0
+
+    def decode_records(self, since: float = 0.0) -> list[IterationRecord]:
+        return [r for r in list(self.records) if r.decode_ms > 0 and r.started >= since]
+
+    def reset(self) -> None:
+        self.records.clear()
+        self.failed_calls = 0
+
+
+class _Call:
+    """One call of a request's thread, answered by the scheduler thread."""
+
+    __slots__ = ("session", "payload", "done", "result", "error")
+
+    def __init__(self, session: ScheduledRuntime, payload):
+        self.session, self.payload = session, payload
+        self.done = threading.Event()
+        self.result = self.error = None
+
+
+class _Prefill:
+    """A prompt being prefilled for one call: by chunks, or through the decode batch."""
+
+    def __init__(self, call: _Call, tokens: list[int], previous: ContextState | None, keep: int):
+        self.call, self.tokens = call, tokens
+        self.state, self.logits = previous, None  # the prefix computed so far
+        self.done = keep  # tokens whose KV the state holds
+        self.computed = 0  # the first chunk's computed count plus the later ones
+        self.reused: int | None = None  # the first chunk's reused tokens
+        self.mode = "new"  # then "extension" (through the decode batch) or "chunks"
+        self.branches: BranchState | None = None  # extension: the one-row branch cache
+        self.fed = 0  # extension: tokens decoded into it
+
+    @property
+    def remaining(self) -> int:
+        return len(self.tokens) - self.done
+
+
+class BatchScheduler:
+    """The thread that runs one runtime for many requests (see the module docstring)."""
+
+    def __init__(self, runtime: Runtime, prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
+                 gather_ms: float = GATHER_MS, decode_extension_tokens: int = DECODE_EXTENSION_TOKENS):
+        if prefill_chunk_tokens < 1:
+            raise ValueError("prefill_chunk_tokens must be at least 1")
+        self.runtime = runtime
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.gather_s = gather_ms / 1000.0
+        self.decode_extension_tokens = decode_extension_tokens if runtime.reuses_branches else 0
+        self.stats = SchedulerStats()
+        # the contract's keyword; a runtime without it allocates as it goes
+        self._capacity_keyword = "capacity_tokens" in inspect.signature(runtime.prefill).parameters
+        self._cond = threading.Condition()
+        self._ops: list[_Call] = []  # small calls, answered during the gather
+        self._decodes: list[_Call] = []
+        self._prefills: list[_Prefill] = []
+        self._working: set[ScheduledRuntime] = set()  # answered at the last boundary, not back yet
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="codecomplete-batch", daemon=True)
+        self._thread.start()
+
+    # -- the request side ---------------------------------------------------------------
+    def session(self, cancelled: Callable[[], bool] = lambda: False, deadline: float | None = None
+                ) -> ScheduledRuntime:
+        """A runtime for one request; close it when the request no longer calls it."""
+        return ScheduledRuntime(self, cancelled, deadline)
+
+    def _submit(self, call: _Call, kind: str) -> object:
+        """Queue a call ("op", "decode" or "prefill") and wait for its answer."""
+        with self._cond:
+            if self._closing:
+                raise SchedulerClosed("the engine's batch scheduler is shut down")
+            self._working.discard(call.session)
+            if kind == "prefill":
+                self._prefills.append(call.payload)
+            else:
+                (self._decodes if kind == "decode" else self._ops).append(call)
+            self._cond.notify_all()
+        while not call.done.wait(1.0):
+            if not self._thread.is_alive():
+                raise SchedulerClosed("the engine's batch scheduler stopped")
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def _leave(self, session: ScheduledRuntime) -> None:
+        with self._cond:
+            self._working.discard(session)
+            self._cond.notify_all()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the thread: calls still waiting get SchedulerClosed."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the scheduler thread -----------------------------------------------------------------
+    def _answer(self, call: _Call, result=None, error: BaseException | None = None) -> None:
+        call.result, call.error = result, error
+        if error is not None:
+            self.stats.failed_calls += 1
+        with self._cond:
+            if not call.session.closed:
+                self._working.add(call.session)
+        call.done.set()
+
+    def _has_work(self) -> bool:
+        return bool(self._ops or self._decodes or self._prefills)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._has_work() and not self._closing:
+                        self._cond.wait()
+                    if self._closing:
+                        break
+                self._iteration()
+        except Exception:  # a scheduler bug: the waiting requests fail instead of hanging
+            log.exception("batch scheduler: stopped by an error")
+            raise
+        finally:
+            with self._cond:
+                self._closing = True
+                pending = self._ops + self._decodes + [p.call for p in self._prefills]
+                self._ops, self._decodes, self._prefills = [], [], []
+            for call in pending:
+                self._answer(call, error=SchedulerClosed("the engine's batch scheduler is shut down"))
+
+    def _iteration(self) -> None:
+        t0 = time.perf_counter()
+        self._gather()
+        with self._cond:
+            decodes, self._decodes = self._decodes, []
+            prefills = list(self._prefills)
+        if not decodes and not prefills:  # the gather answered small calls only
+            return
+        record = IterationRecord(started=t0, iteration_ms=0.0, decode_ms=0.0, prefill_ms=0.0, prefill_tokens=0,
+                                 prefill_calls=0)
+        self.stats.records.append(record)  # before any answer: a request sees its own step recorded
+        extensions, chunked = [], []
+        for job in prefills:
+            if self._stopping(job):
+                computed = job.computed > 0
+                self._finish_prefill(job, error=PrefillStopped(job.state if computed else None,
+                                                               job.logits if computed else None))
+                continue
+            if job.mode == "new":
+                try:
+                    self._start(job)
+                except Exception as e:
+                    self._finish_prefill(job, error=e)
+                    continue
+            (extensions if job.mode == "extension" else chunked).append(job)
+        if decodes or extensions:
+            self._decode(decodes, extensions, record)
+        if chunked:
+            self._prefill(chunked, record)
+        record.iteration_ms = (time.perf_counter() - t0) * 1000.0
+
+    def _gather(self) -> None:
+        """Answer small calls until every request answered at the last step boundary is back
+        with its next call, or gather_ms have passed."""
+        deadline = time.perf_counter() + self.gather_s
+        while True:
+            with self._cond:
+                ops, self._ops = self._ops, []
+                if not ops:
+                    now = time.perf_counter()
+                    if not self._working or self._closing or now >= deadline:
+                        return
+                    self._cond.wait(deadline - now)
+                    continue
+            for call in ops:
+                try:
+                    self._answer(call, call.payload(self.runtime))
+                except Exception as e:  # the request's own error: its thread raises it
+                    self._answer(call, error=e)
+
+    def _decode(self, decodes: list[_Call], extensions: list[_Prefill], record: IterationRecord) -> None:
+        runtime = self.runtime
+        steps, owners = [], []
+        for call in decodes:
+            step: DecodeStep = call.payload
+            try:
+                runtime.check_decode(step.context, step.branches, step.next_tokens)
+            except Exception as e:
+                self._answer(call, error=e)
+                continue
+            steps.append(step)
+            owners.append(call)
+        for job in extensions:
+            steps.append(DecodeStep(job.state, job.branches, [job.tokens[len(job.state.tokens) + job.fed]]))
+            owners.append(job)
+        if not steps:
+            return
+        t0 = time.perf_counter()
+        try:
+            logits = runtime.decode_many(steps)
+            if len(logits) != len(steps):
+                raise RuntimeError(f"decode_many returned {len(logits)} results for {len(steps)} steps")
+        except Exception as e:  # the runtime failed the whole batch: each of its requests fails
+            log.exception("batch scheduler: decode_many of %d steps failed", len(steps))
+            for owner in owners:
+                if isinstance(owner, _Prefill):
+                    self._finish_prefill(owner, error=e)
+                else:
+                    self._answer(owner, error=e)
+            return
+        record.rows = tuple(s.branches.n for s in steps)
+        record.contexts = tuple(len(s.context.tokens) for s in steps)
+        record.branch_tokens = tuple(s.branches.step for s in steps)
+        record.decode_ms = (time.perf_counter() - t0) * 1000.0
+        for owner, out in zip(owners, logits, strict=True):
+            if isinstance(owner, _Prefill):
+                self._extended(owner, out)
+            else:
+                self._answer(owner, out)
+
+    # -- prefill ----------------------------------------------------------------------------
+    def _stopping(self, job: _Prefill) -> bool:
+        session = job.call.session
+        return session.cancelled() or (session.deadline is not None and time.monotonic() > session.deadline)
+
+    def _finish_prefill(self, job: _Prefill, result=None, error: BaseException | None = None) -> None:
+        with self._cond:
+            if job in self._prefills:
+                self._prefills.remove(job)
+        self._answer(job.call, result, error)
+
+    def _start(self, job: _Prefill) -> None:
+        """The first look at a new prompt: through the decode batch when it extends its
+        previous state by a few tokens, else by chunks."""
+        previous, tokens = job.state, job.tokens
+        ext = len(tokens) - len(previous.tokens) if previous is not None else 0
+        job.mode = "chunks"
+        if (0 < ext <= self.decode_extension_tokens and job.done == len(previous.tokens)
+                and common_prefix_len(previous.tokens, tokens) == len(previous.tokens)):
+            job.branches = self.runtime.start_branches(previous, 1, ext)
+            job.mode = "extension"
+
+    def _extended(self, job: _Prefill, logits: np.ndarray) -> None:
+        """One extension token decoded; after the last, its KV joins the context."""
+        job.fed += 1
+        previous = job.state
+        fed = job.tokens[len(previous.tokens):]
+        if job.fed < len(fed):
+            return
+        try:
+            state = self.runtime.adopt(previous, job.branches, 0, fed)
+        except Exception as e:
+            self._finish_prefill(job, error=e)
+            return
+        job.branches, job.mode = None, "chunks"
+        if state is None:  # no room in the context's buffer: prefill the tokens instead
+            return
+        state.reused_tokens, state.new_tokens, state.adopted_tokens = len(previous.tokens), len(fed), 0
+        self._finish_prefill(job, (state, np.asarray(logits[0], dtype=np.float32)))
+
+    def _prefill(self, jobs: list[_Prefill], record: IterationRecord) -> None:
+        """Up to prefill_chunk_tokens of the waiting prompts, shortest first."""
+        budget = self.prefill_chunk_tokens
+        min_chunk = max(1, int(self.prefill_chunk_tokens * MIN_CHUNK_SHARE))
+        t0 = time.perf_counter()
+        for job in sorted(jobs, key=lambda j: j.remaining):
+            n = min(job.remaining, budget)
+            if n < job.remaining and n < min_chunk and budget < self.prefill_chunk_tokens:
+                break  # what is left of the budget is too small a chunk (the longer prompts wait)
+            try:
+                self._chunk(job, job.done + n)
+            except Exception as e:
+                self._finish_prefill(job, error=e)
+                continue
+            budget -= n
+            record.prefill_tokens += n
+            record.prefill_calls += 1
+            if job.remaining == 0:
+                state = job.state
+                state.reused_tokens, state.new_tokens, state.adopted_tokens = job.reused, job.computed, 0
+                self._finish_prefill(job, (state, job.logits))
+        record.prefill_ms = (time.perf_counter() - t0) * 1000.0
+
+    def _chunk(self, job: _Prefill, end: int) -> None:
+        kwargs = {"capacity_tokens": len(job.tokens)} if self._capacity_keyword else {}
+        state, logits = self.runtime.prefill(job.tokens[:end], job.state, **kwargs)
+        if job.reused is None:
+            job.reused = state.reused_tokens
+        job.computed += state.new_tokens
+        job.state, job.logits, job.done = state, logits, end
+
+
+class ScheduledRuntime(Runtime):
+    """One request's runtime while batching: the same calls as the scheduler's runtime, each
+    run on the scheduler thread (decode joins the next batch; prefill is chunked)."""
+
+    def __init__(self, scheduler: BatchScheduler, cancelled: Callable[[], bool], deadline: float | None):
+        runtime = scheduler.runtime
+        self._scheduler, self._runtime = scheduler, runtime
+        self.cancelled, self.deadline = cancelled, deadline
+        self.name, self.config, self.tokenizer = runtime.name, runtime.config, runtime.tokenizer
+        self.reuses_branches = runtime.reuses_branches
+        self.batch_attention = runtime.batch_attention
+        self.closed = False
+
+    def _op(self, fn: Callable[[Runtime], object]):
+        return self._scheduler._submit(_Call(self, fn), "op")
+
+    def prefill(self, tokens: Sequence[int], previous: ContextState | None = None, *,
+                capacity_tokens: int | None = None) -> tuple[ContextState, np.ndarray]:
+        """The runtime's prefill, by chunks between decode steps; PrefillStopped when the
+        request is cancelled or late before its end."""
+        tokens = self._runtime.check_prefill(tokens)
+        call = _Call(self, None)
+        call.payload = _Prefill(call, tokens, previous, self._runtime.reuse_split(tokens, previous))
+        return self._scheduler._submit(call, "prefill")
+
+    def decode(self, context, branches, next_tokens):
+        step = DecodeStep(context, branches, list(next_tokens))
+        return self._scheduler._submit(_Call(self, step), "decode")
+
+    def start_branches(self, context, n, max_new_tokens):
+        return self._op(lambda rt: rt.start_branches(context, n, max_new_tokens))
+
+    def select_branches(self, branches, keep):
+        return self._op(lambda rt: rt.select_branches(branches, keep))
+
+    def adopt(self, context, branches, row, tokens, start=0):
+        return self._op(lambda rt: rt.adopt(context, branches, row, tokens, start))
+
+    def branch_from(self, context, branches, rows, start, steps, max_new_tokens):
+        return self._op(lambda rt: rt.branch_from(context, branches, rows, start, steps, max_new_tokens))
+
+    def describe(self) -> dict:
+        return self._runtime.describe()
+
+    def close(self) -> None:
+        """This request makes no more calls: the scheduler stops waiting for it."""
+        self.closed = True
+        self._scheduler._leave(self)
+
+    def __enter__(self) -> ScheduledRuntime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class DocumentTurns:
+    """One request at a time per document key (its kept KV state and prompt memo are taken
+    by one request at a time); different documents go on together."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, list] = {}  # key -> [lock, holders and waiters]
+
+    @contextmanager
+    def turn(self, key: str):
+        with self._guard:
+            entry = self._locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._guard:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._locks[key]
+
+
+__all__ = ["BatchScheduler", "DocumentTurns", "IterationRecord", "PrefillStopped", "ScheduledRuntime",
+           "SchedulerClosed", "SchedulerStats"]

@@ -1,0 +1,397 @@
+"""One replica, many typists, in process (no Ray, no HTTP): `bench serve --device cuda|cpu`.
+
+    codecomplete bench serve --device cuda --users 1,8,32,64 \\
+        --variants sequential,batched-plain,batched-bifurcated --model random-7b --n 4 \\
+        --new-tokens 16 --context-tokens 2048 --json --plot serve_gpu.png
+
+U simulated typists (bench/typists.py: their own place in a file, about --interval-ms
+between keystrokes, pauses) send each keystroke as one Engine.complete with --n candidates
+and exactly --new-tokens decoded tokens (Engine.exact_new_tokens: no stop rule, patience or
+deadline ends a candidate early, and no typing-as-suggested answer skips the model; keystroke
+reuse is off: each keystroke does the same work, whatever the weights), over prompts of about
+--context-tokens tokens. Variants: sequential (batching off: the requests queue on the
+engine's lock), batched-plain and batched-bifurcated (batching on; the torch runtime's
+decode_many attends each row to its context on its own, or each context once for all its
+rows). Per row: keystroke p50/p95, keystrokes/s, the decode step (mean, p95, rows and
+requests per step), the others' step while prefill chunks run between steps, GPU memory,
+and the step's memory-traffic floor (runtime/traffic.py over the measured copy bandwidth).
+--cold-every-s S adds a client that sends a cold prompt of --cold-tokens tokens every S
+seconds: each row then runs without and with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+from codecomplete.batching import GATHER_MS, PREFILL_CHUNK_TOKENS, IterationRecord
+from codecomplete.bench.common import emit, format_table, percentile, progress
+from codecomplete.bench.typists import Typing, keystrokes_per_s, type_together
+from codecomplete.request import CompletionOptions, CompletionRequest
+from codecomplete.runtime import DEVICES
+
+# variant -> (Engine batching, the runtime's batch_attention)
+VARIANTS = {"sequential": ("off", "bifurcated"), "batched-plain": ("on", "plain"),
+            "batched-bifurcated": ("on", "bifurcated")}
+RANDOM_7B = "random-7b"
+COLD_IN_FLIGHT = 4  # cold prompts still running when the next is due: the next waits
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The in-process options (bench serve's parser holds them next to its HTTP ones)."""
+    p.add_argument("--device", default=None, choices=DEVICES,
+                   help="run in process on this device (no Ray, no HTTP): the batch scheduler's benchmark")
+    p.add_argument("--variants", default="sequential,batched-bifurcated",
+                   help=f"with --device, comma-separated: {', '.join(VARIANTS)}")
+    p.add_argument("--model", default=None,
+                   help=f"with --device: a model folder or GGUF, or {RANDOM_7B} (Qwen2.5-Coder-7B-shaped, random "
+                        "weights); default the shipped model")
+    p.add_argument("--layers", type=int, default=0, help=f"{RANDOM_7B}: layers (default 28)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="with --device: float weights (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--new-tokens", type=int, default=16, help="with --device: tokens decoded per keystroke, exactly")
+    p.add_argument("--context-tokens", type=int, default=2048, help="with --device: prompt tokens (prefix + suffix)")
+    p.add_argument("--prefill-chunk-tokens", type=int, default=PREFILL_CHUNK_TOKENS,
+                   help="with --device: prompt tokens prefilled between two decode steps")
+    p.add_argument("--gather-ms", type=float, default=GATHER_MS,
+                   help="with --device: how long a batched step waits for the requests of the last one")
+    p.add_argument("--max-row-s", type=float, default=30.0,
+                   help="with --device: a user starts no keystroke later than this after its first one")
+    p.add_argument("--cold-every-s", type=float, default=0.0,
+                   help="with --device: also run each row with a cold prompt arriving this often (0: never)")
+    p.add_argument("--cold-tokens", type=int, default=4096, help="with --device: a cold prompt's tokens")
+    p.add_argument("--copy-gbps", type=float, default=0.0,
+                   help="with --device: copy bandwidth (GB/s read + written) for the floor; default measured")
+
+
+class Runtimes:
+    """One set of weights; a torch runtime per batch attention, built when first asked for
+    (the previous one dropped, so only one holds its device buffers at a time)."""
+
+    def __init__(self, args):
+        import torch
+
+        self.device = args.device
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("bench serve: --device cuda, but torch sees no CUDA device")
+        self.precision = args.precision if args.precision != "auto" else "bf16" if self.device == "cuda" else "fp32"
+        if args.model == RANDOM_7B:
+            from codecomplete.models.testing import (
+                qwen7b_shape_config,
+                random_torch_model,
+                standin_tokenizer,
+            )
+
+            longest = max(args.context_tokens, args.cold_tokens if args.cold_every_s else 0)
+            # suffix first (SPM): typing changes only the prompt's end, so a keystroke prefills a
+            # token or two; Qwen's own order (PSM) would re-prefill the whole suffix each time,
+            # and random weights do not care which order they were "trained" in
+            overrides = {"max_seq_len": longest + args.new_tokens + 64, "fim_order": "spm",
+                         **({"n_layers": args.layers} if args.layers else {})}
+            cfg = qwen7b_shape_config(**overrides)
+            self.model = random_torch_model(cfg, self.device, self.precision)
+            self.tokenizer = standin_tokenizer(cfg)
+        else:
+            from codecomplete.models.format.source import load_model_source
+            from codecomplete.runtime.torch import build_torch_model
+
+            source = load_model_source(args.model, precision=self.precision)
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
+            self.model = build_torch_model(source, self.device, dtype)
+            self.tokenizer = source.tokenizer
+        self.config = self.model.cfg
+        self._built: tuple[str, object] | None = None
+
+    def get(self, batch_attention: str):
+        from codecomplete.runtime.torch import TorchRuntime
+
+        if self._built is not None and self._built[0] == batch_attention:
+            return self._built[1]
+        self._built = None
+        self.free()
+        # "plain" is the runtime's baseline option (TorchRuntime(batch_attention=)); the default is bifurcated
+        kwargs = {"batch_attention": batch_attention} if batch_attention != "bifurcated" else {}
+        rt = TorchRuntime.from_model(self.model, self.tokenizer, device=self.device, precision=self.precision, **kwargs)
+        self._built = (batch_attention, rt)
+        return rt
+
+    def free(self) -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+class StepRecorder:
+    """The sequential variant's decode steps, recorded as the scheduler records its own."""
+
+    def __init__(self, runtime):
+        self.runtime, self.records = runtime, []
+        self._decode = runtime.decode
+        self._own = vars(runtime).get("decode")  # an instance's own decode (a wrapper) to put back
+
+    def __enter__(self):
+        def decode(context, branches, next_tokens):
+            t0 = time.perf_counter()
+            out = self._decode(context, branches, next_tokens)
+            ms = (time.perf_counter() - t0) * 1000.0
+            self.records.append(IterationRecord(t0, ms, ms, 0.0, 0, 0, (branches.n,), (len(context.tokens),),
+                                                (branches.step,)))
+            return out
+
+        self.runtime.decode = decode
+        return self
+
+    def __exit__(self, *exc):
+        if self._own is not None:
+            self.runtime.decode = self._own
+        else:
+            del self.runtime.decode  # the class's method again
+
+
+def long_document(text: str, tokenizer, tokens: int) -> str:
+    """The file repeated until each user's place in its second half has `tokens` before it."""
+    per_copy = max(1, len(tokenizer.encode(text)))
+    copies = max(2, -(-2 * tokens // per_copy) + 1)
+    return text * copies
+
+
+def _sender(engine):
+    def send(request: CompletionRequest) -> dict:
+        try:
+            c = engine.complete(request)
+        except Exception as e:  # counted as an error; the row goes on
+            return {"status": 500, "error": type(e).__name__}
+        return {"status": 200, "source": c.source, "new_tokens": c.prefill_new_tokens,
+                "tokens": c.tokens_generated, "engine_ms": c.timings_ms.get("total")}
+    return send
+
+
+class ColdClient:
+    """A cold prompt (a new document) every `every_s` seconds, each in its own thread."""
+
+    def __init__(self, engine, text: str, language: str, every_s: float, options: CompletionOptions):
+        self.engine, self.text, self.language, self.every_s, self.options = engine, text, language, every_s, options
+        self.ms: list[float] = []
+        self.prompt_tokens: list[int] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._loop = threading.Thread(target=self._run, daemon=True)
+
+    def _one(self, i: int) -> None:
+        lines = [k for k, ch in enumerate(self.text) if ch == "\n"]
+        offset = lines[len(lines) * 3 // 4 + i % max(1, len(lines) // 8)] + 1
+        request = CompletionRequest(text=self.text, offset=offset, language=self.language, path=f"cold{i}/file.py",
+                                    options=self.options)
+        t0 = time.perf_counter()
+        c = self.engine.complete(request)
+        self.ms.append((time.perf_counter() - t0) * 1000.0)
+        self.prompt_tokens.append(c.prefill_new_tokens + c.prefill_reused_tokens)
+
+    def _run(self) -> None:
+        i = 0
+        while not self._stop.wait(self.every_s):
+            self._threads = [t for t in self._threads if t.is_alive()]
+            if len(self._threads) >= COLD_IN_FLIGHT:
+                continue
+            t = threading.Thread(target=self._one, args=(i,), daemon=True)
+            t.start()
+            self._threads.append(t)
+            i += 1
+
+    def __enter__(self):
+        self._loop.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._loop.join()
+        for t in self._threads:
+            t.join()
+
+
+def step_figures(records: list[IterationRecord], config, precision: str, bifurcated: bool, copy_gbps: float
+                 ) -> dict:
+    """Mean and p95 step time, rows and requests per step, and the mean traffic floor."""
+    from codecomplete.runtime.traffic import floor_ms, step_traffic_bytes
+
+    steps = [r for r in records if r.decode_ms > 0]
+    if not steps:
+        return {}
+    floors = [floor_ms(step_traffic_bytes(config, precision, r.contexts, r.rows, bifurcated,
+                                          [max(0, b - 1) for b in r.branch_tokens]), copy_gbps) for r in steps]
+    step_ms = [r.decode_ms for r in steps]
+    return {"steps": len(steps), "step_ms": statistics.fmean(step_ms), "step_p50_ms": percentile(step_ms, 50),
+            "decode_p95_ms": percentile(step_ms, 95),
+            # what the other requests wait between two steps: the step plus the prefill chunks
+            # and small calls run between steps
+            "step_p95_ms": percentile([r.iteration_ms for r in steps], 95),
+            "rows_per_step": statistics.fmean(sum(r.rows) for r in steps),
+            "requests_per_step": statistics.fmean(len(r.rows) for r in steps),
+            "context_tokens_mean": statistics.fmean(m for r in steps for m in r.contexts),
+            "floor_ms": statistics.fmean(floors), "step_vs_floor": statistics.fmean(step_ms) / statistics.fmean(floors)}
+
+
+def run_row(engine, runtime, variant: str, users: int, cold: bool, doc: str, language: str, args,
+            options: CompletionOptions, cold_options: CompletionOptions, copy_gbps: float, precision: str) -> dict:
+    import torch
+
+    engine.forget()
+    if engine.scheduler is not None:
+        engine.scheduler.stats.reset()
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    typing = Typing(args.keystrokes, args.interval_ms, args.pause_ms, max_s=args.max_row_s)
+    recorder = StepRecorder(runtime) if engine.scheduler is None else None
+    cold_client = ColdClient(engine, doc, language, args.cold_every_s, cold_options) if cold else None
+    with recorder or nullcontext(), cold_client or nullcontext():
+        records, wall_s = type_together([_sender(engine)] * users, doc, "file.py", language, typing, options,
+                                        args.seed)
+    steps = recorder.records if recorder is not None else list(engine.scheduler.stats.records)
+    answered = [r for r in records if r["status"] == 200]
+    ms = [r["ms"] for r in answered]
+    row = {"variant": variant, "users": users, "cold_every_s": args.cold_every_s if cold else 0,
+           "keystrokes": len(answered), "errors": len(records) - len(answered),
+           "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95), "keystrokes_per_s": keystrokes_per_s(answered),
+           "cache_share": sum(r["source"] == "cache" for r in answered) / max(1, len(answered)),
+           "wall_s": wall_s, **step_figures(steps, runtime.config, precision, VARIANTS[variant][1] == "bifurcated",
+                                            copy_gbps)}
+    if "floor_ms" in row:  # a keystroke decodes new_tokens steps: their floor
+        row["keystroke_floor_ms"] = args.new_tokens * row["floor_ms"]
+        row["p50_vs_keystroke_floor"] = row["p50_ms"] / row["keystroke_floor_ms"]
+    if args.device == "cuda":
+        row["gpu_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if cold_client is not None:
+        row["cold_prompts"] = len(cold_client.ms)
+        row["cold_p50_ms"] = percentile(cold_client.ms, 50)
+        row["cold_prompt_tokens_mean"] = statistics.fmean(cold_client.prompt_tokens) if cold_client.ms else None
+    return row
+
+
+def compare(rows: list[dict]) -> None:
+    """Each row against its variant's one-typist row, the sequential row and the plain one
+    of the same users (the issue's targets are such ratios)."""
+    def find(variant, users, cold):
+        return next((r for r in rows if (r["variant"], r["users"], bool(r["cold_every_s"])) == (variant, users, cold)),
+                    None)
+
+    ratio = lambda a, b: a / b if a and b else None  # noqa: E731
+    for r in rows:
+        cold = bool(r["cold_every_s"])
+        one = find(r["variant"], 1, cold)
+        if one is not None and r is not one:
+            r["step_vs_one_typist"] = ratio(r.get("step_ms"), one.get("step_ms"))
+            r["p95_vs_one_typist"] = ratio(r["p95_ms"], one["p95_ms"])
+        seq = find("sequential", r["users"], cold)
+        if seq is not None and r is not seq:
+            r["keystrokes_per_s_vs_sequential"] = ratio(r["keystrokes_per_s"], seq["keystrokes_per_s"])
+        plain = find("batched-plain", r["users"], cold)
+        if r["variant"] == "batched-bifurcated" and plain is not None:
+            r["keystrokes_per_s_vs_plain"] = ratio(r["keystrokes_per_s"], plain["keystrokes_per_s"])
+        if cold:
+            quiet = find(r["variant"], r["users"], False)
+            if quiet is not None:
+                r["step_p95_vs_no_cold"] = ratio(r.get("step_p95_ms"), quiet.get("step_p95_ms"))
+
+
+def run(args, users_list: list[int], variants: list[str]) -> int:
+    """bench serve --device: every (variant, users[, cold prompts]) row, in that order."""
+    from codecomplete.engine import Engine
+
+    if args.new_tokens < 1 or args.context_tokens < 16 or args.keystrokes < 1:
+        raise SystemExit("bench serve: --new-tokens and --keystrokes must be at least 1, --context-tokens 16")
+    progress(f"bench serve (in process, {args.device}): loading {args.model or 'the shipped model'}")
+    t0 = time.perf_counter()
+    runtimes = Runtimes(args)
+    progress(f"  weights ready in {time.perf_counter() - t0:.1f} s")
+    if args.copy_gbps:
+        copy_gbps = args.copy_gbps
+    else:
+        from codecomplete.bench.decode import measure_copy_gbps
+
+        copy_gbps = measure_copy_gbps(args.device)
+    path = str(Path(args.file))
+    from codecomplete.bench.latency import _language
+
+    language = _language(path, args.language)
+    longest = max(args.context_tokens, args.cold_tokens if args.cold_every_s else 0)
+    doc = long_document(Path(path).read_text(encoding="utf-8"), runtimes.tokenizer, longest)
+    suffix_tokens = args.context_tokens // 4
+    options = CompletionOptions(n=args.n, max_new_tokens=args.new_tokens, deadline_ms=args.deadline_ms,
+                                multiline=False, prefix_tokens=args.context_tokens - suffix_tokens,
+                                suffix_tokens=suffix_tokens)
+    cold_options = replace(options, prefix_tokens=args.cold_tokens - args.cold_tokens // 4,
+                           suffix_tokens=args.cold_tokens // 4)
+    names = ("keystrokes", "interval_ms", "pause_ms", "n", "new_tokens", "context_tokens", "prefill_chunk_tokens",
+             "gather_ms", "max_row_s", "cold_every_s", "cold_tokens", "seed")
+    settings = {k: getattr(args, k) for k in names}
+    result: dict = {"benchmark": "serve-in-process", "device": args.device, "model": args.model or "default",
+                    "precision": runtimes.precision, "copy_gbps": copy_gbps, "settings": settings, "rows": []}
+    if args.device == "cuda":
+        import torch
+
+        result["gpu"] = torch.cuda.get_device_name()
+    colds = [False, True] if args.cold_every_s > 0 else [False]
+    attentions = list(dict.fromkeys(VARIANTS[v][1] for v in variants))
+    # the variants that share a runtime one after the other: each runtime is built once
+    for variant in sorted(variants, key=lambda v: attentions.index(VARIANTS[v][1])):
+        batching, attention = VARIANTS[variant]
+        t0 = time.perf_counter()
+        runtime = runtimes.get(attention)
+        engine = Engine(runtime, batching=batching, prefill_chunk_tokens=args.prefill_chunk_tokens,
+                        cached_documents=2 * max(users_list) + 2 * COLD_IN_FLIGHT, gather_ms=args.gather_ms)
+        engine.exact_new_tokens = args.new_tokens
+        engine.reuse_keystrokes = False  # every keystroke runs the model: the same work each time
+        progress(f"  {variant}: ready in {time.perf_counter() - t0:.1f} s")
+        try:
+            warm = Typing(3, args.interval_ms / 3, 0.0)  # first calls: allocations, kernel choices
+            type_together([_sender(engine)], doc, "warmup.py", language, warm, options, args.seed)
+            for users in users_list:
+                for cold in colds:
+                    row = run_row(engine, runtime, variant, users, cold, doc, language, args, options, cold_options,
+                                  copy_gbps, runtimes.precision)
+                    result["rows"].append(row)
+                    progress(f"    {users:3d} user(s){' + cold prompts' if cold else ''}: p50 {row['p50_ms']:.1f} ms, "
+                             f"p95 {row['p95_ms']:.1f} ms, {row['keystrokes_per_s']:.1f} keystrokes/s, step "
+                             f"{row.get('step_ms', float('nan')):.2f} ms x {row.get('rows_per_step', 0):.1f} rows "
+                             f"(floor {row.get('floor_ms', float('nan')):.2f} ms)")
+        finally:
+            engine.close()
+    compare(result["rows"])
+    columns = ["variant", "users", "cold_every_s", "p50_ms", "p95_ms", "keystrokes_per_s", "step_ms", "step_p95_ms",
+               "rows_per_step", "requests_per_step", "floor_ms", "step_vs_floor", "gpu_mem_mib", "errors"]
+    emit(result, args.json, format_table(result["rows"], columns))
+    if args.plot:
+        plot(result["rows"], args.plot)
+    return 0
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        series.setdefault(r["variant"] + (" + cold prompts" if r["cold_every_s"] else ""), []).append(r)
+    for name, rs in series.items():
+        users = [r["users"] for r in rs]
+        left.plot(users, [r["p95_ms"] for r in rs], marker="o", label=name)
+        right.plot(users, [r["keystrokes_per_s"] for r in rs], marker="o", label=name)
+    for ax, label in ((left, "keystroke p95 (ms)"), (right, "keystrokes/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("users typing")
+        ax.set_ylabel(label)
+    left.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -1,0 +1,56 @@
+"""`codecomplete bench serve --device cpu`: the in-process typists benchmark on a tiny
+model, every variant the runtime offers, rows with step figures and traffic floors."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from codecomplete.bench import serve as bench_serve  # noqa: E402
+from codecomplete.runtime.torch import TorchRuntime  # noqa: E402
+
+# batched-plain needs the runtime's batch_attention option (the runtime side of #20)
+VARIANTS = ["sequential", "batched-bifurcated"] + (
+    ["batched-plain"] if "batch_attention" in inspect.signature(TorchRuntime.__init__).parameters else [])
+
+
+def _args(*argv: str):
+    p = argparse.ArgumentParser()
+    bench_serve.add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def test_bench_serve_in_process_reports_each_variant_and_its_step_figures(tiny_model_dir, tmp_path, capsys):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = bench_serve.run(_args(
+            "--device", "cpu", "--model", str(tiny_model_dir), "--users", "1,3", "--variants", ",".join(VARIANTS),
+            "--keystrokes", "4", "--interval-ms", "10", "--pause-ms", "10", "--n", "2", "--new-tokens", "5",
+            "--context-tokens", "160", "--copy-gbps", "10", "--max-row-s", "5", "--cold-every-s", "0.2",
+            "--cold-tokens", "300", "--json", "--plot", str(tmp_path / "serve.png")))
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = result["rows"]
+    assert [(r["variant"], r["users"], bool(r["cold_every_s"])) for r in rows] == [
+        (v, u, cold) for v in VARIANTS for u in (1, 3) for cold in (False, True)]
+    for r in rows:
+        assert r["errors"] == 0 and r["keystrokes"] >= 1
+        assert r["rows_per_step"] >= 1 and 0 < r["floor_ms"] < r["step_ms"]
+        assert r["keystroke_floor_ms"] == pytest.approx(5 * r["floor_ms"])
+    batched = next(r for r in rows if r["variant"] == "batched-bifurcated" and r["users"] == 3 and not r["cold_every_s"])
+    assert "keystrokes_per_s_vs_sequential" in batched and "step_vs_one_typist" in batched
+    assert any(r.get("cold_prompts") for r in rows) and "step_p95_vs_no_cold" in rows[1]
+    assert (tmp_path / "serve.png").stat().st_size > 0
+
+
+def test_bench_serve_refuses_an_unknown_variant():
+    with pytest.raises(SystemExit, match="--variants"):
+        bench_serve.run(_args("--device", "cpu", "--variants", "sequential,turbo"))
