@@ -38,6 +38,10 @@ from .onnx_graph import LINEAR_KINDS, build_model, has_empty_context_bug
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK_TOKENS = 256  # long prompts run in chunks: bounded score matrices, no upper triangle
+# The one-thread session for a busy CPU packs its own copy of every weight (onnxruntime's
+# Python API cannot share packed weights between sessions): worth it for a small model,
+# not for Qwen2.5-Coder-0.5B, whose second copy took its peak from 1.0 to 2.3 GB
+SINGLE_THREAD_SESSION_MAX_WEIGHT_BYTES = 128 << 20
 
 
 def physical_cores() -> int:
@@ -105,6 +109,21 @@ class SpilledArrays(dict):
                 super().__setitem__(name, np.frombuffer(self._map, dtype, count, offset).reshape(shape))
         self._file.close()  # the mapping keeps the unlinked file's pages
         return self
+
+
+def lazily_resident(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zeroed array whose pages become resident only where it is written: an anonymous
+    mapping kept off transparent huge pages. numpy asks for huge pages for big arrays, and
+    the context KV (L, capacity, G, D) is written a few rows per layer: each layer's rows
+    then cost 2 MB pages, 190 MB for Qwen2.5-Coder-0.5B at a 1300-token prompt."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape))
+    buf = mmap.mmap(-1, max(count * dtype.itemsize, 1))
+    try:
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    except (AttributeError, OSError):  # no transparent huge pages here: nothing to keep off
+        pass
+    return np.frombuffer(buf, dtype, count).reshape(shape)
 
 
 def is_int8(source: ModelSource) -> bool:
@@ -178,7 +197,8 @@ class OnnxRuntime(Runtime):
         self._threads_asked = bool(threads)
         self.threads = threads or physical_cores()
         # threads=None: all physical cores while the machine is otherwise idle, one thread
-        # while other programs keep it busy (cpuload.py); an explicit count is kept as given
+        # while other programs keep it busy (cpuload.py) if the weights are small enough for a
+        # second session (SINGLE_THREAD_SESSION_MAX_WEIGHT_BYTES); an explicit count is kept as given
         self.adaptive = threads is None and spin is None and self.threads > 1 and self.device == "cpu"
         self.spin = self.threads > 1 if spin is None else spin
         self.name = f"onnx-{precision}"
@@ -203,6 +223,8 @@ class OnnxRuntime(Runtime):
         # the big tensors go in beside the protobuf: no 2 GiB limit, no serialised copy
         external.finish()
         self._external_names = list(external)
+        self.weight_bytes = sum(a.nbytes for a in external.values())  # what the session packs
+        self.adaptive = self.adaptive and self.weight_bytes <= SINGLE_THREAD_SESSION_MAX_WEIGHT_BYTES
         self._external = [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()]
         self._model_bytes = model.SerializeToString()  # small: the weights are external
         spilled = dict(external)
@@ -276,7 +298,7 @@ class OnnxRuntime(Runtime):
     def new_context_kv(self) -> ContextKV:
         c = self.config
         shape = (c.n_layers, c.max_seq_len, *self._kv_shape)
-        return ContextKV(np.empty(shape, self._np_kv), np.empty(shape, self._np_kv))
+        return ContextKV(lazily_resident(shape, self._np_kv), lazily_resident(shape, self._np_kv))
 
     def prefill(self, tokens, previous=None):
         tokens = self.check_prefill(tokens)
