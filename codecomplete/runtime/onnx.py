@@ -33,7 +33,7 @@ from . import DEVICES
 from .base import BranchState, ContextState, Runtime
 from .cpu import this_cpu
 from .cpuload import CpuLoad
-from .onnx_graph import LINEAR_KINDS, build_model, has_empty_context_bug
+from .onnx_graph import LINEAR_KINDS, EmbeddingTable, build_model, has_empty_context_bug
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +212,7 @@ class OnnxRuntime(Runtime):
         # None: where this onnxruntime has the empty-context bug (onnx_graph.EMPTY_CONTEXT_BUG)
         self.empty_context_guard = (has_empty_context_bug(ort.__version__) if empty_context_guard is None
                                     else empty_context_guard)
+        self.embed = EmbeddingTable(source.weights, linear_kind)
         with dropping_mapped_pages(mapped_files(source.weights)):  # read once to build the graph's copies
             model = build_model(self.config, source.weights, linear_kind, self.kv_dtype, external=external,
                                 ctx_bias=self.empty_context_guard)
@@ -281,9 +282,9 @@ class OnnxRuntime(Runtime):
 
     def _run(self, tokens: np.ndarray, positions: np.ndarray, ctx: ContextKV, m: int,
              branch_k: np.ndarray, branch_v: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One graph call. branch_k/v (L, J, N, G, D). Returns logits (N, V) and the new
-        k, v per layer, interleaved: [k0, v0, k1, v1, ...], each (T, N, G, D)."""
-        feeds = {"tokens": tokens, "positions": positions}
+        """One graph call for tokens (N, T). branch_k/v (L, J, N, G, D). Returns logits (N, V)
+        and the new k, v per layer, interleaved: [k0, v0, k1, v1, ...], each (T, N, G, D)."""
+        feeds = {"embeddings": self.embed(tokens), "positions": positions}
         stand_in = self.empty_context_guard and m == 0
         if self.empty_context_guard:
             feeds["ctx_bias"] = self._ctx_bias_empty if stand_in else self._ctx_bias_zeros[:m]
