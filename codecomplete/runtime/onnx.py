@@ -224,10 +224,11 @@ class OnnxRuntime(Runtime):
         # the big tensors go in beside the protobuf: no 2 GiB limit, no serialised copy
         external.finish()
         self._external_names = list(external)
-        self.weight_bytes = sum(a.nbytes for a in external.values())  # what the session packs
+        self._model_bytes = model.SerializeToString()  # small: the weights are external
+        # what the session packs: the external weights and the small ones inside the protobuf
+        self.weight_bytes = sum(a.nbytes for a in external.values()) + len(self._model_bytes)
         self.adaptive = self.adaptive and self.weight_bytes <= SINGLE_THREAD_SESSION_MAX_WEIGHT_BYTES
         self._external = [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()]
-        self._model_bytes = model.SerializeToString()  # small: the weights are external
         spilled = dict(external)
         del model, external
         # the graph holds its own copies of most weights (transposed int8), and the session
