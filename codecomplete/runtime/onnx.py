@@ -33,11 +33,15 @@ from . import DEVICES
 from .base import BranchState, ContextState, Runtime
 from .cpu import this_cpu
 from .cpuload import CpuLoad
-from .onnx_graph import LINEAR_KINDS, build_model, has_empty_context_bug
+from .onnx_graph import LINEAR_KINDS, EmbeddingTable, build_model, has_empty_context_bug
 
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK_TOKENS = 256  # long prompts run in chunks: bounded score matrices, no upper triangle
+# The one-thread session for a busy CPU packs its own copy of every weight (onnxruntime's
+# Python API cannot share packed weights between sessions): worth it for a small model,
+# not for Qwen2.5-Coder-0.5B, whose second copy took its peak from 1.0 to 2.3 GB
+SINGLE_THREAD_SESSION_MAX_WEIGHT_BYTES = 128 << 20
 
 
 def physical_cores() -> int:
@@ -105,6 +109,21 @@ class SpilledArrays(dict):
                 super().__setitem__(name, np.frombuffer(self._map, dtype, count, offset).reshape(shape))
         self._file.close()  # the mapping keeps the unlinked file's pages
         return self
+
+
+def lazily_resident(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zeroed array whose pages become resident only where it is written: an anonymous
+    mapping kept off transparent huge pages. numpy asks for huge pages for big arrays, and
+    the context KV (L, capacity, G, D) is written a few rows per layer: each layer's rows
+    then cost 2 MB pages, 190 MB for Qwen2.5-Coder-0.5B at a 1300-token prompt."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape))
+    buf = mmap.mmap(-1, max(count * dtype.itemsize, 1))
+    try:
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    except (AttributeError, OSError):  # no transparent huge pages here: nothing to keep off
+        pass
+    return np.frombuffer(buf, dtype, count).reshape(shape)
 
 
 def is_int8(source: ModelSource) -> bool:
@@ -178,7 +197,8 @@ class OnnxRuntime(Runtime):
         self._threads_asked = bool(threads)
         self.threads = threads or physical_cores()
         # threads=None: all physical cores while the machine is otherwise idle, one thread
-        # while other programs keep it busy (cpuload.py); an explicit count is kept as given
+        # while other programs keep it busy (cpuload.py) if the weights are small enough for a
+        # second session (SINGLE_THREAD_SESSION_MAX_WEIGHT_BYTES); an explicit count is kept as given
         self.adaptive = threads is None and spin is None and self.threads > 1 and self.device == "cpu"
         self.spin = self.threads > 1 if spin is None else spin
         self.name = f"onnx-{precision}"
@@ -192,6 +212,7 @@ class OnnxRuntime(Runtime):
         # None: where this onnxruntime has the empty-context bug (onnx_graph.EMPTY_CONTEXT_BUG)
         self.empty_context_guard = (has_empty_context_bug(ort.__version__) if empty_context_guard is None
                                     else empty_context_guard)
+        self.embed = EmbeddingTable(source.weights, linear_kind)
         with dropping_mapped_pages(mapped_files(source.weights)):  # read once to build the graph's copies
             model = build_model(self.config, source.weights, linear_kind, self.kv_dtype, external=external,
                                 ctx_bias=self.empty_context_guard)
@@ -203,8 +224,11 @@ class OnnxRuntime(Runtime):
         # the big tensors go in beside the protobuf: no 2 GiB limit, no serialised copy
         external.finish()
         self._external_names = list(external)
-        self._external = [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()]
         self._model_bytes = model.SerializeToString()  # small: the weights are external
+        # what the session packs: the external weights and the small ones inside the protobuf
+        self.weight_bytes = sum(a.nbytes for a in external.values()) + len(self._model_bytes)
+        self.adaptive = self.adaptive and self.weight_bytes <= SINGLE_THREAD_SESSION_MAX_WEIGHT_BYTES
+        self._external = [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()]
         spilled = dict(external)
         del model, external
         # the graph holds its own copies of most weights (transposed int8), and the session
@@ -259,9 +283,9 @@ class OnnxRuntime(Runtime):
 
     def _run(self, tokens: np.ndarray, positions: np.ndarray, ctx: ContextKV, m: int,
              branch_k: np.ndarray, branch_v: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One graph call. branch_k/v (L, J, N, G, D). Returns logits (N, V) and the new
-        k, v per layer, interleaved: [k0, v0, k1, v1, ...], each (T, N, G, D)."""
-        feeds = {"tokens": tokens, "positions": positions}
+        """One graph call for tokens (N, T). branch_k/v (L, J, N, G, D). Returns logits (N, V)
+        and the new k, v per layer, interleaved: [k0, v0, k1, v1, ...], each (T, N, G, D)."""
+        feeds = {"embeddings": self.embed(tokens), "positions": positions}
         stand_in = self.empty_context_guard and m == 0
         if self.empty_context_guard:
             feeds["ctx_bias"] = self._ctx_bias_empty if stand_in else self._ctx_bias_zeros[:m]
@@ -276,7 +300,7 @@ class OnnxRuntime(Runtime):
     def new_context_kv(self) -> ContextKV:
         c = self.config
         shape = (c.n_layers, c.max_seq_len, *self._kv_shape)
-        return ContextKV(np.empty(shape, self._np_kv), np.empty(shape, self._np_kv))
+        return ContextKV(lazily_resident(shape, self._np_kv), lazily_resident(shape, self._np_kv))
 
     def prefill(self, tokens, previous=None, *, capacity_tokens=None):  # its cache always holds max_seq_len
         tokens = self.check_prefill(tokens)

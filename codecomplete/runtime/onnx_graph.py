@@ -2,7 +2,7 @@
 
 One graph serves both prefill and the bifurcated N-branch decode step:
 
-    tokens (N, T) int64           N branches, T new tokens each
+    embeddings (N, T, dim) float  the N branches' T new tokens, embedded (EmbeddingTable)
     positions (T,) int64          absolute positions of the T new tokens
     ctx_k.i, ctx_v.i (M, G, D)    the shared context KV of layer i, no batch dimension
     branch_k.i, branch_v.i (J, N, G, D)   each branch's own earlier tokens (J may be 0)
@@ -33,8 +33,11 @@ from onnx import TensorProto, helper, numpy_helper
 from codecomplete.models.format.config import ModelConfig
 from codecomplete.models.format.folder import (
     Q4_BLOCK,
+    Q4_SUFFIX,
+    SCALE_SUFFIX,
     Q4Weight,
     quantize_int8,
+    quantize_rows_int8,
     quantize_rows_q4,
     split_int8,
     split_q4,
@@ -101,6 +104,17 @@ class LinearWeight:
     def storage(self) -> str:
         return "int4" if self.q4 is not None else "float" if self.scale is None else "int8"
 
+    def rows(self, start: int, end: int) -> LinearWeight:
+        """Output rows start..end of this weight (views, no copy)."""
+        if self.q4 is not None:
+            q = self.q4
+            return LinearWeight(None, q4=Q4Weight(q.packed[start:end], q.scales[start:end], q.zeros[start:end]))
+        return LinearWeight(self.w[start:end], None if self.scale is None else self.scale[start:end])
+
+    @property
+    def in_features(self) -> int:
+        return self.q4.shape[1] if self.q4 is not None else self.w.shape[1]
+
     def dequantized(self) -> np.ndarray:
         if self.q4 is not None:
             return self.q4.dequantized()
@@ -121,6 +135,42 @@ def stack_rows(parts: list[LinearWeight]) -> LinearWeight:
 
 
 EMBEDDING = "tok_embeddings.weight"  # gathered by rows: never 4-bit in the graph
+
+
+class EmbeddingTable:
+    """The token embedding, looked up outside the graph, with the values the graph's rules
+    give it (linear_weights): int8 rows with per-row scales, 4-bit blocks or float, views of
+    the model folder's mapped file where it stores them so. In the graph, onnxruntime would
+    hold its own copy of the whole table (136M weights for Qwen2.5-Coder-0.5B); here only
+    the pages of rows looked up are read."""
+
+    def __init__(self, weights: dict[str, np.ndarray], linear_kind: str):
+        rest, q4 = split_q4({k: v for k, v in weights.items() if k.startswith(EMBEDDING)})
+        tensors, scales = split_int8(rest)
+        if EMBEDDING in q4:
+            table = LinearWeight(None, q4=q4[EMBEDDING])
+        elif EMBEDDING in tensors:
+            table = LinearWeight(tensors[EMBEDDING], scales.get(EMBEDDING))
+        else:
+            raise ValueError(f"the weights have no {EMBEDDING}")
+        quantized = any(k.endswith((SCALE_SUFFIX, Q4_SUFFIX)) for k in weights)
+        if linear_kind != "fp32" and table.q4 is not None:  # a table of 4-bit rows: gathered as int8
+            table = LinearWeight(*quantize_rows_int8(table.dequantized()))
+        elif linear_kind != "fp32" and not quantized:  # a float model run int8: every weight int8
+            table = LinearWeight(*quantize_rows_int8(table.w))
+        self.table = table  # fp32 keeps the stored kind: a row's lookup is its dequantized value
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        """float32 (*ids.shape, dim) rows for token ids."""
+        t = self.table
+        if t.q4 is not None:
+            flat = ids.reshape(-1)
+            rows = Q4Weight(t.q4.packed[flat], t.q4.scales[flat], t.q4.zeros[flat]).dequantized()
+            return rows.reshape(*ids.shape, -1)
+        rows = t.w[ids].astype(np.float32)
+        if t.scale is not None:
+            rows *= t.scale[ids][..., None]
+        return rows
 
 
 def linear_weights(weights: dict[str, np.ndarray], int8: bool, int4: bool = False
@@ -174,6 +224,10 @@ def pack_q4_zeros(zeros: np.ndarray) -> np.ndarray:
     return (padded[:, 0::2] | (padded[:, 1::2] << 4)).reshape(-1)
 
 
+# onnxruntime copies each external weight into its own memory and frees the copy once it
+# has packed it: a linear layer bigger than this is built as pieces of output rows, so that
+# the copy in flight is one piece, not a vocabulary-sized head (Qwen2.5-Coder-0.5B's: 136M)
+LINEAR_PIECE_MAX_WEIGHTS = 32 << 20
 EXTERNAL_MIN_BYTES = 1 << 16  # tensors this big travel beside the protobuf when asked (every weight matrix)
 
 
@@ -267,7 +321,14 @@ class GraphBuilder:
         return y
 
     def linear(self, x: str, weight: LinearWeight, bias: np.ndarray | None, name: str) -> str:
-        """x (..., in) -> (..., out) with the builder's linear kind (4-bit weights: int4)."""
+        """x (..., in) -> (..., out) with the builder's linear kind (4-bit weights: int4);
+        over LINEAR_PIECE_MAX_WEIGHTS, as pieces of output rows concatenated."""
+        piece_rows = max(1, LINEAR_PIECE_MAX_WEIGHTS // weight.in_features)
+        if weight.out_features > piece_rows:
+            starts = range(0, weight.out_features, piece_rows)
+            pieces = [self.linear(x, weight.rows(a, a + piece_rows), None if bias is None else bias[a:a + piece_rows],
+                                  f"{name}.rows{a}") for a in starts]
+            return self.op("Concat", pieces, axis=-1, name=name)
         kind = self.linear_kind if weight.scale is not None else "fp32"
         if weight.q4 is not None:
             kind = "fp32" if self.linear_kind == "fp32" else "int4"
@@ -467,7 +528,7 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: s
     lw = linear_weights(weights, int8=linear_kind != "fp32", int4=linear_kind == "int4")
     g, hd, h = cfg.n_kv_heads, cfg.head_dim, cfg.n_heads
     f32, kv_type = TensorProto.FLOAT, KV_DTYPES[kv_dtype]
-    inputs = [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["N", "T"]),
+    inputs = [helper.make_tensor_value_info("embeddings", f32, ["N", "T", cfg.dim]),
               helper.make_tensor_value_info("positions", TensorProto.INT64, ["T"])]
     outputs = [helper.make_tensor_value_info("logits", f32, ["N", cfg.vocab_size])]
     for i in range(cfg.n_layers):
@@ -497,8 +558,8 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: s
         assert out == name, "graph output names must be free"
         return out
 
-    n = b.op("Shape", ["tokens"], start=0, end=1, name="N")
-    t = b.op("Shape", ["tokens"], start=1, end=2, name="T")
+    n = b.op("Shape", ["embeddings"], start=0, end=1, name="N")
+    t = b.op("Shape", ["embeddings"], start=1, end=2, name="T")
     m = b.op("Shape", ["ctx_k.0"], start=0, end=1, name="M")
     j = b.op("Shape", ["branch_k.0"], start=0, end=1, name="J")
     dims = Dims(n=n, m=m, jt=b.op("Add", [j, t], name="JT"), ng=b.op("Mul", [n, b.const([g])], name="NG"), tq=t)
@@ -515,16 +576,9 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: s
     rope_cos, rope_sin = b.init(cos, "rope.cos"), b.init(sin, "rope.sin")
     position_ids = b.op("Expand", [b.op("Unsqueeze", ["positions", b.const([0])]), b.shape(n, t)])  # (N, T)
 
-    emb = lw["tok_embeddings.weight"]
-    if emb.scale is not None:  # gather int8 rows and their scales: the table stays int8
-        rows = b.op("Cast", [b.op("Gather", [b.init(emb.w, "tok_embeddings.weight"), "tokens"])], to=f32)
-        row_scales = (emb.scale[:, None] * np.float32(cfg.embedding_scale)).astype(np.float32)  # Gemma's sqrt(dim) too
-        scales = b.op("Gather", [b.init(row_scales, "tok_embeddings.scale"), "tokens"])
-        x = b.op("Mul", [rows, scales], name="embed")
-    else:
-        x = b.op("Gather", [b.init(emb.w, "tok_embeddings.weight"), "tokens"], name="embed")  # (N, T, dim)
-        if cfg.embedding_scale != 1.0:
-            x = b.op("Mul", [x, b.const(cfg.embedding_scale, np.float32)])
+    x = "embeddings"  # (N, T, dim): gathered outside the graph (EmbeddingTable)
+    if cfg.embedding_scale != 1.0:  # Gemma's sqrt(dim)
+        x = b.op("Mul", [x, b.const(cfg.embedding_scale, np.float32)], name="embed_scale")
 
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
