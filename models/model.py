@@ -239,7 +239,10 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.embed_rank or cfg.dim)
+        # factorized embedding (cfg.embed_rank r): the table is (V, r), embed_proj.weight B
+        # (r, dim); a token's vector is A[t]·B, the logits h·Bᵀ·Aᵀ
+        self.embed_proj = nn.Linear(cfg.dim, cfg.embed_rank, bias=False) if cfg.embed_rank else None
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -260,8 +263,25 @@ class Transformer(nn.Module):
             with torch.no_grad():
                 p.copy_(torch.cat([torch.randn((r, *p.shape[1:]), generator=g) for r in rows]) * std)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (...) -> (..., dim)."""
+        x = self.tok_embeddings(tokens)
+        if self.embed_proj is None:
+            return x
+        return x @ self.embed_proj.weight.to(x.dtype)  # (..., r) @ (r, dim); a quantized head keeps B float
+
+    def head_features(self, h: torch.Tensor) -> torch.Tensor:
+        """The last hidden states (..., dim) as the vocabulary matrix multiplies them:
+        normed, and projected to rank r for a factorized embedding."""
         h = self.norm(h)
+        return h if self.embed_proj is None else self.embed_proj(h)
+
+    def vocab_weight(self) -> torch.Tensor:
+        """(V, dim or r): logits = head_features(h) @ vocab_weight().T."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.head_features(h)
         if self.output is None:
             return F.linear(h, self.tok_embeddings.weight)
         return self.output(h)
@@ -276,15 +296,15 @@ class Transformer(nn.Module):
         """Training forward: tokens (B, T) -> logits (B, T, V)."""
         t = tokens.shape[1]
         cos, sin = rope_tables(self.cfg, torch.arange(t, device=tokens.device))
-        h = self.run_layers(self.tok_embeddings(tokens), lambda i, att, x: att.forward_causal(x, cos, sin))
+        h = self.run_layers(self.embed(tokens), lambda i, att, x: att.forward_causal(x, cos, sin))
         return self.logits(h)
 
     def new_cache(self, capacity: int, dtype=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Context KV buffers (L, G, capacity, D), stored once for all branches."""
         c = self.cfg
         shape = (c.n_layers, c.n_kv_heads, capacity, c.head_dim)
-        dtype = dtype or self.tok_embeddings.weight.dtype
-        device = device or self.tok_embeddings.weight.device
+        dtype = dtype or self.norm.weight.dtype
+        device = device or self.norm.weight.device
         return torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
 
     @torch.no_grad()
@@ -294,7 +314,7 @@ class Transformer(nn.Module):
         are written in place. Returns logits (V,) of the last token, or (T, V)."""
         t = tokens.shape[0]
         cos, sin = rope_tables(self.cfg, torch.arange(start, start + t, device=tokens.device))
-        h = self.run_layers(self.tok_embeddings(tokens)[None],  # (1, T, dim)
+        h = self.run_layers(self.embed(tokens)[None],  # (1, T, dim)
                             lambda i, att, x: att.forward_causal(x, cos, sin, k_cache[i][None], v_cache[i][None], start))
         h = h[0, -1] if last_only else h[0]
         return self.logits(h)
@@ -312,7 +332,7 @@ class Transformer(nn.Module):
             raise ValueError(f"unknown attention {attention!r} ({', '.join(DECODE_ATTENTION)})")
         m = k_ctx.shape[2]
         cos, sin = rope_tables(self.cfg, torch.arange(m + step, m + step + 1, device=tokens.device))  # no host copy: CUDA-graph safe
-        h = self.run_layers(self.tok_embeddings(tokens)[:, None],  # (N, 1, dim)
+        h = self.run_layers(self.embed(tokens)[:, None],  # (N, 1, dim)
                             lambda i, att, x: att.forward_decode(x, cos, sin, k_ctx[i], v_ctx[i], dec_k[i], dec_v[i],
                                                                  step, attend))
         return self.logits(h[:, 0])

@@ -75,7 +75,7 @@ def decode_step_plain_cached(model: Transformer, tokens: torch.Tensor, full_k: t
                                     attention.scale)
         return attention.wo(y.reshape(n, 1, -1))
 
-    h = model.run_layers(model.tok_embeddings(tokens)[:, None], attend)  # (N, 1, dim)
+    h = model.run_layers(model.embed(tokens)[:, None], attend)  # (N, 1, dim)
     return model.logits(h[:, 0])
 
 

@@ -32,6 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from codecomplete.models.format.config import ModelConfig
 from codecomplete.models.format.folder import (
+    EMBED_PROJ,
     Q4_BLOCK,
     Q4Weight,
     quantize_int8,
@@ -144,7 +145,8 @@ def linear_weights(weights: dict[str, np.ndarray], int8: bool, int4: bool = Fals
             out[name] = np.asarray(w, np.float32)
     if int4:
         for name, lw in out.items():
-            if isinstance(lw, LinearWeight) and lw.q4 is None and name != EMBEDDING and lw.w.shape[1] % Q4_BLOCK == 0:
+            if isinstance(lw, LinearWeight) and lw.q4 is None and name not in (EMBEDDING, EMBED_PROJ) \
+                    and lw.w.shape[1] % Q4_BLOCK == 0:
                 out[name] = LinearWeight(None, q4=quantize_rows_q4(lw.dequantized()))
     emb = out.get(EMBEDDING)
     if isinstance(emb, LinearWeight) and emb.q4 is not None:  # a table of 4-bit rows: gathered as int8
@@ -465,6 +467,8 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: s
         x = b.op("Mul", [rows, scales], name="embed")
     else:
         x = b.op("Gather", [b.init(emb.w, "tok_embeddings.weight"), "tokens"], name="embed")  # (N, T, dim)
+    if cfg.embed_rank:  # a factorized table's rows (N, T, r) times B (r, dim): small, kept float
+        x = b.op("MatMul", [x, b.init(lw[EMBED_PROJ].dequantized(), "embed_proj.weight")], name="embed_proj")
 
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
@@ -501,6 +505,8 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: s
         x = b.op("Add", [x, b.linear(act, lw[p + "feed_forward.w2.weight"], None, p + "feed_forward.w2")])
 
     xn = b.rms_norm(b.reshape(x, -1, cfg.dim), lw["norm.weight"], cfg.norm_eps, "norm")  # (N, dim)
+    if cfg.embed_rank:  # logits = h·Bᵀ·Aᵀ: two int8 products, (N, r) in between
+        xn = b.linear(xn, lw[EMBED_PROJ], None, "head_proj")
     head = lw["tok_embeddings.weight"] if cfg.tie_embeddings else lw["output.weight"]
     b.nodes.append(helper.make_node("Identity", [b.linear(xn, head, None, "output")], ["logits"]))
     return b.model(inputs, outputs, f"codecomplete-{linear_kind}-kv-{kv_dtype}")

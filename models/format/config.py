@@ -21,6 +21,11 @@ class ModelConfig:
     norm_eps: float = 1e-5
     qkv_bias: bool = False  # Qwen2 has biases on q, k, v
     tie_embeddings: bool = True
+    # rank r of a factorized tied embedding: the table is (vocab, r) and a projection
+    # (r, dim) maps a row to the model width and, transposed, the final hidden state back
+    # (logits = h·Bᵀ·Aᵀ); 0 means a full (vocab, dim) table. What lets a 152k-token
+    # vocabulary fit a small model's budget
+    embed_rank: int = 0
     # token facts
     bos_id: int = -1  # -1: the model uses no BOS
     eos_ids: list[int] = field(default_factory=list)
@@ -47,6 +52,8 @@ class ModelConfig:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.fim_order not in ("spm", "psm"):
             raise ValueError(f"fim_order must be 'spm' or 'psm', not {self.fim_order!r}")
+        if self.embed_rank < 0 or (self.embed_rank and not self.tie_embeddings):
+            raise ValueError(f"embed_rank {self.embed_rank}: a factorized embedding is a tied one, rank >= 0")
         if self.align_back_off not in ("needed", "fixed"):
             raise ValueError(f"align_back_off must be 'needed' or 'fixed', not {self.align_back_off!r}")
 
@@ -70,6 +77,8 @@ class ModelConfig:
         ffn = 3 * d * self.ffn_dim
         per_layer = attn + ffn + 2 * d
         emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        if self.embed_rank:
+            emb = (self.vocab_size + d) * self.embed_rank
         return self.n_layers * per_layer + emb + d
 
     def to_dict(self) -> dict:
