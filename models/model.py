@@ -292,12 +292,20 @@ class Transformer(nn.Module):
             h = layer(h, partial(attend, i))
         return h
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Training forward: tokens (B, T) -> logits (B, T, V)."""
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Training forward through the blocks: tokens (B, T) -> last hidden states (B, T, dim)."""
         t = tokens.shape[1]
         cos, sin = rope_tables(self.cfg, torch.arange(t, device=tokens.device))
-        h = self.run_layers(self.embed(tokens), lambda i, att, x: att.forward_causal(x, cos, sin))
-        return self.logits(h)
+        return self.run_layers(self.embed(tokens), lambda i, att, x: att.forward_causal(x, cos, sin))
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) -> head_features (B, T, dim or r): logits = features @ vocab_weight().T,
+        which a chunked loss computes a slice of positions at a time (152k-wide logits)."""
+        return self.head_features(self.hidden(tokens))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Training forward: tokens (B, T) -> logits (B, T, V)."""
+        return self.logits(self.hidden(tokens))
 
     def new_cache(self, capacity: int, dtype=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Context KV buffers (L, G, capacity, D), stored once for all branches."""

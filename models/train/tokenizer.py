@@ -2,6 +2,7 @@
 
     python -m codecomplete.models.train.tokenizer train --shards DIR [DIR ...] --out tokenizer.json
     python -m codecomplete.models.train.tokenizer show tokenizer.json
+    python -m codecomplete.models.train.tokenizer from-gguf MODEL.gguf --out tokenizer.json
 
 No normaliser, no added prefix space: decode(encode(text)) == text for any string.
 """
@@ -119,7 +120,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-mb-by-lang", default="", help='JSON {"python": 80, "go": 10, ...}')
     p = sub.add_parser("show")
     p.add_argument("path")
+    p = sub.add_parser("from-gguf", help="a GGUF's tokenizer (the header suffices: a split file's first piece)")
+    p.add_argument("gguf")
+    p.add_argument("--out", required=True, help="tokenizer.json to write")
     args = ap.parse_args(argv)
+    if args.cmd == "from-gguf":
+        from ..format.gguf_import import gguf_tokenizer_json
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(gguf_tokenizer_json(args.gguf), encoding="utf-8")
+        print(json.dumps(describe(Tokenizer.from_file(args.out)), indent=1, ensure_ascii=False))
+        return
     if args.cmd == "train":
         caps = {k: int(v * 1e6) for k, v in json.loads(args.max_mb_by_lang or "{}").items()}
         texts = sample_texts(args.shards, caps)
