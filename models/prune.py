@@ -270,7 +270,9 @@ def prune(teacher_cfg: ModelConfig, weights: dict[str, np.ndarray], shape: Stude
 
 def int8_weights_bytes(cfg: ModelConfig) -> int:
     """Exact size of the int8 model.safetensors of a config (folder.save_model_folder's
-    layout: int8 matrices with float32 scales per row, float32 vectors)."""
+    layout: int8 matrices with float32 scales per row, float32 vectors) written in
+    param_shapes' order, as export.py writes it (another order changes the header's
+    offsets by a few digits)."""
     header: dict = {}
     offset = 0
     for name, shape in param_shapes(cfg).items():
@@ -340,7 +342,7 @@ def compare(teacher_path: str, data_dir: str, heldout: list[str], shapes: list[S
         report["teacher"] = evaluate_model(teacher, tok, heldout, seq_len, limit_files)
     del teacher
     for shape in shapes:
-        cfg, student, kept = prune(tcfg, weights, shape, stats, seq_len)
+        cfg, student, kept = prune(tcfg, weights, shape, stats)
         loss = evaluate_model(teacher_model(cfg, student, device), tok, heldout, seq_len, limit_files)
         row = {"shape": shape.describe(), "params": cfg.n_params(), "int8_weights_bytes": int8_weights_bytes(cfg),
                "teacher_layers": kept["teacher_layers"], **loss}
@@ -420,7 +422,7 @@ def make_student(teacher_path: str, data_dir: str, out: str, shape: StudentShape
     rows = calibration_rows(data_dir, student_config(tcfg, shape), n_rows, seq_len).to(device)
     stats = calibrate(teacher, rows)
     del teacher
-    cfg, student, kept = prune(tcfg, weights, shape, stats, seq_len)
+    cfg, student, kept = prune(tcfg, weights, shape, stats)  # the student's context: prune's default
     tokenizer_file = tokenizer_file or str(Path(data_dir) / "tokenizer.json")
     save_model_folder(out, cfg, student, tokenizer_file, int8=False)
     info = {"shape": asdict(shape), "name": shape.describe(), "teacher": Path(teacher_path).name, **kept,
