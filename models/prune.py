@@ -412,24 +412,39 @@ def teacher_model(cfg: ModelConfig, weights: dict[str, np.ndarray], device: str 
 
 def make_student(teacher_path: str, data_dir: str, out: str, shape: StudentShape, n_rows: int, seq_len: int,
                  device: str, tokenizer_file: str = "") -> dict:
-    """Calibrate the teacher, prune, and write the student as a float model folder (with
-    prune.json: the shape, the kept layers and the calibration's size)."""
-    from .format.folder import save_model_folder
-
-    start = time.time()
+    """Load the teacher, calibrate it on training rows, prune, and write the student (see write_student)."""
     tcfg, weights, _tok = load_teacher(teacher_path)
     teacher = teacher_model(tcfg, weights, device)
     rows = calibration_rows(data_dir, student_config(tcfg, shape), n_rows, seq_len).to(device)
+    return write_student(out, tcfg, weights, teacher, shape, rows, tokenizer_file or str(Path(data_dir) / "tokenizer.json"),
+                         Path(teacher_path).name)
+
+
+def write_student(out: str | Path, tcfg: ModelConfig, weights: dict[str, np.ndarray], teacher, shape: StudentShape,
+                  rows, tokenizer_file: str | Path, teacher_name: str, max_seq_len: int = 2048) -> dict:
+    """Calibrate the teacher model on rows, prune its weights to the shape and write the
+    student as a float model folder with prune.json (the shape, what was kept, the
+    calibration's size); written to a temporary folder and renamed, so whole or not at all."""
+    import shutil
+    import tempfile
+
+    from .format.folder import save_model_folder
+
+    start = time.time()
     stats = calibrate(teacher, rows)
-    del teacher
-    cfg, student, kept = prune(tcfg, weights, shape, stats)  # the student's context: prune's default
-    tokenizer_file = tokenizer_file or str(Path(data_dir) / "tokenizer.json")
-    save_model_folder(out, cfg, student, tokenizer_file, int8=False)
-    info = {"shape": asdict(shape), "name": shape.describe(), "teacher": Path(teacher_path).name, **kept,
+    cfg, student, kept = prune(tcfg, weights, shape, stats, max_seq_len)
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    save_model_folder(tmp, cfg, student, tokenizer_file, int8=False)
+    info = {"shape": asdict(shape), "name": shape.describe(), "teacher": teacher_name, **kept,
             "params": cfg.n_params(), "int8_weights_bytes": int8_weights_bytes(cfg),
             "calibration_tokens": stats.tokens, "layer_influence": [round(x / stats.tokens, 5) for x in stats.influence],
             "seconds": round(time.time() - start, 1)}
-    (Path(out) / "prune.json").write_text(json.dumps(info, indent=1) + "\n")
+    (tmp / "prune.json").write_text(json.dumps(info, indent=1) + "\n")
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
     return info
 
 

@@ -163,7 +163,7 @@ def test_distilling_a_pruned_student_lowers_its_loss_and_exports_a_folder_the_en
     # the baseline: CE only, same init and batches, the distillation's planned steps
     (tmp_path / "schedule.jsonl").write_text(json.dumps({"event": "schedule", "total_steps": 6}) + "\n")
     base = tmp_path / "base"
-    distill(DistillConfig(out=str(base), no_teacher=True, minutes=5, follow=str(tmp_path / "schedule.jsonl"), **common))
+    distill(DistillConfig(out=str(base), baseline=True, minutes=5, follow=str(tmp_path / "schedule.jsonl"), **common))
     base_log = [json.loads(x) for x in (base / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in base_log if "loss" in r and "step" in r] == list(range(1, 7))
     assert next(r for r in base_log if r.get("event") == "schedule")["total_steps"] == 6

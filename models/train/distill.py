@@ -1,7 +1,7 @@
 """Distil a teacher into a student with the teacher in the loop (one GPU, or the CPU).
 
     python3 -m models.train.distill --data DATA --out RUN --teacher QWEN.gguf --init STUDENT --minutes 10
-    python3 -m models.train.distill --data DATA --out BASE --init STUDENT --no-teacher --follow RUN/train_log.jsonl
+    python3 -m models.train.distill --data DATA --out BASE --init STUDENT --baseline --follow RUN/train_log.jsonl
 
 The student starts from a model folder (`--init`, e.g. prune.py's pruned teacher) and
 shares the teacher's tokenizer. Each batch runs through the teacher (no gradient; the
@@ -14,7 +14,7 @@ with the teacher's distribution kept as its top-k tokens plus the rest of its ma
 bucket (the student's mass outside those k tokens is the other side of that bucket).
 The 152k-wide logits never exist for a whole batch: both heads run `loss_chunk`
 positions at a time, and the student's gradient for each chunk is taken as it is made
-(ChunkedVocabLoss), so memory holds one chunk's logits. `--no-teacher` is the baseline:
+(ChunkedVocabLoss), so memory holds one chunk's logits. `--baseline` runs without the teacher:
 CE only, the same student init, the same batches (same seed), and with `--follow` the
 distillation run's planned steps, so the two end on the same tokens; the baseline needs
 no teacher and can run beside the distillation on the same GPU.
@@ -27,8 +27,10 @@ forward FLOPs; `mfu_student` the student's alone.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -54,12 +56,14 @@ LOG_FLOOR = -80.0  # a bucket's log-probability when the top-k tokens hold all t
 
 @dataclass
 class DistillConfig(TrainConfig):
-    teacher: str = ""  # .gguf file or model folder; not read with --no-teacher
+    teacher: str = ""  # .gguf file or model folder; not read with --baseline
     kl_weight: float = 0.9  # share of the KL term; the rest is plain next-token cross-entropy
     top_k: int = 64  # teacher tokens kept per position (the rest is one bucket)
     loss_chunk: int = 4096  # positions per vocabulary-wide chunk of the loss
-    no_teacher: bool = False  # the baseline: CE only on the same batches
+    baseline: bool = False  # no teacher: CE only on the same batches, for what distillation bought
     follow: str = ""  # another run's train_log.jsonl whose planned steps this run takes
+    init_shape: str = ""  # with a teacher: write --init first, the teacher pruned to this shape (prune.py)
+    calibration_rows: int = 32  # training rows the pruning's statistics come from
     lr: float = 1e-3
     warmup_steps: int = 100
     batch_size: int = 32
@@ -155,6 +159,17 @@ def vocab_loss_sums(features, weight, targets, teacher=None, chunk: int = 4096) 
     return ce, kl
 
 
+def write_pruned_student(cfg: DistillConfig, tcfg: ModelConfig, tweights: dict, teacher, device) -> None:
+    """prune.py's student of shape cfg.init_shape, calibrated on training rows, as cfg.init."""
+    from ..prune import StudentShape, calibration_rows, student_config, write_student
+
+    shape = StudentShape.parse(cfg.init_shape)
+    rows = calibration_rows(cfg.data, student_config(tcfg, shape), cfg.calibration_rows, cfg.seq_len).to(device)
+    info = write_student(cfg.init, tcfg, tweights, teacher, shape, rows, Path(cfg.data) / "tokenizer.json",
+                         Path(cfg.teacher).name, max(2048, cfg.seq_len))
+    print(json.dumps({"event": "pruned", **info}), flush=True)
+
+
 def check_student(mcfg: ModelConfig, teacher_cfg: ModelConfig | None, data_vocab: int) -> None:
     if mcfg.vocab_size != data_vocab:
         raise ValueError(f"the student's vocabulary is {mcfg.vocab_size}, the data's {data_vocab}")
@@ -167,21 +182,26 @@ def distill(cfg: DistillConfig) -> dict:
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         raise ValueError("distill.py runs one process (one GPU): the teacher is replicated per process otherwise")
     if not cfg.init:
-        raise ValueError("--init STUDENT_FOLDER is required (prune.py init writes one)")
-    if not cfg.no_teacher and not cfg.teacher:
-        raise ValueError("--teacher is required unless --no-teacher")
+        raise ValueError("--init STUDENT_FOLDER is required (prune.py init writes one, or --init-shape here)")
+    if not cfg.baseline and not cfg.teacher:
+        raise ValueError("--teacher is required unless --baseline")
     session = start_session(cfg)
     device = session.device
     from ..format.folder import dequantize, open_model_folder
 
+    teacher = tcfg = None
+    if not cfg.baseline:
+        tcfg, tweights, _ = load_teacher(cfg.teacher)
+        teacher = teacher_model(tcfg, tweights, str(device))
+        if cfg.init_shape and not (Path(cfg.init) / "config.json").is_file():
+            # prune the teacher here: one dequantization of the GGUF serves both
+            write_pruned_student(cfg, tcfg, tweights, teacher, device)
+        del tweights
+    elif cfg.init_shape:
+        raise ValueError("--init-shape prunes the teacher: not with --baseline")
     folder = open_model_folder(cfg.init)
     mcfg = folder.config
     model = model_from_weights(mcfg, dequantize(folder.load_weights())).to(device)
-    teacher = tcfg = None
-    if not cfg.no_teacher:
-        tcfg, tweights, _ = load_teacher(cfg.teacher)
-        teacher = teacher_model(tcfg, tweights, str(device))
-        del tweights
     check_student(mcfg, tcfg, load_meta(cfg.data)["vocab_size"])
     opt = make_optimizer(model, cfg, fused=device.type == "cuda")
     state = {"step": 0, "tokens": 0, "total_steps": 0, "elapsed_s": 0.0}
@@ -260,7 +280,7 @@ def distill(cfg: DistillConfig) -> dict:
     summary = run_loop(cfg, session, model, raw_model, opt, batches, step_loss, evaluate, tokens_per_step, fpt,
                        state, log, follow=cfg.follow, student_flops_per_token=student_fpt if tcfg else 0.0)
     finish_run(cfg, session, raw_model, mcfg, summary, log,
-               {"teacher": "" if cfg.no_teacher else os.path.basename(cfg.teacher), "kl_weight": str(cfg.kl_weight)})
+               {"teacher": "" if cfg.baseline else os.path.basename(cfg.teacher), "kl_weight": str(cfg.kl_weight)})
     return summary
 
 

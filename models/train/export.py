@@ -35,7 +35,7 @@ def run_summary(run: Path) -> dict:
     lines = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines() if x.strip()]
     start = next((x for x in lines if x.get("event") == "start"), {})
     conf = start.get("config", {})
-    out = {key: conf.get(key) for key in ("teacher", "init", "no_teacher", "kl_weight", "top_k", "lr", "batch_size",
+    out = {key: conf.get(key) for key in ("teacher", "init", "baseline", "kl_weight", "top_k", "lr", "batch_size",
                                           "seq_len", "minutes", "follow") if key in conf}
     if conf.get("teacher"):
         out["teacher"] = Path(conf["teacher"]).name
@@ -112,9 +112,10 @@ def write_bf16_safetensors(path: Path, weights: dict[str, np.ndarray]) -> None:
             f.write(b.tobytes())
 
 
-def write_pieces(folder: Path, run: Path, pieces: Path, name: str, piece_mib: float) -> dict:
+def write_pieces(folder: Path, run: Path, pieces: Path, name: str, piece_mib: float, max_files: int = 8) -> dict:
     """folder (and the run's logs) as NAME.tar in pieces NAME.tar.part-00.. of at most
-    piece_mib MiB, and JOIN.txt with the commands that check and unpack them."""
+    piece_mib MiB, and NAME.JOIN.txt with the commands that check and unpack them where
+    the pieces leave room for it among max_files (the join command is also returned)."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         tar.add(folder, arcname=name)
@@ -135,7 +136,10 @@ def write_pieces(folder: Path, run: Path, pieces: Path, name: str, piece_mib: fl
     digest = hashlib.sha256(data).hexdigest()
     join = (f"cat {name}.tar.part-* > {name}.tar && echo '{digest}  {name}.tar' | sha256sum -c - "
             f"&& tar -xf {name}.tar   # -> {name}/ (a model folder) and {name}-train_log.jsonl\n")
-    (pieces / f"{name}.JOIN.txt").write_text(join)
+    if len(names) < max_files:  # a call brings back max_files files: the note goes only where it fits
+        (pieces / f"{name}.JOIN.txt").write_text(join)
+    elif len(names) > max_files:
+        raise ValueError(f"{len(names)} pieces of {piece_mib} MiB: more than the {max_files} files a call brings back")
     return {"pieces": names, "tar_bytes": len(data), "sha256": digest, "join": join.strip()}
 
 
