@@ -187,3 +187,22 @@ def test_distilling_a_pruned_student_lowers_its_loss_and_exports_a_folder_the_en
     completion = engine.complete(CompletionRequest(text=text, offset=len(text), language="python", path="x.py",
                                                    options=CompletionOptions(n=2, deadline_ms=30_000)))
     assert completion.candidates and all(c.text.strip() for c in completion.candidates)
+
+
+def test_the_tokenizer_from_a_gguf_header_gives_the_engines_ids(tmp_path, teacher_and_data):
+    """from-gguf reads only the header (a carried file's first piece will do); tokenizers
+    from its tokenizer.json, the engine's tokenizer built from the GGUF, and transformers'
+    Qwen2Tokenizer on the same vocabulary give the same ids."""
+    from codecomplete.models.train.tokenizer import compare_gguf_tokenizers
+
+    gguf_path, _ = teacher_and_data
+    raw = gguf_path.read_bytes()
+    first_piece = tmp_path / "part-00"
+    first_piece.write_bytes(raw[: len(raw) // 3])
+    assert gguf_tokenizer_json(first_piece) == gguf_tokenizer_json(gguf_path)
+    texts = [SAMPLE_CODE, "naïve café — 你好 x=1\n\n\t  y\r\n", "s = '<|endoftext|>' + \"<|fim_prefix|>\"\n",
+             (tmp_path.parent / "x.py").name * 3, json.dumps({"k": [1, 2.5e-3]})]
+    report = compare_gguf_tokenizers(gguf_path, texts)
+    assert report["texts"] == 5 and report["texts_with_special_token_text"] == 1
+    assert set(report["texts_that_differ"].values()) == {0}
+    assert "transformers" in report["compared_with_engine"]
