@@ -26,28 +26,35 @@ def iter_files(paths: list[str], suffix: str = ".py"):
 
 
 def evaluate(model_path: str | None, paths: list[str], window: int = 0, limit_files: int = 0) -> dict:
-    import torch
-    import torch.nn.functional as F
-
     from codecomplete.models.format.source import load_model_source
     from codecomplete.runtime.torch import build_torch_model
 
     source = load_model_source(model_path)
-    model = build_torch_model(source)
-    window = window or source.config.max_seq_len
-    eos = source.config.eos_ids[0] if source.config.eos_ids else None
+    result = evaluate_model(build_torch_model(source), source.tokenizer, paths, window, limit_files)
+    return {"model": model_path or "default", **result}
+
+
+def evaluate_model(model, tokenizer, paths: list[str], window: int = 0, limit_files: int = 0) -> dict:
+    """Held-out loss of a models.model.Transformer (any device) with its tokenizer."""
+    import torch
+    import torch.nn.functional as F
+
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    window = window or cfg.max_seq_len
+    eos = cfg.eos_ids[0] if cfg.eos_ids else None
     total_nats = total_tokens = total_bytes = files = 0
     for path in iter_files(paths):
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             continue
-        ids = source.tokenizer.encode(text) + ([eos] if eos is not None else [])
+        ids = tokenizer.encode(text) + ([eos] if eos is not None else [])
         if len(ids) < 2:
             continue
         with torch.inference_mode():
             for start in range(0, len(ids) - 1, window):
-                chunk = torch.tensor(ids[start : start + window + 1])[None]
+                chunk = torch.tensor(ids[start : start + window + 1], device=device)[None]
                 logits = model(chunk[:, :-1])
                 loss = F.cross_entropy(logits[0].float(), chunk[0, 1:], reduction="sum")
                 total_nats += float(loss)
@@ -56,7 +63,7 @@ def evaluate(model_path: str | None, paths: list[str], window: int = 0, limit_fi
         files += 1
         if limit_files and files >= limit_files:
             break
-    return {"model": model_path or "default", "files": files, "tokens": total_tokens, "bytes": total_bytes,
+    return {"files": files, "tokens": total_tokens, "bytes": total_bytes,
             "loss_nats_per_token": total_nats / max(1, total_tokens),
             "bits_per_byte": total_nats / math.log(2) / max(1, total_bytes)}
 

@@ -294,7 +294,10 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.embed_rank or cfg.dim)
+        # factorized embedding (cfg.embed_rank r): the table is (V, r), embed_proj.weight B
+        # (r, dim); a token's vector is A[t]·B, the logits h·Bᵀ·Aᵀ
+        self.embed_proj = nn.Linear(cfg.dim, cfg.embed_rank, bias=False) if cfg.embed_rank else None
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -318,10 +321,22 @@ class Transformer(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token embeddings (..., dim), scaled as the architecture says (Gemma: by sqrt(dim))."""
         x = self.tok_embeddings(tokens)
+        if self.embed_proj is not None:
+            x = x @ self.embed_proj.weight.to(x.dtype)  # (..., r) @ (r, dim); a quantized head keeps B float
         return x if self.cfg.embedding_scale == 1.0 else x * self.cfg.embedding_scale
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
+    def head_features(self, h: torch.Tensor) -> torch.Tensor:
+        """The last hidden states (..., dim) as the vocabulary matrix multiplies them:
+        normed, and projected to rank r for a factorized embedding."""
         h = self.norm(h)
+        return h if self.embed_proj is None else self.embed_proj(h)
+
+    def vocab_weight(self) -> torch.Tensor:
+        """(V, dim or r): logits = head_features(h) @ vocab_weight().T (before logits_divisor)."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.head_features(h)
         logits = F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
         return logits if self.cfg.logits_divisor == 1.0 else logits / self.cfg.logits_divisor
 
@@ -331,19 +346,27 @@ class Transformer(nn.Module):
             h = layer(h, partial(attend, i))
         return h
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Training forward: tokens (B, T) -> logits (B, T, V)."""
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Training forward through the blocks: tokens (B, T) -> last hidden states (B, T, dim)."""
         t = tokens.shape[1]
         cos, sin = rope_tables(self.cfg, torch.arange(t, device=tokens.device))
-        h = self.run_layers(self.embed(tokens), lambda i, att, x: att.forward_causal(x, cos, sin))
-        return self.logits(h)
+        return self.run_layers(self.embed(tokens), lambda i, att, x: att.forward_causal(x, cos, sin))
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) -> head_features (B, T, dim or r): logits = features @ vocab_weight().T,
+        which a chunked loss computes a slice of positions at a time (152k-wide logits)."""
+        return self.head_features(self.hidden(tokens))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Training forward: tokens (B, T) -> logits (B, T, V)."""
+        return self.logits(self.hidden(tokens))
 
     def new_cache(self, capacity: int, dtype=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Context KV buffers (L, G, capacity, D), stored once for all branches."""
         c = self.cfg
         shape = (c.n_layers, c.n_kv_heads, capacity, c.head_dim)
-        dtype = dtype or self.tok_embeddings.weight.dtype
-        device = device or self.tok_embeddings.weight.device
+        dtype = dtype or self.norm.weight.dtype
+        device = device or self.norm.weight.device
         return torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
 
     @torch.no_grad()
@@ -391,5 +414,5 @@ class Transformer(nn.Module):
             y = attend(i, q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), att.scale)
             return att.wo(y.reshape(1, r, -1))
 
-        h = self.run_layers(self.tok_embeddings(tokens)[None], layer_attend)  # (1, R, dim)
+        h = self.run_layers(self.embed(tokens)[None], layer_attend)  # (1, R, dim)
         return self.logits(h[0])

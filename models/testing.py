@@ -173,3 +173,64 @@ def random_7b_runtime(device: str = "cuda", gguf: str | Path | None = None, seed
     tokenizer = gguf_tokenizer(gguf, cfg.vocab_size) if gguf else standin_tokenizer(cfg)
     model = random_torch_model(cfg, device, dtype, seed)
     return TorchRuntime.from_model(model, tokenizer, device=device, precision=dtype, **runtime_kwargs)
+
+
+def write_tiny_qwen_gguf(path: str | Path, dim: int = 64, n_layers: int = 4, n_heads: int = 4, n_kv_heads: int = 2,
+                         ffn_dim: int = 128, vocab_size: int = 512, seed: int = 0, text: str = SAMPLE_CODE) -> Path:
+    """A Qwen2-shaped GGUF (q/k/v biases, grouped-query attention, a separate output
+    matrix, Qwen's pre-tokenizer name and FIM token names) with random float32 weights:
+    a stand-in teacher for tests of pruning and distillation. Needs the `gguf` package."""
+    import json
+
+    import gguf
+
+    path = Path(path)
+    tok = json.loads(train_test_tokenizer(path.with_suffix(".tokenizer.json"), vocab_size, text).read_text())
+    vocab = {**tok["model"]["vocab"], **{t["content"]: t["id"] for t in tok["added_tokens"]}}
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    specials = {t["id"] for t in tok["added_tokens"] if t["special"]}
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_context_length(512)
+    w.add_embedding_length(dim)
+    w.add_block_count(n_layers)
+    w.add_feed_forward_length(ffn_dim)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv_heads)
+    w.add_rope_freq_base(1_000_000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if i in specials else 1 for i in range(len(tokens))])
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]])
+    w.add_eos_token_id(vocab["<|endoftext|>"])
+    w.add_pad_token_id(vocab["<|endoftext|>"])
+    rng = np.random.default_rng(seed)
+    hd = dim // n_heads
+
+    def normal(*shape, std=0.08):
+        return (std * rng.standard_normal(shape)).astype(np.float32)
+
+    embedding = normal(len(tokens), dim, std=0.3)
+    w.add_tensor("token_embd.weight", embedding)
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", (1 + 0.1 * rng.standard_normal(dim)).astype(np.float32))
+        w.add_tensor(p + "attn_q.weight", normal(n_heads * hd, dim))
+        w.add_tensor(p + "attn_q.bias", normal(n_heads * hd))
+        w.add_tensor(p + "attn_k.weight", normal(n_kv_heads * hd, dim))
+        w.add_tensor(p + "attn_k.bias", normal(n_kv_heads * hd))
+        w.add_tensor(p + "attn_v.weight", normal(n_kv_heads * hd, dim))
+        w.add_tensor(p + "attn_v.bias", normal(n_kv_heads * hd))
+        w.add_tensor(p + "attn_output.weight", normal(dim, n_heads * hd))
+        w.add_tensor(p + "ffn_norm.weight", (1 + 0.1 * rng.standard_normal(dim)).astype(np.float32))
+        w.add_tensor(p + "ffn_gate.weight", normal(ffn_dim, dim))
+        w.add_tensor(p + "ffn_up.weight", normal(ffn_dim, dim))
+        w.add_tensor(p + "ffn_down.weight", normal(dim, ffn_dim))
+    w.add_tensor("output_norm.weight", np.ones(dim, np.float32))
+    w.add_tensor("output.weight", embedding + normal(len(tokens), dim, std=0.01))  # the file's head, nearly tied
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -150,3 +150,22 @@ def test_init_weights_draw_the_same_values_for_a_seed():
     torch.randn((cfg.vocab_size, cfg.dim), generator=g)
     wq = torch.randn((cfg.n_heads * cfg.head_dim, cfg.dim), generator=g) * 0.02
     assert torch.equal(a.state_dict()["layers.0.attention.wq.weight"], wq)
+
+
+def test_factorized_embedding_is_a_rank_r_table_and_its_transpose_the_head():
+    """embed_rank r: a token's vector is A[t]·B and the logits are h·Bᵀ·Aᵀ; the parameter
+    count and the folder's shapes say (V + dim)·r for the table."""
+    cfg = ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, embed_rank=8)
+    model = Transformer(cfg)
+    model.init_weights(seed=1)
+    shapes = param_shapes(cfg)
+    assert shapes["tok_embeddings.weight"] == (97, 8) and shapes["embed_proj.weight"] == (8, 64)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes
+    assert cfg.n_params() == sum(p.numel() for p in model.parameters())
+    a, b = model.tok_embeddings.weight, model.embed_proj.weight
+    tokens = torch.tensor([[3, 50, 7]])
+    assert torch.allclose(model.embed(tokens), a[tokens] @ b)
+    h = torch.randn(1, 3, 64, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(model.logits(h), model.norm(h) @ b.T @ a.T, atol=1e-6)
+    with pytest.raises(ValueError, match="tied"):
+        ModelConfig(vocab_size=97, dim=64, n_heads=4, embed_rank=8, tie_embeddings=False)

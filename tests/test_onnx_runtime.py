@@ -51,7 +51,17 @@ def peaked_model_dir(tmp_path_factory):
     return path
 
 
-MODELS = ["tiny_model_dir", "tiny_gqa_model_dir", "gqa_int8_model_dir"]
+@pytest.fixture(scope="module")
+def factorized_model_dir(tmp_path_factory):
+    """A factorized tied embedding (rank 16 of width 64), grouped-query attention, int8."""
+    from codecomplete.models.testing import make_test_model
+
+    path = tmp_path_factory.mktemp("tiny-factorized")
+    make_test_model(path, n_kv_heads=2, qkv_bias=True, embed_rank=16, seed=3)
+    return path
+
+
+MODELS = ["tiny_model_dir", "tiny_gqa_model_dir", "gqa_int8_model_dir", "factorized_model_dir"]
 
 
 def _torch_fp32(model_dir):
@@ -338,3 +348,18 @@ def test_the_empty_context_guard_changes_no_logit(tiny_gqa_model_dir, precision)
     for a, b in zip(outs[0], outs[1], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
         assert (a.argmax(-1) == b.argmax(-1)).all()
+
+
+def test_factorized_embedding_int8_top1_agrees_with_torch_fp32(tmp_path):
+    """The int8 head of a factorized embedding (h·Bᵀ then ·Aᵀ, both int8 products) keeps the
+    float model's top-1: a rank-16 table of peaked random weights."""
+    tok = train_test_tokenizer(tmp_path / "tokenizer.json")
+    cfg = preset("test-tiny", vocab_size=512, embed_rank=16, n_kv_heads=2)
+    weights = random_weights(cfg, seed=4, std=0.08)
+    weights["tok_embeddings.weight"] *= 12.0  # rows of A·B about the scale of a full table's
+    save_model_folder(tmp_path, cfg, weights, tok, int8=True)
+    source = load_model_source(tmp_path)
+    assert source.weights["tok_embeddings.weight"].shape == (512, 16) and source.weights["embed_proj.weight"].dtype == np.int8
+    rt = OnnxRuntime(source, precision="int8")
+    ids = rt.tokenizer.encode(SAMPLE_CODE + "".join(TEXTS))
+    assert _top1_agreement(rt, _torch_logits(tmp_path, ids), ids) >= 0.95

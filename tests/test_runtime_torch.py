@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 
 from branch_decode import together_and_alone  # noqa: E402
 
@@ -97,3 +97,19 @@ def test_every_attention_mode_gives_the_same_logits(tiny_gqa_model_dir, attentio
         br = rt.select_branches(br, [2, 0])
         outs.append(rt.decode(state, br, [8, 9]))
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-4)
+
+
+def test_int8_cpu_weights_of_a_factorized_embedding_keep_fp32_top1(tmp_path):
+    """The torch int8 path quantizes the layers and keeps the factorized table's projection
+    float (embed() multiplies by it as a matrix)."""
+    from codecomplete.models.testing import make_test_model
+
+    make_test_model(tmp_path, embed_rank=16, n_kv_heads=2, int8=False, seed=5)
+    source = load_model_source(str(tmp_path))
+    fp32 = load_runtime(source=source, runtime="torch", precision="fp32")
+    int8 = load_runtime(source=source, runtime="torch", precision="int8")
+    assert int8.model.embed_proj.weight.dtype == torch.float32
+    tokens = fp32.tokenizer.encode(TEXTS[0] + TEXTS[1])
+    _, a = fp32.prefill(tokens)
+    _, b = int8.prefill(tokens)
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()

@@ -32,6 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from codecomplete.models.format.config import ModelConfig
 from codecomplete.models.format.folder import (
+    EMBED_PROJ,
     Q4_BLOCK,
     Q4_SUFFIX,
     SCALE_SUFFIX,
@@ -159,6 +160,14 @@ class EmbeddingTable:
         elif linear_kind != "fp32" and not quantized:  # a float model run int8: every weight int8
             table = LinearWeight(*quantize_rows_int8(table.w))
         self.table = table  # fp32 keeps the stored kind: a row's lookup is its dequantized value
+        # a factorized table's rows (r wide) times B (r, dim), here beside the lookup: small, float
+        self.proj = None
+        if EMBED_PROJ in weights or EMBED_PROJ + Q4_SUFFIX in weights:
+            rest_p, q4_p = split_q4({k: v for k, v in weights.items() if k.startswith(EMBED_PROJ)})
+            tensors_p, scales_p = split_int8(rest_p)
+            proj = (LinearWeight(None, q4=q4_p[EMBED_PROJ]) if EMBED_PROJ in q4_p
+                    else LinearWeight(tensors_p[EMBED_PROJ], scales_p.get(EMBED_PROJ)))
+            self.proj = np.ascontiguousarray(proj.dequantized(), dtype=np.float32)
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         """float32 (*ids.shape, dim) rows for token ids."""
@@ -166,11 +175,12 @@ class EmbeddingTable:
         if t.q4 is not None:
             flat = ids.reshape(-1)
             rows = Q4Weight(t.q4.packed[flat], t.q4.scales[flat], t.q4.zeros[flat]).dequantized()
-            return rows.reshape(*ids.shape, -1)
-        rows = t.w[ids].astype(np.float32)
-        if t.scale is not None:
-            rows *= t.scale[ids][..., None]
-        return rows
+            rows = rows.reshape(*ids.shape, -1)
+        else:
+            rows = t.w[ids].astype(np.float32)
+            if t.scale is not None:
+                rows *= t.scale[ids][..., None]
+        return rows if self.proj is None else rows @ self.proj
 
 
 def linear_weights(weights: dict[str, np.ndarray], int8: bool, int4: bool = False
@@ -194,7 +204,8 @@ def linear_weights(weights: dict[str, np.ndarray], int8: bool, int4: bool = Fals
             out[name] = np.asarray(w, np.float32)
     if int4:
         for name, lw in out.items():
-            if isinstance(lw, LinearWeight) and lw.q4 is None and name != EMBEDDING and lw.w.shape[1] % Q4_BLOCK == 0:
+            if isinstance(lw, LinearWeight) and lw.q4 is None and name not in (EMBEDDING, EMBED_PROJ) \
+                    and lw.w.shape[1] % Q4_BLOCK == 0:
                 out[name] = LinearWeight(None, q4=quantize_rows_q4(lw.dequantized()))
     emb = out.get(EMBEDDING)
     if isinstance(emb, LinearWeight) and emb.q4 is not None:  # a table of 4-bit rows: gathered as int8
@@ -622,6 +633,8 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], linear_kind: s
                                               lw.get(p + "feed_forward.w2.bias"), p + "feed_forward.w2"))])
 
     xn = b.norm(b.reshape(x, -1, cfg.dim), cfg, lw, "norm")  # (N, dim)
+    if cfg.embed_rank:  # logits = h·Bᵀ·Aᵀ: two int8 products, (N, r) in between
+        xn = b.linear(xn, lw[EMBED_PROJ], None, "head_proj")
     head = lw["tok_embeddings.weight"] if cfg.tie_embeddings else lw["output.weight"]
     logits = b.linear(xn, head, None, "output")
     if cfg.logits_divisor != 1.0:

@@ -53,7 +53,7 @@ def quantize_weight_only_int8(model: Transformer) -> Transformer:
     per-output-channel symmetric, folder.quantize_rows_int8)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, torch.nn.Linear):
+            if isinstance(child, torch.nn.Linear) and child is not getattr(model, "embed_proj", None):  # B stays float: embed() reads it
                 q, scale = quantize_rows_int8(child.weight.data.float().cpu().numpy())
                 bias = None if child.bias is None else child.bias.data.clone()
                 setattr(parent, name, WeightOnlyInt8Linear(torch.from_numpy(q), torch.from_numpy(scale).to(child.weight.dtype),
@@ -67,7 +67,7 @@ def quantize_bnb_int8(model: Transformer) -> Transformer:
 
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, torch.nn.Linear):
+            if isinstance(child, torch.nn.Linear) and child is not getattr(model, "embed_proj", None):  # B stays float: embed() reads it
                 q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
                                         has_fp16_weights=False, threshold=6.0)
                 q.weight = bnb.nn.Int8Params(child.weight.data.to(torch.float16).cpu().contiguous(), requires_grad=False,

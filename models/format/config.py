@@ -36,6 +36,11 @@ class ModelConfig:
     residual_scale: float = 1.0  # attention and MLP outputs times this before each residual add (Granite)
     logits_divisor: float = 1.0  # the logits are divided by this (Granite's logits_scaling)
     sliding_window: int = 0  # a token attends to the last this-many positions, itself included; 0: all
+    # rank r of a factorized tied embedding: the table is (vocab, r) and a projection
+    # (r, dim) maps a row to the model width and, transposed, the final hidden state back
+    # (logits = h·Bᵀ·Aᵀ); 0 means a full (vocab, dim) table. What lets a 152k-token
+    # vocabulary fit a small model's budget
+    embed_rank: int = 0
     # token facts
     bos_id: int = -1  # -1: the model uses no BOS
     eos_ids: list[int] = field(default_factory=list)
@@ -62,6 +67,8 @@ class ModelConfig:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.fim_order not in ("spm", "psm"):
             raise ValueError(f"fim_order must be 'spm' or 'psm', not {self.fim_order!r}")
+        if self.embed_rank < 0 or (self.embed_rank and not self.tie_embeddings):
+            raise ValueError(f"embed_rank {self.embed_rank}: a factorized embedding is a tied one, rank >= 0")
         if self.align_back_off not in ("needed", "fixed"):
             raise ValueError(f"align_back_off must be 'needed' or 'fixed', not {self.align_back_off!r}")
         if self.norm_kind not in NORM_KINDS:
@@ -102,6 +109,8 @@ class ModelConfig:
         norm = d * (2 if self.norm_kind == "layer" else 1)
         per_layer = attn + ffn + 2 * norm
         emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        if self.embed_rank:
+            emb = (self.vocab_size + d) * self.embed_rank
         return self.n_layers * per_layer + emb + norm
 
     def to_dict(self) -> dict:

@@ -5,7 +5,9 @@
                             "model": {ModelConfig fields}, "weights": "model.safetensors",
                             "quantization": "int8-per-channel" | "int4-blockwise" | "none"}
       tokenizer.json       Hugging Face `tokenizers` format (byte-level BPE)
-      model.safetensors    parameter names as in models/model.py; with int8, every
+      model.safetensors    parameter names as in models/model.py (a factorized embedding,
+                           ModelConfig.embed_rank r: `tok_embeddings.weight` (vocab, r) and
+                           `embed_proj.weight` (r, dim)); with int8, every
                            2-D weight W (out, in) is stored as int8 `W` plus float32
                            `W_scale` (out,): W ≈ int8 * scale[:, None]; 1-D tensors float.
                            With int4-blockwise, some 2-D weights are 4-bit instead:
@@ -34,6 +36,7 @@ from .config import ModelConfig
 FORMAT = "codecomplete-model"
 SCALE_SUFFIX = "_scale"
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default"
+EMBED_PROJ = "embed_proj.weight"  # (r, dim) of a factorized embedding (ModelConfig.embed_rank)
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
@@ -49,7 +52,9 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Parameter names and shapes, as the folder stores them (models/model.py's state_dict
     before fusion). The order is fixed: random test weights are drawn in it."""
     d, hd = cfg.dim, cfg.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (cfg.vocab_size, d)}
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (cfg.vocab_size, cfg.embed_rank or d)}
+    if cfg.embed_rank:
+        shapes[EMBED_PROJ] = (cfg.embed_rank, d)
 
     def norm(name: str) -> None:
         shapes[name + ".weight"] = (d,)

@@ -371,6 +371,23 @@ def build_gguf_tokenizer(meta: dict, extra_special_ids: set[int] = frozenset()):
     return tok
 
 
+def gguf_tokenizer_json(path: str | Path) -> str:
+    """The file's tokenizer as compact tokenizer.json text, padded to the embedding's rows
+    (Qwen: 151,936), merges written as "a b" strings (a byte-level token never holds a
+    space; 0.6 MB less). Only the header is read, so the first piece of a file split for
+    carrying is enough."""
+    with GGUFFile(path) as gf:
+        facts = gguf_token_facts(gf.metadata)
+        tok = build_gguf_tokenizer(gf.metadata, facts.ids())
+        vocab_size = gf.tensors["token_embd.weight"].shape[0]
+    pad_tokenizer_to(tok, vocab_size)
+    data = json.loads(tok.to_str())
+    merges = data["model"].get("merges") or []
+    if merges and not isinstance(merges[0], str) and not any(" " in a or " " in b for a, b in merges):
+        data["model"]["merges"] = [f"{a} {b}" for a, b in merges]
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
 def _meta_id(meta: dict, key: str) -> int:
     value = meta.get(f"tokenizer.ggml.{key}")
     return -1 if value is None else int(value)

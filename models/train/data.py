@@ -25,7 +25,7 @@ HEADER_RATE = 0.5  # share of pieces that start with the file-path header
 class DocStore:
     """Memory-mapped documents of one split."""
 
-    tokens: np.ndarray  # uint16, all documents back to back
+    tokens: np.ndarray  # meta.json's token_dtype (uint16 files predate it), all documents back to back
     offsets: np.ndarray  # int64, n_docs + 1
     path_tokens: np.ndarray
     path_offsets: np.ndarray
@@ -33,10 +33,11 @@ class DocStore:
     @classmethod
     def open(cls, data_dir: str | Path, split: str) -> DocStore:
         d = Path(data_dir)
+        dtype = np.dtype(load_meta(d).get("token_dtype", "uint16"))
         return cls(
-            np.memmap(d / f"{split}.bin", dtype=np.uint16, mode="r"),
+            np.memmap(d / f"{split}.bin", dtype=dtype, mode="r"),
             np.load(d / f"{split}.idx.npy"),
-            np.memmap(d / f"{split}.path.bin", dtype=np.uint16, mode="r"),
+            np.memmap(d / f"{split}.path.bin", dtype=dtype, mode="r"),
             np.load(d / f"{split}.path.idx.npy"),
         )
 

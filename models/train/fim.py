@@ -35,6 +35,15 @@ class FimIds:
     file_sep: int = 5
 
     @classmethod
+    def from_config(cls, cfg) -> FimIds:
+        """The ids a ModelConfig names (an imported tokenizer's, e.g. Qwen's 151659..)."""
+        ids = cls(cfg.eos_ids[0] if cfg.eos_ids else -1, cfg.fim_prefix_id, cfg.fim_middle_id,
+                  cfg.fim_suffix_id, cfg.fim_pad_id, cfg.file_sep_id)
+        if min(ids.eot, ids.prefix, ids.middle, ids.suffix, ids.file_sep) < 0:
+            raise ValueError(f"the config lacks FIM token ids: {ids}")
+        return ids
+
+    @classmethod
     def from_tokenizer(cls, tok) -> FimIds:
         """Read the ids from a `tokenizers.Tokenizer` that has our special token names."""
         get = tok.token_to_id

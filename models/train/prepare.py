@@ -1,9 +1,11 @@
-"""Tokenize corpus shards into flat uint16 token files with per-document offsets.
+"""Tokenize corpus shards into flat token files (uint16, or uint32 for a vocabulary
+over 65,535 such as Qwen's) with per-document offsets.
 
     python -m codecomplete.models.train.prepare --corpus DIR [DIR ...] --tokenizer tokenizer.json --out DATA
 
 Writes, for split in (train, val):
-  {split}.bin        uint16 tokens of all documents, back to back (no separators)
+  {split}.bin        tokens of all documents, back to back (no separators), in
+                     meta.json's token_dtype
   {split}.idx.npy    int64 offsets, n_docs + 1 (document i is bin[idx[i]:idx[i+1]])
   {split}.path.bin / {split}.path.idx.npy   tokens of file_header_text(path), same layout
   {split}.lang.npy   uint8 language index (meta.json "langs")
@@ -39,15 +41,16 @@ SPLITS = ("train", "val")
 class SplitWriter:
     """Appends documents of one split to its .bin / .idx files."""
 
-    def __init__(self, out: Path, split: str):
+    def __init__(self, out: Path, split: str, dtype: np.dtype = np.dtype(np.uint16)):
+        self.dtype = dtype
         self.tokens = open(out / f"{split}.bin", "wb")
         self.paths = open(out / f"{split}.path.bin", "wb")
         self.offsets, self.path_offsets, self.langs = [0], [0], []
         self.out, self.split = out, split
 
     def add(self, ids: list[int], path_ids: list[int], lang: int) -> None:
-        self.tokens.write(np.asarray(ids, dtype=np.uint16).tobytes())
-        self.paths.write(np.asarray(path_ids, dtype=np.uint16).tobytes())
+        self.tokens.write(np.asarray(ids, dtype=self.dtype).tobytes())
+        self.paths.write(np.asarray(path_ids, dtype=self.dtype).tobytes())
         self.offsets.append(self.offsets[-1] + len(ids))
         self.path_offsets.append(self.path_offsets[-1] + len(path_ids))
         self.langs.append(lang)
@@ -61,6 +64,11 @@ class SplitWriter:
         return {"docs": len(self.langs), "tokens": self.offsets[-1]}
 
 
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned type that holds every id: half the bytes for a small vocabulary."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
 def is_val(doc: dict) -> bool:
     h = hashlib.sha1((doc["path"] + "\0" + doc["text"]).encode()).digest()
     return int.from_bytes(h[:4], "little") % VAL_EVERY == 0
@@ -71,9 +79,8 @@ def prepare(corpus_dirs: list[str], tokenizer_path: str, out: str | Path) -> dic
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer.from_file(tokenizer_path)
-    if tok.get_vocab_size() > 65535:
-        raise ValueError("uint16 token files need a vocabulary under 65536")
-    writers = {s: SplitWriter(out, s) for s in SPLITS}
+    dtype = token_dtype(tok.get_vocab_size())
+    writers = {s: SplitWriter(out, s, dtype) for s in SPLITS}
     langs: dict[str, int] = {}
     seen: set[bytes] = set()
     tokens_by_source: Counter = Counter()
@@ -112,6 +119,7 @@ def prepare(corpus_dirs: list[str], tokenizer_path: str, out: str | Path) -> dic
     meta = {
         "tokenizer_sha1": hashlib.sha1(Path(tokenizer_path).read_bytes()).hexdigest(),
         "vocab_size": tok.get_vocab_size(),
+        "token_dtype": dtype.name,
         "splits": splits,
         "langs": sorted(langs, key=langs.get),
         "tokens_by_lang": dict(tokens_by_lang.most_common()),

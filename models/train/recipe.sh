@@ -8,6 +8,7 @@
 #   bash models/train/recipe.sh watch           # last log lines, val losses, whether it runs
 #   bash models/train/recipe.sh export DIR      # copy final weights, config, tokenizer, manifest
 #   MINUTES=20 bash models/train/recipe.sh all  # data + train, both detached (log: $WORK/all.log)
+#   bash models/train/recipe.sh distill TARGET  # distillation from a GGUF teacher (distill_recipe.sh)
 #
 # Inputs: models/default/tokenizer.json (in git) and the carried bundle $CARRY/shards/*.jsonl.xz
 # (built by models/train/build_carry.sh). Everything else goes under $WORK (default .work).
@@ -59,6 +60,10 @@ export)
   cp "$RUN/final.safetensors" "$RUN/config.json" "$RUN/tokenizer.json" "$RUN/train_log.jsonl" "$DEST/"
   cp "$WORK/data/manifest.json" "$WORK/data/meta.json" "$DEST/"
   ls -la "$DEST"
+  ;;
+distill)  # the distillation's targets (pieces, receive, data, start, watch, export): distill_recipe.sh
+  shift
+  exec bash "$(dirname "$0")/distill_recipe.sh" "$@"
   ;;
 *)
   sed -n '2,14p' "$0"

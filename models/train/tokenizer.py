@@ -2,6 +2,8 @@
 
     python -m codecomplete.models.train.tokenizer train --shards DIR [DIR ...] --out tokenizer.json
     python -m codecomplete.models.train.tokenizer show tokenizer.json
+    python -m codecomplete.models.train.tokenizer from-gguf MODEL.gguf --out tokenizer.json
+    python -m codecomplete.models.train.tokenizer check-gguf MODEL.gguf DIRS... [--limit 300]
 
 No normaliser, no added prefix space: decode(encode(text)) == text for any string.
 """
@@ -109,6 +111,54 @@ def describe(tok: Tokenizer) -> dict:
     return {repr(s): [tok.id_to_token(i) for i in tok.encode(s).ids] for s in SHOW_SAMPLES}
 
 
+def compare_gguf_tokenizers(gguf_path: str | Path, texts: list[str]) -> dict:
+    """Ids of each text from the tokenizers that must agree on a GGUF's vocabulary: the
+    engine's (built from the GGUF's metadata), `tokenizers` reading from-gguf's
+    tokenizer.json (what prepare.py runs on the GPU machine), and, where transformers is
+    installed, its Qwen2Tokenizer built from the same vocabulary and merges (its own
+    pre-tokenizer regex and normaliser: an independent construction)."""
+    from ..format.gguf_import import (
+        GGUFFile,
+        build_gguf_tokenizer,
+        gguf_token_facts,
+        gguf_tokenizer_json,
+    )
+    from ..format.tokenizer import Tokenizer as OurTokenizer
+
+    with GGUFFile(gguf_path) as gf:
+        meta = gf.metadata
+        ours = OurTokenizer(build_gguf_tokenizer(meta, gguf_token_facts(meta).ids()))
+    from_json = Tokenizer.from_str(gguf_tokenizer_json(gguf_path))
+    encoders = {"engine": ours.encode, "tokenizer.json": lambda t: from_json.encode(t, add_special_tokens=False).ids}
+    try:
+        from tokenizers import AddedToken
+        from transformers import Qwen2Tokenizer
+
+        tokens = meta["tokenizer.ggml.tokens"]
+        types = meta["tokenizer.ggml.token_type"]
+        hf = Qwen2Tokenizer(vocab={t: i for i, t in enumerate(tokens)},
+                            merges=[tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]])
+        # the control tokens as special added tokens, as in Qwen's own tokenizer.json: their
+        # text inside a file becomes the token (both other tokenizers do the same)
+        hf.add_tokens([AddedToken(t, special=True, normalized=False) for i, t in enumerate(tokens) if int(types[i]) == 3])
+        encoders["transformers"] = lambda t: hf.encode(t, add_special_tokens=False)
+    except ImportError:
+        pass
+    differ = {name: 0 for name in encoders if name != "engine"}
+    tokens_total = 0
+    for text in texts:
+        ids = {name: enc(text) for name, enc in encoders.items()}
+        tokens_total += len(ids["engine"])
+        for name in differ:
+            differ[name] += ids[name] != ids["engine"]
+        if ours.decode(ids["engine"]) != text and not any(t in text for t in ours.special_tokens):
+            differ.setdefault("round_trip", 0)
+            differ["round_trip"] += 1
+    with_specials = sum(any(t in text for t in ours.special_tokens) for text in texts)
+    return {"texts": len(texts), "tokens": tokens_total, "compared_with_engine": list(differ),
+            "texts_that_differ": differ, "texts_with_special_token_text": with_specials}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="tokenizer", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -119,7 +169,34 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-mb-by-lang", default="", help='JSON {"python": 80, "go": 10, ...}')
     p = sub.add_parser("show")
     p.add_argument("path")
+    p = sub.add_parser("from-gguf", help="a GGUF's tokenizer (the header suffices: a split file's first piece)")
+    p.add_argument("gguf")
+    p.add_argument("--out", required=True, help="tokenizer.json to write")
+    p = sub.add_parser("check-gguf", help="do the engine's, tokenizer.json's and transformers' ids agree")
+    p.add_argument("gguf")
+    p.add_argument("paths", nargs="+", help="source files or folders")
+    p.add_argument("--limit", type=int, default=300)
     args = ap.parse_args(argv)
+    if args.cmd == "check-gguf":
+        from ..evaluate_loss import iter_files
+
+        texts = []
+        for suffix in (".py", ".c", ".h", ".js", ".ts", ".go", ".rs", ".java", ".md", ".txt", ".rst"):
+            for path in (f for p in args.paths for f in iter_files([p], suffix)):
+                try:
+                    texts.append(path.read_text(encoding="utf-8"))
+                except (OSError, UnicodeDecodeError):
+                    continue
+        texts = [texts[i] for i in sorted(random.Random(0).sample(range(len(texts)), min(args.limit, len(texts))))]
+        print(json.dumps(compare_gguf_tokenizers(args.gguf, texts), indent=1))
+        return
+    if args.cmd == "from-gguf":
+        from ..format.gguf_import import gguf_tokenizer_json
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(gguf_tokenizer_json(args.gguf), encoding="utf-8")
+        print(json.dumps(describe(Tokenizer.from_file(args.out)), indent=1, ensure_ascii=False))
+        return
     if args.cmd == "train":
         caps = {k: int(v * 1e6) for k, v in json.loads(args.max_mb_by_lang or "{}").items()}
         texts = sample_texts(args.shards, caps)
