@@ -248,13 +248,16 @@ def varlen_bifurcated_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: tor
 @dataclass
 class VarlenRequest:
     """One request's part of a batched step: its context K/V (L, G, cap, D) holding
-    `context_len` tokens, its branch K/V (L, N, G, cap_b, D) at `step`. Both contiguous."""
+    `context_len` tokens, its branch K/V (L, N, G, cap_b, D) at `step`. Both contiguous.
+    Branch None: one row whose branch is the context itself from context_len on, so that
+    step t reads the context's tokens [0, context_len + t) and writes token context_len + t
+    into it (a short prefill, one token a step, through the decode graph)."""
 
     context_k: torch.Tensor
     context_v: torch.Tensor
     context_len: int
-    branch_k: torch.Tensor
-    branch_v: torch.Tensor
+    branch_k: torch.Tensor | None
+    branch_v: torch.Tensor | None
     step: int
     tokens: Sequence[int] = ()  # this step's token per row (the runtime's embedding input)
 
@@ -269,20 +272,30 @@ def fill_meta(meta: np.ndarray, requests: Sequence[VarlenRequest], scratch_k: to
     r = x = 0
     for req in requests:
         ck, cv, bk, bv = req.context_k, req.context_v, req.branch_k, req.branch_v
-        for t in (ck, cv, bk, bv):
+        in_context = bk is None
+        for t in (ck, cv) if in_context else (ck, cv, bk, bv):
             if not t.is_contiguous():
                 raise ValueError("varlen decode needs contiguous context and branch caches")
-        n, cap_b = bk.shape[1], bk.shape[3]
+        n = 1 if in_context else bk.shape[1]
         if r + n > slots:
             raise ValueError(f"{r + n} rows do not fit {slots} slots")
-        row_bytes = bk[0, 0].numel() * bk.element_size()
         rows = slice(r, r + n)
         meta[TOKEN, rows] = list(req.tokens) if len(req.tokens) else 0
         meta[POSITION, rows] = req.context_len + req.step
-        meta[BRANCH_K, rows] = bk.data_ptr() + row_bytes * np.arange(n)
-        meta[BRANCH_V, rows] = bv.data_ptr() + row_bytes * np.arange(n)
-        meta[BRANCH_LAYER_STRIDE, rows] = bk[0].numel()
-        meta[BRANCH_CAP, rows] = cap_b
+        if in_context:  # the context's own layout: (L, G, cap, D) from token context_len on
+            if req.context_len + req.step >= ck.shape[2]:
+                raise ValueError("the context cache is full")
+            offset = req.context_len * ck.shape[3] * ck.element_size()
+            meta[BRANCH_K, rows] = ck.data_ptr() + offset
+            meta[BRANCH_V, rows] = cv.data_ptr() + offset
+            meta[BRANCH_LAYER_STRIDE, rows] = ck[0].numel()
+            meta[BRANCH_CAP, rows] = ck.shape[2]
+        else:
+            row_bytes = bk[0, 0].numel() * bk.element_size()
+            meta[BRANCH_K, rows] = bk.data_ptr() + row_bytes * np.arange(n)
+            meta[BRANCH_V, rows] = bv.data_ptr() + row_bytes * np.arange(n)
+            meta[BRANCH_LAYER_STRIDE, rows] = bk[0].numel()
+            meta[BRANCH_CAP, rows] = bk.shape[3]
         meta[STEP, rows] = req.step
         owners = [(r + j, 1) for j in range(n)] if plain else [(r, n)]
         for start, count in owners:

@@ -203,6 +203,33 @@ def check_decode_many(batched, alone, seeds=(0, 1), tol: float = 1e-4) -> dict:
     return {"compared": compared, "max_rel_error": worst, "tolerance": tol}
 
 
+def check_graph_prefill(batched, alone, tol: float = 1e-4) -> dict:
+    """Short prefills (a fresh prompt of 1-2 tokens, a prompt grown by 1 and 2 tokens),
+    which a runtime with graphs runs as one-row replays, against the eager prefill; then
+    a decode step over each context."""
+    rng = np.random.default_rng(11)
+    vocab = batched.config.vocab_size
+    worst = 0.0
+    for first, grown in ((2, 2), (1, 1), (40, 41), (40, 42), (300, 302)):
+        prompt = rng.integers(0, vocab, grown).tolist()
+        results = []
+        for rt in (batched, alone):
+            state, logits = rt.prefill(prompt[:first])
+            if grown > first:
+                state, logits = rt.prefill(prompt, state)
+            branches = rt.start_branches(state, 2, 2)
+            results.append((logits, rt.decode(state, branches, [3, 4]), state.new_tokens))
+        (a, da, na), (b, db, nb) = results
+        if na != nb:
+            raise AssertionError(f"new_tokens {na} against {nb}")
+        scale = max(1.0, float(np.abs(b).max()))
+        err = max(float(np.abs(a - b).max()), float(np.abs(da - db).max())) / scale
+        if not err <= tol:
+            raise AssertionError(f"prefill of {first} then {grown} tokens: error {err:.3g} > {tol}")
+        worst = max(worst, err)
+    return {"max_rel_error": worst, "tolerance": tol}
+
+
 def check_varlen_decoder_cpu(seed: int = 0) -> dict:
     """The CUDA step's code on CPU through Triton's interpreter (TRITON_INTERPRET=1): a CPU
     runtime given a VarlenDecoder (padding its batches as the graphs do), then DecodeGraphs
@@ -220,6 +247,9 @@ def check_varlen_decoder_cpu(seed: int = 0) -> dict:
             batched.graphs.capture_all()
         name = attention + (" through DecodeGraphs (emulated)" if graphs else "")
         result[name] = check_decode_many(batched, TorchRuntime.from_model(model), seeds=(seed,))
+        if graphs:
+            result["short prefill through DecodeGraphs (emulated)"] = check_graph_prefill(
+                batched, TorchRuntime.from_model(model))
     return result
 
 
@@ -261,6 +291,10 @@ def run_checks(args, runtimes: dict) -> list[dict]:
             _check(report, f"decode_many ({name}) vs each request alone, fp32 tiny model",
                    lambda kw=kw: check_decode_many(TorchRuntime.from_model(tiny, device=args.device, precision="fp32",
                                                                            **kw), alone, tol=1e-4))
+    if cuda:
+        _check(report, "short prefill through the graphs vs eager prefill, fp32 tiny model",
+               lambda: check_graph_prefill(TorchRuntime.from_model(tiny, device="cuda", precision="fp32",
+                                                                   cuda_graphs=True), alone))
     if runtimes:
         _check(report, f"one batched step: every variant vs loop on the timed model ({runtimes['loop'].precision})",
                lambda: _variants_agree(args, runtimes))

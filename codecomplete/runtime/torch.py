@@ -88,14 +88,16 @@ class TorchRuntime(Runtime):
     def __init__(self, source: ModelSource | None, device: str = "cpu", precision: str = "auto",
                  attention: str | Callable = "auto", threads: int | None = None, model: Transformer | None = None,
                  batch_attention: str = "bifurcated", cuda_graphs: bool | None = None, max_batch_rows: int = 128,
-                 max_request_rows: int = 32, varlen: bool | None = None):
+                 max_request_rows: int = 32, varlen: bool | None = None, graph_prefill_tokens: int = 2):
         """batch_attention: "bifurcated" reads each request's context once per layer for all its
         rows in decode_many, "plain" once per row (the baseline). cuda_graphs (CUDA): decode
         through CUDA graphs captured at load for batches of up to max_batch_rows rows, each
         request at most max_request_rows (None: on wherever they can run: CUDA, a float
         precision, Triton, attention "auto"; a named attention is decoded with that function,
         eagerly). varlen (CUDA): the batched step's attention as one varlen kernel per layer
-        (None: as cuda_graphs; False: a loop over the requests, as on CPU)."""
+        (None: as cuda_graphs; False: a loop over the requests, as on CPU). graph_prefill_tokens:
+        with graphs, a prefill of at most this many new tokens runs as that many one-row
+        replays (a typed character's prefill, without launching every layer from Python)."""
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' asked for, but torch sees no CUDA device")
         if precision == "auto":
@@ -134,6 +136,7 @@ class TorchRuntime(Runtime):
         self.tokenizer = source.tokenizer if source is not None else None
         self.name = f"torch-{precision}"
         self.batch_attention = batch_attention
+        self.graph_prefill_tokens = graph_prefill_tokens
         self.graphs = None  # torch_graphs.DecodeGraphs when decode runs through CUDA graphs
         self.varlen = None  # torch_graphs.VarlenDecoder: the batched step on CUDA (one kernel per layer)
         from . import torch_graphs
@@ -210,9 +213,12 @@ class TorchRuntime(Runtime):
                 new_k[:, :, :keep] = previous.kv[0][:, :, :keep]
                 new_v[:, :, :keep] = previous.kv[1][:, :, :keep]
             k_buf, v_buf = new_k, new_v
-        logits = self.model.prefill(self._tensor(tokens[keep:]), k_buf, v_buf, keep)
+        if self.graphs is not None and len(tokens) - keep <= self.graph_prefill_tokens:
+            logits = self.graphs.prefill(k_buf, v_buf, keep, tokens[keep:])
+        else:
+            logits = self.model.prefill(self._tensor(tokens[keep:]), k_buf, v_buf, keep).float().cpu().numpy()
         state = ContextState(tokens, (k_buf, v_buf), reused_tokens=keep, new_tokens=len(tokens) - keep)
-        return state, logits.float().cpu().numpy()
+        return state, logits
 
     def start_branches(self, context, n, max_new_tokens):
         c = self.config

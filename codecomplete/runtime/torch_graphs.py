@@ -193,16 +193,29 @@ class DecodeGraphs:
 
     def run(self, steps: Sequence[DecodeStep]) -> list[np.ndarray]:
         out = []
-        plain = self.varlen.rt.batch_attention == "plain"
         for group in self.groups(steps):
-            rows = sum(s.branches.n for s in group)
-            slots = next(b for b in self.buckets if b >= rows)
-            cap = self.captured[slots]
-            fill_meta(cap.meta_np, self.varlen.requests(group), self.varlen.scratch_k, self.varlen.scratch_v, plain)
-            cap.meta_dev.copy_(cap.meta_host, non_blocking=True)
-            cap.replay()
-            cap.logits_host[:rows].copy_(cap.logits_dev[:rows], non_blocking=True)
-            if self.cuda:
-                torch.cuda.current_stream(self.varlen.rt.device).synchronize()  # meta_host is free again after this
-            out.extend(split_rows(cap.logits_host.numpy(), group))
+            logits = self.replay(self.varlen.requests(group), sum(s.branches.n for s in group))
+            out.extend(split_rows(logits, group))
         return out
+
+    def prefill(self, context_k: torch.Tensor, context_v: torch.Tensor, start: int, tokens: Sequence[int]
+                ) -> np.ndarray:
+        """Extend a context at `start` by a few tokens, one single-row replay each (the
+        row's branch is the context itself); the last token's logits (V,)."""
+        for t, token in enumerate(tokens):
+            logits = self.replay([VarlenRequest(context_k, context_v, start, None, None, t, [int(token)])], 1)
+        return np.array(logits[0])
+
+    def replay(self, requests: Sequence[VarlenRequest], rows: int) -> np.ndarray:
+        """One step of these requests' rows through their bucket's graph: the logits
+        (rows, V) in the pinned host buffer, valid until the next replay."""
+        slots = next(b for b in self.buckets if b >= rows)
+        cap = self.captured[slots]
+        fill_meta(cap.meta_np, requests, self.varlen.scratch_k, self.varlen.scratch_v,
+                  self.varlen.rt.batch_attention == "plain")
+        cap.meta_dev.copy_(cap.meta_host, non_blocking=True)
+        cap.replay()
+        cap.logits_host[:rows].copy_(cap.logits_dev[:rows], non_blocking=True)
+        if self.cuda:
+            torch.cuda.current_stream(self.varlen.rt.device).synchronize()  # meta_host is free again after this
+        return cap.logits_host.numpy()[:rows]
