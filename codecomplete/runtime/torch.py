@@ -87,7 +87,7 @@ class TorchRuntime(Runtime):
 
     def __init__(self, source: ModelSource | None, device: str = "cpu", precision: str = "auto",
                  attention: str | Callable = "auto", threads: int | None = None, model: Transformer | None = None,
-                 batch_attention: str = "bifurcated", cuda_graphs: bool | None = None, max_batch_rows: int = 128,
+                 batch_attention: str = "bifurcated", cuda_graphs: bool | None = None, max_batch_rows: int = 256,
                  max_request_rows: int = 32, varlen: bool | None = None, graph_prefill_tokens: int = 2):
         """batch_attention: "bifurcated" reads each request's context once per layer for all its
         rows in decode_many, "plain" once per row (the baseline). cuda_graphs (CUDA): decode
