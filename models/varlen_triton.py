@@ -203,8 +203,10 @@ def plan_varlen(slots: int, max_request_rows: int, n_heads: int, kv_heads: int, 
     rows = max(1, min(slots, max_request_rows))
     block_q = min(64, max(16, next_pow2(rows * p)))
     row_blocks = -(-(rows * p) // block_q)
-    requests_guess = max(1, slots // 4)  # a typist's keystroke decodes a few candidates
-    n_splits = max(1, min(64, -(-2 * sm_count // (kv_heads * requests_guess * row_blocks))))
+    # a typist's keystroke decodes a few candidates; row blocks past a request's rows exit
+    # at once, so a request of few rows keeps only its first busy: they do not count here
+    requests_guess = max(1, slots // 4)
+    n_splits = max(1, min(64, -(-2 * sm_count // (kv_heads * requests_guess))))
     return VarlenPlan(slots, n_splits, block_q, row_blocks, p)
 
 

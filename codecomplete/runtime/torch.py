@@ -14,6 +14,7 @@ from codecomplete.models.format.folder import dequantize, quantize_rows_int8
 from codecomplete.models.format.source import ModelSource
 from codecomplete.models.model import DECODE_ATTENTION, Transformer
 
+from . import torch_graphs
 from .base import BranchState, ContextState, DecodeStep, Runtime
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,6 @@ class TorchRuntime(Runtime):
         self.graph_prefill_tokens = graph_prefill_tokens
         self.graphs = None  # torch_graphs.DecodeGraphs when decode runs through CUDA graphs
         self.varlen = None  # torch_graphs.VarlenDecoder: the batched step on CUDA (one kernel per layer)
-        from . import torch_graphs
-
         if varlen is False and cuda_graphs:
             raise ValueError("cuda_graphs replay the varlen step: they need varlen")
         if varlen is None:
@@ -255,11 +254,7 @@ class TorchRuntime(Runtime):
         elif self.varlen is not None and self.varlen.fits(steps):
             out = self.varlen.run(steps)
         else:
-            logits = self._decode_rows_eager(steps).float().cpu().numpy()
-            out, r0 = [], 0
-            for s in steps:
-                out.append(logits[r0:r0 + s.branches.n])
-                r0 += s.branches.n
+            out = torch_graphs.split_rows(torch_graphs.logits_to_host(self._decode_rows_eager(steps).float()), steps)
         for s in steps:
             s.branches.step += 1
         return out
