@@ -268,50 +268,61 @@ def fill_meta(meta: np.ndarray, requests: Sequence[VarlenRequest], scratch_k: to
               plain: bool = False) -> int:
     """Write the step's rows into meta (FIELDS, slots) int64 (host memory); returns the
     number of rows. plain: every row a request of its own over the same context (read
-    once per row). Rows past the batch point at scratch (L, 1, G, 1, D)."""
+    once per row). Rows past the batch point at scratch (L, 1, G, 1, D). Plain Python
+    lists, one numpy write per field: this runs before every replay."""
     slots = meta.shape[1]
-    meta[:] = 0
-    r = x = 0
+    per_row = {f: [] for f in (TOKEN, POSITION, BRANCH_K, BRANCH_V, BRANCH_LAYER_STRIDE, BRANCH_CAP, STEP)}
+    per_request = {f: [] for f in (CONTEXT_K, CONTEXT_V, CONTEXT_CAP, CONTEXT_LEN, ROW_START, N_ROWS)}
+    r = 0
     for req in requests:
         ck, cv, bk, bv = req.context_k, req.context_v, req.branch_k, req.branch_v
         in_context = bk is None
-        for t in (ck, cv) if in_context else (ck, cv, bk, bv):
-            if not t.is_contiguous():
-                raise ValueError("varlen decode needs contiguous context and branch caches")
-        n = 1 if in_context else bk.shape[1]
+        if not (ck.is_contiguous() and cv.is_contiguous() and (in_context or (bk.is_contiguous()
+                                                                               and bv.is_contiguous()))):
+            raise ValueError("varlen decode needs contiguous context and branch caches")
+        _, g, cap, d = ck.shape
+        elem = ck.element_size()
+        if in_context:  # the context's own layout: (L, G, cap, D) from token context_len on
+            n = 1
+            if req.context_len + req.step >= cap:
+                raise ValueError("the context cache is full")
+            offset = req.context_len * d * elem
+            k_rows, v_rows = [ck.data_ptr() + offset], [cv.data_ptr() + offset]
+            layer_stride, branch_cap = g * cap * d, cap
+        else:
+            n, branch_cap = bk.shape[1], bk.shape[3]
+            row_bytes = bk.shape[2] * branch_cap * bk.shape[4] * bk.element_size()
+            k0, v0 = bk.data_ptr(), bv.data_ptr()
+            k_rows = [k0 + j * row_bytes for j in range(n)]
+            v_rows = [v0 + j * row_bytes for j in range(n)]
+            layer_stride = n * bk.shape[2] * branch_cap * bk.shape[4]
         if r + n > slots:
             raise ValueError(f"{r + n} rows do not fit {slots} slots")
-        rows = slice(r, r + n)
-        meta[TOKEN, rows] = list(req.tokens) if len(req.tokens) else 0
-        meta[POSITION, rows] = req.context_len + req.step
-        if in_context:  # the context's own layout: (L, G, cap, D) from token context_len on
-            if req.context_len + req.step >= ck.shape[2]:
-                raise ValueError("the context cache is full")
-            offset = req.context_len * ck.shape[3] * ck.element_size()
-            meta[BRANCH_K, rows] = ck.data_ptr() + offset
-            meta[BRANCH_V, rows] = cv.data_ptr() + offset
-            meta[BRANCH_LAYER_STRIDE, rows] = ck[0].numel()
-            meta[BRANCH_CAP, rows] = ck.shape[2]
-        else:
-            row_bytes = bk[0, 0].numel() * bk.element_size()
-            meta[BRANCH_K, rows] = bk.data_ptr() + row_bytes * np.arange(n)
-            meta[BRANCH_V, rows] = bv.data_ptr() + row_bytes * np.arange(n)
-            meta[BRANCH_LAYER_STRIDE, rows] = bk[0].numel()
-            meta[BRANCH_CAP, rows] = bk.shape[3]
-        meta[STEP, rows] = req.step
+        tokens = [int(t) for t in req.tokens] if len(req.tokens) else [0] * n
+        if len(tokens) != n:
+            raise ValueError(f"{len(tokens)} tokens for {n} rows")
+        per_row[TOKEN] += tokens
+        per_row[POSITION] += [req.context_len + req.step] * n
+        per_row[BRANCH_K] += k_rows
+        per_row[BRANCH_V] += v_rows
+        per_row[BRANCH_LAYER_STRIDE] += [layer_stride] * n
+        per_row[BRANCH_CAP] += [branch_cap] * n
+        per_row[STEP] += [req.step] * n
         owners = [(r + j, 1) for j in range(n)] if plain else [(r, n)]
-        for start, count in owners:
-            meta[CONTEXT_K, x] = ck.data_ptr()
-            meta[CONTEXT_V, x] = cv.data_ptr()
-            meta[CONTEXT_CAP, x] = ck.shape[2]
-            meta[CONTEXT_LEN, x] = req.context_len
-            meta[ROW_START, x] = start
-            meta[N_ROWS, x] = count
-            x += 1
+        per_request[CONTEXT_K] += [ck.data_ptr()] * len(owners)
+        per_request[CONTEXT_V] += [cv.data_ptr()] * len(owners)
+        per_request[CONTEXT_CAP] += [cap] * len(owners)
+        per_request[CONTEXT_LEN] += [req.context_len] * len(owners)
+        per_request[ROW_START] += [start for start, _ in owners]
+        per_request[N_ROWS] += [count for _, count in owners]
         r += n
-    pad = slice(r, slots)
-    meta[BRANCH_K, pad] = scratch_k.data_ptr()
-    meta[BRANCH_V, pad] = scratch_v.data_ptr()
-    meta[BRANCH_LAYER_STRIDE, pad] = scratch_k[0].numel()
-    meta[BRANCH_CAP, pad] = 1
+    pad = slots - r  # padding rows: the scratch branch; padding request slots: no rows
+    padding = {TOKEN: 0, POSITION: 0, BRANCH_K: scratch_k.data_ptr(), BRANCH_V: scratch_v.data_ptr(),
+               BRANCH_LAYER_STRIDE: scratch_k[0].numel(), BRANCH_CAP: 1, STEP: 0}
+    table = [None] * FIELDS
+    for f, values in per_row.items():
+        table[f] = values + [padding[f]] * pad
+    for f, values in per_request.items():
+        table[f] = values + [0] * (slots - len(values))
+    meta[:] = table  # one conversion for the whole table
     return r
