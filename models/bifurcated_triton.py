@@ -38,22 +38,24 @@ AVAILABLE = triton is not None
 if AVAILABLE:
 
     @triton.jit
-    def _tile(q, k_base, v_base, stride_k, stride_v, offs, hi, m_i, l_i, acc, scale, D: tl.constexpr):
+    def _tile(q, k_base, v_base, stride_k, stride_v, offs, hi, m_i, l_i, acc, scale, D: tl.constexpr,
+              DOT: tl.constexpr):
         """One key tile into the running softmax state."""
         d = tl.arange(0, D)
         valid = offs < hi
         k = tl.load(k_base + offs[:, None] * stride_k + d[None, :], mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT) * scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         v = tl.load(v_base + offs[:, None] * stride_v + d[None, :], mask=valid[:, None], other=0.0)
-        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT)
 
     @triton.jit
     def _attend(q, k_base, v_base, stride_k, stride_v, lo, hi, scale,
-                BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, USE_FOR: tl.constexpr):
+                BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr, USE_FOR: tl.constexpr,
+                DOT: tl.constexpr):
         """Online-softmax attention of q [BLOCK_Q, D] over keys [lo, hi): (acc/l, lse)."""
         m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_Q], tl.float32)
@@ -61,12 +63,12 @@ if AVAILABLE:
         if USE_FOR:  # compiled: a for loop, which Triton software-pipelines
             for start in range(lo, hi, BLOCK_K):
                 m_i, l_i, acc = _tile(q, k_base, v_base, stride_k, stride_v, start + tl.arange(0, BLOCK_K), hi,
-                                      m_i, l_i, acc, scale, D)
+                                      m_i, l_i, acc, scale, D, DOT)
         else:  # the interpreter: its runtime scalars cannot bound a Python range under numpy >= 2.4
             start = lo
             while start < hi:
                 m_i, l_i, acc = _tile(q, k_base, v_base, stride_k, stride_v, start + tl.arange(0, BLOCK_K), hi,
-                                      m_i, l_i, acc, scale, D)
+                                      m_i, l_i, acc, scale, D, DOT)
                 start += BLOCK_K
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         return acc / l_safe[:, None], m_i + tl.log(l_safe)
@@ -78,7 +80,7 @@ if AVAILABLE:
                         stride_og, stride_os, stride_or, stride_lg, stride_ls,
                         M, m, chunk, n_splits, scale,
                         P: tl.constexpr, NP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                        D: tl.constexpr, USE_FOR: tl.constexpr):
+                        D: tl.constexpr, USE_FOR: tl.constexpr, DOT: tl.constexpr):
         g = tl.program_id(0)
         s = tl.program_id(1)
         r = tl.arange(0, BLOCK_Q)
@@ -92,14 +94,14 @@ if AVAILABLE:
             lo = s * chunk
             hi = tl.minimum(lo + chunk, M)
             out, lse = _attend(q, KC + g * stride_kcg, VC + g * stride_vcg, stride_kcm, stride_vcm, lo, hi, scale,
-                               BLOCK_Q, BLOCK_K, D, USE_FOR)
+                               BLOCK_Q, BLOCK_K, D, USE_FOR, DOT)
         else:  # branch n's own keys, for its P query rows (stored at local rows 0..P-1)
             n = s - n_splits
             ok = r < P
             q = tl.load(Q + n * stride_qn + (g * P + r)[:, None] * stride_qh + d[None, :],
                         mask=ok[:, None], other=0.0)
             out, lse = _attend(q, KD + n * stride_kdn + g * stride_kdg, VD + n * stride_vdn + g * stride_vdg,
-                               stride_kdm, stride_vdm, 0, m, scale, BLOCK_Q, BLOCK_K, D, USE_FOR)
+                               stride_kdm, stride_vdm, 0, m, scale, BLOCK_Q, BLOCK_K, D, USE_FOR, DOT)
         tl.store(o_base + r[:, None] * stride_or + d[None, :], out, mask=ok[:, None])
         tl.store(l_base + r, lse, mask=ok)
 
@@ -172,7 +174,8 @@ def bifurcated_attention_triton(q: torch.Tensor, k_ctx: torch.Tensor, v_ctx: tor
         k_dec.stride(0), k_dec.stride(1), k_dec.stride(2), v_dec.stride(0), v_dec.stride(1), v_dec.stride(2),
         parts.stride(0), parts.stride(1), parts.stride(2), lse.stride(0), lse.stride(1),
         ctx, m, chunk, n_splits, scale,
-        P=p, NP=rows, BLOCK_Q=block_q, BLOCK_K=block_k, D=d, USE_FOR=q.is_cuda, num_warps=warps)
+        P=p, NP=rows, BLOCK_Q=block_q, BLOCK_K=block_k, D=d, USE_FOR=q.is_cuda,
+        DOT="ieee" if q.dtype == torch.float32 else None, num_warps=warps)  # fp32: no tf32 rounding
     out = torch.empty(n, h, d, device=q.device, dtype=q.dtype)
     _combine_kernel[(g, rows)](
         parts, lse, out, parts.stride(0), parts.stride(1), parts.stride(2), lse.stride(0), lse.stride(1),

