@@ -26,6 +26,9 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.kind = status, message, kind
 
+    def __reduce__(self):  # raised in one replica, re-raised in another: pickled across
+        return ApiError, (self.status, self.message, self.kind)
+
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "code": self.status}}
 
@@ -79,6 +82,19 @@ def text_session(owner: str, text: str) -> str:
 
 def drawn_candidates(wanted: int) -> int:
     return max(wanted, MIN_CANDIDATES_DRAWN)
+
+
+def start_ray(address: str | None = None, **options: Any) -> None:
+    """ray.init from a neutral folder (below): a local instance, or joining `address`."""
+    import ray
+
+    with neutral_folder():
+        ray.init(address=address, include_dashboard=False if not address else None, **options)
+
+
+# Ray Serve's proxy writes an access log line per request; the team server's own log line
+# (the key's name, no document text) is enough, and the proxy's costs time per keystroke
+SERVE_LOGGING = {"enable_access_log": False}
 
 
 @contextlib.contextmanager
