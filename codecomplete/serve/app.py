@@ -86,8 +86,8 @@ class EngineReplica:
             raise
 
     def describe(self) -> dict[str, Any]:
-        return {"replica": self.replica_id, "pid": os.getpid(), "model": self.engine.describe(),
-                "cancelled_requests": self.cancelled_requests}
+        return {"replica": self.replica_id, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                "model": self.engine.describe(), "cancelled_requests": self.cancelled_requests}
 
 
 fastapi_app = FastAPI(title="codecomplete team server", docs_url=None, redoc_url=None, openapi_url=None)

@@ -161,7 +161,12 @@ def run(args) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     _log(f"starting Ray ({'joining ' + args.address if args.address else 'a local instance'})")
-    start_ray(args.address)
+    try:
+        start_ray(args.address)
+    except ConnectionError as e:  # a wrong address, a head that is down, or a refused token
+        raise SystemExit(f"codecomplete serve: cannot join the Ray cluster at {args.address}: {e}\n"
+                         "  (a cluster started with token authentication needs its token here: "
+                         "~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)") from None
     serve.start(http_options={"host": args.host, "port": args.port}, logging_config=SERVE_LOGGING)
     done = threading.Event()
     progress = threading.Thread(target=_report_progress, args=(done,), daemon=True)

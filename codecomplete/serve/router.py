@@ -5,8 +5,8 @@ request (prefix KV reuse, branch adoption, the typing-as-suggested cache live th
 session key (the client's, or the API key's name + the file) sticks to the replica that
 served it, while that replica is not overloaded: its queue no more than
 `imbalance_requests` longer than the shortest one. Otherwise, and for a new session, the
-power of two choices: two random replicas, the shorter queue first (ties: the replica
-owning fewer sessions, so typists spread over the replicas).
+power of two choices: two random replicas, a not overloaded one first, then the one owning
+fewer sessions (so typists spread over the replicas), then the shorter queue.
 
 The session is the `session` keyword of a call one replica hands on to another, or the
 proxy's session (Ray Serve's X-Session-Id header). An HTTP request with neither goes to the
@@ -43,32 +43,38 @@ def is_http(pending: PendingRequest | None) -> bool:
 
 def entry_first(candidates: Sequence[Hashable], queue_lens: dict[Hashable, int | None],
                 rng: random.Random) -> list[list[Hashable]]:
-    """[[entry], two others by queue] for an HTTP request without a session: the entry is
-    the lowest id, the same for every router instance; the others only if it is full."""
+    """[entry], then two others by queue, for an HTTP request without a session: the entry
+    is the lowest id, the same for every router instance; the others only if it is full."""
     if not candidates:
         return []
     entry = min(candidates, key=str)
     rest = [c for c in candidates if c != entry]
-    picked = rest if len(rest) <= 2 else rng.sample(rest, 2)
-    return [[entry], sorted(picked, key=lambda c: queue_lens.get(c) or 0)] if picked else [[entry]]
+    picked = rng.sample(rest, min(2, len(rest)))
+    return [[entry], *([c] for c in sorted(picked, key=lambda c: queue_lens.get(c) or 0))]
 
 
 def choose_for_session(owner: Hashable | None, candidates: Sequence[Hashable],
                        queue_lens: dict[Hashable, int | None], sessions_owned: dict[Hashable, int],
                        imbalance_requests: int, rng: random.Random) -> list[list[Hashable]]:
-    """Ranked replica ids for one request: [[owner], fallback] while the owner is a candidate
-    and not overloaded, else [fallback]; fallback is two random candidates, best first.
+    """Ranked replica ids for one request, one replica per rank (Ray Serve tries a rank's
+    replicas by its own queue-length cache, where a replica it has not probed yet loses to
+    any it has: one per rank keeps the choice ours): [owner] first while the owner is a
+    candidate and not overloaded, then two random candidates, best first (see the module).
     An unknown queue length counts as empty (the router probes it before sending)."""
     if not candidates:
         return []
     queue = {c: queue_lens.get(c) or 0 for c in candidates}
     shortest = min(queue.values())
-    # drawn in random order, so that ties (equal queues and sessions) go either way
+    # drawn in random order, so that ties go either way. A new session goes to the one owning
+    # fewer sessions unless its queue is overloaded: the queue of the moment says little about
+    # the keystrokes a session will bring (and the entry replica's queue holds the requests it
+    # is handing on)
     picked = rng.sample(list(candidates), min(2, len(candidates)))
-    fallback = sorted(picked, key=lambda c: (queue[c], sessions_owned.get(c, 0)))
+    fallback = sorted(picked, key=lambda c: (queue[c] - shortest > imbalance_requests,
+                                             sessions_owned.get(c, 0), queue[c]))
     if owner in queue and queue[owner] - shortest <= imbalance_requests:
-        return [[owner], [c for c in fallback if c != owner] or [owner]]
-    return [fallback]
+        return [[owner], *([c] for c in fallback if c != owner)]
+    return [[c] for c in fallback]
 
 
 class SessionAffinityRouter(RequestRouter):
