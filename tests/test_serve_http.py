@@ -248,10 +248,27 @@ def _cancelled() -> int:
     return sum(info["cancelled_requests"] for info in _replicas("aff").values())
 
 
-def test_client_disconnect_cancels_the_engine_call(server):
+def _path_served_by(port: int, entry_replica: bool) -> str:
+    """A file path whose session (no header: handed on by the entry replica) lives on the
+    entry replica itself, or on the other one."""
+    entry = call(port, "GET", "/aff/health")[2]["replica"]
+    for k in range(40):
+        path = f"{'entry' if entry_replica else 'other'}-{k}.py"
+        status, headers, answer = call(port, "POST", "/aff/v1/engine/complete",
+                                       {"text": "x = ", "path": path, "options": {"max_new_tokens": 1}},
+                                       {"Authorization": f"Bearer {BOB}"})
+        assert status == 200, answer
+        if (headers["x-codecomplete-replica"] == entry) == entry_replica:
+            return path
+    raise AssertionError("no session landed there")
+
+
+@pytest.mark.parametrize("entry_replica", [True, False], ids=["on-the-entry-replica", "handed-on"])
+def test_client_disconnect_cancels_the_engine_call(server, entry_replica):
+    path = _path_served_by(server, entry_replica)
     before = _cancelled()
     sock = socket.create_connection(("127.0.0.1", server), timeout=TIMEOUT_S)
-    body = json.dumps(SLOW).encode()
+    body = json.dumps({**SLOW, "path": path}).encode()
     sock.sendall(b"POST /aff/v1/engine/complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  + f"Authorization: Bearer {BOB}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
     time.sleep(1.5)  # decoding has begun
@@ -261,8 +278,9 @@ def test_client_disconnect_cancels_the_engine_call(server):
     while _cancelled() == before:
         assert time.monotonic() < deadline, "the replica never saw the cancellation"
         time.sleep(0.1)
-    # the engine thread stopped decoding: the next request does not wait for the 6 s deadline
-    status, _, _ = call(server, "POST", "/aff/infill", {"input_prefix": "y = ", "n_predict": 2},
+    # the engine thread stopped decoding: the session's next request does not wait for the 6 s deadline
+    status, _, _ = call(server, "POST", "/aff/v1/engine/complete", {"text": "y = ", "path": path,
+                                                                   "options": {"max_new_tokens": 2}},
                         {"Authorization": f"Bearer {BOB}"})
     assert status == 200 and time.perf_counter() - t0 < 4.0
 
@@ -296,7 +314,7 @@ def test_a_replica_whose_engine_does_not_load_answers_503_with_the_reason(server
     serve._run(build_app(model="/nonexistent/model-folder", replica_cpus=0), name="broken",
                route_prefix="/broken", _blocking=False)
     try:
-        with pytest.raises(RuntimeError, match="failed to load"):  # what `codecomplete serve` reports
+        with pytest.raises(RuntimeError, match="failed to (load|start)"):  # what `codecomplete serve` reports
             wait_until_loaded("broken", 1, timeout_s=60)
         deadline = time.monotonic() + 60
         while True:  # Ray Serve replaces the unhealthy replica again and again: ask while one runs

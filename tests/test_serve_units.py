@@ -14,7 +14,7 @@ from codecomplete.serve import infill, native, openai  # noqa: E402
 from codecomplete.serve.auth import ConcurrencyLimit, KeyRing, KeysFileError, parse_keys  # noqa: E402
 from codecomplete.serve.cli import add_arguments, check_settings, parse_autoscale  # noqa: E402
 from codecomplete.serve.common import ApiError, cut_at_stop, parse_body  # noqa: E402
-from codecomplete.serve.router import choose_for_session, entry_first, session_of  # noqa: E402
+from codecomplete.serve.router import any_replica, choose_for_session, entry_first, session_of  # noqa: E402
 
 
 def test_keys_file_names_bare_keys_by_line_and_skips_comments():
@@ -156,6 +156,12 @@ def test_router_sends_sessionless_http_to_one_entry_replica_whatever_the_order()
     for candidates in (["r2", "r1", "r3"], ["r3", "r2", "r1"], ["r1", "r3", "r2"]):
         assert entry_first(candidates, {"r1": 9, "r2": 0, "r3": 1}, rng) == [["r1"], ["r2"], ["r3"]]
     assert entry_first(["only"], {}, rng) == [["only"]] and entry_first([], {}, rng) == []
+
+
+def test_router_sends_calls_of_no_session_to_any_replica():
+    rng = random.Random(0)
+    assert {any_replica(["r1", "r2"], {}, rng)[0][0] for _ in range(32)} == {"r1", "r2"}
+    assert any_replica(["r1", "r2"], {"r1": 3, "r2": 0}, rng) == [["r2"], ["r1"]]
 
 
 def test_router_reads_the_handed_on_session_before_the_proxys():

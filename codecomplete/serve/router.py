@@ -53,6 +53,13 @@ def entry_first(candidates: Sequence[Hashable], queue_lens: dict[Hashable, int |
     return [[entry], *([c] for c in sorted(picked, key=lambda c: queue_lens.get(c) or 0))]
 
 
+def any_replica(candidates: Sequence[Hashable], queue_lens: dict[Hashable, int | None],
+                rng: random.Random) -> list[list[Hashable]]:
+    """Two random candidates, the shorter queue first (a tie either way), one per rank."""
+    picked = rng.sample(list(candidates), min(2, len(candidates)))
+    return [[c] for c in sorted(picked, key=lambda c: queue_lens.get(c) or 0)]
+
+
 def choose_for_session(owner: Hashable | None, candidates: Sequence[Hashable],
                        queue_lens: dict[Hashable, int | None], sessions_owned: dict[Hashable, int],
                        imbalance_requests: int, rng: random.Random) -> list[list[Hashable]]:
@@ -91,12 +98,13 @@ class SessionAffinityRouter(RequestRouter):
         by_id = {r.replica_id: r for r in candidate_replicas}
         session = session_of(pending_request)
         queue_lens = {rid: self.replica_queue_len_cache.get(rid) for rid in by_id}
-        if not session and is_http(pending_request):
-            ranks = entry_first(list(by_id), queue_lens, self._rng)
-        else:
-            owner = self._owners.get(session) if session else None
-            ranks = choose_for_session(owner, list(by_id), queue_lens, self._sessions_owned,
+        if session:
+            ranks = choose_for_session(self._owners.get(session), list(by_id), queue_lens, self._sessions_owned,
                                        self.imbalance_requests, self._rng)
+        elif is_http(pending_request):
+            ranks = entry_first(list(by_id), queue_lens, self._rng)
+        else:  # a call that belongs to no session (describe): any replica
+            ranks = any_replica(list(by_id), queue_lens, self._rng)
         if pending_request is not None:
             # every rank full: wait before asking again, instead of spinning
             pending_request.routing_context.should_backoff = True
