@@ -68,11 +68,8 @@ def serve_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    import ray
-
-    if ray.is_initialized():  # something reached Ray before (its calls start one on first use)
-        ray.shutdown()
     start_ray(num_cpus=2, log_to_driver=False)
+    import ray
 
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=SERVE_LOGGING)

@@ -93,7 +93,7 @@ class EngineReplica:
             raise
 
     def describe(self) -> dict[str, Any]:
-        return {"replica": self.replica_id, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
+        return {"replica": self.replica_id, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                 "model": self.engine.describe(), "cancelled_requests": self.cancelled_requests}
 
 
