@@ -28,8 +28,8 @@ def test_gpu_replicas_batch_by_default_and_cpu_replicas_do_not():
     assert replica_batching(_serve_args()) == "off"
     assert replica_batching(_serve_args("--device", "cuda", "--batching", "off")) == "off"
     assert replica_batching(_serve_args("--batching", "on")) == "on"
-    engine_args = app.build_app(device="cuda", runtime="torch", batching="on")._bound_deployment.init_args[0]
-    assert engine_args[-1] == "on"  # the ingress builds its EngineReplica with them
+    bound = app.build_app(device="cuda", runtime="torch", batching="on")._bound_deployment.init_args[0]
+    assert bound._bound_deployment.init_args[-1] == "on"
 
 
 class _Context:
@@ -39,7 +39,8 @@ class _Context:
 
 def _replica(monkeypatch, model_dir, batching: str):
     monkeypatch.setattr(app.serve, "get_replica_context", lambda: _Context)
-    return app.EngineReplica(str(model_dir), "torch", "cpu", "auto", 1, batching)
+    replica_class = app.EngineReplica.func_or_class
+    return replica_class(str(model_dir), "torch", "cpu", "auto", 1, batching)
 
 
 def _requests(k: int) -> list[CompletionRequest]:
@@ -50,7 +51,7 @@ def _requests(k: int) -> list[CompletionRequest]:
 
 
 async def _all(replica, requests):
-    return await asyncio.gather(*(replica.complete(r) for r in requests))
+    return await asyncio.gather(*(replica.complete(r, session=r.path) for r in requests))
 
 
 @pytest.mark.parametrize("batching", ["on", "off"])
