@@ -24,7 +24,6 @@ Only the scheduler thread touches the runtime, so a runtime stays single-threade
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import time
@@ -138,7 +137,6 @@ class BatchScheduler:
         self.decode_extension_tokens = decode_extension_tokens if runtime.reuses_branches else 0
         self.stats = SchedulerStats()
         # the contract's keyword; a runtime without it allocates as it goes
-        self._capacity_keyword = "capacity_tokens" in inspect.signature(runtime.prefill).parameters
         self._cond = threading.Condition()
         self._ops: list[_Call] = []  # small calls, answered during the gather
         self._decodes: list[_Call] = []
@@ -376,8 +374,7 @@ class BatchScheduler:
         record.prefill_ms = (time.perf_counter() - t0) * 1000.0
 
     def _chunk(self, job: _Prefill, end: int) -> None:
-        kwargs = {"capacity_tokens": len(job.tokens)} if self._capacity_keyword else {}
-        state, logits = self.runtime.prefill(job.tokens[:end], job.state, **kwargs)
+        state, logits = self.runtime.prefill(job.tokens[:end], job.state, capacity_tokens=len(job.tokens))
         if job.reused is None:
             job.reused = state.reused_tokens
         job.computed += state.new_tokens

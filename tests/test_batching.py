@@ -16,75 +16,18 @@ torch = pytest.importorskip("torch")
 from codecomplete.alignment import back_off_tokens  # noqa: E402
 from codecomplete.batching import BatchScheduler, PrefillStopped, SchedulerClosed  # noqa: E402
 from codecomplete.engine import Engine  # noqa: E402
-from codecomplete.models.model import DECODE_ATTENTION, apply_rope, rope_tables  # noqa: E402
 from codecomplete.models.testing import SAMPLE_CODE  # noqa: E402
 from codecomplete.request import CompletionOptions, CompletionRequest, StopReason  # noqa: E402
 from codecomplete.runtime import Runtime, load_runtime  # noqa: E402
-from codecomplete.runtime.torch import TorchRuntime  # noqa: E402
 
 CHUNK_TOKENS = 24  # small, so that the test prompts are prefilled in several chunks
 DOCUMENTS = [SAMPLE_CODE, SAMPLE_CODE[200:] + SAMPLE_CODE, "def f(x):\n    return x + 1\n\n" * 6 + SAMPLE_CODE[:300]]
-# the torch runtime's own batched decode_many once the runtime side lands; until then the
-# test-local one below (every row through each weight matrix at once, attention per request)
-TORCH_BATCHES = TorchRuntime.decode_many is not Runtime.decode_many
-
-
-@torch.inference_mode()
-def stacked_decode_many(rt: TorchRuntime, steps) -> list[np.ndarray]:
-    """One decode step of several requests with one matrix product per projection for all
-    their rows (the batched runtime's shape of work), attention per request."""
-    model, cfg = rt.model, rt.config
-    for s in steps:
-        rt.check_decode(s.context, s.branches, s.next_tokens)
-    tokens = rt._tensor([t for s in steps for t in s.next_tokens])
-    ropes = [rope_tables(cfg, torch.arange(len(s.context.tokens) + s.branches.step,
-                                           len(s.context.tokens) + s.branches.step + 1)) for s in steps]
-    attend_one = DECODE_ATTENTION[rt.attention]
-    h = model.tok_embeddings(tokens)[:, None]  # (R, 1, dim)
-    for i, layer in enumerate(model.layers):
-        att = layer.attention
-        q_all, k_all, v_all = att.wqkv(layer.attention_norm(h)).split(att.part_rows["wqkv"], dim=-1)
-        y, r0 = [], 0
-        for s, (cos, sin) in zip(steps, ropes, strict=True):
-            n, step, m = s.branches.n, s.branches.step, len(s.context.tokens)
-            q = apply_rope(q_all[r0:r0 + n].view(n, 1, cfg.n_heads, cfg.head_dim).transpose(1, 2), cos, sin)
-            k = apply_rope(k_all[r0:r0 + n].view(n, 1, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2), cos, sin)
-            v = v_all[r0:r0 + n].view(n, 1, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-            dec_k, dec_v = s.branches.kv
-            dec_k[i, :, :, step], dec_v[i, :, :, step] = k[:, :, 0], v[:, :, 0]
-            k_ctx, v_ctx = s.context.kv[0][i, :, :m], s.context.kv[1][i, :, :m]
-            y.append(attend_one(q[:, :, 0], k_ctx, v_ctx, dec_k[i, :, :, :step + 1], dec_v[i, :, :, :step + 1],
-                                att.scale).reshape(n, 1, -1))
-            r0 += n
-        h = h + att.wo(torch.cat(y))
-        h = h + layer.feed_forward(layer.ffn_norm(h))
-    logits = model.logits(h[:, 0]).float().numpy()
-    out, r0 = [], 0
-    for s in steps:
-        out.append(logits[r0:r0 + s.branches.n])
-        r0 += s.branches.n
-        s.branches.step += 1
-    return out
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """A tiny model's kernels on one thread: on a busy 2-core machine two threads that wait
-    for each other make each call many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _runtime(model_dir, kind: str) -> Runtime:
     """A torch runtime whose decode_many is the base class's per-request loop ("fallback")
     or one batched pass ("batched")."""
     rt = load_runtime(str(model_dir), runtime="torch")
     if kind == "fallback":
         rt.decode_many = lambda steps: Runtime.decode_many(rt, steps)
-    elif not TORCH_BATCHES:
-        rt.decode_many = lambda steps: stacked_decode_many(rt, steps)
     return rt
 
 

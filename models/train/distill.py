@@ -26,10 +26,9 @@ forward FLOPs; `mfu_student` the student's alone.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,6 +44,7 @@ from .loop import (
     load_checkpoint,
     make_batches,
     make_optimizer,
+    parse_config,
     run_loop,
     start_record,
     start_session,
@@ -285,15 +285,7 @@ def distill(cfg: DistillConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="distill", description=__doc__.split("\n")[0])
-    defaults = DistillConfig(data="", out="")
-    for name, value in asdict(defaults).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-        else:
-            ap.add_argument(flag, type=type(value), default=value, required=name in ("data", "out"))
-    distill(DistillConfig(**vars(ap.parse_args(argv))))
+    distill(parse_config(DistillConfig, argv, "distill", __doc__.split("\n")[0]))
 
 
 if __name__ == "__main__":

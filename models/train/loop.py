@@ -8,6 +8,7 @@ MFU = model FLOPs / (989e12 x GPUs): 989 TFLOP/s is the H200's dense bf16 peak.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -286,3 +287,16 @@ def start_record(cfg, mcfg: ModelConfig, session: Session, tokens_per_step: int,
     return {"event": "start", "config": asdict(cfg), "model": mcfg.to_dict(), "params": mcfg.n_params(),
             "world_size": session.world, "tokens_per_step": tokens_per_step, "flops_per_token": fpt,
             "peak_flops_per_gpu": PEAK_FLOPS_PER_GPU, "device": str(session.device), **extra}
+
+
+def parse_config(config_class, argv: list[str] | None, prog: str, description: str):
+    """A run's config dataclass from the command line: one flag per field (`--field-name`),
+    booleans as --x/--no-x, `data` and `out` required."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    for name, value in asdict(config_class(data="", out="")).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        else:
+            ap.add_argument(flag, type=type(value), default=value, required=name in ("data", "out"))
+    return config_class(**vars(ap.parse_args(argv)))

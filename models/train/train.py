@@ -18,8 +18,7 @@ FLOPs per token = 6 x params + 12 x layers x seq_len x dim (attention).
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +35,7 @@ from .loop import (  # noqa: F401  (lr_at, flops_per_token: this module's names 
     lr_at,
     make_batches,
     make_optimizer,
+    parse_config,
     run_loop,
     start_record,
     start_session,
@@ -168,15 +168,7 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="train", description=__doc__.split("\n")[0])
-    defaults = TrainConfig(data="", out="")
-    for name, value in asdict(defaults).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-        else:
-            ap.add_argument(flag, type=type(value), default=value, required=name in ("data", "out"))
-    train(TrainConfig(**vars(ap.parse_args(argv))))
+    train(parse_config(TrainConfig, argv, "train", __doc__.split("\n")[0]))
 
 
 if __name__ == "__main__":
