@@ -2,7 +2,8 @@
 sends the request to `POST {server}/v1/engine/complete` and reads the Completion back.
 
 The body is `wire.request_to_json(request)` plus a `session` key that is stable per
-document and per client process, so that one user's keystrokes on one file reach the
+document and per client process, also sent as Ray Serve's `X-Session-Id` header: the
+service's proxy routes by it, so one user's keystrokes on one file go straight to the
 replica that holds their KV. One keep-alive connection (the language server calls from
 one worker thread); a cancelled request closes it, which cancels the work on the server.
 Failures never raise: the answer is None, and the state (ready | loading | error) with
@@ -31,6 +32,7 @@ logger = logging.getLogger("codecomplete.remote")
 
 COMPLETE_PATH = "/v1/engine/complete"
 HEALTH_PATH = "/health"
+SESSION_HEADER = "X-Session-Id"  # Ray Serve's session header (codecomplete.serve.native)
 CONNECT_TIMEOUT_S = 2.0  # also the health check's whole budget
 ANSWER_GRACE_S = 2.0  # how long past the request's deadline an answer may take
 CANCEL_POLL_S = 0.005
@@ -103,11 +105,11 @@ class RemoteEngine(EngineStatus):
         body = outgoing_request_json(request)
         if body is None:  # a document that gets no completions (too big, binary)
             return Completion([])
-        body["session"] = self.session_key(request.path or "<untitled>")
+        body["session"] = session = self.session_key(request.path or "<untitled>")
         payload = json.dumps(body).encode("utf-8")
         deadline_s = body["options"]["deadline_ms"] / 1000.0
         try:
-            status, headers, answer = self._post(payload, request.cancel, deadline_s)
+            status, headers, answer = self._post(payload, session, request.cancel, deadline_s)
         except RemoteError as e:
             self._failed(e)
             return None
@@ -137,7 +139,7 @@ class RemoteEngine(EngineStatus):
         if conn is not None:
             conn.close()
 
-    def _post(self, payload: bytes, cancel: CancelToken | None, deadline_s: float):
+    def _post(self, payload: bytes, session: str, cancel: CancelToken | None, deadline_s: float):
         """(status, headers, body) of one POST; (None, None, None) when cancelled first.
         A kept-alive connection that the server closed meanwhile is retried once, fresh."""
         for attempt in (0, 1):
@@ -148,7 +150,8 @@ class RemoteEngine(EngineStatus):
                 if conn.sock is None:
                     conn.connect()
                 conn.sock.settimeout(deadline_s + ANSWER_GRACE_S)
-                conn.request("POST", self._base_path + COMPLETE_PATH, body=payload, headers=self._headers())
+                conn.request("POST", self._base_path + COMPLETE_PATH, body=payload,
+                             headers={**self._headers(), SESSION_HEADER: session})
                 if not self._wait_readable(conn, cancel, time.monotonic() + deadline_s + ANSWER_GRACE_S):
                     self._drop_connection()
                     return None, None, None
@@ -208,6 +211,9 @@ class RemoteEngine(EngineStatus):
                                               "set codecomplete.apiKey"))
         elif status == 503:
             self._failed(RemoteError("loading", f"the team server {self.url} is loading its model"))
+        elif status == 404:  # something answers there, but not (or no longer) our service
+            self._failed(RemoteError("error", f"the team server {self.url} has no codecomplete service at this "
+                                              "address (404); check codecomplete.server"))
         elif status in (400, 413, 422):  # this request was refused; the next one may be fine
             logger.warning("the team server refused a request (%d)%s", status, detail)
         else:

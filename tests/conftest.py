@@ -53,3 +53,27 @@ def tiny_gqa_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-gqa-model")
     make_test_model(path, n_kv_heads=2, qkv_bias=True, int8=False, fim_order="psm", seed=1)
     return path
+
+
+@pytest.fixture(scope="session")
+def serve_port():
+    """One local Ray with Ray Serve for the whole run (starting it takes a good part of the
+    serve tests' time): its HTTP port. Modules deploy their applications on it under their
+    own route prefix and delete them when done; two CPUs, so they fit on a 2-core CI box."""
+    pytest.importorskip("ray.serve")
+    from ray import serve
+
+    from codecomplete.serve.common import SERVE_LOGGING, start_ray
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start_ray(num_cpus=2, log_to_driver=False)
+    import ray
+
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=SERVE_LOGGING)
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()

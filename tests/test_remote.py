@@ -25,6 +25,7 @@ from test_lsp_server import (
     ENV,
     SERVER,
     configure,
+    edit,
     inline,
     inline_params,
     open_doc,
@@ -57,6 +58,7 @@ class StandIn:
         self.slow_s = 3.0
         self.requests: list[dict] = []
         self.auth: list[str | None] = []
+        self.session_headers: list[str | None] = []
         self.connections = 0
         self.open_sockets: list[socket.socket] = []
         self.cancelled = threading.Event()
@@ -96,6 +98,7 @@ class StandIn:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stand_in.requests.append(body)
                 stand_in.auth.append(self.headers.get("Authorization"))
+                stand_in.session_headers.append(self.headers.get("X-Session-Id"))
                 mode = stand_in.mode
                 if mode == "401":
                     return self._error(401, "authentication_error", "invalid API key")
@@ -169,6 +172,7 @@ def test_sends_the_wire_request_with_session_and_key_and_reads_the_completion(st
     engine.complete(request("src/other.py"))
     sessions = [r["session"] for r in stand_in.requests]
     assert sessions[0] == sessions[1] != sessions[2]  # one document sticks to one session
+    assert stand_in.session_headers == sessions  # the header Ray Serve's proxy routes by
     assert sessions[0] != RemoteEngine(stand_in.url, check_health=False).session_key("src/main.py")
     assert stand_in.connections == 1  # kept alive
     assert engine.describe()["server"] == stand_in.url
@@ -333,5 +337,102 @@ async def test_lsp_remote_mode_inline_completion_cancellation_and_server_down(st
             assert await inline(client, 1, 7) and len(other.requests) == 1
         finally:
             other.close()
+    finally:
+        await client.shutdown_session()
+
+
+# -- the language server against the real Ray Serve application ----------------------------------------
+MID_TOKEN_DOC = "import os\n\n\ndef data_file(name):\n    return os.path.jo\n"
+SLOW_BODY = {"text": "def long_story():\n", "offset": 18, "path": "blocker.py",
+             "options": {"max_new_tokens": 1024, "multiline": True, "deadline_ms": 8000, "temperature": 5.0,
+                         "patience_steps": None, "n": 8}}
+
+
+@pytest.fixture(scope="module")
+def team_server(serve_port):
+    """The team server's application (one replica, one API key) on the session's Ray instance."""
+    from ray import serve
+
+    from codecomplete.serve.app import ServeSettings, build_app, wait_until_loaded
+    from codecomplete.serve.auth import parse_keys
+
+    settings = ServeSettings(keys=tuple(parse_keys(f"editor:{API_KEY}")))
+    serve.run(build_app(replicas=1, threads=1, replica_cpus=0.5, settings=settings), name="lsp", route_prefix="/lsp")
+    try:
+        wait_until_loaded("lsp", 1, timeout_s=120)
+        yield serve_port
+    finally:
+        if "lsp" in serve.status().applications:
+            serve.delete("lsp")
+
+
+def _cancelled_on_the_replica() -> int:
+    from codecomplete.serve.app import wait_until_loaded
+
+    return wait_until_loaded("lsp", 1, timeout_s=30)[0]["cancelled_requests"]
+
+
+async def _wait_for_cancelled(count: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (seen := await asyncio.to_thread(_cancelled_on_the_replica)) < count:
+        assert time.monotonic() < deadline, f"the replica saw {seen} cancelled requests, expected {count}"
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="pytest-lsp subprocess")
+@pytest.mark.asyncio
+async def test_lsp_remote_mode_against_the_ray_app_completes_supersedes_and_reports_it_gone(team_server):
+    url = f"http://127.0.0.1:{team_server}/lsp"
+    client = make_test_lsp_client()
+    track_status(client)
+    await client.start_io(*SERVER, env=ENV)
+    await client.initialize_session(types.InitializeParams(capabilities=CAPS, initialization_options={
+        "codecomplete": {"server": url, "apiKey": API_KEY, "deadlineMs": 20000}}))
+    try:
+        assert url in (await wait_for_state(client, "ready", timeout_s=30)).message
+        open_doc(client, MID_TOKEN_DOC)
+        items = await inline(client, 4, 21)  # the cursor after `os.path.jo`: the engine aligns the token
+        assert items and items[0].insert_text.startswith("in(")
+
+        # a long request from someone else keeps the replica's engine busy; the editor's next
+        # request waits behind it, and a keystroke supersedes it: the editor gets an empty
+        # answer at once, the connection closes, and the replica's CancelToken fires
+        before = await asyncio.to_thread(_cancelled_on_the_replica)
+        blocker = socket.create_connection(("127.0.0.1", team_server), timeout=30)
+        body = json.dumps(SLOW_BODY).encode()
+        blocker.sendall(b"POST /lsp/v1/engine/complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        + f"Authorization: Bearer {API_KEY}\r\nX-Session-Id: blocker\r\n".encode()
+                        + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        try:
+            await asyncio.sleep(1.0)
+            first = client.protocol.send_request(types.TEXT_DOCUMENT_INLINE_COMPLETION, inline_params(4, 21),
+                                                 msg_id="superseded")
+            await asyncio.sleep(0.5)  # on its way: waiting at the replica behind the blocker
+            edit(client, 2, 4, 21, "i")
+            t0 = time.monotonic()
+            second = asyncio.ensure_future(inline(client, 4, 22))
+            superseded = await asyncio.wait_for(asyncio.wrap_future(first), timeout=5)
+            assert not (superseded.items if isinstance(superseded, types.InlineCompletionList) else superseded)
+            assert time.monotonic() - t0 < 2.0
+            await _wait_for_cancelled(before + 1)
+        finally:
+            blocker.close()  # its request is cancelled too; the newer keystroke is answered
+        assert await asyncio.wait_for(second, timeout=30)
+        await _wait_for_cancelled(before + 2)
+
+        from ray import serve
+
+        await asyncio.to_thread(serve.delete, "lsp")  # the service goes away
+        n_status = len(client.statuses)
+        t0 = time.monotonic()
+        for _ in range(3):
+            assert await inline(client, 4, 22) == []
+        assert time.monotonic() - t0 < 5.0
+        error = await wait_for_state(client, "error", after=n_status)
+        assert url in error.message and "404" in error.message
+        shown = [m.message for m in client.messages if m.type == types.MessageType.Error]
+        assert len(shown) == 1 and url in shown[0]
+        logs = " ".join(m.message for m in client.log_messages)
+        assert API_KEY not in logs and "data_file" not in logs
     finally:
         await client.shutdown_session()

@@ -1,9 +1,9 @@
 """The team server over HTTP on one local Ray instance: the API shapes, affinity routing,
 errors and limits, cancellation, and a replica killed mid-run.
 
-One Ray instance and two applications serve the whole module (starting them is most of
-its time): /aff (two replicas, affinity routing, API keys, one request in flight per key)
-and /rr (two replicas, power of two choices, no keys).
+The session's one Ray instance (conftest.serve_port) and two applications serve the whole
+module (starting them is most of its time): /aff (two replicas, affinity routing, API
+keys, one request in flight per key) and /rr (two replicas, power of two choices, no keys).
 """
 
 from __future__ import annotations
@@ -21,45 +21,35 @@ import pytest
 
 pytest.importorskip("ray.serve")
 
-import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from codecomplete.request import CompletionOptions, CompletionRequest  # noqa: E402
-from codecomplete.serve.app import ServeSettings, build_app  # noqa: E402
+from codecomplete.serve.app import ServeSettings, build_app, wait_until_loaded  # noqa: E402
 from codecomplete.serve.auth import parse_keys  # noqa: E402
-from codecomplete.serve.common import neutral_folder  # noqa: E402
 from codecomplete.wire import completion_from_json, request_to_json  # noqa: E402
 
 ALICE, BOB = "alice-key-000000001", "bob-key-0000000002"
 TIMEOUT_S = 40.0  # every client call is bounded: a hang fails the test instead of stalling it
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server():
-    port = _free_port()
-    with neutral_folder():  # the tests run from the checkout's root
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+def server(serve_port):
+    # four replicas share two CPUs, one onnx thread each; both applications start at once
+    common = dict(replicas=2, threads=1, replica_cpus=0.5)
+    keys = ServeSettings(keys=tuple(parse_keys(f"alice:{ALICE}\nbob:{BOB}")), per_key_concurrency=1)
+    serve._run(build_app(affinity=True, settings=keys, **common), name="aff", route_prefix="/aff", _blocking=False)
+    serve._run(build_app(affinity=False, **common), name="rr", route_prefix="/rr", _blocking=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        # four replicas share two CPUs, one onnx thread each; both applications start at once
-        common = dict(replicas=2, threads=1, replica_cpus=0.5)
-        keys = ServeSettings(keys=tuple(parse_keys(f"alice:{ALICE}\nbob:{BOB}")), per_key_concurrency=1)
-        serve._run(build_app(affinity=True, settings=keys, **common), name="aff", route_prefix="/aff", _blocking=False)
-        serve._run(build_app(affinity=False, **common), name="rr", route_prefix="/rr", _blocking=False)
         deadline = time.monotonic() + 180
-        while any(app.status != "RUNNING" for app in serve.status().applications.values()):
+        while any(serve.status().applications[app].status != "RUNNING" for app in ("aff", "rr")):
             assert time.monotonic() < deadline, serve.status()
             time.sleep(0.5)
-        yield port
+        for app in ("aff", "rr"):
+            wait_until_loaded(app, 2, timeout_s=deadline - time.monotonic())
+        yield serve_port
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        serve.delete("aff")
+        serve.delete("rr")
 
 
 def call(port: int, method: str, path: str, body=None, headers=None, raw: bytes | None = None):
@@ -152,8 +142,8 @@ def test_native_endpoint_speaks_the_wire_shape_and_names_the_replica(server):
 
 
 def test_health_and_models(server):
-    status, _, answer = call(server, "GET", "/aff/health")
-    assert status == 200 and answer["status"] == "ok"
+    status, headers, answer = call(server, "GET", "/aff/health")
+    assert status == 200 and answer["status"] == "ok" and answer["replica"]
     status, _, answer = call(server, "GET", "/aff/v1/models")
     assert status == 200 and answer["data"][0]["id"] == "codecomplete-default"
     assert call(server, "GET", "/aff/health", headers={"Authorization": ""})[0] == 200  # no key needed
@@ -170,8 +160,9 @@ def _type_alternately(port: int, prefix: str, sessions: list[str], keystrokes: i
             request = CompletionRequest(text=text, offset=len(text), language="python", path=f"{s}.py",
                                         options=CompletionOptions(max_new_tokens=8, n=2))
             status, headers, answer = call(port, "POST", f"{prefix}/v1/engine/complete", request_to_json(request),
-                                           {"X-Codecomplete-Session": s})
+                                           {"X-Session-Id": s})
             assert status == 200, answer
+            assert "hand-on" not in headers["server-timing"]  # the proxy routed it: one hop
             seen[s].append((headers["x-codecomplete-replica"], answer["source"]))
     return seen
 
@@ -183,6 +174,22 @@ def test_affinity_keeps_each_session_on_its_replica_and_warm(server):
     assert all(len(r) == 1 for r in replicas.values()), replicas
     assert replicas["ana"] != replicas["ben"]  # a new session goes to the replica with fewer sessions
     assert all(source != "cold" for s in sessions for _, source in seen[s][1:]), seen
+
+
+def test_sessions_named_only_in_the_body_are_handed_on_and_keep_their_replica(server):
+    """llama.vim sends no session header: the entry replica hands each request on by the
+    session it reads from the body (the first line of the window)."""
+    seen: dict[str, list[tuple[str, str]]] = {"eve": [], "fay": []}
+    for k in range(5):
+        for name in seen:
+            window = f"# {name}'s file\nimport os\n\n\ndef load_{name}(path):\n    return os.path.jo"
+            status, headers, answer = call(server, "POST", "/aff/infill",
+                                           {"input_prefix": window, "prompt": "in"[:k % 3], "n_predict": 6})
+            assert status == 200, answer
+            assert "hand-on;dur=" in headers["server-timing"] and "engine;dur=" in headers["server-timing"]
+            seen[name].append((headers["x-codecomplete-replica"], headers["x-codecomplete-warm"]))
+    assert all(len({r for r, _ in rows}) == 1 for rows in seen.values()), seen
+    assert all(warm == "1" for rows in seen.values() for _, warm in rows[1:]), seen
 
 
 def test_without_affinity_sessions_wander_between_replicas(server):
@@ -233,26 +240,35 @@ def test_per_key_concurrency_limit_is_429_for_that_key_only(server):
 
 
 def _replicas(app: str) -> dict[str, dict]:
-    """Each replica's describe() (the handle picks a replica at random: ask until both answered)."""
-    handle = serve.get_deployment_handle("EngineReplica", app_name=app)
-    infos: dict[str, dict] = {}
-    for _ in range(40):
-        info = handle.describe.remote().result(timeout_s=TIMEOUT_S)
-        infos[info["replica"]] = info
-        if len(infos) == 2:
-            break
-    assert len(infos) == 2
-    return infos
+    """Each replica's describe()."""
+    return {info["replica"]: info for info in wait_until_loaded(app, 2, timeout_s=TIMEOUT_S)}
 
 
 def _cancelled() -> int:
     return sum(info["cancelled_requests"] for info in _replicas("aff").values())
 
 
-def test_client_disconnect_cancels_the_engine_call(server):
+def _path_served_by(port: int, entry_replica: bool) -> str:
+    """A file path whose session (no header: handed on by the entry replica) lives on the
+    entry replica itself, or on the other one."""
+    entry = call(port, "GET", "/aff/health")[2]["replica"]
+    for k in range(40):
+        path = f"{'entry' if entry_replica else 'other'}-{k}.py"
+        status, headers, answer = call(port, "POST", "/aff/v1/engine/complete",
+                                       {"text": "x = ", "path": path, "options": {"max_new_tokens": 1}},
+                                       {"Authorization": f"Bearer {BOB}"})
+        assert status == 200, answer
+        if (headers["x-codecomplete-replica"] == entry) == entry_replica:
+            return path
+    raise AssertionError("no session landed there")
+
+
+@pytest.mark.parametrize("entry_replica", [True, False], ids=["on-the-entry-replica", "handed-on"])
+def test_client_disconnect_cancels_the_engine_call(server, entry_replica):
+    path = _path_served_by(server, entry_replica)
     before = _cancelled()
     sock = socket.create_connection(("127.0.0.1", server), timeout=TIMEOUT_S)
-    body = json.dumps(SLOW).encode()
+    body = json.dumps({**SLOW, "path": path}).encode()
     sock.sendall(b"POST /aff/v1/engine/complete HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  + f"Authorization: Bearer {BOB}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
     time.sleep(1.5)  # decoding has begun
@@ -262,8 +278,9 @@ def test_client_disconnect_cancels_the_engine_call(server):
     while _cancelled() == before:
         assert time.monotonic() < deadline, "the replica never saw the cancellation"
         time.sleep(0.1)
-    # the engine thread stopped decoding: the next request does not wait for the 6 s deadline
-    status, _, _ = call(server, "POST", "/aff/infill", {"input_prefix": "y = ", "n_predict": 2},
+    # the engine thread stopped decoding: the session's next request does not wait for the 6 s deadline
+    status, _, _ = call(server, "POST", "/aff/v1/engine/complete", {"text": "y = ", "path": path,
+                                                                   "options": {"max_new_tokens": 2}},
                         {"Authorization": f"Bearer {BOB}"})
     assert status == 200 and time.perf_counter() - t0 < 4.0
 
@@ -276,7 +293,7 @@ def test_killing_a_replica_mid_run_the_next_requests_are_answered(server):
         for k in range(n):
             text = f"import os\nvalue_{k} = os.path.jo"
             results.append(call(server, "POST", "/aff/infill",
-                                {"input_prefix": text, "n_predict": 8}, {"X-Codecomplete-Session": f"k{k % 3}"})[0])
+                                {"input_prefix": text, "n_predict": 8}, {"X-Session-Id": f"k{k % 3}"})[0])
 
     typist = threading.Thread(target=keep_typing, args=(6,))
     typist.start()
@@ -288,6 +305,30 @@ def test_killing_a_replica_mid_run_the_next_requests_are_answered(server):
              for k in range(4)]
     assert after == [200] * 4, (results, after)
     deadline = time.monotonic() + 90  # Ray Serve starts a replacement
-    while serve.status().applications["aff"].deployments["EngineReplica"].replica_states.get("RUNNING", 0) < 2:
-        assert time.monotonic() < deadline, serve.status().applications["aff"].deployments["EngineReplica"]
+    while serve.status().applications["aff"].deployments["Gateway"].replica_states.get("RUNNING", 0) < 2:
+        assert time.monotonic() < deadline, serve.status().applications["aff"].deployments["Gateway"]
         time.sleep(0.5)
+
+
+def test_a_replica_whose_engine_does_not_load_answers_503_with_the_reason(server):
+    serve._run(build_app(model="/nonexistent/model-folder", replica_cpus=0), name="broken",
+               route_prefix="/broken", _blocking=False)
+    try:
+        with pytest.raises(RuntimeError, match="failed to (load|start)"):  # what `codecomplete serve` reports
+            wait_until_loaded("broken", 1, timeout_s=60)
+        deadline = time.monotonic() + 60
+        while True:  # Ray Serve replaces the unhealthy replica again and again: ask while one runs
+            conn = http.client.HTTPConnection("127.0.0.1", server, timeout=2)
+            try:
+                conn.request("POST", "/broken/infill", body=b'{"input_prefix": "x = "}',
+                             headers={"Content-Type": "application/json"})
+                response = conn.getresponse()
+                status, answer = response.status, json.loads(response.read())
+                break
+            except TimeoutError:
+                assert time.monotonic() < deadline, "no replica of the broken application answered"
+            finally:
+                conn.close()
+        assert status == 503 and "failed to load (ModelLoadError)" in answer["error"]["message"], answer
+    finally:
+        serve.delete("broken")

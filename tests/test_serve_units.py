@@ -14,7 +14,7 @@ from codecomplete.serve import infill, native, openai  # noqa: E402
 from codecomplete.serve.auth import ConcurrencyLimit, KeyRing, KeysFileError, parse_keys  # noqa: E402
 from codecomplete.serve.cli import add_arguments, check_settings, parse_autoscale  # noqa: E402
 from codecomplete.serve.common import ApiError, cut_at_stop, parse_body  # noqa: E402
-from codecomplete.serve.router import choose_for_session  # noqa: E402
+from codecomplete.serve.router import any_replica, choose_for_session, entry_first, session_of  # noqa: E402
 
 
 def test_keys_file_names_bare_keys_by_line_and_skips_comments():
@@ -117,6 +117,13 @@ def test_session_keys_prefer_the_clients_and_stay_per_api_key():
     assert infill.session_key(parse_body(infill.InfillRequest, {"id_slot": 2}), "a") == "a/slot2/"
 
 
+def test_api_errors_survive_pickling_between_replicas():
+    import pickle
+
+    again = pickle.loads(pickle.dumps(ApiError(503, "the model is loading", "service_unavailable")))
+    assert (again.status, again.message, again.kind) == (503, "the model is loading", "service_unavailable")
+
+
 def test_cut_at_stop_takes_the_earliest_stop():
     assert cut_at_stop("a;b)c", [")", ";"]) == ("a", ";")
     assert cut_at_stop("abc", ["", "z"]) == ("abc", "")
@@ -124,18 +131,56 @@ def test_cut_at_stop_takes_the_earliest_stop():
 
 def test_router_keeps_a_session_on_its_replica_until_it_is_overloaded():
     rng = random.Random(0)
-    assert choose_for_session("r1", ["r1", "r2"], {"r1": 3, "r2": 0}, {}, 4, rng)[0] == ["r1"]
-    assert choose_for_session("r1", ["r1", "r2"], {"r1": 5, "r2": 0}, {}, 4, rng) == [["r2", "r1"]]
+    assert choose_for_session("r1", ["r1", "r2"], {"r1": 3, "r2": 0}, {}, 4, rng) == [["r1"], ["r2"]]
+    assert choose_for_session("r1", ["r1", "r2"], {"r1": 5, "r2": 0}, {}, 4, rng) == [["r2"], ["r1"]]
     # the owner died (not a candidate): the least loaded
-    assert choose_for_session("gone", ["r1", "r2"], {"r1": 2, "r2": None}, {}, 4, rng) == [["r2", "r1"]]
+    assert choose_for_session("gone", ["r1", "r2"], {"r1": 2, "r2": None}, {}, 4, rng) == [["r2"], ["r1"]]
 
 
 def test_router_sends_a_new_session_to_the_replica_with_fewer_sessions_on_a_tie():
     rng = random.Random(0)
-    assert choose_for_session(None, ["r1", "r2"], {}, {"r1": 3, "r2": 1}, 4, rng) == [["r2", "r1"]]
+    for _ in range(8):  # whatever order the two are drawn in
+        assert choose_for_session(None, ["r1", "r2"], {}, {"r1": 3, "r2": 1}, 4, rng) == [["r2"], ["r1"]]
     ranks = choose_for_session(None, ["r1", "r2", "r3", "r4"], {}, {}, 4, rng)
-    assert len(ranks) == 1 and len(ranks[0]) == 2  # power of two choices
+    assert len(ranks) == 2 and all(len(rank) == 1 for rank in ranks)  # power of two choices
+    drawn = {choose_for_session(None, ["r1", "r2"], {}, {}, 4, rng)[0][0] for _ in range(32)}
+    assert drawn == {"r1", "r2"}  # a tie goes either way
+    # a short wait on the replica owning more sessions does not outweigh them; overload does
+    assert choose_for_session(None, ["r1", "r2"], {"r1": 1, "r2": 3}, {"r1": 4, "r2": 1}, 4, rng)[0] == ["r2"]
+    assert choose_for_session(None, ["r1", "r2"], {"r1": 0, "r2": 6}, {"r1": 4, "r2": 1}, 4, rng)[0] == ["r1"]
     assert choose_for_session(None, [], {}, {}, 4, rng) == []
+
+
+def test_router_sends_sessionless_http_to_one_entry_replica_whatever_the_order():
+    rng = random.Random(0)
+    for candidates in (["r2", "r1", "r3"], ["r3", "r2", "r1"], ["r1", "r3", "r2"]):
+        assert entry_first(candidates, {"r1": 9, "r2": 0, "r3": 1}, rng) == [["r1"], ["r2"], ["r3"]]
+    assert entry_first(["only"], {}, rng) == [["only"]] and entry_first([], {}, rng) == []
+
+
+def test_router_sends_calls_of_no_session_to_any_replica():
+    rng = random.Random(0)
+    assert {any_replica(["r1", "r2"], {}, rng)[0][0] for _ in range(32)} == {"r1", "r2"}
+    assert any_replica(["r1", "r2"], {"r1": 3, "r2": 0}, rng) == [["r2"], ["r1"]]
+
+
+def test_router_reads_the_handed_on_session_before_the_proxys():
+    from types import SimpleNamespace
+
+    def pending(kwargs, session_id=""):
+        return SimpleNamespace(kwargs=kwargs, metadata=SimpleNamespace(session_id=session_id))
+
+    assert session_of(pending({"session": "alice/a.py"}, "header")) == "alice/a.py"
+    assert session_of(pending({}, "header")) == "header"
+    assert session_of(SimpleNamespace(kwargs={}, metadata=SimpleNamespace())) == ""  # an older Ray Serve
+    assert session_of(None) == ""
+
+
+def test_server_timing_header_parses_durations():
+    from codecomplete.bench.serve import server_timing_ms
+
+    timing = server_timing_ms("engine;dur=0.06, hand-on;dur=8.5, gateway;dur=9.1, body;dur=3.2, bad;dur=x, cache")
+    assert timing == {"engine": 0.06, "hand-on": 8.5, "gateway": 9.1, "body": 3.2}
 
 
 def _serve_args(*argv: str):
@@ -193,8 +238,8 @@ def test_ray_app_builder_takes_the_serve_settings_and_needs_keys(tmp_path):
 
 
 def _engine_deployment(app):
-    """The EngineReplica deployment bound under the Gateway of an application."""
-    return app._bound_deployment.init_args[0]._bound_deployment
+    """The Gateway deployment of an application (each of its replicas holds an engine)."""
+    return app._bound_deployment
 
 
 def test_cuda_replicas_take_one_gpu_each_and_autoscale_on_ongoing_requests():

@@ -79,20 +79,23 @@ class Client:
         self.conn = http.client.HTTPConnection(self.host, self.port, timeout=REQUEST_TIMEOUT_S)
 
     def complete(self, request: CompletionRequest, session: str) -> tuple[int, dict]:
+        """(status, answer); the answer gains `server_timing_ms` (the Server-Timing entries)."""
         from codecomplete.wire import request_to_json
 
         body = json.dumps(request_to_json(request)).encode()
         try:
             self.conn.request("POST", f"{self.prefix}/v1/engine/complete", body=body,
-                              headers={**self.headers, "X-Codecomplete-Session": session})
+                              headers={**self.headers, "X-Session-Id": session})
             response = self.conn.getresponse()
-            return response.status, json.loads(response.read() or b"{}")
+            answer = json.loads(response.read() or b"{}")
+            answer["server_timing_ms"] = server_timing_ms(response.getheader("Server-Timing", ""))
+            return response.status, answer
         except (OSError, http.client.HTTPException, ValueError) as e:
             self.conn.close()  # a new connection for the next request
             return 0, {"error": {"message": type(e).__name__}}
 
     def health_ms(self) -> float:
-        """One GET /health (proxy -> ingress -> a replica's describe): a trivial round trip."""
+        """One GET /health (proxy -> a replica, no engine work): a trivial round trip."""
         t0 = time.perf_counter()
         try:
             self.conn.request("GET", f"{self.prefix}/health", headers=self.headers)
@@ -104,6 +107,21 @@ class Client:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def server_timing_ms(header: str) -> dict[str, float]:
+    """`engine;dur=1.2, gateway;dur=3.4` -> {"engine": 1.2, "gateway": 3.4}; malformed entries are skipped."""
+    out: dict[str, float] = {}
+    for entry in header.split(","):
+        name, *params = [part.strip() for part in entry.split(";")]
+        for param in params:
+            key, _, value = param.partition("=")
+            if name and key == "dur":
+                try:
+                    out[name] = float(value)
+                except ValueError:
+                    pass
+    return out
 
 
 def _sender(client: Client, session: str):
@@ -149,7 +167,8 @@ def run_users(base_url: str, api_key: str | None, users: int, text: str, path: s
 
 def paired_overhead(base_url: str, text: str, path: str, language: str, args) -> dict:
     """The same keystrokes through the service (one replica) and in-process, in turn: the
-    paired difference of warm keystrokes, and how much of it is outside the replica's engine."""
+    paired difference of warm keystrokes, and where the service's time goes (from the
+    Server-Timing the replica sends: its engine, its whole handler)."""
     from codecomplete.engine import Engine
 
     engine = Engine.load()
@@ -164,7 +183,7 @@ def paired_overhead(base_url: str, text: str, path: str, language: str, args) ->
 
     client.complete(request(start), "paired")
     engine.complete(request(start))
-    pairs: dict[str, list[tuple[float, float, float]]] = {"warm": [], "cache": []}
+    pairs: dict[str, list[tuple[float, float, float, float]]] = {"warm": [], "cache": []}
     unpaired, trivial_ms = 0, []
     for offset in offsets:
         trivial_ms.append(client.health_ms())
@@ -175,7 +194,9 @@ def paired_overhead(base_url: str, text: str, path: str, language: str, args) ->
         local = engine.complete(request(offset))
         alone = (time.perf_counter() - t0) * 1000.0
         if status == 200 and answer.get("source") == local.source and local.source in pairs:
-            pairs[local.source].append((served, alone, answer["timings_ms"].get("total", 0.0)))
+            timing = answer["server_timing_ms"]
+            engine_ms = timing.get("engine", answer["timings_ms"].get("total", 0.0))
+            pairs[local.source].append((served, alone, engine_ms, timing.get("gateway", float("nan"))))
         else:
             unpaired += 1
     client.close()
@@ -184,12 +205,18 @@ def paired_overhead(base_url: str, text: str, path: str, language: str, args) ->
     for source, rows in pairs.items():
         out[source] = {
             "pairs": len(rows),
-            "service_p50_ms": percentile([s for s, _, _ in rows], 50),
-            "engine_p50_ms": percentile([a for _, a, _ in rows], 50),
-            "service_minus_engine_paired_p50_ms": percentile([s - a for s, a, _ in rows], 50),
-            "service_minus_engine_paired_p95_ms": percentile([s - a for s, a, _ in rows], 95),
-            # the client's time minus the replica engine's own total: HTTP, proxy, ingress, router, replica
-            "outside_engine_p50_ms": percentile([s - e for s, _, e in rows], 50)}
+            "service_p50_ms": percentile([s for s, _, _, _ in rows], 50),
+            "engine_p50_ms": percentile([a for _, a, _, _ in rows], 50),
+            "service_minus_engine_paired_p50_ms": percentile([s - a for s, a, _, _ in rows], 50),
+            "service_minus_engine_paired_p95_ms": percentile([s - a for s, a, _, _ in rows], 95),
+            # the client's time minus the replica engine's own total: HTTP, proxy, router, replica
+            "outside_engine_p50_ms": percentile([s - e for s, _, e, _ in rows], 50),
+            # the hop: the client's time minus the replica's handler (HTTP, proxy, router,
+            # Ray Serve's replica machinery, the body fetched from the proxy)
+            "proxy_hop_p50_ms": percentile([s - g for s, _, _, g in rows if g == g], 50),
+            # the replica's handler minus its engine: auth, JSON, the request and answer
+            # shapes, the engine thread's hand-off
+            "gateway_own_p50_ms": percentile([g - e for _, _, e, g in rows if g == g], 50)}
     return out
 
 
@@ -215,7 +242,7 @@ def _free_port() -> int:
 def _deploy(replicas: int, affinity: bool) -> None:
     from ray import serve
 
-    from codecomplete.serve.app import build_app
+    from codecomplete.serve.app import build_app, wait_until_loaded
     from codecomplete.serve.cli import share_cpus
 
     threads, replica_cpus = share_cpus("cpu", replicas)
@@ -223,7 +250,8 @@ def _deploy(replicas: int, affinity: bool) -> None:
     # the old replicas hold
     serve.delete(APP_NAME)
     serve.run(build_app(replicas=replicas, affinity=affinity, threads=threads, replica_cpus=replica_cpus),
-              name=APP_NAME, route_prefix="/", logging_config={"enable_access_log": False})
+              name=APP_NAME, route_prefix="/")
+    wait_until_loaded(APP_NAME, replicas)
 
 
 def run(args) -> int:
@@ -260,12 +288,11 @@ def run(args) -> int:
         # Ray's log monitor prints to stdout, which holds the JSON: send it to stderr
         redirect = contextlib.redirect_stdout(sys.stderr)
         redirect.__enter__()
-        from codecomplete.serve.common import neutral_folder
+        from codecomplete.serve.common import SERVE_LOGGING, start_ray
 
-        with neutral_folder():
-            ray.init(include_dashboard=False, log_to_driver=False)
+        start_ray(log_to_driver=False)
         try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=SERVE_LOGGING)
             for replicas in replicas_list:
                 # one replica routes the same either way
                 for affinity in affinities if replicas > 1 else affinities[:1]:

@@ -1,18 +1,30 @@
-"""The Ray Serve application: an HTTP ingress (FastAPI) in front of engine replicas.
+"""The Ray Serve application: replicas that each answer HTTP (FastAPI) and hold one engine.
 
-    Ray Serve HTTP proxy -> Gateway (auth, limits, API shapes -> CompletionRequest)
-      -> SessionAffinityRouter -> EngineReplica (one Engine: one request at a time, or with
-         batching many at once, their decode steps run together by the engine's scheduler)
+    Ray Serve HTTP proxy -> SessionAffinityRouter -> Gateway replica
+        (auth, limits, API shapes -> CompletionRequest -> its own EngineReplica: one Engine,
+         one request at a time, or with batching many at once, their decode steps run together)
+
+A request that carries Ray Serve's session header (`X-Session-Id`: the language server's
+remote mode sends it) is routed by the proxy to the replica holding that session's KV and
+answered there: one hop. A request without it (llama.vim, OpenAI clients: their session key
+is in the body) goes to one entry replica, which reads the body's session key and hands the
+request on through the same router to the session's replica: two hops, as every request
+took when the ingress and the engines were separate deployments. Every hop through Ray
+Serve costs ~10 ms on a 2-core machine, which is why the engine lives in the ingress.
 
 Every error answer, on every route, is `{"error": {"message", "type", "code"}}` (OpenAI's
-shape). A client that disconnects cancels its request: Ray Serve cancels the replica call,
-and the replica sets the request's CancelToken, so decoding stops at the next step.
+shape). A client that disconnects cancels its request: Ray Serve cancels the handler (and
+a handed-on call), and the replica sets the request's CancelToken, so decoding stops at the
+next step.
 """
 
 import asyncio
+import concurrent.futures
+import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +35,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.config import RequestRouterConfig
+from ray.serve.exceptions import DeploymentUnavailableError
+from ray.serve.schema import LoggingConfig
 
 from codecomplete.request import CancelToken, Completion, CompletionRequest
 from codecomplete.serve import infill, native, openai
@@ -42,15 +56,16 @@ REPLICA_ONGOING_REQUESTS = 64  # with batching, a replica's requests all run at 
 
 @dataclass
 class ServeSettings:
-    """What the ingress needs to know (the replicas' engine settings are bound separately)."""
+    """What the HTTP side needs to know (the engine's settings are bound separately)."""
 
     model_name: str = "codecomplete-default"
     keys: tuple[ApiKey, ...] = ()
-    per_key_concurrency: int = 4
+    per_key_concurrency: int = 4  # per replica: each replica counts the requests it received
     request_timeout_s: float = 30.0
+    # more than one replica: requests without a session header are handed on by session
+    hand_on: bool = True
 
 
-@serve.deployment(max_ongoing_requests=REPLICA_ONGOING_REQUESTS, health_check_period_s=2.0)
 class EngineReplica:
     """One Engine, off the replica's event loop: without batching its requests run one at a
     time in one thread; with batching each in its own thread, all at once."""
@@ -66,8 +81,8 @@ class EngineReplica:
         self._worker = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engine")
         self.cancelled_requests = 0  # calls whose client went away before the answer
 
-    async def complete(self, request: CompletionRequest, session: str = "") -> tuple[Completion, str]:
-        """The engine's answer and this replica's id. `session` is read by the router only."""
+    async def complete(self, request: CompletionRequest) -> tuple[Completion, str]:
+        """The engine's answer and this replica's id."""
         request.cancel = token = CancelToken()
         running = asyncio.get_running_loop().run_in_executor(self._worker, self.engine.complete, request)
         try:
@@ -78,15 +93,21 @@ class EngineReplica:
             raise
 
     def describe(self) -> dict[str, Any]:
-        return {"replica": self.replica_id, "pid": os.getpid(), "model": self.engine.describe(),
-                "cancelled_requests": self.cancelled_requests}
+        return {"replica": self.replica_id, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                "model": self.engine.describe(), "cancelled_requests": self.cancelled_requests}
 
 
 fastapi_app = FastAPI(title="codecomplete team server", docs_url=None, redoc_url=None, openapi_url=None)
 
 
-def _completion_headers(completion: Completion, replica: str) -> dict[str, str]:
-    return {REPLICA_HEADER: replica, WARM_HEADER: "1" if is_warm(completion) else "0"}
+def _completion_headers(completion: Completion, replica: str, hand_on_ms: float | None) -> dict[str, str]:
+    """Which replica answered, whether warm, and Server-Timing: the engine's own time and,
+    for a request handed on, the call to the session's replica (the gateway's whole time
+    is added by _guarded), so a client can count what each hop costs."""
+    timing = f"engine;dur={completion.timings_ms.get('total', 0.0):.2f}"
+    if hand_on_ms is not None:
+        timing += f", hand-on;dur={hand_on_ms:.2f}"
+    return {REPLICA_HEADER: replica, WARM_HEADER: "1" if is_warm(completion) else "0", "Server-Timing": timing}
 
 
 def _sse(payloads: list[Any], headers: dict[str, str]) -> StreamingResponse:
@@ -97,7 +118,10 @@ def _sse(payloads: list[Any], headers: dict[str, str]) -> StreamingResponse:
 
 
 async def read_json(request: Request) -> Any:
-    """The body as JSON: 413 past MAX_BODY_BYTES (declared or sent), 400 when malformed."""
+    """The body as JSON: 413 past MAX_BODY_BYTES (declared or sent), 400 when malformed.
+    The time it took to arrive goes to Server-Timing (`body`): through Ray Serve's proxy
+    the replica fetches it from the proxy with a call of its own."""
+    t0 = time.perf_counter()
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", "request_too_large")
@@ -106,24 +130,81 @@ async def read_json(request: Request) -> Any:
         body += chunk
         if len(body) > MAX_BODY_BYTES:
             raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", "request_too_large")
+    request.state.body_ms = (time.perf_counter() - t0) * 1000
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"malformed JSON: {e}", "invalid_request_error") from None
 
 
-@serve.deployment(max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
+# Ray Serve's own access log writes a line per request in the proxy and the replica; ours
+# (one line per request, the key's name, no document text) is enough
+NO_ACCESS_LOG = LoggingConfig(enable_access_log=False)
+
+
+def proxy_session() -> str:
+    """The session Ray Serve's proxy routed this request by (its X-Session-Id header); ""
+    when it routed without one, or for a call handed on by another replica."""
+    context = getattr(serve.context, "_get_serve_request_context", lambda: None)()
+    session = getattr(context, "session_id", "") if context is not None else ""
+    return session if isinstance(session, str) else ""
+
+
+@serve.deployment(max_ongoing_requests=1024, health_check_period_s=2.0, logging_config=NO_ACCESS_LOG)
 @serve.ingress(fastapi_app)
 class Gateway:
-    """Checks and translates requests; the engine work happens in EngineReplica."""
+    """One replica: the HTTP routes (checks, API shapes) and its own EngineReplica, loaded in
+    the background so that /health answers 503 meanwhile."""
 
-    def __init__(self, engine, settings: ServeSettings):
-        self.engine = engine
+    def __init__(self, engine_args: tuple, settings: ServeSettings):
         self.settings = settings
         self.keyring = KeyRing(list(settings.keys))
         self.limit = ConcurrencyLimit(settings.per_key_concurrency)
         self.started = int(time.time())
-        self.ready = False
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self._loaded: concurrent.futures.Future[EngineReplica] = concurrent.futures.Future()
+        threading.Thread(target=self._load, args=engine_args, name="engine-load", daemon=True).start()
+        self._peers = None  # a handle to this deployment, for requests handed on by session
+
+    def _load(self, *engine_args) -> None:
+        try:
+            self._loaded.set_result(EngineReplica(*engine_args))
+        except BaseException as e:  # the replica reports it unhealthy; Ray Serve starts another
+            log.error("the engine failed to load: %s: %s", type(e).__name__, e)
+            self._loaded.set_exception(e)
+
+    def check_health(self) -> None:
+        """Ray Serve's health check: a replica whose engine failed to load is replaced."""
+        error = self._loaded.exception() if self._loaded.done() else None
+        if error is not None:
+            raise RuntimeError(f"the engine failed to load: {type(error).__name__}: {error}")
+
+    async def _engine(self, wait_s: float) -> EngineReplica:
+        """This replica's engine, waiting up to wait_s for it to load (503 after that)."""
+        if not self._loaded.done():
+            loading = ApiError(503, "the model is loading", "service_unavailable")
+            if wait_s <= 0:
+                raise loading
+            try:
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._loaded)), timeout=wait_s)
+            except asyncio.TimeoutError:
+                raise loading from None
+            except Exception:
+                pass  # the failure is reported below
+        error = self._loaded.exception()
+        if error is not None:
+            raise ApiError(503, f"the engine failed to load ({type(error).__name__})", "service_unavailable")
+        return self._loaded.result()
+
+    # -- what other replicas call --------------------------------------------------------
+    async def complete(self, request: CompletionRequest, session: str = "") -> tuple[Completion, str]:
+        """A request handed on by the entry replica. `session` is read by the router only."""
+        engine = await self._engine(self.settings.request_timeout_s)
+        return await engine.complete(request)
+
+    async def describe(self) -> dict[str, Any]:
+        engine = await self._engine(self.settings.request_timeout_s)
+        return engine.describe()
 
     # -- the shared steps -----------------------------------------------------------------
     def _owner(self, request: Request) -> str:
@@ -135,40 +216,53 @@ class Gateway:
             raise ApiError(401, "missing or invalid API key (Authorization: Bearer KEY)", "authentication_error")
         return name
 
-    async def _health(self) -> dict[str, Any]:
+    async def _complete(self, request: CompletionRequest, session: str) -> tuple[Completion, str, float | None]:
+        """(completion, replica, ms of the hand-on call or None): the answer of this replica's
+        engine when the proxy routed the request here by its session (or there is no other
+        replica); else of the session's replica, handed on."""
+        timeout_s = self.settings.request_timeout_s
         try:
-            info = await asyncio.wait_for(self.engine.describe.remote(), timeout=2.0)
-        except (asyncio.TimeoutError, *REPLICA_LOST):
-            raise ApiError(503, "the model is loading (no engine replica answers yet)", "service_unavailable") from None
-        self.ready = True
-        return info
+            if proxy_session() or not self.settings.hand_on:
+                engine = await self._engine(timeout_s)
+                return (*await asyncio.wait_for(engine.complete(request), timeout=timeout_s), None)
+            t0 = time.perf_counter()
+            completion, replica = await self._hand_on(request, session, timeout_s)
+            return completion, replica, (time.perf_counter() - t0) * 1000.0
+        except asyncio.TimeoutError:
+            raise ApiError(503, f"no engine answered within {timeout_s:g} s", "service_unavailable") from None
+        except ValueError as e:  # the engine refused the request (e.g. an offset past the text)
+            raise ApiError(422, str(e).splitlines()[-1], "invalid_request_error") from None
 
-    async def _complete(self, request: CompletionRequest, session: str) -> tuple[Completion, str]:
-        if not self.ready:
-            await self._health()
+    async def _hand_on(self, request: CompletionRequest, session: str, timeout_s: float) -> tuple[Completion, str]:
+        if self._peers is None:
+            context = serve.get_replica_context()
+            # a Ray actor call: Ray Serve's gRPC channel (`_by_reference=False`) is 2.5 ms faster
+            # per handed-on request here, but a cancelled call to the replica itself then runs on
+            # to its deadline (and the proxy's gRPC mode loses a client's disconnect altogether)
+            self._peers = serve.get_deployment_handle(context.deployment, context.app_name)
         for attempt in range(2):
             try:
-                return await asyncio.wait_for(self.engine.complete.remote(request, session=session),
-                                              timeout=self.settings.request_timeout_s)
+                return await asyncio.wait_for(self._peers.complete.remote(request, session=session),
+                                              timeout=timeout_s)
             except REPLICA_LOST:
                 if attempt:
                     raise ApiError(503, "the engine replica was lost; retry", "service_unavailable") from None
-            except asyncio.TimeoutError:
-                raise ApiError(503, f"no engine replica answered within {self.settings.request_timeout_s:g} s",
-                               "service_unavailable") from None
-            except ValueError as e:  # the engine refused the request (e.g. an offset past the text)
-                raise ApiError(422, str(e).splitlines()[-1], "invalid_request_error") from None
+            except ray.exceptions.RayTaskError as e:  # that replica's answer was an error
+                if isinstance(getattr(e, "cause", None), ApiError):
+                    raise e.cause from None
+                raise
         raise AssertionError("unreachable")
 
     async def _shaped(self, request: Request, owner: str, model, api) -> tuple[Any, dict[str, Any], dict[str, str]]:
         """One request of an API shape module (infill, openai): its body, answer and headers.
-        The X-Codecomplete-Session header overrides the session the shape derives."""
+        The X-Session-Id header overrides the session the shape derives."""
         body = parse_body(model, await read_json(request))
         completion_request = api.to_completion_request(body)
         header = request.headers.get(native.SESSION_HEADER)
         session = f"{owner}/{header}" if header else api.session_key(body, owner)
-        completion, replica = await self._complete(completion_request, session)
-        return body, api.to_response(completion, body, self.settings.model_name), _completion_headers(completion, replica)
+        completion, replica, hand_on_ms = await self._complete(completion_request, session)
+        return (body, api.to_response(completion, body, self.settings.model_name),
+                _completion_headers(completion, replica, hand_on_ms))
 
     async def _guarded(self, request: Request, route: str, handle) -> Response:
         """Auth, the per-key limit, errors as JSON, one log line without document text."""
@@ -183,9 +277,14 @@ class Gateway:
                     raise ApiError(429, f"more than {self.limit.limit} requests in flight for this key",
                                    "rate_limit_exceeded")
             response = await handle(owner)
+            gateway_ms = (time.perf_counter() - t0) * 1000
+            timing = f"gateway;dur={gateway_ms:.2f}"
+            if hasattr(request.state, "body_ms"):
+                timing += f", body;dur={request.state.body_ms:.2f}"
+            earlier = response.headers.get("Server-Timing")  # the route's own entries: one header
+            response.headers["Server-Timing"] = f"{earlier}, {timing}" if earlier else timing
             log.info("%s key=%s status=%d replica=%s warm=%s ms=%.1f", route, owner, response.status_code,
-                     response.headers.get(REPLICA_HEADER, "-"), response.headers.get(WARM_HEADER, "-"),
-                     (time.perf_counter() - t0) * 1000)
+                     response.headers.get(REPLICA_HEADER, "-"), response.headers.get(WARM_HEADER, "-"), gateway_ms)
             return response
         except ApiError as e:
             log.info("%s key=%s status=%d %s", route, owner, e.status, e.kind)
@@ -202,10 +301,10 @@ class Gateway:
     @fastapi_app.get("/health")
     async def health(self) -> Response:
         try:
-            info = await self._health()
+            await self._engine(0.0)
         except ApiError as e:
             return JSONResponse({"status": "loading", **e.body()}, status_code=503)
-        return JSONResponse({"status": "ok", "model": self.settings.model_name, "replica": info["replica"]})
+        return JSONResponse({"status": "ok", "model": self.settings.model_name, "replica": self.replica_id})
 
     @fastapi_app.get("/v1/models")
     async def models(self, request: Request) -> Response:
@@ -219,9 +318,9 @@ class Gateway:
             raw = await read_json(request)
             completion_request = native.to_completion_request(raw)
             session = native.session_key(raw, request.headers.get(native.SESSION_HEADER), owner)
-            completion, replica = await self._complete(completion_request, session)
+            completion, replica, hand_on_ms = await self._complete(completion_request, session)
             return JSONResponse(native.to_response(completion, replica),
-                                headers=_completion_headers(completion, replica))
+                                headers=_completion_headers(completion, replica, hand_on_ms))
         return await self._guarded(request, "engine", answer)
 
     @fastapi_app.post("/infill")
@@ -243,6 +342,39 @@ class Gateway:
         return await self._guarded(request, "completions", answer)
 
 
+def wait_until_loaded(app_name: str, replicas: int, timeout_s: float = 600.0) -> list[dict[str, Any]]:
+    """Each replica's describe() once `replicas` of them have loaded their engines (Ray Serve
+    reports a replica running as soon as it answers HTTP, while its engine still loads). The
+    handle picks replicas at random: ask until that many different ones answered.
+    RuntimeError at once when a replica's engine failed to load."""
+    handle = serve.get_deployment_handle("Gateway", app_name=app_name)
+    seen: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(seen) < replicas:
+        left_s = deadline - time.monotonic()
+        if left_s <= 0:
+            raise TimeoutError(f"{len(seen)} of {replicas} replicas loaded their engines in {timeout_s:g} s")
+        try:
+            info = handle.describe.remote().result(timeout_s=min(left_s, 5.0))
+        except TimeoutError:  # no replica running yet (one restarting), or its engine still loading
+            continue
+        except ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, ApiError) and "failed to load" in cause.message:
+                raise RuntimeError(f"a replica of {app_name}: {cause.message}; its log has the reason") from None
+            raise
+        except DeploymentUnavailableError:  # every replica failed its health check, or to start
+            status = serve.status().applications.get(app_name)
+            if status is not None and status.status in ("UNHEALTHY", "DEPLOY_FAILED"):
+                messages = "; ".join(d.message for d in status.deployments.values() if d.message)
+                raise RuntimeError(f"the replicas of {app_name} failed to start: {messages or status.status}; "
+                                   "their logs have the reason") from None
+            time.sleep(0.5)
+            continue
+        seen[info["replica"]] = info
+    return list(seen.values())
+
+
 def build_app(model: str | None = None, runtime: str = "onnx", device: str = "cpu", precision: str = "auto",
               replicas: int = 1, autoscale: tuple[int, int] | None = None, threads: int | None = None,
               replica_cpus: float = 1.0, affinity: bool = True, settings: ServeSettings | None = None,
@@ -262,5 +394,6 @@ def build_app(model: str | None = None, runtime: str = "onnx", device: str = "cp
         kwargs = {} if imbalance_requests is None else {"imbalance_requests": imbalance_requests}
         options["request_router_config"] = RequestRouterConfig(
             request_router_class="codecomplete.serve.router:SessionAffinityRouter", request_router_kwargs=kwargs)
-    engine = EngineReplica.options(**options).bind(model, runtime, device, precision, threads, batching)
-    return Gateway.bind(engine, settings or ServeSettings())
+    settings = dataclasses.replace(settings or ServeSettings(),
+                                   hand_on=affinity and (autoscale[1] if autoscale else replicas) > 1)
+    return Gateway.options(**options).bind((model, runtime, device, precision, threads, batching), settings)

@@ -155,7 +155,8 @@ def run(args) -> int:
         import ray
         from ray import serve
 
-        from codecomplete.serve.common import neutral_folder
+        from codecomplete.serve.app import wait_until_loaded
+        from codecomplete.serve.common import SERVE_LOGGING, start_ray
 
         app, keys, autoscale = build_from_settings(args)
     except ModuleNotFoundError as e:
@@ -168,14 +169,20 @@ def run(args) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     _log(f"starting Ray ({'joining ' + args.address if args.address else 'a local instance'})")
-    with neutral_folder():
-        ray.init(address=args.address, include_dashboard=False if not args.address else None)
-    serve.start(http_options={"host": args.host, "port": args.port})
+    try:
+        start_ray(args.address)
+    except ConnectionError as e:  # a wrong address, a head that is down, or a refused token
+        raise SystemExit(f"codecomplete serve: cannot join the Ray cluster at {args.address}: {e}\n"
+                         "  (a cluster started with token authentication needs its token here: "
+                         "~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)") from None
+    serve.start(http_options={"host": args.host, "port": args.port}, logging_config=SERVE_LOGGING)
     done = threading.Event()
     progress = threading.Thread(target=_report_progress, args=(done,), daemon=True)
     progress.start()
     try:
         serve.run(app, name=APP_NAME, route_prefix="/")
+        _log("replicas running; their engines load (/health answers 503 meanwhile)")
+        wait_until_loaded(APP_NAME, autoscale[0] if autoscale else args.replicas)
         done.set()
         replicas = f"{autoscale[0]}-{autoscale[1]} replicas" if autoscale else f"{args.replicas} replica(s)"
         auth = f"{len(keys)} API key(s): {', '.join(k.name for k in keys)}" if keys else "no API keys"

@@ -26,6 +26,9 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.kind = status, message, kind
 
+    def __reduce__(self):  # raised in one replica, re-raised in another: pickled across
+        return ApiError, (self.status, self.message, self.kind)
+
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "code": self.status}}
 
@@ -79,6 +82,38 @@ def text_session(owner: str, text: str) -> str:
 
 def drawn_candidates(wanted: int) -> int:
     return max(wanted, MIN_CANDIDATES_DRAWN)
+
+
+def join_with_token_if_available() -> None:
+    """Before joining a cluster: `ray start` turns Ray's token authentication on when it
+    finds a token (and makes one on a new head), but a driver that joins it does not, and
+    is refused ("Authentication token is missing"). Ray's own rule for its workers, applied
+    here: with a token at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) and
+    no RAY_AUTH_MODE chosen, use it."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def start_ray(address: str | None = None, **options: Any) -> None:
+    """ray.init from a neutral folder (below): a local instance, or joining `address`
+    (HOST:PORT of a cluster's head, or auto). A local instance is always a new one: Ray's
+    own default would join a cluster that `ray start` left running on this machine."""
+    import ray
+
+    if address:
+        join_with_token_if_available()
+    with neutral_folder():
+        ray.init(address=address or "local", include_dashboard=False if not address else None, **options)
+
+
+# Ray Serve's proxy writes an access log line per request; the team server's own log line
+# (the key's name, no document text) is enough, and the proxy's costs time per keystroke
+SERVE_LOGGING = {"enable_access_log": False}
 
 
 @contextlib.contextmanager

@@ -9,7 +9,9 @@ from codecomplete.request import Completion, CompletionRequest
 from codecomplete.serve.common import invalid
 from codecomplete.wire import WireError, completion_to_json, request_from_json
 
-SESSION_HEADER = "x-codecomplete-session"
+# Ray Serve's session header: its proxy hands the value to the request router, so a request
+# that carries it goes straight to its session's replica
+SESSION_HEADER = "x-session-id"
 
 
 def to_completion_request(raw: Any) -> CompletionRequest:

@@ -5,8 +5,14 @@ request (prefix KV reuse, branch adoption, the typing-as-suggested cache live th
 session key (the client's, or the API key's name + the file) sticks to the replica that
 served it, while that replica is not overloaded: its queue no more than
 `imbalance_requests` longer than the shortest one. Otherwise, and for a new session, the
-power of two choices: two random replicas, the shorter queue first (ties: the replica
-owning fewer sessions, so typists spread over the replicas).
+power of two choices: two random replicas, a not overloaded one first, then the one owning
+fewer sessions (so typists spread over the replicas), then the shorter queue.
+
+The session is the `session` keyword of a call one replica hands on to another, or the
+proxy's session (Ray Serve's X-Session-Id header). An HTTP request with neither goes to the
+entry replica (the lowest replica id, so every proxy's router picks the same one): it reads
+the session key from the body and hands the request on, and the owners of those sessions
+are remembered in one place, its router.
 """
 
 from __future__ import annotations
@@ -22,28 +28,60 @@ MAX_SESSIONS = 65536  # owners remembered; the oldest session is forgotten first
 
 
 def session_of(pending: PendingRequest | None) -> str:
-    """The session key the ingress passed as the `session` keyword argument ("" if none)."""
+    """The `session` keyword argument of a handed-on call, else the proxy's session ("" if none)."""
     if pending is None:
         return ""
     session = (pending.kwargs or {}).get("session", "")
+    if not session:
+        session = getattr(pending.metadata, "session_id", "")  # absent in older Ray Serve
     return session if isinstance(session, str) else ""
+
+
+def is_http(pending: PendingRequest | None) -> bool:
+    return pending is not None and bool(getattr(pending.metadata, "is_http_request", False))
+
+
+def entry_first(candidates: Sequence[Hashable], queue_lens: dict[Hashable, int | None],
+                rng: random.Random) -> list[list[Hashable]]:
+    """[entry], then two others by queue, for an HTTP request without a session: the entry
+    is the lowest id, the same for every router instance; the others only if it is full."""
+    if not candidates:
+        return []
+    entry = min(candidates, key=str)
+    rest = [c for c in candidates if c != entry]
+    picked = rng.sample(rest, min(2, len(rest)))
+    return [[entry], *([c] for c in sorted(picked, key=lambda c: queue_lens.get(c) or 0))]
+
+
+def any_replica(candidates: Sequence[Hashable], queue_lens: dict[Hashable, int | None],
+                rng: random.Random) -> list[list[Hashable]]:
+    """Two random candidates, the shorter queue first (a tie either way), one per rank."""
+    picked = rng.sample(list(candidates), min(2, len(candidates)))
+    return [[c] for c in sorted(picked, key=lambda c: queue_lens.get(c) or 0)]
 
 
 def choose_for_session(owner: Hashable | None, candidates: Sequence[Hashable],
                        queue_lens: dict[Hashable, int | None], sessions_owned: dict[Hashable, int],
                        imbalance_requests: int, rng: random.Random) -> list[list[Hashable]]:
-    """Ranked replica ids for one request: [[owner], fallback] while the owner is a candidate
-    and not overloaded, else [fallback]; fallback is two random candidates, best first.
+    """Ranked replica ids for one request, one replica per rank (Ray Serve tries a rank's
+    replicas by its own queue-length cache, where a replica it has not probed yet loses to
+    any it has: one per rank keeps the choice ours): [owner] first while the owner is a
+    candidate and not overloaded, then two random candidates, best first (see the module).
     An unknown queue length counts as empty (the router probes it before sending)."""
     if not candidates:
         return []
     queue = {c: queue_lens.get(c) or 0 for c in candidates}
     shortest = min(queue.values())
-    picked = list(candidates) if len(candidates) <= 2 else rng.sample(list(candidates), 2)
-    fallback = sorted(picked, key=lambda c: (queue[c], sessions_owned.get(c, 0)))
+    # drawn in random order, so that ties go either way. A new session goes to the one owning
+    # fewer sessions unless its queue is overloaded: the queue of the moment says little about
+    # the keystrokes a session will bring (and the entry replica's queue holds the requests it
+    # is handing on)
+    picked = rng.sample(list(candidates), min(2, len(candidates)))
+    fallback = sorted(picked, key=lambda c: (queue[c] - shortest > imbalance_requests,
+                                             sessions_owned.get(c, 0), queue[c]))
     if owner in queue and queue[owner] - shortest <= imbalance_requests:
-        return [[owner], [c for c in fallback if c != owner] or [owner]]
-    return [fallback]
+        return [[owner], *([c] for c in fallback if c != owner)]
+    return [[c] for c in fallback]
 
 
 class SessionAffinityRouter(RequestRouter):
@@ -59,10 +97,14 @@ class SessionAffinityRouter(RequestRouter):
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         by_id = {r.replica_id: r for r in candidate_replicas}
         session = session_of(pending_request)
-        owner = self._owners.get(session) if session else None
         queue_lens = {rid: self.replica_queue_len_cache.get(rid) for rid in by_id}
-        ranks = choose_for_session(owner, list(by_id), queue_lens, self._sessions_owned,
-                                   self.imbalance_requests, self._rng)
+        if session:
+            ranks = choose_for_session(self._owners.get(session), list(by_id), queue_lens, self._sessions_owned,
+                                       self.imbalance_requests, self._rng)
+        elif is_http(pending_request):
+            ranks = entry_first(list(by_id), queue_lens, self._rng)
+        else:  # a call that belongs to no session (describe): any replica
+            ranks = any_replica(list(by_id), queue_lens, self._rng)
         if pending_request is not None:
             # every rank full: wait before asking again, instead of spinning
             pending_request.routing_context.should_backoff = True
