@@ -28,8 +28,8 @@ def test_gpu_replicas_batch_by_default_and_cpu_replicas_do_not():
     assert replica_batching(_serve_args()) == "off"
     assert replica_batching(_serve_args("--device", "cuda", "--batching", "off")) == "off"
     assert replica_batching(_serve_args("--batching", "on")) == "on"
-    bound = app.build_app(device="cuda", runtime="torch", batching="on")._bound_deployment.init_args[0]
-    assert bound._bound_deployment.init_args[-1] == "on"
+    engine_args = app.build_app(device="cuda", runtime="torch", batching="on")._bound_deployment.init_args[0]
+    assert engine_args[-1] == "on"  # the ingress builds its EngineReplica with them
 
 
 class _Context:
@@ -39,8 +39,7 @@ class _Context:
 
 def _replica(monkeypatch, model_dir, batching: str):
     monkeypatch.setattr(app.serve, "get_replica_context", lambda: _Context)
-    replica_class = app.EngineReplica.func_or_class
-    return replica_class(str(model_dir), "torch", "cpu", "auto", 1, batching)
+    return app.EngineReplica(str(model_dir), "torch", "cpu", "auto", 1, batching)
 
 
 def _requests(k: int) -> list[CompletionRequest]:
@@ -51,7 +50,7 @@ def _requests(k: int) -> list[CompletionRequest]:
 
 
 async def _all(replica, requests):
-    return await asyncio.gather(*(replica.complete(r, session=r.path) for r in requests))
+    return await asyncio.gather(*(replica.complete(r) for r in requests))
 
 
 @pytest.mark.parametrize("batching", ["on", "off"])
