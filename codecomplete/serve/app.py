@@ -87,7 +87,9 @@ class EngineReplica:
             raise
 
     def describe(self) -> dict[str, Any]:
-        return {"replica": self.replica_id, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+        # outside Ray (a test's own replica) asking for the node would start a Ray instance
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        return {"replica": self.replica_id, "pid": os.getpid(), "node": node,
                 "model": self.engine.describe(), "cancelled_requests": self.cancelled_requests}
 
 
