@@ -68,9 +68,11 @@ def serve_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    start_ray(num_cpus=2, log_to_driver=False)
     import ray
 
+    if ray.is_initialized():  # something reached Ray before (some of its calls start one on first use)
+        ray.shutdown()
+    start_ray(num_cpus=2, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=SERVE_LOGGING)
         yield port

@@ -343,7 +343,7 @@ async def test_lsp_remote_mode_inline_completion_cancellation_and_server_down(st
 
 # -- the language server against the real Ray Serve application ----------------------------------------
 MID_TOKEN_DOC = "import os\n\n\ndef data_file(name):\n    return os.path.jo\n"
-SLOW_BODY = {"text": "def long_story():\n", "offset": 18, "path": "blocker.py",
+SLOW_BODY = {"text": 'STORY = """\n', "offset": 12, "path": "blocker.py",
              "options": {"max_new_tokens": 1024, "multiline": True, "deadline_ms": 8000, "temperature": 5.0,
                          "patience_steps": None, "n": 8}}
 

@@ -93,7 +93,9 @@ class EngineReplica:
             raise
 
     def describe(self) -> dict[str, Any]:
-        return {"replica": self.replica_id, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+        # outside Ray (a test's own replica) asking for the node would start a Ray instance
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        return {"replica": self.replica_id, "pid": os.getpid(), "node": node,
                 "model": self.engine.describe(), "cancelled_requests": self.cancelled_requests}
 
 
@@ -241,9 +243,14 @@ class Gateway:
             # to its deadline (and the proxy's gRPC mode loses a client's disconnect altogether)
             self._peers = serve.get_deployment_handle(context.deployment, context.app_name)
         for attempt in range(2):
+            response = self._peers.complete.remote(request, session=session)
             try:
-                return await asyncio.wait_for(self._peers.complete.remote(request, session=session),
-                                              timeout=timeout_s)
+                return await asyncio.wait_for(response, timeout=timeout_s)
+            except (asyncio.CancelledError, asyncio.TimeoutError):
+                # Ray passes a cancelled request's cancellation on to the calls it made, but not
+                # our timeout: without this the session's replica would decode on for nobody
+                response.cancel()
+                raise
             except REPLICA_LOST:
                 if attempt:
                     raise ApiError(503, "the engine replica was lost; retry", "service_unavailable") from None
