@@ -54,6 +54,7 @@ def test_weights_too_big_for_a_second_copy_get_no_one_thread_session(tiny_model_
     monkeypatch.setattr(onnx_runtime, "SINGLE_THREAD_SESSION_MAX_WEIGHT_BYTES", 1024)
     rt = OnnxRuntime(load_model_source(tiny_model_dir), threads=None)
     assert rt.weight_bytes > 1024 and not rt.adaptive
+    assert not rt.spin  # a busy CPU cannot move it to one thread: its workers sleep between ops
     rt.prefill(TOKENS)
     assert rt._single is None and rt._active is rt.session
     assert rt.describe()["threads_when_busy"] == rt.threads
