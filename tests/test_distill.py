@@ -206,3 +206,22 @@ def test_the_tokenizer_from_a_gguf_header_gives_the_engines_ids(tmp_path, teache
     assert report["texts"] == 5 and report["texts_with_special_token_text"] == 1
     assert set(report["texts_that_differ"].values()) == {0}
     assert "transformers" in report["compared_with_engine"]
+
+
+def test_a_compiled_loss_that_fails_falls_back_to_the_eager_one_once():
+    from codecomplete.models.train.distill import EagerFallback, chunk_loss
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("this compiler cannot")
+
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(20, 8, generator=g, requires_grad=True)
+    w = torch.randn(50, 8, generator=g, requires_grad=True)
+    y = torch.randint(0, 50, (20,), generator=g)
+    fallback = EagerFallback(broken, chunk_loss, "loss")
+    got = [vocab_loss(f, w, y, None, 0.0, 7, fallback)[0].item() for _ in range(2)]
+    assert got[0] == got[1] == pytest.approx(vocab_loss(f, w, y, None, 0.0, 7)[0].item())
+    assert len(calls) == 1 and fallback.fn is chunk_loss
