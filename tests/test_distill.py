@@ -97,6 +97,12 @@ def test_full_rank_factorization_is_exact_and_a_weighted_one_fits_the_logits_bet
     weighted = factorize_embedding(table, 8, cov)
     err = [np.linalg.norm(h @ (table - x @ y).T) for x, y in (plain, weighted)]
     assert err[1] < 0.8 * err[0]
+    # statistics of fewer tokens than dims: a singular covariance, some eigenvalues a rounding
+    # error below zero (float32 sums of a real calibration), still give finite factors
+    q, _ = np.linalg.qr(rng.standard_normal((32, 32)))
+    few = (q * np.r_[100.0, 50.0, 10.0, np.zeros(28), -1e-4]) @ q.T
+    a, b = factorize_embedding(table, 8, few)
+    assert np.isfinite(a).all() and np.isfinite(b).all() and np.abs(a @ b).max() < 10 * np.abs(table).max()
 
 
 def test_pruning_keeps_the_chosen_layers_and_the_most_useful_neurons(teacher_and_data):
