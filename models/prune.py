@@ -42,7 +42,8 @@ from .format.config import ModelConfig
 from .format.folder import EMBED_PROJ, param_shapes
 
 PICKS = ("influence", "ends", "even")
-BUDGET_BYTES = 64 << 20  # everything the model folder ships: weights, tokenizer, config, cards
+BUDGET_BYTES = 64 << 20
+COV_FLOOR = 1e-2  # least weight of a hidden direction in the weighted SVD (mean weight 1)  # everything the model folder ships: weights, tokenizer, config, cards
 
 
 @dataclass
@@ -170,8 +171,11 @@ def factorize_embedding(table: np.ndarray, rank: int, head_cov: np.ndarray | Non
     if head_cov is None:
         root = inv_root = np.eye(dim)
     else:
-        c = head_cov / np.trace(head_cov) * dim + 1e-6 * np.eye(dim)  # scale-free, never singular
-        w, v = np.linalg.eigh(c)
+        # scale-free (mean eigenvalue 1), and every direction weighs at least COV_FLOOR: a
+        # calibration of fewer tokens than dims leaves some unseen (eigenvalues 0, or
+        # slightly negative in floating point), and C^-½ must stay finite and moderate
+        w, v = np.linalg.eigh(head_cov / np.trace(head_cov) * dim)
+        w = np.maximum(w, COV_FLOOR)
         root = (v * np.sqrt(w)) @ v.T
         inv_root = (v / np.sqrt(w)) @ v.T
     m = e @ root

@@ -97,6 +97,12 @@ def test_full_rank_factorization_is_exact_and_a_weighted_one_fits_the_logits_bet
     weighted = factorize_embedding(table, 8, cov)
     err = [np.linalg.norm(h @ (table - x @ y).T) for x, y in (plain, weighted)]
     assert err[1] < 0.8 * err[0]
+    # statistics of fewer tokens than dims: a singular covariance, some eigenvalues a rounding
+    # error below zero (float32 sums of a real calibration), still give finite factors
+    q, _ = np.linalg.qr(rng.standard_normal((32, 32)))
+    few = (q * np.r_[100.0, 50.0, 10.0, np.zeros(28), -1e-4]) @ q.T
+    a, b = factorize_embedding(table, 8, few)
+    assert np.isfinite(a).all() and np.isfinite(b).all() and np.abs(a @ b).max() < 10 * np.abs(table).max()
 
 
 def test_pruning_keeps_the_chosen_layers_and_the_most_useful_neurons(teacher_and_data):
@@ -206,3 +212,22 @@ def test_the_tokenizer_from_a_gguf_header_gives_the_engines_ids(tmp_path, teache
     assert report["texts"] == 5 and report["texts_with_special_token_text"] == 1
     assert set(report["texts_that_differ"].values()) == {0}
     assert "transformers" in report["compared_with_engine"]
+
+
+def test_a_compiled_loss_that_fails_falls_back_to_the_eager_one_once():
+    from codecomplete.models.train.distill import EagerFallback, chunk_loss
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("this compiler cannot")
+
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(20, 8, generator=g, requires_grad=True)
+    w = torch.randn(50, 8, generator=g, requires_grad=True)
+    y = torch.randint(0, 50, (20,), generator=g)
+    fallback = EagerFallback(broken, chunk_loss, "loss")
+    got = [vocab_loss(f, w, y, None, 0.0, 7, fallback)[0].item() for _ in range(2)]
+    assert got[0] == got[1] == pytest.approx(vocab_loss(f, w, y, None, 0.0, 7)[0].item())
+    assert len(calls) == 1 and fallback.fn is chunk_loss

@@ -120,9 +120,19 @@ class ChunkedVocabLoss(torch.autograd.Function):
             f = features[start:end].detach().requires_grad_()
             teacher = (None, None, None) if top_ids is None else (top_ids[start:end], top_logp[start:end],
                                                                   rest_logp[start:end])
-            with torch.enable_grad():
-                loss, ce, kl = loss_fn(f, w, targets[start:end], *teacher, kl_weight)
-                gf, gw = torch.autograd.grad(loss, (f, w))
+
+            def with_grads(fn, f=f, teacher=teacher, start=start, end=end):
+                with torch.enable_grad():
+                    loss, ce, kl = fn(f, w, targets[start:end], *teacher, kl_weight)
+                    return (loss, ce, kl, *torch.autograd.grad(loss, (f, w)))
+
+            try:
+                loss, ce, kl, gf, gw = with_grads(loss_fn)
+            except Exception as e:  # noqa: BLE001  (a compiled loss whose backward fails: eager from now on)
+                if not isinstance(loss_fn, EagerFallback) or loss_fn.fn is loss_fn.eager:
+                    raise
+                loss_fn.give_up(e)
+                loss, ce, kl, gf, gw = with_grads(loss_fn)
             grad_f[start:end] = gf
             grad_w += gw.float()
             sums += torch.stack([loss.detach(), ce, kl])
@@ -157,6 +167,29 @@ def vocab_loss_sums(features, weight, targets, teacher=None, chunk: int = 4096) 
                              *(part or (None, None, None)), 0.0)
         ce, kl = ce + float(c), kl + float(k)
     return ce, kl
+
+
+class EagerFallback:
+    """A compiled function that, should its first call fail (a compiler that cannot handle
+    some op on this machine), says so once and runs the eager one from then on: a run that
+    starts detached on a GPU must not die of an optimisation."""
+
+    def __init__(self, compiled, eager, name: str):
+        self.fn, self.eager, self.name, self.tried = compiled, eager, name, False
+
+    def __call__(self, *args, **kwargs):
+        if self.tried:
+            return self.fn(*args, **kwargs)
+        self.tried = True
+        try:
+            return self.fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001  (any compiler error: the eager function still works)
+            self.give_up(e)
+            return self.fn(*args, **kwargs)
+
+    def give_up(self, error: Exception) -> None:
+        print(json.dumps({"event": "compile_failed", "what": self.name, "error": repr(error)[:500]}), flush=True)
+        self.fn = self.eager
 
 
 def write_pruned_student(cfg: DistillConfig, tcfg: ModelConfig, tweights: dict, teacher, device) -> None:
@@ -212,9 +245,13 @@ def distill(cfg: DistillConfig) -> dict:
     if teacher is not None:
         teacher_fn = teacher.features
     if cfg.compile:
-        features_fn = torch.compile(model.features)
-        teacher_fn = torch.compile(teacher.features) if teacher is not None else None
-        loss_fn = torch.compile(chunk_loss)
+        from .. import fused_triton
+
+        fused_triton.set_enabled(False)  # compiled graphs fuse the PyTorch ops themselves
+        features_fn = EagerFallback(torch.compile(model.features), model.features, "student")
+        if teacher is not None:
+            teacher_fn = EagerFallback(torch.compile(teacher.features), teacher.features, "teacher")
+        loss_fn = EagerFallback(torch.compile(chunk_loss), chunk_loss, "loss")
     autocast = session.autocast(cfg.dtype)
     batches, val = make_batches(cfg, session, FimIds.from_config(mcfg), state["step"])
     accum = max(1, cfg.batch_size // cfg.micro_batch)

@@ -21,8 +21,8 @@ TEACHER=${TEACHER:-$WORK/teacher.gguf}
 DATA=${DATA:-$WORK/qdata}
 RUN=${RUN:-$WORK/distill}
 BASE=${BASE:-$WORK/baseline}
-MINUTES=${MINUTES:-8}
-SHAPE=${SHAPE:-L8-F1216-r128}
+MINUTES=${MINUTES:-7}
+SHAPE=${SHAPE:-d768-L8-F1536-r128}
 DISTILL_ARGS=${DISTILL_ARGS:-}
 PY=${PY:-python3}
 export PYTHONUNBUFFERED=1
@@ -122,16 +122,16 @@ watch)
 export)  # pieces of at most 15 MiB (a call brings back 8 files of 16 MiB at most) under $OUT
   WHICH=${2:-distill}
   DEST=${OUT:?OUT: the folder whose files come back}
-  case "$WHICH" in
-  distill) SRC=$RUN PREC=int8 ;;
-  baseline) SRC=$BASE PREC=int8 ;;
-  float) SRC=$RUN PREC=bf16 ;;
+  case "$WHICH" in  # the bf16 folder is ~126 MB: 8 pieces of 15.9 MiB, no logs (the int8 tar has them)
+  distill) SRC=$RUN PREC=int8 PIECE_ARGS="--piece-mib 15" ;;
+  baseline) SRC=$BASE PREC=int8 PIECE_ARGS="--piece-mib 15" ;;
+  float) SRC=$RUN PREC=bf16 PIECE_ARGS="--piece-mib 15.9 --no-logs" ;;
   *) echo "export distill|baseline|float" >&2; exit 2 ;;
   esac
   cp "$DATA/manifest.json" "$SRC/manifest.json"
   [ -f "$RUN/student-init/prune.json" ] && cp "$RUN/student-init/prune.json" "$SRC/prune.json"
   $PY -m models.train.export --run "$SRC" --out "$WORK/export/$WHICH" --precision "$PREC" --pieces "$DEST" \
-    --name "student-$WHICH" --piece-mib 15
+    --name "student-$WHICH" $PIECE_ARGS
   ls -la "$DEST"
   ;;
 *)

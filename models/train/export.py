@@ -112,19 +112,17 @@ def write_bf16_safetensors(path: Path, weights: dict[str, np.ndarray]) -> None:
             f.write(b.tobytes())
 
 
-def write_pieces(folder: Path, run: Path, pieces: Path, name: str, piece_mib: float, max_files: int = 8) -> dict:
+def write_pieces(folder: Path, run: Path, pieces: Path, name: str, piece_mib: float, max_files: int = 8,
+                 logs: bool = True) -> dict:
     """folder (and the run's logs) as NAME.tar in pieces NAME.tar.part-00.. of at most
     piece_mib MiB, and NAME.JOIN.txt with the commands that check and unpack them where
     the pieces leave room for it among max_files (the join command is also returned)."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         tar.add(folder, arcname=name)
-        for log in LOG_FILES:
+        for log in (LOG_FILES + ("prune.json",)) if logs else ():
             if (run / log).is_file():
                 tar.add(run / log, arcname=f"{name}-{log}")
-        for extra in run.glob("*.json"):
-            if extra.name in ("prune.json",):
-                tar.add(extra, arcname=f"{name}-{extra.name}")
     data = buffer.getvalue()
     pieces.mkdir(parents=True, exist_ok=True)
     size = int(piece_mib * 2**20)
@@ -151,11 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pieces", default="", help="also write the folder as tar pieces here")
     ap.add_argument("--piece-mib", type=float, default=15.0)
     ap.add_argument("--name", default="", help="the tar's name (default: the folder's)")
+    ap.add_argument("--logs", action=argparse.BooleanOptionalAction, default=True,
+                    help="the run's train_log.jsonl, stdout.log and prune.json in the tar too")
     args = ap.parse_args(argv)
     info = export(args.run, args.out, args.precision)
     if args.pieces:
         info.update(write_pieces(Path(args.out), Path(args.run), Path(args.pieces), args.name or Path(args.out).name,
-                                 args.piece_mib))
+                                 args.piece_mib, logs=args.logs))
     print(json.dumps(info, indent=1))
     if not info["fits_64_mib"] and args.precision == "int8":
         print(f"warning: the folder is {info['bytes'] / 2**20:.2f} MiB, over the 64 MiB budget", file=sys.stderr)
