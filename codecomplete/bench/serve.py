@@ -265,7 +265,7 @@ def _deploy(replicas: int, affinity: bool) -> None:
 def run(args) -> int:
     users_list = _values("--users", args.users)
     if args.device:
-        return serve_gpu.run(args, users_list, _values("--variants", args.variants, tuple(serve_gpu.VARIANTS)))
+        return serve_gpu.run(args, users_list, _values("--variants", args.variants, serve_gpu.VARIANT_NAMES))
     replicas_list = _values("--replicas", args.replicas)
     affinities = _values("--affinity", args.affinity, ("on", "off"))
     if args.keystrokes < 1:

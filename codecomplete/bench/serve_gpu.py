@@ -17,6 +17,13 @@ requests per step), the others' step while prefill chunks run between steps, GPU
 and the step's memory-traffic floor (runtime/traffic.py over the measured copy bandwidth).
 --cold-every-s S adds a client that sends a cold prompt of --cold-tokens tokens every S
 seconds: each row then runs without and with it.
+
+The `service` variant (with --url, a team server started with `codecomplete serve
+--exact-new-tokens N` for the same model) sends the same typists' keystrokes — same
+documents, keystroke times, options — to the server through the language server's remote
+engine (codecomplete/remote.py: X-Session-Id, one hop), after the in-process variants have
+run and freed their device memory. Its rows carry the ratios to an in-process variant of
+the same users, paired by keystroke, and the share of keystrokes answered alike.
 """
 
 from __future__ import annotations
@@ -38,6 +45,13 @@ from codecomplete.runtime import DEVICES
 # variant -> (Engine batching, the runtime's batch_attention)
 VARIANTS = {"sequential": ("off", "bifurcated"), "batched-plain": ("on", "plain"),
             "batched-bifurcated": ("on", "bifurcated")}
+SERVICE = "service"  # the team server at --url, the same typists over HTTP
+VARIANT_NAMES = (*VARIANTS, SERVICE)
+# the in-process variant a service row is compared with: the first of these that ran
+SERVICE_REFERENCES = ("batched-bifurcated", "batched-plain", "sequential")
+# the server ignores deadlines in exact mode; the client must not give up first (it waits
+# the deadline plus a grace)
+SERVICE_DEADLINE_MS = 60_000.0
 RANDOM_7B = "random-7b"
 COLD_IN_FLIGHT = 4  # cold prompts still running when the next is due: the next waits
 
@@ -47,7 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, choices=DEVICES,
                    help="run in process on this device (no Ray, no HTTP): the batch scheduler's benchmark")
     p.add_argument("--variants", default="sequential,batched-bifurcated",
-                   help=f"with --device, comma-separated: {', '.join(VARIANTS)}")
+                   help=f"with --device, comma-separated: {', '.join(VARIANT_NAMES)} ({SERVICE}: the server at "
+                        "--url, started with --exact-new-tokens N)")
     p.add_argument("--model", default=None,
                    help=f"with --device: a model folder or GGUF, or {RANDOM_7B} (Qwen2.5-Coder-7B-shaped, random "
                         "weights); default the shipped model")
@@ -107,6 +122,11 @@ class Runtimes:
         self.config = self.model.cfg
         self._built: tuple[str, object] | None = None
 
+    def release(self) -> None:
+        """Drop the weights and the runtime built last, and give their device memory back."""
+        self.model = self._built = None
+        self.free()
+
     def get(self, batch_attention: str):
         from codecomplete.runtime.torch import TorchRuntime
 
@@ -164,14 +184,30 @@ def long_document(text: str, tokenizer, tokens: int) -> str:
     return text * copies
 
 
+def _answer_fields(c) -> dict:
+    """A record's fields from a Completion (the candidates' texts and lengths: to compare answers)."""
+    return {"status": 200, "source": c.source, "new_tokens": c.prefill_new_tokens, "tokens": c.tokens_generated,
+            "engine_ms": c.timings_ms.get("total"), "texts": [x.text for x in c.candidates],
+            "candidate_tokens": [x.tokens for x in c.candidates]}
+
+
 def _sender(engine):
     def send(request: CompletionRequest) -> dict:
         try:
             c = engine.complete(request)
         except Exception as e:  # counted as an error; the row goes on
             return {"status": 500, "error": type(e).__name__}
-        return {"status": 200, "source": c.source, "new_tokens": c.prefill_new_tokens,
-                "tokens": c.tokens_generated, "engine_ms": c.timings_ms.get("total")}
+        return _answer_fields(c)
+    return send
+
+
+def _remote_sender(remote):
+    """A typist's send through the remote engine (None answers: failed, busy or paused)."""
+    def send(request: CompletionRequest) -> dict:
+        c = remote.complete(request)
+        if c is None:
+            return {"status": 0, "error": remote.message}
+        return _answer_fields(c)
     return send
 
 
@@ -240,6 +276,15 @@ def step_figures(records: list[IterationRecord], config, precision: str, bifurca
             "floor_ms": statistics.fmean(floors), "step_vs_floor": statistics.fmean(step_ms) / statistics.fmean(floors)}
 
 
+def latency_figures(records: list[dict]) -> dict:
+    """Keystrokes answered and not, latency p50/p95, keystrokes/s, typing-cache share."""
+    answered = [r for r in records if r["status"] == 200]
+    ms = [r["ms"] for r in answered]
+    return {"keystrokes": len(answered), "errors": len(records) - len(answered),
+            "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95), "keystrokes_per_s": keystrokes_per_s(answered),
+            "cache_share": sum(r["source"] == "cache" for r in answered) / max(1, len(answered))}
+
+
 def run_row(engine, runtime, variant: str, users: int, cold: bool, doc: str, language: str, args,
             options: CompletionOptions, cold_options: CompletionOptions, copy_gbps: float, precision: str) -> dict:
     import torch
@@ -256,14 +301,10 @@ def run_row(engine, runtime, variant: str, users: int, cold: bool, doc: str, lan
         records, wall_s = type_together([_sender(engine)] * users, doc, "file.py", language, typing, options,
                                         args.seed)
     steps = recorder.records if recorder is not None else list(engine.scheduler.stats.records)
-    answered = [r for r in records if r["status"] == 200]
-    ms = [r["ms"] for r in answered]
     row = {"variant": variant, "users": users, "cold_every_s": args.cold_every_s if cold else 0,
-           "keystrokes": len(answered), "errors": len(records) - len(answered),
-           "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95), "keystrokes_per_s": keystrokes_per_s(answered),
-           "cache_share": sum(r["source"] == "cache" for r in answered) / max(1, len(answered)),
-           "wall_s": wall_s, **step_figures(steps, runtime.config, precision, VARIANTS[variant][1] == "bifurcated",
-                                            copy_gbps)}
+           **latency_figures(records), "wall_s": wall_s,
+           **step_figures(steps, runtime.config, precision, VARIANTS[variant][1] == "bifurcated", copy_gbps),
+           "records": records}
     if "floor_ms" in row:  # a keystroke decodes new_tokens steps: their floor
         row["keystroke_floor_ms"] = args.new_tokens * row["floor_ms"]
         row["p50_vs_keystroke_floor"] = row["p50_ms"] / row["keystroke_floor_ms"]
@@ -274,6 +315,76 @@ def run_row(engine, runtime, variant: str, users: int, cold: bool, doc: str, lan
         row["cold_p50_ms"] = percentile(cold_client.ms, 50)
         row["cold_prompt_tokens_mean"] = statistics.fmean(cold_client.prompt_tokens) if cold_client.ms else None
     return row
+
+
+def check_service(args, doc: str, language: str, options: CompletionOptions) -> str:
+    """Warm the server up (3 keystrokes) and make sure it decodes exactly --new-tokens a
+    keystroke; its public URL. SystemExit with the reason otherwise."""
+    from codecomplete.remote import RemoteEngine
+
+    try:
+        remote = RemoteEngine(args.url, args.api_key or "")
+    except ValueError as e:
+        raise SystemExit(f"bench serve: --url: {e}") from None
+    try:
+        if remote.state != "ready":
+            raise SystemExit(f"bench serve: {remote.message}")
+        warm = Typing(3, args.interval_ms / 3, 0.0)
+        records, _ = type_together([_remote_sender(remote)], doc, "warmup.py", language, warm, options, args.seed)
+    finally:
+        remote.close()
+    answered = [r for r in records if r["status"] == 200]
+    if not answered:
+        raise SystemExit(f"bench serve: the server answered none of 3 warm-up keystrokes ({remote.message})")
+    lengths = {t for r in answered for t in r["candidate_tokens"]}
+    if lengths - {args.new_tokens}:
+        raise SystemExit(f"bench serve: the server's candidates hold {sorted(lengths)} tokens, not exactly "
+                         f"--new-tokens {args.new_tokens}: start it with `codecomplete serve --exact-new-tokens "
+                         f"{args.new_tokens}` (and --runtime torch, the same --model)")
+    return remote.url
+
+
+def run_service_row(users: int, doc: str, language: str, args, options: CompletionOptions) -> dict:
+    """The typists of an in-process row, each through its own remote engine (connection)."""
+    from codecomplete.remote import RemoteEngine
+
+    remotes = [RemoteEngine(args.url, args.api_key or "", check_health=False) for _ in range(users)]
+    typing = Typing(args.keystrokes, args.interval_ms, args.pause_ms, max_s=args.max_row_s)
+    try:
+        records, wall_s = type_together([_remote_sender(r) for r in remotes], doc, "file.py", language, typing,
+                                        options, args.seed)
+    finally:
+        for r in remotes:
+            r.close()
+    return {"variant": SERVICE, "users": users, "cold_every_s": 0, **latency_figures(records), "wall_s": wall_s,
+            "records": records}
+
+
+def compare_service(rows: list[dict]) -> None:
+    """Each service row against an in-process row of the same users (SERVICE_REFERENCES):
+    p50/p95 over the keystrokes both answered (same user, same cursor), the per-keystroke
+    ratio's p50/p95, keystrokes/s, and the share of those keystrokes answered alike."""
+    for row in (r for r in rows if r["variant"] == SERVICE):
+        local = next((r for v in SERVICE_REFERENCES for r in rows
+                      if (r["variant"], r["users"], r["cold_every_s"]) == (v, row["users"], 0)), None)
+        if local is None:
+            continue
+        answered = {(r["user"], r["offset"]): r for r in local["records"] if r["status"] == 200}
+        pairs = [(r, answered[(r["user"], r["offset"])]) for r in row["records"]
+                 if r["status"] == 200 and (r["user"], r["offset"]) in answered]
+        row["in_process_variant"] = local["variant"]
+        row["paired_keystrokes"] = len(pairs)
+        row["keystrokes_per_s_vs_in_process"] = (row["keystrokes_per_s"] / local["keystrokes_per_s"]
+                                                 if local["keystrokes_per_s"] else None)
+        if not pairs:
+            continue
+        served, alone = [a["ms"] for a, _ in pairs], [b["ms"] for _, b in pairs]
+        row["p50_vs_in_process"] = percentile(served, 50) / percentile(alone, 50)
+        row["p95_vs_in_process"] = percentile(served, 95) / percentile(alone, 95)
+        ratios = [a / b for a, b in zip(served, alone, strict=True) if b > 0]
+        row["paired_ratio_p50"] = percentile(ratios, 50)
+        row["paired_ratio_p95"] = percentile(ratios, 95)
+        row["same_answers_share"] = sum(a["texts"] == b["texts"] for a, b in pairs) / len(pairs)
 
 
 def compare(rows: list[dict]) -> None:
@@ -303,16 +414,22 @@ def compare(rows: list[dict]) -> None:
 
 
 def run(args, users_list: list[int], variants: list[str]) -> int:
-    """bench serve --device: every (variant, users[, cold prompts]) row, in that order."""
+    """bench serve --device: every (variant, users[, cold prompts]) row, in that order; the
+    service's rows last, once the in-process engines have given their memory back."""
     from codecomplete.engine import Engine
 
     if args.new_tokens < 1 or args.context_tokens < 16 or args.keystrokes < 1:
         raise SystemExit("bench serve: --new-tokens and --keystrokes must be at least 1, --context-tokens 16")
+    if (SERVICE in variants) != bool(args.url):
+        raise SystemExit(f"bench serve: the {SERVICE} variant and --url go together (--device with --url: "
+                         f"--variants ...,{SERVICE})")
+    local_variants = [v for v in variants if v != SERVICE]
     progress(f"bench serve (in process, {args.device}): loading {args.model or 'the shipped model'}")
     t0 = time.perf_counter()
-    runtimes = Runtimes(args)
+    runtimes = Runtimes(args) if local_variants else None
+    tokenizer = runtimes.tokenizer if runtimes is not None else bench_tokenizer(args)
     progress(f"  weights ready in {time.perf_counter() - t0:.1f} s")
-    if args.copy_gbps:
+    if args.copy_gbps or not local_variants:
         copy_gbps = args.copy_gbps
     else:
         from codecomplete.bench.decode import measure_copy_gbps
@@ -323,7 +440,7 @@ def run(args, users_list: list[int], variants: list[str]) -> int:
 
     language = _language(path, args.language)
     longest = max(args.context_tokens, args.cold_tokens if args.cold_every_s else 0)
-    doc = long_document(Path(path).read_text(encoding="utf-8"), runtimes.tokenizer, longest)
+    doc = long_document(Path(path).read_text(encoding="utf-8"), tokenizer, longest)
     suffix_tokens = args.context_tokens // 4
     options = CompletionOptions(n=args.n, max_new_tokens=args.new_tokens, deadline_ms=args.deadline_ms,
                                 multiline=False, prefix_tokens=args.context_tokens - suffix_tokens,
@@ -334,15 +451,16 @@ def run(args, users_list: list[int], variants: list[str]) -> int:
              "gather_ms", "max_row_s", "cold_every_s", "cold_tokens", "seed")
     settings = {k: getattr(args, k) for k in names}
     result: dict = {"benchmark": "serve-in-process", "device": args.device, "model": args.model or "default",
-                    "precision": runtimes.precision, "copy_gbps": copy_gbps, "settings": settings, "rows": []}
+                    "precision": runtimes.precision if runtimes is not None else args.precision,
+                    "copy_gbps": copy_gbps, "settings": settings, "rows": []}
     if args.device == "cuda":
         import torch
 
         result["gpu"] = torch.cuda.get_device_name()
     colds = [False, True] if args.cold_every_s > 0 else [False]
-    attentions = list(dict.fromkeys(VARIANTS[v][1] for v in variants))
+    attentions = list(dict.fromkeys(VARIANTS[v][1] for v in local_variants))
     # the variants that share a runtime one after the other: each runtime is built once
-    for variant in sorted(variants, key=lambda v: attentions.index(VARIANTS[v][1])):
+    for variant in sorted(local_variants, key=lambda v: attentions.index(VARIANTS[v][1])):
         batching, attention = VARIANTS[variant]
         t0 = time.perf_counter()
         runtime = runtimes.get(attention)
@@ -365,13 +483,41 @@ def run(args, users_list: list[int], variants: list[str]) -> int:
                              f"(floor {row.get('floor_ms', float('nan')):.2f} ms)")
         finally:
             engine.close()
+    if runtimes is not None:
+        del engine, runtime
+        runtimes.release()  # the server's replica has the device to itself from here
+    if SERVICE in variants:
+        # the server ignores the deadline in exact mode; the remote engine waits that long
+        service_options = replace(options, deadline_ms=max(options.deadline_ms, SERVICE_DEADLINE_MS))
+        result["url"] = check_service(args, doc, language, service_options)
+        progress(f"  {SERVICE}: {result['url']} answers exactly {args.new_tokens} new tokens a keystroke")
+        for users in users_list:
+            row = run_service_row(users, doc, language, args, service_options)
+            result["rows"].append(row)
+            progress(f"    {users:3d} user(s): p50 {row['p50_ms']:.1f} ms, p95 {row['p95_ms']:.1f} ms, "
+                     f"{row['keystrokes_per_s']:.1f} keystrokes/s, {row['errors']} errors")
     compare(result["rows"])
+    compare_service(result["rows"])
+    for row in result["rows"]:
+        del row["records"]
     columns = ["variant", "users", "cold_every_s", "p50_ms", "p95_ms", "keystrokes_per_s", "step_ms", "step_p95_ms",
-               "rows_per_step", "requests_per_step", "floor_ms", "step_vs_floor", "gpu_mem_mib", "errors"]
+               "rows_per_step", "requests_per_step", "floor_ms", "step_vs_floor", "gpu_mem_mib", "errors",
+               "p50_vs_in_process", "p95_vs_in_process", "same_answers_share"]
     emit(result, args.json, format_table(result["rows"], columns))
     if args.plot:
         plot(result["rows"], args.plot)
     return 0
+
+
+def bench_tokenizer(args):
+    """The model's tokenizer alone (the service-only run sizes its document with it)."""
+    if args.model == RANDOM_7B:
+        from codecomplete.models.testing import qwen7b_shape_config, standin_tokenizer
+
+        return standin_tokenizer(qwen7b_shape_config())
+    from codecomplete.models.format.source import load_model_source
+
+    return load_model_source(args.model).tokenizer
 
 
 def plot(rows: list[dict], path: str) -> None:

@@ -38,6 +38,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.schema import LoggingConfig
 
+from codecomplete.bench.serve_gpu import RANDOM_7B
 from codecomplete.request import CancelToken, Completion, CompletionRequest
 from codecomplete.serve import infill, native, openai
 from codecomplete.serve.auth import ApiKey, ConcurrencyLimit, KeyRing
@@ -71,11 +72,19 @@ class EngineReplica:
     time in one thread; with batching each in its own thread, all at once."""
 
     def __init__(self, model: str | None, runtime: str, device: str, precision: str, threads: int | None,
-                 batching: str = "off"):
+                 batching: str = "off", exact_new_tokens: int | None = None):
         from codecomplete.engine import Engine
 
-        self.engine = Engine.load(model, runtime=runtime, device=device, precision=precision, threads=threads,
-                                  batching=batching)
+        if model == RANDOM_7B:
+            self.engine = Engine(random_7b_benchmark_runtime(device, precision), batching=batching)
+        else:
+            self.engine = Engine.load(model, runtime=runtime, device=device, precision=precision, threads=threads,
+                                      batching=batching)
+        if exact_new_tokens:
+            # benchmarks only (bench serve --device --url): each keystroke does the work the
+            # in-process benchmark's does, so the two compare
+            self.engine.exact_new_tokens = exact_new_tokens
+            self.engine.reuse_keystrokes = False
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         workers = REPLICA_ONGOING_REQUESTS if batching == "on" else 1
         self._worker = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engine")
@@ -158,19 +167,20 @@ class Gateway:
     """One replica: the HTTP routes (checks, API shapes) and its own EngineReplica, loaded in
     the background so that /health answers 503 meanwhile."""
 
-    def __init__(self, engine_args: tuple, settings: ServeSettings):
+    def __init__(self, engine_args: tuple, settings: ServeSettings, engine_benchmark: dict | None = None):
         self.settings = settings
         self.keyring = KeyRing(list(settings.keys))
         self.limit = ConcurrencyLimit(settings.per_key_concurrency)
         self.started = int(time.time())
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._loaded: concurrent.futures.Future[EngineReplica] = concurrent.futures.Future()
-        threading.Thread(target=self._load, args=engine_args, name="engine-load", daemon=True).start()
+        threading.Thread(target=self._load, args=engine_args, kwargs=engine_benchmark or {}, name="engine-load",
+                         daemon=True).start()
         self._peers = None  # a handle to this deployment, for requests handed on by session
 
-    def _load(self, *engine_args) -> None:
+    def _load(self, *engine_args, **engine_benchmark) -> None:
         try:
-            self._loaded.set_result(EngineReplica(*engine_args))
+            self._loaded.set_result(EngineReplica(*engine_args, **engine_benchmark))
         except BaseException as e:  # the replica reports it unhealthy; Ray Serve starts another
             log.error("the engine failed to load: %s: %s", type(e).__name__, e)
             self._loaded.set_exception(e)
@@ -385,10 +395,13 @@ def wait_until_loaded(app_name: str, replicas: int, timeout_s: float = 600.0) ->
 def build_app(model: str | None = None, runtime: str = "onnx", device: str = "cpu", precision: str = "auto",
               replicas: int = 1, autoscale: tuple[int, int] | None = None, threads: int | None = None,
               replica_cpus: float = 1.0, affinity: bool = True, settings: ServeSettings | None = None,
-              imbalance_requests: int | None = None, batching: str = "off"):
+              imbalance_requests: int | None = None, batching: str = "off", exact_new_tokens: int | None = None):
     """The application: `serve.run(build_app(...), route_prefix=...)` starts it.
     autoscale (min, max) replaces a fixed replica count; on CUDA each replica takes a GPU.
-    batching "on": each replica runs its requests together (Engine's batch scheduler)."""
+    batching "on": each replica runs its requests together (Engine's batch scheduler).
+    exact_new_tokens (benchmarks only): every keystroke decodes exactly that many tokens
+    (Engine.exact_new_tokens, keystroke reuse off). model "random-7b": bench serve's
+    Qwen2.5-Coder-7B-shaped model with random weights."""
     resources = {"num_cpus": 1, "num_gpus": 1} if device == "cuda" else {"num_cpus": replica_cpus}
     options: dict[str, Any] = {"ray_actor_options": resources}
     if autoscale:
@@ -403,4 +416,14 @@ def build_app(model: str | None = None, runtime: str = "onnx", device: str = "cp
             request_router_class="codecomplete.serve.router:SessionAffinityRouter", request_router_kwargs=kwargs)
     settings = dataclasses.replace(settings or ServeSettings(),
                                    hand_on=affinity and (autoscale[1] if autoscale else replicas) > 1)
-    return Gateway.options(**options).bind((model, runtime, device, precision, threads, batching), settings)
+    benchmark = {"exact_new_tokens": exact_new_tokens} if exact_new_tokens else None
+    return Gateway.options(**options).bind((model, runtime, device, precision, threads, batching), settings, benchmark)
+
+
+def random_7b_benchmark_runtime(device: str, precision: str = "auto"):
+    """The in-process benchmark's random-7b (bench/serve_gpu.py, default layers): the same
+    seed, shapes and suffix-first order, so both hold the same weights."""
+    from codecomplete.models.testing import random_7b_runtime
+
+    dtype = precision if precision != "auto" else "bf16" if device == "cuda" else "fp32"
+    return random_7b_runtime(device, dtype=dtype, config_overrides={"fim_order": "spm"})

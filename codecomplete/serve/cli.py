@@ -15,7 +15,9 @@ INSTALL_HINT = "codecomplete serve needs Ray Serve: pip install 'codecomplete[se
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model folder (default: the shipped model)")
+    p.add_argument("--model", default=None,
+                   help="model folder (default: the shipped model); random-7b: bench serve's 7B-shaped model with "
+                        "random weights (benchmarks only)")
     p.add_argument("--runtime", default="onnx", choices=["onnx", "torch"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: one GPU per replica (Ray places them)")
@@ -37,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--device cuda, off on CPU)")
     p.add_argument("--affinity", default="on", choices=["on", "off"],
                    help="route each session to the replica holding its KV cache (off: power of two choices)")
+    p.add_argument("--exact-new-tokens", type=int, default=0, metavar="N",
+                   help="benchmarks only (bench serve --device --url): every keystroke decodes exactly N tokens, "
+                        "no stop rule, deadline or typing cache (0: off, the normal service)")
     p.add_argument("--address", default=None,
                    help="join a running Ray cluster (auto, or HOST:PORT of its head); default: start a local one")
 
@@ -59,6 +64,8 @@ def check_settings(args) -> tuple[list, tuple[int, int] | None]:
     autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
     if not autoscale and args.replicas < 1:
         raise SystemExit("codecomplete serve: --replicas must be at least 1")
+    if args.exact_new_tokens < 0:
+        raise SystemExit("codecomplete serve: --exact-new-tokens must be 0 (off) or more")
     if args.per_key_concurrency < 1:
         raise SystemExit("codecomplete serve: --per-key-concurrency must be at least 1")
     if args.host not in LOOPBACK_HOSTS and not args.api_keys:
@@ -125,7 +132,8 @@ def build_from_settings(args):
                              request_timeout_s=args.request_timeout_s)
     app = build_app(args.model, runtime=args.runtime, device=args.device, precision=args.precision,
                     replicas=args.replicas, autoscale=autoscale, threads=threads, replica_cpus=replica_cpus,
-                    affinity=args.affinity == "on", settings=settings, batching=replica_batching(args))
+                    affinity=args.affinity == "on", settings=settings, batching=replica_batching(args),
+                    exact_new_tokens=args.exact_new_tokens or None)
     return app, keys, autoscale
 
 
@@ -187,7 +195,8 @@ def run(args) -> int:
         replicas = f"{autoscale[0]}-{autoscale[1]} replicas" if autoscale else f"{args.replicas} replica(s)"
         auth = f"{len(keys)} API key(s): {', '.join(k.name for k in keys)}" if keys else "no API keys"
         _log(f"ready at http://{args.host}:{args.port} ({replicas}, {args.runtime}/{args.device}, "
-             f"batching {replica_batching(args)}, {auth}); "
+             f"batching {replica_batching(args)}, {auth}"
+             f"{f', exactly {args.exact_new_tokens} new tokens a keystroke (benchmark)' if args.exact_new_tokens else ''}); "
              "Ctrl-C stops")
         while True:
             time.sleep(3600)
