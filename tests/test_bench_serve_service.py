@@ -98,3 +98,29 @@ def test_serve_takes_exact_new_tokens_for_benchmarks_only_when_asked():
     bound = build_app(runtime="torch", exact_new_tokens=16)._bound_deployment.init_args
     assert bound[2] == {"exact_new_tokens": 16}
     assert build_app()._bound_deployment.init_args[2] is None
+
+
+def test_a_random_7b_replica_builds_the_benchmarks_model_in_exact_mode(monkeypatch, tiny_model_dir):
+    """`serve --model random-7b`: the in-process benchmark's model (suffix first, the device's
+    float type; a tiny runtime stands in for the 15 GB one), keystrokes decoding exactly N."""
+    from codecomplete.models import testing
+    from codecomplete.runtime import load_runtime
+    from codecomplete.serve import app
+
+    built = []
+
+    def standin(device, dtype, config_overrides):
+        built.append((device, dtype, config_overrides))
+        return load_runtime(str(tiny_model_dir), runtime="torch")
+
+    class Context:
+        class replica_id:  # noqa: N801 (the shape of Ray's replica context)
+            unique_id = "replica-under-test"
+
+    monkeypatch.setattr(testing, "random_7b_runtime", standin)
+    monkeypatch.setattr(app.serve, "get_replica_context", lambda: Context)
+    replica = app.EngineReplica("random-7b", "torch", "cpu", "auto", 1, "off", exact_new_tokens=16)
+    assert built == [("cpu", "fp32", {"fim_order": "spm"})]
+    assert replica.engine.exact_new_tokens == 16 and not replica.engine.reuse_keystrokes
+    normal = app.EngineReplica(str(tiny_model_dir), "torch", "cpu", "auto", 1)
+    assert normal.engine.exact_new_tokens is None and normal.engine.reuse_keystrokes
