@@ -282,7 +282,11 @@ def latency_figures(records: list[dict]) -> dict:
     ms = [r["ms"] for r in answered]
     return {"keystrokes": len(answered), "errors": len(records) - len(answered),
             "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95), "keystrokes_per_s": keystrokes_per_s(answered),
-            "cache_share": sum(r["source"] == "cache" for r in answered) / max(1, len(answered))}
+            "cache_share": sum(r["source"] == "cache" for r in answered) / max(1, len(answered)),
+            # the engine's own time (the server's, through the service): the rest is the trip to it
+            "engine_p50_ms": percentile([r["engine_ms"] for r in answered if r["engine_ms"] is not None], 50),
+            # prompt tokens prefilled a keystroke: the same work in process and through the service
+            "prefill_new_tokens_mean": statistics.fmean(r["new_tokens"] for r in answered) if answered else None}
 
 
 def run_row(engine, runtime, variant: str, users: int, cold: bool, doc: str, language: str, args,
