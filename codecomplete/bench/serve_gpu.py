@@ -432,7 +432,7 @@ def run(args, users_list: list[int], variants: list[str]) -> int:
     t0 = time.perf_counter()
     runtimes = Runtimes(args) if local_variants else None
     tokenizer = runtimes.tokenizer if runtimes is not None else bench_tokenizer(args)
-    progress(f"  weights ready in {time.perf_counter() - t0:.1f} s")
+    progress(f"  {'weights' if runtimes is not None else 'tokenizer'} ready in {time.perf_counter() - t0:.1f} s")
     if args.copy_gbps or not local_variants:
         copy_gbps = args.copy_gbps
     else:
