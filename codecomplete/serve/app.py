@@ -375,6 +375,14 @@ class Gateway:
             return JSONResponse(openai.models_response(self.settings.model_name, self.started))
         return await self._guarded(request, "models", answer)
 
+    @fastapi_app.get("/v1/replicas")
+    async def replicas(self, request: Request) -> Response:
+        """How many replicas this deployment has, by state (RUNNING, STARTING, STOPPING ...), as
+        Ray Serve's controller reports them: what a client watching autoscaling reads."""
+        async def answer(owner: str) -> Response:
+            return JSONResponse(await asyncio.get_running_loop().run_in_executor(None, deployment_replicas))
+        return await self._guarded(request, "replicas", answer)
+
     @fastapi_app.post("/v1/engine/complete")
     async def engine_complete(self, request: Request) -> Response:
         async def answer(owner: str) -> Response:
@@ -403,6 +411,15 @@ class Gateway:
                 return _sse([*openai.stream_chunks(response), "[DONE]"], headers)
             return JSONResponse(response, headers=headers)
         return await self._guarded(request, "completions", answer)
+
+
+def deployment_replicas() -> dict[str, Any]:
+    """{"running": N, "states": {state: count}} of the deployment this replica belongs to."""
+    context = serve.get_replica_context()
+    app = serve.status().applications.get(context.app_name)
+    deployment = app.deployments.get(context.deployment) if app is not None else None
+    states = dict(deployment.replica_states) if deployment is not None else {}
+    return {"running": states.get("RUNNING", 0), "states": states}
 
 
 def wait_until_loaded(app_name: str, replicas: int, timeout_s: float = 600.0) -> list[dict[str, Any]]:
