@@ -187,13 +187,18 @@ def test_autoscaling_grows_under_a_ramp_shrinks_after_and_loses_no_request(serve
     timeline: list[tuple[float, int]] = []
     watching = threading.Event()
 
-    def watch() -> None:  # the replica count over time, for the failure message and the checks
+    def watch() -> None:  # the replica count over time, as a client reads it (GET /v1/replicas)
         t0 = time.monotonic()
         while not watching.wait(0.5):
+            conn = http.client.HTTPConnection("127.0.0.1", serve_port, timeout=CLIENT_TIMEOUT_S)
             try:
-                timeline.append((round(time.monotonic() - t0, 1), _running_replicas()))
-            except Exception:  # the controller is busy: the next sample
+                conn.request("GET", "/scale/v1/replicas")
+                answer = json.loads(conn.getresponse().read())
+                timeline.append((round(time.monotonic() - t0, 1), answer["running"]))
+            except (OSError, http.client.HTTPException, ValueError, KeyError):  # busy: the next sample
                 pass
+            finally:
+                conn.close()
 
     typists = [Typist(serve_port, f"s{k}") for k in range(6)]
     threads: list[threading.Thread] = []
@@ -218,7 +223,8 @@ def test_autoscaling_grows_under_a_ramp_shrinks_after_and_loses_no_request(serve
         calm_typists = [typists[0], next(t for t in typists if last[t.name] != last[typists[0].name])]
         marks = {t.name: len(t.records) for t in calm_typists}
         threads = _type_until(calm_typists, calm, 0.4)
-        _wait(lambda: _running_replicas() == 1, 60, "back down to one replica", timeline)
+        _wait(lambda: _running_replicas() == 1 and timeline and timeline[-1][1] == 1, 60,
+              "back down to one replica", timeline)
         time.sleep(2.5)  # a few keystrokes on the replica left
         calm.set()
         for thread in threads:

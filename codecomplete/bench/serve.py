@@ -492,14 +492,14 @@ def _url_port(url: str) -> int:
 def run_url(args, users_list: list[int], text: str, path: str, language: str, result: dict) -> None:
     """The rows against --url: one server, or one per --replicas value with --serve-command."""
     replicas_list = _values("--replicas", args.replicas) if args.replicas else None
-    if args.serve_command and not replicas_list:
+    if args.serve_command and not replicas_list and not args.autoscale_ramp:
         raise SystemExit("bench serve: --serve-command needs --replicas (the counts to start it with)")
     if not args.serve_command and replicas_list and len(replicas_list) > 1:
         raise SystemExit("bench serve: --url is one server with one replica count; for rows at "
                          f"{args.replicas} replicas give --serve-command (the bench starts the server once per "
                          "count), or run the bench once per count, restarting the server with --replicas R")
     if args.autoscale_ramp:
-        context = (ServerProcess(args.serve_command, replicas_list[0], _url_port(args.url))
+        context = (ServerProcess(args.serve_command, replicas_list[0] if replicas_list else 1, _url_port(args.url))
                    if args.serve_command else contextlib.nullcontext())
         with context:
             progress(f"bench serve: autoscale ramp to {max(users_list)} typists against {args.url}")

@@ -208,6 +208,17 @@ def proxy_session() -> str:
     return session if isinstance(session, str) else ""
 
 
+def deployment_replicas() -> dict[str, Any]:
+    """{"running": N, "states": {state: count}} of the deployment this replica belongs to.
+    (Defined before the deployment: Ray Serve pickles the class as it is decorated, with the
+    module-level names that exist by then.)"""
+    context = serve.get_replica_context()
+    app = serve.status().applications.get(context.app_name)
+    deployment = app.deployments.get(context.deployment) if app is not None else None
+    states = dict(deployment.replica_states) if deployment is not None else {}
+    return {"running": states.get("RUNNING", 0), "states": states}
+
+
 @serve.deployment(max_ongoing_requests=1024, health_check_period_s=2.0, logging_config=NO_ACCESS_LOG)
 @serve.ingress(fastapi_app)
 class Gateway:
@@ -411,15 +422,6 @@ class Gateway:
                 return _sse([*openai.stream_chunks(response), "[DONE]"], headers)
             return JSONResponse(response, headers=headers)
         return await self._guarded(request, "completions", answer)
-
-
-def deployment_replicas() -> dict[str, Any]:
-    """{"running": N, "states": {state: count}} of the deployment this replica belongs to."""
-    context = serve.get_replica_context()
-    app = serve.status().applications.get(context.app_name)
-    deployment = app.deployments.get(context.deployment) if app is not None else None
-    states = dict(deployment.replica_states) if deployment is not None else {}
-    return {"running": states.get("RUNNING", 0), "states": states}
 
 
 def wait_until_loaded(app_name: str, replicas: int, timeout_s: float = 600.0) -> list[dict[str, Any]]:
