@@ -262,3 +262,10 @@ def test_autoscaling_grows_under_a_ramp_shrinks_after_and_loses_no_request(serve
             if now["replica"] not in {r["replica"] for r in answered[:k]}:
                 assert now["new_tokens"] > OWN_KV_MAX_NEW_TOKENS, answered[start:]
     assert moved >= 1  # two replicas' sessions met on the one left
+
+
+def test_random_7b_replicas_need_the_torch_runtime():
+    from codecomplete.serve.app import random_7b_runtime
+
+    with pytest.raises(ValueError, match="--runtime torch"):
+        random_7b_runtime("onnx", "cuda", "auto")

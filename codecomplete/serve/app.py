@@ -117,6 +117,30 @@ def default_target_ongoing_requests(batching: str) -> float:
     return REPLICA_ONGOING_REQUESTS / 4 if batching == "on" else 2.0
 
 
+RANDOM_7B = "random-7b"  # --model: Qwen2.5-Coder-7B-shaped, random weights made on the replica's GPU
+RANDOM_7B_MAX_SEQ_LEN = 4096  # 2k-token contexts and what is decoded after them, with room
+
+
+def random_7b_runtime(runtime: str, device: str, precision: str):
+    """A torch runtime of a 7B-shaped model with random weights (models/testing), built where
+    it runs: the scaling runs need the shape's cost, not its answers, and a 15 GB folder per
+    machine."""
+    if runtime != "torch":
+        raise ValueError(f"--model {RANDOM_7B} runs on the torch runtime (--runtime torch), not {runtime}")
+    from codecomplete.models.testing import (
+        qwen7b_shape_config,
+        random_torch_model,
+        standin_tokenizer,
+    )
+    from codecomplete.runtime.torch import TorchRuntime
+
+    precision = precision if precision != "auto" else "bf16" if device == "cuda" else "fp32"
+    # suffix first (SPM), as bench serve --device builds it: a keystroke prefills a token or two
+    cfg = qwen7b_shape_config(max_seq_len=RANDOM_7B_MAX_SEQ_LEN, fim_order="spm")
+    return TorchRuntime.from_model(random_torch_model(cfg, device, precision), standin_tokenizer(cfg), device=device,
+                                   precision=precision)
+
+
 class EngineReplica:
     """One Engine, off the replica's event loop: without batching its requests run one at a
     time in one thread; with batching each in its own thread, all at once."""
@@ -125,8 +149,11 @@ class EngineReplica:
                  batching: str = "off"):
         from codecomplete.engine import Engine
 
-        self.engine = Engine.load(model, runtime=runtime, device=device, precision=precision, threads=threads,
-                                  batching=batching)
+        if model == RANDOM_7B:
+            self.engine = Engine(random_7b_runtime(runtime, device, precision), batching=batching)
+        else:
+            self.engine = Engine.load(model, runtime=runtime, device=device, precision=precision, threads=threads,
+                                      batching=batching)
         if batching != "on":
             # the engine alone keeps two prompts' KV and lets a new document take another's (a
             # laptop's recycled buffers); a replica serves many typists: each keeps its own, and

@@ -15,7 +15,9 @@ INSTALL_HINT = "codecomplete serve needs Ray Serve: pip install 'codecomplete[se
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model folder (default: the shipped model)")
+    p.add_argument("--model", default=None,
+                   help="model folder (default: the shipped model), or random-7b (7B-shaped random weights made on "
+                        "each replica: --runtime torch, for scaling runs)")
     p.add_argument("--runtime", default="onnx", choices=["onnx", "torch"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: one GPU per replica (Ray places them)")
