@@ -640,6 +640,7 @@ def _plot_ramp(ramp: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     points = [p for p in ramp["timeline"] if p["replicas_running"] is not None]
@@ -650,6 +651,8 @@ def _plot_ramp(ramp: dict, path: str) -> None:
     ax.set_xlabel("time (s)")
     ax.set_ylabel("typists")
     replicas_axis.set_ylabel("replicas running")
+    replicas_axis.set_ylim(0, max([p["replicas_running"] for p in points] or [1]) + 0.5)
+    replicas_axis.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"answered {ramp['answered']}, refused {ramp['refused']}, lost {ramp['lost']}", fontsize=9)
     fig.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
