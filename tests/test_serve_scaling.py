@@ -269,3 +269,14 @@ def test_random_7b_replicas_need_the_torch_runtime():
 
     with pytest.raises(ValueError, match="--runtime torch"):
         random_7b_runtime("onnx", "cuda", "auto")
+
+
+def test_the_entry_replica_stays_when_a_replica_with_a_lower_id_is_added():
+    import random
+
+    from codecomplete.serve.router import entry_first
+
+    rng = random.Random(0)
+    assert entry_first(["r5", "r2"], {}, rng)[0] == ["r2"]  # a router's first pick: the lowest id
+    assert entry_first(["r5", "r2", "r1"], {}, rng, current="r2")[0] == ["r2"]  # r1 added: r2 stays
+    assert entry_first(["r5", "r1"], {}, rng, current="r2")[0] == ["r1"]  # r2 gone: the lowest again
