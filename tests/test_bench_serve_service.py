@@ -100,27 +100,26 @@ def test_serve_takes_exact_new_tokens_for_benchmarks_only_when_asked():
     assert build_app()._bound_deployment.init_args[2] is None
 
 
-def test_a_random_7b_replica_builds_the_benchmarks_model_in_exact_mode(monkeypatch, tiny_model_dir):
-    """`serve --model random-7b`: the in-process benchmark's model (suffix first, the device's
-    float type; a tiny runtime stands in for the 15 GB one), keystrokes decoding exactly N."""
-    from codecomplete.models import testing
+def test_a_random_7b_replica_decodes_exactly_when_asked(monkeypatch, tiny_model_dir):
+    """`serve --model random-7b --exact-new-tokens 16`: the 7B-shaped model (a tiny runtime
+    stands in for the 15 GB one), every keystroke decoding exactly 16 tokens."""
     from codecomplete.runtime import load_runtime
     from codecomplete.serve import app
 
     built = []
 
-    def standin(device, dtype, config_overrides):
-        built.append((device, dtype, config_overrides))
+    def standin(runtime, device, precision):
+        built.append((runtime, device, precision))
         return load_runtime(str(tiny_model_dir), runtime="torch")
 
     class Context:
         class replica_id:  # noqa: N801 (the shape of Ray's replica context)
             unique_id = "replica-under-test"
 
-    monkeypatch.setattr(testing, "random_7b_runtime", standin)
+    monkeypatch.setattr(app, "random_7b_runtime", standin)
     monkeypatch.setattr(app.serve, "get_replica_context", lambda: Context)
     replica = app.EngineReplica("random-7b", "torch", "cpu", "auto", 1, "off", exact_new_tokens=16)
-    assert built == [("cpu", "fp32", {"fim_order": "spm"})]
+    assert built == [("torch", "cpu", "auto")]
     assert replica.engine.exact_new_tokens == 16 and not replica.engine.reuse_keystrokes
     normal = app.EngineReplica(str(tiny_model_dir), "torch", "cpu", "auto", 1)
     assert normal.engine.exact_new_tokens is None and normal.engine.reuse_keystrokes

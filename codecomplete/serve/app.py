@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.schema import LoggingConfig
 
-from codecomplete.bench.serve_gpu import RANDOM_7B
+from codecomplete.cache import ContextCache
 from codecomplete.request import CancelToken, Completion, CompletionRequest
 from codecomplete.serve import infill, native, openai
 from codecomplete.serve.auth import ApiKey, ConcurrencyLimit, KeyRing
@@ -53,6 +54,10 @@ ANONYMOUS = "anonymous"  # the owner of requests when no keys are configured
 # side effects), to a replica Ray Serve still has or the one it restarts
 REPLICA_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 REPLICA_ONGOING_REQUESTS = 64  # with batching, a replica's requests all run at once (one thread each)
+# prompt KV states a replica without batching keeps, one per typist (the shipped model's
+# onnx state holds its whole 2k context: ~32 MB each)
+UNBATCHED_CACHED_DOCUMENTS = 16
+GRACEFUL_SHUTDOWN_MARGIN_S = 5.0  # past the request timeout: the answers' way back
 
 
 @dataclass
@@ -67,6 +72,77 @@ class ServeSettings:
     hand_on: bool = True
 
 
+@dataclass(frozen=True)
+class Autoscaling:
+    """Ray Serve's autoscaling on ongoing requests (queued and running, per replica),
+    between min_replicas and max_replicas. The defaults are for typists: grow within
+    seconds of a sustained rise (a new replica takes seconds to load its engine), shrink
+    only after minutes of less load (a replica going away sends its sessions elsewhere,
+    cold once, and typists pause)."""
+
+    min_replicas: int
+    max_replicas: int
+    # without batching a replica runs one request at a time: two ongoing means one waits;
+    # with batching its requests' decode steps run together, many at once
+    target_ongoing_requests: float = 2.0
+    upscale_delay_s: float = 15.0
+    downscale_delay_s: float = 300.0
+    look_back_period_s: float = 15.0  # the window the ongoing requests are averaged over
+    # how often replicas and proxies report their ongoing requests; None: Ray Serve's own
+    # (10 s; Ray marks the field deprecated in favour of environment variables, but reads it)
+    metrics_interval_s: float | None = None
+
+    def __post_init__(self):
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(f"autoscaling: need 1 <= min_replicas ({self.min_replicas}) <= max_replicas "
+                             f"({self.max_replicas})")
+        if self.target_ongoing_requests <= 0:
+            raise ValueError("autoscaling: target_ongoing_requests must be positive")
+
+    def ray_config(self) -> dict[str, Any]:
+        """The deployment's autoscaling_config."""
+        config = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                  "initial_replicas": self.min_replicas, "target_ongoing_requests": self.target_ongoing_requests,
+                  "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
+                  "look_back_period_s": self.look_back_period_s}
+        if self.metrics_interval_s is not None:
+            config["metrics_interval_s"] = self.metrics_interval_s
+        return config
+
+
+def default_target_ongoing_requests(batching: str) -> float:
+    """Requests a replica is meant to hold at once: 2 without batching (one running, one
+    waiting); 16 with batching (a GPU replica decodes them together: a quarter of the
+    threads it can run at once, so that a burst still finds room while a new one loads)."""
+    return REPLICA_ONGOING_REQUESTS / 4 if batching == "on" else 2.0
+
+
+RANDOM_7B = "random-7b"  # --model: Qwen2.5-Coder-7B-shaped, random weights made on the replica's GPU
+# the prompt fills what the decode leaves of the context: ~2k-token prompts (issue 24's), as
+# bench serve --device builds for --context-tokens 2048
+RANDOM_7B_MAX_SEQ_LEN = 2048 + 128
+
+
+def random_7b_runtime(runtime: str, device: str, precision: str):
+    """A torch runtime of a 7B-shaped model with random weights (models/testing), built where
+    it runs: the scaling runs need the shape's cost, not its answers, and a 15 GB folder per
+    machine."""
+    if runtime != "torch":
+        raise ValueError(f"--model {RANDOM_7B} runs on the torch runtime (--runtime torch), not {runtime}")
+    from codecomplete.models.testing import (
+        qwen7b_shape_config,
+        random_torch_model,
+        standin_tokenizer,
+    )
+    from codecomplete.runtime.torch import TorchRuntime
+
+    precision = precision if precision != "auto" else "bf16" if device == "cuda" else "fp32"
+    # suffix first (SPM), as bench serve --device builds it: a keystroke prefills a token or two
+    cfg = qwen7b_shape_config(max_seq_len=RANDOM_7B_MAX_SEQ_LEN, fim_order="spm")
+    return TorchRuntime.from_model(random_torch_model(cfg, device, precision), standin_tokenizer(cfg), device=device,
+                                   precision=precision)
+
+
 class EngineReplica:
     """One Engine, off the replica's event loop: without batching its requests run one at a
     time in one thread; with batching each in its own thread, all at once."""
@@ -76,10 +152,15 @@ class EngineReplica:
         from codecomplete.engine import Engine
 
         if model == RANDOM_7B:
-            self.engine = Engine(random_7b_benchmark_runtime(device, precision), batching=batching)
+            self.engine = Engine(random_7b_runtime(runtime, device, precision), batching=batching)
         else:
             self.engine = Engine.load(model, runtime=runtime, device=device, precision=precision, threads=threads,
                                       batching=batching)
+        if batching != "on":
+            # the engine alone keeps two prompts' KV and lets a new document take another's (a
+            # laptop's recycled buffers); a replica serves many typists: each keeps its own, and
+            # a new one takes another's only when all are in use
+            self.engine.contexts = ContextCache(size=UNBATCHED_CACHED_DOCUMENTS, others_when_full=True)
         if exact_new_tokens:
             # benchmarks only (bench serve --device --url): each keystroke does the work the
             # in-process benchmark's does, so the two compare
@@ -159,6 +240,17 @@ def proxy_session() -> str:
     context = getattr(serve.context, "_get_serve_request_context", lambda: None)()
     session = getattr(context, "session_id", "") if context is not None else ""
     return session if isinstance(session, str) else ""
+
+
+def deployment_replicas() -> dict[str, Any]:
+    """{"running": N, "states": {state: count}} of the deployment this replica belongs to.
+    (Defined before the deployment: Ray Serve pickles the class as it is decorated, with the
+    module-level names that exist by then.)"""
+    context = serve.get_replica_context()
+    app = serve.status().applications.get(context.app_name)
+    deployment = app.deployments.get(context.deployment) if app is not None else None
+    states = dict(deployment.replica_states) if deployment is not None else {}
+    return {"running": states.get("RUNNING", 0), "states": states}
 
 
 @serve.deployment(max_ongoing_requests=1024, health_check_period_s=2.0, logging_config=NO_ACCESS_LOG)
@@ -329,6 +421,14 @@ class Gateway:
             return JSONResponse(openai.models_response(self.settings.model_name, self.started))
         return await self._guarded(request, "models", answer)
 
+    @fastapi_app.get("/v1/replicas")
+    async def replicas(self, request: Request) -> Response:
+        """How many replicas this deployment has, by state (RUNNING, STARTING, STOPPING ...), as
+        Ray Serve's controller reports them: what a client watching autoscaling reads."""
+        async def answer(owner: str) -> Response:
+            return JSONResponse(await asyncio.get_running_loop().run_in_executor(None, deployment_replicas))
+        return await self._guarded(request, "replicas", answer)
+
     @fastapi_app.post("/v1/engine/complete")
     async def engine_complete(self, request: Request) -> Response:
         async def answer(owner: str) -> Response:
@@ -393,37 +493,37 @@ def wait_until_loaded(app_name: str, replicas: int, timeout_s: float = 600.0) ->
 
 
 def build_app(model: str | None = None, runtime: str = "onnx", device: str = "cpu", precision: str = "auto",
-              replicas: int = 1, autoscale: tuple[int, int] | None = None, threads: int | None = None,
+              replicas: int = 1, autoscale: tuple[int, int] | Autoscaling | None = None, threads: int | None = None,
               replica_cpus: float = 1.0, affinity: bool = True, settings: ServeSettings | None = None,
               imbalance_requests: int | None = None, batching: str = "off", exact_new_tokens: int | None = None):
     """The application: `serve.run(build_app(...), route_prefix=...)` starts it.
-    autoscale (min, max) replaces a fixed replica count; on CUDA each replica takes a GPU.
-    batching "on": each replica runs its requests together (Engine's batch scheduler).
-    exact_new_tokens (benchmarks only): every keystroke decodes exactly that many tokens
-    (Engine.exact_new_tokens, keystroke reuse off). model "random-7b": bench serve's
-    Qwen2.5-Coder-7B-shaped model with random weights."""
+    autoscale (min, max), or an Autoscaling, replaces a fixed replica count; on CUDA each
+    replica takes a GPU. batching "on": each replica runs its requests together (Engine's
+    batch scheduler). exact_new_tokens (benchmarks only): every keystroke
+    decodes exactly that many tokens (Engine.exact_new_tokens, keystroke reuse off)."""
     resources = {"num_cpus": 1, "num_gpus": 1} if device == "cuda" else {"num_cpus": replica_cpus}
-    options: dict[str, Any] = {"ray_actor_options": resources}
-    if autoscale:
-        low, high = autoscale
-        options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high, "initial_replicas": low,
-                                         "target_ongoing_requests": 2}
+    settings = settings or ServeSettings()
+    options: dict[str, Any] = {
+        "ray_actor_options": resources,
+        # a replica that goes away (scaled down, or an update) first answers what it holds:
+        # every request it accepted ends within the request timeout, so wait that long
+        "graceful_shutdown_timeout_s": settings.request_timeout_s + GRACEFUL_SHUTDOWN_MARGIN_S}
+    if autoscale is not None:
+        if not isinstance(autoscale, Autoscaling):
+            autoscale = Autoscaling(*autoscale, target_ongoing_requests=default_target_ongoing_requests(batching))
+        with warnings.catch_warnings():  # metrics_interval_s: see Autoscaling
+            warnings.simplefilter("ignore", DeprecationWarning)
+            deployment = Gateway.options(autoscaling_config=autoscale.ray_config())
+        most_replicas = autoscale.max_replicas
     else:
+        deployment = Gateway
         options["num_replicas"] = replicas
+        most_replicas = replicas
     if affinity:
         kwargs = {} if imbalance_requests is None else {"imbalance_requests": imbalance_requests}
         options["request_router_config"] = RequestRouterConfig(
             request_router_class="codecomplete.serve.router:SessionAffinityRouter", request_router_kwargs=kwargs)
-    settings = dataclasses.replace(settings or ServeSettings(),
-                                   hand_on=affinity and (autoscale[1] if autoscale else replicas) > 1)
+    settings = dataclasses.replace(settings, hand_on=affinity and most_replicas > 1)
     benchmark = {"exact_new_tokens": exact_new_tokens} if exact_new_tokens else None
-    return Gateway.options(**options).bind((model, runtime, device, precision, threads, batching), settings, benchmark)
-
-
-def random_7b_benchmark_runtime(device: str, precision: str = "auto"):
-    """The in-process benchmark's random-7b (bench/serve_gpu.py, default layers): the same
-    seed, shapes and suffix-first order, so both hold the same weights."""
-    from codecomplete.models.testing import random_7b_runtime
-
-    dtype = precision if precision != "auto" else "bf16" if device == "cuda" else "fp32"
-    return random_7b_runtime(device, dtype=dtype, config_overrides={"fim_order": "spm"})
+    return deployment.options(**options).bind((model, runtime, device, precision, threads, batching), settings,
+                                              benchmark)

@@ -16,8 +16,8 @@ INSTALL_HINT = "codecomplete serve needs Ray Serve: pip install 'codecomplete[se
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="model folder (default: the shipped model); random-7b: bench serve's 7B-shaped model with "
-                        "random weights (benchmarks only)")
+                   help="model folder (default: the shipped model), or random-7b (7B-shaped random weights made on "
+                        "each replica: --runtime torch, for scaling runs and bench serve --device --url)")
     p.add_argument("--runtime", default="onnx", choices=["onnx", "torch"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: one GPU per replica (Ray places them)")
@@ -25,7 +25,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     count = p.add_mutually_exclusive_group()
     count.add_argument("--replicas", type=int, default=1, help="engine replicas (default 1)")
     count.add_argument("--autoscale", default=None, metavar="MIN:MAX",
-                       help="let Ray Serve keep between MIN and MAX replicas by load")
+                       help="let Ray Serve keep between MIN and MAX replicas by load (ongoing requests)")
+    p.add_argument("--target-ongoing-requests", type=float, default=None,
+                   help="with --autoscale: requests per replica (queued and running) Ray Serve scales to keep "
+                        "(default 2 without batching, 16 with)")
+    p.add_argument("--upscale-delay-s", type=float, default=None,
+                   help="with --autoscale: how long the load must stay above target before a replica is added "
+                        "(default 15)")
+    p.add_argument("--downscale-delay-s", type=float, default=None,
+                   help="with --autoscale: how long it must stay below before one is removed, its sessions "
+                        "then running cold once elsewhere (default 300)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (not loopback: --api-keys needed)")
     p.add_argument("--port", type=int, default=8012)
     p.add_argument("--api-keys", default=None, metavar="FILE",
@@ -66,6 +75,14 @@ def check_settings(args) -> tuple[list, tuple[int, int] | None]:
         raise SystemExit("codecomplete serve: --replicas must be at least 1")
     if args.exact_new_tokens < 0:
         raise SystemExit("codecomplete serve: --exact-new-tokens must be 0 (off) or more")
+    scaling_flags = {"--target-ongoing-requests": args.target_ongoing_requests,
+                     "--upscale-delay-s": args.upscale_delay_s, "--downscale-delay-s": args.downscale_delay_s}
+    for flag, value in scaling_flags.items():
+        if value is not None and not autoscale:
+            raise SystemExit(f"codecomplete serve: {flag} needs --autoscale MIN:MAX")
+        if value is not None and (value < 0 or (value == 0 and flag == "--target-ongoing-requests")):
+            raise SystemExit(f"codecomplete serve: {flag} {value:g}: must be "
+                             f"{'positive' if flag == '--target-ongoing-requests' else 'at least 0'}")
     if args.per_key_concurrency < 1:
         raise SystemExit("codecomplete serve: --per-key-concurrency must be at least 1")
     if args.host not in LOOPBACK_HOSTS and not args.api_keys:
@@ -123,15 +140,26 @@ def replica_batching(args) -> str:
 
 def build_from_settings(args):
     """The application for checked settings (argparse names), and the keys it holds."""
-    from codecomplete.serve.app import ServeSettings, build_app
+    from codecomplete.serve.app import (
+        Autoscaling,
+        ServeSettings,
+        build_app,
+        default_target_ongoing_requests,
+    )
 
     keys, autoscale = check_settings(args)
     threads, replica_cpus = share_cpus(args.device, autoscale[1] if autoscale else args.replicas)
     model_name = Path(args.model).name if args.model else "codecomplete-default"
     settings = ServeSettings(model_name=model_name, keys=tuple(keys), per_key_concurrency=args.per_key_concurrency,
                              request_timeout_s=args.request_timeout_s)
+    scaling = None
+    if autoscale:
+        delays = {name: value for name, value in (("upscale_delay_s", args.upscale_delay_s),
+                                                  ("downscale_delay_s", args.downscale_delay_s)) if value is not None}
+        target = args.target_ongoing_requests or default_target_ongoing_requests(replica_batching(args))
+        scaling = Autoscaling(*autoscale, target_ongoing_requests=target, **delays)
     app = build_app(args.model, runtime=args.runtime, device=args.device, precision=args.precision,
-                    replicas=args.replicas, autoscale=autoscale, threads=threads, replica_cpus=replica_cpus,
+                    replicas=args.replicas, autoscale=scaling, threads=threads, replica_cpus=replica_cpus,
                     affinity=args.affinity == "on", settings=settings, batching=replica_batching(args),
                     exact_new_tokens=args.exact_new_tokens or None)
     return app, keys, autoscale

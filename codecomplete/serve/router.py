@@ -10,9 +10,16 @@ fewer sessions (so typists spread over the replicas), then the shorter queue.
 
 The session is the `session` keyword of a call one replica hands on to another, or the
 proxy's session (Ray Serve's X-Session-Id header). An HTTP request with neither goes to the
-entry replica (the lowest replica id, so every proxy's router picks the same one): it reads
-the session key from the body and hands the request on, and the owners of those sessions
-are remembered in one place, its router.
+entry replica (the lowest replica id when the router starts, so every proxy's router picks
+the same one, and kept while it runs): it reads the session key from the body and hands the
+request on, and the owners of those sessions are remembered in one place, its router.
+
+Across autoscaling: a replica that is added owns no session, so new sessions (and those
+moved off an overloaded replica) go to it first; the entry stays where it is, so its table
+of owners stays too. A replica that goes away (scaled down, or lost) takes its sessions
+along: they are forgotten, and each one's next request runs cold once on another replica.
+If the entry replica itself goes away, the next lowest id becomes the entry and the body
+sessions start a new table there (each runs cold once).
 """
 
 from __future__ import annotations
@@ -42,12 +49,13 @@ def is_http(pending: PendingRequest | None) -> bool:
 
 
 def entry_first(candidates: Sequence[Hashable], queue_lens: dict[Hashable, int | None],
-                rng: random.Random) -> list[list[Hashable]]:
+                rng: random.Random, current: Hashable | None = None) -> list[list[Hashable]]:
     """[entry], then two others by queue, for an HTTP request without a session: the entry
-    is the lowest id, the same for every router instance; the others only if it is full."""
+    is `current` while it is a candidate, else the lowest id (the same for every router
+    instance); the others only if it is full."""
     if not candidates:
         return []
-    entry = min(candidates, key=str)
+    entry = current if current in candidates else min(candidates, key=str)
     rest = [c for c in candidates if c != entry]
     picked = rng.sample(rest, min(2, len(rest)))
     return [[entry], *([c] for c in sorted(picked, key=lambda c: queue_lens.get(c) or 0))]
@@ -91,6 +99,7 @@ class SessionAffinityRouter(RequestRouter):
         self.imbalance_requests = imbalance_requests
         self._owners: OrderedDict[str, ReplicaID] = OrderedDict()
         self._sessions_owned: dict[ReplicaID, int] = {}
+        self._entry: ReplicaID | None = None
         self._rng = random.Random()
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
@@ -102,7 +111,8 @@ class SessionAffinityRouter(RequestRouter):
             ranks = choose_for_session(self._owners.get(session), list(by_id), queue_lens, self._sessions_owned,
                                        self.imbalance_requests, self._rng)
         elif is_http(pending_request):
-            ranks = entry_first(list(by_id), queue_lens, self._rng)
+            ranks = entry_first(list(by_id), queue_lens, self._rng, self._entry)
+            self._entry = ranks[0][0] if ranks else None
         else:  # a call that belongs to no session (describe): any replica
             ranks = any_replica(list(by_id), queue_lens, self._rng)
         if pending_request is not None:
@@ -123,8 +133,18 @@ class SessionAffinityRouter(RequestRouter):
             _, oldest = self._owners.popitem(last=False)
             self._release(oldest)
 
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        """Ray Serve's new set of replicas (autoscaling, a restart): the sessions of those gone are forgotten."""
+        super().update_replicas(replicas)
+        running = {r.replica_id for r in replicas}
+        for gone in [rid for rid in self._sessions_owned if rid not in running]:
+            self._forget_replica(gone)
+
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
+        self._forget_replica(replica_id)
+
+    def _forget_replica(self, replica_id: ReplicaID) -> None:
         for session in [s for s, rid in self._owners.items() if rid == replica_id]:
             del self._owners[session]
         self._sessions_owned.pop(replica_id, None)
