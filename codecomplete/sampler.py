@@ -61,6 +61,16 @@ def _sample(logits: np.ndarray, rng: np.random.Generator, temperature: float, to
     return _draw(_nucleus(logits, temperature, top_p), rng)
 
 
+def _sparse_nonzero(mask: np.ndarray) -> np.ndarray:
+    """np.flatnonzero of a mask that is nearly all False, in half its time: the 8-byte words
+    holding a True first, then the bytes of those words."""
+    flat = mask.reshape(-1)
+    n = len(flat) // 8 * 8
+    words = np.flatnonzero(flat[:n].view(np.uint64) != 0)
+    bytes_at = (words[:, None] * 8 + np.arange(8)).reshape(-1)
+    return np.concatenate([bytes_at[flat[bytes_at]], np.flatnonzero(flat[n:]) + n])
+
+
 class _Rows:
     """One step's rows reduced to what an unconstrained pick needs, for all rows at once (two
     passes over the (rows, V) logits: a max and a comparison): per row the ids (ascending)
@@ -69,7 +79,7 @@ class _Rows:
 
     def __init__(self, logits: np.ndarray, banned_mask: np.ndarray | None, reach: float):
         m = logits.max(axis=1)
-        rows, ids = np.nonzero(logits >= (m - reach)[:, None])
+        rows, ids = np.divmod(_sparse_nonzero(logits >= (m - reach)[:, None]), logits.shape[1])
         values = logits[rows, ids]
         if banned_mask is not None:
             allowed = ~banned_mask[ids]
