@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from codecomplete.alignment import Alignment
+from codecomplete.runtime.base import TopRows
 
 TOP_K = 64  # sampling looks at the 64 best tokens only: cheap on 150k vocabularies
 TAIL = 20.0  # tokens this far below the best (after temperature) hold < 3e-9 of its probability
@@ -87,6 +88,7 @@ class _Rows:
         bounds = np.searchsorted(rows, np.arange(len(logits) + 1))
         self.ids, self.values, self.bounds = ids, values, bounds
         self.best = m
+        self.lse = None  # computed by pick, over these values
         # a banned best: the allowed tokens within reach of the best allowed one may lie below
         # `m - reach`, outside what was kept
         kept_best = np.full(len(logits), -np.inf, np.float32)
@@ -100,9 +102,23 @@ class _Rows:
         return self.ids[a:b], self.values[a:b], self.best[r]
 
 
+class _TopReduced:
+    """_Rows of a step the runtime reduced itself (TopRows: its rows' TOP_K best allowed
+    tokens and their log-sum-exp)."""
+
+    def __init__(self, top: TopRows):
+        self.ids, self.values, self.lse = top.ids, top.values, top.lse
+        self.best = top.values.max(axis=1)
+        self.has = np.ones(len(top.ids), dtype=bool)
+
+    def row(self, r: int) -> tuple[np.ndarray, np.ndarray, np.float32]:
+        return self.ids[r], self.values[r], self.best[r]
+
+
 class Sampler:
-    """One request's token choice. Call `start_step` with each step's logits (rows, V),
-    then `pick` once per active branch."""
+    """One request's token choice. Call `start_step` with each step's logits (rows, V) or
+    TopRows (the runtime's reduction of them, its banned ids this sampler's), then `pick`
+    once per active branch."""
 
     def __init__(self, *, temperature: float, top_p: float, seed: int, banned: np.ndarray | None,
                  alignment: Alignment):
@@ -143,7 +159,9 @@ class Sampler:
             self._row_logits[row] = lg
         return lg
 
-    def _reduced(self) -> _Rows:
+    def _reduced(self) -> _Rows | _TopReduced:
+        if self._rows is None and isinstance(self._logits, TopRows):
+            self._rows = _TopReduced(self._logits)
         if self._rows is None:
             logits = np.asarray(self._logits, dtype=np.float32)
             if self.banned is not None and self._banned_mask is None:
@@ -165,6 +183,8 @@ class Sampler:
             return self._pick_full(branch, row)
         ids, values, m = reduced.row(row)
         lse = self._row_lse.get(row)
+        if lse is None and reduced.lse is not None:
+            lse = self._row_lse[row] = float(reduced.lse[row])
         if lse is None:
             mf = float(m)
             lse = self._row_lse[row] = mf + float(np.log(np.exp(values[values >= mf - TAIL] - mf).sum()))

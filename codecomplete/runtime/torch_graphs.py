@@ -27,7 +27,7 @@ import torch
 from codecomplete.models import varlen_triton
 from codecomplete.models.varlen_triton import FIELDS, POSITION, TOKEN, VarlenRequest, fill_meta
 
-from .base import DecodeStep
+from .base import DecodeStep, TopRows
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +89,16 @@ class VarlenDecoder:
 
         return self.rt.model.decode_rows(meta[TOKEN], meta[POSITION], attend).float()
 
-    def run(self, steps: Sequence[DecodeStep], slots: int | None = None) -> list[np.ndarray]:
+    def run(self, steps: Sequence[DecodeStep], slots: int | None = None, host=None) -> list:
         """One step for all requests, launched eagerly; slots: pad the rows to this many
-        (as a graph's bucket does)."""
+        (as a graph's bucket does); host: what turns the (rows, V) device logits into the
+        result (default logits_to_host)."""
         rows = sum(s.branches.n for s in steps)
         slots = slots or (1 << (rows - 1).bit_length() if self.pad_rows else rows)
         meta = np.zeros((FIELDS, slots), dtype=np.int64)
         fill_meta(meta, self.requests(steps), self.scratch_k, self.scratch_v, self.rt.batch_attention == "plain")
         logits = self.step(torch.from_numpy(meta).to(self.rt.device), self.plan(slots))
-        return split_rows(logits_to_host(logits[:rows]), steps)
+        return split_rows((host or logits_to_host)(logits[:rows]), steps)
 
 
 def logits_to_host(logits: torch.Tensor) -> np.ndarray:
@@ -112,7 +113,31 @@ def logits_to_host(logits: torch.Tensor) -> np.ndarray:
     return host.numpy()  # the array keeps the pinned block alive; freed, it returns to the cache
 
 
-def split_rows(logits: np.ndarray, steps: Sequence[DecodeStep]) -> list[np.ndarray]:
+def reduce_rows(logits: torch.Tensor, banned: torch.Tensor | None, k: int, tail: float) -> TopRows:
+    """A step's (rows, V) float32 logits reduced on their device (TopRows: each row's k best
+    allowed tokens, its log-sum-exp over those within `tail` of the best), a few kB to the
+    host instead of rows x V x 4 bytes; the rows stay on the device (a copy: a graph's
+    output buffer is overwritten by its next replay) for the rows a sampler needs whole."""
+    kept = logits.clone()
+    allowed = kept.masked_fill(banned, float("-inf")) if banned is not None else kept
+    values, ids = torch.topk(allowed, min(k, allowed.shape[1]), dim=1)
+    ids, order = ids.sort(dim=1)
+    values = values.gather(1, order)
+    best = values.max(dim=1, keepdim=True).values
+    near = torch.where(allowed >= best - tail, torch.exp(allowed - best), torch.zeros((), device=allowed.device))
+    lse = best[:, 0] + torch.log(near.sum(dim=1))
+    packed = torch.cat([ids.to(torch.float64), values.double(), lse.double()[:, None]], dim=1).cpu().numpy()
+    width = ids.shape[1]
+
+    def fetch(index: np.ndarray) -> np.ndarray:
+        return kept[torch.as_tensor(index, device=kept.device)].float().cpu().numpy()
+
+    # ids < 2^53 and float32 values survive the float64 round trip exactly: one copy, one sync
+    return TopRows(packed[:, :width].astype(np.int64), packed[:, width:2 * width].astype(np.float32),
+                   packed[:, -1].astype(np.float32), fetch)
+
+
+def split_rows(logits, steps: Sequence[DecodeStep]) -> list:
     """Each request's (N_i, V) rows of a batch's logits (views of a buffer of this step's own)."""
     out, r0 = [], 0
     for s in steps:
@@ -198,10 +223,10 @@ class DecodeGraphs:
             rows += s.branches.n
         return out
 
-    def run(self, steps: Sequence[DecodeStep]) -> list[np.ndarray]:
+    def run(self, steps: Sequence[DecodeStep], host=None) -> list:
         out = []
         for group in self.groups(steps):
-            logits = self.replay(self.varlen.requests(group), sum(s.branches.n for s in group))
+            logits = self.replay(self.varlen.requests(group), sum(s.branches.n for s in group), host)
             out.extend(split_rows(logits, group))
         return out
 
@@ -213,13 +238,14 @@ class DecodeGraphs:
             logits = self.replay([VarlenRequest(context_k, context_v, start, None, None, t, [int(token)])], 1)
         return logits[0]
 
-    def replay(self, requests: Sequence[VarlenRequest], rows: int) -> np.ndarray:
+    def replay(self, requests: Sequence[VarlenRequest], rows: int, host=None):
         """One step of these requests' rows through their bucket's graph: the logits
-        (rows, V) in host memory of their own."""
+        (rows, V) in host memory of their own (or what `host` makes of the device rows; it
+        must synchronise)."""
         slots = next(b for b in self.buckets if b >= rows)
         cap = self.captured[slots]
         fill_meta(cap.meta_np, requests, self.varlen.scratch_k, self.varlen.scratch_v,
                   self.varlen.rt.batch_attention == "plain")
         cap.meta_dev.copy_(cap.meta_host, non_blocking=True)
         cap.replay()
-        return logits_to_host(cap.logits_dev[:rows])  # synchronises: meta_host is free again after this
+        return (host or logits_to_host)(cap.logits_dev[:rows])  # synchronises: meta_host is free again after this
