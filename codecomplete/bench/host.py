@@ -35,15 +35,18 @@ import numpy as np
 from codecomplete.bench.common import TYPING_SAMPLE, emit, format_table, percentile, progress
 from codecomplete.bench.typists import Typing, keystrokes_per_s, type_together
 from codecomplete.request import CompletionOptions, CompletionRequest
-from codecomplete.runtime.base import BranchState, ContextState, DecodeStep, Runtime
+from codecomplete.runtime.base import BranchState, ContextState, DecodeStep, Runtime, TopRows
+from codecomplete.sampler import TAIL, TOP_K
 
 QWEN_VOCAB = 152064
 # variant -> Engine keywords
 VARIANTS = {"sequential": {"batching": "off"},
             "batched-threads": {"batching": "on", "drive_loops": False},
-            "batched": {"batching": "on"}}
+            "batched": {"batching": "on"},
+            "batched-top": {"batching": "on"}}
+REDUCING = {"batched-top"}  # the runtime hands the driven loops TopRows, as the torch runtime does on CUDA
 NEAR_TOKENS = 24  # tokens of a row within sampling reach of its best
-MAX_ROWS = 1024  # rows of precomputed logits a step's views are cut from
+MAX_ROWS = 256  # rows of precomputed logits a step's views are cut from (32 users x 4 fit)
 PROFILE_LINES = 30
 
 
@@ -51,9 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", nargs="?", default=str(TYPING_SAMPLE), help="source file the users type through")
     p.add_argument("--vocab", default=f"{QWEN_VOCAB},16384", help="vocabulary sizes, comma-separated")
     p.add_argument("--users", default="1,8,32", help="concurrent users, comma-separated")
-    p.add_argument("--variants", default="sequential,batched-threads,batched",
+    p.add_argument("--variants", default="sequential,batched-threads,batched,batched-top",
                    help=f"comma-separated: {', '.join(VARIANTS)} (batched-threads: each request's decode loop "
-                        "in its own thread, the scheduler batching its calls)")
+                        "in its own thread, the scheduler batching its calls; batched: the scheduler steps the "
+                        "loops; batched-top: and the runtime reduces the rows to their best tokens, as on CUDA)")
     p.add_argument("--keystrokes", type=int, default=12, help="keystrokes per user")
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=16)
@@ -85,6 +89,8 @@ class FreeRuntime(Runtime):
             near = rng.choice(texted, size=min(NEAR_TOKENS, len(texted)), replace=False)
             row[near] += 30.0 + rng.normal(0.0, 2.0, len(near)).astype(np.float32)
         self._logits = rows
+        self.reduces_rows = False
+        self._top: TopRows | None = None  # the rows reduced, made when first asked for
 
     def prefill(self, tokens, previous=None, *, capacity_tokens=None):
         tokens = self.check_prefill(tokens)
@@ -97,15 +103,34 @@ class FreeRuntime(Runtime):
     def decode(self, context, branches, next_tokens):
         return self.decode_many([DecodeStep(context, branches, next_tokens)])[0]
 
-    def decode_many(self, steps: Sequence[DecodeStep]) -> list[np.ndarray]:
+    def _rows_of(self, steps: Sequence[DecodeStep]) -> list[slice]:
         out, r0 = [], 0
         for s in steps:
             self.check_decode(s.context, s.branches, s.next_tokens)
             n = s.branches.n
-            out.append(self._logits[r0 % (MAX_ROWS - n):r0 % (MAX_ROWS - n) + n])
+            out.append(slice(r0 % (MAX_ROWS - n), r0 % (MAX_ROWS - n) + n))
             r0 += n
             s.branches.step += 1
         return out
+
+    def decode_many(self, steps: Sequence[DecodeStep]) -> list[np.ndarray]:
+        return [self._logits[rows] for rows in self._rows_of(steps)]
+
+    def decode_many_top(self, steps, full, banned, k, tail):
+        """The precomputed rows' reduction (their best k tokens; banned ids are not among
+        them), as a device would hand it over."""
+        top = self.top_rows(k, tail)
+        return [self._logits[rows] if whole else top[rows] for rows, whole in zip(self._rows_of(steps), full, strict=True)]
+
+    def top_rows(self, k: int, tail: float) -> TopRows:
+        """All precomputed rows reduced (made once)."""
+        if self._top is None:
+            best = np.sort(np.argpartition(self._logits, -k, axis=1)[:, -k:], axis=1)
+            values = np.take_along_axis(self._logits, best, axis=1)
+            m = values.max(axis=1, keepdims=True)
+            lse = m[:, 0] + np.log(np.where(values >= m - tail, np.exp(values - m), 0.0).sum(axis=1))
+            self._top = TopRows(best, values, lse.astype(np.float32), lambda index: self._logits[index])
+        return self._top
 
     def select_branches(self, branches, keep):
         return BranchState(n=len(keep), max_new_tokens=branches.max_new_tokens, step=branches.step)
@@ -178,6 +203,9 @@ def run_row(runtime: FreeRuntime, variant: str, users: int, doc: str, language: 
     kwargs = dict(VARIANTS[variant])
     if args.gather_ms is not None and kwargs["batching"] == "on":
         kwargs["gather_ms"] = args.gather_ms
+    runtime.reduces_rows = variant in REDUCING
+    if runtime.reduces_rows:
+        runtime.top_rows(TOP_K, TAIL)  # made before the clock starts
     engine = Engine(runtime, cached_documents=2 * users + 2, **kwargs)
     engine.exact_new_tokens = args.new_tokens
     engine.reuse_keystrokes = False  # every keystroke decodes all its steps
