@@ -15,7 +15,7 @@ from codecomplete.alignment import Alignment  # noqa: E402
 from codecomplete.engine import Engine  # noqa: E402
 from codecomplete.request import CompletionOptions, CompletionRequest  # noqa: E402
 from codecomplete.runtime import TopRows, load_runtime  # noqa: E402
-from codecomplete.runtime.base import DecodeStep  # noqa: E402
+from codecomplete.runtime.base import BranchState, ContextState, DecodeStep  # noqa: E402
 from codecomplete.runtime.torch_graphs import reduce_rows  # noqa: E402
 from codecomplete.sampler import TAIL, TOP_K, Sampler  # noqa: E402
 
@@ -82,12 +82,21 @@ def test_top_rows_of_a_step_hold_its_best_tokens_and_whole_rows(tiny_model_dir):
     logits = torch.from_numpy((rng.standard_normal((5, rt.config.vocab_size)) * 4).astype(np.float32))
     banned = np.array([int(logits[0].argmax()), 3, 7])
     mask = rt._banned_mask(banned)
-    top = reduce_rows(logits, mask, TOP_K, TAIL)
-    assert isinstance(top, TopRows) and len(top) == 5
-    assert np.array_equal(top.full(), logits.numpy())
-    assert np.array_equal(top[2], logits[2].numpy())
-    sub = top[[4, 1]]
-    assert np.array_equal(sub.full(), logits[[4, 1]].numpy())
+    state = ContextState([1, 2, 3])
+    steps = [DecodeStep(state, BranchState(n=2, max_new_tokens=4), [0, 0]),
+             DecodeStep(state, BranchState(n=3, max_new_tokens=4), [0, 0, 0])]
+    first, second = reduce_rows(logits, steps, mask, TOP_K, TAIL, torch.float32)
+    assert isinstance(first, TopRows) and (len(first), len(second)) == (2, 3)
+    assert np.array_equal(first.full(), logits[:2].numpy()) and np.array_equal(second.full(), logits[2:].numpy())
+    assert np.array_equal(second[0], logits[2].numpy())
+    sub = second[[2, 0]]
+    assert np.array_equal(sub.full(), logits[[4, 2]].numpy())
+    original = logits.clone()
+    logits.fill_(0.0)  # a graph's output buffer, overwritten by the next step: the rows kept are copies
+    assert np.array_equal(sub.full(), original[[4, 2]].numpy())
+    logits = original
+    top = TopRows(np.concatenate([first.ids, second.ids]), np.concatenate([first.values, second.values]),
+                  np.concatenate([first.lse, second.lse]), None)
     for r in range(5):
         row = logits[r].numpy().copy()
         row[banned] = -np.inf

@@ -258,7 +258,8 @@ class TorchRuntime(Runtime):
         if not self.reduces_rows or all(full):
             return self._decode_batch(steps, None)
         mask = self._banned_mask(banned)
-        out = self._decode_batch(steps, lambda logits: torch_graphs.reduce_rows(logits, mask, k, tail))
+        out = self._decode_batch(steps, lambda logits, group: torch_graphs.reduce_rows(logits, group, mask, k, tail,
+                                                                                        self.dtype))
         return [rows.full() if whole else rows for rows, whole in zip(out, full, strict=True)]
 
     def _banned_mask(self, banned) -> torch.Tensor | None:
@@ -276,8 +277,8 @@ class TorchRuntime(Runtime):
         return self._banned_masks[id(banned)][1]
 
     def _decode_batch(self, steps: list[DecodeStep], host) -> list:
-        """decode_many's step; host: what turns the device logits (rows, V) float32 into the
-        result (None: host arrays)."""
+        """decode_many's step; host(logits, steps): what turns the device logits (rows, V)
+        float32 into each step's result (None: host arrays)."""
         if not steps:
             return []
         seen = set()
@@ -291,8 +292,7 @@ class TorchRuntime(Runtime):
         elif self.varlen is not None and self.varlen.fits(steps):
             out = self.varlen.run(steps, host=host)
         else:
-            out = torch_graphs.split_rows((host or torch_graphs.logits_to_host)(self._decode_rows_eager(steps).float()),
-                                          steps)
+            out = (host or torch_graphs.rows_to_host)(self._decode_rows_eager(steps).float(), steps)
         for s in steps:
             s.branches.step += 1
         return out

@@ -91,14 +91,14 @@ class VarlenDecoder:
 
     def run(self, steps: Sequence[DecodeStep], slots: int | None = None, host=None) -> list:
         """One step for all requests, launched eagerly; slots: pad the rows to this many
-        (as a graph's bucket does); host: what turns the (rows, V) device logits into the
-        result (default logits_to_host)."""
+        (as a graph's bucket does); host(logits, steps): what turns the (rows, V) device
+        logits into each step's result (default rows_to_host)."""
         rows = sum(s.branches.n for s in steps)
         slots = slots or (1 << (rows - 1).bit_length() if self.pad_rows else rows)
         meta = np.zeros((FIELDS, slots), dtype=np.int64)
         fill_meta(meta, self.requests(steps), self.scratch_k, self.scratch_v, self.rt.batch_attention == "plain")
         logits = self.step(torch.from_numpy(meta).to(self.rt.device), self.plan(slots))
-        return split_rows((host or logits_to_host)(logits[:rows]), steps)
+        return (host or rows_to_host)(logits[:rows], steps)
 
 
 def logits_to_host(logits: torch.Tensor) -> np.ndarray:
@@ -113,28 +113,46 @@ def logits_to_host(logits: torch.Tensor) -> np.ndarray:
     return host.numpy()  # the array keeps the pinned block alive; freed, it returns to the cache
 
 
-def reduce_rows(logits: torch.Tensor, banned: torch.Tensor | None, k: int, tail: float) -> TopRows:
-    """A step's (rows, V) float32 logits reduced on their device (TopRows: each row's k best
-    allowed tokens, its log-sum-exp over those within `tail` of the best), a few kB to the
-    host instead of rows x V x 4 bytes; the rows stay on the device (a copy: a graph's
-    output buffer is overwritten by its next replay) for the rows a sampler needs whole."""
-    kept = logits.clone()
-    allowed = kept.masked_fill(banned, float("-inf")) if banned is not None else kept
+def rows_to_host(logits: torch.Tensor, steps: Sequence[DecodeStep]) -> list[np.ndarray]:
+    """Each step's (N_i, V) float32 rows in host memory (views of one buffer of this step's own)."""
+    return split_rows(logits_to_host(logits), steps)
+
+
+def reduce_rows(logits: torch.Tensor, steps: Sequence[DecodeStep], banned: torch.Tensor | None, k: int,
+                tail: float, keep_dtype: torch.dtype) -> list[TopRows]:
+    """A step's (rows, V) float32 logits reduced on their device, per step a TopRows (its
+    rows' k best allowed tokens, their log-sum-exp over those within `tail` of the best):
+    a few kB to the host instead of rows x V x 4 bytes. Each step's rows stay on the device
+    in keep_dtype (the model's: no rounding), a copy of their own (a graph's output buffer
+    is overwritten by its next replay; a decode trace keeps one request's rows, not the
+    batch's), for the rows a sampler needs whole."""
+    allowed = logits.masked_fill(banned, float("-inf")) if banned is not None else logits
     values, ids = torch.topk(allowed, min(k, allowed.shape[1]), dim=1)
     ids, order = ids.sort(dim=1)
     values = values.gather(1, order)
     best = values.max(dim=1, keepdim=True).values
     near = torch.where(allowed >= best - tail, torch.exp(allowed - best), torch.zeros((), device=allowed.device))
     lse = best[:, 0] + torch.log(near.sum(dim=1))
+    kept, r0 = [], 0
+    for s in steps:
+        kept.append(logits[r0:r0 + s.branches.n].to(keep_dtype, copy=True))
+        r0 += s.branches.n
+    # ids < 2^53 and float32 values survive a float64 round trip exactly: one copy, one sync
     packed = torch.cat([ids.to(torch.float64), values.double(), lse.double()[:, None]], dim=1).cpu().numpy()
     width = ids.shape[1]
+    all_ids = packed[:, :width].astype(np.int64)
+    all_values = packed[:, width:2 * width].astype(np.float32)
+    all_lse = packed[:, -1].astype(np.float32)
+    out, r0 = [], 0
+    for rows in kept:
+        n = len(rows)
 
-    def fetch(index: np.ndarray) -> np.ndarray:
-        return kept[torch.as_tensor(index, device=kept.device)].float().cpu().numpy()
+        def fetch(index: np.ndarray, rows: torch.Tensor = rows) -> np.ndarray:
+            return rows[torch.as_tensor(index, device=rows.device)].float().cpu().numpy()
 
-    # ids < 2^53 and float32 values survive the float64 round trip exactly: one copy, one sync
-    return TopRows(packed[:, :width].astype(np.int64), packed[:, width:2 * width].astype(np.float32),
-                   packed[:, -1].astype(np.float32), fetch)
+        out.append(TopRows(all_ids[r0:r0 + n], all_values[r0:r0 + n], all_lse[r0:r0 + n], fetch))
+        r0 += n
+    return out
 
 
 def split_rows(logits, steps: Sequence[DecodeStep]) -> list:
@@ -224,10 +242,12 @@ class DecodeGraphs:
         return out
 
     def run(self, steps: Sequence[DecodeStep], host=None) -> list:
+        """host(logits, steps): as VarlenDecoder.run's."""
         out = []
+        host = host or rows_to_host
         for group in self.groups(steps):
-            logits = self.replay(self.varlen.requests(group), sum(s.branches.n for s in group), host)
-            out.extend(split_rows(logits, group))
+            out.extend(self.replay(self.varlen.requests(group), sum(s.branches.n for s in group),
+                                   lambda logits, group=group: host(logits, group)))
         return out
 
     def prefill(self, context_k: torch.Tensor, context_v: torch.Tensor, start: int, tokens: Sequence[int]
