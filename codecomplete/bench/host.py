@@ -211,18 +211,30 @@ def run_row(runtime: FreeRuntime, variant: str, users: int, doc: str, language: 
     engine.reuse_keystrokes = False  # every keystroke decodes all its steps
     profiles = ThreadProfiles() if args.profile else None
     scheduler = engine.scheduler
-    if profiles is not None and scheduler is not None:
-        scheduler._iteration = profiles.wrap(scheduler._iteration)
+    scheduler_cpu_s = [0.0]
+    if scheduler is not None:
+        iteration = profiles.wrap(scheduler._iteration) if profiles is not None else scheduler._iteration
+
+        def timed_iteration():  # the scheduler thread's own CPU time: the driven loops' sampling
+            t0 = time.thread_time()
+            try:
+                return iteration()
+            finally:
+                scheduler_cpu_s[0] += time.thread_time() - t0
+
+        scheduler._iteration = timed_iteration
     complete = profiles.wrap(engine.complete) if profiles is not None else engine.complete
 
     def send(request: CompletionRequest) -> dict:
         c = complete(request)
-        return {"status": 200, "steps": c.model_calls - int(c.prefill_new_tokens > 0), "rows": c.decode_rows}
+        return {"status": 200, "steps": c.model_calls - int(c.prefill_new_tokens > 0), "rows": c.decode_rows,
+                "stages": c.timings_ms}
 
     try:
         type_together([send], doc, "warmup.py", language, Typing(2, 0.0, 0.0), options, args.seed)
         if scheduler is not None:
             scheduler.stats.reset()
+            scheduler_cpu_s[0] = 0.0
         cpu0 = time.process_time()
         records, wall_s = type_together([send] * users, doc, "file.py", language,
                                         Typing(args.keystrokes, 0.0, 0.0), options, args.seed)
@@ -239,7 +251,11 @@ def run_row(runtime: FreeRuntime, variant: str, users: int, doc: str, language: 
            # CPU time of all threads: less disturbed by other processes on a shared machine
            "host_cpu_us_per_request_step": cpu_s * 1e6 / max(1, steps),
            "host_ms_per_keystroke": span_s * 1e3 / max(1, len(records)), "wall_s": wall_s}
+    # each stage's wall time per keystroke (Completion.timings_ms; "generate" holds the decode loop)
+    row["stage_ms"] = {k: statistics.fmean(r["stages"].get(k, 0.0) for r in records)
+                       for k in ("prompt", "prefill", "generate", "alignment", "postprocess", "rerank")}
     if scheduler is not None:
+        row["scheduler_cpu_us_per_request_step"] = scheduler_cpu_s[0] * 1e6 / max(1, steps)
         decodes = scheduler.stats.decode_records()
         if decodes:
             row["requests_per_step"] = statistics.fmean(len(r.rows) for r in decodes)
@@ -256,6 +272,8 @@ def median_row(runs: list[dict]) -> dict:
     for key, value in runs[0].items():
         if isinstance(value, float):
             row[key] = statistics.median(r[key] for r in runs if key in r)
+        elif key == "stage_ms":
+            row[key] = {k: statistics.median(r[key][k] for r in runs) for k in value}
     row["rounds"] = len(runs)
     return row
 
@@ -318,7 +336,8 @@ def run(args) -> int:
                          f"{row['keystrokes_per_s']:.1f} keystrokes/s, {row.get('requests_per_step', 1):.1f} "
                          "requests a step")
     compare(result["rows"], variants)
-    columns = ["vocab", "variant", "users", "host_us_per_request_step", "host_cpu_us_per_request_step", "p50_ms", "p95_ms",
+    columns = ["vocab", "variant", "users", "host_us_per_request_step", "host_cpu_us_per_request_step",
+               "scheduler_cpu_us_per_request_step", "p50_ms", "p95_ms",
                "keystrokes_per_s", "keystrokes_per_s_vs_sequential", f"host_us_vs_{variants[0]}", "requests_per_step"]
     emit(result, args.json, format_table(result["rows"], columns))
     return 0
