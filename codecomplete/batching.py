@@ -1,15 +1,21 @@
 """One replica, many requests at once: a scheduler thread owns the runtime and runs every
 waiting request's decode step as one `Runtime.decode_many` call.
 
-Each request keeps its whole pipeline in its own thread (prompt, alignment, sampler, stop
-rules, deadline, post-processing); its runtime is a `ScheduledRuntime`, whose calls wait
-for the scheduler thread. One scheduler iteration:
+Each request keeps its pipeline in its own thread (prompt, post-processing, reranking); its
+runtime is a `ScheduledRuntime`, whose calls wait for the scheduler thread. Its decode loop
+(sampling.DecodeLoop: sampler, alignment, stop rules, deadline) is handed over whole
+(`run_loop`): the scheduler thread samples each loop's tokens right after the step that
+computed their logits and puts its next step in the next batch, so a step costs no thread
+hand-off and no wait for a request's thread to come back (drive_loops=False keeps the
+loop in the request's thread, each step a decode call: the comparison of bench host).
+One scheduler iteration:
 
     gather     wait (up to gather_ms) for the requests that got an answer at the last step
                boundary to come back with their next call; small calls (start_branches,
                select_branches, adopt, branch_from) are answered at once meanwhile
-    decode     every waiting decode step, as one decode_many (requests join at step
-               boundaries and leave when their loop ends)
+    decode     every waiting decode step and every driven loop's step, as one decode_many
+               (requests join at step boundaries and leave when their loop ends); then the
+               driven loops sample from their logits
     prefill    up to prefill_chunk_tokens of newcomers' prompts, shortest first, a long
                prompt in chunks: successive prefills over its own prefix, so a cold prompt
                costs the others one chunk per step, not its whole length
@@ -41,6 +47,8 @@ from codecomplete.runtime.base import (
     Runtime,
     common_prefix_len,
 )
+from codecomplete.sampler import TAIL, TOP_K
+from codecomplete.sampling import DecodeLoop, GenerationResult, step_through
 
 log = logging.getLogger(__name__)
 
@@ -128,19 +136,23 @@ class BatchScheduler:
     """The thread that runs one runtime for many requests (see the module docstring)."""
 
     def __init__(self, runtime: Runtime, prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
-                 gather_ms: float = GATHER_MS, decode_extension_tokens: int = DECODE_EXTENSION_TOKENS):
+                 gather_ms: float = GATHER_MS, decode_extension_tokens: int = DECODE_EXTENSION_TOKENS,
+                 drive_loops: bool = True):
         if prefill_chunk_tokens < 1:
             raise ValueError("prefill_chunk_tokens must be at least 1")
         self.runtime = runtime
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.gather_s = gather_ms / 1000.0
         self.decode_extension_tokens = decode_extension_tokens if runtime.reuses_branches else 0
+        self.drive_loops = drive_loops
         self.stats = SchedulerStats()
         # the contract's keyword; a runtime without it allocates as it goes
         self._cond = threading.Condition()
         self._ops: list[_Call] = []  # small calls, answered during the gather
         self._decodes: list[_Call] = []
         self._prefills: list[_Prefill] = []
+        self._new_loops: list[_Call] = []  # loops handed over, not stepped yet
+        self._loops: list[_Call] = []  # driven loops waiting for their next decode (scheduler thread only)
         self._working: set[ScheduledRuntime] = set()  # answered at the last boundary, not back yet
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="codecomplete-batch", daemon=True)
@@ -160,6 +172,8 @@ class BatchScheduler:
             self._working.discard(call.session)
             if kind == "prefill":
                 self._prefills.append(call.payload)
+            elif kind == "loop":
+                self._new_loops.append(call)
             else:
                 (self._decodes if kind == "decode" else self._ops).append(call)
             self._cond.notify_all()
@@ -188,17 +202,19 @@ class BatchScheduler:
         return self._thread.is_alive()
 
     # -- the scheduler thread -----------------------------------------------------------------
-    def _answer(self, call: _Call, result=None, error: BaseException | None = None) -> None:
+    def _answer(self, call: _Call, result=None, error: BaseException | None = None, back: bool = True) -> None:
+        """back: the request is expected to come back with another call (a finished loop is not)."""
         call.result, call.error = result, error
         if error is not None:
             self.stats.failed_calls += 1
-        with self._cond:
-            if not call.session.closed:
-                self._working.add(call.session)
+        if back:
+            with self._cond:
+                if not call.session.closed:
+                    self._working.add(call.session)
         call.done.set()
 
     def _has_work(self) -> bool:
-        return bool(self._ops or self._decodes or self._prefills)
+        return bool(self._ops or self._decodes or self._prefills or self._new_loops or self._loops)
 
     def _run(self) -> None:
         try:
@@ -215,8 +231,9 @@ class BatchScheduler:
         finally:
             with self._cond:
                 self._closing = True
-                pending = self._ops + self._decodes + [p.call for p in self._prefills]
-                self._ops, self._decodes, self._prefills = [], [], []
+                pending = (self._ops + self._decodes + [p.call for p in self._prefills] + self._new_loops
+                           + self._loops)
+                self._ops, self._decodes, self._prefills, self._new_loops, self._loops = [], [], [], [], []
             for call in pending:
                 self._answer(call, error=SchedulerClosed("the engine's batch scheduler is shut down"))
 
@@ -225,8 +242,12 @@ class BatchScheduler:
         self._gather()
         with self._cond:
             decodes, self._decodes = self._decodes, []
+            new_loops, self._new_loops = self._new_loops, []
             prefills = list(self._prefills)
-        if not decodes and not prefills:  # the gather answered small calls only
+        for call in new_loops:  # their first tokens come from the prompt's logits
+            self._advance(call)
+        loops, self._loops = self._loops, []
+        if not decodes and not prefills and not loops:  # the gather answered small calls only
             return
         record = IterationRecord(started=t0, iteration_ms=0.0, decode_ms=0.0, prefill_ms=0.0, prefill_tokens=0,
                                  prefill_calls=0)
@@ -245,8 +266,8 @@ class BatchScheduler:
                     self._finish_prefill(job, error=e)
                     continue
             (extensions if job.mode == "extension" else chunked).append(job)
-        if decodes or extensions:
-            self._decode(decodes, extensions, record)
+        if decodes or extensions or loops:
+            self._decode(decodes, extensions, loops, record)
         if chunked:
             self._prefill(chunked, record)
         record.iteration_ms = (time.perf_counter() - t0) * 1000.0
@@ -270,7 +291,22 @@ class BatchScheduler:
                 except Exception as e:  # the request's own error: its thread raises it
                     self._answer(call, error=e)
 
-    def _decode(self, decodes: list[_Call], extensions: list[_Prefill], record: IterationRecord) -> None:
+    def _advance(self, call: _Call) -> None:
+        """Sample a driven loop's next tokens: it waits for the next decode, or it is done."""
+        loop: DecodeLoop = call.payload
+        try:
+            while loop.sample():
+                if loop.prepare():
+                    self._loops.append(call)
+                    return
+            result = loop.result()
+        except Exception as e:  # the request's own error (or its runtime call's): its thread raises it
+            self._answer(call, error=e, back=False)
+            return
+        self._answer(call, result, back=False)
+
+    def _decode(self, decodes: list[_Call], extensions: list[_Prefill], loops: list[_Call],
+                record: IterationRecord) -> None:
         runtime = self.runtime
         steps, owners = [], []
         for call in decodes:
@@ -282,6 +318,17 @@ class BatchScheduler:
                 continue
             steps.append(step)
             owners.append(call)
+        n_calls = len(owners)
+        for call in loops:
+            loop: DecodeLoop = call.payload
+            try:
+                runtime.check_decode(loop.context, loop.branches, loop.next_tokens)
+            except Exception as e:
+                self._answer(call, error=e, back=False)
+                continue
+            steps.append(DecodeStep(loop.context, loop.branches, loop.next_tokens))
+            owners.append(call)
+        n_loops = len(owners) - n_calls
         for job in extensions:
             steps.append(DecodeStep(job.state, job.branches, [job.tokens[len(job.state.tokens) + job.fed]]))
             owners.append(job)
@@ -289,26 +336,43 @@ class BatchScheduler:
             return
         t0 = time.perf_counter()
         try:
-            logits = runtime.decode_many(steps)
+            logits = self._run_steps(steps, owners[n_calls:n_calls + n_loops], n_calls)
             if len(logits) != len(steps):
                 raise RuntimeError(f"decode_many returned {len(logits)} results for {len(steps)} steps")
         except Exception as e:  # the runtime failed the whole batch: each of its requests fails
             log.exception("batch scheduler: decode_many of %d steps failed", len(steps))
-            for owner in owners:
+            for i, owner in enumerate(owners):
                 if isinstance(owner, _Prefill):
                     self._finish_prefill(owner, error=e)
                 else:
-                    self._answer(owner, error=e)
+                    self._answer(owner, error=e, back=not n_calls <= i < n_calls + n_loops)
             return
         record.rows = tuple(s.branches.n for s in steps)
         record.contexts = tuple(len(s.context.tokens) for s in steps)
         record.branch_tokens = tuple(s.branches.step for s in steps)
         record.decode_ms = (time.perf_counter() - t0) * 1000.0
-        for owner, out in zip(owners, logits, strict=True):
+        for i, (owner, out) in enumerate(zip(owners, logits, strict=True)):
             if isinstance(owner, _Prefill):
                 self._extended(owner, out)
+            elif n_calls <= i < n_calls + n_loops:
+                owner.payload.accept(out)
+                self._advance(owner)
             else:
                 self._answer(owner, out)
+
+    def _run_steps(self, steps: list[DecodeStep], loops: list[_Call], first_loop: int) -> list:
+        """decode_many; where the runtime reduces rows on its device, the driven loops'
+        steps come back reduced (TopRows), except those whose next pick needs whole rows
+        (alignment) or bans other ids than the first such loop."""
+        runtime = self.runtime
+        if not loops or not runtime.reduces_rows:
+            return runtime.decode_many(steps)
+        banned = loops[0].payload.sampler.banned
+        full = [True] * len(steps)
+        for i, call in enumerate(loops):
+            loop: DecodeLoop = call.payload
+            full[first_loop + i] = loop.needs_full_logits or loop.sampler.banned is not banned
+        return runtime.decode_many_top(steps, full, banned, TOP_K, TAIL)
 
     # -- prefill ----------------------------------------------------------------------------
     def _stopping(self, job: _Prefill) -> bool:
@@ -409,6 +473,14 @@ class ScheduledRuntime(Runtime):
     def decode(self, context, branches, next_tokens):
         step = DecodeStep(context, branches, list(next_tokens))
         return self._scheduler._submit(_Call(self, step), "decode")
+
+    def run_loop(self, loop: DecodeLoop) -> GenerationResult:
+        """Step a decode loop to its end on the scheduler thread (sampling.run's hook); its
+        runtime calls go to the scheduler's runtime directly."""
+        if not self._scheduler.drive_loops:
+            return step_through(loop)
+        loop.runtime = self._runtime
+        return self._scheduler._submit(_Call(self, loop), "loop")
 
     def start_branches(self, context, n, max_new_tokens):
         return self._op(lambda rt: rt.start_branches(context, n, max_new_tokens))

@@ -73,10 +73,11 @@ class Engine:
     runs concurrent requests together through a BatchScheduler (prefill_chunk_tokens: the
     prompt tokens prefilled between two decode steps; cached_documents: prompt KV states
     kept, one per document; gather_ms: how long a step waits for the requests of the last
-    one to come back). close() stops the scheduler."""
+    one to come back; drive_loops: the scheduler thread steps each request's decode loop, else
+    the request's thread does, one decode call a step). close() stops the scheduler."""
 
     def __init__(self, runtime: Runtime, batching: str = "off", prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
-                 cached_documents: int = CACHED_DOCUMENTS, gather_ms: float = GATHER_MS):
+                 cached_documents: int = CACHED_DOCUMENTS, gather_ms: float = GATHER_MS, drive_loops: bool = True):
         if batching not in BATCHING_MODES:
             raise ValueError(f"unknown batching {batching!r} ({', '.join(BATCHING_MODES)})")
         self.runtime = runtime
@@ -85,7 +86,7 @@ class Engine:
         self.prompts = PromptBuilder(runtime.tokenizer, runtime.config, self.trie)
         if batching == "on":
             self.scheduler: BatchScheduler | None = BatchScheduler(runtime, prefill_chunk_tokens=prefill_chunk_tokens,
-                                                                   gather_ms=gather_ms)
+                                                                   gather_ms=gather_ms, drive_loops=drive_loops)
             self.contexts = ContextCache(size=cached_documents, others_when_full=True)
             self._documents = DocumentTurns()
         else:
@@ -99,6 +100,7 @@ class Engine:
         # decodes exactly this many tokens (no stop rule, patience or deadline ends it), so
         # each does the same work, whatever the weights
         self.exact_new_tokens: int | None = None
+        self._banned_with_stops: np.ndarray | None = None
         self.suggestions = SuggestionCache()
         cfg = runtime.config
         self.stop_ids = set(cfg.eos_ids) | {i for i in (cfg.fim_prefix_id, cfg.fim_suffix_id, cfg.fim_middle_id,
@@ -248,7 +250,9 @@ class Engine:
         banned = self.banned_ids
         stop_ids, stop_bytes, patience = self.stop_ids, scope.stop_bytes, opts.patience_steps
         if self.exact_new_tokens:  # the fixed-length benchmark mode: nothing stops a branch early
-            banned = np.union1d(banned, np.array(sorted(stop_ids), dtype=np.int64))
+            if self._banned_with_stops is None:  # one array for every request: a batch bans it once
+                self._banned_with_stops = np.union1d(banned, np.array(sorted(stop_ids), dtype=np.int64))
+            banned = self._banned_with_stops
             stop_ids, stop_bytes, patience, deadline = set(), _never_stop, None, None
         sampler = Sampler(temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed,
                           banned=banned if len(banned) else None, alignment=alignment)

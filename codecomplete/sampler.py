@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from codecomplete.alignment import Alignment
+from codecomplete.runtime.base import TopRows
 
 TOP_K = 64  # sampling looks at the 64 best tokens only: cheap on 150k vocabularies
 TAIL = 20.0  # tokens this far below the best (after temperature) hold < 3e-9 of its probability
@@ -27,11 +28,24 @@ def _nucleus(logits: np.ndarray, temperature: float, top_p: float) -> tuple[np.n
     the TOP_K best tokens, cut where they reach top_p of their mass. Only the tokens near
     the best are ranked (a comparison over the vocabulary instead of a partition of it)."""
     t = max(temperature, 1e-4)
-    near = np.flatnonzero(logits >= logits.max() - TAIL * t)
+    m = logits.max()
+    near = np.flatnonzero(logits >= m - TAIL * t)
+    return _nucleus_of(near, logits[near], m, t, top_p)
+
+
+def _nucleus_of(near: np.ndarray, values: np.ndarray, m: float, t: float, top_p: float
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """_nucleus over a row's candidates: `near` the ids (ascending) of at least every token
+    within TAIL·t of the row's best `m`, `values` their logits."""
+    if len(near) and values.min() < m - TAIL * t:
+        inside = values >= m - TAIL * t
+        near, values = near[inside], values[inside]
     if len(near) > TOP_K:
-        near = near[np.argpartition(logits[near], len(near) - TOP_K)[len(near) - TOP_K:]]
-    top = near[np.argsort(-logits[near])]
-    z = logits[top] / t
+        part = np.argpartition(values, len(near) - TOP_K)[len(near) - TOP_K:]
+        near, values = near[part], values[part]
+    order = np.argsort(-values)
+    top = near[order]
+    z = values[order] / t
     c = np.cumsum(np.exp(z - z[0]))  # z[0] is the largest
     keep = min(int(np.searchsorted(c, top_p * c[-1]) + 1), len(top))  # the nucleus: top_p of the mass
     return top[:keep], c[:keep]
@@ -48,17 +62,75 @@ def _sample(logits: np.ndarray, rng: np.random.Generator, temperature: float, to
     return _draw(_nucleus(logits, temperature, top_p), rng)
 
 
+def _sparse_nonzero(mask: np.ndarray) -> np.ndarray:
+    """np.flatnonzero of a mask that is nearly all False, in half its time: the 8-byte words
+    holding a True first, then the bytes of those words."""
+    flat = mask.reshape(-1)
+    n = len(flat) // 8 * 8
+    words = np.flatnonzero(flat[:n].view(np.uint64) != 0)
+    bytes_at = (words[:, None] * 8 + np.arange(8)).reshape(-1)
+    return np.concatenate([bytes_at[flat[bytes_at]], np.flatnonzero(flat[n:]) + n])
+
+
+class _Rows:
+    """One step's rows reduced to what an unconstrained pick needs, for all rows at once (two
+    passes over the (rows, V) logits: a max and a comparison): per row the ids (ascending)
+    and logits of every allowed token within reach of its best allowed one. A row whose
+    best token is banned is left out (`has` False): its pick bans on a copy of the row."""
+
+    def __init__(self, logits: np.ndarray, banned_mask: np.ndarray | None, reach: float):
+        m = logits.max(axis=1)
+        rows, ids = np.divmod(_sparse_nonzero(logits >= (m - reach)[:, None]), logits.shape[1])
+        values = logits[rows, ids]
+        if banned_mask is not None:
+            allowed = ~banned_mask[ids]
+            rows, ids, values = rows[allowed], ids[allowed], values[allowed]
+        bounds = np.searchsorted(rows, np.arange(len(logits) + 1))
+        self.ids, self.values, self.bounds = ids, values, bounds
+        self.best = m
+        self.lse = None  # computed by pick, over these values
+        # a banned best: the allowed tokens within reach of the best allowed one may lie below
+        # `m - reach`, outside what was kept
+        kept_best = np.full(len(logits), -np.inf, np.float32)
+        np.maximum.at(kept_best, rows, values)
+        self.has = kept_best == m
+
+    def row(self, r: int) -> tuple[np.ndarray, np.ndarray, np.float32]:
+        """(ids, logits, the row's best) of row r; the best as float32, so thresholds round
+        as they do over the whole row."""
+        a, b = self.bounds[r], self.bounds[r + 1]
+        return self.ids[a:b], self.values[a:b], self.best[r]
+
+
+class _TopReduced:
+    """_Rows of a step the runtime reduced itself (TopRows: its rows' TOP_K best allowed
+    tokens and their log-sum-exp)."""
+
+    def __init__(self, top: TopRows):
+        self.ids, self.values, self.lse = top.ids, top.values, top.lse
+        self.best = top.values.max(axis=1)
+        self.has = np.ones(len(top.ids), dtype=bool)
+
+    def row(self, r: int) -> tuple[np.ndarray, np.ndarray, np.float32]:
+        return self.ids[r], self.values[r], self.best[r]
+
+
 class Sampler:
-    """One request's token choice. Call `start_step` with each step's logits (rows, V),
-    then `pick` once per active branch."""
+    """One request's token choice. Call `start_step` with each step's logits (rows, V) or
+    TopRows (the runtime's reduction of them, its banned ids this sampler's), then `pick`
+    once per active branch."""
 
     def __init__(self, *, temperature: float, top_p: float, seed: int, banned: np.ndarray | None,
                  alignment: Alignment):
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
         self.banned = banned
         self.alignment = alignment
+        self._t = max(temperature, 1e-4)
+        self._reach = TAIL * max(1.0, self._t)  # what the log-sum-exp (TAIL) and the nucleus (TAIL·t) look at
+        self._banned_mask: np.ndarray | None = None
         self._rngs: dict[int, np.random.Generator] = {}  # made when a branch first samples (greedy never does)
         self._logits: np.ndarray | None = None
+        self._rows: _Rows | None = None  # this step's reduction, made at its first unconstrained pick
         # per step, per row: branches sharing a row share this work
         self._row_logits: dict[int, np.ndarray] = {}
         self._row_lse: dict[int, float] = {}
@@ -66,6 +138,7 @@ class Sampler:
 
     def start_step(self, logits: np.ndarray) -> None:
         self._logits = logits
+        self._rows = None
         self._row_logits.clear()
         self._row_lse.clear()
         self._row_nucleus.clear()
@@ -76,28 +149,63 @@ class Sampler:
             rng = self._rngs[branch] = np.random.default_rng(self.seed * 1000 + branch)
         return rng
 
-    def pick(self, branch: int, row: int, remaining: bytes) -> tuple[int, float]:
-        """(token, its log-probability) for a branch fed `row` that must still re-create
-        `remaining` of the backed-off text."""
+    def _full_row(self, row: int) -> np.ndarray:
+        """The row with the banned ids at -inf (a copy of its own)."""
         lg = self._row_logits.get(row)
         if lg is None:
             lg = np.array(self._logits[row], dtype=np.float32)
             if self.banned is not None:
                 lg[self.banned] = -np.inf
             self._row_logits[row] = lg
-        constrained = bool(remaining) and self.alignment.trie is not None
-        if constrained:
-            lg = self.alignment.constrain(lg, remaining)
+        return lg
+
+    def _reduced(self) -> _Rows | _TopReduced:
+        if self._rows is None and isinstance(self._logits, TopRows):
+            self._rows = _TopReduced(self._logits)
+        if self._rows is None:
+            logits = np.asarray(self._logits, dtype=np.float32)
+            if self.banned is not None and self._banned_mask is None:
+                self._banned_mask = np.zeros(logits.shape[1], dtype=bool)
+                self._banned_mask[self.banned] = True
+            self._rows = _Rows(logits, self._banned_mask, self._reach)
+        return self._rows
+
+    def pick(self, branch: int, row: int, remaining: bytes) -> tuple[int, float]:
+        """(token, its log-probability) for a branch fed `row` that must still re-create
+        `remaining` of the backed-off text."""
+        if bool(remaining) and self.alignment.trie is not None:
+            lg = self.alignment.constrain(self._full_row(row), remaining)
             lse = _logsumexp(lg)
-        else:
-            lse = self._row_lse.get(row)
-            if lse is None:
-                lse = self._row_lse[row] = _logsumexp(lg)
+            tok = int(np.argmax(lg)) if branch == 0 else _sample(lg, self._rng(branch), self.temperature, self.top_p)
+            return tok, float(lg[tok]) - lse
+        reduced = self._reduced()
+        if not reduced.has[row]:
+            return self._pick_full(branch, row)
+        ids, values, m = reduced.row(row)
+        lse = self._row_lse.get(row)
+        if lse is None and reduced.lse is not None:
+            lse = self._row_lse[row] = float(reduced.lse[row])
+        if lse is None:
+            mf = float(m)
+            lse = self._row_lse[row] = mf + float(np.log(np.exp(values[values >= mf - TAIL] - mf).sum()))
+        if branch == 0:
+            i = int(np.argmax(values))  # the first of equal bests, as argmax over the row
+            return int(ids[i]), float(values[i]) - lse
+        nucleus = self._row_nucleus.get(row)  # branches sharing a row draw from one nucleus
+        if nucleus is None:
+            nucleus = self._row_nucleus[row] = _nucleus_of(ids, values, m, self._t, self.top_p)
+        tok = _draw(nucleus, self._rng(branch))
+        return tok, float(values[np.searchsorted(ids, tok)]) - lse
+
+    def _pick_full(self, branch: int, row: int) -> tuple[int, float]:
+        """pick over the whole row (its best token is banned)."""
+        lg = self._full_row(row)
+        lse = self._row_lse.get(row)
+        if lse is None:
+            lse = self._row_lse[row] = _logsumexp(lg)
         if branch == 0:
             tok = int(np.argmax(lg))
-        elif constrained:
-            tok = _sample(lg, self._rng(branch), self.temperature, self.top_p)
-        else:  # branches sharing a row draw from one nucleus
+        else:
             nucleus = self._row_nucleus.get(row)
             if nucleus is None:
                 nucleus = self._row_nucleus[row] = _nucleus(lg, self.temperature, self.top_p)

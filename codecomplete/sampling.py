@@ -20,7 +20,7 @@ import numpy as np
 from codecomplete.alignment import Alignment, VocabTrie, advance
 from codecomplete.request import StopReason
 from codecomplete.reuse import DecodeTrace, Reuse, TraceStep
-from codecomplete.runtime.base import BranchState, ContextState, Runtime
+from codecomplete.runtime.base import BranchState, ContextState, Runtime, TopRows
 from codecomplete.sampler import Sampler
 
 
@@ -190,8 +190,15 @@ class DecodeLoop:
         self.branches = state
         return True
 
-    def accept(self, logits: np.ndarray) -> None:
-        """The runtime's logits (rows, V) after decoding next_tokens into branches."""
+    @property
+    def needs_full_logits(self) -> bool:
+        """Some branch must still re-create backed-off text: its next pick masks a whole row
+        (a runtime's reduced rows, TopRows, do not do for it)."""
+        return self.alignment.trie is not None and any(self.branches_out[bi].remaining for bi in self.active)
+
+    def accept(self, logits: np.ndarray | TopRows) -> None:
+        """The runtime's logits (rows, V) after decoding next_tokens into branches (or its
+        TopRows of them, when needs_full_logits was False)."""
         self.logits = logits
         self.trace.steps.append(TraceStep({path: r for r, path in enumerate(self.row_paths)}, self.branches,
                                           list(range(len(self.row_paths))), logits))
@@ -225,7 +232,14 @@ def generate(runtime: Runtime, context: ContextState, first_logits: np.ndarray, 
 
 
 def run(loop: DecodeLoop) -> GenerationResult:
-    """Step a loop to its end, one runtime decode call per step not served from a trace."""
+    """Step a loop to its end, one runtime decode call per step not served from a trace (a
+    runtime with run_loop, the batch scheduler's, steps it itself)."""
+    drive = getattr(loop.runtime, "run_loop", None)
+    return drive(loop) if drive is not None else step_through(loop)
+
+
+def step_through(loop: DecodeLoop) -> GenerationResult:
+    """run, through the loop's runtime's decode."""
     decode = loop.runtime.decode
     while loop.sample():
         if loop.prepare():

@@ -221,3 +221,51 @@ def test_the_log_probability_of_a_150k_row_keeps_to_the_exact_one():
     crowded = np.full(151_936, -TAIL - 1e-3, np.float32)  # the worst case: all mass just below the cut
     crowded[0] = 0.0
     assert abs(_logsumexp(crowded) - float(np.logaddexp.reduce(crowded.astype(np.float64)))) < 1e-3
+
+
+def reference_pick(logits: np.ndarray, banned, branch: int, temperature: float, top_p: float,
+                   rng: np.random.Generator) -> tuple[int, float]:
+    """The per-row pick: copy the row, ban, log-sum-exp, then argmax or the nucleus draw."""
+    from codecomplete.sampler import _draw, _logsumexp
+
+    lg = np.array(logits, dtype=np.float32)
+    if banned is not None:
+        lg[banned] = -np.inf
+    lse = _logsumexp(lg)
+    tok = int(np.argmax(lg)) if branch == 0 else _draw(_nucleus(lg, temperature, top_p), rng)
+    return tok, float(lg[tok]) - lse
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 10_000), rows=st.integers(1, 6), spread=st.sampled_from([0.5, 3.0, 12.0]),
+       temperature=st.sampled_from([0.2, 0.8, 1.0, 1.7]), top_p=st.sampled_from([0.5, 0.95, 1.0]),
+       ban=st.sampled_from(["none", "some", "best"]), ties=st.booleans())
+def test_the_step_wide_sampler_picks_what_the_per_row_pick_does(seed, rows, spread, temperature, top_p, ban, ties):
+    """Sampler reduces all rows of a step at once (max, comparison, the ids near the best)
+    and picks from that: the same tokens and log-probabilities as the per-row pick over the
+    whole row, with banned ids (a banned best too), ties and shared rows."""
+    from codecomplete.alignment import Alignment
+    from codecomplete.sampler import Sampler
+
+    rng = np.random.default_rng(seed)
+    vocab = 3000
+    logits = (rng.standard_normal((rows, vocab)) * spread).astype(np.float32)
+    if ties:
+        logits = np.round(logits)
+    banned = None
+    if ban != "none":
+        banned = rng.choice(vocab, size=40, replace=False)
+        if ban == "best":
+            banned = np.union1d(banned, logits.argmax(axis=1))
+    sampler = Sampler(temperature=temperature, top_p=top_p, seed=seed, banned=banned, alignment=Alignment(b"", None))
+    refs: dict[int, np.random.Generator] = {}
+    for _ in range(3):  # steps: each branch's generator advances across them
+        sampler.start_step(logits)
+        for branch in range(6):
+            row = branch % rows
+            ref_rng = refs.setdefault(branch, np.random.default_rng(seed * 1000 + branch))
+            want = reference_pick(logits[row], banned, branch, temperature, top_p, ref_rng)
+            got = sampler.pick(branch, row, b"")
+            assert got[0] == want[0]
+            assert got[1] == want[1]
+        logits = np.roll(logits, 7, axis=1)

@@ -13,6 +13,7 @@ BENCHMARKS = {
     "generate": "codecomplete.bench.generate",  # N-candidate generation end to end (CUDA)
     "decode": "codecomplete.bench.decode",  # the batched, graph-captured decode step: checks, step time vs floor
     "llamacpp": "codecomplete.bench.llamacpp",  # side by side with llama.cpp on the same GGUF file
+    "host": "codecomplete.bench.host",  # the host's Python per request-step over a free runtime
     "serve": "codecomplete.bench.serve",  # simulated users typing against the team server over HTTP
     "llamaserver": "codecomplete.bench.llamaserver",  # the typing replay through llama-server's /infill and ours
 }

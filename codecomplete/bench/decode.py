@@ -203,6 +203,46 @@ def check_decode_many(batched, alone, seeds=(0, 1), tol: float = 1e-4) -> dict:
     return {"compared": compared, "max_rel_error": worst, "tolerance": tol}
 
 
+def check_top_rows(reducing, whole, seed: int = 0, tol: float = 1e-4) -> dict:
+    """decode_many_top on `reducing` (rows reduced on the device, TopRows) against
+    decode_many on `whole` over the same random requests: the same best tokens and values,
+    the log-sum-exp the sampler computes, and whole rows that survive the next step."""
+    from codecomplete.runtime.base import DecodeStep, TopRows
+    from codecomplete.sampler import TAIL, TOP_K
+
+    reducing.reduces_rows = True
+    mine, ref = random_requests(reducing, seed, 6), random_requests(whole, seed, 6)
+    rng = np.random.default_rng(seed + 2000)
+    vocab = whole.config.vocab_size
+    banned = rng.choice(vocab, size=vocab // 10, replace=False)
+    kept: list[tuple[TopRows, np.ndarray]] = []
+    compared = 0
+    for _ in range(4):
+        chosen = [i for i, (_, b) in enumerate(mine) if b.step < b.max_new_tokens]
+        tokens = {i: rng.integers(0, vocab, mine[i][1].n).tolist() for i in chosen}
+        tops = reducing.decode_many_top([DecodeStep(*mine[i], tokens[i]) for i in chosen], [False] * len(chosen),
+                                        banned, TOP_K, TAIL)
+        fulls = whole.decode_many([DecodeStep(*ref[i], tokens[i]) for i in chosen])
+        for top, full in zip(tops, fulls, strict=True):
+            if not isinstance(top, TopRows):
+                raise AssertionError(f"decode_many_top returned {type(top).__name__}, not TopRows")
+            allowed = np.array(full, dtype=np.float32)
+            allowed[:, banned] = -np.inf
+            best = -np.sort(-allowed, axis=1)[:, :top.values.shape[1]]
+            if not np.allclose(-np.sort(-top.values, axis=1), best, atol=tol, rtol=tol):
+                raise AssertionError("the reduced rows' best values differ from the whole rows'")
+            m = allowed.max(axis=1, keepdims=True)
+            lse = m[:, 0] + np.log(np.where(allowed >= m - TAIL, np.exp(allowed - m), 0.0).sum(axis=1))
+            if not np.allclose(top.lse, lse, atol=1e-3):
+                raise AssertionError(f"log-sum-exp differs by {np.abs(top.lse - lse).max():.3g}")
+            kept.append((top, np.array(full)))
+            compared += 1
+    for top, full in kept:  # later steps (graph replays) did not touch the rows kept
+        if not np.allclose(top.full(), full, atol=tol, rtol=tol):
+            raise AssertionError("a reduced step's whole rows changed after later steps")
+    return {"compared": compared, "tolerance": tol}
+
+
 def check_graph_prefill(batched, alone, tol: float = 1e-4) -> dict:
     """Short prefills (a fresh prompt of 1-2 tokens, a prompt grown by 1 and 2 tokens),
     which a runtime with graphs runs as one-row replays, against the eager prefill; then
@@ -298,6 +338,12 @@ def run_checks(args, runtimes: dict) -> list[dict]:
             _check(report, f"decode_many ({name}) vs each request alone, fp32 tiny model",
                    lambda kw=kw: check_decode_many(TorchRuntime.from_model(tiny, device=args.device, precision="fp32",
                                                                            **kw), alone, tol=1e-4))
+    for name in ("loop", "eager", "graphs"):
+        if cuda or name == "loop":
+            kw = dict(VARIANTS[name]) if cuda else {}
+            _check(report, f"decode_many_top ({name}) vs decode_many, fp32 tiny model",
+                   lambda kw=kw: check_top_rows(TorchRuntime.from_model(tiny, device=args.device, precision="fp32", **kw),
+                                                alone))
     if cuda:
         _check(report, "short prefill through the graphs vs eager prefill, fp32 tiny model",
                lambda: check_graph_prefill(TorchRuntime.from_model(tiny, device="cuda", precision="fp32",

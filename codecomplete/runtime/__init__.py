@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .base import BranchState, ContextState, DecodeStep, Runtime, common_prefix_len
+from .base import BranchState, ContextState, DecodeStep, Runtime, TopRows, common_prefix_len
 
-__all__ = ["DEVICES", "RUNTIMES", "BranchState", "ContextState", "DecodeStep", "Runtime", "common_prefix_len", "load_runtime"]
+__all__ = ["DEVICES", "RUNTIMES", "BranchState", "ContextState", "DecodeStep", "Runtime", "TopRows", "common_prefix_len", "load_runtime"]
 
 # the one list of choices: the CLI, the benchmarks and the language server's settings use these
 RUNTIMES = ("onnx", "torch")

@@ -60,6 +60,31 @@ class DecodeStep:
     next_tokens: Sequence[int]
 
 
+class TopRows:
+    """Rows of a step's logits reduced where they were computed (on the device): per row its
+    k best allowed tokens (`ids` ascending, `values` their float32 logits) and `lse`, the
+    log-sum-exp over its allowed tokens within `tail` of the best (what the sampler's own
+    log-sum-exp reads). The whole row stays where it was: `rows[i]` (an int) fetches row i
+    as a (V,) float32 array; a slice or a list of ints gives those rows as TopRows."""
+
+    def __init__(self, ids: np.ndarray, values: np.ndarray, lse: np.ndarray, fetch, index: np.ndarray | None = None):
+        self.ids, self.values, self.lse = ids, values, lse
+        self._fetch = fetch  # indices into the step's rows -> (len, V) float32 host array
+        self._index = np.arange(len(ids)) if index is None else index
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            return self._fetch(self._index[[int(key)]])[0]
+        return TopRows(self.ids[key], self.values[key], self.lse[key], self._fetch, self._index[key])
+
+    def full(self) -> np.ndarray:
+        """All rows (rows, V) float32, fetched in one copy."""
+        return self._fetch(self._index)
+
+
 class Runtime(abc.ABC):
     """prefill / decode over one model; one instance serves one request at a time."""
 
@@ -92,6 +117,16 @@ class Runtime(abc.ABC):
         advances by one), but a batching runtime runs them as one forward pass. Returns each
         request's (N_i, V) float32 logits, in order."""
         return [self.decode(s.context, s.branches, s.next_tokens) for s in steps]
+
+    reduces_rows = False  # decode_many_top reduces rows where they are computed
+
+    def decode_many_top(self, steps: Sequence[DecodeStep], full: Sequence[bool], banned: np.ndarray | None,
+                        k: int, tail: float) -> list[np.ndarray | TopRows]:
+        """decode_many, whose steps with full[i] False may come back as TopRows: their rows'
+        k best tokens outside `banned` and their log-sum-exp over the tokens within `tail`
+        of the best, so that a (rows, vocabulary) array need not reach the host. This
+        default returns every step's whole rows."""
+        return self.decode_many(steps)
 
     @abc.abstractmethod
     def select_branches(self, branches: BranchState, keep: Sequence[int]) -> BranchState:

@@ -7,6 +7,7 @@ import logging
 import warnings
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from codecomplete.models import bifurcated_triton
@@ -138,6 +139,11 @@ class TorchRuntime(Runtime):
         self.name = f"torch-{precision}"
         self.batch_attention = batch_attention
         self.graph_prefill_tokens = graph_prefill_tokens
+        # decode_many_top reduces the rows on the device (CUDA: the host gets kB, not rows x V x 4 B
+        # of logits; on a CPU the rows are in host memory already, and a tensor's reduction is
+        # no cheaper than numpy's)
+        self.reduces_rows = device == "cuda"
+        self._banned_masks: dict[int, tuple[object, torch.Tensor]] = {}  # id(banned) -> (banned, device mask)
         self.graphs = None  # torch_graphs.DecodeGraphs when decode runs through CUDA graphs
         self.varlen = None  # torch_graphs.VarlenDecoder: the batched step on CUDA (one kernel per layer)
         if varlen is False and cuda_graphs:
@@ -240,7 +246,39 @@ class TorchRuntime(Runtime):
         """All rows of all requests through the weights in one pass (one matrix product per
         projection); attention per request over its own context plus each row's own keys
         (CUDA: one varlen kernel launch per layer, replayed from a CUDA graph)."""
-        steps = list(steps)
+        return self._decode_batch(list(steps), None)
+
+    @torch.inference_mode()
+    def decode_many_top(self, steps, full, banned, k, tail):
+        """decode_many with the rows reduced on the device (Runtime.decode_many_top), when
+        reduces_rows; the steps with full[i] get their whole rows, copied from there."""
+        steps, full = list(steps), list(full)
+        if len(full) != len(steps):
+            raise ValueError(f"{len(full)} full flags for {len(steps)} steps")
+        if not self.reduces_rows or all(full):
+            return self._decode_batch(steps, None)
+        mask = self._banned_mask(banned)
+        out = self._decode_batch(steps, lambda logits, group: torch_graphs.reduce_rows(logits, group, mask, k, tail,
+                                                                                        self.dtype))
+        return [rows.full() if whole else rows for rows, whole in zip(out, full, strict=True)]
+
+    def _banned_mask(self, banned) -> torch.Tensor | None:
+        """The (V,) bool device mask of the banned ids (made once per banned array)."""
+        if banned is None or not len(banned):
+            return None
+        kept = self._banned_masks.get(id(banned))
+        if kept is not None and kept[0] is banned:
+            return kept[1]
+        mask = torch.zeros(self.config.vocab_size, dtype=torch.bool)
+        mask[torch.as_tensor(np.asarray(banned, dtype=np.int64))] = True
+        if len(self._banned_masks) >= 8:  # engines keep one or two arrays: old ones are gone
+            self._banned_masks.clear()
+        self._banned_masks[id(banned)] = (banned, mask.to(self.device))
+        return self._banned_masks[id(banned)][1]
+
+    def _decode_batch(self, steps: list[DecodeStep], host) -> list:
+        """decode_many's step; host(logits, steps): what turns the device logits (rows, V)
+        float32 into each step's result (None: host arrays)."""
         if not steps:
             return []
         seen = set()
@@ -250,11 +288,11 @@ class TorchRuntime(Runtime):
                 raise ValueError("decode_many got the same branches twice in one step")
             seen.add(id(s.branches))
         if self.graphs is not None and self.graphs.fits(steps):
-            out = self.graphs.run(steps)
+            out = self.graphs.run(steps, host)
         elif self.varlen is not None and self.varlen.fits(steps):
-            out = self.varlen.run(steps)
+            out = self.varlen.run(steps, host=host)
         else:
-            out = torch_graphs.split_rows(torch_graphs.logits_to_host(self._decode_rows_eager(steps).float()), steps)
+            out = (host or torch_graphs.rows_to_host)(self._decode_rows_eager(steps).float(), steps)
         for s in steps:
             s.branches.step += 1
         return out

@@ -27,7 +27,7 @@ import torch
 from codecomplete.models import varlen_triton
 from codecomplete.models.varlen_triton import FIELDS, POSITION, TOKEN, VarlenRequest, fill_meta
 
-from .base import DecodeStep
+from .base import DecodeStep, TopRows
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +89,16 @@ class VarlenDecoder:
 
         return self.rt.model.decode_rows(meta[TOKEN], meta[POSITION], attend).float()
 
-    def run(self, steps: Sequence[DecodeStep], slots: int | None = None) -> list[np.ndarray]:
+    def run(self, steps: Sequence[DecodeStep], slots: int | None = None, host=None) -> list:
         """One step for all requests, launched eagerly; slots: pad the rows to this many
-        (as a graph's bucket does)."""
+        (as a graph's bucket does); host(logits, steps): what turns the (rows, V) device
+        logits into each step's result (default rows_to_host)."""
         rows = sum(s.branches.n for s in steps)
         slots = slots or (1 << (rows - 1).bit_length() if self.pad_rows else rows)
         meta = np.zeros((FIELDS, slots), dtype=np.int64)
         fill_meta(meta, self.requests(steps), self.scratch_k, self.scratch_v, self.rt.batch_attention == "plain")
         logits = self.step(torch.from_numpy(meta).to(self.rt.device), self.plan(slots))
-        return split_rows(logits_to_host(logits[:rows]), steps)
+        return (host or rows_to_host)(logits[:rows], steps)
 
 
 def logits_to_host(logits: torch.Tensor) -> np.ndarray:
@@ -112,7 +113,49 @@ def logits_to_host(logits: torch.Tensor) -> np.ndarray:
     return host.numpy()  # the array keeps the pinned block alive; freed, it returns to the cache
 
 
-def split_rows(logits: np.ndarray, steps: Sequence[DecodeStep]) -> list[np.ndarray]:
+def rows_to_host(logits: torch.Tensor, steps: Sequence[DecodeStep]) -> list[np.ndarray]:
+    """Each step's (N_i, V) float32 rows in host memory (views of one buffer of this step's own)."""
+    return split_rows(logits_to_host(logits), steps)
+
+
+def reduce_rows(logits: torch.Tensor, steps: Sequence[DecodeStep], banned: torch.Tensor | None, k: int,
+                tail: float, keep_dtype: torch.dtype) -> list[TopRows]:
+    """A step's (rows, V) float32 logits reduced on their device, per step a TopRows (its
+    rows' k best allowed tokens, their log-sum-exp over those within `tail` of the best):
+    a few kB to the host instead of rows x V x 4 bytes. Each step's rows stay on the device
+    in keep_dtype (the model's: no rounding), a copy of their own (a graph's output buffer
+    is overwritten by its next replay; a decode trace keeps one request's rows, not the
+    batch's), for the rows a sampler needs whole."""
+    allowed = logits.masked_fill(banned, float("-inf")) if banned is not None else logits
+    values, ids = torch.topk(allowed, min(k, allowed.shape[1]), dim=1)
+    ids, order = ids.sort(dim=1)
+    values = values.gather(1, order)
+    best = values.max(dim=1, keepdim=True).values
+    near = torch.where(allowed >= best - tail, torch.exp(allowed - best), torch.zeros((), device=allowed.device))
+    lse = best[:, 0] + torch.log(near.sum(dim=1))
+    kept, r0 = [], 0
+    for s in steps:
+        kept.append(logits[r0:r0 + s.branches.n].to(keep_dtype, copy=True))
+        r0 += s.branches.n
+    # ids < 2^53 and float32 values survive a float64 round trip exactly: one copy, one sync
+    packed = torch.cat([ids.to(torch.float64), values.double(), lse.double()[:, None]], dim=1).cpu().numpy()
+    width = ids.shape[1]
+    all_ids = packed[:, :width].astype(np.int64)
+    all_values = packed[:, width:2 * width].astype(np.float32)
+    all_lse = packed[:, -1].astype(np.float32)
+    out, r0 = [], 0
+    for rows in kept:
+        n = len(rows)
+
+        def fetch(index: np.ndarray, rows: torch.Tensor = rows) -> np.ndarray:
+            return rows[torch.as_tensor(index, device=rows.device)].float().cpu().numpy()
+
+        out.append(TopRows(all_ids[r0:r0 + n], all_values[r0:r0 + n], all_lse[r0:r0 + n], fetch))
+        r0 += n
+    return out
+
+
+def split_rows(logits, steps: Sequence[DecodeStep]) -> list:
     """Each request's (N_i, V) rows of a batch's logits (views of a buffer of this step's own)."""
     out, r0 = [], 0
     for s in steps:
@@ -198,11 +241,13 @@ class DecodeGraphs:
             rows += s.branches.n
         return out
 
-    def run(self, steps: Sequence[DecodeStep]) -> list[np.ndarray]:
+    def run(self, steps: Sequence[DecodeStep], host=None) -> list:
+        """host(logits, steps): as VarlenDecoder.run's."""
         out = []
+        host = host or rows_to_host
         for group in self.groups(steps):
-            logits = self.replay(self.varlen.requests(group), sum(s.branches.n for s in group))
-            out.extend(split_rows(logits, group))
+            out.extend(self.replay(self.varlen.requests(group), sum(s.branches.n for s in group),
+                                   lambda logits, group=group: host(logits, group)))
         return out
 
     def prefill(self, context_k: torch.Tensor, context_v: torch.Tensor, start: int, tokens: Sequence[int]
@@ -213,13 +258,14 @@ class DecodeGraphs:
             logits = self.replay([VarlenRequest(context_k, context_v, start, None, None, t, [int(token)])], 1)
         return logits[0]
 
-    def replay(self, requests: Sequence[VarlenRequest], rows: int) -> np.ndarray:
+    def replay(self, requests: Sequence[VarlenRequest], rows: int, host=None):
         """One step of these requests' rows through their bucket's graph: the logits
-        (rows, V) in host memory of their own."""
+        (rows, V) in host memory of their own (or what `host` makes of the device rows; it
+        must synchronise)."""
         slots = next(b for b in self.buckets if b >= rows)
         cap = self.captured[slots]
         fill_meta(cap.meta_np, requests, self.varlen.scratch_k, self.varlen.scratch_v,
                   self.varlen.rt.batch_attention == "plain")
         cap.meta_dev.copy_(cap.meta_host, non_blocking=True)
         cap.replay()
-        return logits_to_host(cap.logits_dev[:rows])  # synchronises: meta_host is free again after this
+        return (host or logits_to_host)(cap.logits_dev[:rows])  # synchronises: meta_host is free again after this

@@ -1,0 +1,37 @@
+"""bench host: the real engine and scheduler over a free stand-in runtime report the host's
+cost per request-step for each variant, and every variant decodes the same steps."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from codecomplete.bench import host
+
+
+def test_every_variant_reports_its_host_cost_over_the_same_steps(capsys):
+    p = argparse.ArgumentParser()
+    host.add_arguments(p)
+    args = p.parse_args(["--vocab", "16384", "--users", "1,2", "--keystrokes", "2", "--new-tokens", "4",
+                         "--context-tokens", "128", "--rounds", "1", "--json"])
+    assert host.run(args) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert {(r["variant"], r["users"]) for r in rows} == {(v, u) for v in host.VARIANTS for u in (1, 2)}
+    for r in rows:
+        assert r["keystrokes"] == 2 * r["users"]
+        assert r["request_steps_per_keystroke"] == 3  # the first token comes from the prompt's logits
+        assert r["host_us_per_request_step"] > 0 and r["host_cpu_us_per_request_step"] > 0
+        assert set(r["stage_ms"]) >= {"prompt", "generate", "rerank"}
+        if r["variant"] != "sequential":
+            assert r["scheduler_cpu_us_per_request_step"] > 0 and "keystrokes_per_s_vs_sequential" in r
+
+
+def test_a_bad_variant_is_a_clear_error():
+    p = argparse.ArgumentParser()
+    host.add_arguments(p)
+    try:
+        host.run(p.parse_args(["--variants", "sequential,fastest"]))
+    except SystemExit as e:
+        assert "fastest" in str(e)
+    else:
+        raise AssertionError("an unknown variant ran")

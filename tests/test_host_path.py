@@ -1,0 +1,135 @@
+"""The host side of the batched decode: the scheduler steps each request's decode loop on
+its own thread (answers equal the loop stepped in the request's thread), and a torch
+runtime's rows reduced where they are computed (TopRows) pick what the whole rows pick."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from test_batching import DOCUMENTS, _answer, _together  # noqa: E402  (tests/ is on sys.path under pytest)
+
+from codecomplete.alignment import Alignment  # noqa: E402
+from codecomplete.engine import Engine  # noqa: E402
+from codecomplete.request import CompletionOptions, CompletionRequest  # noqa: E402
+from codecomplete.runtime import TopRows, load_runtime  # noqa: E402
+from codecomplete.runtime.base import BranchState, ContextState, DecodeStep  # noqa: E402
+from codecomplete.runtime.torch_graphs import reduce_rows  # noqa: E402
+from codecomplete.sampler import TAIL, TOP_K, Sampler  # noqa: E402
+
+
+def _requests(n: int = 5) -> list[CompletionRequest]:
+    out = []
+    for i in range(n):
+        doc = i % len(DOCUMENTS)
+        text = DOCUMENTS[doc]
+        offset = min(len(text), 40 + 37 * i)
+        opts = CompletionOptions(n=(1, 2, 4)[i % 3], max_new_tokens=(3, 8, 12)[i % 3], deadline_ms=60_000,
+                                 seed=i, patience_steps=(None, 2)[i % 2])
+        out.append(CompletionRequest(text=text, offset=offset, language="python", path=f"u{i}/d{doc}.py",
+                                     options=opts))
+    return out
+
+
+@pytest.mark.parametrize("reduce", [False, True])
+def test_loops_driven_by_the_scheduler_answer_as_loops_in_their_own_threads(tiny_model_dir, reduce):
+    """drive_loops (the default) against drive_loops=False, the same requests at once; with
+    reduce the torch runtime hands the driven loops TopRows instead of whole rows."""
+    answers = {}
+    for drive in (False, True):
+        rt = load_runtime(str(tiny_model_dir), runtime="torch")
+        rt.reduces_rows = reduce
+        engine = Engine(rt, batching="on", prefill_chunk_tokens=24, drive_loops=drive)
+        try:
+            answers[drive] = _together(engine, _requests(), [0.0, 0.01, 0.0, 0.02, 0.005])
+            records = engine.scheduler.stats.decode_records()
+        finally:
+            engine.close()
+        assert max(len(r.rows) for r in records) >= 2
+    for a, b in zip(answers[False], answers[True], strict=True):
+        assert not isinstance(b, Exception), b
+        assert _answer(b) == _answer(a)
+        assert b.tokens_generated == a.tokens_generated
+
+
+def test_an_error_inside_a_driven_loop_fails_that_request_only(tiny_model_dir):
+    rt = load_runtime(str(tiny_model_dir), runtime="torch")
+    start = rt.start_branches
+
+    def failing_start(context, n, max_new_tokens):  # called by the third request's loop on the scheduler thread
+        if max_new_tokens >= 12:  # its 12 tokens and the back-off's (the others ask for 3 and 8)
+            raise RuntimeError("no room for the branches")
+        return start(context, n, max_new_tokens)
+
+    rt.start_branches = failing_start
+    engine = Engine(rt, batching="on")
+    try:
+        requests = _requests(3)
+        out = _together(engine, requests, [0.0, 0.0, 0.0])
+        assert engine.scheduler.alive
+    finally:
+        engine.close()
+    assert [r.options.max_new_tokens for r in requests] == [3, 8, 12]
+    assert isinstance(out[2], RuntimeError) and "no room" in str(out[2])
+    assert all(not isinstance(a, Exception) and a.tokens_generated for a in out[:2])
+
+
+def test_top_rows_of_a_step_hold_its_best_tokens_and_whole_rows(tiny_model_dir):
+    rt = load_runtime(str(tiny_model_dir), runtime="torch")
+    rng = np.random.default_rng(0)
+    logits = torch.from_numpy((rng.standard_normal((5, rt.config.vocab_size)) * 4).astype(np.float32))
+    banned = np.array([int(logits[0].argmax()), 3, 7])
+    mask = rt._banned_mask(banned)
+    state = ContextState([1, 2, 3])
+    steps = [DecodeStep(state, BranchState(n=2, max_new_tokens=4), [0, 0]),
+             DecodeStep(state, BranchState(n=3, max_new_tokens=4), [0, 0, 0])]
+    first, second = reduce_rows(logits, steps, mask, TOP_K, TAIL, torch.float32)
+    assert isinstance(first, TopRows) and (len(first), len(second)) == (2, 3)
+    assert np.array_equal(first.full(), logits[:2].numpy()) and np.array_equal(second.full(), logits[2:].numpy())
+    assert np.array_equal(second[0], logits[2].numpy())
+    sub = second[[2, 0]]
+    assert np.array_equal(sub.full(), logits[[4, 2]].numpy())
+    original = logits.clone()
+    logits.fill_(0.0)  # a graph's output buffer, overwritten by the next step: the rows kept are copies
+    assert np.array_equal(sub.full(), original[[4, 2]].numpy())
+    logits = original
+    top = TopRows(np.concatenate([first.ids, second.ids]), np.concatenate([first.values, second.values]),
+                  np.concatenate([first.lse, second.lse]), None)
+    for r in range(5):
+        row = logits[r].numpy().copy()
+        row[banned] = -np.inf
+        best = np.sort(np.argsort(-row, kind="stable")[:TOP_K])
+        assert np.array_equal(top.ids[r], best)
+        assert np.array_equal(top.values[r], row[best])
+        m = row.max()
+        near = row[row >= m - TAIL]
+        assert abs(top.lse[r] - (m + np.log(np.exp(near - m).sum()))) < 1e-4
+
+
+def test_the_sampler_picks_from_top_rows_what_it_picks_from_whole_rows(tiny_model_dir):
+    """decode_many_top on CPU torch (reduces_rows forced on) against decode_many: the same
+    tokens for greedy and sampled branches, log-probabilities to float tolerance."""
+    rt = load_runtime(str(tiny_model_dir), runtime="torch")
+    rt.reduces_rows = True
+    engine = Engine(rt)
+    prompt = engine.prompts.build(_requests(1)[0], 8).tokens
+    banned = engine.banned_ids if len(engine.banned_ids) else None
+    state, _ = rt.prefill(prompt)
+    whole, reduced = rt.start_branches(state, 4, 8), rt.start_branches(state, 4, 8)
+    tokens = [5, 9, 11, 5]
+    for step in range(4):
+        full_out = rt.decode_many([DecodeStep(state, whole, tokens)])[0]
+        top_out = rt.decode_many_top([DecodeStep(state, reduced, tokens)], [False], banned, TOP_K, TAIL)[0]
+        assert isinstance(top_out, TopRows)
+        picks = []
+        for logits in (full_out, top_out):
+            sampler = Sampler(temperature=0.8, top_p=0.95, seed=step, banned=banned, alignment=Alignment(b"", None))
+            sampler.start_step(logits)
+            picks.append([sampler.pick(b, b, b"") for b in range(4)])
+        assert [t for t, _ in picks[0]] == [t for t, _ in picks[1]]
+        assert np.allclose([lp for _, lp in picks[0]], [lp for _, lp in picks[1]], atol=1e-4)
+        tokens = [t for t, _ in picks[0]]
+    whole_again = rt.decode_many_top([DecodeStep(state, reduced, tokens)], [True], banned, TOP_K, TAIL)[0]
+    assert isinstance(whole_again, np.ndarray) and whole_again.shape == (4, rt.config.vocab_size)
