@@ -59,9 +59,9 @@ INT64_MAX = np.iinfo(np.int64).max
 #   int8-s8     the same with int8 weights: faster kernels where it saturates; top-1
 #               agreement 0.90 on the shipped model on such a CPU (kept for measurement)
 #   int8-nbits  com.microsoft MatMulNBits, 8 bits, int8 activations per block of 32:
-#               the most accurate int8, but 2x slower prefill here. Weights stored int8
-#               blockwise (a 2-D scale: GGUF Q8_0/Q5_0 as they are) run so whatever the
-#               int8 kind: it is the one kernel that takes a scale per block of 32
+#               the most accurate int8, but 2x slower prefill here. The one kind that runs
+#               weights stored int8 blockwise (a 2-D scale: GGUF Q8_0/Q5_0 as they are)
+#               exactly; the other int8 kinds re-round them to a scale per output channel
 #   int8-w7     int8-s8 with the weights rounded to 7 bits (-64..63, twice the scale):
 #               a uint8 x int7 pair sum fits int16, so the fast kernels are exact on
 #               every CPU. The CPU default. Top-1 agreement with fp32 0.964 (int8: 0.974)
@@ -356,8 +356,8 @@ class GraphBuilder:
             kind = "fp32" if self.linear_kind == "fp32" else "int4"
         elif kind == "int4":  # an int8 weight kept so (the embedding table as the head): the exact int8 kernels
             kind = "int8"
-        if weight.blockwise and kind != "fp32":  # a scale per block: only MatMulNBits takes one
-            kind = "int8-nbits"
+        if weight.blockwise and kind not in ("fp32", "int8-nbits"):  # only MatMulNBits takes a scale per block
+            weight = LinearWeight(*quantize_rows_int8(weight.dequantized()))
         if kind == "int4":
             q4 = weight.q4
             n, n_blocks = q4.scales.shape
