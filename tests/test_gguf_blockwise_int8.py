@@ -93,18 +93,25 @@ def linear_session(weight: LinearWeight, kind: str):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]), ops
 
 
-@pytest.mark.parametrize("kind", ["int8", "int8-w7", "int8-s8", "int8-nbits", "int4"])
-def test_a_blockwise_weight_runs_as_matmulnbits_with_its_block_scales(kind):
+def test_a_blockwise_weight_runs_as_matmulnbits_with_its_block_scales():
     weight = blockwise_weight(40, 96)
     assert weight.blockwise and weight.storage == "int8-blockwise"
-    sess, ops = linear_session(weight, kind)
+    sess, ops = linear_session(weight, "int8-nbits")
     assert "MatMulNBits" in ops and "MatMulInteger" not in ops
     x = np.random.default_rng(2).standard_normal((3, 96)).astype(np.float32)
     want = x @ weight.dequantized().T
-    got = sess.run(None, {"x": x})[0]
-    # int8 activations per block of 32 (accuracy_level 4): a per-channel scale would be off by
-    # the ratio of block scales (up to 100x here)
-    assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
+    # int8 activations per block of 32 (accuracy_level 4); the weights are exact
+    assert np.abs(sess.run(None, {"x": x})[0] - want).max() < 0.02 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("kind", ["int8", "int8-w7"])  # int8-s8 saturates without VNNI
+def test_the_other_int8_kinds_rerun_a_blockwise_weight_per_channel(kind):
+    weight = blockwise_weight(40, 96)
+    sess, ops = linear_session(weight, kind)
+    assert "MatMulInteger" in ops and "MatMulNBits" not in ops
+    x = np.random.default_rng(2).standard_normal((3, 96)).astype(np.float32)
+    want = x @ weight.dequantized().T
+    assert np.abs(sess.run(None, {"x": x})[0] - want).max() < 0.1 * np.abs(want).max()  # re-rounded, not exact
 
 
 def test_blockwise_weights_split_into_pieces_and_stack_as_they_are(monkeypatch):
@@ -115,7 +122,7 @@ def test_blockwise_weights_split_into_pieces_and_stack_as_they_are(monkeypatch):
     per_channel = LinearWeight(*onnx_graph.quantize_rows_int8(a.dequantized()))
     assert not stack_rows([per_channel, b]).storage.startswith("int8")  # mixed storages: float, never mixed scales
     monkeypatch.setattr(onnx_graph, "LINEAR_PIECE_MAX_WEIGHTS", 10 * 64)  # pieces of 10 rows
-    sess, ops = linear_session(stacked, "int8-w7")
+    sess, ops = linear_session(stacked, "int8-nbits")
     assert ops.count("MatMulNBits") == 4
     x = np.random.default_rng(5).standard_normal((2, 64)).astype(np.float32)
     want = x @ stacked.dequantized().T
@@ -159,10 +166,23 @@ def logit_errors(rt, reference) -> tuple[float, float]:
 
 def test_blockwise_int8_is_closer_to_the_file_than_int8_per_channel(qwen_like_gguf):
     reference = OnnxRuntime(load_gguf(qwen_like_gguf, precision="fp32"), precision="fp32")
-    auto = OnnxRuntime(load_gguf(qwen_like_gguf))
-    assert auto.precision == "int8"
+    blockwise = OnnxRuntime(load_gguf(qwen_like_gguf, precision="int8-nbits"), precision="int8-nbits")
+    assert blockwise.linear_kind == "int8-nbits"
     per_channel = OnnxRuntime(load_gguf(qwen_like_gguf, precision="int8"), linear_kind="int8-w7")
-    rel_auto, agree_auto = logit_errors(auto, reference)
+    rel_blockwise, agree_blockwise = logit_errors(blockwise, reference)
     rel_channel, agree_channel = logit_errors(per_channel, reference)
-    assert rel_auto < 0.8 * rel_channel  # measured 0.051 against 0.077 (AVX2, no VNNI)
-    assert agree_auto >= agree_channel
+    assert rel_blockwise < 0.8 * rel_channel  # measured 0.051 against 0.077 (AVX2, no VNNI)
+    assert agree_blockwise >= agree_channel
+
+
+def test_auto_keeps_a_ggufs_8_bits_on_a_cpu_without_vnni(qwen_like_gguf, monkeypatch):
+    from codecomplete.runtime import onnx as onnx_runtime
+    from codecomplete.runtime.cpu import CpuInfo
+
+    avx2 = CpuInfo("test AVX2", 2, 2, frozenset({"avx2", "fma"}), "x86_64")
+    monkeypatch.setattr(onnx_runtime, "this_cpu", lambda: avx2)
+    auto = OnnxRuntime(load_gguf(qwen_like_gguf))
+    assert (auto.precision, auto.linear_kind) == ("int8", "int8") and "8-bit" in auto.precision_reason
+    assert avx2.int8_linear_kind()[0] == "int8-w7"  # a folder's int8 weights: 7 bits there
+    vnni = CpuInfo("test VNNI", 2, 2, frozenset({"avx2", "avx512_vnni"}), "x86_64")
+    assert vnni.int8_linear_kind(keep_8_bits=True)[0] == "int8-s8"

@@ -537,13 +537,16 @@ def our_param_name(gguf_name: str) -> str | None:
 def gguf_precision(precision: str | None) -> str:
     """What a runtime precision (`--precision`) converts a GGUF to: fp32 -> fp32, int8 and
     its linear kinds (int8-w7, ...) -> int8, int4 -> int4, everything else (auto, bf16,
-    fp16) -> native, the file's own precision class. Refuses the removed environment variable."""
+    fp16, and int8-nbits, which runs Q8_0/Q5_0 blocks exactly) -> native, the file's own
+    precision class. Refuses the removed environment variable."""
     if os.environ.get(REMOVED_CACHE_DTYPE_ENV):
         raise ModelLoadError(f"{REMOVED_CACHE_DTYPE_ENV} is no longer read: use --precision "
                              "(auto keeps the GGUF's precision class, int8 or fp32 convert it)")
     precision = precision or "auto"
     if precision in GGUF_PRECISIONS:
         return precision
+    if precision == "int8-nbits":  # the one int8 kind with a scale per block: Q8_0/Q5_0 run as stored
+        return "native"
     if precision == "int8" or precision.startswith("int8-"):
         return "int8"
     return "native"
