@@ -186,3 +186,13 @@ def test_auto_keeps_a_ggufs_8_bits_on_a_cpu_without_vnni(qwen_like_gguf, monkeyp
     assert avx2.int8_linear_kind()[0] == "int8-w7"  # a folder's int8 weights: 7 bits there
     vnni = CpuInfo("test VNNI", 2, 2, frozenset({"avx2", "avx512_vnni"}), "x86_64")
     assert vnni.int8_linear_kind(keep_8_bits=True)[0] == "int8-s8"
+
+
+def test_blockwise_to_per_channel_in_chunks_is_quantize_rows_int8_of_the_values():
+    from codecomplete.models.format.folder import blockwise_to_per_channel, quantize_rows_int8
+
+    w = blockwise_weight(37, 64, seed=8)
+    codes, scales = blockwise_to_per_channel(w.w, w.scale, chunk_rows=5)
+    want_codes, want_scales = quantize_rows_int8(w.dequantized())
+    np.testing.assert_array_equal(codes, want_codes)
+    np.testing.assert_array_equal(scales, want_scales)

@@ -38,6 +38,7 @@ from codecomplete.models.format.folder import (
     Q4_SUFFIX,
     SCALE_SUFFIX,
     Q4Weight,
+    blockwise_to_per_channel,
     int8_dequantized,
     quantize_int8,
     quantize_rows_int8,
@@ -357,7 +358,7 @@ class GraphBuilder:
         elif kind == "int4":  # an int8 weight kept so (the embedding table as the head): the exact int8 kernels
             kind = "int8"
         if weight.blockwise and kind not in ("fp32", "int8-nbits"):  # only MatMulNBits takes a scale per block
-            weight = LinearWeight(*quantize_rows_int8(weight.dequantized()))
+            weight = LinearWeight(*blockwise_to_per_channel(weight.w, weight.scale))
         if kind == "int4":
             q4 = weight.q4
             n, n_blocks = q4.scales.shape

@@ -175,6 +175,16 @@ def int8_dequantized(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return out
 
 
+def blockwise_to_per_channel(w: np.ndarray, scale: np.ndarray, chunk_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Blockwise int8 (w (out, in), scale (out, in / INT8_BLOCK)) re-rounded to int8 with one
+    scale per output channel, a chunk of rows at a time (a few MB of float32 in flight)."""
+    codes, scales = np.empty(w.shape, np.int8), np.empty(w.shape[0], np.float32)
+    for start in range(0, w.shape[0], chunk_rows):
+        end = start + chunk_rows
+        codes[start:end], scales[start:end] = quantize_rows_int8(int8_dequantized(w[start:end], scale[start:end]))
+    return codes, scales
+
+
 def quantize_int8(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per-output-channel symmetric int8 for every 2-D weight; 1-D tensors stay float32."""
     out: dict[str, np.ndarray] = {}
