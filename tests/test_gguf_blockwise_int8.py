@@ -15,6 +15,7 @@ import test_gguf_import as gguf_files  # noqa: E402  (tests/ is on sys.path unde
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 from gguf.quants import quantize as gguf_quantize  # noqa: E402
+from test_gguf_4bit import logit_errors  # noqa: E402
 
 from codecomplete.models.format.folder import dequantize, int8_dequantized, split_int8  # noqa: E402
 from codecomplete.models.format.gguf_import import (  # noqa: E402
@@ -25,12 +26,6 @@ from codecomplete.models.format.gguf_import import (  # noqa: E402
 from codecomplete.runtime import onnx_graph  # noqa: E402
 from codecomplete.runtime.onnx import OnnxRuntime  # noqa: E402
 from codecomplete.runtime.onnx_graph import EmbeddingTable, GraphBuilder, LinearWeight, stack_rows  # noqa: E402
-
-PROMPTS = [
-    "def add(a, b):\n    return a + b\n",
-    "class Stack:\n    def __init__(self):\n        self.items = []\n",
-    "for i in range(10):\n    print(i * i)\n",
-]
 
 
 def qwen_like_type(name: str) -> Q:
@@ -151,19 +146,6 @@ def test_default_load_keeps_q8_0_and_q5_0_as_the_files_values(qwen_like_gguf):
         np.testing.assert_array_equal(widened[name], exact[name])
 
 
-def logit_errors(rt, reference) -> tuple[float, float]:
-    """Median over prompt prefixes of max |logit difference| / max |reference logit|; top-1 agreement."""
-    rel, agree = [], []
-    for text in PROMPTS:
-        ids = reference.tokenizer.encode(text)
-        for end in range(2, len(ids) + 1):
-            _, got = rt.prefill(ids[:end])
-            _, want = reference.prefill(ids[:end])
-            rel.append(np.abs(got - want).max() / np.abs(want).max())
-            agree.append(got.argmax() == want.argmax())
-    return float(np.median(rel)), float(np.mean(agree))
-
-
 def test_blockwise_int8_is_closer_to_the_file_than_int8_per_channel(qwen_like_gguf):
     reference = OnnxRuntime(load_gguf(qwen_like_gguf, precision="fp32"), precision="fp32")
     blockwise = OnnxRuntime(load_gguf(qwen_like_gguf, precision="int8-nbits"), precision="int8-nbits")
@@ -171,7 +153,7 @@ def test_blockwise_int8_is_closer_to_the_file_than_int8_per_channel(qwen_like_gg
     per_channel = OnnxRuntime(load_gguf(qwen_like_gguf, precision="int8"), linear_kind="int8-w7")
     rel_blockwise, agree_blockwise = logit_errors(blockwise, reference)
     rel_channel, agree_channel = logit_errors(per_channel, reference)
-    assert rel_blockwise < 0.8 * rel_channel  # measured 0.051 against 0.077 (AVX2, no VNNI)
+    assert np.median(rel_blockwise) < 0.8 * np.median(rel_channel)  # measured 0.051 against 0.077 (AVX2, no VNNI)
     assert agree_blockwise >= agree_channel
 
 
