@@ -10,7 +10,7 @@ from pathlib import Path
 
 from codecomplete.runtime import DEVICES, RUNTIMES
 
-PRECISIONS = ["auto", "fp32", "bf16", "fp16", "int8", "int8-s8", "int8-w7", "int4"]
+PRECISIONS = ["auto", "fp32", "bf16", "fp16", "int8", "int8-s8", "int8-w7", "int8-nbits", "int4"]
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,7 +20,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="weights and kernels: auto (a GGUF keeps its precision class: 4-bit types run 4-bit, "
                         "5/6/8-bit ones int8), fp32, bf16, fp16 (torch), int8, int8-w7 (onnx: 7-bit weights), "
-                        "int4 (onnx: 4-bit blocks)")
+                        "int8-nbits (onnx: MatMulNBits; a GGUF's Q8_0/Q5_0 blocks exactly), int4 (onnx: 4-bit blocks)")
 
 
 def register(sub) -> None:

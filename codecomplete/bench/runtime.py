@@ -20,7 +20,7 @@ from .common import emit, format_table, progress, rss_mb
 
 RUNTIMES = ("torch-fp32", "torch-int8", "onnx-fp32", "onnx-int8")
 # extra onnx int8 kernels, for comparing them (see runtime/onnx_graph.py LINEAR_KINDS)
-EXTRA_RUNTIMES = ("onnx-int8-s8", "onnx-int8-nbits", "onnx-int8-w7")
+EXTRA_RUNTIMES = ("onnx-int8-s8", "onnx-int8-nbits", "onnx-int8-w7", "onnx-auto")  # auto: what a user gets
 BASELINE = "torch-fp32"
 
 
@@ -84,6 +84,8 @@ def load(name: str, model_dir: Path, threads: int):
         return TorchRuntime(source, precision=precision, threads=threads)
     from codecomplete.runtime.onnx import OnnxRuntime
 
+    if precision == "auto":  # the default: a GGUF's own precision class, this CPU's int8 kind
+        return OnnxRuntime(source, precision="auto", threads=threads)
     linear_kind = precision
     return OnnxRuntime(source, precision=precision.split("-")[0], threads=threads, linear_kind=linear_kind)
 

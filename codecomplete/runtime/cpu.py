@@ -39,11 +39,15 @@ class CpuInfo:
     def is_x86(self) -> bool:
         return self.machine.lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 
-    def int8_linear_kind(self) -> tuple[str, str]:
-        """The onnx linear kind for int8 weights on this CPU, and why."""
+    def int8_linear_kind(self, keep_8_bits: bool = False) -> tuple[str, str]:
+        """The onnx linear kind for int8 weights on this CPU, and why. keep_8_bits (a GGUF's
+        8-bit tensors, which Qwen2.5-Coder loses more to 7 bits than the shipped model does):
+        the exact uint8-weight kernels where the fast ones would need 7-bit weights."""
         if self.exact_u8s8:
             have = [f for f in EXACT_U8S8_FLAGS if f in self.flags]
             return "int8-s8", f"full 8-bit weights: {'/'.join(have)} accumulates uint8 x int8 in int32 (exact)"
+        if keep_8_bits:
+            return "int8", "full 8-bit weights as the file has them: the uint8 x uint8 kernels (exact, no VNNI needed)"
         if not self.is_x86:
             return "int8-w7", f"7-bit weights: exact with every kernel (full 8-bit not verified on {self.machine})"
         return "int8-w7", "7-bit weights: no VNNI, the AVX2 kernels add uint8 x int8 pairs in int16 (saturates at 8 bits)"

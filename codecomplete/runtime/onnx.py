@@ -130,6 +130,11 @@ def is_int8(source: ModelSource) -> bool:
     return source.quantization.startswith("int8") or any(k.endswith("_scale") for k in source.weights)
 
 
+def is_gguf(source: ModelSource) -> bool:
+    """Whether the weights were converted from a GGUF file (whose precision the run keeps)."""
+    return source.path.lower().endswith(".gguf")
+
+
 def is_int4(source: ModelSource) -> bool:
     """Some weights are stored 4-bit (a 4-bit GGUF's, folder.Q4Weight)."""
     return source.quantization.startswith("int4") or any(k.endswith(Q4_SUFFIX) for k in source.weights)
@@ -168,10 +173,11 @@ class OnnxRuntime(Runtime):
         if precision == "auto":
             # onnxruntime's CUDA kernels have no uint8-weight MatMulInteger: fp32 there. On a
             # CPU, int8 weights take the fast uint8 x int8 kernels: full 8-bit weights where
-            # VNNI/AMX make them exact, 7-bit ones where AVX2 would saturate (runtime/cpu.py)
+            # VNNI/AMX make them exact, 7-bit ones where AVX2 would saturate (runtime/cpu.py),
+            # except a GGUF's, which keep their 8 bits on the exact uint8-weight kernels
             quantized = is_int8(source) or is_int4(source)
             if quantized and self.device == "cpu":
-                precision, self.precision_reason = this_cpu().int8_linear_kind()
+                precision, self.precision_reason = this_cpu().int8_linear_kind(keep_8_bits=is_gguf(source))
                 if is_int4(source):  # the 4-bit weights run as they are stored, the int8 ones by this CPU's kind
                     linear_kind = linear_kind or precision
                     precision, self.precision_reason = "int4", (

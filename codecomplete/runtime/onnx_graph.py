@@ -33,10 +33,13 @@ from onnx import TensorProto, helper, numpy_helper
 from codecomplete.models.format.config import ModelConfig
 from codecomplete.models.format.folder import (
     EMBED_PROJ,
+    INT8_BLOCK,
     Q4_BLOCK,
     Q4_SUFFIX,
     SCALE_SUFFIX,
     Q4Weight,
+    blockwise_to_per_channel,
+    int8_dequantized,
     quantize_int8,
     quantize_rows_int8,
     quantize_rows_q4,
@@ -57,7 +60,9 @@ INT64_MAX = np.iinfo(np.int64).max
 #   int8-s8     the same with int8 weights: faster kernels where it saturates; top-1
 #               agreement 0.90 on the shipped model on such a CPU (kept for measurement)
 #   int8-nbits  com.microsoft MatMulNBits, 8 bits, int8 activations per block of 32:
-#               the most accurate int8, but 2x slower prefill here
+#               the most accurate int8, but 2x slower prefill here. The one kind that runs
+#               weights stored int8 blockwise (a 2-D scale: GGUF Q8_0/Q5_0 as they are)
+#               exactly; the other int8 kinds re-round them to a scale per output channel
 #   int8-w7     int8-s8 with the weights rounded to 7 bits (-64..63, twice the scale):
 #               a uint8 x int7 pair sum fits int16, so the fast kernels are exact on
 #               every CPU. The CPU default. Top-1 agreement with fp32 0.964 (int8: 0.974)
@@ -85,13 +90,13 @@ def has_empty_context_bug(version: str) -> bool:
     except ValueError:
         return False
     return EMPTY_CONTEXT_BUG[0] <= major_minor < EMPTY_CONTEXT_BUG[1]
-NBITS_BLOCK = 32
+NBITS_BLOCK = INT8_BLOCK  # one block size, so that a blockwise int8 weight's scales are MatMulNBits' own
 
 
 @dataclass
 class LinearWeight:
-    """A linear layer's weight: float (out, in), int8 (out, in) with scale (out,), or
-    4-bit blockwise (q4, w None)."""
+    """A linear layer's weight: float (out, in), int8 (out, in) with scale (out,) or, int8
+    blockwise, scale (out, in / INT8_BLOCK), or 4-bit blockwise (q4, w None)."""
 
     w: np.ndarray | None
     scale: np.ndarray | None = None
@@ -103,7 +108,16 @@ class LinearWeight:
 
     @property
     def storage(self) -> str:
-        return "int4" if self.q4 is not None else "float" if self.scale is None else "int8"
+        if self.q4 is not None:
+            return "int4"
+        if self.scale is None:
+            return "float"
+        return "int8-blockwise" if self.blockwise else "int8"
+
+    @property
+    def blockwise(self) -> bool:
+        """int8 with a scale per block of INT8_BLOCK weights along each row."""
+        return self.scale is not None and self.scale.ndim == 2
 
     def rows(self, start: int, end: int) -> LinearWeight:
         """Output rows start..end of this weight (views, no copy)."""
@@ -121,7 +135,7 @@ class LinearWeight:
             return self.q4.dequantized()
         if self.scale is None:
             return np.asarray(self.w, np.float32)
-        return self.w.astype(np.float32) * self.scale[:, None]
+        return int8_dequantized(self.w, self.scale)
 
 
 def stack_rows(parts: list[LinearWeight]) -> LinearWeight:
@@ -130,7 +144,7 @@ def stack_rows(parts: list[LinearWeight]) -> LinearWeight:
     if all(p.q4 is not None for p in parts):
         return LinearWeight(None, q4=Q4Weight(*(np.concatenate([getattr(p.q4, f) for p in parts])
                                                 for f in ("packed", "scales", "zeros"))))
-    if all(p.scale is not None and p.q4 is None for p in parts):
+    if all(p.scale is not None and p.q4 is None for p in parts) and len({p.blockwise for p in parts}) == 1:
         return LinearWeight(np.concatenate([p.w for p in parts]), np.concatenate([p.scale for p in parts]))
     return LinearWeight(np.concatenate([p.dequantized() for p in parts]))
 
@@ -177,9 +191,7 @@ class EmbeddingTable:
             rows = Q4Weight(t.q4.packed[flat], t.q4.scales[flat], t.q4.zeros[flat]).dequantized()
             rows = rows.reshape(*ids.shape, -1)
         else:
-            rows = t.w[ids].astype(np.float32)
-            if t.scale is not None:
-                rows *= t.scale[ids][..., None]
+            rows = t.w[ids].astype(np.float32) if t.scale is None else int8_dequantized(t.w[ids], t.scale[ids])
         return rows if self.proj is None else rows @ self.proj
 
 
@@ -345,6 +357,8 @@ class GraphBuilder:
             kind = "fp32" if self.linear_kind == "fp32" else "int4"
         elif kind == "int4":  # an int8 weight kept so (the embedding table as the head): the exact int8 kernels
             kind = "int8"
+        if weight.blockwise and kind not in ("fp32", "int8-nbits"):  # only MatMulNBits takes a scale per block
+            weight = LinearWeight(*blockwise_to_per_channel(weight.w, weight.scale))
         if kind == "int4":
             q4 = weight.q4
             n, n_blocks = q4.scales.shape
@@ -371,13 +385,16 @@ class GraphBuilder:
             yf = self.op("Cast", [yi], to=TensorProto.FLOAT)
             scale = self.op("Mul", [xs, self.init(w_scale.astype(np.float32), name + ".scale")])
             y = self.op("Mul", [yf, scale], name=name)
-        else:  # int8-nbits
+        else:  # int8-nbits: uint8 codes int8 + 128 and MatMulNBits' default zero point, 128
             k = weight.w.shape[1]
             block = NBITS_BLOCK
             n_blocks = (k + block - 1) // block
             q = np.full((weight.out_features, n_blocks * block), 128, np.uint8)
             q[:, :k] = weight.w.view(np.uint8) ^ np.uint8(0x80)
-            scales = np.repeat(weight.scale.astype(np.float32), n_blocks)
+            if weight.blockwise:
+                scales = np.ascontiguousarray(weight.scale, dtype=np.float32).reshape(-1)
+            else:
+                scales = np.repeat(weight.scale.astype(np.float32), n_blocks)
             y = self.op("MatMulNBits", [x, self.init(q.reshape(weight.out_features, n_blocks, block), name + ".nbits"),
                                         self.init(scales, name + ".nbits_scale")], domain=MS_DOMAIN, name=name,
                         K=k, N=weight.out_features, bits=8, block_size=block, accuracy_level=4)

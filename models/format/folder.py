@@ -10,6 +10,9 @@
                            `embed_proj.weight` (r, dim)); with int8, every
                            2-D weight W (out, in) is stored as int8 `W` plus float32
                            `W_scale` (out,): W ≈ int8 * scale[:, None]; 1-D tensors float.
+                           A 2-D `W_scale` (out, in/32) is one scale per block of 32 along
+                           the row (int8 blockwise, GGUF Q8_0/Q5_0 kept exactly):
+                           W[r, 32b + i] = int8[r, 32b + i] * scale[r, b].
                            With int4-blockwise, some 2-D weights are 4-bit instead:
                            uint8 `W.q4` (out, in/32, 16) two weights a byte (low nibble
                            first), float32 `W.q4_scales` and uint8 `W.q4_zeros` (out, in/32):
@@ -157,6 +160,31 @@ def quantize_rows_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8), scale
 
 
+INT8_BLOCK = 32  # weights per block of a blockwise int8 weight (a 2-D scale): GGUF Q8_0/Q5_0's block
+
+
+def int8_dequantized(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """float32 values of int8 weights (..., in) with a scale per row (...,) or per block of
+    INT8_BLOCK along the row (..., in / INT8_BLOCK)."""
+    out = w.astype(np.float32)
+    if scale.ndim == w.ndim:  # blockwise
+        blocks = out.reshape(*w.shape[:-1], -1, INT8_BLOCK)
+        blocks *= scale[..., None]
+        return out
+    out *= scale[..., None]
+    return out
+
+
+def blockwise_to_per_channel(w: np.ndarray, scale: np.ndarray, chunk_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Blockwise int8 (w (out, in), scale (out, in / INT8_BLOCK)) re-rounded to int8 with one
+    scale per output channel, a chunk of rows at a time (a few MB of float32 in flight)."""
+    codes, scales = np.empty(w.shape, np.int8), np.empty(w.shape[0], np.float32)
+    for start in range(0, w.shape[0], chunk_rows):
+        end = start + chunk_rows
+        codes[start:end], scales[start:end] = quantize_rows_int8(int8_dequantized(w[start:end], scale[start:end]))
+    return codes, scales
+
+
 def quantize_int8(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per-output-channel symmetric int8 for every 2-D weight; 1-D tensors stay float32."""
     out: dict[str, np.ndarray] = {}
@@ -268,7 +296,7 @@ def dequantize(weights: dict[str, np.ndarray], copy: bool = True) -> dict[str, n
     out = {name: w.dequantized() for name, w in q4.items()}
     for name, w in tensors.items():
         if name in scales:
-            out[name] = w.astype(np.float32) * scales[name][:, None]
+            out[name] = int8_dequantized(w, scales[name])
         elif copy or w.dtype != np.float32:
             out[name] = np.array(w, dtype=np.float32)
         else:

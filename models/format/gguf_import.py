@@ -13,8 +13,9 @@ is ARCH_FIELDS; llama.cpp's converter already stored Gemma's norm weights as 1 +
 Precision (one switch, `--precision`, see `gguf_precision`): by default a tensor keeps its
 precision class. 4-bit types (Q4_0, Q4_1, Q4_K, IQ4_*, and the 2/3-bit K types, which fit
 4 bits) become 4-bit blockwise weights for onnxruntime's MatMulNBits (Q4_0 exactly; the
-others requantized per block of 32, see folder.quantize_rows_q4); 5-, 6- and 8-bit types
-become int8 per output channel; float tensors stay float. `fp32` widens everything
+others requantized per block of 32, see folder.quantize_rows_q4); Q8_0 and Q5_0 become
+int8 blockwise (a scale per block of 32: their own codes and scales, exactly); the other
+5-, 6- and 8-bit types become int8 per output channel; float tensors stay float. `fp32` widens everything
 (exact), `int8` makes every 2-D weight int8 per channel. Conversion goes tensor by tensor
 in row chunks, so no whole float32 model is ever held.
 
@@ -81,12 +82,14 @@ REMOVED_CACHE_DTYPE_ENV = "CODECOMPLETE_GGUF_CACHE_DTYPE"  # replaced by --preci
 # what a GGUF is converted to: the file's precision class, float32 throughout, int8
 # throughout, 4-bit throughout (every 2-D weight but the embedding table, which is int8)
 GGUF_PRECISIONS = ("native", "fp32", "int8", "int4")
-CONVERTER_VERSION = 2  # part of the cache key: bump when conversion changes
+CONVERTER_VERSION = 3  # part of the cache key: bump when conversion changes
 CHUNK_FLOAT_BYTES = 8 << 20  # rows dequantized at a time: float32 bytes in flight per tensor
 # ggml types converted to 4-bit blocks (by name: older gguf packages lack some)
 FOUR_BIT_TYPES = ("Q4_0", "Q4_1", "Q4_K", "IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "IQ3_S", "IQ3_XXS",
                   "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M")
 FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+# ggml types whose blocks of 32 are int8 codes times one scale: kept as blockwise int8, exactly
+BLOCKWISE_INT8_TYPES = ("Q8_0", "Q5_0")
 
 # GGUF metadata value types
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -226,11 +229,43 @@ def q4_0_as_q4(raw: np.ndarray) -> Q4Weight:
     ones), w = d * (q - 8), which is MatMulNBits' (q - zero) * scale with zero 8."""
     rows = raw.shape[0]
     blocks = raw.reshape(rows, -1, 18)
-    scales = blocks[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float32)
+    scales = _f16_block_scales(blocks)
     qs = blocks[:, :, 2:]
     codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # (rows, n_blocks, 32) in element order
     packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
     return Q4Weight(packed, scales, np.full(scales.shape, 8, np.uint8))
+
+
+def _f16_block_scales(blocks: np.ndarray) -> np.ndarray:
+    """The float16 scale d that starts each block (rows, n_blocks, block_bytes), as float32."""
+    return blocks[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float32)
+
+
+def q8_0_as_blockwise(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q8_0 rows (rows, n_blocks * 34 bytes) as blockwise int8 (codes (rows, in), scales
+    (rows, n_blocks)), exactly: a block is a float16 scale d and 32 int8 codes q, w = d * q."""
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, 34)
+    codes = blocks[:, :, 2:].view(np.int8).reshape(rows, -1)
+    return np.ascontiguousarray(codes), _f16_block_scales(blocks)
+
+
+def q5_0_as_blockwise(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q5_0 rows (rows, n_blocks * 22 bytes) as blockwise int8, exactly: a block is a float16
+    scale d, 32 high bits (a little-endian uint32, bit i for element i) and 32 low nibbles
+    (elements 0..15 in the low nibbles of 16 bytes, 16..31 in the high ones); w = d * (q - 16)
+    with q = low | high << 4, so the int8 code is q - 16 (-16..15)."""
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, 22)
+    high_bits = blocks[:, :, 2:6].copy().view("<u4")  # (rows, n_blocks, 1)
+    high = ((high_bits >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4  # (rows, n_blocks, 32)
+    qs = blocks[:, :, 6:]
+    low = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+    codes = ((low | high).astype(np.int16) - 16).astype(np.int8).reshape(rows, -1)
+    return codes, _f16_block_scales(blocks)
+
+
+BLOCKWISE_INT8_READERS = {"Q8_0": q8_0_as_blockwise, "Q5_0": q5_0_as_blockwise}
 
 
 class _Cursor:
@@ -502,13 +537,16 @@ def our_param_name(gguf_name: str) -> str | None:
 def gguf_precision(precision: str | None) -> str:
     """What a runtime precision (`--precision`) converts a GGUF to: fp32 -> fp32, int8 and
     its linear kinds (int8-w7, ...) -> int8, int4 -> int4, everything else (auto, bf16,
-    fp16) -> native, the file's own precision class. Refuses the removed environment variable."""
+    fp16, and int8-nbits, which runs Q8_0/Q5_0 blocks exactly) -> native, the file's own
+    precision class. Refuses the removed environment variable."""
     if os.environ.get(REMOVED_CACHE_DTYPE_ENV):
         raise ModelLoadError(f"{REMOVED_CACHE_DTYPE_ENV} is no longer read: use --precision "
                              "(auto keeps the GGUF's precision class, int8 or fp32 convert it)")
     precision = precision or "auto"
     if precision in GGUF_PRECISIONS:
         return precision
+    if precision == "int8-nbits":  # the one int8 kind with a scale per block: Q8_0/Q5_0 run as stored
+        return "native"
     if precision == "int8" or precision.startswith("int8-"):
         return "int8"
     return "native"
@@ -535,7 +573,8 @@ def _gguf_names(gf: GGUFFile, cfg: ModelConfig) -> dict[str, str]:
 
 def convert_tensor(gf: GGUFFile, gguf_name: str, name: str, cfg: ModelConfig, precision: str) -> dict[str, np.ndarray]:
     """One GGUF tensor as the model folder stores it under `precision` (GGUF_PRECISIONS):
-    {name: float} or {name: int8, name_scale: float32} or Q4Weight.tensors(name).
+    {name: float} or {name: int8, name_scale: float32 (rows,) or, blockwise, (rows, in/32)}
+    or Q4Weight.tensors(name).
     2-D tensors are dequantized a chunk of rows at a time."""
     raw, qtype = gf.raw(gguf_name)
     permuted = gf.get("general.architecture") in PERMUTED_ARCHITECTURES and name.endswith(
@@ -556,6 +595,9 @@ def convert_tensor(gf: GGUFFile, gguf_name: str, name: str, cfg: ModelConfig, pr
         precision == "int4" or (precision == "native" and qtype.name in FOUR_BIT_TYPES))
     if to_q4 and qtype.name == "Q4_0":
         return q4_0_as_q4(raw).tensors(name)
+    if precision == "native" and qtype.name in BLOCKWISE_INT8_READERS:
+        codes, scales = BLOCKWISE_INT8_READERS[qtype.name](raw)
+        return {name: codes, name + SCALE_SUFFIX: scales}
     chunk = max(1, CHUNK_FLOAT_BYTES // (4 * cols))
     parts = []
     for start in range(0, rows, chunk):
@@ -617,6 +659,8 @@ def folder_quantization(weights: dict[str, np.ndarray]) -> str:
     """The model folder's `quantization` field for these stored tensors."""
     if any(k.endswith(".q4") for k in weights):
         return "int4-blockwise"
+    if any(k.endswith(SCALE_SUFFIX) and v.ndim == 2 for k, v in weights.items()):
+        return "int8-blockwise"
     return "int8-per-channel" if any(k.endswith(SCALE_SUFFIX) for k in weights) else "none"
 
 
