@@ -45,7 +45,7 @@ def test_cuda_replicas_each_ask_ray_for_one_gpu():
     deployment = _deployment(app)
     assert deployment.ray_actor_options == {"num_cpus": 1, "num_gpus": 1}
     assert deployment.num_replicas == 4 and deployment._deployment_config.autoscaling_config is None
-    engine_args, settings = deployment.init_args
+    engine_args, settings, _benchmark = deployment.init_args
     assert engine_args[2] == "cuda" and engine_args[-1] == "on"  # GPU replicas batch
     assert settings.hand_on  # several replicas: body sessions are handed on
 
