@@ -4,6 +4,8 @@ applied first. Branches that share a row share the work of one step."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from codecomplete.alignment import Alignment
@@ -43,7 +45,7 @@ def _nucleus_of(near: np.ndarray, values: np.ndarray, m: float, t: float, top_p:
     if len(near) > TOP_K:
         part = np.argpartition(values, len(near) - TOP_K)[len(near) - TOP_K:]
         near, values = near[part], values[part]
-    order = np.argsort(-values)
+    order = np.argsort(-values, kind="stable")  # ties by position (ascending id), as pick_many sorts them
     top = near[order]
     z = values[order] / t
     c = np.cumsum(np.exp(z - z[0]))  # z[0] is the largest
@@ -211,3 +213,60 @@ class Sampler:
                 nucleus = self._row_nucleus[row] = _nucleus(lg, self.temperature, self.top_p)
             tok = _draw(nucleus, self._rng(branch))
         return tok, float(lg[tok]) - lse
+
+
+def pick_many(steps: Sequence[tuple[Sampler, TopRows, Sequence[tuple[int, int]]]]) -> list[list[tuple[int, float]]]:
+    """Sampler.pick for many requests' steps at once: per step its sampler, its TopRows and
+    the (branch, row) pairs to pick for (no branch re-creating backed-off text). One pass
+    of numpy calls over the rows of all steps instead of a few calls per row: the same
+    tokens and log-probabilities (every float op in the dtype the per-row pick uses)."""
+    if not steps:
+        return []
+    counts = [len(top) for _, top, _ in steps]
+    values = np.concatenate([top.values for _, top, _ in steps]).astype(np.float32, copy=False)  # (R, K)
+    ids = np.concatenate([top.ids for _, top, _ in steps])
+    lse = np.concatenate([top.lse for _, top, _ in steps]).astype(np.float64)
+    first_row = np.cumsum([0, *counts[:-1]])
+    t = np.repeat(np.array([s._t for s, _, _ in steps], dtype=np.float32), counts)[:, None]
+    # the per-row pick's thresholds: TAIL·t in double, then rounded to float32 (a Python float
+    # meeting a float32 array), as top_p is
+    reach = np.repeat(np.array([TAIL * s._t for s, _, _ in steps], dtype=np.float64), counts).astype(np.float32)
+    top_p = np.repeat(np.array([s.top_p for s, _, _ in steps], dtype=np.float64), counts).astype(np.float32)
+    greedy = values.argmax(axis=1)  # the first of equal bests
+    best = values[np.arange(len(values)), greedy]
+    inside = values >= (best - reach)[:, None]
+    order = np.argsort(np.where(inside, -values, np.inf), axis=1, kind="stable")  # best first, the rest last
+    sorted_values = np.take_along_axis(values, order, axis=1)
+    sorted_ids = np.take_along_axis(ids, order, axis=1)
+    kept = np.take_along_axis(inside, order, axis=1)
+    z = sorted_values / t
+    weights = np.where(kept, np.exp(z - z[:, :1]), np.float32(0.0))
+    c = np.cumsum(weights, axis=1)  # sequential per row: the per-row cumsum's sums, then zeros
+    keep = np.minimum((c < (top_p * c[:, -1])[:, None]).sum(axis=1) + 1, kept.sum(axis=1))
+    total = c[np.arange(len(c)), keep - 1]  # the nucleus' mass, as _draw reads it
+    greedy_lp = (values[np.arange(len(values)), greedy].astype(np.float64) - lse).tolist()
+    greedy_ids = ids[np.arange(len(ids)), greedy].tolist()
+    draws_rows, draws_u = [], []
+    for (sampler, _, wants), row0 in zip(steps, first_row.tolist(), strict=True):
+        for branch, row in wants:
+            if branch != 0:
+                draws_rows.append(row0 + row)
+                draws_u.append(sampler._rng(branch).random())
+    if draws_rows:
+        r = np.array(draws_rows)
+        x = np.array(draws_u, dtype=np.float32) * total[r]  # float32, as rng.random() * c[-1]
+        within = np.arange(c.shape[1])[None, :] < keep[r][:, None]
+        i = np.minimum(((c[r] <= x[:, None]) & within).sum(axis=1), keep[r] - 1)
+        drawn_ids = sorted_ids[r, i].tolist()
+        drawn_lp = (sorted_values[r, i].astype(np.float64) - lse[r]).tolist()
+    out, d = [], 0
+    for (_, _, wants), row0 in zip(steps, first_row.tolist(), strict=True):
+        picks = []
+        for branch, row in wants:
+            if branch == 0:
+                picks.append((greedy_ids[row0 + row], greedy_lp[row0 + row]))
+            else:
+                picks.append((drawn_ids[d], drawn_lp[d]))
+                d += 1
+        out.append(picks)
+    return out
