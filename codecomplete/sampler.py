@@ -137,6 +137,7 @@ class Sampler:
         self._row_logits: dict[int, np.ndarray] = {}
         self._row_lse: dict[int, float] = {}
         self._row_nucleus: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._constrained: dict[tuple[int, bytes], list] = {}  # (row, remaining) -> ids, logits, lse, nucleus
 
     def start_step(self, logits: np.ndarray) -> None:
         self._logits = logits
@@ -144,6 +145,7 @@ class Sampler:
         self._row_logits.clear()
         self._row_lse.clear()
         self._row_nucleus.clear()
+        self._constrained.clear()
 
     def _rng(self, branch: int) -> np.random.Generator:
         rng = self._rngs.get(branch)
@@ -166,20 +168,15 @@ class Sampler:
             self._rows = _TopReduced(self._logits)
         if self._rows is None:
             logits = np.asarray(self._logits, dtype=np.float32)
-            if self.banned is not None and self._banned_mask is None:
-                self._banned_mask = np.zeros(logits.shape[1], dtype=bool)
-                self._banned_mask[self.banned] = True
-            self._rows = _Rows(logits, self._banned_mask, self._reach)
+            banned_mask = self._banned(logits.shape[1]) if self.banned is not None else None
+            self._rows = _Rows(logits, banned_mask, self._reach)
         return self._rows
 
     def pick(self, branch: int, row: int, remaining: bytes) -> tuple[int, float]:
         """(token, its log-probability) for a branch fed `row` that must still re-create
         `remaining` of the backed-off text."""
         if bool(remaining) and self.alignment.trie is not None:
-            lg = self.alignment.constrain(self._full_row(row), remaining)
-            lse = _logsumexp(lg)
-            tok = int(np.argmax(lg)) if branch == 0 else _sample(lg, self._rng(branch), self.temperature, self.top_p)
-            return tok, float(lg[tok]) - lse
+            return self._pick_constrained(branch, row, remaining)
         reduced = self._reduced()
         if not reduced.has[row]:
             return self._pick_full(branch, row)
@@ -198,6 +195,43 @@ class Sampler:
             nucleus = self._row_nucleus[row] = _nucleus_of(ids, values, m, self._t, self.top_p)
         tok = _draw(nucleus, self._rng(branch))
         return tok, float(values[np.searchsorted(ids, tok)]) - lse
+
+    def _pick_constrained(self, branch: int, row: int, remaining: bytes) -> tuple[int, float]:
+        """pick over the row's tokens that agree with `remaining` only: the finite entries of
+        alignment.constrain's row, in the same order, so the same log-sum-exp, argmax and
+        nucleus (a gather of a few ids instead of passes over the vocabulary)."""
+        key = (row, remaining)
+        hit = self._constrained.get(key)
+        if hit is None:
+            row_logits = self._logits[row]
+            ids = self.alignment.allowed(remaining, row_logits.shape[-1])
+            values = np.asarray(row_logits, dtype=np.float32)[ids]
+            if self.banned is not None and len(ids):
+                values[self._banned(row_logits.shape[-1])[ids]] = -np.inf
+            if not len(ids) or not np.isfinite(values.max()):  # nothing allowed: the whole row's answer
+                lg = self.alignment.constrain(self._full_row(row), remaining)
+                lse = _logsumexp(lg)
+                tok = int(np.argmax(lg)) if branch == 0 else _sample(lg, self._rng(branch), self.temperature,
+                                                                    self.top_p)
+                return tok, float(lg[tok]) - lse
+            hit = self._constrained[key] = [ids, values, _logsumexp(values), None]
+        ids, values, lse, nucleus = hit
+        if branch == 0:
+            i = int(np.argmax(values))
+            return int(ids[i]), float(values[i]) - lse
+        if nucleus is None:
+            m = values.max()
+            near = values >= m - TAIL * self._t
+            nucleus = hit[3] = _nucleus_of(ids[near], values[near], m, self._t, self.top_p)
+        tok = _draw(nucleus, self._rng(branch))
+        return tok, float(values[np.searchsorted(ids, tok)]) - lse
+
+    def _banned(self, vocab: int) -> np.ndarray:
+        """The banned ids as a mask over at least `vocab` ids."""
+        if self._banned_mask is None or len(self._banned_mask) < vocab:
+            self._banned_mask = np.zeros(vocab, dtype=bool)
+            self._banned_mask[self.banned] = True
+        return self._banned_mask
 
     def _pick_full(self, branch: int, row: int) -> tuple[int, float]:
         """pick over the whole row (its best token is banned)."""

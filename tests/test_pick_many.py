@@ -61,3 +61,51 @@ def test_pick_many_picks_what_each_request_picks(seed, requests, ties, ban):
 
 def test_pick_many_of_nothing_is_nothing():
     assert pick_many([]) == []
+
+
+def _vocab() -> list[bytes]:
+    letters = [bytes([c]) for c in b"ab _("]
+    out = [b""] + letters + [x + y for x in letters for y in letters]
+    return out + [x + y + z for x in letters for y in letters for z in letters[:3]]
+
+
+def reference_constrained_pick(logits, banned, alignment, remaining, branch, temperature, top_p, rng):
+    """The pick over a whole row: copy, ban, alignment.constrain, log-sum-exp, argmax or nucleus."""
+    from codecomplete.sampler import _logsumexp, _sample
+
+    lg = np.array(logits, dtype=np.float32)
+    if banned is not None:
+        lg[banned] = -np.inf
+    lg = alignment.constrain(lg, remaining)
+    lse = _logsumexp(lg)
+    tok = int(np.argmax(lg)) if branch == 0 else _sample(lg, rng, temperature, top_p)
+    return tok, float(lg[tok]) - lse
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), ties=st.booleans(), ban=st.booleans(),
+       temperature=st.sampled_from([0.0, 0.3, 0.8, 1.7]), top_p=st.sampled_from([0.5, 0.95, 1.0]))
+def test_a_constrained_pick_reads_only_the_allowed_ids_and_picks_what_the_masked_row_does(
+        seed, ties, ban, temperature, top_p):
+    from codecomplete.alignment import VocabTrie
+
+    rng = np.random.default_rng(seed)
+    vocab = _vocab()
+    trie = VocabTrie(vocab)
+    removed = b"".join(rng.choice([b"a", b"b", b" ", b"_", b"("], size=4).tolist())
+    alignment = Alignment(removed, trie)
+    banned = rng.choice(len(vocab), size=8, replace=False) if ban else None
+    sampler = Sampler(temperature=temperature, top_p=top_p, seed=seed % 1000, banned=banned, alignment=alignment)
+    refs: dict[int, np.random.Generator] = {}
+    for _ in range(3):
+        logits = (rng.standard_normal((3, len(vocab))) * 3.0).astype(np.float32)
+        if ties:
+            logits = np.round(logits)
+        sampler.start_step(logits)
+        for branch in range(6):  # branches sharing a row and its remaining text share its work
+            row = branch % 3
+            remaining = removed[branch % 3:]
+            ref_rng = refs.setdefault(branch, np.random.default_rng((seed % 1000) * 1000 + branch))
+            want = reference_constrained_pick(logits[row], banned, alignment, remaining, branch, temperature, top_p,
+                                              ref_rng)
+            assert sampler.pick(branch, row, remaining) == want
