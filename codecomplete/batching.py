@@ -47,7 +47,7 @@ from codecomplete.runtime.base import (
     Runtime,
     common_prefix_len,
 )
-from codecomplete.sampler import TAIL, TOP_K
+from codecomplete.sampler import TAIL, TOP_K, pick_many
 from codecomplete.sampling import DecodeLoop, GenerationResult, step_through
 
 log = logging.getLogger(__name__)
@@ -291,14 +291,17 @@ class BatchScheduler:
                 except Exception as e:  # the request's own error: its thread raises it
                     self._answer(call, error=e)
 
-    def _advance(self, call: _Call) -> None:
-        """Sample a driven loop's next tokens: it waits for the next decode, or it is done."""
+    def _advance(self, call: _Call, picks: list[tuple[int, float]] | None = None) -> None:
+        """Sample a driven loop's next tokens (its first step's picks made already, when
+        given): it waits for the next decode, or it is done."""
         loop: DecodeLoop = call.payload
         try:
-            while loop.sample():
+            going = loop.sample(picks)
+            while going:
                 if loop.prepare():
                     self._loops.append(call)
                     return
+                going = loop.sample()
             result = loop.result()
         except Exception as e:  # the request's own error (or its runtime call's): its thread raises it
             self._answer(call, error=e, back=False)
@@ -356,9 +359,25 @@ class BatchScheduler:
                 self._extended(owner, out)
             elif n_calls <= i < n_calls + n_loops:
                 owner.payload.accept(out)
-                self._advance(owner)
             else:
                 self._answer(owner, out)
+        self._advance_all(owners[n_calls:n_calls + n_loops])
+
+    def _advance_all(self, loops: list[_Call]) -> None:
+        """_advance every loop of a step, the picks over reduced rows made in one pick_many."""
+        together, wants = [], []
+        for call in loops:
+            want = call.payload.step_picks()
+            if want is not None:
+                together.append(call)
+                wants.append((call.payload.sampler, call.payload.logits, want))
+        try:
+            picked = dict(zip(map(id, together), pick_many(wants), strict=True))
+        except Exception:  # a bad row in the batch: each loop picks on its own, its error its own
+            log.exception("batch scheduler: pick_many failed; picking per request")
+            picked = {}
+        for call in loops:
+            self._advance(call, picked.get(id(call)))
 
     def _run_steps(self, steps: list[DecodeStep], loops: list[_Call], first_loop: int) -> list:
         """decode_many; where the runtime reduces rows on its device, the driven loops'

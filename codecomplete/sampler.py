@@ -4,6 +4,8 @@ applied first. Branches that share a row share the work of one step."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from codecomplete.alignment import Alignment
@@ -43,7 +45,7 @@ def _nucleus_of(near: np.ndarray, values: np.ndarray, m: float, t: float, top_p:
     if len(near) > TOP_K:
         part = np.argpartition(values, len(near) - TOP_K)[len(near) - TOP_K:]
         near, values = near[part], values[part]
-    order = np.argsort(-values)
+    order = np.argsort(-values, kind="stable")  # ties by position (ascending id), as pick_many sorts them
     top = near[order]
     z = values[order] / t
     c = np.cumsum(np.exp(z - z[0]))  # z[0] is the largest
@@ -135,6 +137,7 @@ class Sampler:
         self._row_logits: dict[int, np.ndarray] = {}
         self._row_lse: dict[int, float] = {}
         self._row_nucleus: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._constrained: dict[tuple[int, bytes], list] = {}  # (row, remaining) -> ids, logits, lse, nucleus
 
     def start_step(self, logits: np.ndarray) -> None:
         self._logits = logits
@@ -142,6 +145,7 @@ class Sampler:
         self._row_logits.clear()
         self._row_lse.clear()
         self._row_nucleus.clear()
+        self._constrained.clear()
 
     def _rng(self, branch: int) -> np.random.Generator:
         rng = self._rngs.get(branch)
@@ -164,20 +168,15 @@ class Sampler:
             self._rows = _TopReduced(self._logits)
         if self._rows is None:
             logits = np.asarray(self._logits, dtype=np.float32)
-            if self.banned is not None and self._banned_mask is None:
-                self._banned_mask = np.zeros(logits.shape[1], dtype=bool)
-                self._banned_mask[self.banned] = True
-            self._rows = _Rows(logits, self._banned_mask, self._reach)
+            banned_mask = self._banned(logits.shape[1]) if self.banned is not None else None
+            self._rows = _Rows(logits, banned_mask, self._reach)
         return self._rows
 
     def pick(self, branch: int, row: int, remaining: bytes) -> tuple[int, float]:
         """(token, its log-probability) for a branch fed `row` that must still re-create
         `remaining` of the backed-off text."""
         if bool(remaining) and self.alignment.trie is not None:
-            lg = self.alignment.constrain(self._full_row(row), remaining)
-            lse = _logsumexp(lg)
-            tok = int(np.argmax(lg)) if branch == 0 else _sample(lg, self._rng(branch), self.temperature, self.top_p)
-            return tok, float(lg[tok]) - lse
+            return self._pick_constrained(branch, row, remaining)
         reduced = self._reduced()
         if not reduced.has[row]:
             return self._pick_full(branch, row)
@@ -197,6 +196,43 @@ class Sampler:
         tok = _draw(nucleus, self._rng(branch))
         return tok, float(values[np.searchsorted(ids, tok)]) - lse
 
+    def _pick_constrained(self, branch: int, row: int, remaining: bytes) -> tuple[int, float]:
+        """pick over the row's tokens that agree with `remaining` only: the finite entries of
+        alignment.constrain's row, in the same order, so the same log-sum-exp, argmax and
+        nucleus (a gather of a few ids instead of passes over the vocabulary)."""
+        key = (row, remaining)
+        hit = self._constrained.get(key)
+        if hit is None:
+            row_logits = self._logits[row]
+            ids = self.alignment.allowed(remaining, row_logits.shape[-1])
+            values = np.asarray(row_logits, dtype=np.float32)[ids]
+            if self.banned is not None and len(ids):
+                values[self._banned(row_logits.shape[-1])[ids]] = -np.inf
+            if not len(ids) or not np.isfinite(values.max()):  # nothing allowed: the whole row's answer
+                lg = self.alignment.constrain(self._full_row(row), remaining)
+                lse = _logsumexp(lg)
+                tok = int(np.argmax(lg)) if branch == 0 else _sample(lg, self._rng(branch), self.temperature,
+                                                                    self.top_p)
+                return tok, float(lg[tok]) - lse
+            hit = self._constrained[key] = [ids, values, _logsumexp(values), None]
+        ids, values, lse, nucleus = hit
+        if branch == 0:
+            i = int(np.argmax(values))
+            return int(ids[i]), float(values[i]) - lse
+        if nucleus is None:
+            m = values.max()
+            near = values >= m - TAIL * self._t
+            nucleus = hit[3] = _nucleus_of(ids[near], values[near], m, self._t, self.top_p)
+        tok = _draw(nucleus, self._rng(branch))
+        return tok, float(values[np.searchsorted(ids, tok)]) - lse
+
+    def _banned(self, vocab: int) -> np.ndarray:
+        """The banned ids as a mask over at least `vocab` ids."""
+        if self._banned_mask is None or len(self._banned_mask) < vocab:
+            self._banned_mask = np.zeros(vocab, dtype=bool)
+            self._banned_mask[self.banned] = True
+        return self._banned_mask
+
     def _pick_full(self, branch: int, row: int) -> tuple[int, float]:
         """pick over the whole row (its best token is banned)."""
         lg = self._full_row(row)
@@ -211,3 +247,60 @@ class Sampler:
                 nucleus = self._row_nucleus[row] = _nucleus(lg, self.temperature, self.top_p)
             tok = _draw(nucleus, self._rng(branch))
         return tok, float(lg[tok]) - lse
+
+
+def pick_many(steps: Sequence[tuple[Sampler, TopRows, Sequence[tuple[int, int]]]]) -> list[list[tuple[int, float]]]:
+    """Sampler.pick for many requests' steps at once: per step its sampler, its TopRows and
+    the (branch, row) pairs to pick for (no branch re-creating backed-off text). One pass
+    of numpy calls over the rows of all steps instead of a few calls per row: the same
+    tokens and log-probabilities (every float op in the dtype the per-row pick uses)."""
+    if not steps:
+        return []
+    counts = [len(top) for _, top, _ in steps]
+    values = np.concatenate([top.values for _, top, _ in steps]).astype(np.float32, copy=False)  # (R, K)
+    ids = np.concatenate([top.ids for _, top, _ in steps])
+    lse = np.concatenate([top.lse for _, top, _ in steps]).astype(np.float64)
+    first_row = np.cumsum([0, *counts[:-1]])
+    t = np.repeat(np.array([s._t for s, _, _ in steps], dtype=np.float32), counts)[:, None]
+    # the per-row pick's thresholds: TAIL·t in double, then rounded to float32 (a Python float
+    # meeting a float32 array), as top_p is
+    reach = np.repeat(np.array([TAIL * s._t for s, _, _ in steps], dtype=np.float64), counts).astype(np.float32)
+    top_p = np.repeat(np.array([s.top_p for s, _, _ in steps], dtype=np.float64), counts).astype(np.float32)
+    greedy = values.argmax(axis=1)  # the first of equal bests
+    best = values[np.arange(len(values)), greedy]
+    inside = values >= (best - reach)[:, None]
+    order = np.argsort(np.where(inside, -values, np.inf), axis=1, kind="stable")  # best first, the rest last
+    sorted_values = np.take_along_axis(values, order, axis=1)
+    sorted_ids = np.take_along_axis(ids, order, axis=1)
+    kept = np.take_along_axis(inside, order, axis=1)
+    z = sorted_values / t
+    weights = np.where(kept, np.exp(z - z[:, :1]), np.float32(0.0))
+    c = np.cumsum(weights, axis=1)  # sequential per row: the per-row cumsum's sums, then zeros
+    keep = np.minimum((c < (top_p * c[:, -1])[:, None]).sum(axis=1) + 1, kept.sum(axis=1))
+    total = c[np.arange(len(c)), keep - 1]  # the nucleus' mass, as _draw reads it
+    greedy_lp = (values[np.arange(len(values)), greedy].astype(np.float64) - lse).tolist()
+    greedy_ids = ids[np.arange(len(ids)), greedy].tolist()
+    draws_rows, draws_u = [], []
+    for (sampler, _, wants), row0 in zip(steps, first_row.tolist(), strict=True):
+        for branch, row in wants:
+            if branch != 0:
+                draws_rows.append(row0 + row)
+                draws_u.append(sampler._rng(branch).random())
+    if draws_rows:
+        r = np.array(draws_rows)
+        x = np.array(draws_u, dtype=np.float32) * total[r]  # float32, as rng.random() * c[-1]
+        within = np.arange(c.shape[1])[None, :] < keep[r][:, None]
+        i = np.minimum(((c[r] <= x[:, None]) & within).sum(axis=1), keep[r] - 1)
+        drawn_ids = sorted_ids[r, i].tolist()
+        drawn_lp = (sorted_values[r, i].astype(np.float64) - lse[r]).tolist()
+    out, d = [], 0
+    for (_, _, wants), row0 in zip(steps, first_row.tolist(), strict=True):
+        picks = []
+        for branch, row in wants:
+            if branch == 0:
+                picks.append((greedy_ids[row0 + row], greedy_lp[row0 + row]))
+            else:
+                picks.append((drawn_ids[d], drawn_lp[d]))
+                d += 1
+        out.append(picks)
+    return out

@@ -94,17 +94,28 @@ class DecodeLoop:
         self.steps = self.rows_decoded = self.branch_rows = 0
         self.greedy_done_at: int | None = None
 
-    def sample(self) -> bool:
+    def step_picks(self) -> list[tuple[int, int]] | None:
+        """The (branch, row) pairs the next sample picks for, when sampler.pick_many can pick
+        them together with other loops' (its logits are TopRows, so no branch re-creates
+        backed-off text); None: sample picks them itself."""
+        if self.step >= self.max_new_tokens or not isinstance(self.logits, TopRows):
+            return None
+        return [(bi, self.row_of[bi]) for bi in self.active]
+
+    def sample(self, picks: list[tuple[int, float]] | None = None) -> bool:
         """Draw a token for every active branch from the current logits and apply the stop
-        rules; True while some branch goes on (then call prepare)."""
+        rules; True while some branch goes on (then call prepare). picks: the (token,
+        log-probability) of each branch of step_picks, picked already (pick_many)."""
         if self.step >= self.max_new_tokens:  # no token allowed at all
             return False
         branches, constraint_len = self.branches_out, len(self.alignment.removed)
         token_bytes, n_bytes = self.token_bytes, len(self.token_bytes)
-        self.sampler.start_step(self.logits)
-        for bi in self.active:
+        if picks is None:  # a branch's pick reads only its own row and remaining text: all first
+            sampler, row_of = self.sampler, self.row_of
+            sampler.start_step(self.logits)
+            picks = [sampler.pick(bi, row_of[bi], branches[bi].remaining) for bi in self.active]
+        for bi, (tok, lp) in zip(self.active, picks, strict=True):
             b = branches[bi]
-            tok, lp = self.sampler.pick(bi, self.row_of[bi], b.remaining)
             b.tokens.append(tok)
             if tok in self.stop_ids:
                 b.stop_reason = StopReason.EOS

@@ -212,17 +212,27 @@ def run_row(runtime: FreeRuntime, variant: str, users: int, doc: str, language: 
     profiles = ThreadProfiles() if args.profile else None
     scheduler = engine.scheduler
     scheduler_cpu_s = [0.0]
+    scheduler_busy_s = [0.0]  # the iterations' wall time outside the gather's waits
     if scheduler is not None:
         iteration = profiles.wrap(scheduler._iteration) if profiles is not None else scheduler._iteration
+        gather = scheduler._gather
 
         def timed_iteration():  # the scheduler thread's own CPU time: the driven loops' sampling
-            t0 = time.thread_time()
+            t0, w0 = time.thread_time(), time.perf_counter()
             try:
                 return iteration()
             finally:
                 scheduler_cpu_s[0] += time.thread_time() - t0
+                scheduler_busy_s[0] += time.perf_counter() - w0
 
-        scheduler._iteration = timed_iteration
+        def timed_gather():
+            w0 = time.perf_counter()
+            try:
+                return gather()
+            finally:
+                scheduler_busy_s[0] -= time.perf_counter() - w0
+
+        scheduler._iteration, scheduler._gather = timed_iteration, timed_gather
     complete = profiles.wrap(engine.complete) if profiles is not None else engine.complete
 
     def send(request: CompletionRequest) -> dict:
@@ -234,7 +244,7 @@ def run_row(runtime: FreeRuntime, variant: str, users: int, doc: str, language: 
         type_together([send], doc, "warmup.py", language, Typing(2, 0.0, 0.0), options, args.seed)
         if scheduler is not None:
             scheduler.stats.reset()
-            scheduler_cpu_s[0] = 0.0
+            scheduler_cpu_s[0] = scheduler_busy_s[0] = 0.0
         cpu0 = time.process_time()
         records, wall_s = type_together([send] * users, doc, "file.py", language,
                                         Typing(args.keystrokes, 0.0, 0.0), options, args.seed)
@@ -256,6 +266,9 @@ def run_row(runtime: FreeRuntime, variant: str, users: int, doc: str, language: 
                        for k in ("prompt", "prefill", "generate", "alignment", "postprocess", "rerank")}
     if scheduler is not None:
         row["scheduler_cpu_us_per_request_step"] = scheduler_cpu_s[0] * 1e6 / max(1, steps)
+        # busy minus CPU: the scheduler thread ready to run but not running (the GIL held by the
+        # requests' threads, or the machine's other processes); the gather's waits left out
+        row["scheduler_busy_us_per_request_step"] = scheduler_busy_s[0] * 1e6 / max(1, steps)
         decodes = scheduler.stats.decode_records()
         if decodes:
             row["requests_per_step"] = statistics.fmean(len(r.rows) for r in decodes)
@@ -337,7 +350,7 @@ def run(args) -> int:
                          "requests a step")
     compare(result["rows"], variants)
     columns = ["vocab", "variant", "users", "host_us_per_request_step", "host_cpu_us_per_request_step",
-               "scheduler_cpu_us_per_request_step", "p50_ms", "p95_ms",
+               "scheduler_cpu_us_per_request_step", "scheduler_busy_us_per_request_step", "p50_ms", "p95_ms",
                "keystrokes_per_s", "keystrokes_per_s_vs_sequential", f"host_us_vs_{variants[0]}", "requests_per_step"]
     emit(result, args.json, format_table(result["rows"], columns))
     return 0
