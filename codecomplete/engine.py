@@ -71,13 +71,15 @@ class Engine:
 
     batching: "off" runs one request at a time (callers from several threads queue); "on"
     runs concurrent requests together through a BatchScheduler (prefill_chunk_tokens: the
-    prompt tokens prefilled between two decode steps; cached_documents: prompt KV states
-    kept, one per document; gather_ms: how long a step waits for the requests of the last
+    prompt tokens prefilled between two decode steps; gather_ms: how long a step waits for the requests of the last
     one to come back; drive_loops: the scheduler thread steps each request's decode loop, else
-    the request's thread does, one decode call a step). close() stops the scheduler."""
+    the request's thread does, one decode call a step). cached_documents: prompt KV states
+    kept, one per document, another document's handed out only when all are in use (default:
+    CACHED_DOCUMENTS with batching; without, a laptop's two, which double as recycled
+    buffers). close() stops the scheduler."""
 
     def __init__(self, runtime: Runtime, batching: str = "off", prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
-                 cached_documents: int = CACHED_DOCUMENTS, gather_ms: float = GATHER_MS, drive_loops: bool = True):
+                 cached_documents: int | None = None, gather_ms: float = GATHER_MS, drive_loops: bool = True):
         if batching not in BATCHING_MODES:
             raise ValueError(f"unknown batching {batching!r} ({', '.join(BATCHING_MODES)})")
         self.runtime = runtime
@@ -87,12 +89,13 @@ class Engine:
         if batching == "on":
             self.scheduler: BatchScheduler | None = BatchScheduler(runtime, prefill_chunk_tokens=prefill_chunk_tokens,
                                                                    gather_ms=gather_ms, drive_loops=drive_loops)
-            self.contexts = ContextCache(size=cached_documents, others_when_full=True)
             self._documents = DocumentTurns()
+            cached_documents = cached_documents or CACHED_DOCUMENTS
         else:
             self.scheduler = None
-            self.contexts = ContextCache()
             self._one_at_a_time = threading.Lock()
+        self.contexts = (ContextCache(size=cached_documents, others_when_full=True) if cached_documents
+                         else ContextCache())
         # reuse what the last keystroke computed: the logits of an unchanged prompt, the KV and
         # logits of the branches it decoded (off only to measure what that saves)
         self.reuse_keystrokes = True

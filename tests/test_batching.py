@@ -318,3 +318,16 @@ def test_exact_new_tokens_decodes_the_same_length_every_time(tiny_model_dir):
 def test_a_stopped_prefill_is_an_exception_with_its_part():
     e = PrefillStopped(None, None)
     assert e.state is None and "stopped" in str(e)
+
+
+def test_the_documents_whose_prompt_kv_is_kept(tiny_model_dir):
+    rt = _runtime(tiny_model_dir, "fallback")
+    laptop = Engine(rt).contexts  # two entries, which a new document may take over
+    assert (laptop.size, laptop.others_when_full) == (2, False)
+    replica = Engine(rt, cached_documents=16).contexts  # a server's typists keep their own
+    assert (replica.size, replica.others_when_full) == (16, True)
+    batched = Engine(rt, batching="on")
+    try:
+        assert batched.contexts.others_when_full and batched.contexts.size > 16
+    finally:
+        batched.close()

@@ -58,12 +58,7 @@ def _private_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def four_bit_gguf(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gguf-4bit")
-    mp = pytest.MonkeyPatch()
-    mp.setattr(gguf_files, "pick_type", four_bit_type)
-    try:
-        return gguf_files.write_gguf(folder / "tiny-q4.gguf", "qwen2", False, "qwen2", seed=5)
-    finally:
-        mp.undo()
+    return gguf_files.write_gguf(folder / "tiny-q4.gguf", "qwen2", False, "qwen2", seed=5, pick=four_bit_type)
 
 
 def test_q4_0_converts_exactly(four_bit_gguf):

@@ -47,12 +47,7 @@ def _private_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def qwen_like_gguf(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gguf-q5")
-    mp = pytest.MonkeyPatch()
-    mp.setattr(gguf_files, "pick_type", qwen_like_type)
-    try:
-        return gguf_files.write_gguf(folder / "tiny-q5.gguf", "qwen2", False, "qwen2", seed=7)
-    finally:
-        mp.undo()
+    return gguf_files.write_gguf(folder / "tiny-q5.gguf", "qwen2", False, "qwen2", seed=7, pick=qwen_like_type)
 
 
 @pytest.mark.parametrize("qtype, reader", [(Q.Q8_0, q8_0_as_blockwise), (Q.Q5_0, q5_0_as_blockwise)])

@@ -125,7 +125,8 @@ def gguf_writer(path, arch: str, hf_cfg):
     return w
 
 
-def write_gguf(path, arch: str, tie: bool, pre: str, seed: int = 0, extra=None, all_f32: bool = False):
+def write_gguf(path, arch: str, tie: bool, pre: str, seed: int = 0, extra=None, all_f32: bool = False,
+               pick=None):
     """A tiny GGUF written the way llama.cpp's converter would (q/k permuted for llama)."""
     tok_file = train_test_tokenizer(path.with_suffix(".tokenizer.json"), vocab_size=300)
     tok = json.loads(tok_file.read_text())
@@ -154,7 +155,7 @@ def write_gguf(path, arch: str, tie: bool, pre: str, seed: int = 0, extra=None, 
         if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = hf_cfg.num_attention_heads if "attn_q" in name else hf_cfg.num_key_value_heads
             arr = llama_cpp_permute(arr, heads)
-        qtype = Q.F32 if all_f32 else pick_type(name)
+        qtype = Q.F32 if all_f32 else (pick or pick_type)(name)
         data = encode_tensor(arr, qtype, rng)
         w.add_tensor(name, data, raw_dtype=qtype if qtype not in (Q.F32, Q.F16) else None)
     w.write_header_to_file()

@@ -39,7 +39,6 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.schema import LoggingConfig
 
-from codecomplete.cache import ContextCache
 from codecomplete.request import CancelToken, Completion, CompletionRequest
 from codecomplete.serve import infill, native, openai
 from codecomplete.serve.auth import ApiKey, ConcurrencyLimit, KeyRing
@@ -151,16 +150,15 @@ class EngineReplica:
                  batching: str = "off", exact_new_tokens: int | None = None):
         from codecomplete.engine import Engine
 
+        # a replica serves many typists: each keeps its own prompt KV (without batching the
+        # engine's default is a laptop's two, which a new document may take from another)
+        cached = None if batching == "on" else UNBATCHED_CACHED_DOCUMENTS
         if model == RANDOM_7B:
-            self.engine = Engine(random_7b_runtime(runtime, device, precision), batching=batching)
+            self.engine = Engine(random_7b_runtime(runtime, device, precision), batching=batching,
+                                 cached_documents=cached)
         else:
             self.engine = Engine.load(model, runtime=runtime, device=device, precision=precision, threads=threads,
-                                      batching=batching)
-        if batching != "on":
-            # the engine alone keeps two prompts' KV and lets a new document take another's (a
-            # laptop's recycled buffers); a replica serves many typists: each keeps its own, and
-            # a new one takes another's only when all are in use
-            self.engine.contexts = ContextCache(size=UNBATCHED_CACHED_DOCUMENTS, others_when_full=True)
+                                      batching=batching, cached_documents=cached)
         if exact_new_tokens:
             # benchmarks only (bench serve --device --url): each keystroke does the work the
             # in-process benchmark's does, so the two compare
