@@ -44,6 +44,7 @@ from codecomplete.postprocess import clean_candidates
 from codecomplete.prompt import PromptBuilder
 from codecomplete.request import Candidate, Completion, CompletionRequest
 from codecomplete.rerank import rerank
+from codecomplete.rerank_pool import RerankPool, default_rerank_workers
 from codecomplete.reuse import KeptContext, Prefilled, Reuse, reuse_last
 from codecomplete.runtime import Runtime, load_runtime
 from codecomplete.sampler import Sampler
@@ -76,10 +77,13 @@ class Engine:
     the request's thread does, one decode call a step). cached_documents: prompt KV states
     kept, one per document, another document's handed out only when all are in use (default:
     CACHED_DOCUMENTS with batching; without, a laptop's two, which double as recycled
-    buffers). close() stops the scheduler."""
+    buffers). rerank_workers: processes that run the reranker's tree-sitter checks, off the
+    GIL the scheduler needs (None: default_rerank_workers, none without batching; 0: in
+    the request's thread). close() stops the scheduler and those processes."""
 
     def __init__(self, runtime: Runtime, batching: str = "off", prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
-                 cached_documents: int | None = None, gather_ms: float = GATHER_MS, drive_loops: bool = True):
+                 cached_documents: int | None = None, gather_ms: float = GATHER_MS, drive_loops: bool = True,
+                 rerank_workers: int | None = None):
         if batching not in BATCHING_MODES:
             raise ValueError(f"unknown batching {batching!r} ({', '.join(BATCHING_MODES)})")
         self.runtime = runtime
@@ -96,6 +100,13 @@ class Engine:
             self._one_at_a_time = threading.Lock()
         self.contexts = (ContextCache(size=cached_documents, others_when_full=True) if cached_documents
                          else ContextCache())
+        if rerank_workers is None:
+            rerank_workers = default_rerank_workers(batching)
+        if rerank_workers < 0:
+            raise ValueError(f"rerank_workers must be 0 or more, not {rerank_workers}")
+        self.rerank_pool = RerankPool(rerank_workers) if rerank_workers else None
+        self._running = 0  # requests inside complete(): a lone one reranks in place (no process hop)
+        self._running_lock = threading.Lock()
         # reuse what the last keystroke computed: the logits of an unchanged prompt, the KV and
         # logits of the branches it decoded (off only to measure what that saves)
         self.reuse_keystrokes = True
@@ -125,9 +136,11 @@ class Engine:
                    batching=batching, **settings)
 
     def close(self) -> None:
-        """Stop the batch scheduler's thread (nothing to do without batching)."""
+        """Stop the batch scheduler's thread and the rerank processes (nothing to do without)."""
         if self.scheduler is not None:
             self.scheduler.close()
+        if self.rerank_pool is not None:
+            self.rerank_pool.close()
 
     def forget(self) -> None:
         """Drop what earlier requests left behind (prompt KV states, shown candidates), so the
@@ -138,7 +151,7 @@ class Engine:
 
     def describe(self) -> dict:
         return {**self.runtime.describe(), "params_m": round(self.runtime.config.n_params() / 1e6, 1),
-                "batching": self.batching}
+                "batching": self.batching, "rerank_workers": self.rerank_pool.workers if self.rerank_pool else 0}
 
     # -- the pipeline -----------------------------------------------------------------
     def complete(self, request: CompletionRequest) -> Completion:
@@ -150,8 +163,14 @@ class Engine:
         if request is None:  # too big or binary: no completion (and no error)
             return Completion([], {"total": 0.0})
         key = request.path or "<untitled>"
-        with self._turn(key):
-            return self._complete(request, key, t_start, decode_deadline)
+        with self._running_lock:
+            self._running += 1
+        try:
+            with self._turn(key):
+                return self._complete(request, key, t_start, decode_deadline)
+        finally:
+            with self._running_lock:
+                self._running -= 1
 
     def _turn(self, key: str):
         """Held while a request runs: the engine's one turn without batching, its document's with."""
@@ -212,7 +231,11 @@ class Engine:
         candidates = clean_candidates(candidates, prefix, suffix, scope)
         t = timer.stage("postprocess", t)
         if opts.rerank:
-            candidates = rerank(candidates, prefix, suffix, lang)
+            # in a worker process while other requests run (their scheduler needs the GIL that
+            # tree-sitter holds); a lone request saves the hop
+            pooled = self.rerank_pool is not None and lang is not None and candidates and self._running > 1
+            reports = self.rerank_pool.reports(prefix, suffix, lang, [c.text for c in candidates]) if pooled else None
+            candidates = rerank(candidates, prefix, suffix, lang, reports=reports)
         else:
             candidates.sort(key=lambda c: -c.logprob)
             for c in candidates:

@@ -290,6 +290,14 @@ def syntax_report(prefix: str, text: str, suffix: str, lang: Language) -> Syntax
     return _report(_baseline(lang, *_window_texts(prefix, suffix, lang)), text, lang)
 
 
+def syntax_reports(prefix: str, suffix: str, lang: Language, texts: list[str]) -> list[SyntaxReport]:
+    """syntax_report of each text at one cursor (the window parsed once for all)."""
+    if not texts:
+        return []
+    base = _baseline(lang, *_window_texts(prefix, suffix, lang))
+    return [_report(base, text, lang) for text in texts]
+
+
 def _report(base: _Baseline, text: str, lang: Language) -> SyntaxReport:
     state = scan_brackets(text, lang, base.prefix_state.copy())[0]
     scan = _suffix_scan(base, state, lang)
@@ -365,15 +373,23 @@ def rerank(
     lang: Language | None,
     syntax_weight: float = SYNTAX_WEIGHT,
     length_weight: float = LENGTH_WEIGHT,
+    reports: list[SyntaxReport] | None = None,
 ) -> list[Candidate]:
-    """Score = mean log-prob - syntax penalty + length bonus; best first (stable)."""
-    base = _baseline(lang, *_window_texts(prefix, suffix, lang)) if lang and candidates else None
+    """Score = mean log-prob - syntax penalty + length bonus; best first (stable).
+    reports: the candidates' syntax reports, made elsewhere (a RerankPool's processes);
+    None: made here."""
+    if lang is None or not candidates:
+        reports = None
+    elif reports is None:
+        reports = syntax_reports(prefix, suffix, lang, [c.text for c in candidates])
+    elif len(reports) != len(candidates):
+        raise ValueError(f"{len(reports)} syntax reports for {len(candidates)} candidates")
     ranked = []
-    for cand in candidates:
+    for i, cand in enumerate(candidates):
         parts = {"logprob": cand.logprob}
         syntax_ok = True
-        if base is not None:
-            report = _report(base, cand.text, lang)
+        if reports is not None:
+            report = reports[i]
             syntax_ok = report.ok
             parts["syntax"] = -syntax_weight * syntax_penalty(report)
             parts["length"] = length_weight * math.log1p(len(cand.text.strip()))

@@ -32,7 +32,7 @@ def test_bench_serve_in_process_reports_each_variant_and_its_step_figures(tiny_m
         code = bench_serve.run(_args(
             "--device", "cpu", "--model", str(tiny_model_dir), "--users", "1,3", "--variants", ",".join(VARIANTS),
             "--keystrokes", "4", "--interval-ms", "10", "--pause-ms", "10", "--n", "2", "--new-tokens", "5",
-            "--context-tokens", "160", "--copy-gbps", "10", "--max-row-s", "5", "--cold-every-s", "0.2",
+            "--context-tokens", "160", "--copy-gbps", "10", "--max-row-s", "5", "--cold-every-s", "0.03",
             "--cold-tokens", "300", "--json", "--plot", str(tmp_path / "serve.png")))
     finally:
         torch.set_num_threads(threads)

@@ -50,6 +50,16 @@ def test_cuda_replicas_each_ask_ray_for_one_gpu():
     assert settings.hand_on  # several replicas: body sessions are handed on
 
 
+def test_rerank_workers_reach_the_replicas_engine_and_bad_counts_are_refused():
+    deployment = _deployment(build_from_settings(_args("--device", "cuda", "--runtime", "torch",
+                                                       "--rerank-workers", "3"))[0])
+    assert deployment.init_args[2] == {"rerank_workers": 3}
+    default = _deployment(build_from_settings(_args("--device", "cuda", "--runtime", "torch"))[0])
+    assert default.init_args[2] is None  # the Engine's own default (a few with batching)
+    with pytest.raises(SystemExit, match="--rerank-workers"):
+        build_from_settings(_args("--rerank-workers", "-1"))
+
+
 def test_cpu_replicas_share_the_cores_without_gpus():
     deployment = _deployment(build_from_settings(_args("--replicas", "2"))[0])
     assert "num_gpus" not in deployment.ray_actor_options and deployment.ray_actor_options["num_cpus"] > 0

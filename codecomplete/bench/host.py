@@ -40,11 +40,12 @@ from codecomplete.sampler import TAIL, TOP_K
 
 QWEN_VOCAB = 152064
 # variant -> Engine keywords
-VARIANTS = {"sequential": {"batching": "off"},
-            "batched-threads": {"batching": "on", "drive_loops": False},
-            "batched": {"batching": "on"},
-            "batched-top": {"batching": "on"}}
-REDUCING = {"batched-top"}  # the runtime hands the driven loops TopRows, as the torch runtime does on CUDA
+VARIANTS = {"sequential": {"batching": "off", "rerank_workers": 0},
+            "batched-threads": {"batching": "on", "drive_loops": False, "rerank_workers": 0},
+            "batched": {"batching": "on", "rerank_workers": 0},
+            "batched-top": {"batching": "on", "rerank_workers": 0},
+            "batched-top-pool": {"batching": "on", "rerank_workers": None}}  # None: --rerank-workers
+REDUCING = {"batched-top", "batched-top-pool"}  # the runtime hands the driven loops TopRows, as the torch runtime does on CUDA
 NEAR_TOKENS = 24  # tokens of a row within sampling reach of its best
 MAX_ROWS = 256  # rows of precomputed logits a step's views are cut from (32 users x 4 fit)
 PROFILE_LINES = 30
@@ -54,10 +55,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", nargs="?", default=str(TYPING_SAMPLE), help="source file the users type through")
     p.add_argument("--vocab", default=f"{QWEN_VOCAB},16384", help="vocabulary sizes, comma-separated")
     p.add_argument("--users", default="1,8,32", help="concurrent users, comma-separated")
-    p.add_argument("--variants", default="sequential,batched-threads,batched,batched-top",
+    p.add_argument("--variants", default="sequential,batched-threads,batched,batched-top,batched-top-pool",
                    help=f"comma-separated: {', '.join(VARIANTS)} (batched-threads: each request's decode loop "
                         "in its own thread, the scheduler batching its calls; batched: the scheduler steps the "
-                        "loops; batched-top: and the runtime reduces the rows to their best tokens, as on CUDA)")
+                        "loops; batched-top: and the runtime reduces the rows to their best tokens, as on CUDA; batched-top-pool: and "
+                        "the reranker's tree-sitter checks run in --rerank-workers processes, as a GPU replica's do)")
+    p.add_argument("--rerank-workers", type=int, default=None,
+                   help="batched-top-pool's rerank processes (default: a GPU replica's default on this machine, "
+                        "at least 1)")
     p.add_argument("--keystrokes", type=int, default=12, help="keystrokes per user")
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=16)
@@ -196,11 +201,21 @@ class ThreadProfiles:
         return [line.rstrip() for line in text[start:] if line.strip()]
 
 
+def rerank_workers(args) -> int:
+    from codecomplete.rerank_pool import default_rerank_workers
+
+    if args.rerank_workers is not None:
+        return max(1, args.rerank_workers)
+    return max(1, default_rerank_workers("on"))
+
+
 def run_row(runtime: FreeRuntime, variant: str, users: int, doc: str, language: str, options: CompletionOptions,
             args) -> dict:
     from codecomplete.engine import Engine
 
     kwargs = dict(VARIANTS[variant])
+    if kwargs["rerank_workers"] is None:
+        kwargs["rerank_workers"] = rerank_workers(args)
     if args.gather_ms is not None and kwargs["batching"] == "on":
         kwargs["gather_ms"] = args.gather_ms
     runtime.reduces_rows = variant in REDUCING
@@ -254,7 +269,7 @@ def run_row(runtime: FreeRuntime, variant: str, users: int, doc: str, language: 
     steps = sum(r["steps"] for r in records)
     ms = [r["ms"] for r in records]
     span_s = max(r["t1"] for r in records) - min(r["t0"] for r in records)
-    row = {"vocab": runtime.config.vocab_size, "variant": variant, "users": users, "keystrokes": len(records),
+    row = {"vocab": runtime.config.vocab_size, "variant": variant, "users": users, "rerank_workers": kwargs["rerank_workers"], "keystrokes": len(records),
            "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95), "keystrokes_per_s": keystrokes_per_s(records),
            "request_steps_per_keystroke": steps / max(1, len(records)),
            "host_us_per_request_step": span_s * 1e6 / max(1, steps),

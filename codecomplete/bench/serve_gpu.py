@@ -44,7 +44,10 @@ from codecomplete.runtime import DEVICES
 
 # variant -> (Engine batching, the runtime's batch_attention)
 VARIANTS = {"sequential": ("off", "bifurcated"), "batched-plain": ("on", "plain"),
-            "batched-bifurcated": ("on", "bifurcated")}
+            "batched-bifurcated": ("on", "bifurcated"), "batched-inline-rerank": ("on", "bifurcated")}
+# variants whose reranker runs in the request's thread (the others: --rerank-workers processes,
+# a GPU replica's default); batched-inline-rerank is batched-bifurcated without the processes
+INLINE_RERANK = {"sequential", "batched-inline-rerank"}
 SERVICE = "service"  # the team server at --url, the same typists over HTTP
 VARIANT_NAMES = (*VARIANTS, SERVICE)
 # the in-process variant a service row is compared with: the first of these that ran
@@ -75,6 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --device: prompt tokens prefilled between two decode steps")
     p.add_argument("--gather-ms", type=float, default=GATHER_MS,
                    help="with --device: how long a batched step waits for the requests of the last one")
+    p.add_argument("--rerank-workers", type=int, default=None,
+                   help="with --device: rerank processes of the batched variants (default: a GPU replica's, "
+                        "a quarter of the cores, at most 4); batched-inline-rerank and sequential rerank in place")
     p.add_argument("--max-row-s", type=float, default=30.0,
                    help="with --device: a user starts no keystroke later than this after its first one")
     p.add_argument("--cold-every-s", type=float, default=0.0,
@@ -306,6 +312,7 @@ def run_row(engine, runtime, variant: str, users: int, cold: bool, doc: str, lan
                                         args.seed)
     steps = recorder.records if recorder is not None else list(engine.scheduler.stats.records)
     row = {"variant": variant, "users": users, "cold_every_s": args.cold_every_s if cold else 0,
+           "rerank_workers": engine.describe()["rerank_workers"],
            **latency_figures(records), "wall_s": wall_s,
            **step_figures(steps, runtime.config, precision, VARIANTS[variant][1] == "bifurcated", copy_gbps),
            "records": records}
@@ -411,6 +418,10 @@ def compare(rows: list[dict]) -> None:
         plain = find("batched-plain", r["users"], cold)
         if r["variant"] == "batched-bifurcated" and plain is not None:
             r["keystrokes_per_s_vs_plain"] = ratio(r["keystrokes_per_s"], plain["keystrokes_per_s"])
+        inline = find("batched-inline-rerank", r["users"], cold)
+        if r["variant"] == "batched-bifurcated" and inline is not None:
+            r["keystrokes_per_s_vs_inline_rerank"] = ratio(r["keystrokes_per_s"], inline["keystrokes_per_s"])
+            r["p95_vs_inline_rerank"] = ratio(r["p95_ms"], inline["p95_ms"])
         if cold:
             quiet = find(r["variant"], r["users"], False)
             if quiet is not None:
@@ -469,7 +480,8 @@ def run(args, users_list: list[int], variants: list[str]) -> int:
         t0 = time.perf_counter()
         runtime = runtimes.get(attention)
         engine = Engine(runtime, batching=batching, prefill_chunk_tokens=args.prefill_chunk_tokens,
-                        cached_documents=2 * max(users_list) + 2 * COLD_IN_FLIGHT, gather_ms=args.gather_ms)
+                        cached_documents=2 * max(users_list) + 2 * COLD_IN_FLIGHT, gather_ms=args.gather_ms,
+                        rerank_workers=0 if variant in INLINE_RERANK else args.rerank_workers)
         engine.exact_new_tokens = args.new_tokens
         engine.reuse_keystrokes = False  # every keystroke runs the model: the same work each time
         progress(f"  {variant}: ready in {time.perf_counter() - t0:.1f} s")

@@ -147,7 +147,7 @@ class EngineReplica:
     time in one thread; with batching each in its own thread, all at once."""
 
     def __init__(self, model: str | None, runtime: str, device: str, precision: str, threads: int | None,
-                 batching: str = "off", exact_new_tokens: int | None = None):
+                 batching: str = "off", exact_new_tokens: int | None = None, rerank_workers: int | None = None):
         from codecomplete.engine import Engine
 
         # a replica serves many typists: each keeps its own prompt KV (without batching the
@@ -155,10 +155,10 @@ class EngineReplica:
         cached = None if batching == "on" else UNBATCHED_CACHED_DOCUMENTS
         if model == RANDOM_7B:
             self.engine = Engine(random_7b_runtime(runtime, device, precision), batching=batching,
-                                 cached_documents=cached)
+                                 cached_documents=cached, rerank_workers=rerank_workers)
         else:
             self.engine = Engine.load(model, runtime=runtime, device=device, precision=precision, threads=threads,
-                                      batching=batching, cached_documents=cached)
+                                      batching=batching, cached_documents=cached, rerank_workers=rerank_workers)
         if exact_new_tokens:
             # benchmarks only (bench serve --device --url): each keystroke does the work the
             # in-process benchmark's does, so the two compare
@@ -257,20 +257,20 @@ class Gateway:
     """One replica: the HTTP routes (checks, API shapes) and its own EngineReplica, loaded in
     the background so that /health answers 503 meanwhile."""
 
-    def __init__(self, engine_args: tuple, settings: ServeSettings, engine_benchmark: dict | None = None):
+    def __init__(self, engine_args: tuple, settings: ServeSettings, engine_options: dict | None = None):
         self.settings = settings
         self.keyring = KeyRing(list(settings.keys))
         self.limit = ConcurrencyLimit(settings.per_key_concurrency)
         self.started = int(time.time())
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._loaded: concurrent.futures.Future[EngineReplica] = concurrent.futures.Future()
-        threading.Thread(target=self._load, args=engine_args, kwargs=engine_benchmark or {}, name="engine-load",
+        threading.Thread(target=self._load, args=engine_args, kwargs=engine_options or {}, name="engine-load",
                          daemon=True).start()
         self._peers = None  # a handle to this deployment, for requests handed on by session
 
-    def _load(self, *engine_args, **engine_benchmark) -> None:
+    def _load(self, *engine_args, **engine_options) -> None:
         try:
-            self._loaded.set_result(EngineReplica(*engine_args, **engine_benchmark))
+            self._loaded.set_result(EngineReplica(*engine_args, **engine_options))
         except BaseException as e:  # the replica reports it unhealthy; Ray Serve starts another
             log.error("the engine failed to load: %s: %s", type(e).__name__, e)
             self._loaded.set_exception(e)
@@ -493,12 +493,15 @@ def wait_until_loaded(app_name: str, replicas: int, timeout_s: float = 600.0) ->
 def build_app(model: str | None = None, runtime: str = "onnx", device: str = "cpu", precision: str = "auto",
               replicas: int = 1, autoscale: tuple[int, int] | Autoscaling | None = None, threads: int | None = None,
               replica_cpus: float = 1.0, affinity: bool = True, settings: ServeSettings | None = None,
-              imbalance_requests: int | None = None, batching: str = "off", exact_new_tokens: int | None = None):
+              imbalance_requests: int | None = None, batching: str = "off", exact_new_tokens: int | None = None,
+              rerank_workers: int | None = None):
     """The application: `serve.run(build_app(...), route_prefix=...)` starts it.
     autoscale (min, max), or an Autoscaling, replaces a fixed replica count; on CUDA each
     replica takes a GPU. batching "on": each replica runs its requests together (Engine's
     batch scheduler). exact_new_tokens (benchmarks only): every keystroke
-    decodes exactly that many tokens (Engine.exact_new_tokens, keystroke reuse off)."""
+    decodes exactly that many tokens (Engine.exact_new_tokens, keystroke reuse off).
+    rerank_workers: each replica's rerank processes (None: the Engine's default, a few
+    with batching, none without)."""
     resources = {"num_cpus": 1, "num_gpus": 1} if device == "cuda" else {"num_cpus": replica_cpus}
     settings = settings or ServeSettings()
     options: dict[str, Any] = {
@@ -522,6 +525,7 @@ def build_app(model: str | None = None, runtime: str = "onnx", device: str = "cp
         options["request_router_config"] = RequestRouterConfig(
             request_router_class="codecomplete.serve.router:SessionAffinityRouter", request_router_kwargs=kwargs)
     settings = dataclasses.replace(settings, hand_on=affinity and most_replicas > 1)
-    benchmark = {"exact_new_tokens": exact_new_tokens} if exact_new_tokens else None
+    engine_options = {name: value for name, value in (("exact_new_tokens", exact_new_tokens),
+                                                       ("rerank_workers", rerank_workers)) if value is not None}
     return deployment.options(**options).bind((model, runtime, device, precision, threads, batching), settings,
-                                              benchmark)
+                                              engine_options or None)

@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batching", default=None, choices=["on", "off"],
                    help="run a replica's requests together, their decode steps batched (default: on with "
                         "--device cuda, off on CPU)")
+    p.add_argument("--rerank-workers", type=int, default=None, metavar="N",
+                   help="processes per replica for the reranker's tree-sitter checks, off the GIL its batch "
+                        "scheduler needs (default: with batching a quarter of the cores, at most 4; without, 0)")
     p.add_argument("--affinity", default="on", choices=["on", "off"],
                    help="route each session to the replica holding its KV cache (off: power of two choices)")
     p.add_argument("--exact-new-tokens", type=int, default=0, metavar="N",
@@ -75,6 +78,8 @@ def check_settings(args) -> tuple[list, tuple[int, int] | None]:
         raise SystemExit("codecomplete serve: --replicas must be at least 1")
     if args.exact_new_tokens < 0:
         raise SystemExit("codecomplete serve: --exact-new-tokens must be 0 (off) or more")
+    if args.rerank_workers is not None and args.rerank_workers < 0:
+        raise SystemExit("codecomplete serve: --rerank-workers must be 0 (rerank in place) or more")
     scaling_flags = {"--target-ongoing-requests": args.target_ongoing_requests,
                      "--upscale-delay-s": args.upscale_delay_s, "--downscale-delay-s": args.downscale_delay_s}
     for flag, value in scaling_flags.items():
@@ -161,7 +166,7 @@ def build_from_settings(args):
     app = build_app(args.model, runtime=args.runtime, device=args.device, precision=args.precision,
                     replicas=args.replicas, autoscale=scaling, threads=threads, replica_cpus=replica_cpus,
                     affinity=args.affinity == "on", settings=settings, batching=replica_batching(args),
-                    exact_new_tokens=args.exact_new_tokens or None)
+                    exact_new_tokens=args.exact_new_tokens or None, rerank_workers=args.rerank_workers)
     return app, keys, autoscale
 
 

@@ -1,0 +1,120 @@
+"""The reranker's checks in worker processes (a batching replica's RerankPool): the same
+reports as in place, the same answers from the engine, a killed worker replaced without a
+request lost, the workers stopped by close()."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from codecomplete.languages import language_for
+from codecomplete.models.testing import SAMPLE_CODE
+from codecomplete.request import CompletionOptions, CompletionRequest
+from codecomplete.rerank import syntax_reports
+from codecomplete.rerank_pool import RerankPool, default_rerank_workers
+
+CASES = [  # (language, prefix, suffix, candidate texts): fine ones and broken ones
+    ("python", "def area(r):\n    return 3.14 * r", "\n\nprint(area(2))\n",
+     [" * r", " * (r", ")", " * r\n    if r < 0:"]),
+    ("python", SAMPLE_CODE[:200], SAMPLE_CODE[200:], ["x", "(", "'abc", "pass"]),
+    ("javascript", "function add(a, b) {\n  return a", "\n}\n", [" + b;", " + (b;", " +", "}"]),
+    ("go", "package main\n\nfunc main() {\n\tx := ", "\n}\n", ["1", "[]int{1, 2", "f(", "\"s"]),
+    ("rust", "fn main() {\n    let v = vec![1, 2", "\n}\n", ["];", ", 3];", "", ")"]),
+]
+
+
+@pytest.fixture(scope="module")
+def pool():
+    p = RerankPool(2)
+    yield p
+    p.close()
+
+
+def test_pool_reports_equal_in_place(pool):
+    for language, prefix, suffix, texts in CASES:
+        lang = language_for(language)
+        assert pool.reports(prefix, suffix, lang, texts) == syntax_reports(prefix, suffix, lang, texts)
+    assert pool.in_place == 0
+    assert pool.reports("x = ", "", language_for("python"), []) == []
+
+
+def test_pool_serves_threads_at_once(pool):
+    lang = language_for("python")
+    expected = syntax_reports(SAMPLE_CODE[:300], SAMPLE_CODE[300:], lang, ["a", "(", "b)"])
+    out: list = [None] * 8
+
+    def one(i: int) -> None:
+        out[i] = pool.reports(SAMPLE_CODE[:300], SAMPLE_CODE[300:], lang, ["a", "(", "b)"])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(out))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert out == [expected] * len(out)
+
+
+def test_killed_worker_is_replaced_and_the_request_answered():
+    pool = RerankPool(1)
+    try:
+        lang = language_for("python")
+        texts = [" * r", " * (r"]
+        expected = syntax_reports("def f(r):\n    return r", "\n", lang, texts)
+        for pid in list(pool._executor._processes):
+            os.kill(pid, 9)
+        assert pool.reports("def f(r):\n    return r", "\n", lang, texts) == expected  # in place
+        assert pool.in_place == 1
+        assert pool.reports("def f(r):\n    return r", "\n", lang, texts) == expected  # new workers
+        assert pool.in_place == 1
+    finally:
+        pool.close()
+
+
+def test_close_stops_the_workers():
+    pool = RerankPool(2)
+    processes = list(pool._executor._processes.values())
+    assert len(processes) == 2 and all(p.is_alive() for p in processes)
+    pool.close()
+    for p in processes:
+        p.join(10)
+    assert not any(p.is_alive() for p in processes)
+    # after close a request is still answered, in place
+    lang = language_for("python")
+    assert pool.reports("x = ", "\n", lang, ["1"]) == syntax_reports("x = ", "\n", lang, ["1"])
+
+
+def test_default_workers(monkeypatch):
+    assert default_rerank_workers("off") == 0
+    for cores, workers in ((2, 0), (4, 1), (16, 4), (128, 4)):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        assert default_rerank_workers("on") == workers
+    with pytest.raises(ValueError):
+        RerankPool(0)
+
+
+def test_engine_answers_the_same_with_the_pool(tiny_model_dir):
+    pytest.importorskip("torch")
+    from codecomplete.engine import Engine
+    from codecomplete.runtime import load_runtime
+
+    rt = load_runtime(str(tiny_model_dir), runtime="torch")
+    opts = CompletionOptions(n=4, max_new_tokens=8, deadline_ms=60_000, temperature=0.0)
+    requests = [CompletionRequest(text=SAMPLE_CODE, offset=offset, language="python", path=f"f{offset}.py",
+                                  options=opts) for offset in (80, 200, 330)]
+    answers = {}
+    for workers in (0, 2):
+        engine = Engine(rt, batching="on", rerank_workers=workers)
+        try:
+            assert engine.describe()["rerank_workers"] == workers
+            answers[workers] = [[(c.text, round(c.score, 6), c.syntax_ok, c.score_parts)
+                                 for c in engine.complete(r).candidates] for r in requests]
+            if workers:
+                assert engine.rerank_pool.in_place == 0
+        finally:
+            engine.close()
+    assert answers[2] == answers[0]
+    assert any(answers[0])
+    with pytest.raises(ValueError):
+        Engine(rt, rerank_workers=-1)
