@@ -294,7 +294,19 @@ def syntax_reports(prefix: str, suffix: str, lang: Language, texts: list[str]) -
     """syntax_report of each text at one cursor (the window parsed once for all)."""
     if not texts:
         return []
-    base = _baseline(lang, *_window_texts(prefix, suffix, lang))
+    return window_reports(lang, window_texts(prefix, suffix, lang), texts)
+
+
+def window_texts(prefix: str, suffix: str, lang: Language) -> tuple[str, str, bool, tuple]:
+    """What the checks read of the document at this cursor (a few kB of a file of any
+    size): the text parsed before and after the cursor, whether the latter is the whole
+    suffix, the bracket state at the cursor. window_reports needs nothing else."""
+    return _window_texts(prefix, suffix, lang)
+
+
+def window_reports(lang: Language, windows: tuple[str, str, bool, tuple], texts: list[str]) -> list[SyntaxReport]:
+    """syntax_reports from window_texts' answer."""
+    base = _baseline(lang, *windows)
     return [_report(base, text, lang) for text in texts]
 
 

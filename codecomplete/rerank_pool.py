@@ -6,32 +6,45 @@ through their own threads. Tree-sitter's parser holds the GIL while it parses (m
 two threads parsing take as long as one doing both), and a keystroke's checks parse the
 window around the cursor once plus once per candidate: 2-5 ms of a keystroke's ~10 ms of
 host work, during which the scheduler thread cannot pick the next tokens for anyone.
-A RerankPool sends each request's texts to one of a few worker processes and waits without
-the GIL; the scores are then computed in the request's thread from the reports, exactly as
-rerank() does in place (same reports: the same code runs in the worker).
+
+A RerankPool keeps a few worker processes (`python -P -m codecomplete.rerank_pool`, each
+answering one request at a time over its stdin and stdout). A request's thread cuts the
+window the checks read (window_texts: a few kB, whatever the file's size), hands it and the
+candidates' texts to an idle worker and waits for the reports without holding the GIL; the
+scores are then computed in the request's thread exactly as rerank() does in place (the
+worker runs the same code). The messages are marshal'd tuples of strings and numbers.
+The workers are plain subprocesses, not multiprocessing's: those re-run the parent's main
+module (a Ray worker's, a test runner's) and inherit nothing they need.
 
 Without batching (a laptop, an editor, a CPU replica) the engine reranks in place: one
-request at a time gains nothing from a process hop. A pool that breaks (a worker killed)
-or does not answer in time is replaced, and that request is checked in place."""
+request at a time gains nothing from a process hop. A worker that dies or does not answer
+in time is replaced, and that request is checked in place."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
-import multiprocessing
+import marshal
 import os
+import queue
+import select
+import struct
+import subprocess
+import sys
 import threading
-from concurrent.futures.process import BrokenProcessPool
+import time
 
 from codecomplete.languages import Language, language_for
-from codecomplete.rerank import SyntaxReport, syntax_reports
+from codecomplete.rerank import SyntaxReport, window_reports, window_texts
 
 log = logging.getLogger(__name__)
 
 # a worker's answer takes a few ms; far longer means it is stuck (or the machine is)
 REPORT_TIMEOUT_S = 5.0
+START_TIMEOUT_S = 60.0  # a worker's start: the interpreter, tree-sitter and its grammars
 MAX_WORKERS_AUTO = 4
 CORES_PER_WORKER_AUTO = 4  # leave most cores to the replica's own threads and the other replicas
+_HEADER = struct.Struct("<Q")
+_READY = b"ready"
 
 
 def default_rerank_workers(batching: str) -> int:
@@ -42,88 +55,182 @@ def default_rerank_workers(batching: str) -> int:
     return min(MAX_WORKERS_AUTO, (os.cpu_count() or 1) // CORES_PER_WORKER_AUTO)
 
 
-def _start_worker() -> None:
-    """Load every grammar before the first request (each takes a few ms to load)."""
-    from codecomplete.languages import LANGUAGES, parser_for
+class WorkerFailed(Exception):
+    """A worker died, answered garbage, or did not answer in time."""
 
-    for lang in LANGUAGES:
+
+def _read_exact(stream, size: int, deadline: float | None) -> bytes:
+    fd = stream.fileno()
+    chunks, left = [], size
+    while left:
+        if deadline is not None:
+            wait = deadline - time.monotonic()
+            if wait <= 0 or not select.select([fd], [], [], wait)[0]:
+                raise WorkerFailed("no answer in time")
+        chunk = os.read(fd, left)
+        if not chunk:
+            raise WorkerFailed("the worker exited")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _write_message(stream, payload: bytes) -> None:
+    stream.write(_HEADER.pack(len(payload)) + payload)
+    stream.flush()
+
+
+def _read_message(stream, deadline: float | None) -> bytes:
+    (size,) = _HEADER.unpack(_read_exact(stream, _HEADER.size, deadline))
+    return _read_exact(stream, size, deadline)
+
+
+class _Worker:
+    """One worker process and its pipes."""
+
+    def __init__(self):
+        self.process = subprocess.Popen(
+            [sys.executable, "-P", "-m", "codecomplete.rerank_pool"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, close_fds=True)
         try:
-            parser_for(lang)
-        except Exception:  # a grammar that fails to load fails its requests, in place
-            pass
+            if _read_message(self.process.stdout, time.monotonic() + START_TIMEOUT_S) != _READY:
+                raise WorkerFailed("the worker did not start")
+        except BaseException:
+            self.stop()
+            raise
 
+    def reports(self, lang: Language, windows: tuple, texts: list[str], timeout_s: float) -> list[SyntaxReport]:
+        try:
+            _write_message(self.process.stdin, marshal.dumps((lang.id, windows, texts)))
+        except OSError as exc:
+            raise WorkerFailed(f"the worker's pipe: {exc}") from None
+        ok, answer = marshal.loads(_read_message(self.process.stdout, time.monotonic() + timeout_s))
+        if not ok:
+            raise WorkerFailed(f"the worker failed: {answer}")
+        return [SyntaxReport(*fields) for fields in answer]
 
-def _worker_reports(prefix: str, suffix: str, language_id: str, texts: list[str]) -> list[SyntaxReport]:
-    lang = language_for(language_id)
-    if lang is None:
-        raise ValueError(f"unknown language {language_id!r}")
-    return syntax_reports(prefix, suffix, lang, texts)
-
-
-def _ready() -> int:
-    return os.getpid()
+    def stop(self) -> None:
+        for stream in (self.process.stdin, self.process.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        try:
+            self.process.wait(timeout=2)  # its stdin closed: it exits
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 class RerankPool:
-    """syntax_reports in `workers` processes (forkserver where there is one, else spawn:
-    never fork a process that holds CUDA or threads). reports() blocks its caller without
-    holding the GIL; close() stops the workers."""
+    """syntax_reports in `workers` worker processes, one request per worker at a time.
+    reports() blocks its caller without holding the GIL; close() stops the workers."""
 
     def __init__(self, workers: int, timeout_s: float = REPORT_TIMEOUT_S):
         if workers < 1:
             raise ValueError(f"a rerank pool needs at least one worker, not {workers}")
         self.workers = workers
         self.timeout_s = timeout_s
-        self.in_place = 0  # requests checked in place because the pool failed them
+        self.in_place = 0  # requests checked in place because a worker failed them
+        self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
+        self._all: list[_Worker] = []
         self._lock = threading.Lock()
         self._closed = False
-        methods = multiprocessing.get_all_start_methods()
-        self._context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-        if "forkserver" in methods:
-            # the server imports only this module's needs, not the parent's __main__ (a Ray
-            # worker, a test runner)
-            self._context.set_forkserver_preload(["codecomplete.rerank_pool"])
-        self._executor = self._start()
+        try:
+            for _ in range(workers):
+                self._add()
+        except BaseException:
+            self.close()
+            raise
 
-    def _start(self) -> concurrent.futures.ProcessPoolExecutor:
-        executor = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=self._context,
-                                                          initializer=_start_worker)
-        # start every worker now (the pool starts them one per waiting task, on demand)
-        for future in [executor.submit(_ready) for _ in range(self.workers)]:
-            future.result(timeout=60)
-        return executor
+    def _add(self) -> None:
+        worker = _Worker()
+        with self._lock:
+            self._all.append(worker)
+        self._idle.put(worker)
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [w.process.pid for w in self._all]
 
     def reports(self, prefix: str, suffix: str, lang: Language, texts: list[str]) -> list[SyntaxReport]:
-        """The texts' syntax reports at this cursor, from a worker; in place if the pool fails."""
+        """The texts' syntax reports at this cursor, from a worker; in place if it fails."""
         if not texts:
             return []
-        executor = self._executor
-        if not self._closed:
+        windows = window_texts(prefix, suffix, lang)
+        worker = self._take()
+        if worker is not None:
             try:
-                future = executor.submit(_worker_reports, prefix, suffix, lang.id, list(texts))
-                return future.result(timeout=self.timeout_s)
-            except (BrokenProcessPool, concurrent.futures.TimeoutError, OSError) as exc:
-                self._replace(executor, exc)
-            except RuntimeError as exc:  # submit after close(): shut down meanwhile
-                if not self._closed:
-                    self._replace(executor, exc)
+                answer = worker.reports(lang, windows, list(texts), self.timeout_s)
+            except (WorkerFailed, OSError, ValueError, EOFError, TypeError) as exc:
+                self._replace(worker, exc)
+            else:
+                self._idle.put(worker)
+                return answer
         self.in_place += 1
-        return syntax_reports(prefix, suffix, lang, texts)
+        return window_reports(lang, windows, list(texts))
 
-    def _replace(self, broken: concurrent.futures.ProcessPoolExecutor, exc: BaseException) -> None:
-        with self._lock:
-            if self._closed or self._executor is not broken:  # another request replaced it already
-                return
-            log.warning("rerank pool: %s; starting new workers (this request is checked in place)",
-                        type(exc).__name__)
-            broken.shutdown(wait=False, cancel_futures=True)
+    def _take(self) -> _Worker | None:
+        """An idle worker, waiting for one while all are busy; None once the pool is closed."""
+        while not self._closed:
             try:
-                self._executor = self._start()
-            except Exception:
-                log.exception("rerank pool: could not start new workers; reranking in place from now on")
-                self._closed = True
+                return self._idle.get(timeout=0.5)
+            except queue.Empty:
+                continue
+        return None
+
+    def _replace(self, worker: _Worker, exc: BaseException) -> None:
+        log.warning("rerank pool: %s; starting a new worker (this request is checked in place)", exc)
+        with self._lock:
+            if worker in self._all:
+                self._all.remove(worker)
+        worker.stop()
+        if self._closed:
+            return
+        try:
+            self._add()
+        except Exception:
+            log.exception("rerank pool: could not start a new worker; reranking in place from now on")
+            self.close()
 
     def close(self) -> None:
+        """Stop the workers: those busy finish their request first (answered in place after)."""
+        self._closed = True
         with self._lock:
-            self._closed = True
-            self._executor.shutdown(wait=True, cancel_futures=True)
+            workers, self._all = self._all, []
+        for worker in workers:
+            worker.stop()
+
+
+def _serve() -> None:
+    """A worker: answer (language id, windows, texts) messages on stdin until it closes."""
+    from codecomplete.languages import LANGUAGES, parser_for
+
+    for lang in LANGUAGES:  # every grammar loaded before the first request
+        try:
+            parser_for(lang)
+        except Exception:  # a grammar that fails to load fails its requests, in place
+            pass
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing else may write into the answers
+    _write_message(stdout, _READY)
+    while True:
+        try:
+            request = _read_message(stdin, None)
+        except WorkerFailed:  # stdin closed: the engine is done
+            return
+        try:
+            language_id, windows, texts = marshal.loads(request)
+            lang = language_for(language_id)
+            if lang is None:
+                raise ValueError(f"unknown language {language_id!r}")
+            reports = window_reports(lang, tuple(windows), list(texts))
+            answer = (True, [(r.ok, r.new_error_nodes, r.new_missing_nodes, r.unbalanced_brackets, r.incomplete)
+                             for r in reports])
+        except Exception as exc:
+            answer = (False, f"{type(exc).__name__}: {exc}")
+        _write_message(stdout, marshal.dumps(answer))
+
+
+if __name__ == "__main__":
+    _serve()

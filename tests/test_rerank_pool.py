@@ -62,7 +62,7 @@ def test_killed_worker_is_replaced_and_the_request_answered():
         lang = language_for("python")
         texts = [" * r", " * (r"]
         expected = syntax_reports("def f(r):\n    return r", "\n", lang, texts)
-        for pid in list(pool._executor._processes):
+        for pid in pool.pids():
             os.kill(pid, 9)
         assert pool.reports("def f(r):\n    return r", "\n", lang, texts) == expected  # in place
         assert pool.in_place == 1
@@ -74,12 +74,10 @@ def test_killed_worker_is_replaced_and_the_request_answered():
 
 def test_close_stops_the_workers():
     pool = RerankPool(2)
-    processes = list(pool._executor._processes.values())
-    assert len(processes) == 2 and all(p.is_alive() for p in processes)
+    processes = [w.process for w in pool._all]
+    assert len(processes) == 2 and all(p.poll() is None for p in processes)
     pool.close()
-    for p in processes:
-        p.join(10)
-    assert not any(p.is_alive() for p in processes)
+    assert all(p.poll() is not None for p in processes) and pool.pids() == []
     # after close a request is still answered, in place
     lang = language_for("python")
     assert pool.reports("x = ", "\n", lang, ["1"]) == syntax_reports("x = ", "\n", lang, ["1"])
@@ -118,3 +116,25 @@ def test_engine_answers_the_same_with_the_pool(tiny_model_dir):
     assert any(answers[0])
     with pytest.raises(ValueError):
         Engine(rt, rerank_workers=-1)
+
+
+def test_pool_starts_under_any_main_module(tmp_path):
+    """The workers never re-run the parent's main module (a Ray worker's, a script read
+    from stdin): a parent whose __main__ has no file still gets its answers from them."""
+    import subprocess
+    import sys
+
+    script = ("from codecomplete.languages import language_for\n"
+              "from codecomplete.rerank import syntax_reports\n"
+              "from codecomplete.rerank_pool import RerankPool\n"
+              "p = RerankPool(1)\n"
+              "args = ('def f(x):\\n    return (x', '\\n', language_for('python'), [')', ' +'])\n"
+              "r = p.reports(*args)\n"
+              "assert p.in_place == 0, p.in_place\n"
+              "assert r == syntax_reports(*args[:3], args[3])\n"
+              "p.close()\n"
+              "print([x.ok for x in r])\n")
+    done = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[True, False]"  # the closing paren fits, a dangling + does not
