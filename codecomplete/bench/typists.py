@@ -1,7 +1,9 @@
 """Simulated typists for the serving benchmarks (bench serve over HTTP, bench serve
 --device in process): each user opens its own place in a file and types through it at a
 human pace, one completion request per keystroke; a late answer delays the next keystroke
-(no superseding)."""
+(no superseding). Users typing together start once every one has its file open: a row
+measures typing, not N files opened in the same instant (a cold prompt beside the typing is
+bench serve's --cold-every-s row)."""
 
 from __future__ import annotations
 
@@ -37,11 +39,14 @@ def user_keystrokes(text: str, user: int, users: int, keystrokes: int) -> tuple[
     return start, text[end:], list(range(start + 1, end + 1))
 
 
+OPEN_WAIT_S = 600.0  # how long users typing together wait for the others' files to open
+
+
 def type_through(send: Callable[[CompletionRequest], dict], text: str, path: str, language: str, user: int,
                  users: int, typing: Typing, options: CompletionOptions, rng: random.Random,
-                 records: list[dict]) -> None:
-    """One user: open the file (a request not counted), then type at a human pace. send
-    answers a request with the fields its record gets."""
+                 records: list[dict], opened: threading.Barrier | None = None) -> None:
+    """One user: open the file (a request not counted), wait for the other users' (opened),
+    then type at a human pace. send answers a request with the fields its record gets."""
     start, suffix, offsets = user_keystrokes(text, user, users, typing.keystrokes)
     user_path = f"user{user}/{path}"
 
@@ -50,6 +55,11 @@ def type_through(send: Callable[[CompletionRequest], dict], text: str, path: str
                                  options=options)
 
     send(request(start))
+    if opened is not None:
+        try:
+            opened.wait(OPEN_WAIT_S)
+        except threading.BrokenBarrierError:  # a user whose open never came back: type anyway
+            pass
     due = time.perf_counter()
     stop_at = due + typing.max_s if typing.max_s is not None else None
     for offset in offsets:
@@ -71,9 +81,11 @@ def type_together(senders: list[Callable[[CompletionRequest], dict]], text: str,
     """One thread per sender (user), all at once: their records and the wall time (s)."""
     records: list[dict] = []
     users = len(senders)
+    opened = threading.Barrier(users)
     threads = [threading.Thread(target=type_through, daemon=True,
                                 args=(send, text, path, language, u, users, typing, options,
-                                      random.Random(seed * 1000 + u), records)) for u, send in enumerate(senders)]
+                                      random.Random(seed * 1000 + u), records, opened))
+               for u, send in enumerate(senders)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
