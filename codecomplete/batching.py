@@ -88,6 +88,7 @@ class IterationRecord:
     rows: tuple[int, ...] = ()  # decode rows of each request in the batch
     contexts: tuple[int, ...] = ()  # context tokens of each request
     branch_tokens: tuple[int, ...] = ()  # tokens in each request's branch caches after the step
+    gather_ms: float = 0.0  # of iteration_ms: the gather (small calls, waiting for requests to come back)
 
 
 @dataclass
@@ -240,6 +241,7 @@ class BatchScheduler:
     def _iteration(self) -> None:
         t0 = time.perf_counter()
         self._gather()
+        gathered = time.perf_counter()
         with self._cond:
             decodes, self._decodes = self._decodes, []
             new_loops, self._new_loops = self._new_loops, []
@@ -250,7 +252,7 @@ class BatchScheduler:
         if not decodes and not prefills and not loops:  # the gather answered small calls only
             return
         record = IterationRecord(started=t0, iteration_ms=0.0, decode_ms=0.0, prefill_ms=0.0, prefill_tokens=0,
-                                 prefill_calls=0)
+                                 prefill_calls=0, gather_ms=(gathered - t0) * 1000.0)
         self.stats.records.append(record)  # before any answer: a request sees its own step recorded
         extensions, chunked = [], []
         for job in prefills:

@@ -276,6 +276,14 @@ def step_figures(records: list[IterationRecord], config, precision: str, bifurca
             # what the other requests wait between two steps: the step plus the prefill chunks
             # and small calls run between steps
             "step_p95_ms": percentile([r.iteration_ms for r in steps], 95),
+            # where an iteration's time goes: the decode step, newcomers' prefill chunks, and
+            # the rest (the gather's wait, the picks and the loops' Python, small calls)
+            "iteration_ms": statistics.fmean(r.iteration_ms for r in steps),
+            "prefill_ms_per_iteration": statistics.fmean(r.prefill_ms for r in steps),
+            "prefill_tokens_per_iteration": statistics.fmean(r.prefill_tokens for r in steps),
+            "gather_ms_per_iteration": statistics.fmean(r.gather_ms for r in steps),
+            "host_ms_per_iteration": statistics.fmean(r.iteration_ms - r.decode_ms - r.prefill_ms - r.gather_ms
+                                                      for r in steps),
             "rows_per_step": statistics.fmean(sum(r.rows) for r in steps),
             "requests_per_step": statistics.fmean(len(r.rows) for r in steps),
             "context_tokens_mean": statistics.fmean(m for r in steps for m in r.contexts),
@@ -311,6 +319,9 @@ def run_row(engine, runtime, variant: str, users: int, cold: bool, doc: str, lan
         records, wall_s = type_together([_sender(engine)] * users, doc, "file.py", language, typing, options,
                                         args.seed)
     steps = recorder.records if recorder is not None else list(engine.scheduler.stats.records)
+    if records:  # the steps while the users typed (their files' opening prefills came before)
+        typing_from = min(r["t0"] for r in records)
+        steps = [s for s in steps if s.started >= typing_from]
     row = {"variant": variant, "users": users, "cold_every_s": args.cold_every_s if cold else 0,
            "rerank_workers": engine.describe()["rerank_workers"],
            **latency_figures(records), "wall_s": wall_s,
