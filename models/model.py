@@ -22,6 +22,7 @@ per kv head, M context tokens, m decoded tokens, D head dim, T new tokens.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from functools import partial
@@ -89,6 +90,12 @@ def visible_keys(t: int, start: int, window: int, device) -> torch.Tensor:
     if window:
         mask &= ~torch.ones_like(mask).tril(diagonal=start - window)
     return mask
+
+
+@functools.lru_cache(maxsize=2)  # one per prefill chunk, shared by its layers
+def _grouped_visible_keys(t: int, start: int, window: int, heads_per_group: int, device) -> torch.Tensor:
+    """visible_keys for a kv group's query heads stacked as one query list: rows (head, token)."""
+    return visible_keys(t, start, window, device).repeat(heads_per_group, 1)
 
 
 def branch_only_attention(q, k_dec, v_dec, scale: float):
@@ -219,12 +226,19 @@ class Attention(_FusedProjections):
             v_cache[:, :, start : start + t] = v
             k, v = k_cache[:, :, : start + t], v_cache[:, :, : start + t]
         g, h = self.cfg.n_kv_heads, self.cfg.n_heads
-        if g != h:
-            k = k.repeat_interleave(h // g, dim=1)
-            v = v.repeat_interleave(h // g, dim=1)
         window = self.cfg.sliding_window
         if start == 0 and (not window or window >= t):
+            if g != h:
+                k = k.repeat_interleave(h // g, dim=1)
+                v = v.repeat_interleave(h // g, dim=1)
             y = sdpa(q, k, v, is_causal=True, scale=self.scale)
+        elif g != h:
+            # a chunk after a prefix: each kv group's query heads as one longer query list
+            # over its keys, not the keys copied per head (that copy is the whole prefix's
+            # KV a chunk: its cost grew with the prompt, not the chunk)
+            p, d = h // g, q.shape[-1]
+            mask = _grouped_visible_keys(t, start, window, p, x.device)
+            y = sdpa(q.reshape(b, g, p * t, d), k, v, attn_mask=mask, scale=self.scale).reshape(b, h, t, d)
         else:
             y = sdpa(q, k, v, attn_mask=visible_keys(t, start, window, x.device), scale=self.scale)
         y = y.transpose(1, 2).reshape(b, t, h * self.cfg.head_dim)

@@ -169,3 +169,23 @@ def test_factorized_embedding_is_a_rank_r_table_and_its_transpose_the_head():
     assert torch.allclose(model.logits(h), model.norm(h) @ b.T @ a.T, atol=1e-6)
     with pytest.raises(ValueError, match="tied"):
         ModelConfig(vocab_size=97, dim=64, n_heads=4, embed_rank=8, tie_embeddings=False)
+
+
+@pytest.mark.parametrize("window", [0, 24])
+def test_gqa_chunked_prefill_equals_a_whole_one(window):
+    """A chunk after a prefix attends with each kv group's query heads stacked (no copy of
+    the prefix's keys per head): the same logits and cache as one whole prefill."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=8, ffn_dim=128,
+                      max_seq_len=256, sliding_window=window)
+    model = Transformer(cfg).eval()
+    tokens = torch.randint(0, 300, (90,))
+    k, v = model.new_cache(128, dtype=torch.float32, device="cpu")
+    k2, v2 = model.new_cache(128, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        whole = model.prefill(tokens, k, v, 0)
+        model.prefill(tokens[:50], k2, v2, 0)
+        model.prefill(tokens[50:70], k2, v2, 50)
+        chunked = model.prefill(tokens[70:], k2, v2, 70)
+    torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(k2[:, :, :90], k[:, :, :90], atol=1e-5, rtol=1e-5)
