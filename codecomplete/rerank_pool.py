@@ -26,12 +26,10 @@ import logging
 import marshal
 import os
 import queue
-import select
-import struct
 import subprocess
 import sys
 import threading
-import time
+from multiprocessing.connection import Connection
 
 from codecomplete.languages import Language, language_for
 from codecomplete.rerank import SyntaxReport, window_reports, window_texts
@@ -43,7 +41,6 @@ REPORT_TIMEOUT_S = 5.0
 START_TIMEOUT_S = 60.0  # a worker's start: the interpreter, tree-sitter and its grammars
 MAX_WORKERS_AUTO = 4
 CORES_PER_WORKER_AUTO = 4  # leave most cores to the replica's own threads and the other replicas
-_HEADER = struct.Struct("<Q")
 _READY = b"ready"
 
 
@@ -59,32 +56,6 @@ class WorkerFailed(Exception):
     """A worker died, answered garbage, or did not answer in time."""
 
 
-def _read_exact(stream, size: int, deadline: float | None) -> bytes:
-    fd = stream.fileno()
-    chunks, left = [], size
-    while left:
-        if deadline is not None:
-            wait = deadline - time.monotonic()
-            if wait <= 0 or not select.select([fd], [], [], wait)[0]:
-                raise WorkerFailed("no answer in time")
-        chunk = os.read(fd, left)
-        if not chunk:
-            raise WorkerFailed("the worker exited")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
-def _write_message(stream, payload: bytes) -> None:
-    stream.write(_HEADER.pack(len(payload)) + payload)
-    stream.flush()
-
-
-def _read_message(stream, deadline: float | None) -> bytes:
-    (size,) = _HEADER.unpack(_read_exact(stream, _HEADER.size, deadline))
-    return _read_exact(stream, size, deadline)
-
-
 class _Worker:
     """One worker process and its pipes."""
 
@@ -92,25 +63,33 @@ class _Worker:
         self.process = subprocess.Popen(
             [sys.executable, "-P", "-m", "codecomplete.rerank_pool"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, close_fds=True)
+        # length-framed messages over the pipes, as the isolated engine's (isolation.py)
+        self._to = Connection(os.dup(self.process.stdin.fileno()), readable=False)
+        self._from = Connection(os.dup(self.process.stdout.fileno()), writable=False)
         try:
-            if _read_message(self.process.stdout, time.monotonic() + START_TIMEOUT_S) != _READY:
+            if self._receive(START_TIMEOUT_S) != _READY:
                 raise WorkerFailed("the worker did not start")
         except BaseException:
             self.stop()
             raise
 
+    def _receive(self, timeout_s: float) -> bytes:
+        if not self._from.poll(timeout_s):
+            raise WorkerFailed("no answer in time")
+        return self._from.recv_bytes()
+
     def reports(self, lang: Language, windows: tuple, texts: list[str], timeout_s: float) -> list[SyntaxReport]:
         try:
-            _write_message(self.process.stdin, marshal.dumps((lang.id, windows, texts)))
+            self._to.send_bytes(marshal.dumps((lang.id, windows, texts)))
         except OSError as exc:
             raise WorkerFailed(f"the worker's pipe: {exc}") from None
-        ok, answer = marshal.loads(_read_message(self.process.stdout, time.monotonic() + timeout_s))
+        ok, answer = marshal.loads(self._receive(timeout_s))
         if not ok:
             raise WorkerFailed(f"the worker failed: {answer}")
         return [SyntaxReport(*fields) for fields in answer]
 
     def stop(self) -> None:
-        for stream in (self.process.stdin, self.process.stdout):
+        for stream in (self._to, self._from, self.process.stdin, self.process.stdout):
             try:
                 stream.close()
             except OSError:
@@ -211,13 +190,15 @@ def _serve() -> None:
             parser_for(lang)
         except Exception:  # a grammar that fails to load fails its requests, in place
             pass
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # nothing else may write into the answers
-    _write_message(stdout, _READY)
+    requests = Connection(os.dup(0), writable=False)
+    answers = Connection(os.dup(1), readable=False)
+    os.dup2(2, 1)  # nothing else may write into the answers
+    sys.stdout = sys.stderr
+    answers.send_bytes(_READY)
     while True:
         try:
-            request = _read_message(stdin, None)
-        except WorkerFailed:  # stdin closed: the engine is done
+            request = requests.recv_bytes()
+        except (EOFError, OSError):  # stdin closed: the engine is done
             return
         try:
             language_id, windows, texts = marshal.loads(request)
@@ -229,7 +210,7 @@ def _serve() -> None:
                              for r in reports])
         except Exception as exc:
             answer = (False, f"{type(exc).__name__}: {exc}")
-        _write_message(stdout, marshal.dumps(answer))
+        answers.send_bytes(marshal.dumps(answer))
 
 
 if __name__ == "__main__":
