@@ -18,7 +18,10 @@ One scheduler iteration:
                driven loops sample from their logits
     prefill    up to prefill_chunk_tokens of newcomers' prompts, shortest first, a long
                prompt in chunks: successive prefills over its own prefix, so a cold prompt
-               costs the others one chunk per step, not its whole length
+               costs the others one chunk per step, not its whole length. Where the
+               runtime fuses chunks (Runtime.fused_chunk_tokens, the CUDA graphs), the
+               shortest waiting prompt's next chunk rides the decode step instead, one
+               pass over the weights for both, and the others wait for the next step
 
 A prompt that only extends its previous state by a few tokens is not prefilled: its tokens
 ride the decode batch as a one-row branch whose KV is then adopted into the context
@@ -44,6 +47,7 @@ from codecomplete.runtime.base import (
     BranchState,
     ContextState,
     DecodeStep,
+    PrefillChunk,
     Runtime,
     common_prefix_len,
 )
@@ -89,6 +93,7 @@ class IterationRecord:
     contexts: tuple[int, ...] = ()  # context tokens of each request
     branch_tokens: tuple[int, ...] = ()  # tokens in each request's branch caches after the step
     gather_ms: float = 0.0  # of iteration_ms: the gather (small calls, waiting for requests to come back)
+    fused_tokens: int = 0  # of prefill_tokens: a chunk that rode the decode step (its time is decode_ms's)
 
 
 @dataclass
@@ -138,7 +143,9 @@ class BatchScheduler:
 
     def __init__(self, runtime: Runtime, prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
                  gather_ms: float = GATHER_MS, decode_extension_tokens: int = DECODE_EXTENSION_TOKENS,
-                 drive_loops: bool = True):
+                 drive_loops: bool = True, fuse_prefill: bool = True):
+        """fuse_prefill: while requests decode, a newcomer's prompt chunk rides their step
+        where the runtime can (Runtime.fused_chunk_tokens); False: chunks run between steps."""
         if prefill_chunk_tokens < 1:
             raise ValueError("prefill_chunk_tokens must be at least 1")
         self.runtime = runtime
@@ -146,6 +153,7 @@ class BatchScheduler:
         self.gather_s = gather_ms / 1000.0
         self.decode_extension_tokens = decode_extension_tokens if runtime.reuses_branches else 0
         self.drive_loops = drive_loops
+        self.fuse_prefill = fuse_prefill
         self.stats = SchedulerStats()
         # the contract's keyword; a runtime without it allocates as it goes
         self._cond = threading.Condition()
@@ -268,9 +276,12 @@ class BatchScheduler:
                     self._finish_prefill(job, error=e)
                     continue
             (extensions if job.mode == "extension" else chunked).append(job)
+        fused = None
+        if chunked and (decodes or extensions or loops) and self.fuse_prefill and self.runtime.fused_chunk_tokens:
+            fused = min(chunked, key=lambda j: j.remaining)
         if decodes or extensions or loops:
-            self._decode(decodes, extensions, loops, record)
-        if chunked:
+            self._decode(decodes, extensions, loops, record, fused)
+        if chunked and fused is None:
             self._prefill(chunked, record)
         record.iteration_ms = (time.perf_counter() - t0) * 1000.0
 
@@ -311,7 +322,8 @@ class BatchScheduler:
         self._answer(call, result, back=False)
 
     def _decode(self, decodes: list[_Call], extensions: list[_Prefill], loops: list[_Call],
-                record: IterationRecord) -> None:
+                record: IterationRecord, fused: _Prefill | None = None) -> None:
+        """fused: the prompt whose next chunk rides this step."""
         runtime = self.runtime
         steps, owners = [], []
         for call in decodes:
@@ -338,14 +350,22 @@ class BatchScheduler:
             steps.append(DecodeStep(job.state, job.branches, [job.tokens[len(job.state.tokens) + job.fed]]))
             owners.append(job)
         if not steps:
+            if fused is not None:
+                self._prefill([fused], record)
             return
+        chunk = None
+        if fused is not None:
+            end = fused.done + min(fused.remaining, self.runtime.fused_chunk_tokens)
+            chunk = PrefillChunk(fused.tokens[:end], fused.state, capacity_tokens=len(fused.tokens))
         t0 = time.perf_counter()
         try:
-            logits = self._run_steps(steps, owners[n_calls:n_calls + n_loops], n_calls)
+            logits = self._run_steps(steps, owners[n_calls:n_calls + n_loops], n_calls, chunk)
             if len(logits) != len(steps):
                 raise RuntimeError(f"decode_many returned {len(logits)} results for {len(steps)} steps")
         except Exception as e:  # the runtime failed the whole batch: each of its requests fails
             log.exception("batch scheduler: decode_many of %d steps failed", len(steps))
+            if fused is not None:
+                self._finish_prefill(fused, error=e)
             for i, owner in enumerate(owners):
                 if isinstance(owner, _Prefill):
                     self._finish_prefill(owner, error=e)
@@ -356,6 +376,12 @@ class BatchScheduler:
         record.contexts = tuple(len(s.context.tokens) for s in steps)
         record.branch_tokens = tuple(s.branches.step for s in steps)
         record.decode_ms = (time.perf_counter() - t0) * 1000.0
+        if fused is not None:
+            n = len(chunk.tokens) - fused.done
+            self._chunk_done(fused, chunk.state, chunk.logits, len(chunk.tokens))
+            record.prefill_tokens += n
+            record.prefill_calls += 1
+            record.fused_tokens += n if chunk.fused else 0
         for i, (owner, out) in enumerate(zip(owners, logits, strict=True)):
             if isinstance(owner, _Prefill):
                 self._extended(owner, out)
@@ -381,19 +407,21 @@ class BatchScheduler:
         for call in loops:
             self._advance(call, picked.get(id(call)))
 
-    def _run_steps(self, steps: list[DecodeStep], loops: list[_Call], first_loop: int) -> list:
+    def _run_steps(self, steps: list[DecodeStep], loops: list[_Call], first_loop: int,
+                   chunk: PrefillChunk | None = None) -> list:
         """decode_many; where the runtime reduces rows on its device, the driven loops'
         steps come back reduced (TopRows), except those whose next pick needs whole rows
-        (alignment) or bans other ids than the first such loop."""
+        (alignment) or bans other ids than the first such loop. chunk: rides the step."""
         runtime = self.runtime
+        fused = {"chunk": chunk} if chunk is not None else {}
         if not loops or not runtime.reduces_rows:
-            return runtime.decode_many(steps)
+            return runtime.decode_many(steps, **fused)
         banned = loops[0].payload.sampler.banned
         full = [True] * len(steps)
         for i, call in enumerate(loops):
             loop: DecodeLoop = call.payload
             full[first_loop + i] = loop.needs_full_logits or loop.sampler.banned is not banned
-        return runtime.decode_many_top(steps, full, banned, TOP_K, TAIL)
+        return runtime.decode_many_top(steps, full, banned, TOP_K, TAIL, **fused)
 
     # -- prefill ----------------------------------------------------------------------------
     def _stopping(self, job: _Prefill) -> bool:
@@ -452,18 +480,21 @@ class BatchScheduler:
             budget -= n
             record.prefill_tokens += n
             record.prefill_calls += 1
-            if job.remaining == 0:
-                state = job.state
-                state.reused_tokens, state.new_tokens, state.adopted_tokens = job.reused, job.computed, 0
-                self._finish_prefill(job, (state, job.logits))
-        record.prefill_ms = (time.perf_counter() - t0) * 1000.0
+        record.prefill_ms += (time.perf_counter() - t0) * 1000.0
 
     def _chunk(self, job: _Prefill, end: int) -> None:
         state, logits = self.runtime.prefill(job.tokens[:end], job.state, capacity_tokens=len(job.tokens))
+        self._chunk_done(job, state, logits, end)
+
+    def _chunk_done(self, job: _Prefill, state: ContextState, logits: np.ndarray, end: int) -> None:
+        """A chunk to `end` computed: the job's prefix moves on; the last one answers it."""
         if job.reused is None:
             job.reused = state.reused_tokens
         job.computed += state.new_tokens
         job.state, job.logits, job.done = state, logits, end
+        if job.remaining == 0:
+            state.reused_tokens, state.new_tokens, state.adopted_tokens = job.reused, job.computed, 0
+            self._finish_prefill(job, (state, job.logits))
 
 
 class ScheduledRuntime(Runtime):

@@ -79,11 +79,13 @@ class Engine:
     CACHED_DOCUMENTS with batching; without, a laptop's two, which double as recycled
     buffers). rerank_workers: processes that run the reranker's tree-sitter checks, off the
     GIL the scheduler needs (None: default_rerank_workers, none without batching; 0: in
-    the request's thread). close() stops the scheduler and those processes."""
+    the request's thread). fuse_prefill: with batching, a newcomer's prompt chunk rides the
+    others' decode step where the runtime can (the CUDA graphs), else it runs between two
+    steps. close() stops the scheduler and those processes."""
 
     def __init__(self, runtime: Runtime, batching: str = "off", prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
                  cached_documents: int | None = None, gather_ms: float = GATHER_MS, drive_loops: bool = True,
-                 rerank_workers: int | None = None):
+                 rerank_workers: int | None = None, fuse_prefill: bool = True):
         if batching not in BATCHING_MODES:
             raise ValueError(f"unknown batching {batching!r} ({', '.join(BATCHING_MODES)})")
         self.runtime = runtime
@@ -92,7 +94,8 @@ class Engine:
         self.prompts = PromptBuilder(runtime.tokenizer, runtime.config, self.trie)
         if batching == "on":
             self.scheduler: BatchScheduler | None = BatchScheduler(runtime, prefill_chunk_tokens=prefill_chunk_tokens,
-                                                                   gather_ms=gather_ms, drive_loops=drive_loops)
+                                                                   gather_ms=gather_ms, drive_loops=drive_loops,
+                                                                   fuse_prefill=fuse_prefill)
             self._documents = DocumentTurns()
             cached_documents = cached_documents or CACHED_DOCUMENTS
         else:

@@ -414,12 +414,15 @@ class Transformer(nn.Module):
         return self.logits(h[:, 0])
 
     @torch.no_grad()
-    def decode_rows(self, tokens: torch.Tensor, positions: torch.Tensor, attend: Callable) -> torch.Tensor:
+    def decode_rows(self, tokens: torch.Tensor, positions: torch.Tensor, attend: Callable,
+                    select: torch.Tensor | None = None) -> torch.Tensor:
         """One decode step for R rows of any number of requests (the batched step of
         decode_many): tokens, positions (R,). attend(i, q, k, v, scale) is layer i's
         attention over whatever KV each row has: q (R, H, D), this step's k, v (R, G, D);
         it stores k, v where the rows keep them and returns (R, H, D). Returns logits (R, V).
-        Rows are laid along the time axis of one sequence, so RoPE takes a position per row."""
+        Rows are laid along the time axis of one sequence, so RoPE takes a position per row.
+        select (K,) int64: the logits of these rows only, (K, V) (a prefill chunk riding the
+        step needs its last token's, not 152k-wide logits for every token)."""
         cos, sin = rope_tables(self.cfg, positions)  # (R, D/2)
         r = tokens.shape[0]
 
@@ -428,5 +431,5 @@ class Transformer(nn.Module):
             y = attend(i, q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), att.scale)
             return att.wo(y.reshape(1, r, -1))
 
-        h = self.run_layers(self.embed(tokens)[None], layer_attend)  # (1, R, dim)
-        return self.logits(h[0])
+        h = self.run_layers(self.embed(tokens)[None], layer_attend)[0]  # (R, dim)
+        return self.logits(h if select is None else h.index_select(0, select))

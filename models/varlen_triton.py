@@ -54,6 +54,10 @@ AVAILABLE = triton is not None
 TOKEN, POSITION, BRANCH_K, BRANCH_V, BRANCH_LAYER_STRIDE, BRANCH_CAP, STEP = range(7)
 CONTEXT_K, CONTEXT_V, CONTEXT_CAP, CONTEXT_LEN, ROW_START, N_ROWS = range(7, 13)
 FIELDS = 13
+# a prefill chunk that rides a decode step (`chunk_attention`): int64 `cmeta`, these
+# scalars, then the chunk's C tokens (C: the graph's chunk size; the first CHUNK_LEN count)
+CHUNK_K, CHUNK_V, CHUNK_CAP, CHUNK_START, CHUNK_LEN = range(5)
+CHUNK_FIELDS = 5
 
 
 if AVAILABLE:
@@ -69,6 +73,11 @@ if AVAILABLE:
     _BRANCH_CAP = tl.constexpr(BRANCH_CAP)
     _BRANCH_K = tl.constexpr(BRANCH_K)
     _BRANCH_V = tl.constexpr(BRANCH_V)
+    _CHUNK_K = tl.constexpr(CHUNK_K)
+    _CHUNK_V = tl.constexpr(CHUNK_V)
+    _CHUNK_CAP = tl.constexpr(CHUNK_CAP)
+    _CHUNK_START = tl.constexpr(CHUNK_START)
+    _CHUNK_LEN = tl.constexpr(CHUNK_LEN)
 
     @triton.jit
     def _online_tile(q, k_base, v_base, offs, hi, m_i, l_i, acc, scale, D: tl.constexpr, DOT: tl.constexpr):
@@ -178,6 +187,132 @@ if AVAILABLE:
         w = tl.exp(lse - tl.max(lse, 0))  # the branch part always holds this step's key: max is finite
         out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
         tl.store(OUT + x * stride_or + h * stride_oh + d, out.to(OUT.dtype.element_ty))
+
+
+    @triton.jit(do_not_specialize=["layer"])
+    def _chunk_store_kernel(KN, VN, CMETA, stride_knr, stride_kng, stride_vnr, stride_vng, layer,
+                            G: tl.constexpr, D: tl.constexpr):
+        """grid (C, G): chunk token j's key and value of kv head g into the context cache at
+        start + j (tokens past the chunk's length store nothing: the cache may end there)."""
+        j = tl.program_id(0)
+        g = tl.program_id(1)
+        if j < tl.load(CMETA + _CHUNK_LEN):
+            d = tl.arange(0, D)
+            elem = KN.dtype.element_ty
+            at = ((layer * G + g) * tl.load(CMETA + _CHUNK_CAP) + tl.load(CMETA + _CHUNK_START) + j) * D
+            k_base = tl.load(CMETA + _CHUNK_K).to(tl.pointer_type(elem))
+            v_base = tl.load(CMETA + _CHUNK_V).to(tl.pointer_type(elem))
+            tl.store(k_base + at + d, tl.load(KN + j * stride_knr + g * stride_kng + d))
+            tl.store(v_base + at + d, tl.load(VN + j * stride_vnr + g * stride_vng + d))
+
+    @triton.jit
+    def _causal_tile(q, k_base, v_base, offs, limit, m_i, l_i, acc, scale, D: tl.constexpr, DOT: tl.constexpr):
+        """_online_tile with a bound per query row: row i sees the keys before limit[i]."""
+        d = tl.arange(0, D)
+        hi = tl.max(limit, 0)
+        k = tl.load(k_base + offs[:, None] * D + d[None, :], mask=(offs < hi)[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT) * scale
+        s = tl.where(offs[None, :] < limit[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        v = tl.load(v_base + offs[:, None] * D + d[None, :], mask=(offs < hi)[:, None], other=0.0)
+        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT)
+
+    @triton.jit(do_not_specialize=["layer"])
+    def _chunk_attention_kernel(Q, OUT, CMETA, stride_qr, stride_qh, stride_or, stride_oh, layer, scale,
+                                G: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                                D: tl.constexpr, USE_FOR: tl.constexpr, DOT: tl.constexpr):
+        """grid (blocks, G): a block of BLOCK_M query rows (chunk token x query head of kv head
+        g) over the context's keys up to each token's own, causal: token j at start + j sees
+        [0, start + j]. All P query heads of a token share each loaded K/V tile."""
+        b = tl.program_id(0)
+        g = tl.program_id(1)
+        n = tl.load(CMETA + _CHUNK_LEN)
+        first = b * BLOCK_M
+        if first < n * P:
+            d = tl.arange(0, D)
+            local = first + tl.arange(0, BLOCK_M)
+            ok = local < n * P
+            rows = local // P
+            heads = g * P + local % P
+            q = tl.load(Q + rows[:, None] * stride_qr + heads[:, None] * stride_qh + d[None, :], mask=ok[:, None],
+                        other=0.0)
+            start = tl.load(CMETA + _CHUNK_START)
+            limit = start + tl.minimum(rows, n - 1) + 1
+            hi = tl.max(limit, 0)
+            elem = Q.dtype.element_ty
+            head_off = (layer * G + g) * tl.load(CMETA + _CHUNK_CAP) * D
+            k_base = tl.load(CMETA + _CHUNK_K).to(tl.pointer_type(elem)) + head_off
+            v_base = tl.load(CMETA + _CHUNK_V).to(tl.pointer_type(elem)) + head_off
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, D], tl.float32)
+            if USE_FOR:
+                for lo in range(0, hi, BLOCK_K):
+                    m_i, l_i, acc = _causal_tile(q, k_base, v_base, lo + tl.arange(0, BLOCK_K), limit, m_i, l_i, acc,
+                                                 scale, D, DOT)
+            else:  # the interpreter (see _attend_range)
+                lo = 0
+                while lo < hi:
+                    m_i, l_i, acc = _causal_tile(q, k_base, v_base, lo + tl.arange(0, BLOCK_K), limit, m_i, l_i, acc,
+                                                 scale, D, DOT)
+                    lo += BLOCK_K
+            out = acc / l_i[:, None]  # every row sees key 0 at least: l_i > 0
+            tl.store(OUT + rows[:, None] * stride_or + heads[:, None] * stride_oh + d[None, :],
+                     out.to(OUT.dtype.element_ty), mask=ok[:, None])
+
+
+def chunk_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cmeta: torch.Tensor, layer: int,
+                    scale: float) -> torch.Tensor:
+    """Layer `layer` of a prefill chunk riding a decode step: q (C, H, D), its k_new, v_new
+    (C, G, D), cmeta (CHUNK_FIELDS + C,) int64 on q's device (the context cache's addresses,
+    capacity, the chunk's start and length). Stores the chunk's keys and values into the
+    context cache at [start, start + length), then attends causally over [0, start + j] for
+    token j. Returns (C, H, D) in q's dtype (rows past the length undefined). Two launches,
+    no sync: the shape is C's, whatever the start and length, so a CUDA graph replays it."""
+    if not AVAILABLE:
+        raise RuntimeError("chunk_attention needs the triton package")
+    c, h, d = q.shape
+    g = k_new.shape[1]
+    if d & (d - 1) or d < 16 or h % g or cmeta.shape != (CHUNK_FIELDS + c,) or cmeta.dtype != torch.int64:
+        raise ValueError(f"inconsistent chunk inputs: q {tuple(q.shape)}, k {tuple(k_new.shape)}, "
+                         f"cmeta {tuple(cmeta.shape)} {cmeta.dtype}")
+    for t in (q, k_new, v_new):
+        if t.stride(-1) != 1:
+            raise ValueError("the last dimension of q, k_new and v_new must be contiguous")
+    p = h // g
+    _chunk_store_kernel[(c, g)](k_new, v_new, cmeta, k_new.stride(0), k_new.stride(1), v_new.stride(0),
+                                v_new.stride(1), layer, G=g, D=d, num_warps=1)
+    out = torch.empty(c, h, d, device=q.device, dtype=q.dtype)
+    block_m = 64
+    _chunk_attention_kernel[(-(-(c * p) // block_m), g)](
+        q, out, cmeta, q.stride(0), q.stride(1), out.stride(0), out.stride(1), layer, scale,
+        G=g, P=p, BLOCK_M=block_m, BLOCK_K=64, D=d, USE_FOR=q.is_cuda,
+        DOT="ieee" if q.dtype == torch.float32 else None, num_warps=4)
+    return out
+
+
+def fill_chunk_meta(cmeta: np.ndarray, context_k: torch.Tensor, context_v: torch.Tensor, start: int,
+                    tokens: Sequence[int]) -> None:
+    """cmeta (CHUNK_FIELDS + C,) int64 in host memory for a chunk of len(tokens) <= C new
+    tokens at `start` of a context cache (L, G, cap, D), contiguous; no tokens: an empty
+    chunk (the graph's padding: nothing stored, nothing read)."""
+    c = cmeta.shape[0] - CHUNK_FIELDS
+    n = len(tokens)
+    if n > c:
+        raise ValueError(f"a chunk of {n} tokens does not fit {c}")
+    if n:
+        if not (context_k.is_contiguous() and context_v.is_contiguous()):
+            raise ValueError("a fused chunk needs contiguous context caches")
+        cap = context_k.shape[2]
+        if start + n > cap:
+            raise ValueError(f"a chunk to {start + n} tokens does not fit the cache's {cap}")
+        cmeta[:CHUNK_FIELDS] = (context_k.data_ptr(), context_v.data_ptr(), cap, start, n)
+    else:
+        cmeta[:CHUNK_FIELDS] = (0, 0, 1, 0, 0)
+    cmeta[CHUNK_FIELDS:] = 0
+    cmeta[CHUNK_FIELDS:CHUNK_FIELDS + n] = [int(t) for t in tokens]
 
 
 @dataclass(frozen=True)

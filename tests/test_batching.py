@@ -22,13 +22,43 @@ from codecomplete.runtime import Runtime, load_runtime  # noqa: E402
 
 CHUNK_TOKENS = 24  # small, so that the test prompts are prefilled in several chunks
 DOCUMENTS = [SAMPLE_CODE, SAMPLE_CODE[200:] + SAMPLE_CODE, "def f(x):\n    return x + 1\n\n" * 6 + SAMPLE_CODE[:300]]
+class _Fusing:
+    """The CPU runtime in the part of one that fuses prefill chunks into its decode step
+    (Runtime.fused_chunk_tokens, the CUDA graphs): decode_many(chunk=) prefills the chunk
+    with the step (as a plain prefill here) and records each chunk's new tokens."""
+
+    fused_chunk_tokens = 16
+
+    def __init__(self, rt: Runtime):
+        self._rt, self.chunks = rt, []
+
+    def __getattr__(self, name):
+        return getattr(self._rt, name)
+
+    def _ride(self, chunk) -> None:
+        chunk.state, chunk.logits = self._rt.prefill(chunk.tokens, chunk.previous,
+                                                     capacity_tokens=chunk.capacity_tokens)
+        chunk.fused = True
+        self.chunks.append(chunk.state.new_tokens)
+
+    def decode_many(self, steps, chunk=None):
+        if chunk is not None:
+            self._ride(chunk)
+        return self._rt.decode_many(steps)
+
+    def decode_many_top(self, steps, full, banned, k, tail, chunk=None):
+        if chunk is not None:
+            self._ride(chunk)
+        return self._rt.decode_many_top(steps, full, banned, k, tail)
+
+
 def _runtime(model_dir, kind: str) -> Runtime:
-    """A torch runtime whose decode_many is the base class's per-request loop ("fallback")
-    or one batched pass ("batched")."""
+    """A torch runtime whose decode_many is the base class's per-request loop ("fallback"),
+    one batched pass ("batched"), or that with prefill chunks riding the steps ("fused")."""
     rt = load_runtime(str(model_dir), runtime="torch")
     if kind == "fallback":
         rt.decode_many = lambda steps: Runtime.decode_many(rt, steps)
-    return rt
+    return _Fusing(rt) if kind == "fused" else rt
 
 
 def _request(doc: int, offset: int, path: str | None = None, **options) -> CompletionRequest:
@@ -72,7 +102,7 @@ def _together(engine: Engine, requests: list[CompletionRequest], delays_s: list[
     return out
 
 
-@pytest.mark.parametrize("decode_many", ["fallback", "batched"])
+@pytest.mark.parametrize("decode_many", ["fallback", "batched", "fused"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_batched_answers_equal_each_request_alone(tiny_model_dir, decode_many, seed):
     rng = random.Random(seed)
@@ -97,8 +127,14 @@ def test_batched_answers_equal_each_request_alone(tiny_model_dir, decode_many, s
         assert _answer(b) == _answer(a)
         assert b.tokens_generated == a.tokens_generated
         assert b.prefill_new_tokens == a.prefill_new_tokens and b.prefill_reused_tokens == 0
-    assert max(len(r.rows) for r in records) >= 2  # some steps did decode several requests at once
+    if decode_many != "fused":  # (fused: a newcomer joins later, its prompt a chunk a step)
+        assert max(len(r.rows) for r in records) >= 2  # some steps did decode several requests at once
     assert sum(r.prefill_calls for r in engine.scheduler.stats.records) > len(requests)  # chunked
+    if decode_many == "fused":  # while requests decoded, the newcomers' chunks rode their steps
+        rt = engine.runtime
+        assert rt.chunks and max(rt.chunks) <= rt.fused_chunk_tokens
+        assert sum(r.fused_tokens for r in records) == sum(rt.chunks)
+        assert all(r.prefill_ms == 0 for r in records)  # no chunk between two steps
 
 
 def test_cancelling_one_request_mid_decode_leaves_the_others_unchanged(tiny_model_dir):

@@ -15,7 +15,7 @@ from codecomplete.bench import serve as bench_serve  # noqa: E402
 from codecomplete.runtime.torch import TorchRuntime  # noqa: E402
 
 # batched-plain needs the runtime's batch_attention option (the runtime side of #20)
-VARIANTS = ["sequential", "batched-bifurcated"] + (
+VARIANTS = ["sequential", "batched-bifurcated", "batched-eager-prefill"] + (
     ["batched-plain"] if "batch_attention" in inspect.signature(TorchRuntime.__init__).parameters else [])
 
 
@@ -48,6 +48,8 @@ def test_bench_serve_in_process_reports_each_variant_and_its_step_figures(tiny_m
     batched = next(r for r in rows if r["variant"] == "batched-bifurcated" and r["users"] == 3 and not r["cold_every_s"])
     assert "keystrokes_per_s_vs_sequential" in batched and "step_vs_one_typist" in batched
     assert any(r.get("cold_prompts") for r in rows) and "step_p95_vs_no_cold" in rows[1]
+    cold = next(r for r in rows if r["variant"] == "batched-bifurcated" and r["users"] == 3 and r["cold_every_s"])
+    assert "step_p95_vs_eager_prefill" in cold and cold["fused_prefill_tokens_per_iteration"] == 0  # CPU: none fused
     assert (tmp_path / "serve.png").stat().st_size > 0
 
 

@@ -270,6 +270,49 @@ def check_graph_prefill(batched, alone, tol: float = 1e-4) -> dict:
     return {"max_rel_error": worst, "tolerance": tol}
 
 
+def check_fused_chunk(batched, alone, seed: int = 0, tol: float = 1e-4) -> dict:
+    """Prefill chunks riding a decode step (decode_many(chunk=)) on `batched` against the
+    eager prefill on `alone`: a fresh prompt as long as the graphs' chunk, a short one, a
+    chunk after a prefix, a one-token chunk, and one longer than the chunk (a plain prefill
+    first). Compared: the chunk's logits and KV (a decode step over its context), and the
+    step's other requests' logits."""
+    from codecomplete.runtime.base import DecodeStep, PrefillChunk
+
+    c = batched.fused_chunk_tokens
+    if c < 2:
+        raise AssertionError(f"the runtime fuses no chunks (fused_chunk_tokens {c})")
+    rng = np.random.default_rng(seed + 21)
+    vocab = batched.config.vocab_size
+    worst, fused = 0.0, 0
+    cases = ((0, c), (0, 3), (37, c), (37, 1), (70, c - 5), (20, c + 9))
+    for k, (prefix, new) in enumerate(cases):
+        prompt = rng.integers(0, vocab, prefix + new).tolist()
+        mine, ref = random_requests(batched, seed + k, 3), random_requests(alone, seed + k, 3)
+        previous = batched.prefill(prompt[:prefix])[0] if prefix else None
+        previous_ref = alone.prefill(prompt[:prefix])[0] if prefix else None
+        tokens = [rng.integers(0, vocab, b.n).tolist() for _, b in mine]
+        chunk = PrefillChunk(prompt, previous, capacity_tokens=len(prompt) + 5)
+        outs = batched.decode_many([DecodeStep(*r, t) for r, t in zip(mine, tokens, strict=True)], chunk=chunk)
+        refs = [alone.decode(*r, t) for r, t in zip(ref, tokens, strict=True)]
+        state_ref, logits_ref = alone.prefill(prompt, previous_ref)
+        if chunk.state.tokens != prompt or chunk.state.new_tokens != state_ref.new_tokens:
+            raise AssertionError(f"case {k}: the chunk's state holds {len(chunk.state.tokens)} tokens, "
+                                 f"{chunk.state.new_tokens} new, against {state_ref.new_tokens}")
+        after = [batched.decode(chunk.state, batched.start_branches(chunk.state, 2, 2), [3, 4])]
+        after_ref = [alone.decode(state_ref, alone.start_branches(state_ref, 2, 2), [3, 4])]
+        for name, a, b in (("other requests", outs, refs), ("chunk logits", [chunk.logits], [logits_ref]),
+                           ("decode over the chunk", after, after_ref)):
+            for x, y in zip(a, b, strict=True):
+                err = float(np.abs(np.asarray(x) - y).max() / max(1.0, float(np.abs(y).max())))
+                if not err <= tol:
+                    raise AssertionError(f"case {k} (prefix {prefix}, {new} new): {name} differ by {err:.3g} > {tol}")
+                worst = max(worst, err)
+        if chunk.fused != (new <= c):
+            raise AssertionError(f"case {k}: a chunk of {new} tokens (graphs' chunk {c}) fused={chunk.fused}")
+        fused += chunk.fused
+    return {"cases": len(cases), "fused": fused, "max_rel_error": worst, "tolerance": tol}
+
+
 def check_varlen_decoder(device: str = "cpu", seed: int = 0) -> dict:
     """The batched CUDA step against the per-request loop and the eager prefill, fp32,
     bifurcated and plain, with and without graphs of buckets up to 8 rows (batches split).
@@ -297,6 +340,18 @@ def check_varlen_decoder(device: str = "cpu", seed: int = 0) -> dict:
         result[name] = check_decode_many(batched, alone, seeds=(seed,))
         if graphs:
             result[f"short prefill, {name}"] = check_graph_prefill(batched, alone)
+    # a prefill chunk riding the step: two layers (the cache's layer offsets), chunks of 16
+    model = tiny_model(seed, device, n_layers=2, dim=64, ffn_dim=64, vocab_size=97)
+    if cuda:
+        batched = TorchRuntime.from_model(model, device="cuda", precision="fp32", max_batch_rows=8,
+                                          fused_chunk_tokens=16)
+    else:
+        batched = TorchRuntime.from_model(model)
+        batched.varlen = VarlenDecoder(batched, 8, pad_rows=True)
+        batched.graphs = DecodeGraphs(batched.varlen, 8, emulate=True, chunk_tokens=16)
+        batched.graphs.capture_all()
+    alone = TorchRuntime.from_model(model, device=device, precision="fp32", cuda_graphs=False, varlen=False)
+    result["fused prefill chunks"] = check_fused_chunk(batched, alone, seed)
     return result
 
 

@@ -44,10 +44,14 @@ from codecomplete.runtime import DEVICES
 
 # variant -> (Engine batching, the runtime's batch_attention)
 VARIANTS = {"sequential": ("off", "bifurcated"), "batched-plain": ("on", "plain"),
-            "batched-bifurcated": ("on", "bifurcated"), "batched-inline-rerank": ("on", "bifurcated")}
+            "batched-bifurcated": ("on", "bifurcated"), "batched-inline-rerank": ("on", "bifurcated"),
+            "batched-eager-prefill": ("on", "bifurcated")}
 # variants whose reranker runs in the request's thread (the others: --rerank-workers processes,
 # a GPU replica's default); batched-inline-rerank is batched-bifurcated without the processes
 INLINE_RERANK = {"sequential", "batched-inline-rerank"}
+# batched-bifurcated whose prefill chunks run between decode steps, eagerly, instead of
+# riding the step (the graphs' fused chunks, TorchRuntime(fused_chunk_tokens=))
+EAGER_PREFILL = {"batched-eager-prefill"}
 SERVICE = "service"  # the team server at --url, the same typists over HTTP
 VARIANT_NAMES = (*VARIANTS, SERVICE)
 # the in-process variant a service row is compared with: the first of these that ran
@@ -75,7 +79,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=16, help="with --device: tokens decoded per keystroke, exactly")
     p.add_argument("--context-tokens", type=int, default=2048, help="with --device: prompt tokens (prefix + suffix)")
     p.add_argument("--prefill-chunk-tokens", type=int, default=PREFILL_CHUNK_TOKENS,
-                   help="with --device: prompt tokens prefilled between two decode steps")
+                   help="with --device: prompt tokens prefilled between two decode steps (no decode running, "
+                        "or batched-eager-prefill)")
+    p.add_argument("--fused-chunk-tokens", type=int, default=256,
+                   help="with --device cuda: a prompt chunk's tokens that ride a decode step (0: none)")
     p.add_argument("--gather-ms", type=float, default=GATHER_MS,
                    help="with --device: how long a batched step waits for the requests of the last one")
     p.add_argument("--rerank-workers", type=int, default=None,
@@ -126,6 +133,7 @@ class Runtimes:
             self.model = build_torch_model(source, self.device, dtype)
             self.tokenizer = source.tokenizer
         self.config = self.model.cfg
+        self.fused_chunk_tokens = args.fused_chunk_tokens
         self._built: tuple[str, object] | None = None
 
     def release(self) -> None:
@@ -142,7 +150,8 @@ class Runtimes:
         self.free()
         # "plain" is the runtime's baseline option (TorchRuntime(batch_attention=)); the default is bifurcated
         kwargs = {"batch_attention": batch_attention} if batch_attention != "bifurcated" else {}
-        rt = TorchRuntime.from_model(self.model, self.tokenizer, device=self.device, precision=self.precision, **kwargs)
+        rt = TorchRuntime.from_model(self.model, self.tokenizer, device=self.device, precision=self.precision,
+                                     fused_chunk_tokens=self.fused_chunk_tokens, **kwargs)
         self._built = (batch_attention, rt)
         return rt
 
@@ -281,6 +290,7 @@ def step_figures(records: list[IterationRecord], config, precision: str, bifurca
             "iteration_ms": statistics.fmean(r.iteration_ms for r in steps),
             "prefill_ms_per_iteration": statistics.fmean(r.prefill_ms for r in steps),
             "prefill_tokens_per_iteration": statistics.fmean(r.prefill_tokens for r in steps),
+            "fused_prefill_tokens_per_iteration": statistics.fmean(r.fused_tokens for r in steps),
             "gather_ms_per_iteration": statistics.fmean(r.gather_ms for r in steps),
             "host_ms_per_iteration": statistics.fmean(r.iteration_ms - r.decode_ms - r.prefill_ms - r.gather_ms
                                                       for r in steps),
@@ -433,6 +443,10 @@ def compare(rows: list[dict]) -> None:
         if r["variant"] == "batched-bifurcated" and inline is not None:
             r["keystrokes_per_s_vs_inline_rerank"] = ratio(r["keystrokes_per_s"], inline["keystrokes_per_s"])
             r["p95_vs_inline_rerank"] = ratio(r["p95_ms"], inline["p95_ms"])
+        eager = find("batched-eager-prefill", r["users"], cold)
+        if r["variant"] == "batched-bifurcated" and eager is not None and cold:
+            r["step_p95_vs_eager_prefill"] = ratio(r.get("step_p95_ms"), eager.get("step_p95_ms"))
+            r["p95_vs_eager_prefill"] = ratio(r["p95_ms"], eager["p95_ms"])
         if cold:
             quiet = find(r["variant"], r["users"], False)
             if quiet is not None:
@@ -474,7 +488,7 @@ def run(args, users_list: list[int], variants: list[str]) -> int:
     cold_options = replace(options, prefix_tokens=args.cold_tokens - args.cold_tokens // 4,
                            suffix_tokens=args.cold_tokens // 4)
     names = ("keystrokes", "interval_ms", "pause_ms", "n", "new_tokens", "context_tokens", "prefill_chunk_tokens",
-             "gather_ms", "max_row_s", "cold_every_s", "cold_tokens", "seed")
+             "fused_chunk_tokens", "gather_ms", "max_row_s", "cold_every_s", "cold_tokens", "seed")
     settings = {k: getattr(args, k) for k in names}
     result: dict = {"benchmark": "serve-in-process", "device": args.device, "model": args.model or "default",
                     "precision": runtimes.precision if runtimes is not None else args.precision,
@@ -492,7 +506,8 @@ def run(args, users_list: list[int], variants: list[str]) -> int:
         runtime = runtimes.get(attention)
         engine = Engine(runtime, batching=batching, prefill_chunk_tokens=args.prefill_chunk_tokens,
                         cached_documents=2 * max(users_list) + 2 * COLD_IN_FLIGHT, gather_ms=args.gather_ms,
-                        rerank_workers=0 if variant in INLINE_RERANK else args.rerank_workers)
+                        rerank_workers=0 if variant in INLINE_RERANK else args.rerank_workers,
+                        fuse_prefill=variant not in EAGER_PREFILL)
         engine.exact_new_tokens = args.new_tokens
         engine.reuse_keystrokes = False  # every keystroke runs the model: the same work each time
         progress(f"  {variant}: ready in {time.perf_counter() - t0:.1f} s")

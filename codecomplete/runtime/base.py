@@ -60,6 +60,22 @@ class DecodeStep:
     next_tokens: Sequence[int]
 
 
+@dataclass
+class PrefillChunk:
+    """A prefill, `prefill(tokens, previous, capacity_tokens=)`, handed to a decode step: a
+    runtime whose fused_chunk_tokens is above 0 takes `chunk=` in decode_many and
+    decode_many_top, and the chunk's new tokens (at most that many) ride the step's pass
+    over the weights; a longer one, or one the step cannot carry, runs as a plain prefill
+    first. The call sets `state` and `logits` as prefill returns them, and `fused`."""
+
+    tokens: list[int]
+    previous: ContextState | None = None
+    capacity_tokens: int | None = None
+    state: ContextState | None = None
+    logits: np.ndarray | None = None
+    fused: bool = False  # whether it rode the step
+
+
 class TopRows:
     """Rows of a step's logits reduced where they were computed (on the device): per row its
     k best allowed tokens (`ids` ascending, `values` their float32 logits) and `lse`, the
@@ -119,6 +135,7 @@ class Runtime(abc.ABC):
         return [self.decode(s.context, s.branches, s.next_tokens) for s in steps]
 
     reduces_rows = False  # decode_many_top reduces rows where they are computed
+    fused_chunk_tokens = 0  # > 0: decode_many(_top) take chunk=PrefillChunk of up to this many new tokens
 
     def decode_many_top(self, steps: Sequence[DecodeStep], full: Sequence[bool], banned: np.ndarray | None,
                         k: int, tail: float) -> list[np.ndarray | TopRows]:

@@ -16,7 +16,7 @@ from codecomplete.models.format.source import ModelSource
 from codecomplete.models.model import DECODE_ATTENTION, Transformer
 
 from . import torch_graphs
-from .base import BranchState, ContextState, DecodeStep, Runtime
+from .base import BranchState, ContextState, DecodeStep, PrefillChunk, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,8 @@ class TorchRuntime(Runtime):
     def __init__(self, source: ModelSource | None, device: str = "cpu", precision: str = "auto",
                  attention: str | Callable = "auto", threads: int | None = None, model: Transformer | None = None,
                  batch_attention: str = "bifurcated", cuda_graphs: bool | None = None, max_batch_rows: int = 256,
-                 max_request_rows: int = 32, varlen: bool | None = None, graph_prefill_tokens: int = 2):
+                 max_request_rows: int = 32, varlen: bool | None = None, graph_prefill_tokens: int = 2,
+                 fused_chunk_tokens: int = 256):
         """batch_attention: "bifurcated" reads each request's context once per layer for all its
         rows in decode_many, "plain" once per row (the baseline). cuda_graphs (CUDA): decode
         through CUDA graphs captured at load for batches of up to max_batch_rows rows, each
@@ -99,7 +100,11 @@ class TorchRuntime(Runtime):
         eagerly). varlen (CUDA): the batched step's attention as one varlen kernel per layer
         (None: as cuda_graphs; False: a loop over the requests, as on CPU). graph_prefill_tokens:
         with graphs, a prefill of at most this many new tokens runs as that many one-row
-        replays (a typed character's prefill, without launching every layer from Python)."""
+        replays (a typed character's prefill, without launching every layer from Python).
+        fused_chunk_tokens: with graphs, each bucket is also captured with a prefill chunk of
+        up to this many tokens riding the step (decode_many(chunk=)), so that a newcomer's
+        prompt costs the others a longer step, not an eager pass of its own between two
+        steps (0: no such graphs; a model with a sliding window has none)."""
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' asked for, but torch sees no CUDA device")
         if precision == "auto":
@@ -155,7 +160,8 @@ class TorchRuntime(Runtime):
         if device == "cuda" and torch_graphs.varlen_supported(self) and varlen is not False:
             self.varlen = torch_graphs.VarlenDecoder(self, min(max_request_rows, max_batch_rows))
             if cuda_graphs is None or cuda_graphs:
-                self.graphs = torch_graphs.DecodeGraphs(self.varlen, max_batch_rows)
+                chunk = 0 if model.cfg.sliding_window else fused_chunk_tokens
+                self.graphs = torch_graphs.DecodeGraphs(self.varlen, max_batch_rows, chunk_tokens=chunk)
                 self.graphs.capture_all()  # at load, so that no keystroke pays capture or compile
         elif cuda_graphs or varlen:
             raise ValueError("cuda_graphs and varlen need device 'cuda', a float precision (fp32, bf16, fp16), "
@@ -193,7 +199,12 @@ class TorchRuntime(Runtime):
     def describe(self) -> dict:
         attention = self.attention if isinstance(self.attention, str) else self.attention.__name__
         return {"runtime": self.name, "device": str(self.device), "attention": attention,
-                "batch_attention": self.batch_attention, "cuda_graphs": self.graphs is not None}
+                "batch_attention": self.batch_attention, "cuda_graphs": self.graphs is not None,
+                "fused_chunk_tokens": self.fused_chunk_tokens}
+
+    @property
+    def fused_chunk_tokens(self) -> int:
+        return self.graphs.chunk_tokens if self.graphs is not None else 0
 
     def weight_bytes(self) -> int:
         """Bytes held by the model's parameters and buffers (int8 weights count one byte)."""
@@ -207,23 +218,42 @@ class TorchRuntime(Runtime):
     def prefill(self, tokens, previous=None, *, capacity_tokens=None):
         tokens = self.check_prefill(tokens)
         keep = self.reuse_split(tokens, previous)
-        if keep and previous.kv is not None and previous.kv[0].shape[2] >= len(tokens):
-            k_buf, v_buf = previous.kv  # a prefix's state (a chunked prefill's last chunk): no copy
-        else:
-            # capacity grows in steps: a 32k-context model must not take 32k of KV per prompt
-            wanted = max(len(tokens), int(capacity_tokens or 0))
-            capacity = min(self.config.max_seq_len, -(-(wanted + 256) // 1024) * 1024)
-            new_k, new_v = self.model.new_cache(capacity, dtype=self.dtype, device=self.device)
-            if keep and previous.kv is not None:
-                new_k[:, :, :keep] = previous.kv[0][:, :, :keep]
-                new_v[:, :, :keep] = previous.kv[1][:, :, :keep]
-            k_buf, v_buf = new_k, new_v
+        k_buf, v_buf = self._context_buffers(tokens, previous, keep, capacity_tokens)
         if self.graphs is not None and len(tokens) - keep <= self.graph_prefill_tokens:
             logits = self.graphs.prefill(k_buf, v_buf, keep, tokens[keep:])
         else:
             logits = self.model.prefill(self._tensor(tokens[keep:]), k_buf, v_buf, keep).float().cpu().numpy()
         state = ContextState(tokens, (k_buf, v_buf), reused_tokens=keep, new_tokens=len(tokens) - keep)
         return state, logits
+
+    def _context_buffers(self, tokens: list[int], previous: ContextState | None, keep: int,
+                         capacity_tokens: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K/V caches a prefill of `tokens` writes into, holding previous's first `keep`."""
+        if keep and previous.kv is not None and previous.kv[0].shape[2] >= len(tokens):
+            return previous.kv  # a prefix's state (a chunked prefill's last chunk): no copy
+        # capacity grows in steps: a 32k-context model must not take 32k of KV per prompt
+        wanted = max(len(tokens), int(capacity_tokens or 0))
+        capacity = min(self.config.max_seq_len, -(-(wanted + 256) // 1024) * 1024)
+        new_k, new_v = self.model.new_cache(capacity, dtype=self.dtype, device=self.device)
+        if keep and previous.kv is not None:
+            new_k[:, :, :keep] = previous.kv[0][:, :, :keep]
+            new_v[:, :, :keep] = previous.kv[1][:, :, :keep]
+        return new_k, new_v
+
+    def _fuse(self, chunk: PrefillChunk, steps: list[DecodeStep]) -> torch_graphs.FusedChunk | None:
+        """The chunk ready to ride these steps' graph replay (its state set), or None: it is
+        too long for the graphs' chunk, or the steps do not take the graphs."""
+        limit = self.fused_chunk_tokens
+        if not limit or not self.graphs.fits(steps):
+            return None
+        tokens = self.check_prefill(chunk.tokens)
+        keep = self.reuse_split(tokens, chunk.previous)
+        if not 0 < len(tokens) - keep <= limit:
+            return None
+        k_buf, v_buf = self._context_buffers(tokens, chunk.previous, keep, chunk.capacity_tokens)
+        chunk.state = ContextState(tokens, (k_buf, v_buf), reused_tokens=keep, new_tokens=len(tokens) - keep)
+        chunk.fused = True
+        return torch_graphs.FusedChunk(k_buf, v_buf, keep, tokens[keep:])
 
     def start_branches(self, context, n, max_new_tokens):
         c = self.config
@@ -242,24 +272,25 @@ class TorchRuntime(Runtime):
         return logits.float().cpu().numpy()
 
     @torch.inference_mode()
-    def decode_many(self, steps):
+    def decode_many(self, steps, chunk: PrefillChunk | None = None):
         """All rows of all requests through the weights in one pass (one matrix product per
         projection); attention per request over its own context plus each row's own keys
-        (CUDA: one varlen kernel launch per layer, replayed from a CUDA graph)."""
-        return self._decode_batch(list(steps), None)
+        (CUDA: one varlen kernel launch per layer, replayed from a CUDA graph). chunk: a
+        prefill that rides this step (Runtime.fused_chunk_tokens)."""
+        return self._decode_batch(list(steps), None, chunk)
 
     @torch.inference_mode()
-    def decode_many_top(self, steps, full, banned, k, tail):
+    def decode_many_top(self, steps, full, banned, k, tail, chunk: PrefillChunk | None = None):
         """decode_many with the rows reduced on the device (Runtime.decode_many_top), when
         reduces_rows; the steps with full[i] get their whole rows, copied from there."""
         steps, full = list(steps), list(full)
         if len(full) != len(steps):
             raise ValueError(f"{len(full)} full flags for {len(steps)} steps")
         if not self.reduces_rows or all(full):
-            return self._decode_batch(steps, None)
+            return self._decode_batch(steps, None, chunk)
         mask = self._banned_mask(banned)
         out = self._decode_batch(steps, lambda logits, group: torch_graphs.reduce_rows(logits, group, mask, k, tail,
-                                                                                        self.dtype))
+                                                                                        self.dtype), chunk)
         return [rows.full() if whole else rows for rows, whole in zip(out, full, strict=True)]
 
     def _banned_mask(self, banned) -> torch.Tensor | None:
@@ -276,19 +307,24 @@ class TorchRuntime(Runtime):
         self._banned_masks[id(banned)] = (banned, mask.to(self.device))
         return self._banned_masks[id(banned)][1]
 
-    def _decode_batch(self, steps: list[DecodeStep], host) -> list:
+    def _decode_batch(self, steps: list[DecodeStep], host, chunk: PrefillChunk | None = None) -> list:
         """decode_many's step; host(logits, steps): what turns the device logits (rows, V)
         float32 into each step's result (None: host arrays)."""
-        if not steps:
-            return []
         seen = set()
         for s in steps:
             self.check_decode(s.context, s.branches, s.next_tokens)
             if id(s.branches) in seen:
                 raise ValueError("decode_many got the same branches twice in one step")
             seen.add(id(s.branches))
+        fused = self._fuse(chunk, steps) if chunk is not None and steps else None
+        if chunk is not None and fused is None:
+            chunk.state, chunk.logits = self.prefill(chunk.tokens, chunk.previous, capacity_tokens=chunk.capacity_tokens)
+        if not steps:
+            return []
         if self.graphs is not None and self.graphs.fits(steps):
-            out = self.graphs.run(steps, host)
+            out = self.graphs.run(steps, host, fused)
+            if fused is not None:
+                chunk.logits = fused.logits
         elif self.varlen is not None and self.varlen.fits(steps):
             out = self.varlen.run(steps, host=host)
         else:

@@ -25,7 +25,17 @@ import numpy as np
 import torch
 
 from codecomplete.models import varlen_triton
-from codecomplete.models.varlen_triton import FIELDS, POSITION, TOKEN, VarlenRequest, fill_meta
+from codecomplete.models.varlen_triton import (
+    CHUNK_FIELDS,
+    CHUNK_LEN,
+    CHUNK_START,
+    FIELDS,
+    POSITION,
+    TOKEN,
+    VarlenRequest,
+    fill_chunk_meta,
+    fill_meta,
+)
 
 from .base import DecodeStep, TopRows
 
@@ -82,12 +92,29 @@ class VarlenDecoder:
         return [VarlenRequest(s.context.kv[0], s.context.kv[1], len(s.context.tokens), s.branches.kv[0],
                               s.branches.kv[1], s.branches.step, s.next_tokens) for s in steps]
 
-    def step(self, meta: torch.Tensor, plan: varlen_triton.VarlenPlan) -> torch.Tensor:
-        """Logits (slots, V) float32 of one step described by meta (FIELDS, slots) on the device."""
-        def attend(i, q, k, v, scale):
-            return varlen_triton.varlen_bifurcated_attention(q, k, v, meta, i, plan, scale)
+    def step(self, meta: torch.Tensor, plan: varlen_triton.VarlenPlan, cmeta: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """Logits (slots, V) float32 of one step described by meta (FIELDS, slots) on the device.
+        cmeta (CHUNK_FIELDS + C,): a prefill chunk of up to C tokens rides the step, its rows
+        after the slots' in every matrix product (the weights are read once for both); the
+        logits then have one more row, the chunk's last token's."""
+        if cmeta is None:
+            def attend(i, q, k, v, scale):
+                return varlen_triton.varlen_bifurcated_attention(q, k, v, meta, i, plan, scale)
 
-        return self.rt.model.decode_rows(meta[TOKEN], meta[POSITION], attend).float()
+            return self.rt.model.decode_rows(meta[TOKEN], meta[POSITION], attend).float()
+        slots, c = plan.slots, cmeta.shape[0] - CHUNK_FIELDS
+        arange = torch.arange(max(slots, c), device=meta.device)
+        tokens = torch.cat([meta[TOKEN], cmeta[CHUNK_FIELDS:]])
+        positions = torch.cat([meta[POSITION], cmeta[CHUNK_START] + arange[:c]])
+        select = torch.cat([arange[:slots], (slots - 1 + cmeta[CHUNK_LEN]).view(1)])
+
+        def attend_both(i, q, k, v, scale):
+            rows = varlen_triton.varlen_bifurcated_attention(q[:slots], k[:slots], v[:slots], meta, i, plan, scale)
+            chunk = varlen_triton.chunk_attention(q[slots:], k[slots:], v[slots:], cmeta, i, scale)
+            return torch.cat([rows, chunk])
+
+        return self.rt.model.decode_rows(tokens, positions, attend_both, select).float()
 
     def run(self, steps: Sequence[DecodeStep], slots: int | None = None, host=None) -> list:
         """One step for all requests, launched eagerly; slots: pad the rows to this many
@@ -165,25 +192,41 @@ def split_rows(logits, steps: Sequence[DecodeStep]) -> list:
 
 
 class _Captured:
-    """One bucket's graph (its replay) and its static tensors."""
+    """One bucket's graph (its replay) and its static tensors (cmeta: a chunk bucket's)."""
 
-    def __init__(self, replay, meta_host, meta_dev, logits_dev):
+    def __init__(self, replay, meta_host, meta_dev, logits_dev, cmeta_host=None, cmeta_dev=None):
         self.replay, self.meta_host, self.meta_dev, self.logits_dev = replay, meta_host, meta_dev, logits_dev
         self.meta_np = meta_host.numpy()  # the pinned buffer, written in place each step
+        self.cmeta_host, self.cmeta_dev = cmeta_host, cmeta_dev
+        self.cmeta_np = cmeta_host.numpy() if cmeta_host is not None else None
+
+
+class FusedChunk:
+    """A prefill chunk for DecodeGraphs.run: `tokens` (at most the graphs' chunk_tokens) at
+    `start` of a context cache (L, G, cap, D); `logits` (V,) float32 once the step ran."""
+
+    def __init__(self, context_k: torch.Tensor, context_v: torch.Tensor, start: int, tokens: Sequence[int]):
+        self.context_k, self.context_v, self.start, self.tokens = context_k, context_v, start, list(tokens)
+        self.logits: np.ndarray | None = None
 
 
 class DecodeGraphs:
     """VarlenDecoder.step captured per bucket of rows; run() replays them."""
 
-    def __init__(self, varlen: VarlenDecoder, max_batch_rows: int, emulate: bool = False):
+    def __init__(self, varlen: VarlenDecoder, max_batch_rows: int, emulate: bool = False, chunk_tokens: int = 0):
         """emulate: no CUDA graph, the step re-run eagerly into the same static tensors at
-        each replay (the tests run everything else of this class on CPU with it)."""
+        each replay (the tests run everything else of this class on CPU with it).
+        chunk_tokens: also capture each bucket with a prefill chunk of up to this many
+        tokens riding the step (0: none)."""
         if max_batch_rows < 1:
             raise ValueError("max_batch_rows must be at least 1")
+        if chunk_tokens < 0:
+            raise ValueError("chunk_tokens must be 0 (none) or more")
         self.varlen = varlen
         self.max_rows = max_batch_rows
         self.buckets = row_buckets(max_batch_rows)
-        self.captured: dict[int, _Captured] = {}
+        self.chunk_tokens = chunk_tokens
+        self.captured: dict[tuple[int, int], _Captured] = {}  # (rows, chunk tokens) -> graph
         self.emulate = emulate
         self.cuda = varlen.rt.device.type == "cuda"
         self.pool = None
@@ -198,34 +241,45 @@ class DecodeGraphs:
             self.pool = torch.cuda.graph_pool_handle()
         for slots in reversed(self.buckets):
             self.capture(slots)
+            if self.chunk_tokens:
+                self.capture(slots, self.chunk_tokens)
         if self.cuda:
             torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - t0
         log.info("captured decode graphs for %s rows in %.2f s", self.buckets, self.capture_s)
 
     @torch.inference_mode()
-    def capture(self, slots: int) -> None:
+    def capture(self, slots: int, chunk: int = 0) -> None:
         varlen = self.varlen
         device = varlen.rt.device
         plan = varlen.plan(slots)
         meta_host = torch.zeros((FIELDS, slots), dtype=torch.int64, pin_memory=self.cuda)
         fill_meta(meta_host.numpy(), [], varlen.scratch_k, varlen.scratch_v)  # every row padding
         meta_dev = meta_host.to(device, copy=True)
+        cmeta_host = cmeta_dev = None
+        if chunk:
+            cmeta_host = torch.zeros(CHUNK_FIELDS + chunk, dtype=torch.int64, pin_memory=self.cuda)
+            fill_chunk_meta(cmeta_host.numpy(), varlen.scratch_k, varlen.scratch_v, 0, [])  # an empty chunk
+            cmeta_dev = cmeta_host.to(device, copy=True)
+
+        def step():
+            return varlen.step(meta_dev, plan, cmeta_dev)
+
         if self.emulate:
-            logits_dev = varlen.step(meta_dev, plan)
-            self.captured[slots] = _Captured(lambda: logits_dev.copy_(varlen.step(meta_dev, plan)), meta_host,
-                                             meta_dev, logits_dev)
+            logits_dev = step()
+            self.captured[slots, chunk] = _Captured(lambda: logits_dev.copy_(step()), meta_host, meta_dev, logits_dev,
+                                                    cmeta_host, cmeta_dev)
             return
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # compile the kernels and set up cuBLAS outside the capture
             for _ in range(2):
-                varlen.step(meta_dev, plan)
+                step()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits_dev = varlen.step(meta_dev, plan)
-        self.captured[slots] = _Captured(graph.replay, meta_host, meta_dev, logits_dev)
+            logits_dev = step()
+        self.captured[slots, chunk] = _Captured(graph.replay, meta_host, meta_dev, logits_dev, cmeta_host, cmeta_dev)
 
     def fits(self, steps: Sequence[DecodeStep]) -> bool:
         return self.varlen.fits(steps) and all(s.branches.n <= self.max_rows for s in steps)
@@ -241,13 +295,15 @@ class DecodeGraphs:
             rows += s.branches.n
         return out
 
-    def run(self, steps: Sequence[DecodeStep], host=None) -> list:
-        """host(logits, steps): as VarlenDecoder.run's."""
+    def run(self, steps: Sequence[DecodeStep], host=None, chunk: FusedChunk | None = None) -> list:
+        """host(logits, steps): as VarlenDecoder.run's. chunk: rides the first group's step
+        (its logits are set on it)."""
         out = []
         host = host or rows_to_host
         for group in self.groups(steps):
             out.extend(self.replay(self.varlen.requests(group), sum(s.branches.n for s in group),
-                                   lambda logits, group=group: host(logits, group)))
+                                   lambda logits, group=group: host(logits, group), chunk))
+            chunk = None
         return out
 
     def prefill(self, context_k: torch.Tensor, context_v: torch.Tensor, start: int, tokens: Sequence[int]
@@ -258,14 +314,21 @@ class DecodeGraphs:
             logits = self.replay([VarlenRequest(context_k, context_v, start, None, None, t, [int(token)])], 1)
         return logits[0]
 
-    def replay(self, requests: Sequence[VarlenRequest], rows: int, host=None):
+    def replay(self, requests: Sequence[VarlenRequest], rows: int, host=None, chunk: FusedChunk | None = None):
         """One step of these requests' rows through their bucket's graph: the logits
         (rows, V) in host memory of their own (or what `host` makes of the device rows; it
-        must synchronise)."""
+        must synchronise). chunk: through the bucket's chunk graph, its logits set on it."""
         slots = next(b for b in self.buckets if b >= rows)
-        cap = self.captured[slots]
+        cap = self.captured[slots, self.chunk_tokens if chunk is not None else 0]
         fill_meta(cap.meta_np, requests, self.varlen.scratch_k, self.varlen.scratch_v,
                   self.varlen.rt.batch_attention == "plain")
+        if chunk is not None:
+            fill_chunk_meta(cap.cmeta_np, chunk.context_k, chunk.context_v, chunk.start, chunk.tokens)
+            cap.cmeta_dev.copy_(cap.cmeta_host, non_blocking=True)
         cap.meta_dev.copy_(cap.meta_host, non_blocking=True)
         cap.replay()
-        return (host or logits_to_host)(cap.logits_dev[:rows])  # synchronises: meta_host is free again after this
+        last = cap.logits_dev[slots].clone() if chunk is not None else None  # before the next replay overwrites it
+        out = (host or logits_to_host)(cap.logits_dev[:rows])  # synchronises: meta_host is free again after this
+        if chunk is not None:
+            chunk.logits = last.cpu().numpy()
+        return out
