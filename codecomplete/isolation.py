@@ -177,11 +177,15 @@ def child_main(argv: list[str] | None = None) -> None:
     tokens: dict[int, CancelToken] = {}  # the requests not answered yet
 
     def run(message: dict, token: CancelToken) -> None:
+        seq = message.get("seq", 0)
         answer = _answer(engine, message, token)
         with lock:
-            tokens.pop(message.get("seq", 0), None)
+            tokens.pop(seq, None)
             try:
-                _send(conn, answer)
+                try:
+                    _send(conn, answer)
+                except (TypeError, ValueError) as e:  # an answer JSON cannot carry: its caller must not wait on
+                    _send(conn, {"op": "failed", "seq": seq, "message": f"{type(e).__name__}: {e}"})
             except OSError:  # the parent is gone: the main thread's next read ends the child
                 pass
 
