@@ -1,17 +1,22 @@
 """The engine in a child process, so that a native crash in the model runtime (SIGSEGV,
 SIGFPE, SIGKILL from the out-of-memory killer) ends the child and not the language server
-or the CLI.
+or the CLI; and, in a team server's replica, so that the engine's batch scheduler has a GIL
+of its own instead of sharing one with the replica's HTTP handling and Ray's threads.
 
 `ProcessEngine` has the engine's face (`complete`, `describe`, `forget`). The child is a
-fresh interpreter (`python -c`, no fork of a server with threads) that gets a socket pair
-and the cancel cell as inherited file descriptors; each request goes to it as JSON
+fresh interpreter (`python -c`, no fork of a server with threads) that gets one end of a
+socket pair as an inherited file descriptor; each request goes to it as JSON
 (`wire.request_to_json`, length-framed by multiprocessing.connection's bytes calls) and the
-answer comes back the same way, so nothing from the child is ever unpickled. The parent's CancelToken
-reaches the child through one shared integer, the highest cancelled request number, that
-the child's token reads between decode steps. A child that dies mid-request makes that
-request answer None, logs one error naming the signal, and is restarted (the model
-reloaded) in the background with growing pauses; after `MAX_RESTARTS` crashes in a row the
-engine stays down in state "error" until it is replaced.
+answer comes back the same way, so nothing from the child is ever unpickled. Requests carry
+a number: any number of threads may call `complete` at once, the child runs up to
+`concurrency` of them at once in threads of its own (the rest wait in its queue, in the
+order they came), and one reader thread in the parent hands each answer to the caller
+waiting for that number. The same reader passes a CancelToken's cancellation on (a
+`cancel` message that the child's reader turns into that request's token, seen between
+decode steps) and kills a child that stays silent long past a request's deadline. A child
+that dies makes every request it held answer None, logs one error naming the signal, and is
+restarted (the model reloaded) in the background with growing pauses; after `MAX_RESTARTS`
+crashes in a row the engine stays down in state "error" until it is replaced.
 """
 
 from __future__ import annotations
@@ -22,12 +27,12 @@ import logging
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -74,44 +79,6 @@ def exit_cause(exitcode: int | None) -> str:
         except ValueError:
             return f"signal {-exitcode}"
     return f"exit code {exitcode}"
-
-
-class SharedCancel(CancelToken):
-    """The child's CancelToken for request number `seq`: cancelled once the parent has
-    written a number >= seq into the shared cell."""
-
-    def __init__(self, cell: CancelCell, seq: int):
-        super().__init__()
-        self._cell, self._seq = cell, seq
-
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set() or self._cell.value >= self._seq
-
-
-class CancelCell:
-    """One 64-bit integer in memory shared by the parent and the child: the highest
-    cancelled request number. It lives in an unlinked temporary file that both map, so
-    the child gets it as an inherited file descriptor."""
-
-    def __init__(self, fd: int | None = None):
-        import mmap
-        import tempfile
-
-        if fd is None:
-            self._file = tempfile.TemporaryFile()
-            os.ftruncate(self._file.fileno(), 8)
-            fd = self._file.fileno()
-        self.fd = fd
-        self._map = mmap.mmap(fd, 8)
-
-    @property
-    def value(self) -> int:
-        return struct.unpack_from("q", self._map, 0)[0]
-
-    @value.setter
-    def value(self, v: int) -> None:
-        struct.pack_into("q", self._map, 0, v)
 
 
 # -- the child ----------------------------------------------------------------------------------
@@ -161,13 +128,39 @@ def import_by_name(spec: str) -> Callable[..., Any]:
     return target
 
 
-def child_main(argv: list[str] | None = None) -> None:
-    """The child: build the engine, then answer one JSON message at a time until the pipe closes.
+def _answer(engine: Any, message: dict, cancel: CancelToken) -> dict:
+    """The child's answer to one message (complete, forget, set)."""
+    op, seq = message.get("op"), message.get("seq", 0)
+    try:
+        if op == "complete":
+            request = request_from_json(message.get("request"))
+            request.cancel = cancel
+            completion = engine.complete(request)
+            return {"op": "completion", "seq": seq, "completion": completion_to_json(completion),
+                    "rows": [completion.decode_rows, completion.branch_rows]}
+        if op == "forget":
+            if callable(getattr(engine, "forget", None)):
+                engine.forget()
+            return {"op": "done", "seq": seq}
+        if op == "set":
+            for name, value in (message.get("attributes") or {}).items():
+                if name in SETTABLE:
+                    setattr(engine, name, value)
+            return {"op": "done", "seq": seq}
+        return {"op": "failed", "seq": seq, "message": f"unknown operation {op!r}"}
+    except Exception as e:  # a Python error in the engine: the child goes on
+        return {"op": "failed", "seq": seq, "message": f"{type(e).__name__}: {e}"}
 
-    argv: CONNECTION_FD CANCEL_FD (the first message brings the factory and its arguments)."""
-    conn_fd, cancel_fd = (int(x) for x in (argv if argv is not None else sys.argv[1:])[:2])
+
+def child_main(argv: list[str] | None = None) -> None:
+    """The child: build the engine, then answer messages until the pipe closes. Its main
+    thread only reads: each request runs in one of `concurrency` worker threads (the start
+    message says how many), so that a cancel, handled here at once, reaches a request that
+    is mid-decode.
+
+    argv: CONNECTION_FD (the first message brings the factory and its arguments)."""
+    conn = Connection(int((argv if argv is not None else sys.argv[1:])[0]))
     _prepare_child()
-    conn, cell = Connection(conn_fd), CancelCell(cancel_fd)
     try:
         start = _receive(conn)
         engine = import_by_name(start["factory"])(*start.get("args", ()))
@@ -180,33 +173,43 @@ def child_main(argv: list[str] | None = None) -> None:
         _send(conn, {"op": "load_failed", "type": type(e).__name__, "message": str(e) or type(e).__name__})
         return
     _send(conn, {"op": "ready", "describe": _describe(engine)})
+    lock = threading.Lock()  # guards tokens and the sends
+    tokens: dict[int, CancelToken] = {}  # the requests not answered yet
+
+    def run(message: dict, token: CancelToken) -> None:
+        seq = message.get("seq", 0)
+        answer = _answer(engine, message, token)
+        with lock:
+            tokens.pop(seq, None)
+            try:
+                try:
+                    _send(conn, answer)
+                except (TypeError, ValueError) as e:  # an answer JSON cannot carry: its caller must not wait on
+                    _send(conn, {"op": "failed", "seq": seq, "message": f"{type(e).__name__}: {e}"})
+            except OSError:  # the parent is gone: the main thread's next read ends the child
+                pass
+
+    workers = ThreadPoolExecutor(max_workers=max(1, int(start.get("concurrency", 1))), thread_name_prefix="engine")
     while True:
         try:
             message = _receive(conn)
         except (EOFError, OSError):  # the parent is gone
-            return
-        op, seq = message.get("op"), message.get("seq", 0)
-        try:
-            if op == "complete":
-                request = request_from_json(message.get("request"))
-                request.cancel = SharedCancel(cell, seq)
-                completion = engine.complete(request)
-                answer = {"op": "completion", "seq": seq, "completion": completion_to_json(completion),
-                          "rows": [completion.decode_rows, completion.branch_rows]}
-            elif op == "forget":
-                if callable(getattr(engine, "forget", None)):
-                    engine.forget()
-                answer = {"op": "done", "seq": seq}
-            elif op == "set":
-                for name, value in (message.get("attributes") or {}).items():
-                    if name in SETTABLE:
-                        setattr(engine, name, value)
-                answer = {"op": "done", "seq": seq}
-            else:
-                answer = {"op": "failed", "seq": seq, "message": f"unknown operation {op!r}"}
-        except Exception as e:  # a Python error in the engine: the child goes on
-            answer = {"op": "failed", "seq": seq, "message": f"{type(e).__name__}: {e}"}
-        _send(conn, answer)
+            break
+        seq = message.get("seq", 0)
+        if message.get("op") == "cancel":
+            with lock:
+                token = tokens.get(seq)
+            if token is not None:  # else answered already
+                token.cancel()
+            continue
+        token = CancelToken()
+        with lock:
+            tokens[seq] = token
+        workers.submit(run, message, token)
+    with lock:  # nobody waits for the answers: stop the running ones at their next step
+        for token in tokens.values():
+            token.cancel()
+    workers.shutdown(wait=False, cancel_futures=True)
 
 
 class EngineStatus:
@@ -235,29 +238,133 @@ class EngineStatus:
 
 
 # -- the parent -----------------------------------------------------------------------------------
+class _Waiting:
+    """A message sent to the child and not answered yet: its caller waits on `done`."""
+
+    __slots__ = ("op", "cancel", "give_up_at", "cancel_sent", "answer", "done")
+
+    def __init__(self, op: str, cancel: CancelToken | None, give_up_at: float):
+        self.op, self.cancel, self.give_up_at = op, cancel, give_up_at
+        self.cancel_sent = False
+        self.answer: dict | None = None  # None: the child died or hung
+        self.done = threading.Event()
+
+
+class _Child:
+    """One child process, its end of the pipe, and the messages it has not answered."""
+
+    def __init__(self, process: subprocess.Popen, conn: Connection, description: Any):
+        self.process, self.conn, self.description = process, conn, description
+        self.waiting: dict[int, _Waiting] = {}  # by seq
+        self.lock = threading.Lock()  # guards waiting, finished and the wake pipe
+        self.send_lock = threading.Lock()  # one message at a time on the pipe
+        self.finished = False  # the reader has stopped: nothing more is answered
+        self.stopping = False  # closed on purpose, not a crash
+        # the reader blocks without a timeout while nothing is in flight: a byte here wakes it
+        self.wake_r, self.wake_w = os.pipe()
+        self.reader: threading.Thread | None = None
+
+    def ask(self, seq: int, message: dict, cancel: CancelToken | None, give_up_at: float) -> dict | None:
+        """Send message (numbered seq) and wait for its answer; None when the child died or hung."""
+        waiting = _Waiting(message["op"], cancel, give_up_at)
+        with self.lock:
+            if self.finished:
+                return None
+            if not self.waiting:
+                os.write(self.wake_w, b"w")  # the reader polls cancels and deadlines from now on
+            self.waiting[seq] = waiting
+        try:
+            with self.send_lock:
+                if self.conn.closed:
+                    raise OSError("the pipe is closed")
+                _send(self.conn, {**message, "seq": seq})
+        except (OSError, ValueError):  # the pipe broke: the reader sees the child gone
+            with self.lock:
+                self.waiting.pop(seq, None)
+            return None
+        waiting.done.wait()  # the reader always sets it: an answer, or None once the child is gone
+        return waiting.answer
+
+    def deliver(self, answer: dict) -> None:
+        with self.lock:
+            waiting = self.waiting.pop(answer.get("seq"), None)
+        if waiting is not None:  # else a caller that gave up on a broken pipe
+            waiting.answer = answer
+            waiting.done.set()
+
+    def overdue(self, now: float) -> bool:
+        """Pass new cancellations on to the child; True when a message is past its give-up time."""
+        with self.lock:
+            waiting = list(self.waiting.items())
+        for seq, w in waiting:
+            if not w.cancel_sent and w.cancel is not None and w.cancel.cancelled:
+                # a caller blocked in a send to a stopped child holds the lock: try again next poll
+                if self.send_lock.acquire(blocking=False):
+                    try:
+                        _send(self.conn, {"op": "cancel", "seq": seq})
+                    finally:
+                        self.send_lock.release()
+                    w.cancel_sent = True
+                    w.give_up_at = min(w.give_up_at, now + HUNG_GRACE_S)
+            if now > w.give_up_at:
+                return True
+        return False
+
+    def finish(self) -> tuple[list[_Waiting], str]:
+        """Stop answering: close the pipe; the messages still waiting (their callers not told
+        yet) and what the child was doing."""
+        with self.lock:
+            if self.finished:
+                return [], ""
+            self.finished = True
+            waiting, self.waiting = list(self.waiting.values()), {}
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+        with self.send_lock:
+            self.conn.close()
+        completing = sum(w.op == "complete" for w in waiting)
+        if completing:
+            doing = "completing a request" if completing == 1 else f"completing {completing} requests"
+        else:
+            doing = f"running {waiting[0].op}" if waiting else "waiting for a request"
+        return waiting, doing
+
+    def wake(self) -> None:
+        with self.lock:
+            if not self.finished:
+                os.write(self.wake_w, b"w")
+
+
+def _release(waiting: list[_Waiting]) -> None:
+    """Their callers answer None."""
+    for w in waiting:
+        w.done.set()
+
+
 class ProcessEngine(EngineStatus):
     """An engine built by `factory(*factory_args)` in a child process (a fresh interpreter that
     imports the factory by name: a module-level function, its arguments plain JSON values).
-    Like the Engine, one request at a time: call it from one thread (the worker's)."""
+    Any number of threads may call `complete` at once: up to `concurrency` requests run in
+    the child at once (each in a thread of its own there: an engine that batches, or one
+    request at a time with the default 1), the others wait in the child's queue."""
 
     def __init__(self, factory: Callable[..., Any], factory_args: tuple = (), label: str = "the model",
-                 restart: bool = True):
+                 restart: bool = True, concurrency: int = 1):
         self._factory_spec = factory_spec(factory)
         self._factory_args, self.label = json.loads(json.dumps(list(factory_args))), label
         self._restart_after_crash = restart  # False (the CLI): a crash leaves the engine in state "error"
-        self._cancelled_upto = CancelCell()  # the highest cancelled request number, shared with the child
+        self.concurrency = max(1, int(concurrency))
         self._seq = 0
         self._attributes: dict[str, Any] = {}  # set on the engine (SETTABLE), also after a restart
-        self._lock = threading.Lock()  # guards the child's handles, state and crash count
-        self._process = None
-        self._conn: Connection | None = None
+        self._lock = threading.Lock()  # guards the child, the state and the crash count
+        self._child: _Child | None = None
         self._closed = False
         self._crashes = 0
         self.last_crash = ""  # what ended the last child that died: "SIGFPE", "exit code 1", ...
         self.last_error = ""  # the last Python error the engine raised in the child
         self.state = "ready"  # ready | restarting | error
-        self.child_description: Any = None
-        self._process, self._conn, self.child_description = self._start_child()
+        self.child_description: Any = None  # the engine's describe() in the latest child (kept once closed)
+        self._install(self._start_child())
 
     # -- the engine's face --------------------------------------------------------------
     def describe(self) -> Any:
@@ -268,23 +375,15 @@ class ProcessEngine(EngineStatus):
 
     def complete(self, request: CompletionRequest) -> Completion | None:
         """The child's answer; None when it crashed (it restarts) or is not running."""
-        with self._lock:
-            if self.state != "ready" or self._conn is None:
-                return None
-            process, conn = self._process, self._conn
-            self._seq += 1
-            seq = self._seq
+        seq, child = self._next()
+        if child is None:
+            return None
         payload = outgoing_request_json(request)
         if payload is None:  # a document that gets no completions (too big, binary)
             return Completion([])
         give_up_at = time.monotonic() + payload["options"]["deadline_ms"] / 1000.0 + HUNG_GRACE_S
-        try:
-            _send(conn, {"op": "complete", "seq": seq, "request": payload})
-            answer = self._await_answer(process, conn, seq, request.cancel, give_up_at)
-        except (EOFError, OSError, ValueError):  # the pipe broke or carried garbage: the child is gone
-            answer = None
-        if answer is None:
-            self._crashed(process, "completing a request")
+        answer = child.ask(seq, {"op": "complete", "request": payload}, request.cancel, give_up_at)
+        if answer is None:  # the child died or hung: the reader has logged it and restarts it
             return None
         if answer.get("op") != "completion":
             self.last_error = str(answer.get("message", "no message"))
@@ -313,31 +412,53 @@ class ProcessEngine(EngineStatus):
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+        child = self._child
+        return child.process.pid if child is not None else None
 
     def close(self) -> None:
-        """Stop the child (and any restart in progress)."""
+        """Stop the child (and any restart in progress); requests in flight answer None."""
         with self._lock:
             self._closed = True
-            process, conn = self._process, self._conn
-            self._process = self._conn = None
-        _stop(process, conn)
+            child, self._child = self._child, None
+        if child is None:
+            return
+        child.stopping = True
+        child.wake()
+        if child.reader is not None and child.reader is not threading.current_thread():
+            child.reader.join(2.0)
+        waiting, _ = child.finish()  # a healthy child exits on the pipe's EOF
+        _release(waiting)
+        _stop(child.process, None)
 
     # -- the child's lifecycle ------------------------------------------------------------
-    def _start_child(self):
+    def _next(self) -> tuple[int, _Child | None]:
+        """A new request number, and the child to send it to (None while it is not ready)."""
+        with self._lock:
+            if self.state != "ready" or self._child is None:
+                return 0, None
+            self._seq += 1
+            return self._seq, self._child
+
+    def _call(self, message: dict) -> None:
+        """A small synchronous operation (forget, set); a crash is handled as in complete."""
+        seq, child = self._next()
+        if child is not None:
+            child.ask(seq, message, None, time.monotonic() + 60.0)
+
+    def _start_child(self) -> _Child:
         parent_sock, child_sock = socket.socketpair()
-        cancel_fd = self._cancelled_upto.fd
         # -P: the working folder stays off sys.path, so that run from a source checkout the
-        # child imports the installed package, not the checkout's codecomplete/ folder
-        command = [sys.executable, "-P", "-c", CHILD_COMMAND, str(child_sock.fileno()), str(cancel_fd)]
+        # child imports the installed package, not the checkout's codecomplete/ folder. The
+        # environment is inherited: a Ray GPU replica's CUDA_VISIBLE_DEVICES names the child's GPU.
+        command = [sys.executable, "-P", "-c", CHILD_COMMAND, str(child_sock.fileno())]
         # stdout is the LSP channel or the CLI's answer: the child's prints go to stderr
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=STDERR_FD,
-                                   pass_fds=(child_sock.fileno(), cancel_fd), close_fds=True)
+                                   pass_fds=(child_sock.fileno(),), close_fds=True)
         child_sock.close()
         parent_end = Connection(parent_sock.detach())
         try:
             _send(parent_end, {"factory": self._factory_spec, "args": self._factory_args,
-                               "attributes": self._attributes})
+                               "attributes": self._attributes, "concurrency": self.concurrency})
             first = _receive(parent_end)
         except (EOFError, OSError, ValueError):
             _stop(process, parent_end)
@@ -345,52 +466,60 @@ class ProcessEngine(EngineStatus):
         if first.get("op") != "ready":
             _stop(process, parent_end)
             raise EngineLoadFailed(str(first.get("message", "the engine process could not load the model")))
-        return process, parent_end, first.get("describe")
+        return _Child(process, parent_end, first.get("describe"))
 
-    def _await_answer(self, process, conn: Connection, seq: int, cancel: CancelToken | None,
-                      give_up_at: float) -> dict | None:
-        """The child's answer to request seq; None when the child died or hung."""
-        cancel_sent = False
-        while True:
-            # a dead child closes its end of the socket: readable, then EOFError in _receive
-            if wait([conn], timeout=CANCEL_POLL_S):
-                answer = _receive(conn)
-                if answer.get("seq") == seq:
-                    return answer
-                continue  # an answer to an older request (cannot happen: one request at a time)
-            if not cancel_sent and cancel is not None and cancel.cancelled:
-                self._cancelled_upto.value = max(self._cancelled_upto.value, seq)
-                cancel_sent = True
-                give_up_at = min(give_up_at, time.monotonic() + HUNG_GRACE_S)
-            if time.monotonic() > give_up_at:
-                logger.error("the engine process did not answer within %.0f s of the deadline: killing it",
-                             HUNG_GRACE_S)
-                process.kill()
-                return None
-
-    def _call(self, message: dict) -> None:
-        """A small synchronous operation (forget, set); a crash is handled like in complete."""
+    def _install(self, child: _Child) -> bool:
+        """Make child the one requests go to, with its reader; False once closed."""
         with self._lock:
-            if self.state != "ready" or self._conn is None:
-                return
-            process, conn = self._process, self._conn
-            self._seq += 1
-            seq = self._seq
-        try:
-            _send(conn, {**message, "seq": seq})
-            answer = self._await_answer(process, conn, seq, None, time.monotonic() + 60.0)
-        except (EOFError, OSError, ValueError):
-            answer = None
-        if answer is None:
-            self._crashed(process, f"running {message['op']}")
+            if self._closed:
+                return False
+            self._child, self.child_description = child, child.description
+            child.reader = threading.Thread(target=self._read_answers, args=(child,),
+                                            name="codecomplete-engine-reader", daemon=True)
+        child.reader.start()
+        return True
 
-    def _crashed(self, process, while_doing: str) -> None:
+    def _read_answers(self, child: _Child) -> None:
+        """The reader thread of one child: each answer to its caller, cancellations to the
+        child, and a dead or hung child handled as a crash."""
+        next_check = 0.0
+        waiting: list[_Waiting] = []
+        try:
+            while not child.stopping:
+                with child.lock:
+                    busy = bool(child.waiting)
+                # a dead child closes its end of the socket: readable, then EOFError in _receive
+                ready = wait([child.conn, child.wake_r], timeout=CANCEL_POLL_S if busy else None)
+                if child.wake_r in ready:
+                    os.read(child.wake_r, 4096)
+                if child.conn in ready:
+                    child.deliver(_receive(child.conn))
+                now = time.monotonic()
+                if busy and now >= next_check:
+                    next_check = now + CANCEL_POLL_S
+                    if child.overdue(now):
+                        logger.error("the engine process did not answer within %.0f s of the deadline: "
+                                     "killing it", HUNG_GRACE_S)
+                        child.process.kill()
+                        break
+        except (EOFError, OSError, ValueError):  # the pipe broke or carried garbage: the child is gone
+            pass
+        finally:
+            waiting, doing = child.finish()
+            try:
+                if not child.stopping:
+                    self._crashed(child, doing)  # the state changes before the callers hear of it
+            finally:
+                _release(waiting)
+
+    def _crashed(self, child: _Child, while_doing: str) -> None:
         """One error in the log, status "restarting", a restart in the background."""
         with self._lock:
-            if self._closed or process is not self._process or self._conn is None:
-                return  # already handled, or the engine was replaced
-            conn, self._conn = self._conn, None
-        _stop(process, conn)
+            if self._closed or child is not self._child:
+                return  # the engine was closed or replaced
+            self._child = None
+        process = child.process
+        _stop(process, None)
         cause = exit_cause(process.returncode)
         with self._lock:
             self._crashes += 1
@@ -415,7 +544,7 @@ class ProcessEngine(EngineStatus):
                 return
             t0 = time.perf_counter()
             try:
-                process, conn, description = self._start_child()
+                child = self._start_child()
             except EngineCrashed as e:
                 with self._lock:
                     self._crashes += 1
@@ -430,11 +559,10 @@ class ProcessEngine(EngineStatus):
                 logger.error("the engine could not be restarted: %s", e)
                 self._set_state("error", f"the engine could not be restarted: {e}")
                 return
-            with self._lock:
-                if self._closed:
-                    _stop(process, conn)
-                    return
-                self._process, self._conn, self.child_description = process, conn, description
+            if not self._install(child):  # closed meanwhile
+                child.finish()
+                _stop(child.process, None)
+                return
             logger.info("engine restarted in %.0f ms", (time.perf_counter() - t0) * 1000.0)
             self._set_state("ready", f"engine restarted after a crash ({self.last_crash})")
             return
@@ -444,7 +572,6 @@ class ProcessEngine(EngineStatus):
                    "change the model or runtime setting, or restart the language server")
         logger.error("%s", message)
         self._set_state("error", message)
-
 
 
 def _stop(process: subprocess.Popen | None, conn: Connection | None) -> None:

@@ -104,7 +104,7 @@ def test_a_random_7b_replica_decodes_exactly_when_asked(monkeypatch, tiny_model_
     """`serve --model random-7b --exact-new-tokens 16`: the 7B-shaped model (a tiny runtime
     stands in for the 15 GB one), every keystroke decoding exactly 16 tokens."""
     from codecomplete.runtime import load_runtime
-    from codecomplete.serve import app
+    from codecomplete.serve import app, replica_engine
 
     built = []
 
@@ -116,7 +116,7 @@ def test_a_random_7b_replica_decodes_exactly_when_asked(monkeypatch, tiny_model_
         class replica_id:  # noqa: N801 (the shape of Ray's replica context)
             unique_id = "replica-under-test"
 
-    monkeypatch.setattr(app, "random_7b_runtime", standin)
+    monkeypatch.setattr(replica_engine, "random_7b_runtime", standin)
     monkeypatch.setattr(app.serve, "get_replica_context", lambda: Context)
     replica = app.EngineReplica("random-7b", "torch", "cpu", "auto", 1, "off", exact_new_tokens=16)
     assert built == [("torch", "cpu", "auto")]

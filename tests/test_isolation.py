@@ -192,6 +192,87 @@ def test_closing_stops_the_child(engine):
     wait_until(lambda: not process_alive(pid), 5.0)
 
 
+# -- many requests at once ------------------------------------------------------------------------------
+WORDS = {"pri": "nt(value)", "ret": "urn value", "val": "ue = compute(total)", "if": " value:\n    return value"}
+
+
+def typed(word: str, steps: int) -> CompletionRequest:
+    """A request whose fake answer completes `word` after `steps` decode steps (tokens_generated)."""
+    text = f"def show(value):\n    {word}\n"
+    return request(text, offset=len(text) - 1, max_new_tokens=steps, deadline_ms=20_000)
+
+
+@pytest.fixture
+def concurrent(tmp_path):
+    """A fake engine of 20 ms steps that runs four requests at once in its child."""
+    (tmp_path / "fake_step_ms").write_text("20")
+    e = ProcessEngine(faulty_engine, (str(tmp_path), "onnx", "cpu"), concurrency=4)
+    yield e
+    e.close()
+
+
+def _at_once(engine, requests: dict) -> tuple[dict, dict]:
+    """Each request of {name: request} completed in a thread of its own: the answers and the
+    seconds each took, by name."""
+    answers, took = {}, {}
+    t0 = time.monotonic()
+
+    def one(name):
+        answers[name] = engine.complete(requests[name])
+        took[name] = time.monotonic() - t0
+
+    threads = [threading.Thread(target=one, args=(name,)) for name in requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30.0)
+    return answers, took
+
+
+def test_concurrent_requests_each_get_their_own_answer_and_a_slow_one_holds_back_none(concurrent):
+    requests = {"pri": typed("pri", 50), "ret": typed("ret", 15), "val": typed("val", 10), "if": typed("if", 5)}
+    answers, took = _at_once(concurrent, requests)  # one after another: 1.6 s; at once: the slowest's 1 s
+    for word, completion in answers.items():
+        assert completion.candidates[0].text == WORDS[word]
+        assert completion.tokens_generated == requests[word].options.max_new_tokens
+    assert max(took["ret"], took["val"], took["if"]) < took["pri"] - 0.3
+    assert took["if"] < took["val"] < took["ret"] and took["pri"] < 1.45
+
+
+def test_requests_past_the_concurrency_wait_in_the_childs_queue(tmp_path):
+    (tmp_path / "fake_step_ms").write_text("20")
+    two = ProcessEngine(faulty_engine, (str(tmp_path), "onnx", "cpu"), concurrency=2)
+    try:
+        answers, took = _at_once(two, {word: typed(word, 15) for word in ("pri", "ret", "val")})
+        assert all(answers[word].candidates[0].text == WORDS[word] for word in answers)
+        assert sorted(took.values())[-1] > 0.55  # the third one started when one of the first two ended
+    finally:
+        two.close()
+
+
+def test_cancelling_one_of_several_requests_ends_that_one_only(concurrent):
+    requests = {word: typed(word, 30) for word in ("pri", "ret", "val")}  # 0.6 s each
+    threading.Timer(0.15, requests["ret"].cancel.cancel).start()
+    answers, took = _at_once(concurrent, requests)
+    assert answers["ret"].cancelled and took["ret"] < 0.35
+    for word in ("pri", "val"):
+        assert not answers[word].cancelled and answers[word].tokens_generated == 30
+        assert answers[word].candidates[0].text == WORDS[word]
+
+
+def test_a_child_killed_with_requests_in_flight_answers_each_none_and_restarts(concurrent, caplog):
+    first_pid = concurrent.pid
+    threading.Timer(0.2, os.kill, (first_pid, signal.SIGKILL)).start()
+    with caplog.at_level("ERROR", logger="codecomplete.isolation"):
+        answers, took = _at_once(concurrent, {word: typed(word, 100) for word in WORDS})  # 2 s each
+    assert answers == dict.fromkeys(WORDS) and max(took.values()) < 1.0
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "SIGKILL" in errors[0] and "completing 4 requests" in errors[0]
+    wait_until(lambda: concurrent.state == "ready")
+    assert concurrent.pid != first_pid
+    assert concurrent.complete(typed("val", 2)).candidates[0].text == WORDS["val"]
+
+
 # -- the language server --------------------------------------------------------------------------------
 async def _start(args=()):
     from pytest_lsp.client import make_test_lsp_client

@@ -275,7 +275,7 @@ def test_autoscaling_grows_under_a_ramp_shrinks_after_and_loses_no_request(serve
 
 
 def test_random_7b_replicas_need_the_torch_runtime():
-    from codecomplete.serve.app import random_7b_runtime
+    from codecomplete.serve.replica_engine import random_7b_runtime
 
     with pytest.raises(ValueError, match="--runtime torch"):
         random_7b_runtime("onnx", "cuda", "auto")

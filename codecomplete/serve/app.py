@@ -43,6 +43,7 @@ from codecomplete.request import CancelToken, Completion, CompletionRequest
 from codecomplete.serve import infill, native, openai
 from codecomplete.serve.auth import ApiKey, ConcurrencyLimit, KeyRing
 from codecomplete.serve.common import MAX_BODY_BYTES, ApiError, is_warm, parse_body
+from codecomplete.serve.replica_engine import build_replica_engine
 
 log = logging.getLogger("codecomplete.serve")
 
@@ -53,9 +54,6 @@ ANONYMOUS = "anonymous"  # the owner of requests when no keys are configured
 # side effects), to a replica Ray Serve still has or the one it restarts
 REPLICA_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 REPLICA_ONGOING_REQUESTS = 64  # with batching, a replica's requests all run at once (one thread each)
-# prompt KV states a replica without batching keeps, one per typist (the shipped model's
-# onnx state holds its whole 2k context: ~32 MB each)
-UNBATCHED_CACHED_DOCUMENTS = 16
 GRACEFUL_SHUTDOWN_MARGIN_S = 5.0  # past the request timeout: the answers' way back
 
 
@@ -116,75 +114,70 @@ def default_target_ongoing_requests(batching: str) -> float:
     return REPLICA_ONGOING_REQUESTS / 4 if batching == "on" else 2.0
 
 
-RANDOM_7B = "random-7b"  # --model: Qwen2.5-Coder-7B-shaped, random weights made on the replica's GPU
-# the prompt fills what the decode leaves of the context: ~2k-token prompts (issue 24's), as
-# bench serve --device builds for --context-tokens 2048
-RANDOM_7B_MAX_SEQ_LEN = 2048 + 128
-
-
-def random_7b_runtime(runtime: str, device: str, precision: str):
-    """A torch runtime of a 7B-shaped model with random weights (models/testing), built where
-    it runs: the scaling runs need the shape's cost, not its answers, and a 15 GB folder per
-    machine."""
-    if runtime != "torch":
-        raise ValueError(f"--model {RANDOM_7B} runs on the torch runtime (--runtime torch), not {runtime}")
-    from codecomplete.models.testing import (
-        qwen7b_shape_config,
-        random_torch_model,
-        standin_tokenizer,
-    )
-    from codecomplete.runtime.torch import TorchRuntime
-
-    precision = precision if precision != "auto" else "bf16" if device == "cuda" else "fp32"
-    # suffix first (SPM), as bench serve --device builds it: a keystroke prefills a token or two
-    cfg = qwen7b_shape_config(max_seq_len=RANDOM_7B_MAX_SEQ_LEN, fim_order="spm")
-    return TorchRuntime.from_model(random_torch_model(cfg, device, precision), standin_tokenizer(cfg), device=device,
-                                   precision=precision)
-
-
 class EngineReplica:
     """One Engine, off the replica's event loop: without batching its requests run one at a
-    time in one thread; with batching each in its own thread, all at once."""
+    time in one thread; with batching each in its own thread, all at once, and by default
+    the Engine in a child process (engine_process "on"): there its batch scheduler thread
+    has a GIL of its own, not shared with this process's HTTP handling, asyncio loop and
+    Ray's threads (on one H200 that sharing made the engine 1.37x slower than in a plain
+    process). Without batching the engine stays here: one request at a time gains nothing
+    from the process hop."""
 
     def __init__(self, model: str | None, runtime: str, device: str, precision: str, threads: int | None,
-                 batching: str = "off", exact_new_tokens: int | None = None, rerank_workers: int | None = None):
-        from codecomplete.engine import Engine
-
-        # a replica serves many typists: each keeps its own prompt KV (without batching the
-        # engine's default is a laptop's two, which a new document may take from another)
-        cached = None if batching == "on" else UNBATCHED_CACHED_DOCUMENTS
-        if model == RANDOM_7B:
-            self.engine = Engine(random_7b_runtime(runtime, device, precision), batching=batching,
-                                 cached_documents=cached, rerank_workers=rerank_workers)
-        else:
-            self.engine = Engine.load(model, runtime=runtime, device=device, precision=precision, threads=threads,
-                                      batching=batching, cached_documents=cached, rerank_workers=rerank_workers)
-        if exact_new_tokens:
-            # benchmarks only (bench serve --device --url): each keystroke does the work the
-            # in-process benchmark's does, so the two compare
-            self.engine.exact_new_tokens = exact_new_tokens
-            self.engine.reuse_keystrokes = False
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
+                 batching: str = "off", exact_new_tokens: int | None = None, rerank_workers: int | None = None,
+                 engine_process: str | None = None):
+        engine_args = (model, runtime, device, precision, threads, batching, exact_new_tokens, rerank_workers)
         workers = REPLICA_ONGOING_REQUESTS if batching == "on" else 1
+        if (engine_process or ("on" if batching == "on" else "off")) == "on":
+            from codecomplete.isolation import ProcessEngine
+
+            # the child loads the model and is the only process of the replica that touches
+            # CUDA; it inherits the CUDA_VISIBLE_DEVICES Ray set for this replica: its GPU.
+            # It runs as many requests at once as this replica's threads hand it.
+            self.engine = ProcessEngine(build_replica_engine, engine_args, label=model or "the default model",
+                                        concurrency=workers)
+        else:
+            self.engine = build_replica_engine(*engine_args)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._worker = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engine")
         self.cancelled_requests = 0  # calls whose client went away before the answer
 
     async def complete(self, request: CompletionRequest) -> tuple[Completion, str]:
-        """The engine's answer and this replica's id."""
+        """The engine's answer and this replica's id; 503 when the engine's process gave none
+        (it crashed and restarts, or failed on this request)."""
         request.cancel = token = CancelToken()
         running = asyncio.get_running_loop().run_in_executor(self._worker, self.engine.complete, request)
         try:
-            return await running, self.replica_id
+            completion = await running
         except asyncio.CancelledError:
             token.cancel()  # the client went away: the decode loop stops at its next step
             self.cancelled_requests += 1
             raise
+        if completion is None:
+            raise ApiError(503, f"the engine did not answer ({getattr(self.engine, 'state', 'failed')}); retry",
+                           "service_unavailable")
+        return completion, self.replica_id
+
+    @property
+    def failed(self) -> str:
+        """Why the engine is down for good ("" while it answers): its process kept crashing."""
+        return self.engine.message if getattr(self.engine, "state", "ready") == "error" else ""
 
     def describe(self) -> dict[str, Any]:
         # outside Ray (a test's own replica) asking for the node would start a Ray instance
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-        return {"replica": self.replica_id, "pid": os.getpid(), "node": node,
-                "model": self.engine.describe(), "cancelled_requests": self.cancelled_requests}
+        described = {"replica": self.replica_id, "pid": os.getpid(), "node": node,
+                     "model": self.engine.describe(), "cancelled_requests": self.cancelled_requests}
+        if hasattr(self.engine, "pid"):
+            described["engine_pid"] = self.engine.pid  # the engine's own process
+        return described
+
+    def close(self) -> None:
+        """Stop the engine (its process, its scheduler and rerank workers)."""
+        self._worker.shutdown(wait=False, cancel_futures=True)
+        close = getattr(self.engine, "close", None)
+        if callable(close):
+            close()
 
 
 fastapi_app = FastAPI(title="codecomplete team server", docs_url=None, redoc_url=None, openapi_url=None)
@@ -276,10 +269,20 @@ class Gateway:
             self._loaded.set_exception(e)
 
     def check_health(self) -> None:
-        """Ray Serve's health check: a replica whose engine failed to load is replaced."""
+        """Ray Serve's health check: a replica whose engine failed to load, or whose engine
+        process kept crashing, is replaced."""
         error = self._loaded.exception() if self._loaded.done() else None
         if error is not None:
             raise RuntimeError(f"the engine failed to load: {type(error).__name__}: {error}")
+        if self._loaded.done() and self._loaded.result().failed:
+            raise RuntimeError(self._loaded.result().failed)
+
+    def __del__(self) -> None:
+        """Ray Serve calls this when the replica shuts down: the engine's process goes with it
+        (were the replica killed instead, the child would still end, on its pipe's EOF)."""
+        loaded = getattr(self, "_loaded", None)
+        if loaded is not None and loaded.done() and loaded.exception() is None:
+            loaded.result().close()
 
     async def _engine(self, wait_s: float) -> EngineReplica:
         """This replica's engine, waiting up to wait_s for it to load (503 after that)."""
@@ -494,14 +497,15 @@ def build_app(model: str | None = None, runtime: str = "onnx", device: str = "cp
               replicas: int = 1, autoscale: tuple[int, int] | Autoscaling | None = None, threads: int | None = None,
               replica_cpus: float = 1.0, affinity: bool = True, settings: ServeSettings | None = None,
               imbalance_requests: int | None = None, batching: str = "off", exact_new_tokens: int | None = None,
-              rerank_workers: int | None = None):
+              rerank_workers: int | None = None, engine_process: str | None = None):
     """The application: `serve.run(build_app(...), route_prefix=...)` starts it.
     autoscale (min, max), or an Autoscaling, replaces a fixed replica count; on CUDA each
     replica takes a GPU. batching "on": each replica runs its requests together (Engine's
     batch scheduler). exact_new_tokens (benchmarks only): every keystroke
     decodes exactly that many tokens (Engine.exact_new_tokens, keystroke reuse off).
     rerank_workers: each replica's rerank processes (None: the Engine's default, a few
-    with batching, none without)."""
+    with batching, none without). engine_process "on": each replica's engine runs in a
+    child process of its own (None: on with batching, off without; see EngineReplica)."""
     resources = {"num_cpus": 1, "num_gpus": 1} if device == "cuda" else {"num_cpus": replica_cpus}
     settings = settings or ServeSettings()
     options: dict[str, Any] = {
@@ -526,6 +530,7 @@ def build_app(model: str | None = None, runtime: str = "onnx", device: str = "cp
             request_router_class="codecomplete.serve.router:SessionAffinityRouter", request_router_kwargs=kwargs)
     settings = dataclasses.replace(settings, hand_on=affinity and most_replicas > 1)
     engine_options = {name: value for name, value in (("exact_new_tokens", exact_new_tokens),
-                                                       ("rerank_workers", rerank_workers)) if value is not None}
+                                                       ("rerank_workers", rerank_workers),
+                                                       ("engine_process", engine_process)) if value is not None}
     return deployment.options(**options).bind((model, runtime, device, precision, threads, batching), settings,
                                               engine_options or None)

@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rerank-workers", type=int, default=None, metavar="N",
                    help="processes per replica for the reranker's tree-sitter checks, off the GIL its batch "
                         "scheduler needs (default: with batching a quarter of the cores, at most 4; without, 0)")
+    p.add_argument("--engine-process", default=None, choices=["on", "off"],
+                   help="run each replica's engine in a child process, its batch scheduler off the GIL the "
+                        "replica's HTTP handling and Ray's threads hold (default: on with batching, off without)")
     p.add_argument("--affinity", default="on", choices=["on", "off"],
                    help="route each session to the replica holding its KV cache (off: power of two choices)")
     p.add_argument("--exact-new-tokens", type=int, default=0, metavar="N",
@@ -166,7 +169,8 @@ def build_from_settings(args):
     app = build_app(args.model, runtime=args.runtime, device=args.device, precision=args.precision,
                     replicas=args.replicas, autoscale=scaling, threads=threads, replica_cpus=replica_cpus,
                     affinity=args.affinity == "on", settings=settings, batching=replica_batching(args),
-                    exact_new_tokens=args.exact_new_tokens or None, rerank_workers=args.rerank_workers)
+                    exact_new_tokens=args.exact_new_tokens or None, rerank_workers=args.rerank_workers,
+                    engine_process=args.engine_process)
     return app, keys, autoscale
 
 
