@@ -346,10 +346,14 @@ def plan_varlen(slots: int, max_request_rows: int, n_heads: int, kv_heads: int, 
 
 
 def varlen_bifurcated_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, meta: torch.Tensor,
-                                layer: int, plan: VarlenPlan, scale: float) -> torch.Tensor:
+                                layer: int, plan: VarlenPlan, scale: float, block_k: int | None = None,
+                                num_warps: int | None = None, combine_warps: int | None = None) -> torch.Tensor:
     """q (slots, H, D), this step's k_new, v_new (slots, G, D), meta (FIELDS, slots) int64 on
     q's device: layer `layer` of a batched decode step. Stores k_new/v_new at each row's
-    branch step; returns (slots, H, D) in q's dtype. Launches two kernels, syncs nothing."""
+    branch step; returns (slots, H, D) in q's dtype. Launches two kernels, syncs nothing.
+    block_k, num_warps, combine_warps: the launch shape (None: what a sweep over the 7B
+    shape's cases chose on an H200, docs/results/batching.md: 4 warps, 64-key tiles, 4
+    warps to combine 32 or more slices; 8 warps for 64-row blocks were up to 1.7x slower)."""
     if not AVAILABLE:
         raise RuntimeError("varlen_bifurcated_attention needs the triton package")
     slots, h, d = q.shape
@@ -367,18 +371,20 @@ def varlen_bifurcated_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: tor
     s = plan.n_splits
     parts = torch.empty(slots, h, s + 1, d, device=q.device, dtype=torch.float32)
     lse = torch.empty(slots, h, s + 1, device=q.device, dtype=torch.float32)
-    block_k = 64 if d >= 128 or plan.block_q >= 64 else 128
+    block_k = block_k or (64 if d >= 128 or plan.block_q >= 64 else 128)
     _partial_kernel[(slots, g, s * plan.row_blocks + 1)](
         q, k_new, v_new, meta, parts, lse,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         parts.stride(0), parts.stride(1), parts.stride(2), lse.stride(0), lse.stride(1),
         slots, layer, s, plan.row_blocks, scale,
         G=g, P=p, BLOCK_Q=plan.block_q, BLOCK_P=max(16, next_pow2(p)), BLOCK_K=block_k, D=d,
-        USE_FOR=q.is_cuda, DOT="ieee" if q.dtype == torch.float32 else None, num_warps=4 if plan.block_q <= 32 else 8)
+        USE_FOR=q.is_cuda, DOT="ieee" if q.dtype == torch.float32 else None,
+        num_warps=num_warps or 4)
     out = torch.empty(slots, h, d, device=q.device, dtype=q.dtype)
     _combine_kernel[(slots, h)](
         parts, lse, out, parts.stride(0), parts.stride(1), parts.stride(2), lse.stride(0), lse.stride(1),
-        out.stride(0), out.stride(1), s, S_BLOCK=max(2, next_pow2(s + 1)), D=d, num_warps=1)
+        out.stride(0), out.stride(1), s, S_BLOCK=max(2, next_pow2(s + 1)), D=d,
+        num_warps=combine_warps or (4 if s >= 32 else 1))
     return out
 
 
