@@ -6,6 +6,7 @@ flag is read when kernels are defined); skipped where Triton is not installed (C
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -46,3 +47,26 @@ def test_varlen_decode_step_equals_the_per_request_loop():
         print(check_varlen_decoder("cuda" if torch.cuda.is_available() else "cpu", seed=2))
     """)
     assert "bifurcated" in out and "plain" in out
+
+
+def test_bench_varlen_sweeps_launch_shapes_that_all_agree():
+    out = _run("""
+        import json, subprocess, sys, torch
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        args = [sys.executable, "-m", "codecomplete", "bench", "varlen", "--device", dev, "--cases", "2x2@70,1x3@20",
+                "--kv-heads", "2", "--heads-per-kv", "2", "--head-dim", "16", "--quick", "--json"]
+        print(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
+    """)
+    result = json.loads(out)
+    assert [r["case"] for r in result["rows"]] == ["2x2@70", "1x3@20"]
+    for r in result["rows"]:
+        assert len(r["top"]) == 2 and all(t["max_abs_diff"] < 1e-4 for t in r["top"])
+        assert r["slots"] == 4 and r["default_n_splits"] >= 1  # rows padded to a power of two
+
+
+def test_bench_varlen_refuses_a_bad_case():
+    from codecomplete.bench.varlen import parse_cases
+
+    assert parse_cases("13x3@1400, 1x4@8000") == [(13, 3, 1400), (1, 4, 8000)]
+    with pytest.raises(SystemExit, match="REQUESTSxROWS@CONTEXT"):
+        parse_cases("13x3")

@@ -12,6 +12,7 @@ BENCHMARKS = {
     "soak": "codecomplete.bench.soak",  # a fixed-pace typing replay for a while: latency drift, RSS, backlog
     "generate": "codecomplete.bench.generate",  # N-candidate generation end to end (CUDA)
     "decode": "codecomplete.bench.decode",  # the batched, graph-captured decode step: checks, step time vs floor
+    "varlen": "codecomplete.bench.varlen",  # the varlen decode kernel's launch shape, swept per batched step
     "llamacpp": "codecomplete.bench.llamacpp",  # side by side with llama.cpp on the same GGUF file
     "host": "codecomplete.bench.host",  # the host's Python per request-step over a free runtime
     "serve": "codecomplete.bench.serve",  # simulated users typing against the team server over HTTP
