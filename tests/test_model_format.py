@@ -90,3 +90,35 @@ def test_torch_int8_layers_use_the_folder_rule_for_zero_rows():
     assert np.array_equal(q.weight.numpy(), want_q) and np.array_equal(q.scale.numpy(), want_scale)
     out = q(torch.ones(1, 3))
     assert torch.isfinite(out).all() and out[0, 0] == 0.0
+
+
+def test_encoding_a_long_prompt_leaves_the_gil_to_other_threads():
+    """A batching engine's scheduler thread (a language server's event loop) runs Python
+    while request threads encode their prompts: encode must not hold the GIL throughout."""
+    import threading
+    import time
+
+    from codecomplete.models.format.source import load_model_source
+    from codecomplete.models.testing import SAMPLE_CODE
+
+    tok = load_model_source(str(Path(codecomplete.__file__).parent.parent / "models" / "default")).tokenizer
+    text = SAMPLE_CODE * max(1, 400_000 // len(SAMPLE_CODE))
+    assert tok.encode(text[:500]) == tok._tok.encode(text[:500], add_special_tokens=False).ids
+    done, gaps = threading.Event(), []
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(0.001)
+    try:
+        worker = threading.Thread(target=lambda: (tok.encode(text), done.set()))
+        last = time.perf_counter()
+        worker.start()
+        while not done.is_set():
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+        t_total = sum(gaps)
+        worker.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert t_total > 0.05, "the text encoded too fast to tell"
+    # holding the GIL, the encode would stall this loop for its whole length
+    assert max(gaps) < 0.5 * t_total, f"longest stall {max(gaps):.3f} s of {t_total:.3f} s"

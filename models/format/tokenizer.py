@@ -47,12 +47,15 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        """Ids for text, with no special tokens added; sentinel strings in text stay text."""
+        """Ids for text, with no special tokens added; sentinel strings in text stay text.
+        Through encode_batch, which releases the GIL while it works (encode holds it): a
+        keystroke's prompt is kilobytes of text, milliseconds of encoding that a batching
+        engine's scheduler thread, or a language server's event loop, would otherwise wait out."""
         try:
-            return self._tok.encode(text, add_special_tokens=False).ids
+            return self._tok.encode_batch([text], add_special_tokens=False)[0].ids
         except (TypeError, ValueError):  # lone surrogates (e.g. from JSON escapes) are not text
             clean = text.encode("utf-8", errors="replace").decode("utf-8")
-            return self._tok.encode(clean, add_special_tokens=False).ids
+            return self._tok.encode_batch([clean], add_special_tokens=False)[0].ids
 
     def decode(self, ids: list[int]) -> str:
         return self.bytes_of(ids).decode("utf-8", errors="replace")
