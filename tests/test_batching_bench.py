@@ -47,6 +47,8 @@ def test_bench_serve_in_process_reports_each_variant_and_its_step_figures(tiny_m
         assert r["keystroke_floor_ms"] == pytest.approx(5 * r["floor_ms"])
     batched = next(r for r in rows if r["variant"] == "batched-bifurcated" and r["users"] == 3 and not r["cold_every_s"])
     assert "keystrokes_per_s_vs_sequential" in batched and "step_vs_one_typist" in batched
+    # the plain baseline reads each context once per row: a higher floor than bifurcated's
+    assert batched["floor_speedup_vs_plain"] > 1 and batched["step_speedup_vs_plain"] > 0
     assert any(r.get("cold_prompts") for r in rows) and "step_p95_vs_no_cold" in rows[1]
     cold = next(r for r in rows if r["variant"] == "batched-bifurcated" and r["users"] == 3 and r["cold_every_s"])
     assert "step_p95_vs_eager_prefill" in cold and cold["fused_prefill_tokens_per_iteration"] == 0  # CPU: none fused

@@ -439,6 +439,11 @@ def compare(rows: list[dict]) -> None:
         plain = find("batched-plain", r["users"], cold)
         if r["variant"] == "batched-bifurcated" and plain is not None:
             r["keystrokes_per_s_vs_plain"] = ratio(r["keystrokes_per_s"], plain["keystrokes_per_s"])
+            # plain's step over this one, and the most a step could gain at these rows and
+            # contexts: plain's memory-traffic floor over bifurcated's (the weights are read
+            # by both; only the contexts' keys are read once per request instead of per row)
+            r["step_speedup_vs_plain"] = ratio(plain.get("step_ms"), r.get("step_ms"))
+            r["floor_speedup_vs_plain"] = ratio(plain.get("floor_ms"), r.get("floor_ms"))
         inline = find("batched-inline-rerank", r["users"], cold)
         if r["variant"] == "batched-bifurcated" and inline is not None:
             r["keystrokes_per_s_vs_inline_rerank"] = ratio(r["keystrokes_per_s"], inline["keystrokes_per_s"])
