@@ -6,9 +6,12 @@ import dataclasses
 import functools
 import math
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
+
+import numpy as np
 
 from codecomplete.languages import Language, parser_for
 from codecomplete.lexer import ScanState, code_part, prefix_state, scan_brackets
@@ -213,6 +216,64 @@ def _bracket_problems(base: _Baseline, state: ScanState, scan: _SuffixScan) -> i
     return sum(1 for b in opened if base.suffix_is_whole or b in "([")
 
 
+# per language, the last window parsed and its tree: the next keystroke's window differs
+# from it by what was typed, and tree-sitter reparses only what that edit touched
+_LAST_WINDOWS: dict[str, tuple[bytes, object]] = {}
+_LAST_LOCK = threading.Lock()
+REPARSE_SHARED = 0.5  # reparse from the last window when at least this share of the new one is unchanged
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    return int(np.argmax(np.frombuffer(a, np.uint8, n) != np.frombuffer(b, np.uint8, n)))
+
+
+def _common_suffix(a: bytes, b: bytes, limit: int) -> int:
+    """The length of the longest common tail of a and b, at most limit."""
+    if limit <= 0:
+        return 0
+    x, y = np.frombuffer(a, np.uint8)[-limit:][::-1], np.frombuffer(b, np.uint8)[-limit:][::-1]
+    differ = x != y
+    return limit if not differ.any() else int(np.argmax(differ))
+
+
+def _point(text: bytes, offset: int) -> tuple[int, int]:
+    """The (row, byte column) of a byte offset."""
+    return text.count(b"\n", 0, offset), offset - (text.rfind(b"\n", 0, offset) + 1)
+
+
+def forget_windows() -> None:
+    """Drop the last windows' trees (the next parse of each language is a fresh one)."""
+    with _LAST_LOCK:
+        _LAST_WINDOWS.clear()
+
+
+def _parse_window(lang: Language, document: bytes):
+    """The window's tree: an incremental reparse of the last window of this language when
+    most of it is unchanged (one keystroke apart, the edit is what was typed), else a
+    fresh parse. tree-sitter's reparse gives the tree a fresh parse would."""
+    with _LAST_LOCK:
+        last = _LAST_WINDOWS.get(lang.id)
+    old_tree = None
+    if last is not None:
+        old, tree = last
+        p = _common_prefix(old, document)
+        s = _common_suffix(old, document, min(len(old), len(document)) - p)
+        if old == document:
+            return tree
+        if p + s >= REPARSE_SHARED * len(document):
+            old_tree = tree.copy()
+            old_tree.edit(p, len(old) - s, len(document) - s, _point(old, p), _point(old, len(old) - s),
+                          _point(document, len(document) - s))
+    parser = parser_for(lang)
+    tree = parser.parse(document, old_tree) if old_tree is not None else parser.parse(document)
+    with _LAST_LOCK:
+        _LAST_WINDOWS[lang.id] = (document, tree)
+    return tree
+
+
 @functools.lru_cache(maxsize=8)
 def _baseline(
     lang: Language, prefix_window: str, suffix_window: str, suffix_is_whole: bool, state_key: tuple
@@ -235,7 +296,7 @@ def _baseline(
     )
     scan = _suffix_scan(base, state, lang)
     base.suffix_errors, base.tail = scan.errors, scan.tail
-    base.tree = parser_for(lang).parse(prefix_bytes + base.suffix_bytes + base.tail)
+    base.tree = _parse_window(lang, prefix_bytes + base.suffix_bytes + base.tail)
     error_rows: set[int] = set()
     for node in _error_nodes(base.tree.root_node):
         error_rows.update(_rows(node))
@@ -440,6 +501,7 @@ def measure_rerank_ms(document: str, lang: Language, positions: int = 30, seed: 
         suffix = document[starts[row] + len(line) :]
         _baseline.cache_clear()
         _window_texts.cache_clear()
+        forget_windows()
         spaced = rest.replace(" ", " x ", 1) if " " in rest else rest + " x"
         damaged_copies = [rest + ")", rest[:-1], spaced]
         for i, text in enumerate([rest, *damaged_copies]):

@@ -257,44 +257,61 @@ def pick_many(steps: Sequence[tuple[Sampler, TopRows, Sequence[tuple[int, int]]]
     if not steps:
         return []
     counts = [len(top) for _, top, _ in steps]
+    first_row = [0] * len(steps)
+    for i in range(1, len(steps)):
+        first_row[i] = first_row[i - 1] + counts[i - 1]
     values = np.concatenate([top.values for _, top, _ in steps]).astype(np.float32, copy=False)  # (R, K)
     ids = np.concatenate([top.ids for _, top, _ in steps])
     lse = np.concatenate([top.lse for _, top, _ in steps]).astype(np.float64)
-    first_row = np.cumsum([0, *counts[:-1]])
-    t = np.repeat(np.array([s._t for s, _, _ in steps], dtype=np.float32), counts)[:, None]
-    # the per-row pick's thresholds: TAIL·t in double, then rounded to float32 (a Python float
-    # meeting a float32 array), as top_p is
-    reach = np.repeat(np.array([TAIL * s._t for s, _, _ in steps], dtype=np.float64), counts).astype(np.float32)
-    top_p = np.repeat(np.array([s.top_p for s, _, _ in steps], dtype=np.float64), counts).astype(np.float32)
     greedy = values.argmax(axis=1)  # the first of equal bests
-    best = values[np.arange(len(values)), greedy]
-    inside = values >= (best - reach)[:, None]
-    order = np.argsort(np.where(inside, -values, np.inf), axis=1, kind="stable")  # best first, the rest last
-    sorted_values = np.take_along_axis(values, order, axis=1)
-    sorted_ids = np.take_along_axis(ids, order, axis=1)
-    kept = np.take_along_axis(inside, order, axis=1)
-    z = sorted_values / t
-    weights = np.where(kept, np.exp(z - z[:, :1]), np.float32(0.0))
-    c = np.cumsum(weights, axis=1)  # sequential per row: the per-row cumsum's sums, then zeros
-    keep = np.minimum((c < (top_p * c[:, -1])[:, None]).sum(axis=1) + 1, kept.sum(axis=1))
-    total = c[np.arange(len(c)), keep - 1]  # the nucleus' mass, as _draw reads it
-    greedy_lp = (values[np.arange(len(values)), greedy].astype(np.float64) - lse).tolist()
-    greedy_ids = ids[np.arange(len(ids)), greedy].tolist()
-    draws_rows, draws_u = [], []
-    for (sampler, _, wants), row0 in zip(steps, first_row.tolist(), strict=True):
+    every = np.arange(len(values))
+    greedy_lp = (values[every, greedy].astype(np.float64) - lse).tolist()
+    greedy_ids = ids[every, greedy].tolist()
+    # the sampled branches' rows (a greedy-only row needs no nucleus) and their uniforms
+    draws_rows, draws_u, slot_of, step_of = [], [], {}, []  # slot_of: row -> its place in `rows`
+    for k, ((sampler, _, wants), row0) in enumerate(zip(steps, first_row, strict=True)):
         for branch, row in wants:
             if branch != 0:
-                draws_rows.append(row0 + row)
+                r = row0 + row
+                if r not in slot_of:
+                    slot_of[r] = len(step_of)
+                    step_of.append(k)
+                draws_rows.append(r)
                 draws_u.append(sampler._rng(branch).random())
     if draws_rows:
-        r = np.array(draws_rows)
-        x = np.array(draws_u, dtype=np.float32) * total[r]  # float32, as rng.random() * c[-1]
-        within = np.arange(c.shape[1])[None, :] < keep[r][:, None]
-        i = np.minimum(((c[r] <= x[:, None]) & within).sum(axis=1), keep[r] - 1)
-        drawn_ids = sorted_ids[r, i].tolist()
-        drawn_lp = (sorted_values[r, i].astype(np.float64) - lse[r]).tolist()
+        rows = np.fromiter(slot_of, dtype=np.int64, count=len(slot_of))
+        inverse = np.fromiter((slot_of[r] for r in draws_rows), dtype=np.int64, count=len(draws_rows))
+        params = {(s._t, s.top_p) for s, _, _ in steps}
+        if len(params) == 1:  # one setting for all (the usual): scalars, no per-row arrays
+            (t0, p0), = params
+            t = np.float32(t0)
+            # the per-row pick's thresholds: TAIL·t in double, then rounded to float32 (a
+            # Python float meeting a float32 array), as top_p is
+            reach, top_p = np.float32(TAIL * t0), np.float32(p0)
+        else:
+            t = np.array([steps[k][0]._t for k in step_of], dtype=np.float32)[:, None]
+            reach = np.array([TAIL * steps[k][0]._t for k in step_of], dtype=np.float64).astype(np.float32)
+            top_p = np.array([steps[k][0].top_p for k in step_of], dtype=np.float64).astype(np.float32)
+        v = values[rows]
+        best = v[np.arange(len(rows)), greedy[rows]]
+        inside = v >= (best - reach)[:, None]
+        order = np.argsort(np.where(inside, -v, np.inf), axis=1, kind="stable")  # best first, the rest last
+        sorted_values = np.take_along_axis(v, order, axis=1)
+        sorted_ids = np.take_along_axis(ids[rows], order, axis=1)
+        n_inside = inside.sum(axis=1)  # the order puts them first
+        kept = np.arange(v.shape[1])[None, :] < n_inside[:, None]
+        z = sorted_values / t
+        weights = np.where(kept, np.exp(z - z[:, :1]), np.float32(0.0))
+        c = np.cumsum(weights, axis=1)  # sequential per row: the per-row cumsum's sums, then zeros
+        keep = np.minimum((c < (top_p * c[:, -1])[:, None]).sum(axis=1) + 1, n_inside)
+        total = c[np.arange(len(c)), keep - 1]  # the nucleus' mass, as _draw reads it
+        x = np.array(draws_u, dtype=np.float32) * total[inverse]  # float32, as rng.random() * c[-1]
+        within = np.arange(c.shape[1])[None, :] < keep[inverse][:, None]
+        i = np.minimum(((c[inverse] <= x[:, None]) & within).sum(axis=1), keep[inverse] - 1)
+        drawn_ids = sorted_ids[inverse, i].tolist()
+        drawn_lp = (sorted_values[inverse, i].astype(np.float64) - lse[np.array(draws_rows)]).tolist()
     out, d = [], 0
-    for (_, _, wants), row0 in zip(steps, first_row.tolist(), strict=True):
+    for (_, _, wants), row0 in zip(steps, first_row, strict=True):
         picks = []
         for branch, row in wants:
             if branch == 0:

@@ -199,3 +199,36 @@ def test_closing_the_block_the_suffix_already_closes_is_flagged():
     assert syntax_report(prefix, "return 1;", suffix, js).ok
     report = syntax_report(prefix, "return 1;\n}", suffix, js)
     assert report.unbalanced_brackets == 1 and not report.ok
+
+
+def _typing_windows(language_id: str, keystrokes: int):
+    """The windows of a replay typing a sample file's lines back in, one character a step,
+    with a jump to another place in the middle (the reparse falls back to a fresh parse)."""
+    from codecomplete.bench.common import TYPING_SAMPLE
+    from codecomplete.rerank import window_texts
+
+    text = TYPING_SAMPLE.read_text()
+    lang = language_for("", "x.py")
+    start = len(text) // 2
+    suffix = text[start + keystrokes:]
+    offsets = list(range(start, start + keystrokes // 2)) + list(range(len(text) // 5, len(text) // 5 + keystrokes // 2))
+    for o in offsets:
+        yield lang, window_texts(text[:o], suffix if o >= start else text[o:], lang)
+
+
+def test_a_window_reparsed_from_the_last_keystrokes_tree_reports_what_a_fresh_parse_does():
+    import codecomplete.rerank as r
+
+    texts = ["foo)", "bar(x, y)\n", "self.a", "", "if x:\n    return [1,"]
+    for lang, windows in _typing_windows("python", 60):
+        r._baseline.cache_clear()
+        incremental = r._baseline(lang, *windows)
+        got = [r._report(incremental, t, lang) for t in texts]
+        r._baseline.cache_clear()
+        r.forget_windows()
+        fresh = r._baseline(lang, *windows)
+        assert str(incremental.tree.root_node) == str(fresh.tree.root_node)
+        assert incremental.error_rows == fresh.error_rows
+        assert got == [r._report(fresh, t, lang) for t in texts]
+    # the last call left a window behind: the next parse of the same one reuses its tree
+    assert r._parse_window(lang, fresh.prefix_bytes + fresh.suffix_bytes + fresh.tail) is fresh.tree
