@@ -184,6 +184,7 @@ def test_measure_rerank_reports_timings_and_checks():
     assert result["cursors"] == 3
     assert result["true_rest_ok"] == 3
     assert result["per_candidate_cpu_ms_median"] > 0
+    assert result["typed_first_candidate_cpu_ms_median"] > 0
 
 
 def test_minified_one_line_file_is_handled_through_a_window():
