@@ -20,8 +20,8 @@ import numpy as np
 from codecomplete.alignment import Alignment, VocabTrie, advance
 from codecomplete.request import StopReason
 from codecomplete.reuse import DecodeTrace, Reuse, TraceStep
-from codecomplete.runtime.base import BranchState, ContextState, Runtime, TopRows
-from codecomplete.sampler import Sampler
+from codecomplete.runtime.base import BranchState, ContextState, DecodeStep, Runtime, TopRows
+from codecomplete.sampler import TAIL, TOP_K, Sampler, pick_many
 
 
 @dataclass
@@ -98,8 +98,8 @@ class DecodeLoop:
         """The (branch, row) pairs the next sample picks for, when sampler.pick_many can pick
         them together with other loops' (its logits are TopRows, so no branch re-creates
         backed-off text); None: sample picks them itself."""
-        if self.step >= self.max_new_tokens or not isinstance(self.logits, TopRows):
-            return None
+        if self.step >= self.max_new_tokens or not isinstance(self.logits, TopRows) or self.needs_full_logits:
+            return None  # (a step served from the last keystroke's trace may be TopRows)
         return [(bi, self.row_of[bi]) for bi in self.active]
 
     def sample(self, picks: list[tuple[int, float]] | None = None) -> bool:
@@ -250,9 +250,23 @@ def run(loop: DecodeLoop) -> GenerationResult:
 
 
 def step_through(loop: DecodeLoop) -> GenerationResult:
-    """run, through the loop's runtime's decode."""
-    decode = loop.runtime.decode
-    while loop.sample():
+    """run, through the loop's runtime's decode. Where the runtime reduces rows on its
+    device (the torch runtime on CUDA), a step whose picks need no whole row comes back as
+    TopRows and its branches are picked in one pass (pick_many), as the batch scheduler
+    does: a (rows, vocabulary) array then never reaches the host, and the tokens and
+    log-probabilities are the same."""
+    runtime = loop.runtime
+    decode = runtime.decode
+    reducing = getattr(runtime, "reduces_rows", False)
+    picks = None
+    while loop.sample(picks):
         if loop.prepare():
-            loop.accept(decode(loop.context, loop.branches, loop.next_tokens))
+            if reducing and not loop.needs_full_logits:
+                step = DecodeStep(loop.context, loop.branches, loop.next_tokens)
+                logits = runtime.decode_many_top([step], [False], loop.sampler.banned, TOP_K, TAIL)[0]
+            else:
+                logits = decode(loop.context, loop.branches, loop.next_tokens)
+            loop.accept(logits)
+        wants = loop.step_picks()
+        picks = pick_many([(loop.sampler, loop.logits, wants)])[0] if wants else None
     return loop.result()

@@ -54,6 +54,37 @@ def test_loops_driven_by_the_scheduler_answer_as_loops_in_their_own_threads(tiny
         assert b.tokens_generated == a.tokens_generated
 
 
+def test_one_typist_on_reduced_rows_answers_as_on_whole_rows(tiny_model_dir):
+    """Without batching, a runtime that reduces rows (the torch runtime on CUDA) steps each
+    request's branches on TopRows, picked in one pass: the same answers as on whole rows,
+    keystroke by keystroke (typing through words, so back-offs re-create text, and steps
+    served from the last keystroke's trace)."""
+    text = DOCUMENTS[0]
+    start = text.index("return") + 2
+    requests = [CompletionRequest(text=text[:o] + text[start + 12:], offset=o, language="python", path="t.py",
+                                  options=CompletionOptions(n=4, max_new_tokens=8, deadline_ms=60_000, seed=1,
+                                                            patience_steps=2))
+                for o in range(start, start + 12)] + _requests(4)
+    answers, reduced_steps = {}, 0
+    for reduce in (False, True):
+        rt = load_runtime(str(tiny_model_dir), runtime="torch")
+        rt.reduces_rows = reduce
+        top = rt.decode_many_top
+
+        def counting(*args, top=top, **kwargs):
+            nonlocal reduced_steps
+            out = top(*args, **kwargs)
+            reduced_steps += sum(isinstance(o, TopRows) for o in out)
+            return out
+
+        rt.decode_many_top = counting
+        engine = Engine(rt)
+        answers[reduce] = [(_answer(c), c.tokens_generated, c.source) for c in map(engine.complete, requests)]
+    assert reduced_steps > 10  # the reducing engine did decode on TopRows
+    assert answers[True] == answers[False]
+    assert {s for _, _, s in answers[False]} >= {"warm", "cold"}
+
+
 def test_an_error_inside_a_driven_loop_fails_that_request_only(tiny_model_dir):
     rt = load_runtime(str(tiny_model_dir), runtime="torch")
     start = rt.start_branches

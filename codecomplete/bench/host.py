@@ -41,11 +41,12 @@ from codecomplete.sampler import TAIL, TOP_K
 QWEN_VOCAB = 152064
 # variant -> Engine keywords
 VARIANTS = {"sequential": {"batching": "off", "rerank_workers": 0},
+            "sequential-top": {"batching": "off", "rerank_workers": 0},
             "batched-threads": {"batching": "on", "drive_loops": False, "rerank_workers": 0},
             "batched": {"batching": "on", "rerank_workers": 0},
             "batched-top": {"batching": "on", "rerank_workers": 0},
             "batched-top-pool": {"batching": "on", "rerank_workers": None}}  # None: --rerank-workers
-REDUCING = {"batched-top", "batched-top-pool"}  # the runtime hands the driven loops TopRows, as the torch runtime does on CUDA
+REDUCING = {"sequential-top", "batched-top", "batched-top-pool"}  # the runtime hands the driven loops TopRows, as the torch runtime does on CUDA
 NEAR_TOKENS = 24  # tokens of a row within sampling reach of its best
 MAX_ROWS = 256  # rows of precomputed logits a step's views are cut from (32 users x 4 fit)
 PROFILE_LINES = 30
@@ -55,8 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", nargs="?", default=str(TYPING_SAMPLE), help="source file the users type through")
     p.add_argument("--vocab", default=f"{QWEN_VOCAB},16384", help="vocabulary sizes, comma-separated")
     p.add_argument("--users", default="1,8,32", help="concurrent users, comma-separated")
-    p.add_argument("--variants", default="sequential,batched-threads,batched,batched-top,batched-top-pool",
-                   help=f"comma-separated: {', '.join(VARIANTS)} (batched-threads: each request's decode loop "
+    p.add_argument("--variants", default="sequential,sequential-top,batched-threads,batched,batched-top,batched-top-pool",
+                   help=f"comma-separated: {', '.join(VARIANTS)} (sequential-top: one request at a time on rows "
+                        "reduced to their best tokens, as the torch runtime does on CUDA; batched-threads: each request's decode loop "
                         "in its own thread, the scheduler batching its calls; batched: the scheduler steps the "
                         "loops; batched-top: and the runtime reduces the rows to their best tokens, as on CUDA; batched-top-pool: and "
                         "the reranker's tree-sitter checks run in --rerank-workers processes, as a GPU replica's do)")
