@@ -137,6 +137,7 @@ class _Memo:
     last_prefix: str = ""
     too_long: dict[int, int] = field(default_factory=dict)
     last_suffix: tuple[str, int, tuple[int, list[int]]] | None = None
+    last_window: tuple[str, list[int]] | None = None  # the last prefix window encoded and its ids
 
 
 class PromptBuilder:
@@ -165,6 +166,14 @@ class PromptBuilder:
                     self._memos.popitem(last=False)
             self._memos.move_to_end(path)
             return memo
+
+    def _encode_window(self, memo: _Memo, text: str) -> list[int]:
+        """A prefix window's ids: typing changes the end of the last window encoded, and the
+        tokenizer keeps its ids up to the last line start the two share (encode_reusing)."""
+        reusing = getattr(self.tok, "encode_reusing", None)
+        ids = reusing(text, memo.last_window) if reusing is not None else self.tok.encode(text)
+        memo.last_window = (text, ids)
+        return ids
 
     def _header(self, path: str) -> list[int]:
         if self.cfg.file_sep_id < 0 or not path:
@@ -204,7 +213,8 @@ class PromptBuilder:
         memo = self._memo(request.path)
         if not (memo.last_prefix and prefix.startswith(memo.last_prefix)):
             memo.too_long = {}
-        prefix_start, prefix_toks = _prefix_window(prefix, pre_budget, self.tok.encode, memo.too_long)
+        prefix_start, prefix_toks = _prefix_window(prefix, pre_budget, lambda text: self._encode_window(memo, text),
+                                                   memo.too_long)
         memo.last_prefix = prefix
         suffix_len, suffix_toks = 0, []
         if suf_budget:

@@ -69,6 +69,61 @@ def test_typing_encodes_only_the_window_that_fits(shipped):
     assert len(windows) == 1 and text[:offset + 1].endswith(windows[0])  # the prefix window, once; the suffix is remembered
 
 
+def test_a_keystroke_re_encodes_only_its_own_line(shipped):
+    tokenizer, config = shipped
+    builder = PromptBuilder(tokenizer, config)
+    doc = "def run():\n" + "".join(f"    value_{i} = compute(value_{i - 1}, {i})\n" for i in range(1, 300))
+    offset = doc.index("    value_250 =") + 10  # in the middle of a line
+    builder.build(_request(doc, offset), 16)
+    seen: list[str] = []
+    encode = tokenizer.encode
+    tokenizer.encode = lambda s: seen.append(s) or encode(s)
+    try:
+        text = doc[:offset] + "x" + doc[offset:]
+        got = builder.build(_request(text, offset + 1), 16)
+    finally:
+        del tokenizer.encode
+    line_start = text.rfind("\n", 0, offset) + 1
+    assert seen and max(map(len, seen)) <= offset + 1 - line_start  # the cursor's line, not the window
+    assert got.tokens == PromptBuilder(tokenizer, config).build(_request(text, offset + 1), 16).tokens
+
+
+# code, blank lines, CRLF, tabs, and whitespace the pre-tokeniser treats apart (no-break
+# space, form feed, vertical tab, line separator) where a line starts
+PIECES = st.lists(st.sampled_from(["def", " f", "(x)", ":", "\n", "\n    ", "\r\n", "\t", "  ", "\u00a0", "\f",
+                                   "\x0b", "\u2028", "x_1", "123", "#", "é", "<|endoftext|>", " \n", "\n\n"]),
+                  min_size=1, max_size=80).map("".join)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(head=PIECES, old_tail=PIECES, new_tail=PIECES, padding=st.integers(0, 400))
+def test_encoding_reusing_the_last_texts_ids_equals_encoding_whole(shipped, head, old_tail, new_tail, padding):
+    tokenizer, _ = shipped
+    head = DOC[:padding * 3] + head  # past REUSE_MIN_CHARS often, so the ids are reused
+    old, new = head + old_tail, head + new_tail
+    assert tokenizer.encode_reusing(new, (old, tokenizer.encode(old))) == tokenizer.encode(new)
+
+
+def test_tokenizers_that_may_merge_across_a_line_start_encode_whole(shipped, tmp_path):
+    import json
+
+    tokenizer, _ = shipped
+    assert tokenizer.splits_at_line_starts
+    model = json.loads(tokenizer._tok.to_str())
+    # Qwen2's: a punctuation piece takes the line breaks after it, and indentation is a piece
+    model["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+|\p{L}+"
+    (tmp_path / "t.json").write_text(json.dumps(model))
+    other = Tokenizer.from_file(tmp_path / "t.json")
+    assert not other.splits_at_line_starts
+    old = DOC[:3000]
+    new = old + "x"
+    calls = []
+    encode = other.encode
+    other.encode = lambda s: calls.append(s) or encode(s)
+    assert other.encode_reusing(new, (old, encode(old))) == encode(new)
+    assert calls == [new]
+
+
 def test_the_back_off_follows_the_model_unless_the_request_says(shipped):
     from dataclasses import replace
 

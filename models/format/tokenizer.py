@@ -7,7 +7,23 @@ import json
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer as _HFTokenizer
+
+# Our tokenizers' pre-tokeniser (models/train/tokenizer.py trains with it), tried left to
+# right at each position: an identifier with at most one leading space or punctuation mark;
+# up to three digits; a run of punctuation with an optional leading space; line breaks with
+# the next line's indentation; spaces before a word, leaving the last one for the word; any
+# other whitespace.
+CODE_SPLIT_PATTERN = (
+    r"[^\r\n\p{L}\p{N}_]?[\p{L}_][\p{L}\p{N}_]*"
+    r"| ?\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}_]+"
+    r"|[ \t]*[\r\n]+[ \t]*"
+    r"|[ \t]+(?!\S)"
+    r"|\s+"
+)
+REUSE_MIN_CHARS = 256  # encode_reusing re-encodes texts sharing less than this with the last one whole
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -57,6 +73,55 @@ class Tokenizer:
             clean = text.encode("utf-8", errors="replace").decode("utf-8")
             return self._tok.encode_batch([clean], add_special_tokens=False)[0].ids
 
+    @cached_property
+    def splits_at_line_starts(self) -> bool:
+        """Whether encode(a + b) == encode(a) + encode(b) wherever b begins with the first
+        non-blank character of a line (a ending in a line break and blanks). True of our own
+        tokenizers: with no normaliser, a line break's piece of CODE_SPLIT_PATTERN (or of its
+        last alternative, any whitespace) takes every blank after it and ends there, no other
+        piece holds a line break, BPE merges within pieces, and no added token strips
+        whitespace around it. Other tokenizers (Qwen's ends a line break's piece before the
+        indentation, and a punctuation piece may take the line breaks after it) say False."""
+        m = self._model_json
+        pre = m.get("pre_tokenizer") or {}
+        parts = pre.get("pretokenizers") or [] if pre.get("type") == "Sequence" else []
+        model = m.get("model") or {}
+        return (m.get("normalizer") is None and model.get("type") == "BPE" and not model.get("dropout")
+                and len(parts) == 2 and parts[0].get("type") == "Split"
+                and (parts[0].get("pattern") or {}).get("Regex") == CODE_SPLIT_PATTERN
+                and parts[0].get("behavior") == "Isolated" and not parts[0].get("invert")
+                and parts[1].get("type") == "ByteLevel" and parts[1].get("use_regex") is False
+                and not any(t.get("lstrip") or t.get("rstrip") for t in m.get("added_tokens", [])))
+
+    @cached_property
+    def _token_lengths(self) -> np.ndarray:
+        return np.array([len(b) for b in self.token_bytes], dtype=np.int64)
+
+    def encode_reusing(self, text: str, last: tuple[str, list[int]] | None) -> list[int]:
+        """encode(text), where `last` is an earlier text and its encode(): the ids of the
+        part before the last line start inside what the two texts share are kept, and only
+        the rest is encoded (a keystroke's prompt re-encodes its own line, not kilobytes).
+        The same ids as encode(text) (splits_at_line_starts); other tokenizers, and texts
+        sharing little with the last, are encoded whole."""
+        if last is None or not self.splits_at_line_starts:
+            return self.encode(text)
+        old, ids = last
+        shared = _common_prefix_len(old, text)
+        if shared < REUSE_MIN_CHARS:
+            return self.encode(text)
+        cut = _line_start_before(text, shared)
+        if cut < REUSE_MIN_CHARS // 2:
+            return self.encode(text)
+        lengths = np.cumsum(self._token_lengths[np.asarray(ids, dtype=np.int64)]) if ids else np.zeros(0, np.int64)
+        old_bytes = len(old.encode("utf-8", errors="replace"))
+        if not len(lengths) or lengths[-1] != old_bytes:  # a special token's text in it: no byte map
+            return self.encode(text)
+        target = len(text[:cut].encode("utf-8", errors="replace"))
+        k = int(np.searchsorted(lengths, target))
+        if k >= len(lengths) or lengths[k] != target:  # no token ends there (cannot happen): whole
+            return self.encode(text)
+        return list(ids[: k + 1]) + self.encode(text[cut:])
+
     def decode(self, ids: list[int]) -> str:
         return self.bytes_of(ids).decode("utf-8", errors="replace")
 
@@ -103,3 +168,33 @@ def _piece_to_bytes(piece: str, byte_level: bool, model_type: str) -> bytes:
     if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
         return bytes([int(piece[3:5], 16)])
     return piece.replace("\u2581", " ").encode("utf-8")
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    """The length of the longest common prefix (a binary search over slice comparisons)."""
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while lo < hi:  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _line_start_before(text: str, end: int) -> int:
+    """The last offset p < end where text[p] is a line's first non-blank character (not
+    whitespace, after a line break and only spaces and tabs): a piece boundary of
+    CODE_SPLIT_PATTERN whatever follows it. 0 where there is none."""
+    newline = end
+    while True:
+        newline = max(text.rfind("\n", 0, newline), text.rfind("\r", 0, newline))
+        if newline < 0:
+            return 0
+        p = newline + 1
+        while p < end and text[p] in " \t":
+            p += 1
+        if p < end and not text[p].isspace():
+            return p

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from codecomplete.models.format.tokenizer import CODE_SPLIT_PATTERN
+
 # Fixed ids 0..6; fim.py and the engine rely on these names.
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -31,22 +33,9 @@ SPECIAL_TOKENS = (
 )
 VOCAB_SIZE = 16384
 MAX_TOKEN_CHARS = 32
-
-# Pre-tokenisation for code, tried left to right at each position:
-#  - an identifier (letters, digits, _) with at most one leading space or punctuation mark
-#    (" self", ".append", "__init__", "int64");
-#  - up to three digits;
-#  - a run of punctuation with an optional leading space ("):", "()", "==", "->", '"""');
-#  - line breaks with the next line's indentation ("\n    ", "\n\t\t"), so indentation is a token;
-#  - spaces before a word, leaving the last one for the word; any other whitespace.
-CODE_SPLIT_PATTERN = (
-    r"[^\r\n\p{L}\p{N}_]?[\p{L}_][\p{L}\p{N}_]*"
-    r"| ?\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}_]+"
-    r"|[ \t]*[\r\n]+[ \t]*"
-    r"|[ \t]+(?!\S)"
-    r"|\s+"
-)
+# the pre-tokeniser (CODE_SPLIT_PATTERN, described where it is defined): line breaks with the
+# next line's indentation are one piece, so indentation is a token and a keystroke's prompt
+# re-encodes only its own line (Tokenizer.encode_reusing)
 
 
 def new_tokenizer() -> Tokenizer:
