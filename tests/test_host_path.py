@@ -164,3 +164,87 @@ def test_the_sampler_picks_from_top_rows_what_it_picks_from_whole_rows(tiny_mode
         tokens = [t for t, _ in picks[0]]
     whole_again = rt.decode_many_top([DecodeStep(state, reduced, tokens)], [True], banned, TOP_K, TAIL)[0]
     assert isinstance(whole_again, np.ndarray) and whole_again.shape == (4, rt.config.vocab_size)
+
+
+class _TableStep:
+    """A stand-in for VarlenDecoder (no Triton): a step's logits are a fixed table's rows
+    of the rows' tokens (padding rows: token 0), so a replay's answer is known."""
+
+    def __init__(self, rt):
+        from codecomplete.models.varlen_triton import TOKEN
+
+        self.rt, self.token_field = rt, TOKEN
+        self.scratch_k = torch.zeros((rt.config.n_layers, 1, rt.config.n_kv_heads, 1, rt.config.head_dim))
+        self.scratch_v = torch.zeros_like(self.scratch_k)
+        rng = np.random.default_rng(5)
+        self.table = torch.from_numpy((rng.standard_normal((rt.config.vocab_size, rt.config.vocab_size)) * 4)
+                                      .astype(np.float32))
+
+    def plan(self, slots):
+        return None
+
+    def fits(self, steps):
+        return True
+
+    def requests(self, steps):
+        from codecomplete.models.varlen_triton import VarlenRequest
+
+        return [VarlenRequest(s.context.kv[0], s.context.kv[1], len(s.context.tokens), s.branches.kv[0],
+                              s.branches.kv[1], s.branches.step, s.next_tokens) for s in steps]
+
+    def step(self, meta, plan, cmeta=None):
+        return self.table[meta[self.token_field]]
+
+
+@torch.inference_mode()  # as the runtime's decode calls run (the captured buffers are inference tensors)
+def test_graphs_reduce_their_rows_in_the_replay_as_the_host_would(tiny_model_dir):
+    """DecodeGraphs captured with top_k reduce each replay's rows inside it (replays
+    emulated on CPU): the same TopRows as reducing the same logits after the step, with the
+    banned mask switched between steps (banned ids, none, others), and whole rows kept."""
+    from codecomplete.runtime.torch_graphs import DecodeGraphs, TopSpec
+
+    rt = load_runtime(str(tiny_model_dir), runtime="torch")
+    fake = _TableStep(rt)
+    graphs = DecodeGraphs(fake, 8, emulate=True, top_k=TOP_K, tail=TAIL)
+    graphs.capture_all()
+    assert graphs.reduces(TopSpec(None, TOP_K, TAIL, torch.float32))
+    assert not graphs.reduces(TopSpec(None, TOP_K // 2, TAIL, torch.float32))
+    state, _ = rt.prefill([1, 2, 3, 4])
+    other, _ = rt.prefill([5, 6])
+    vocab = rt.config.vocab_size
+    bans = [np.array([int(fake.table[7].argmax()), 3]), None, np.array([11, 12, 13])]
+    rng = np.random.default_rng(1)
+    for banned in bans * 2:
+        steps = [DecodeStep(state, rt.start_branches(state, 3, 4), rng.integers(0, vocab, 3).tolist()),
+                 DecodeStep(other, rt.start_branches(other, 2, 4), [7, int(rng.integers(0, vocab))])]
+        mask = rt._banned_mask(banned)
+        out = graphs.run(steps, top=TopSpec(mask, TOP_K, TAIL, torch.float32))
+        logits = fake.table[torch.tensor([t for s in steps for t in s.next_tokens])]
+        ref = reduce_rows(logits, steps, mask, TOP_K, TAIL, torch.float32)
+        for got, want in zip(out, ref, strict=True):
+            assert isinstance(got, TopRows)
+            assert np.array_equal(got.ids, want.ids) and np.array_equal(got.values, want.values)
+            assert np.allclose(got.lse, want.lse, atol=1e-6)
+            assert np.array_equal(got.full(), want.full())
+        if banned is not None:  # the banned ids are never among a row's best
+            assert not np.isin(out[0].ids, banned).any()
+        else:
+            assert out[1].ids[0].tolist().count(int(fake.table[7].argmax())) == 1
+    # only buckets of at most top_max_rows rows reduce in their replay; larger ones after it
+    mixed = DecodeGraphs(fake, 8, emulate=True, top_k=TOP_K, tail=TAIL, top_max_rows=2)
+    mixed.capture_all()
+    assert {slots: cap.packed_dev is not None for (slots, _), cap in mixed.captured.items()} == \
+        {slots: slots <= 2 for (slots, _) in mixed.captured}
+    for rows in (2, 5):
+        steps = [DecodeStep(state, rt.start_branches(state, rows, 4), rng.integers(0, vocab, rows).tolist())]
+        mask = rt._banned_mask(bans[0])
+        got = mixed.run(steps, top=TopSpec(mask, TOP_K, TAIL, torch.float32))[0]
+        want = reduce_rows(fake.table[torch.tensor(steps[0].next_tokens)], steps, mask, TOP_K, TAIL, torch.float32)[0]
+        assert np.array_equal(got.ids, want.ids) and np.array_equal(got.values, want.values)
+        assert np.allclose(got.lse, want.lse, atol=1e-6)
+    eager = DecodeGraphs(fake, 8, emulate=True)  # captured without the reduction: reduced after the replay
+    eager.capture_all()
+    steps = [DecodeStep(state, rt.start_branches(state, 3, 4), [1, 2, 3])]
+    got = eager.run(steps, top=TopSpec(None, TOP_K, TAIL, torch.float32))[0]
+    want = reduce_rows(fake.table[torch.tensor([1, 2, 3])], steps, None, TOP_K, TAIL, torch.float32)[0]
+    assert np.array_equal(got.ids, want.ids) and np.array_equal(got.values, want.values)

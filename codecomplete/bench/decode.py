@@ -217,17 +217,19 @@ def check_top_rows(reducing, whole, seed: int = 0, tol: float = 1e-4) -> dict:
     banned = rng.choice(vocab, size=vocab // 10, replace=False)
     kept: list[tuple[TopRows, np.ndarray]] = []
     compared = 0
-    for _ in range(4):
+    for step in range(4):
+        ban = banned if step != 2 else None  # a step that bans nothing, then the banned ids again
         chosen = [i for i, (_, b) in enumerate(mine) if b.step < b.max_new_tokens]
         tokens = {i: rng.integers(0, vocab, mine[i][1].n).tolist() for i in chosen}
         tops = reducing.decode_many_top([DecodeStep(*mine[i], tokens[i]) for i in chosen], [False] * len(chosen),
-                                        banned, TOP_K, TAIL)
+                                        ban, TOP_K, TAIL)
         fulls = whole.decode_many([DecodeStep(*ref[i], tokens[i]) for i in chosen])
         for top, full in zip(tops, fulls, strict=True):
             if not isinstance(top, TopRows):
                 raise AssertionError(f"decode_many_top returned {type(top).__name__}, not TopRows")
             allowed = np.array(full, dtype=np.float32)
-            allowed[:, banned] = -np.inf
+            if ban is not None:
+                allowed[:, ban] = -np.inf
             best = -np.sort(-allowed, axis=1)[:, :top.values.shape[1]]
             if not np.allclose(-np.sort(-top.values, axis=1), best, atol=tol, rtol=tol):
                 raise AssertionError("the reduced rows' best values differ from the whole rows'")
@@ -321,6 +323,7 @@ def check_varlen_decoder(device: str = "cpu", seed: int = 0) -> dict:
     replays emulated."""
     from codecomplete.runtime.torch import TorchRuntime
     from codecomplete.runtime.torch_graphs import DecodeGraphs, VarlenDecoder
+    from codecomplete.sampler import TAIL, TOP_K
 
     model = tiny_model(seed, device, n_layers=1, dim=64, ffn_dim=64, vocab_size=97)
     cuda = device == "cuda"
@@ -332,14 +335,17 @@ def check_varlen_decoder(device: str = "cpu", seed: int = 0) -> dict:
         else:
             batched = TorchRuntime.from_model(model, batch_attention=attention)
             batched.varlen = VarlenDecoder(batched, 8, pad_rows=True)
-            if graphs:
-                batched.graphs = DecodeGraphs(batched.varlen, 8, emulate=True)
+            if graphs:  # reducing the rows in the replay, as TorchRuntime's graphs do
+                batched.graphs = DecodeGraphs(batched.varlen, 8, emulate=True, top_k=TOP_K, tail=TAIL)
                 batched.graphs.capture_all()
         alone = TorchRuntime.from_model(model, device=device, precision="fp32", cuda_graphs=False, varlen=False)
         name = f"{attention}, {'graphs' if graphs else 'eager'}"
         result[name] = check_decode_many(batched, alone, seeds=(seed,))
         if graphs:
             result[f"short prefill, {name}"] = check_graph_prefill(batched, alone)
+            if not batched.graphs.top_k:
+                raise AssertionError("the graphs do not reduce their rows in the replay")
+            result[f"top rows in the replay, {name}"] = check_top_rows(batched, alone, seed)
     # a prefill chunk riding the step: two layers (the cache's layer offsets), chunks of 16
     model = tiny_model(seed, device, n_layers=2, dim=64, ffn_dim=64, vocab_size=97)
     if cuda:

@@ -14,6 +14,7 @@ from codecomplete.models import bifurcated_triton
 from codecomplete.models.format.folder import dequantize, quantize_rows_int8
 from codecomplete.models.format.source import ModelSource
 from codecomplete.models.model import DECODE_ATTENTION, Transformer
+from codecomplete.sampler import TAIL, TOP_K
 
 from . import torch_graphs
 from .base import BranchState, ContextState, DecodeStep, PrefillChunk, Runtime
@@ -161,7 +162,8 @@ class TorchRuntime(Runtime):
             self.varlen = torch_graphs.VarlenDecoder(self, min(max_request_rows, max_batch_rows))
             if cuda_graphs is None or cuda_graphs:
                 chunk = 0 if model.cfg.sliding_window else fused_chunk_tokens
-                self.graphs = torch_graphs.DecodeGraphs(self.varlen, max_batch_rows, chunk_tokens=chunk)
+                self.graphs = torch_graphs.DecodeGraphs(self.varlen, max_batch_rows, chunk_tokens=chunk, top_k=TOP_K,
+                                                        tail=TAIL)
                 self.graphs.capture_all()  # at load, so that no keystroke pays capture or compile
         elif cuda_graphs or varlen:
             raise ValueError("cuda_graphs and varlen need device 'cuda', a float precision (fp32, bf16, fp16), "
@@ -288,9 +290,8 @@ class TorchRuntime(Runtime):
             raise ValueError(f"{len(full)} full flags for {len(steps)} steps")
         if not self.reduces_rows or all(full):
             return self._decode_batch(steps, None, chunk)
-        mask = self._banned_mask(banned)
-        out = self._decode_batch(steps, lambda logits, group: torch_graphs.reduce_rows(logits, group, mask, k, tail,
-                                                                                        self.dtype), chunk)
+        top = torch_graphs.TopSpec(self._banned_mask(banned), k, tail, self.dtype)
+        out = self._decode_batch(steps, None, chunk, top)
         return [rows.full() if whole else rows for rows, whole in zip(out, full, strict=True)]
 
     def _banned_mask(self, banned) -> torch.Tensor | None:
@@ -307,9 +308,15 @@ class TorchRuntime(Runtime):
         self._banned_masks[id(banned)] = (banned, mask.to(self.device))
         return self._banned_masks[id(banned)][1]
 
-    def _decode_batch(self, steps: list[DecodeStep], host, chunk: PrefillChunk | None = None) -> list:
+    def _decode_batch(self, steps: list[DecodeStep], host, chunk: PrefillChunk | None = None,
+                      top: torch_graphs.TopSpec | None = None) -> list:
         """decode_many's step; host(logits, steps): what turns the device logits (rows, V)
-        float32 into each step's result (None: host arrays)."""
+        float32 into each step's result (None: host arrays). top: each step's rows reduced
+        instead (TopRows; by the graph replay itself where it can)."""
+        if top is not None:
+            def host(logits, group, top=top):
+                return torch_graphs.reduce_rows(logits, group, top.banned, top.k, top.tail, top.keep_dtype)
+
         seen = set()
         for s in steps:
             self.check_decode(s.context, s.branches, s.next_tokens)
@@ -322,7 +329,7 @@ class TorchRuntime(Runtime):
         if not steps:
             return []
         if self.graphs is not None and self.graphs.fits(steps):
-            out = self.graphs.run(steps, host, fused)
+            out = self.graphs.run(steps, host, fused, top)
             if fused is not None:
                 chunk.logits = fused.logits
         elif self.varlen is not None and self.varlen.fits(steps):

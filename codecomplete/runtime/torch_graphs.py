@@ -19,7 +19,7 @@ the first keystrokes have run.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -145,14 +145,11 @@ def rows_to_host(logits: torch.Tensor, steps: Sequence[DecodeStep]) -> list[np.n
     return split_rows(logits_to_host(logits), steps)
 
 
-def reduce_rows(logits: torch.Tensor, steps: Sequence[DecodeStep], banned: torch.Tensor | None, k: int,
-                tail: float, keep_dtype: torch.dtype) -> list[TopRows]:
-    """A step's (rows, V) float32 logits reduced on their device, per step a TopRows (its
-    rows' k best allowed tokens, their log-sum-exp over those within `tail` of the best):
-    a few kB to the host instead of rows x V x 4 bytes. Each step's rows stay on the device
-    in keep_dtype (the model's: no rounding), a copy of their own (a graph's output buffer
-    is overwritten by its next replay; a decode trace keeps one request's rows, not the
-    batch's), for the rows a sampler needs whole."""
+def reduce_packed(logits: torch.Tensor, banned: torch.Tensor | None, k: int, tail: float) -> torch.Tensor:
+    """(rows, 2k + 1) float64 on the device: per row its k best allowed token ids
+    (ascending), their logits, then the log-sum-exp over the allowed logits within `tail`
+    of the best. banned: a (V,) bool mask (None: nothing banned). Ids < 2^53 and float32
+    values survive float64 exactly, so one tensor carries all three to the host."""
     allowed = logits.masked_fill(banned, float("-inf")) if banned is not None else logits
     values, ids = torch.topk(allowed, min(k, allowed.shape[1]), dim=1)
     ids, order = ids.sort(dim=1)
@@ -160,16 +157,29 @@ def reduce_rows(logits: torch.Tensor, steps: Sequence[DecodeStep], banned: torch
     best = values.max(dim=1, keepdim=True).values
     near = torch.where(allowed >= best - tail, torch.exp(allowed - best), torch.zeros((), device=allowed.device))
     lse = best[:, 0] + torch.log(near.sum(dim=1))
+    return torch.cat([ids.to(torch.float64), values.double(), lse.double()[:, None]], dim=1)
+
+
+def reduce_rows(logits: torch.Tensor, steps: Sequence[DecodeStep], banned: torch.Tensor | None, k: int,
+                tail: float, keep_dtype: torch.dtype, packed: Callable[[], np.ndarray] | None = None
+                ) -> list[TopRows]:
+    """A step's (rows, V) float32 logits reduced on their device, per step a TopRows (its
+    rows' k best allowed tokens, their log-sum-exp over those within `tail` of the best):
+    a few kB to the host instead of rows x V x 4 bytes. Each step's rows stay on the device
+    in keep_dtype (the model's: no rounding), a copy of their own (a graph's output buffer
+    is overwritten by its next replay; a decode trace keeps one request's rows, not the
+    batch's), for the rows a sampler needs whole. packed: what gives reduce_packed's answer
+    for these rows in host memory, once the copies above are queued (the graphs compute it
+    inside the step; it synchronises)."""
     kept, r0 = [], 0
     for s in steps:
         kept.append(logits[r0:r0 + s.branches.n].to(keep_dtype, copy=True))
         r0 += s.branches.n
-    # ids < 2^53 and float32 values survive a float64 round trip exactly: one copy, one sync
-    packed = torch.cat([ids.to(torch.float64), values.double(), lse.double()[:, None]], dim=1).cpu().numpy()
-    width = ids.shape[1]
-    all_ids = packed[:, :width].astype(np.int64)
-    all_values = packed[:, width:2 * width].astype(np.float32)
-    all_lse = packed[:, -1].astype(np.float32)
+    host = reduce_packed(logits, banned, k, tail).cpu().numpy() if packed is None else packed()  # one sync
+    width = (host.shape[1] - 1) // 2
+    all_ids = host[:, :width].astype(np.int64)
+    all_values = host[:, width:2 * width].astype(np.float32)
+    all_lse = host[:, -1].astype(np.float32)
     out, r0 = [], 0
     for rows in kept:
         n = len(rows)
@@ -180,6 +190,22 @@ def reduce_rows(logits: torch.Tensor, steps: Sequence[DecodeStep], banned: torch
         out.append(TopRows(all_ids[r0:r0 + n], all_values[r0:r0 + n], all_lse[r0:r0 + n], fetch))
         r0 += n
     return out
+
+
+# Buckets of at most this many rows reduce their rows inside the replay. Measured on an
+# H200: the shipped model's one-typist step replays in about 0.37 ms, less than the eager
+# reduction's ~18 launches take to queue, so they lengthen every step; on the 7B shape, in the
+# replay against after it, 0.99x at 4 rows, 1.00x at 39, 1.03x at 144 (a replay reduces its
+# whole padded bucket, while the eager launches overlap a 5 ms replay anyway).
+REDUCE_IN_REPLAY_ROWS = 16
+
+
+class TopSpec:
+    """What decode_many_top asks of a step's rows: the banned mask ((V,) bool on the
+    device, or None), k best tokens, the log-sum-exp's tail, the dtype rows are kept in."""
+
+    def __init__(self, banned: torch.Tensor | None, k: int, tail: float, keep_dtype: torch.dtype):
+        self.banned, self.k, self.tail, self.keep_dtype = banned, k, tail, keep_dtype
 
 
 def split_rows(logits, steps: Sequence[DecodeStep]) -> list:
@@ -194,11 +220,14 @@ def split_rows(logits, steps: Sequence[DecodeStep]) -> list:
 class _Captured:
     """One bucket's graph (its replay) and its static tensors (cmeta: a chunk bucket's)."""
 
-    def __init__(self, replay, meta_host, meta_dev, logits_dev, cmeta_host=None, cmeta_dev=None):
+    def __init__(self, replay, meta_host, meta_dev, logits_dev, cmeta_host=None, cmeta_dev=None, packed_dev=None):
         self.replay, self.meta_host, self.meta_dev, self.logits_dev = replay, meta_host, meta_dev, logits_dev
         self.meta_np = meta_host.numpy()  # the pinned buffer, written in place each step
         self.cmeta_host, self.cmeta_dev = cmeta_host, cmeta_dev
         self.cmeta_np = cmeta_host.numpy() if cmeta_host is not None else None
+        self.packed_dev = packed_dev  # reduce_packed of the logits, computed by the replay (None: not captured)
+        self.packed_host = (torch.empty(packed_dev.shape, dtype=packed_dev.dtype, pin_memory=packed_dev.is_cuda)
+                            if packed_dev is not None else None)
 
 
 class FusedChunk:
@@ -213,15 +242,28 @@ class FusedChunk:
 class DecodeGraphs:
     """VarlenDecoder.step captured per bucket of rows; run() replays them."""
 
-    def __init__(self, varlen: VarlenDecoder, max_batch_rows: int, emulate: bool = False, chunk_tokens: int = 0):
+    def __init__(self, varlen: VarlenDecoder, max_batch_rows: int, emulate: bool = False, chunk_tokens: int = 0,
+                 top_k: int = 0, tail: float = 0.0, top_max_rows: int | None = None):
         """emulate: no CUDA graph, the step re-run eagerly into the same static tensors at
         each replay (the tests run everything else of this class on CPU with it).
         chunk_tokens: also capture each bucket with a prefill chunk of up to this many
-        tokens riding the step (0: none)."""
+        tokens riding the step (0: none). top_k, tail: each replay also reduces its rows
+        (reduce_packed: the top_k best allowed tokens, the log-sum-exp within tail), so that
+        decode_many_top's reduction costs no launches of its own (0: not captured); the
+        banned ids are a static mask (use_banned). top_max_rows: only buckets of at most
+        this many rows reduce in the replay (default REDUCE_IN_REPLAY_ROWS; larger ones
+        reduce after it, eagerly)."""
         if max_batch_rows < 1:
             raise ValueError("max_batch_rows must be at least 1")
         if chunk_tokens < 0:
             raise ValueError("chunk_tokens must be 0 (none) or more")
+        if top_k < 0:
+            raise ValueError("top_k must be 0 (no reduction in the graphs) or more")
+        self.top_k, self.tail = top_k, float(tail)
+        self.top_max_rows = REDUCE_IN_REPLAY_ROWS if top_max_rows is None else top_max_rows
+        rt = varlen.rt
+        self.banned_dev = torch.zeros(rt.config.vocab_size, dtype=torch.bool, device=rt.device) if top_k else None
+        self._banned_src: torch.Tensor | None = None  # the mask banned_dev holds a copy of (None: nothing banned)
         self.varlen = varlen
         self.max_rows = max_batch_rows
         self.buckets = row_buckets(max_batch_rows)
@@ -262,13 +304,24 @@ class DecodeGraphs:
             fill_chunk_meta(cmeta_host.numpy(), varlen.scratch_k, varlen.scratch_v, 0, [])  # an empty chunk
             cmeta_dev = cmeta_host.to(device, copy=True)
 
+        reduce_here = self.top_k > 0 and slots <= self.top_max_rows
+
         def step():
-            return varlen.step(meta_dev, plan, cmeta_dev)
+            logits = varlen.step(meta_dev, plan, cmeta_dev)
+            packed = reduce_packed(logits, self.banned_dev, self.top_k, self.tail) if reduce_here else None
+            return logits, packed
 
         if self.emulate:
-            logits_dev = step()
-            self.captured[slots, chunk] = _Captured(lambda: logits_dev.copy_(step()), meta_host, meta_dev, logits_dev,
-                                                    cmeta_host, cmeta_dev)
+            logits_dev, packed_dev = step()
+
+            def rerun():
+                logits, packed = step()
+                logits_dev.copy_(logits)
+                if packed is not None:
+                    packed_dev.copy_(packed)
+
+            self.captured[slots, chunk] = _Captured(rerun, meta_host, meta_dev, logits_dev, cmeta_host, cmeta_dev,
+                                                    packed_dev)
             return
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -278,8 +331,9 @@ class DecodeGraphs:
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits_dev = step()
-        self.captured[slots, chunk] = _Captured(graph.replay, meta_host, meta_dev, logits_dev, cmeta_host, cmeta_dev)
+            logits_dev, packed_dev = step()
+        self.captured[slots, chunk] = _Captured(graph.replay, meta_host, meta_dev, logits_dev, cmeta_host, cmeta_dev,
+                                                packed_dev)
 
     def fits(self, steps: Sequence[DecodeStep]) -> bool:
         return self.varlen.fits(steps) and all(s.branches.n <= self.max_rows for s in steps)
@@ -295,14 +349,39 @@ class DecodeGraphs:
             rows += s.branches.n
         return out
 
-    def run(self, steps: Sequence[DecodeStep], host=None, chunk: FusedChunk | None = None) -> list:
+    def reduces(self, top: TopSpec) -> bool:
+        """Whether the replays compute this reduction (captured with its k and tail)."""
+        return self.top_k > 0 and top.k == self.top_k and top.tail == self.tail
+
+    def use_banned(self, mask: torch.Tensor | None) -> None:
+        """The banned ids the replays' reduction masks: (V,) bool on the device, or None."""
+        if mask is self._banned_src:
+            return
+        if mask is None:
+            self.banned_dev.zero_()
+        else:
+            self.banned_dev.copy_(mask)
+        self._banned_src = mask
+
+    def run(self, steps: Sequence[DecodeStep], host=None, chunk: FusedChunk | None = None,
+            top: TopSpec | None = None) -> list:
         """host(logits, steps): as VarlenDecoder.run's. chunk: rides the first group's step
-        (its logits are set on it)."""
+        (its logits are set on it). top: each step's rows reduced (reduce_rows' TopRows; in
+        the replay when the graphs were captured with its k and tail), instead of host."""
         out = []
         host = host or rows_to_host
+        in_graph = top is not None and self.reduces(top)
+        if in_graph:
+            self.use_banned(top.banned)
         for group in self.groups(steps):
-            out.extend(self.replay(self.varlen.requests(group), sum(s.branches.n for s in group),
-                                   lambda logits, group=group: host(logits, group), chunk))
+            if top is None:
+                def result(logits, packed, group=group):
+                    return host(logits, group)
+            else:
+                def result(logits, packed, group=group):
+                    return reduce_rows(logits, group, top.banned, top.k, top.tail, top.keep_dtype, packed)
+            out.extend(self.replay(self.varlen.requests(group), sum(s.branches.n for s in group), result, chunk,
+                                   packed=in_graph))
             chunk = None
         return out
 
@@ -314,10 +393,12 @@ class DecodeGraphs:
             logits = self.replay([VarlenRequest(context_k, context_v, start, None, None, t, [int(token)])], 1)
         return logits[0]
 
-    def replay(self, requests: Sequence[VarlenRequest], rows: int, host=None, chunk: FusedChunk | None = None):
+    def replay(self, requests: Sequence[VarlenRequest], rows: int, host=None, chunk: FusedChunk | None = None,
+               packed: bool = False):
         """One step of these requests' rows through their bucket's graph: the logits
-        (rows, V) in host memory of their own (or what `host` makes of the device rows; it
-        must synchronise). chunk: through the bucket's chunk graph, its logits set on it."""
+        (rows, V) in host memory of their own (or what host(device rows, packed) makes of
+        them; it must synchronise). chunk: through the bucket's chunk graph, its logits set
+        on it. packed: host gets the replay's reduce_packed rows in host memory (else None)."""
         slots = next(b for b in self.buckets if b >= rows)
         cap = self.captured[slots, self.chunk_tokens if chunk is not None else 0]
         fill_meta(cap.meta_np, requests, self.varlen.scratch_k, self.varlen.scratch_v,
@@ -328,7 +409,19 @@ class DecodeGraphs:
         cap.meta_dev.copy_(cap.meta_host, non_blocking=True)
         cap.replay()
         last = cap.logits_dev[slots].clone() if chunk is not None else None  # before the next replay overwrites it
-        out = (host or logits_to_host)(cap.logits_dev[:rows])  # synchronises: meta_host is free again after this
+        if host is None:
+            out = logits_to_host(cap.logits_dev[:rows])  # synchronises: meta_host is free again after this
+        elif not packed or cap.packed_dev is None:  # (a bucket too large to reduce in its replay)
+            out = host(cap.logits_dev[:rows], None)
+        else:  # a few kB through the pinned buffer, read once host has queued its own copies
+            cap.packed_host[:rows].copy_(cap.packed_dev[:rows], non_blocking=True)
+
+            def packed_rows() -> np.ndarray:
+                if self.cuda:
+                    torch.cuda.current_stream(cap.packed_dev.device).synchronize()
+                return cap.packed_host[:rows].numpy()  # until the next replay: the caller copies
+
+            out = host(cap.logits_dev[:rows], packed_rows)
         if chunk is not None:
             chunk.logits = last.cpu().numpy()
         return out
