@@ -74,34 +74,50 @@ def _sparse_nonzero(mask: np.ndarray) -> np.ndarray:
     return np.concatenate([bytes_at[flat[bytes_at]], np.flatnonzero(flat[n:]) + n])
 
 
+SPARSE_SHARE = 1 / 32  # rows with fewer of their tokens within reach are reduced all at once
+
+
 class _Rows:
-    """One step's rows reduced to what an unconstrained pick needs, for all rows at once (two
-    passes over the (rows, V) logits: a max and a comparison): per row the ids (ascending)
-    and logits of every allowed token within reach of its best allowed one. A row whose
-    best token is banned is left out (`has` False): its pick bans on a copy of the row."""
+    """One step's rows reduced to what an unconstrained pick needs: per row the ids
+    (ascending) and logits of every allowed token within reach of its best allowed one. A
+    row whose best token is banned is left out (`has` False): its pick bans on a copy of
+    the row. Two ways to the same answer: rows with few tokens within reach (a large model's
+    peaked rows) all at once through the words of the mask; rows holding much of the
+    vocabulary within reach (a small model's flat ones) row by row, a gather each."""
 
     def __init__(self, logits: np.ndarray, banned_mask: np.ndarray | None, reach: float):
         m = logits.max(axis=1)
-        rows, ids = np.divmod(_sparse_nonzero(logits >= (m - reach)[:, None]), logits.shape[1])
-        values = logits[rows, ids]
-        if banned_mask is not None:
-            allowed = ~banned_mask[ids]
-            rows, ids, values = rows[allowed], ids[allowed], values[allowed]
-        bounds = np.searchsorted(rows, np.arange(len(logits) + 1))
-        self.ids, self.values, self.bounds = ids, values, bounds
+        near = logits >= (m - reach)[:, None]
+        n_rows, vocab = logits.shape
+        self.has = np.zeros(n_rows, dtype=bool)
+        if np.count_nonzero(near) < SPARSE_SHARE * near.size:
+            rows, ids = np.divmod(_sparse_nonzero(near), vocab)
+            values = logits[rows, ids]
+            if banned_mask is not None:
+                allowed = ~banned_mask[ids]
+                rows, ids, values = rows[allowed], ids[allowed], values[allowed]
+            bounds = np.searchsorted(rows, np.arange(n_rows + 1)).tolist()
+            self.ids = [ids[bounds[r]:bounds[r + 1]] for r in range(n_rows)]
+            self.values = [values[bounds[r]:bounds[r + 1]] for r in range(n_rows)]
+        else:
+            self.ids, self.values = [], []
+            for r in range(n_rows):
+                ids = np.flatnonzero(near[r])
+                if banned_mask is not None:
+                    ids = ids[~banned_mask[ids]]
+                self.ids.append(ids)
+                self.values.append(logits[r, ids])
+        for r, values in enumerate(self.values):
+            # a banned best: the allowed tokens within reach of the best allowed one may lie
+            # below `m - reach`, outside what was kept
+            self.has[r] = len(values) > 0 and values.max() == m[r]
         self.best = m
         self.lse = None  # computed by pick, over these values
-        # a banned best: the allowed tokens within reach of the best allowed one may lie below
-        # `m - reach`, outside what was kept
-        kept_best = np.full(len(logits), -np.inf, np.float32)
-        np.maximum.at(kept_best, rows, values)
-        self.has = kept_best == m
 
     def row(self, r: int) -> tuple[np.ndarray, np.ndarray, np.float32]:
         """(ids, logits, the row's best) of row r; the best as float32, so thresholds round
         as they do over the whole row."""
-        a, b = self.bounds[r], self.bounds[r + 1]
-        return self.ids[a:b], self.values[a:b], self.best[r]
+        return self.ids[r], self.values[r], self.best[r]
 
 
 class _TopReduced:

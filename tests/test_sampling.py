@@ -237,13 +237,14 @@ def reference_pick(logits: np.ndarray, banned, branch: int, temperature: float, 
 
 
 @settings(max_examples=80, deadline=None)
-@given(seed=st.integers(0, 10_000), rows=st.integers(1, 6), spread=st.sampled_from([0.5, 3.0, 12.0]),
+@given(seed=st.integers(0, 10_000), rows=st.integers(1, 6), spread=st.sampled_from([0.5, 3.0, 12.0, 40.0]),
        temperature=st.sampled_from([0.2, 0.8, 1.0, 1.7]), top_p=st.sampled_from([0.5, 0.95, 1.0]),
        ban=st.sampled_from(["none", "some", "best"]), ties=st.booleans())
 def test_the_step_wide_sampler_picks_what_the_per_row_pick_does(seed, rows, spread, temperature, top_p, ban, ties):
-    """Sampler reduces all rows of a step at once (max, comparison, the ids near the best)
-    and picks from that: the same tokens and log-probabilities as the per-row pick over the
-    whole row, with banned ids (a banned best too), ties and shared rows."""
+    """Sampler reduces a step's rows (max, comparison, the ids near the best; flat rows
+    one by one, peaked ones all at once: spread 40 keeps few tokens near the best) and picks
+    from that: the same tokens and log-probabilities as the per-row pick over the whole
+    row, with banned ids (a banned best too), ties and shared rows."""
     from codecomplete.alignment import Alignment
     from codecomplete.sampler import Sampler
 
