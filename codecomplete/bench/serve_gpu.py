@@ -297,7 +297,30 @@ def step_figures(records: list[IterationRecord], config, precision: str, bifurca
             "rows_per_step": statistics.fmean(sum(r.rows) for r in steps),
             "requests_per_step": statistics.fmean(len(r.rows) for r in steps),
             "context_tokens_mean": statistics.fmean(m for r in steps for m in r.contexts),
-            "floor_ms": statistics.fmean(floors), "step_vs_floor": statistics.fmean(step_ms) / statistics.fmean(floors)}
+            "floor_ms": statistics.fmean(floors), "step_vs_floor": statistics.fmean(step_ms) / statistics.fmean(floors),
+            "steps_by_rows": steps_by_rows(steps, floors)}
+
+
+ROW_BANDS = (4, 16, 32, 64, 128, 256)  # steps_by_rows' bands: up to this many rows in the step
+
+
+def steps_by_rows(steps: list[IterationRecord], floors: list[float]) -> list[dict]:
+    """The steps grouped by their rows (bands of ROW_BANDS): how many, their decode and
+    iteration times (mean, p95) and floor. Under load the slow steps are the crowded ones,
+    or the host's; this tells which."""
+    out, low = [], 0
+    for high in ROW_BANDS + (10**9,):
+        band = [(r, f) for r, f in zip(steps, floors, strict=True) if low < sum(r.rows) <= high]
+        if band:
+            decode = [r.decode_ms for r, _ in band]
+            iteration = [r.iteration_ms for r, _ in band]
+            out.append({"rows": f"{low + 1}-{high}" if high < 10**9 else f"{low + 1}+", "steps": len(band),
+                        "requests_mean": statistics.fmean(len(r.rows) for r, _ in band),
+                        "decode_ms": statistics.fmean(decode), "decode_p95_ms": percentile(decode, 95),
+                        "iteration_ms": statistics.fmean(iteration), "iteration_p95_ms": percentile(iteration, 95),
+                        "floor_ms": statistics.fmean(f for _, f in band)})
+        low = high
+    return out
 
 
 def latency_figures(records: list[dict]) -> dict:
