@@ -410,8 +410,9 @@ class BatchScheduler:
     def _run_steps(self, steps: list[DecodeStep], loops: list[_Call], first_loop: int,
                    chunk: PrefillChunk | None = None) -> list:
         """decode_many; where the runtime reduces rows on its device, the driven loops'
-        steps come back reduced (TopRows), except those whose next pick needs whole rows
-        (alignment) or bans other ids than the first such loop. chunk: rides the step."""
+        steps come back reduced (TopRows; a pick constrained by token alignment gathers the
+        few logits it reads from them), except those that ban other ids than the first such
+        loop. chunk: rides the step."""
         runtime = self.runtime
         fused = {"chunk": chunk} if chunk is not None else {}
         if not loops or not runtime.reduces_rows:
@@ -420,7 +421,7 @@ class BatchScheduler:
         full = [True] * len(steps)
         for i, call in enumerate(loops):
             loop: DecodeLoop = call.payload
-            full[first_loop + i] = loop.needs_full_logits or loop.sampler.banned is not banned
+            full[first_loop + i] = loop.sampler.banned is not banned
         return runtime.decode_many_top(steps, full, banned, TOP_K, TAIL, **fused)
 
     # -- prefill ----------------------------------------------------------------------------

@@ -98,7 +98,7 @@ class DecodeLoop:
         """The (branch, row) pairs the next sample picks for, when sampler.pick_many can pick
         them together with other loops' (its logits are TopRows, so no branch re-creates
         backed-off text); None: sample picks them itself."""
-        if self.step >= self.max_new_tokens or not isinstance(self.logits, TopRows) or self.needs_full_logits:
+        if self.step >= self.max_new_tokens or not isinstance(self.logits, TopRows) or self.needs_constrained_pick:
             return None  # (a step served from the last keystroke's trace may be TopRows)
         return [(bi, self.row_of[bi]) for bi in self.active]
 
@@ -202,14 +202,15 @@ class DecodeLoop:
         return True
 
     @property
-    def needs_full_logits(self) -> bool:
-        """Some branch must still re-create backed-off text: its next pick masks a whole row
-        (a runtime's reduced rows, TopRows, do not do for it)."""
+    def needs_constrained_pick(self) -> bool:
+        """Some branch must still re-create backed-off text: its next pick reads the logits
+        of the ids that agree with that text (TopRows.gather, a whole row's where the runtime
+        handed whole rows), which pick_many does not do."""
         return self.alignment.trie is not None and any(self.branches_out[bi].remaining for bi in self.active)
 
     def accept(self, logits: np.ndarray | TopRows) -> None:
         """The runtime's logits (rows, V) after decoding next_tokens into branches (or its
-        TopRows of them, when needs_full_logits was False)."""
+        TopRows of them)."""
         self.logits = logits
         self.trace.steps.append(TraceStep({path: r for r, path in enumerate(self.row_paths)}, self.branches,
                                           list(range(len(self.row_paths))), logits))
@@ -251,17 +252,18 @@ def run(loop: DecodeLoop) -> GenerationResult:
 
 def step_through(loop: DecodeLoop) -> GenerationResult:
     """run, through the loop's runtime's decode. Where the runtime reduces rows on its
-    device (the torch runtime on CUDA), a step whose picks need no whole row comes back as
-    TopRows and its branches are picked in one pass (pick_many), as the batch scheduler
-    does: a (rows, vocabulary) array then never reaches the host, and the tokens and
-    log-probabilities are the same."""
+    device (the torch runtime on CUDA), every step comes back as TopRows and, unless a
+    branch still re-creates backed-off text (its pick gathers the allowed ids' logits), its
+    branches are picked in one pass (pick_many), as the batch scheduler does: a (rows,
+    vocabulary) array never reaches the host, and the tokens and log-probabilities are
+    the same."""
     runtime = loop.runtime
     decode = runtime.decode
     reducing = getattr(runtime, "reduces_rows", False)
     picks = None
     while loop.sample(picks):
         if loop.prepare():
-            if reducing and not loop.needs_full_logits:
+            if reducing:
                 step = DecodeStep(loop.context, loop.branches, loop.next_tokens)
                 logits = runtime.decode_many_top([step], [False], loop.sampler.banned, TOP_K, TAIL)[0]
             else:

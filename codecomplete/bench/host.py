@@ -136,7 +136,8 @@ class FreeRuntime(Runtime):
             values = np.take_along_axis(self._logits, best, axis=1)
             m = values.max(axis=1, keepdims=True)
             lse = m[:, 0] + np.log(np.where(values >= m - tail, np.exp(values - m), 0.0).sum(axis=1))
-            self._top = TopRows(best, values, lse.astype(np.float32), lambda index: self._logits[index])
+            self._top = TopRows(best, values, lse.astype(np.float32), lambda index: self._logits[index],
+                                gather=lambda r, ids: self._logits[r, ids], vocab=self._logits.shape[1])
         return self._top
 
     def select_branches(self, branches, keep):

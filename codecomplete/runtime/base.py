@@ -81,12 +81,17 @@ class TopRows:
     k best allowed tokens (`ids` ascending, `values` their float32 logits) and `lse`, the
     log-sum-exp over its allowed tokens within `tail` of the best (what the sampler's own
     log-sum-exp reads). The whole row stays where it was: `rows[i]` (an int) fetches row i
-    as a (V,) float32 array; a slice or a list of ints gives those rows as TopRows."""
+    as a (V,) float32 array; a slice or a list of ints gives those rows as TopRows;
+    gather(i, ids) fetches row i's logits at those ids only (what a pick constrained to a
+    few hundred ids by token alignment reads)."""
 
-    def __init__(self, ids: np.ndarray, values: np.ndarray, lse: np.ndarray, fetch, index: np.ndarray | None = None):
+    def __init__(self, ids: np.ndarray, values: np.ndarray, lse: np.ndarray, fetch, index: np.ndarray | None = None,
+                 gather=None, vocab: int | None = None):
         self.ids, self.values, self.lse = ids, values, lse
         self._fetch = fetch  # indices into the step's rows -> (len, V) float32 host array
+        self._gather = gather  # (index into the step's rows, ids) -> float32 logits of those ids (None: via fetch)
         self._index = np.arange(len(ids)) if index is None else index
+        self.vocab = vocab  # V (None: not told)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -94,7 +99,14 @@ class TopRows:
     def __getitem__(self, key):
         if isinstance(key, (int, np.integer)):
             return self._fetch(self._index[[int(key)]])[0]
-        return TopRows(self.ids[key], self.values[key], self.lse[key], self._fetch, self._index[key])
+        return TopRows(self.ids[key], self.values[key], self.lse[key], self._fetch, self._index[key], self._gather,
+                       self.vocab)
+
+    def gather(self, row: int, ids: np.ndarray) -> np.ndarray:
+        """Row `row`'s float32 logits at `ids`, the same numbers as self[row][ids]."""
+        if self._gather is None:
+            return self[row][ids]
+        return self._gather(int(self._index[int(row)]), ids)
 
     def full(self) -> np.ndarray:
         """All rows (rows, V) float32, fetched in one copy."""

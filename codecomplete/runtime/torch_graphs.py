@@ -187,7 +187,11 @@ def reduce_rows(logits: torch.Tensor, steps: Sequence[DecodeStep], banned: torch
         def fetch(index: np.ndarray, rows: torch.Tensor = rows) -> np.ndarray:
             return rows[torch.as_tensor(index, device=rows.device)].float().cpu().numpy()
 
-        out.append(TopRows(all_ids[r0:r0 + n], all_values[r0:r0 + n], all_lse[r0:r0 + n], fetch))
+        def gather(r: int, ids: np.ndarray, rows: torch.Tensor = rows) -> np.ndarray:
+            return rows[r][torch.as_tensor(np.asarray(ids, dtype=np.int64), device=rows.device)].float().cpu().numpy()
+
+        out.append(TopRows(all_ids[r0:r0 + n], all_values[r0:r0 + n], all_lse[r0:r0 + n], fetch, gather=gather,
+                           vocab=logits.shape[1]))
         r0 += n
     return out
 
