@@ -94,6 +94,7 @@ class IterationRecord:
     branch_tokens: tuple[int, ...] = ()  # tokens in each request's branch caches after the step
     gather_ms: float = 0.0  # of iteration_ms: the gather (small calls, waiting for requests to come back)
     fused_tokens: int = 0  # of prefill_tokens: a chunk that rode the decode step (its time is decode_ms's)
+    replay_ms: float = 0.0  # of decode_ms: the device's time in the step's graph replays (0: not timed)
 
 
 @dataclass
@@ -357,6 +358,8 @@ class BatchScheduler:
         if fused is not None:
             end = fused.done + min(fused.remaining, self.runtime.fused_chunk_tokens)
             chunk = PrefillChunk(fused.tokens[:end], fused.state, capacity_tokens=len(fused.tokens))
+        graphs = getattr(self.runtime, "graphs", None)  # the torch runtime's DecodeGraphs, timing its replays
+        replayed = getattr(graphs, "replay_ms", None)
         t0 = time.perf_counter()
         try:
             logits = self._run_steps(steps, owners[n_calls:n_calls + n_loops], n_calls, chunk)
@@ -376,6 +379,8 @@ class BatchScheduler:
         record.contexts = tuple(len(s.context.tokens) for s in steps)
         record.branch_tokens = tuple(s.branches.step for s in steps)
         record.decode_ms = (time.perf_counter() - t0) * 1000.0
+        if replayed is not None:
+            record.replay_ms = graphs.replay_ms - replayed
         if fused is not None:
             n = len(chunk.tokens) - fused.done
             self._chunk_done(fused, chunk.state, chunk.logits, len(chunk.tokens))

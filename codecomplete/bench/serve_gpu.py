@@ -152,6 +152,8 @@ class Runtimes:
         kwargs = {"batch_attention": batch_attention} if batch_attention != "bifurcated" else {}
         rt = TorchRuntime.from_model(self.model, self.tokenizer, device=self.device, precision=self.precision,
                                      fused_chunk_tokens=self.fused_chunk_tokens, **kwargs)
+        if rt.graphs is not None:  # each replay's device time into the steps' records (replay_ms)
+            rt.graphs.time_replays = True
         self._built = (batch_attention, rt)
         return rt
 
@@ -282,6 +284,9 @@ def step_figures(records: list[IterationRecord], config, precision: str, bifurca
     step_ms = [r.decode_ms for r in steps]
     return {"steps": len(steps), "step_ms": statistics.fmean(step_ms), "step_p50_ms": percentile(step_ms, 50),
             "decode_p95_ms": percentile(step_ms, 95),
+            # of a decode call, the device's time in its graph replays (0 where not timed: no graphs)
+            "replay_ms": statistics.fmean(r.replay_ms for r in steps),
+            "replay_p95_ms": percentile([r.replay_ms for r in steps], 95),
             # what the other requests wait between two steps: the step plus the prefill chunks
             # and small calls run between steps
             "step_p95_ms": percentile([r.iteration_ms for r in steps], 95),
@@ -317,6 +322,8 @@ def steps_by_rows(steps: list[IterationRecord], floors: list[float]) -> list[dic
             out.append({"rows": f"{low + 1}-{high}" if high < 10**9 else f"{low + 1}+", "steps": len(band),
                         "requests_mean": statistics.fmean(len(r.rows) for r, _ in band),
                         "decode_ms": statistics.fmean(decode), "decode_p95_ms": percentile(decode, 95),
+                        "replay_ms": statistics.fmean(r.replay_ms for r, _ in band),
+                        "replay_p95_ms": percentile([r.replay_ms for r, _ in band], 95),
                         "iteration_ms": statistics.fmean(iteration), "iteration_p95_ms": percentile(iteration, 95),
                         "floor_ms": statistics.fmean(f for _, f in band)})
         low = high

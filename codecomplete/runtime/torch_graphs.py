@@ -275,6 +275,11 @@ class DecodeGraphs:
         self.captured: dict[tuple[int, int], _Captured] = {}  # (rows, chunk tokens) -> graph
         self.emulate = emulate
         self.cuda = varlen.rt.device.type == "cuda"
+        # time_replays: each replay between two CUDA events, their time added to replay_ms
+        # once the step's answer has synchronised (what the device took, launch gaps within
+        # it included); the benchmarks read it, a step otherwise records no events
+        self.time_replays = False
+        self.replay_ms = 0.0
         self.pool = None
         self.capture_s = 0.0  # how long capture_all took (compile, warm-up and capture)
 
@@ -411,7 +416,13 @@ class DecodeGraphs:
             fill_chunk_meta(cap.cmeta_np, chunk.context_k, chunk.context_v, chunk.start, chunk.tokens)
             cap.cmeta_dev.copy_(cap.cmeta_host, non_blocking=True)
         cap.meta_dev.copy_(cap.meta_host, non_blocking=True)
+        timed = self.time_replays and self.cuda and not self.emulate
+        if timed:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
         cap.replay()
+        if timed:
+            end.record()
         last = cap.logits_dev[slots].clone() if chunk is not None else None  # before the next replay overwrites it
         if host is None:
             out = logits_to_host(cap.logits_dev[:rows])  # synchronises: meta_host is free again after this
@@ -426,6 +437,9 @@ class DecodeGraphs:
                 return cap.packed_host[:rows].numpy()  # until the next replay: the caller copies
 
             out = host(cap.logits_dev[:rows], packed_rows)
+        if timed:
+            end.synchronize()  # (host synchronised already)
+            self.replay_ms += begin.elapsed_time(end)
         if chunk is not None:
             chunk.logits = last.cpu().numpy()
         return out
