@@ -95,6 +95,8 @@ class IterationRecord:
     gather_ms: float = 0.0  # of iteration_ms: the gather (small calls, waiting for requests to come back)
     fused_tokens: int = 0  # of prefill_tokens: a chunk that rode the decode step (its time is decode_ms's)
     replay_ms: float = 0.0  # of decode_ms: the device's time in the step's graph replays (0: not timed)
+    decode_cpu_ms: float = 0.0  # the scheduler thread's CPU time in the decode_many call (the rest of
+    # decode_ms is waiting: for the device, or for the GIL while other threads hold it)
 
 
 @dataclass
@@ -360,6 +362,7 @@ class BatchScheduler:
             chunk = PrefillChunk(fused.tokens[:end], fused.state, capacity_tokens=len(fused.tokens))
         graphs = getattr(self.runtime, "graphs", None)  # the torch runtime's DecodeGraphs, timing its replays
         replayed = getattr(graphs, "replay_ms", None)
+        cpu0 = time.thread_time()
         t0 = time.perf_counter()
         try:
             logits = self._run_steps(steps, owners[n_calls:n_calls + n_loops], n_calls, chunk)
@@ -379,6 +382,7 @@ class BatchScheduler:
         record.contexts = tuple(len(s.context.tokens) for s in steps)
         record.branch_tokens = tuple(s.branches.step for s in steps)
         record.decode_ms = (time.perf_counter() - t0) * 1000.0
+        record.decode_cpu_ms = (time.thread_time() - cpu0) * 1000.0
         if replayed is not None:
             record.replay_ms = graphs.replay_ms - replayed
         if fused is not None:

@@ -46,6 +46,7 @@ def test_bench_serve_in_process_reports_each_variant_and_its_step_figures(tiny_m
         assert r["rows_per_step"] >= 1 and 0 < r["floor_ms"] < r["step_ms"]
         assert r["keystroke_floor_ms"] == pytest.approx(5 * r["floor_ms"])
         assert r["replay_ms"] == 0.0  # replays are timed on CUDA only (this runtime has no graphs)
+        assert 0 < r["decode_cpu_ms"]
         bands = r["steps_by_rows"]  # every step in one band of rows, the bands in order
         assert sum(b["steps"] for b in bands) == r["steps"] and bands[0]["decode_ms"] > 0
         assert [b["rows"] for b in bands] == sorted((b["rows"] for b in bands), key=lambda x: int(x.split("-")[0].rstrip("+")))
@@ -62,3 +63,26 @@ def test_bench_serve_in_process_reports_each_variant_and_its_step_figures(tiny_m
 def test_bench_serve_refuses_an_unknown_variant():
     with pytest.raises(SystemExit, match="--variants"):
         bench_serve.run(_args("--device", "cpu", "--variants", "sequential,turbo"))
+
+
+def test_the_sequential_variants_recorder_sees_steps_through_either_call():
+    """One typist's steps go through decode, or decode_many_top where the runtime reduces
+    rows on its device: the recorder records both and puts the runtime's methods back."""
+    from codecomplete.bench.serve_gpu import StepRecorder
+    from codecomplete.runtime.base import BranchState, ContextState, DecodeStep
+
+    class Runtime:
+        def decode(self, context, branches, next_tokens):
+            return "whole"
+
+        def decode_many_top(self, steps, full, banned, k, tail):
+            return ["top"] * len(steps)
+
+    rt = Runtime()
+    context, branches = ContextState([1, 2, 3]), BranchState(n=2, max_new_tokens=4)
+    with StepRecorder(rt) as recorder:
+        assert rt.decode(context, branches, [0, 0]) == "whole"
+        assert rt.decode_many_top(iter([DecodeStep(context, branches, [0, 0])]), [False], None, 64, 20.0) == ["top"]
+    assert [(r.rows, r.contexts) for r in recorder.records] == [((2,), (3,)), ((2,), (3,))]
+    assert all(r.decode_ms >= 0 and r.decode_cpu_ms >= 0 for r in recorder.records)
+    assert "decode" not in vars(rt) and "decode_many_top" not in vars(rt)

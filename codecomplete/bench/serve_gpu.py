@@ -168,30 +168,49 @@ class Runtimes:
 
 
 class StepRecorder:
-    """The sequential variant's decode steps, recorded as the scheduler records its own."""
+    """The sequential variant's decode steps, recorded as the scheduler records its own (a
+    runtime that reduces rows on its device takes one typist's steps through
+    decode_many_top, the others through decode)."""
+
+    METHODS = ("decode", "decode_many_top")
 
     def __init__(self, runtime):
         self.runtime, self.records = runtime, []
-        self._decode = runtime.decode
-        self._own = vars(runtime).get("decode")  # an instance's own decode (a wrapper) to put back
+        self._calls = {name: getattr(runtime, name) for name in self.METHODS}
+        self._own = {name: vars(runtime).get(name) for name in self.METHODS}  # an instance's own (a wrapper)
+
+    def _record(self, steps, call):
+        graphs = getattr(self.runtime, "graphs", None)
+        replayed = getattr(graphs, "replay_ms", None)
+        cpu0, t0 = time.thread_time(), time.perf_counter()
+        out = call()
+        ms = (time.perf_counter() - t0) * 1000.0
+        for s in steps:
+            self.records.append(IterationRecord(
+                t0, ms, ms, 0.0, 0, 0, (s.branches.n,), (len(s.context.tokens),), (s.branches.step,),
+                replay_ms=graphs.replay_ms - replayed if replayed is not None else 0.0,
+                decode_cpu_ms=(time.thread_time() - cpu0) * 1000.0))
+        return out
 
     def __enter__(self):
-        def decode(context, branches, next_tokens):
-            t0 = time.perf_counter()
-            out = self._decode(context, branches, next_tokens)
-            ms = (time.perf_counter() - t0) * 1000.0
-            self.records.append(IterationRecord(t0, ms, ms, 0.0, 0, 0, (branches.n,), (len(context.tokens),),
-                                                (branches.step,)))
-            return out
+        from codecomplete.runtime.base import DecodeStep
 
-        self.runtime.decode = decode
+        decode, many_top = self._calls["decode"], self._calls["decode_many_top"]
+        self.runtime.decode = lambda context, branches, next_tokens: self._record(
+            [DecodeStep(context, branches, next_tokens)], lambda: decode(context, branches, next_tokens))
+        def decode_many_top(steps, *args, **kwargs):
+            steps = list(steps)
+            return self._record(steps, lambda: many_top(steps, *args, **kwargs))
+
+        self.runtime.decode_many_top = decode_many_top
         return self
 
     def __exit__(self, *exc):
-        if self._own is not None:
-            self.runtime.decode = self._own
-        else:
-            del self.runtime.decode  # the class's method again
+        for name in self.METHODS:
+            if self._own[name] is not None:
+                setattr(self.runtime, name, self._own[name])
+            else:
+                delattr(self.runtime, name)  # the class's method again
 
 
 def long_document(text: str, tokenizer, tokens: int) -> str:
@@ -287,6 +306,9 @@ def step_figures(records: list[IterationRecord], config, precision: str, bifurca
             # of a decode call, the device's time in its graph replays (0 where not timed: no graphs)
             "replay_ms": statistics.fmean(r.replay_ms for r in steps),
             "replay_p95_ms": percentile([r.replay_ms for r in steps], 95),
+            # the scheduler thread's CPU time in the call: decode_ms less this and the replay
+            # is time it waited, for the GIL among others
+            "decode_cpu_ms": statistics.fmean(r.decode_cpu_ms for r in steps),
             # what the other requests wait between two steps: the step plus the prefill chunks
             # and small calls run between steps
             "step_p95_ms": percentile([r.iteration_ms for r in steps], 95),
@@ -311,8 +333,9 @@ ROW_BANDS = (4, 16, 32, 64, 128, 256)  # steps_by_rows' bands: up to this many r
 
 def steps_by_rows(steps: list[IterationRecord], floors: list[float]) -> list[dict]:
     """The steps grouped by their rows (bands of ROW_BANDS): how many, their decode and
-    iteration times (mean, p95) and floor. Under load the slow steps are the crowded ones,
-    or the host's; this tells which."""
+    iteration times (mean, p95), the device's replay time and the scheduler's CPU time in
+    the call (mean, p95), and the floor. Under load the slow steps are the crowded ones, the
+    device's, or the host's; this tells which."""
     out, low = [], 0
     for high in ROW_BANDS + (10**9,):
         band = [(r, f) for r, f in zip(steps, floors, strict=True) if low < sum(r.rows) <= high]
@@ -324,6 +347,8 @@ def steps_by_rows(steps: list[IterationRecord], floors: list[float]) -> list[dic
                         "decode_ms": statistics.fmean(decode), "decode_p95_ms": percentile(decode, 95),
                         "replay_ms": statistics.fmean(r.replay_ms for r, _ in band),
                         "replay_p95_ms": percentile([r.replay_ms for r, _ in band], 95),
+                        "decode_cpu_ms": statistics.fmean(r.decode_cpu_ms for r, _ in band),
+                        "decode_cpu_p95_ms": percentile([r.decode_cpu_ms for r, _ in band], 95),
                         "iteration_ms": statistics.fmean(iteration), "iteration_p95_ms": percentile(iteration, 95),
                         "floor_ms": statistics.fmean(f for _, f in band)})
         low = high
