@@ -104,13 +104,93 @@ def test_encoding_reusing_the_last_texts_ids_equals_encoding_whole(shipped, head
     assert tokenizer.encode_reusing(new, (old, tokenizer.encode(old))) == tokenizer.encode(new)
 
 
+@pytest.fixture(scope="module")
+def qwen_like():
+    """A small BPE trained here with Qwen2's pre-tokeniser and normaliser (NFC)."""
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from codecomplete.models.format.tokenizer import QWEN2_SPLIT_PATTERN
+
+    hf = HFTokenizer(models.BPE())
+    hf.normalizer = normalizers.NFC()
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator([DOC], trainer=trainer)
+    return Tokenizer(hf)
+
+
+QWEN_PIECES = st.lists(st.sampled_from(["def", " f", "(x)", "):", ":", ".", "\n", "\n    ", "\r\n", "\t", "  ", " \n",
+                                        "\n\n", "\u00a0", "\f", "\x0b", "x_1", "123", "'s", "e\u0301", "\u0301", "é",
+                                        "<|endoftext|>"]),
+                       min_size=1, max_size=80).map("".join)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(head=QWEN_PIECES, old_tail=QWEN_PIECES, new_tail=QWEN_PIECES, padding=st.integers(0, 400))
+def test_qwen_style_tokenizers_reuse_ids_after_a_line_break_and_equal_a_whole_encode(qwen_like, head, old_tail,
+                                                                                    new_tail, padding):
+    assert qwen_like.line_cut == "break"
+    head = DOC[:padding * 3] + head
+    old, new = head + old_tail, head + new_tail
+    assert qwen_like.encode_reusing(new, (old, qwen_like.encode(old))) == qwen_like.encode(new)
+
+
+TRICKY_ENDS = ["", "\n", " \n", "\n\n", "\r\n", "  x", "x", "):\n", "'s", "\u0301", "é", "\t\n ", "\u00a0"]
+
+
+@pytest.mark.parametrize("which", ["shipped", "qwen_like"])
+def test_every_cut_a_rule_picks_splits_the_encoding_whatever_follows(request, which):
+    """Each cut the tokenizer's rule picks before an offset e of a text full of blank lines,
+    indentation, CRLF and punctuation before line breaks: the ids of the part before it and
+    of the rest, encoded apart, are the whole text's, whatever comes after e."""
+    import random
+
+    from codecomplete.models.format.tokenizer import _after_line_break_before, _line_start_before
+
+    tok = request.getfixturevalue(which)
+    tok = tok[0] if which == "shipped" else tok
+    rule = {"blank": _line_start_before, "break": _after_line_break_before}[tok.line_cut]
+    rng = random.Random(7)
+    pieces = ["def", " f", "(x)", "):", ":", "\n", "\n    ", "\r\n", "\t", "  ", " \n", "\n\n", "\u00a0", "x_1", "#",
+              "'s", "e\u0301"]
+    text = DOC[:600] + "".join(rng.choice(pieces) for _ in range(150))
+    checked = 0
+    for e in range(len(DOC[:600]), len(text)):
+        p = rule(text, e)
+        if p == 0:
+            continue
+        for end in TRICKY_ENDS:
+            whole = text[:e] + end
+            assert tok.encode(whole[:p]) + tok.encode(whole[p:]) == tok.encode(whole), (repr(whole[p - 8:p + 8]), end)
+            checked += 1
+    assert checked > 300
+
+
+def test_a_qwen_style_keystroke_re_encodes_only_its_own_line(qwen_like):
+    doc = "def run():\n" + "".join(f"    value_{i} = compute(value_{i - 1}, {i})\n" for i in range(1, 300))
+    old = doc[: doc.index("    value_250 =") + 10]
+    new = old + "x"
+    seen: list[str] = []
+    encode = qwen_like.encode
+    qwen_like.encode = lambda s: seen.append(s) or encode(s)
+    try:
+        got = qwen_like.encode_reusing(new, (old, encode(old)))
+    finally:
+        del qwen_like.encode
+    assert got == encode(new) and seen == ["    value_x"]  # after the line break, indentation and all
+
+
 def test_tokenizers_that_may_merge_across_a_line_start_encode_whole(shipped, tmp_path):
     import json
 
     tokenizer, _ = shipped
     assert tokenizer.splits_at_line_starts
     model = json.loads(tokenizer._tok.to_str())
-    # Qwen2's: a punctuation piece takes the line breaks after it, and indentation is a piece
+    # a pattern of no known cut (Qwen2's alternatives reordered: a letter run may start a line)
     model["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+|\p{L}+"
     (tmp_path / "t.json").write_text(json.dumps(model))
     other = Tokenizer.from_file(tmp_path / "t.json")

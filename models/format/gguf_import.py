@@ -64,6 +64,7 @@ from .folder import (
 )
 from .hf_import import MAX_SEQ_LEN_CAP, TokenFacts, find_token_facts, pad_tokenizer_to
 from .source import ModelSource
+from .tokenizer import LLAMA3_SPLIT_PATTERN, QWEN2_SPLIT_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +104,8 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 # Pre-tokenizer split regexes by tokenizer.ggml.pre (facts from the models' tokenizer.json)
 _GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-_QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
-_LLAMA3_SPLIT = _QWEN2_SPLIT.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+_QWEN2_SPLIT = QWEN2_SPLIT_PATTERN
+_LLAMA3_SPLIT = LLAMA3_SPLIT_PATTERN
 PRE_TOKENIZER_SPLITS: dict[str, list[str]] = {
     "default": [_GPT2_SPLIT],
     "gpt2": [_GPT2_SPLIT],

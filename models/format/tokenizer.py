@@ -23,6 +23,20 @@ CODE_SPLIT_PATTERN = (
     r"|[ \t]+(?!\S)"
     r"|\s+"
 )
+# Qwen2's pre-tokeniser (and Llama 3's, with numbers of up to three digits), as their
+# tokenizer.json files give it
+QWEN2_SPLIT_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                       r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+LLAMA3_SPLIT_PATTERN = QWEN2_SPLIT_PATTERN.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+# Where a text may be cut and its two parts encoded apart, by pre-tokeniser:
+#  "blank": before the first non-blank character of a line. CODE_SPLIT_PATTERN's line-break
+#    piece takes every blank after the line break and ends there (so does its last
+#    alternative, any whitespace), and no other piece holds a line break.
+#  "break": right after the last line break of a run of whitespace that a non-blank
+#    character ends. Qwen2's line-break piece (\s*[\r\n]+) ends at a run's last line break,
+#    a punctuation piece takes all the line breaks right after it, and no other piece holds
+#    one; the blanks after it start new pieces.
+LINE_CUTS = {CODE_SPLIT_PATTERN: "blank", QWEN2_SPLIT_PATTERN: "break", LLAMA3_SPLIT_PATTERN: "break"}
 REUSE_MIN_CHARS = 256  # encode_reusing re-encodes texts sharing less than this with the last one whole
 
 
@@ -74,24 +88,32 @@ class Tokenizer:
             return self._tok.encode_batch([clean], add_special_tokens=False)[0].ids
 
     @cached_property
-    def splits_at_line_starts(self) -> bool:
-        """Whether encode(a + b) == encode(a) + encode(b) wherever b begins with the first
-        non-blank character of a line (a ending in a line break and blanks). True of our own
-        tokenizers: with no normaliser, a line break's piece of CODE_SPLIT_PATTERN (or of its
-        last alternative, any whitespace) takes every blank after it and ends there, no other
-        piece holds a line break, BPE merges within pieces, and no added token strips
-        whitespace around it. Other tokenizers (Qwen's ends a line break's piece before the
-        indentation, and a punctuation piece may take the line breaks after it) say False."""
+    def line_cut(self) -> str | None:
+        """Where encode(a + b) == encode(a) + encode(b) holds for this tokenizer (LINE_CUTS:
+        "blank" for ours, "break" for Qwen2's and Llama 3's), or None: not known, so
+        encode_reusing encodes whole. Besides the pre-tokeniser's pattern that takes a
+        normaliser that is none or NFC (nothing composes with a line break or a blank),
+        BPE without dropout merging within pieces, and no added token that strips the
+        whitespace around it."""
         m = self._model_json
         pre = m.get("pre_tokenizer") or {}
         parts = pre.get("pretokenizers") or [] if pre.get("type") == "Sequence" else []
         model = m.get("model") or {}
-        return (m.get("normalizer") is None and model.get("type") == "BPE" and not model.get("dropout")
-                and len(parts) == 2 and parts[0].get("type") == "Split"
-                and (parts[0].get("pattern") or {}).get("Regex") == CODE_SPLIT_PATTERN
-                and parts[0].get("behavior") == "Isolated" and not parts[0].get("invert")
-                and parts[1].get("type") == "ByteLevel" and parts[1].get("use_regex") is False
-                and not any(t.get("lstrip") or t.get("rstrip") for t in m.get("added_tokens", [])))
+        normalizer = m.get("normalizer")
+        if not (normalizer is None or normalizer.get("type") == "NFC"):
+            return None
+        if not (model.get("type") == "BPE" and not model.get("dropout") and len(parts) == 2
+                and parts[0].get("type") == "Split" and parts[0].get("behavior") == "Isolated"
+                and not parts[0].get("invert") and parts[1].get("type") == "ByteLevel"
+                and parts[1].get("use_regex") is False
+                and not any(t.get("lstrip") or t.get("rstrip") for t in m.get("added_tokens", []))):
+            return None
+        return LINE_CUTS.get((parts[0].get("pattern") or {}).get("Regex"))
+
+    @property
+    def splits_at_line_starts(self) -> bool:
+        """Whether encode_reusing reuses ids (line_cut is known)."""
+        return self.line_cut is not None
 
     @cached_property
     def _token_lengths(self) -> np.ndarray:
@@ -99,17 +121,18 @@ class Tokenizer:
 
     def encode_reusing(self, text: str, last: tuple[str, list[int]] | None) -> list[int]:
         """encode(text), where `last` is an earlier text and its encode(): the ids of the
-        part before the last line start inside what the two texts share are kept, and only
-        the rest is encoded (a keystroke's prompt re-encodes its own line, not kilobytes).
-        The same ids as encode(text) (splits_at_line_starts); other tokenizers, and texts
-        sharing little with the last, are encoded whole."""
-        if last is None or not self.splits_at_line_starts:
+        part before the last line start (line_cut's) inside what the two texts share are
+        kept, and only the rest is encoded (a keystroke's prompt re-encodes its own line,
+        not kilobytes). The same ids as encode(text); tokenizers with no known line cut,
+        and texts sharing little with the last, are encoded whole."""
+        cut_rule = self.line_cut
+        if last is None or cut_rule is None:
             return self.encode(text)
         old, ids = last
         shared = _common_prefix_len(old, text)
         if shared < REUSE_MIN_CHARS:
             return self.encode(text)
-        cut = _line_start_before(text, shared)
+        cut = _line_start_before(text, shared) if cut_rule == "blank" else _after_line_break_before(text, shared)
         if cut < REUSE_MIN_CHARS // 2:
             return self.encode(text)
         lengths = np.cumsum(self._token_lengths[np.asarray(ids, dtype=np.int64)]) if ids else np.zeros(0, np.int64)
@@ -198,3 +221,19 @@ def _line_start_before(text: str, end: int) -> int:
             p += 1
         if p < end and not text[p].isspace():
             return p
+
+
+def _after_line_break_before(text: str, end: int) -> int:
+    """The last offset p < end right after the last line break of a run of whitespace that
+    a non-blank character ends before `end`: a piece boundary of QWEN2_SPLIT_PATTERN
+    whatever follows the run. 0 where there is none."""
+    newline = end
+    while True:
+        newline = max(text.rfind("\n", 0, newline), text.rfind("\r", 0, newline))
+        if newline < 0:
+            return 0
+        q = newline + 1
+        while q < end and text[q] not in "\r\n" and text[q].isspace():
+            q += 1
+        if q < end and not text[q].isspace():
+            return newline + 1
