@@ -45,21 +45,28 @@ TOO_LONG_MARGIN = 16  # typing more text cannot bring a window this far over bud
 def _prefix_window(prefix: str, budget: int, encode, too_long: dict[int, int] | None = None) -> tuple[int, list[int]]:
     """Start offset and tokens of the longest line-anchored tail of prefix within budget.
     too_long: window start -> token count, for windows known to be over budget (skipped
-    without encoding); the windows found over budget now are added to it."""
-    lines_start = [0] + [m.end() for m in re.finditer("\n", prefix)]
-    n_lines = len(lines_start)
-    # first guess from characters, then step forward on the anchor grid until it fits
+    without encoding); the windows found over budget now are added to it. Only the lines
+    near the window are found (a count of line breaks before it, then a few finds), so a
+    keystroke in a file of megabytes costs what one in a small file does."""
+    # first guess from characters: the first line starting at or after it (line 0 if none),
+    # then step forward on the anchor grid until it fits
     guess_chars = max(0, len(prefix) - budget * CHARS_PER_TOKEN_GUESS)
-    first = 0
-    for i, s in enumerate(lines_start):
-        if s >= guess_chars:
-            first = i
-            break
+    first, first_start = 0, 0
+    newline = prefix.find("\n", guess_chars - 1) if guess_chars > 0 else -1
+    if newline >= 0:  # one pass of counting over the prefix in all
+        first, first_start = prefix.count("\n", 0, newline) + 1, newline + 1
+        n_lines = first + prefix.count("\n", first_start) + 1
+    else:
+        n_lines = prefix.count("\n") + 1
     anchor = (first // PREFIX_ANCHOR_LINES) * PREFIX_ANCHOR_LINES
+    line, start = first, first_start
+    while line > anchor:  # back to the anchor line's start
+        start = prefix.rfind("\n", 0, start - 1) + 1
+        line -= 1
     while True:
-        start = lines_start[min(anchor, n_lines - 1)]
         if too_long is not None and too_long.get(start, 0) > budget + TOO_LONG_MARGIN and anchor < n_lines - 1:
             anchor += PREFIX_ANCHOR_LINES
+            start, line = _line_start_after(prefix, start, line, min(anchor, n_lines - 1))
             continue
         tokens = encode(prefix[start:])
         if len(tokens) <= budget or anchor >= n_lines - 1:
@@ -67,9 +74,18 @@ def _prefix_window(prefix: str, budget: int, encode, too_long: dict[int, int] | 
         if too_long is not None:
             too_long[start] = len(tokens)
         anchor += PREFIX_ANCHOR_LINES
+        start, line = _line_start_after(prefix, start, line, min(anchor, n_lines - 1))
     if len(tokens) > budget:  # one enormous line: keep its tail
         tokens = tokens[-budget:]
     return start, tokens
+
+
+def _line_start_after(text: str, start: int, line: int, target: int) -> tuple[int, int]:
+    """The start offset of line `target` (>= line), from line `line` starting at `start`."""
+    while line < target:
+        start = text.index("\n", start) + 1
+        line += 1
+    return start, line
 
 
 def _suffix_window(suffix: str, budget: int, encode, token_bytes) -> tuple[int, list[int]]:

@@ -219,3 +219,57 @@ def test_the_back_off_follows_the_model_unless_the_request_says(shipped):
         removed["forced " + setting] = builder.build(forced, 16).back_off.removed
     assert removed["needed"] == removed["forced fixed"] and removed["fixed"] == removed["forced needed"]
     assert removed["fixed"].endswith(removed["needed"]) and len(removed["needed"]) < len(removed["fixed"])
+
+
+def _reference_prefix_window(prefix: str, budget: int, encode) -> tuple[int, list[int]]:
+    """The prefix window as first written: every line start of the prefix listed."""
+    from codecomplete.prompt import CHARS_PER_TOKEN_GUESS, PREFIX_ANCHOR_LINES
+
+    lines_start = [0] + [i + 1 for i, ch in enumerate(prefix) if ch == "\n"]
+    n_lines = len(lines_start)
+    guess_chars = max(0, len(prefix) - budget * CHARS_PER_TOKEN_GUESS)
+    first = next((i for i, s in enumerate(lines_start) if s >= guess_chars), 0)
+    anchor = (first // PREFIX_ANCHOR_LINES) * PREFIX_ANCHOR_LINES
+    while True:
+        start = lines_start[min(anchor, n_lines - 1)]
+        tokens = encode(prefix[start:])
+        if len(tokens) <= budget or anchor >= n_lines - 1:
+            break
+        anchor += PREFIX_ANCHOR_LINES
+    return start, tokens[-budget:] if len(tokens) > budget else tokens
+
+
+LINES = st.lists(st.one_of(st.sampled_from(["", "x = 1", "    return value", "def f(a, b):"]),
+                           st.text(alphabet="ab (),", max_size=300)), max_size=120).map("\n".join)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prefix=LINES, tail=st.text(alphabet="ab\n ", max_size=40), budget=st.sampled_from([4, 16, 60, 300]))
+def test_the_prefix_window_is_the_one_every_line_start_listed_gives(shipped, prefix, tail, budget):
+    """Finding only the lines near the window picks the start and tokens that listing every
+    line start of the prefix does (empty files, one long line, blank lines, a line break
+    at the end), with and without what the last keystrokes learned."""
+    from codecomplete.prompt import _prefix_window
+
+    tokenizer, _ = shipped
+    text = prefix + tail
+    want = _reference_prefix_window(text, budget, tokenizer.encode)
+    assert _prefix_window(text, budget, tokenizer.encode) == want
+    learned: dict[int, int] = {}
+    _prefix_window(prefix, budget, tokenizer.encode, learned)
+    assert _prefix_window(text, budget, tokenizer.encode, learned) == want
+
+
+def test_the_prefix_window_where_a_line_starts_right_at_the_guess(shipped):
+    import itertools
+
+    from codecomplete.prompt import _prefix_window
+
+    tokenizer, _ = shipped
+    # dense lines (a token every 2 characters) and sparse ones (a token for 30 blanks: the
+    # window from the guessed line fits, so which line the guess picks decides the window)
+    for line_text in ("ab cd\n", " " * 28 + "x\n"):
+        for budget, lines, last in itertools.product((4, 16, 60), range(40), range(64)):
+            text = line_text * lines + "x" * last  # the guess lands on every offset of the last lines
+            assert _prefix_window(text, budget, tokenizer.encode) == \
+                _reference_prefix_window(text, budget, tokenizer.encode), (line_text, budget, lines, last)
