@@ -149,18 +149,18 @@ def test_every_cut_a_rule_picks_splits_the_encoding_whatever_follows(request, wh
     of the rest, encoded apart, are the whole text's, whatever comes after e."""
     import random
 
-    from codecomplete.models.format.tokenizer import _after_line_break_before, _line_start_before
+    from codecomplete.models.format.tokenizer import _cut_before
 
     tok = request.getfixturevalue(which)
     tok = tok[0] if which == "shipped" else tok
-    rule = {"blank": _line_start_before, "break": _after_line_break_before}[tok.line_cut]
+    assert tok.line_cut in ("blank", "break")
     rng = random.Random(7)
     pieces = ["def", " f", "(x)", "):", ":", "\n", "\n    ", "\r\n", "\t", "  ", " \n", "\n\n", "\u00a0", "x_1", "#",
               "'s", "e\u0301"]
     text = DOC[:600] + "".join(rng.choice(pieces) for _ in range(150))
     checked = 0
     for e in range(len(DOC[:600]), len(text)):
-        p = rule(text, e)
+        p = _cut_before(text, e, tok.line_cut)
         if p == 0:
             continue
         for end in TRICKY_ENDS:
@@ -188,13 +188,13 @@ def test_tokenizers_that_may_merge_across_a_line_start_encode_whole(shipped, tmp
     import json
 
     tokenizer, _ = shipped
-    assert tokenizer.splits_at_line_starts
+    assert tokenizer.line_cut == "blank"
     model = json.loads(tokenizer._tok.to_str())
     # a pattern of no known cut (Qwen2's alternatives reordered: a letter run may start a line)
     model["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+|\p{L}+"
     (tmp_path / "t.json").write_text(json.dumps(model))
     other = Tokenizer.from_file(tmp_path / "t.json")
-    assert not other.splits_at_line_starts
+    assert other.line_cut is None
     old = DOC[:3000]
     new = old + "x"
     calls = []

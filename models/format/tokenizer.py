@@ -110,11 +110,6 @@ class Tokenizer:
             return None
         return LINE_CUTS.get((parts[0].get("pattern") or {}).get("Regex"))
 
-    @property
-    def splits_at_line_starts(self) -> bool:
-        """Whether encode_reusing reuses ids (line_cut is known)."""
-        return self.line_cut is not None
-
     @cached_property
     def _token_lengths(self) -> np.ndarray:
         return np.array([len(b) for b in self.token_bytes], dtype=np.int64)
@@ -132,7 +127,7 @@ class Tokenizer:
         shared = _common_prefix_len(old, text)
         if shared < REUSE_MIN_CHARS:
             return self.encode(text)
-        cut = _line_start_before(text, shared) if cut_rule == "blank" else _after_line_break_before(text, shared)
+        cut = _cut_before(text, shared, cut_rule)
         if cut < REUSE_MIN_CHARS // 2:
             return self.encode(text)
         lengths = np.cumsum(self._token_lengths[np.asarray(ids, dtype=np.int64)]) if ids else np.zeros(0, np.int64)
@@ -207,33 +202,25 @@ def _common_prefix_len(a: str, b: str) -> int:
     return lo
 
 
-def _line_start_before(text: str, end: int) -> int:
-    """The last offset p < end where text[p] is a line's first non-blank character (not
-    whitespace, after a line break and only spaces and tabs): a piece boundary of
-    CODE_SPLIT_PATTERN whatever follows it. 0 where there is none."""
-    newline = end
-    while True:
-        newline = max(text.rfind("\n", 0, newline), text.rfind("\r", 0, newline))
-        if newline < 0:
-            return 0
-        p = newline + 1
-        while p < end and text[p] in " \t":
-            p += 1
-        if p < end and not text[p].isspace():
-            return p
+def _cut_before(text: str, end: int, rule: str) -> int:
+    """The last offset p < end where LINE_CUTS' `rule` allows a cut, whatever follows `end`
+    (0 where there is none). Both rules look at the last line break whose run of whitespace
+    a non-blank character ends before `end`: "blank" cuts at that character when the run
+    after the line break is spaces and tabs only; "break" cuts right after the line break.
+    (Line breaks are tried from `end` backwards, so the first one that passes is the last
+    of its run.)"""
+    blank = rule == "blank"
 
+    def in_run(ch: str) -> bool:
+        return ch in " \t" if blank else ch.isspace()
 
-def _after_line_break_before(text: str, end: int) -> int:
-    """The last offset p < end right after the last line break of a run of whitespace that
-    a non-blank character ends before `end`: a piece boundary of QWEN2_SPLIT_PATTERN
-    whatever follows the run. 0 where there is none."""
     newline = end
     while True:
         newline = max(text.rfind("\n", 0, newline), text.rfind("\r", 0, newline))
         if newline < 0:
             return 0
         q = newline + 1
-        while q < end and text[q] not in "\r\n" and text[q].isspace():
+        while q < end and in_run(text[q]):
             q += 1
         if q < end and not text[q].isspace():
-            return newline + 1
+            return q if blank else newline + 1
