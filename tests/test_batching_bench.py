@@ -49,6 +49,10 @@ def test_bench_serve_in_process_reports_each_variant_and_its_step_figures(tiny_m
         assert 0 < r["decode_cpu_ms"]
         bands = r["steps_by_rows"]  # every step in one band of rows, the bands in order
         assert sum(b["steps"] for b in bands) == r["steps"] and bands[0]["decode_ms"] > 0
+        assert all(b["fused_share"] == 0 and b["unfused_decode_ms"] == b["decode_ms"] for b in bands)  # CPU: none fused
+        stages = r["stages"]  # each keystroke's engine stages; the slowest 5% at least as slow in total
+        assert stages["total"]["slowest_mean_ms"] >= stages["total"]["rest_mean_ms"] > 0
+        assert stages["generate"]["p50_ms"] > 0 and stages["generate"]["p95_ms"] <= stages["total"]["p95_ms"]
         assert [b["rows"] for b in bands] == sorted((b["rows"] for b in bands), key=lambda x: int(x.split("-")[0].rstrip("+")))
     batched = next(r for r in rows if r["variant"] == "batched-bifurcated" and r["users"] == 3 and not r["cold_every_s"])
     assert "keystrokes_per_s_vs_sequential" in batched and "step_vs_one_typist" in batched

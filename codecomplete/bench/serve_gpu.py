@@ -223,7 +223,8 @@ def long_document(text: str, tokenizer, tokens: int) -> str:
 def _answer_fields(c) -> dict:
     """A record's fields from a Completion (the candidates' texts and lengths: to compare answers)."""
     return {"status": 200, "source": c.source, "new_tokens": c.prefill_new_tokens, "tokens": c.tokens_generated,
-            "engine_ms": c.timings_ms.get("total"), "texts": [x.text for x in c.candidates],
+            "engine_ms": c.timings_ms.get("total"), "stages_ms": dict(c.timings_ms),
+            "texts": [x.text for x in c.candidates],
             "candidate_tokens": [x.tokens for x in c.candidates]}
 
 
@@ -342,9 +343,14 @@ def steps_by_rows(steps: list[IterationRecord], floors: list[float]) -> list[dic
         if band:
             decode = [r.decode_ms for r, _ in band]
             iteration = [r.iteration_ms for r, _ in band]
+            plain = [r.decode_ms for r, _ in band if not r.fused_tokens] or [0.0]
             out.append({"rows": f"{low + 1}-{high}" if high < 10**9 else f"{low + 1}+", "steps": len(band),
                         "requests_mean": statistics.fmean(len(r.rows) for r, _ in band),
                         "decode_ms": statistics.fmean(decode), "decode_p95_ms": percentile(decode, 95),
+                        # steps that a prompt chunk rode (their decode call also prefilled), and
+                        # the decode call of the others alone
+                        "fused_share": sum(1 for r, _ in band if r.fused_tokens) / len(band),
+                        "unfused_decode_ms": statistics.fmean(plain), "unfused_decode_p95_ms": percentile(plain, 95),
                         "replay_ms": statistics.fmean(r.replay_ms for r, _ in band),
                         "replay_p95_ms": percentile([r.replay_ms for r, _ in band], 95),
                         "decode_cpu_ms": statistics.fmean(r.decode_cpu_ms for r, _ in band),
@@ -365,7 +371,32 @@ def latency_figures(records: list[dict]) -> dict:
             # the engine's own time (the server's, through the service): the rest is the trip to it
             "engine_p50_ms": percentile([r["engine_ms"] for r in answered if r["engine_ms"] is not None], 50),
             # prompt tokens prefilled a keystroke: the same work in process and through the service
-            "prefill_new_tokens_mean": statistics.fmean(r["new_tokens"] for r in answered) if answered else None}
+            "prefill_new_tokens_mean": statistics.fmean(r["new_tokens"] for r in answered) if answered else None,
+            "stages": stage_figures(answered)}
+
+
+STAGES = ("prompt", "prefill", "generate", "postprocess", "rerank")  # Engine.complete's timings, in order
+
+
+def stage_figures(answered: list[dict]) -> dict:
+    """Where a keystroke's engine time goes: each stage's p50 and p95, and its mean over the
+    slowest 5% of keystrokes (by the engine's total) against its mean over the rest. A tail
+    that one stage makes shows as that stage's slow/rest ratio."""
+    timed = [r for r in answered if r.get("stages_ms") and r["stages_ms"].get("total") is not None]
+    if not timed:
+        return {}
+    cut = percentile([r["stages_ms"]["total"] for r in timed], 95)
+    slow = [r for r in timed if r["stages_ms"]["total"] >= cut]
+    rest = [r for r in timed if r["stages_ms"]["total"] < cut] or slow
+    out = {}
+    for name in (*STAGES, "total"):
+        ms = [r["stages_ms"].get(name, 0.0) for r in timed]
+        out[name] = {"p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95),
+                     "slowest_mean_ms": statistics.fmean(r["stages_ms"].get(name, 0.0) for r in slow),
+                     "rest_mean_ms": statistics.fmean(r["stages_ms"].get(name, 0.0) for r in rest)}
+    # the client's wait beyond the engine's own time (in process: the engine's per-document turn)
+    out["outside_engine_p95_ms"] = percentile([r["ms"] - r["stages_ms"]["total"] for r in timed], 95)
+    return out
 
 
 def run_row(engine, runtime, variant: str, users: int, cold: bool, doc: str, language: str, args,
