@@ -49,7 +49,6 @@ from codecomplete.runtime.base import (
     DecodeStep,
     PrefillChunk,
     Runtime,
-    common_prefix_len,
 )
 from codecomplete.sampler import TAIL, TOP_K, pick_many
 from codecomplete.sampling import DecodeLoop, GenerationResult, step_through
@@ -445,15 +444,22 @@ class BatchScheduler:
         self._answer(job.call, result, error)
 
     def _start(self, job: _Prefill) -> None:
-        """The first look at a new prompt: through the decode batch when it extends its
-        previous state by a few tokens, else by chunks."""
-        previous, tokens = job.state, job.tokens
-        ext = len(tokens) - len(previous.tokens) if previous is not None else 0
+        """The first look at a new prompt: through the decode batch when it differs from its
+        previous state in a few last tokens (typed, or rewritten: a backspace, a back-off
+        that moved, the same prompt again whose last token is computed for its logits), else
+        by chunks. A chunk of a few tokens would cost a whole chunk's pass where chunks ride
+        the step (the CUDA graphs' fixed chunk shape)."""
+        previous, tokens, keep = job.state, job.tokens, job.done
+        ext = len(tokens) - keep
         job.mode = "chunks"
-        if (0 < ext <= self.decode_extension_tokens and job.done == len(previous.tokens)
-                and common_prefix_len(previous.tokens, tokens) == len(previous.tokens)):
-            job.branches = self.runtime.start_branches(previous, 1, ext)
-            job.mode = "extension"
+        if previous is None or not keep or not 0 < ext <= self.decode_extension_tokens:
+            return
+        base = previous if keep == len(previous.tokens) else self.runtime.context_prefix(previous, keep)
+        if base is None:
+            return
+        job.state = base
+        job.branches = self.runtime.start_branches(base, 1, ext)
+        job.mode = "extension"
 
     def _extended(self, job: _Prefill, logits: np.ndarray) -> None:
         """One extension token decoded; after the last, its KV joins the context."""

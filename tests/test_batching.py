@@ -211,6 +211,36 @@ def test_a_prompt_extending_its_last_state_rides_the_decode_batch(tiny_model_dir
         scheduler.close()
 
 
+@pytest.mark.parametrize("case", ["rewritten", "unchanged"])
+def test_a_prompt_rewriting_its_last_tokens_rides_the_decode_batch(tiny_model_dir, case):
+    """A backspace or a moved back-off changes the previous prompt's last tokens, and an
+    unchanged prompt computes its last token again for its logits: a few tokens over the
+    previous state's prefix, decoded through the batch, not a prefill chunk (which costs a
+    whole chunk's pass where chunks ride the step)."""
+    rt = _runtime(tiny_model_dir, "fallback")
+    tokens = rt.tokenizer.encode(SAMPLE_CODE)[:90]
+    typed = tokens[:86] + [tokens[88], tokens[87]] if case == "rewritten" else tokens[:88]
+    _, whole_logits = rt.prefill(typed)
+    scheduler = BatchScheduler(rt, prefill_chunk_tokens=64)
+    try:
+        with scheduler.session() as session:
+            first, _ = session.prefill(tokens[:88])
+            prefill_calls = sum(r.prefill_calls for r in scheduler.stats.records)
+            state, logits = session.prefill(typed, first)
+        assert sum(r.prefill_calls for r in scheduler.stats.records) == prefill_calls  # no prefill call
+        new = 2 if case == "rewritten" else 1
+        assert [r.rows for r in scheduler.stats.decode_records()] == [(1,)] * new
+        assert (state.tokens, state.reused_tokens, state.new_tokens, state.adopted_tokens) == (typed, 88 - new, new, 0)
+        np.testing.assert_allclose(logits, whole_logits, atol=1e-4)
+        # the rewritten state's KV is the whole prompt's: decoding over it gives what a fresh prefill does
+        fresh, _ = rt.prefill(typed)
+        branches = [rt.start_branches(s, 1, 2) for s in (state, fresh)]
+        np.testing.assert_allclose(rt.decode(state, branches[0], [tokens[0]]), rt.decode(fresh, branches[1], [tokens[0]]),
+                                   atol=1e-4)
+    finally:
+        scheduler.close()
+
+
 def test_each_request_keeps_its_own_deadline(tiny_model_dir):
     rt = _runtime(tiny_model_dir, "batched")
     batched = rt.decode_many

@@ -33,7 +33,7 @@ def test_bench_serve_in_process_reports_each_variant_and_its_step_figures(tiny_m
             "--device", "cpu", "--model", str(tiny_model_dir), "--users", "1,3", "--variants", ",".join(VARIANTS),
             "--keystrokes", "4", "--interval-ms", "10", "--pause-ms", "10", "--n", "2", "--new-tokens", "5",
             "--context-tokens", "160", "--copy-gbps", "10", "--max-row-s", "5", "--cold-every-s", "0.03",
-            "--cold-tokens", "300", "--json", "--plot", str(tmp_path / "serve.png")))
+            "--cold-tokens", "300", "--keep-records", "--json", "--plot", str(tmp_path / "serve.png")))
     finally:
         torch.set_num_threads(threads)
     assert code == 0
@@ -50,6 +50,8 @@ def test_bench_serve_in_process_reports_each_variant_and_its_step_figures(tiny_m
         bands = r["steps_by_rows"]  # every step in one band of rows, the bands in order
         assert sum(b["steps"] for b in bands) == r["steps"] and bands[0]["decode_ms"] > 0
         assert all(b["fused_share"] == 0 and b["unfused_decode_ms"] == b["decode_ms"] for b in bands)  # CPU: none fused
+        kept = r["keystroke_records"]  # --keep-records: each keystroke's, without its texts
+        assert len(kept) == r["keystrokes"] and "stages_ms" in kept[0] and "texts" not in kept[0]
         stages = r["stages"]  # each keystroke's engine stages; the slowest 5% at least as slow in total
         assert stages["total"]["slowest_mean_ms"] >= stages["total"]["rest_mean_ms"] > 0
         assert stages["generate"]["p50_ms"] > 0 and stages["generate"]["p95_ms"] <= stages["total"]["p95_ms"]

@@ -206,6 +206,34 @@ def test_adopting_a_decoded_branch_equals_prefilling_its_tokens(tiny_gqa_model_d
     assert rt.adopt(state2, br2, 0, [7, 8]) is None
 
 
+@pytest.mark.parametrize("runtime, attention", [("onnx", None), ("torch", "bifurcated"), ("torch", "plain")])
+def test_a_context_prefix_rewritten_by_adoption_equals_a_fresh_prefill(tiny_gqa_model_dir, runtime, attention):
+    """A prompt that rewrites the previous one's last tokens: the previous state cut to
+    their common prefix (no copy), the new tokens decoded over it and adopted, equals a
+    prefill of the new prompt, for the logits and the next steps."""
+    if runtime == "torch":
+        pytest.importorskip("torch")
+        from codecomplete.bench.reference import torch_runtime
+
+        rt = torch_runtime(attention, load_model_source(tiny_gqa_model_dir))
+    else:
+        rt = OnnxRuntime(load_model_source(tiny_gqa_model_dir), precision="fp32")
+    prompt = rt.tokenizer.encode(TEXTS[0])
+    typed = prompt[:-3] + [17, 18]
+    state, _ = rt.prefill(prompt)
+    base = rt.context_prefix(state, len(prompt) - 3)
+    assert base.tokens == prompt[:-3] and rt.context_prefix(state, len(prompt) + 1) is None
+    br = rt.start_branches(base, 1, 2)
+    rt.decode(base, br, [17])
+    last = rt.decode(base, br, [18])
+    adopted = rt.adopt(base, br, 0, [17, 18])
+    fresh, fresh_logits = rt.prefill(typed)
+    assert adopted.tokens == typed
+    np.testing.assert_allclose(last[0], fresh_logits, atol=1e-4)
+    a, b = rt.start_branches(adopted, 2, 4), rt.start_branches(fresh, 2, 4)
+    np.testing.assert_allclose(rt.decode(adopted, a, [3, 4]), rt.decode(fresh, b, [3, 4]), atol=1e-4)
+
+
 def _top1_agreement(rt: OnnxRuntime, logits_fp32: np.ndarray, ids: list[int]) -> float:
     """Teacher-forced: the runtime's top-1 after each prefix vs the float model's."""
     agree, state = [], None

@@ -93,6 +93,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cold-every-s", type=float, default=0.0,
                    help="with --device: also run each row with a cold prompt arriving this often (0: never)")
     p.add_argument("--cold-tokens", type=int, default=4096, help="with --device: a cold prompt's tokens")
+    p.add_argument("--keep-records", action="store_true",
+                   help="with --device: each keystroke's record in the JSON rows (keystroke_records: its time, "
+                        "prompt tokens prefilled, engine stages), to study the tail")
     p.add_argument("--copy-gbps", type=float, default=0.0,
                    help="with --device: copy bandwidth (GB/s read + written) for the floor; default measured")
 
@@ -632,7 +635,10 @@ def run(args, users_list: list[int], variants: list[str]) -> int:
     compare(result["rows"])
     compare_service(result["rows"])
     for row in result["rows"]:
-        del row["records"]
+        records = row.pop("records")
+        if args.keep_records:  # each keystroke's answer, times and engine stages (texts left out)
+            row["keystroke_records"] = [{k: v for k, v in r.items() if k not in ("texts", "candidate_tokens")}
+                                        for r in records]
     columns = ["variant", "users", "cold_every_s", "p50_ms", "p95_ms", "keystrokes_per_s", "step_ms", "step_p95_ms",
                "rows_per_step", "requests_per_step", "floor_ms", "step_vs_floor", "gpu_mem_mib", "errors",
                "p50_vs_in_process", "p95_vs_in_process", "same_answers_share"]

@@ -161,7 +161,14 @@ class Runtime(abc.ABC):
     def select_branches(self, branches: BranchState, keep: Sequence[int]) -> BranchState:
         """Keep only the listed branches (in that order), e.g. after some have stopped."""
 
-    reuses_branches = False  # adopt and branch_from are implemented
+    reuses_branches = False  # adopt, branch_from and context_prefix are implemented
+
+    def context_prefix(self, context: ContextState, n: int) -> ContextState | None:
+        """The first `n` tokens of `context`, over its KV storage (no copy): a prompt that
+        rewrites the last tokens of the previous one (a backspace, a back-off that moved)
+        decodes its new tokens over this and adopts them. Consumes `context`. None where the
+        runtime cannot."""
+        return None
 
     def adopt(self, context: ContextState, branches: BranchState, row: int, tokens: Sequence[int],
               start: int = 0) -> ContextState | None:

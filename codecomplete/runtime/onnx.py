@@ -358,6 +358,11 @@ class OnnxRuntime(Runtime):
 
     reuses_branches = True
 
+    def context_prefix(self, context, n):
+        if not isinstance(context.kv, ContextKV) or not 0 < n <= len(context.tokens):
+            return None
+        return ContextState(list(context.tokens[:n]), context.kv)  # a step reads its first n positions
+
     def adopt(self, context, branches, row, tokens, start=0):
         m, k = len(context.tokens), len(tokens)
         ctx, bkv = context.kv, branches.kv

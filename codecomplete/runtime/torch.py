@@ -376,6 +376,11 @@ class TorchRuntime(Runtime):
 
     reuses_branches = True
 
+    def context_prefix(self, context, n):
+        if context.kv is None or not 0 < n <= len(context.tokens):
+            return None
+        return ContextState(list(context.tokens[:n]), context.kv)  # attention reads its first n positions
+
     @torch.inference_mode()
     def adopt(self, context, branches, row, tokens, start=0):
         m, k = len(context.tokens), len(tokens)
