@@ -96,6 +96,8 @@ class IterationRecord:
     replay_ms: float = 0.0  # of decode_ms: the device's time in the step's graph replays (0: not timed)
     decode_cpu_ms: float = 0.0  # the scheduler thread's CPU time in the decode_many call (the rest of
     # decode_ms is waiting: for the device, or for the GIL while other threads hold it)
+    iteration_cpu_ms: float = 0.0  # the scheduler thread's CPU time in the whole iteration (the gather's
+    # waits included as the little CPU they take): iteration_ms less this is time off the CPU
 
 
 @dataclass
@@ -249,7 +251,7 @@ class BatchScheduler:
                 self._answer(call, error=SchedulerClosed("the engine's batch scheduler is shut down"))
 
     def _iteration(self) -> None:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         self._gather()
         gathered = time.perf_counter()
         with self._cond:
@@ -286,6 +288,7 @@ class BatchScheduler:
         if chunked and fused is None:
             self._prefill(chunked, record)
         record.iteration_ms = (time.perf_counter() - t0) * 1000.0
+        record.iteration_cpu_ms = (time.thread_time() - cpu0) * 1000.0
 
     def _gather(self) -> None:
         """Answer small calls until every request answered at the last step boundary is back

@@ -46,7 +46,7 @@ def test_bench_serve_in_process_reports_each_variant_and_its_step_figures(tiny_m
         assert r["rows_per_step"] >= 1 and 0 < r["floor_ms"] < r["step_ms"]
         assert r["keystroke_floor_ms"] == pytest.approx(5 * r["floor_ms"])
         assert r["replay_ms"] == 0.0  # replays are timed on CUDA only (this runtime has no graphs)
-        assert 0 < r["decode_cpu_ms"]
+        assert 0 < r["decode_cpu_ms"] and r["host_off_cpu_ms_per_iteration"] >= 0
         bands = r["steps_by_rows"]  # every step in one band of rows, the bands in order
         assert sum(b["steps"] for b in bands) == r["steps"] and bands[0]["decode_ms"] > 0
         assert all(b["fused_share"] == 0 and b["unfused_decode_ms"] == b["decode_ms"] for b in bands)  # CPU: none fused

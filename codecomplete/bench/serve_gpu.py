@@ -325,6 +325,11 @@ def step_figures(records: list[IterationRecord], config, precision: str, bifurca
             "gather_ms_per_iteration": statistics.fmean(r.gather_ms for r in steps),
             "host_ms_per_iteration": statistics.fmean(r.iteration_ms - r.decode_ms - r.prefill_ms - r.gather_ms
                                                       for r in steps),
+            # the scheduler thread's time off the CPU in an iteration outside the decode call and
+            # the gather: waiting for the GIL (or the machine's other work), not computing
+            "host_off_cpu_ms_per_iteration": statistics.fmean(
+                max(0.0, (r.iteration_ms - r.gather_ms - r.decode_ms) - (r.iteration_cpu_ms - r.decode_cpu_ms))
+                for r in steps),
             "rows_per_step": statistics.fmean(sum(r.rows) for r in steps),
             "requests_per_step": statistics.fmean(len(r.rows) for r in steps),
             "context_tokens_mean": statistics.fmean(m for r in steps for m in r.contexts),
