@@ -50,6 +50,7 @@ def test_bench_serve_in_process_reports_each_variant_and_its_step_figures(tiny_m
         bands = r["steps_by_rows"]  # every step in one band of rows, the bands in order
         assert sum(b["steps"] for b in bands) == r["steps"] and bands[0]["decode_ms"] > 0
         assert all(b["fused_share"] == 0 and b["unfused_decode_ms"] == b["decode_ms"] for b in bands)  # CPU: none fused
+        assert r["gc_pauses"]["count"] >= r["gc_pauses"]["full"] >= 0
         kept = r["keystroke_records"]  # --keep-records: each keystroke's, without its texts
         assert len(kept) == r["keystrokes"] and "stages_ms" in kept[0] and "texts" not in kept[0]
         stages = r["stages"]  # each keystroke's engine stages; the slowest 5% at least as slow in total

@@ -267,3 +267,22 @@ def test_the_engine_windows_a_long_document_as_the_server_used_to(engine):
     cut = engine.complete(_request(window, offset, seed=3))
     assert [c.text for c in whole.candidates] == [c.text for c in cut.candidates]
     assert whole.prefill_new_tokens == cut.prefill_new_tokens
+
+
+def test_an_engine_leaves_its_objects_out_of_later_full_collections(tiny_model_dir):
+    """A full collection walks every tracked object, and every request waits meanwhile: an
+    engine once built moves what is alive (tokenizer tables, vocabulary trie) into the
+    permanent generation, so later collections skip it."""
+    import gc
+
+    from codecomplete.bench.common import GcPauses
+    from codecomplete.runtime import load_runtime
+
+    before = gc.get_freeze_count()
+    engine = Engine(load_runtime(str(tiny_model_dir), runtime="torch"))
+    assert gc.get_freeze_count() > before
+    assert all(o is not engine.trie for o in gc.get_objects(generation=2))  # frozen: in no generation
+    with GcPauses() as pauses:
+        gc.collect()
+    figures = pauses.figures()
+    assert figures["count"] >= 1 and figures["full"] >= 1 and figures["max_ms"] >= 0

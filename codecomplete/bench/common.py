@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import sys
@@ -85,3 +86,31 @@ def bench_prompt_path(path: str | Path) -> str:
 
     full = Path(path).resolve()
     return workspace_name(str(full), [str(full.parent)])
+
+
+class GcPauses:
+    """The garbage collector's pauses while the block runs (gc.callbacks): how many, how
+    many of them full (generation 2), the longest and their total. Every thread waits
+    while one runs."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, float]] = []  # (generation, ms)
+        self._start = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.pauses.append((int(info.get("generation", 0)), (time.perf_counter() - self._start) * 1000.0))
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def figures(self) -> dict:
+        ms = [m for _, m in self.pauses]
+        return {"count": len(ms), "full": sum(1 for g, _ in self.pauses if g == 2),
+                "max_ms": max(ms, default=0.0), "total_ms": sum(ms)}

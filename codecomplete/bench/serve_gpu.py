@@ -37,7 +37,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from codecomplete.batching import GATHER_MS, PREFILL_CHUNK_TOKENS, IterationRecord
-from codecomplete.bench.common import emit, format_table, percentile, progress
+from codecomplete.bench.common import GcPauses, emit, format_table, percentile, progress
 from codecomplete.bench.typists import Typing, keystrokes_per_s, type_together
 from codecomplete.request import CompletionOptions, CompletionRequest
 from codecomplete.runtime import DEVICES
@@ -419,7 +419,7 @@ def run_row(engine, runtime, variant: str, users: int, cold: bool, doc: str, lan
     typing = Typing(args.keystrokes, args.interval_ms, args.pause_ms, max_s=args.max_row_s)
     recorder = StepRecorder(runtime) if engine.scheduler is None else None
     cold_client = ColdClient(engine, doc, language, args.cold_every_s, cold_options) if cold else None
-    with recorder or nullcontext(), cold_client or nullcontext():
+    with recorder or nullcontext(), cold_client or nullcontext(), GcPauses() as pauses:
         records, wall_s = type_together([_sender(engine)] * users, doc, "file.py", language, typing, options,
                                         args.seed)
     steps = recorder.records if recorder is not None else list(engine.scheduler.stats.records)
@@ -428,7 +428,7 @@ def run_row(engine, runtime, variant: str, users: int, cold: bool, doc: str, lan
         steps = [s for s in steps if s.started >= typing_from]
     row = {"variant": variant, "users": users, "cold_every_s": args.cold_every_s if cold else 0,
            "rerank_workers": engine.describe()["rerank_workers"],
-           **latency_figures(records), "wall_s": wall_s,
+           **latency_figures(records), "wall_s": wall_s, "gc_pauses": pauses.figures(),
            **step_figures(steps, runtime.config, precision, VARIANTS[variant][1] == "bifurcated", copy_gbps),
            "records": records}
     if "floor_ms" in row:  # a keystroke decodes new_tokens steps: their floor
