@@ -51,6 +51,10 @@ def test_bench_serve_in_process_reports_each_variant_and_its_step_figures(tiny_m
         assert sum(b["steps"] for b in bands) == r["steps"] and bands[0]["decode_ms"] > 0
         assert all(b["fused_share"] == 0 and b["unfused_decode_ms"] == b["decode_ms"] for b in bands)  # CPU: none fused
         assert r["gc_pauses"]["count"] >= r["gc_pauses"]["full"] >= 0
+        slowest = r["slowest_iterations"]  # the longest first, each placed in the row
+        assert [i["iteration_ms"] for i in slowest["iterations"]] == sorted(
+            (i["iteration_ms"] for i in slowest["iterations"]), reverse=True)
+        assert slowest["iterations"][0]["at_s"] >= 0 and len(slowest["gaps"]) <= 5
         kept = r["keystroke_records"]  # --keep-records: each keystroke's, without its texts
         assert len(kept) == r["keystrokes"] and "stages_ms" in kept[0] and "texts" not in kept[0]
         stages = r["stages"]  # each keystroke's engine stages; the slowest 5% at least as slow in total

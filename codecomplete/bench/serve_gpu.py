@@ -334,7 +334,32 @@ def step_figures(records: list[IterationRecord], config, precision: str, bifurca
             "requests_per_step": statistics.fmean(len(r.rows) for r in steps),
             "context_tokens_mean": statistics.fmean(m for r in steps for m in r.contexts),
             "floor_ms": statistics.fmean(floors), "step_vs_floor": statistics.fmean(step_ms) / statistics.fmean(floors),
-            "steps_by_rows": steps_by_rows(steps, floors)}
+            "steps_by_rows": steps_by_rows(steps, floors),
+            "slowest_iterations": slowest_iterations(records)}
+
+
+SLOWEST = 5  # iterations, and gaps between them, that slowest_iterations lists
+
+
+def slowest_iterations(records: list[IterationRecord]) -> dict:
+    """The longest iterations (with what they ran) and the longest gaps between one
+    iteration's end and the next one's start, each at its time since the first record (s):
+    a stall that holds every typist shows here even when the step p95 does not see it."""
+    if not records:
+        return {}
+    records = sorted(records, key=lambda r: r.started)
+    t0 = records[0].started
+
+    def described(r: IterationRecord) -> dict:
+        return {"at_s": r.started - t0, "iteration_ms": r.iteration_ms, "decode_ms": r.decode_ms,
+                "gather_ms": r.gather_ms, "prefill_ms": r.prefill_ms, "cpu_ms": r.iteration_cpu_ms,
+                "rows": sum(r.rows), "requests": len(r.rows)}
+
+    gaps = [(b.started - (a.started + a.iteration_ms / 1000.0), a, b) for a, b in zip(records, records[1:])]
+    gaps.sort(key=lambda g: -g[0])
+    return {"iterations": [described(r) for r in sorted(records, key=lambda r: -r.iteration_ms)[:SLOWEST]],
+            "gaps": [{"at_s": a.started - t0 + a.iteration_ms / 1000.0, "ms": gap * 1000.0,
+                      "next_rows": sum(b.rows)} for gap, a, b in gaps[:SLOWEST]]}
 
 
 ROW_BANDS = (4, 16, 32, 64, 128, 256)  # steps_by_rows' bands: up to this many rows in the step
