@@ -96,6 +96,10 @@ class IterationRecord:
     replay_ms: float = 0.0  # of decode_ms: the device's time in the step's graph replays (0: not timed)
     decode_cpu_ms: float = 0.0  # the scheduler thread's CPU time in the decode_many call (the rest of
     # decode_ms is waiting: for the device, or for the GIL while other threads hold it)
+    first_picks_ms: float = 0.0  # of iteration_ms: the loops that joined picking their first tokens (from the
+    # prompt's logits, whole rows on the host)
+    joined: int = 0  # loops that joined this iteration
+    picks_ms: float = 0.0  # of iteration_ms: the stepped loops' picks, stop rules and next rows after the decode
     iteration_cpu_ms: float = 0.0  # the scheduler thread's CPU time in the whole iteration (the gather's
     # waits included as the little CPU they take): iteration_ms less this is time off the CPU
 
@@ -260,11 +264,13 @@ class BatchScheduler:
             prefills = list(self._prefills)
         for call in new_loops:  # their first tokens come from the prompt's logits
             self._advance(call)
+        joined = time.perf_counter()
         loops, self._loops = self._loops, []
         if not decodes and not prefills and not loops:  # the gather answered small calls only
             return
         record = IterationRecord(started=t0, iteration_ms=0.0, decode_ms=0.0, prefill_ms=0.0, prefill_tokens=0,
-                                 prefill_calls=0, gather_ms=(gathered - t0) * 1000.0)
+                                 prefill_calls=0, gather_ms=(gathered - t0) * 1000.0,
+                                 first_picks_ms=(joined - gathered) * 1000.0, joined=len(new_loops))
         self.stats.records.append(record)  # before any answer: a request sees its own step recorded
         extensions, chunked = [], []
         for job in prefills:
@@ -400,7 +406,9 @@ class BatchScheduler:
                 owner.payload.accept(out)
             else:
                 self._answer(owner, out)
+        t1 = time.perf_counter()
         self._advance_all(owners[n_calls:n_calls + n_loops])
+        record.picks_ms = (time.perf_counter() - t1) * 1000.0
 
     def _advance_all(self, loops: list[_Call]) -> None:
         """_advance every loop of a step, the picks over reduced rows made in one pick_many."""

@@ -55,6 +55,8 @@ def test_bench_serve_in_process_reports_each_variant_and_its_step_figures(tiny_m
         assert [i["iteration_ms"] for i in slowest["iterations"]] == sorted(
             (i["iteration_ms"] for i in slowest["iterations"]), reverse=True)
         assert slowest["iterations"][0]["at_s"] >= 0 and len(slowest["gaps"]) <= 5
+        if r["variant"] != "sequential":  # the scheduler's loops pick after each step, and when they join
+            assert r["picks_ms_per_iteration"] > 0 and r["first_picks_ms_per_iteration"] > 0
         kept = r["keystroke_records"]  # --keep-records: each keystroke's, without its texts
         assert len(kept) == r["keystrokes"] and "stages_ms" in kept[0] and "texts" not in kept[0]
         stages = r["stages"]  # each keystroke's engine stages; the slowest 5% at least as slow in total

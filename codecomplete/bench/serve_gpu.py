@@ -323,6 +323,10 @@ def step_figures(records: list[IterationRecord], config, precision: str, bifurca
             "prefill_tokens_per_iteration": statistics.fmean(r.prefill_tokens for r in steps),
             "fused_prefill_tokens_per_iteration": statistics.fmean(r.fused_tokens for r in steps),
             "gather_ms_per_iteration": statistics.fmean(r.gather_ms for r in steps),
+            # of the host's part: the joining loops' first picks (whole prompt rows on the host), and
+            # the stepped loops' picks after the decode
+            "first_picks_ms_per_iteration": statistics.fmean(r.first_picks_ms for r in steps),
+            "picks_ms_per_iteration": statistics.fmean(r.picks_ms for r in steps),
             "host_ms_per_iteration": statistics.fmean(r.iteration_ms - r.decode_ms - r.prefill_ms - r.gather_ms
                                                       for r in steps),
             # the scheduler thread's time off the CPU in an iteration outside the decode call and
@@ -353,6 +357,7 @@ def slowest_iterations(records: list[IterationRecord]) -> dict:
     def described(r: IterationRecord) -> dict:
         return {"at_s": r.started - t0, "iteration_ms": r.iteration_ms, "decode_ms": r.decode_ms,
                 "gather_ms": r.gather_ms, "prefill_ms": r.prefill_ms, "cpu_ms": r.iteration_cpu_ms,
+                "first_picks_ms": r.first_picks_ms, "joined": r.joined, "picks_ms": r.picks_ms,
                 "rows": sum(r.rows), "requests": len(r.rows)}
 
     gaps = [(b.started - (a.started + a.iteration_ms / 1000.0), a, b) for a, b in zip(records, records[1:])]
