@@ -68,11 +68,6 @@ class _Timer:
         return now
 
 
-# with batching on CUDA: device memory held from the start for requests' contexts, branch
-# caches and traces (32 typists of the 7B shape grew the allocator by ~4.7 GB)
-BATCH_RESERVE_MB = 8192
-
-
 def settle_collector() -> None:
     """Move the objects alive once an engine is built (the tokenizer's tables, the vocabulary
     trie, the runtime's) into the garbage collector's permanent generation, after one last
@@ -98,14 +93,11 @@ class Engine:
     GIL the scheduler needs (None: default_rerank_workers, none without batching; 0: in
     the request's thread). fuse_prefill: with batching, a newcomer's prompt chunk rides the
     others' decode step where the runtime can (the CUDA graphs), else it runs between two
-    steps. reserve_device_mb: with batching, device memory the runtime's allocator holds from
-    the start (Runtime.reserve_memory; the torch runtime on CUDA), so a growing batch does
-    not wait for the driver mid-step. close() stops the scheduler and those processes."""
+    steps. close() stops the scheduler and those processes."""
 
     def __init__(self, runtime: Runtime, batching: str = "off", prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
                  cached_documents: int | None = None, gather_ms: float = GATHER_MS, drive_loops: bool = True,
-                 rerank_workers: int | None = None, fuse_prefill: bool = True,
-                 reserve_device_mb: int = BATCH_RESERVE_MB):
+                 rerank_workers: int | None = None, fuse_prefill: bool = True):
         if batching not in BATCHING_MODES:
             raise ValueError(f"unknown batching {batching!r} ({', '.join(BATCHING_MODES)})")
         self.runtime = runtime
@@ -147,10 +139,6 @@ class Engine:
         vocab = cfg.vocab_size
         self.banned_ids = np.array([i for i in range(vocab) if (i >= len(token_bytes) or not token_bytes[i])
                                     and i not in self.stop_ids], dtype=np.int64)
-        if batching == "on" and reserve_device_mb:  # a replica's working memory, held from the start
-            reserve = getattr(runtime, "reserve_memory", None)
-            if reserve is not None:
-                reserve(reserve_device_mb << 20)
         settle_collector()
 
     @classmethod

@@ -113,19 +113,3 @@ def test_int8_cpu_weights_of_a_factorized_embedding_keep_fp32_top1(tmp_path):
     _, a = fp32.prefill(tokens)
     _, b = int8.prefill(tokens)
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
-
-
-def test_reserving_device_memory_is_a_no_op_off_cuda(tiny_model_dir):
-    """A batched engine asks its runtime to hold device memory from the start; on the CPU
-    there is none to hold, and the engine runs as before."""
-    from codecomplete.engine import Engine
-    from codecomplete.models.format.source import load_model_source
-    from codecomplete.runtime.torch import TorchRuntime
-
-    rt = TorchRuntime(load_model_source(tiny_model_dir))
-    assert rt.reserve_memory(1 << 30) == 0 and rt.describe()["reserved_mb"] == 0
-    engine = Engine(rt, batching="on", rerank_workers=0, reserve_device_mb=64)
-    try:
-        assert engine.describe()["reserved_mb"] == 0
-    finally:
-        engine.close()

@@ -39,7 +39,6 @@ from pathlib import Path
 from codecomplete.batching import GATHER_MS, PREFILL_CHUNK_TOKENS, IterationRecord
 from codecomplete.bench.common import GcPauses, emit, format_table, percentile, progress
 from codecomplete.bench.typists import Typing, keystrokes_per_s, type_together
-from codecomplete.engine import BATCH_RESERVE_MB
 from codecomplete.request import CompletionOptions, CompletionRequest
 from codecomplete.runtime import DEVICES
 
@@ -94,9 +93,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cold-every-s", type=float, default=0.0,
                    help="with --device: also run each row with a cold prompt arriving this often (0: never)")
     p.add_argument("--cold-tokens", type=int, default=4096, help="with --device: a cold prompt's tokens")
-    p.add_argument("--reserve-mb", type=int, default=BATCH_RESERVE_MB,
-                   help="with --device cuda: device memory the batched engine's allocator holds from the start "
-                        "(Engine(reserve_device_mb=); 0: none, the allocator grows mid-step)")
     p.add_argument("--keep-records", action="store_true",
                    help="with --device: each keystroke's record in the JSON rows (keystroke_records: its time, "
                         "prompt tokens prefilled, engine stages), to study the tail")
@@ -364,7 +360,7 @@ def slowest_iterations(records: list[IterationRecord]) -> dict:
                 "first_picks_ms": r.first_picks_ms, "joined": r.joined, "picks_ms": r.picks_ms,
                 "rows": sum(r.rows), "requests": len(r.rows)}
 
-    gaps = [(b.started - (a.started + a.iteration_ms / 1000.0), a, b) for a, b in zip(records, records[1:], strict=False)]
+    gaps = [(b.started - (a.started + a.iteration_ms / 1000.0), a, b) for a, b in zip(records, records[1:])]
     gaps.sort(key=lambda g: -g[0])
     return {"iterations": [described(r) for r in sorted(records, key=lambda r: -r.iteration_ms)[:SLOWEST]],
             "gaps": [{"at_s": a.started - t0 + a.iteration_ms / 1000.0, "ms": gap * 1000.0,
@@ -640,7 +636,7 @@ def run(args, users_list: list[int], variants: list[str]) -> int:
         engine = Engine(runtime, batching=batching, prefill_chunk_tokens=args.prefill_chunk_tokens,
                         cached_documents=2 * max(users_list) + 2 * COLD_IN_FLIGHT, gather_ms=args.gather_ms,
                         rerank_workers=0 if variant in INLINE_RERANK else args.rerank_workers,
-                        fuse_prefill=variant not in EAGER_PREFILL, reserve_device_mb=args.reserve_mb)
+                        fuse_prefill=variant not in EAGER_PREFILL)
         engine.exact_new_tokens = args.new_tokens
         engine.reuse_keystrokes = False  # every keystroke runs the model: the same work each time
         progress(f"  {variant}: ready in {time.perf_counter() - t0:.1f} s")

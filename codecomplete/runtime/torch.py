@@ -202,25 +202,7 @@ class TorchRuntime(Runtime):
         attention = self.attention if isinstance(self.attention, str) else self.attention.__name__
         return {"runtime": self.name, "device": str(self.device), "attention": attention,
                 "batch_attention": self.batch_attention, "cuda_graphs": self.graphs is not None,
-                "fused_chunk_tokens": self.fused_chunk_tokens, "reserved_mb": self.reserved_bytes >> 20}
-
-    reserved_bytes = 0
-
-    def reserve_memory(self, nbytes: int) -> int:
-        """Have torch's caching allocator hold `nbytes` of device memory from now on (one
-        block, allocated and freed at once: later tensors are cut from it), so that a busy
-        replica's growth (many requests' contexts, branch caches, the rows their traces keep)
-        does not ask the driver for memory in the middle of a step. A cudaMalloc of a new
-        segment costs the scheduler thread tens of milliseconds of CPU, and every typist of
-        the batch waits meanwhile. The bytes reserved (0 off CUDA)."""
-        if self.device.type != "cuda" or nbytes <= 0:
-            return 0
-        free, _ = torch.cuda.mem_get_info(self.device)
-        nbytes = min(int(nbytes), int(free * 0.9))
-        block = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        del block
-        self.reserved_bytes += nbytes
-        return nbytes
+                "fused_chunk_tokens": self.fused_chunk_tokens}
 
     @property
     def fused_chunk_tokens(self) -> int:
