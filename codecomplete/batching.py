@@ -23,9 +23,11 @@ One scheduler iteration:
                shortest waiting prompt's next chunk rides the decode step instead, one
                pass over the weights for both, and the others wait for the next step
 
-A prompt that only extends its previous state by a few tokens is not prefilled: its tokens
-ride the decode batch as a one-row branch whose KV is then adopted into the context
-(decode_extension_tokens). A cancelled or late request leaves at its next step; a cancelled
+A prompt that differs from its previous state in a few last tokens (typed, or rewritten: a
+backspace, a back-off that moved, an unchanged prompt whose last token is computed again for
+its logits) is not prefilled: its new tokens ride the decode batch as a one-row branch over
+the state's common prefix (Runtime.context_prefix), whose KV is then adopted into the
+context (decode_extension_tokens). A cancelled or late request leaves at its next step; a cancelled
 prefill stops at its next chunk and hands back the part it computed (PrefillStopped).
 
 Only the scheduler thread touches the runtime, so a runtime stays single-threaded.
