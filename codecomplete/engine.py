@@ -293,7 +293,10 @@ class Engine:
         stop_ids, stop_bytes, patience = self.stop_ids, scope.stop_bytes, opts.patience_steps
         if self.exact_new_tokens:  # the fixed-length benchmark mode: nothing stops a branch early
             if self._banned_with_stops is None:  # one array for every request: a batch bans it once
-                self._banned_with_stops = np.union1d(banned, np.array(sorted(stop_ids), dtype=np.int64))
+                with self._running_lock:  # (requests arriving together must not each make their own:
+                    # a loop banning another array than its batch's gets whole rows, every step)
+                    if self._banned_with_stops is None:
+                        self._banned_with_stops = np.union1d(banned, np.array(sorted(stop_ids), dtype=np.int64))
             banned = self._banned_with_stops
             stop_ids, stop_bytes, patience, deadline = set(), _never_stop, None, None
         sampler = Sampler(temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed,

@@ -397,3 +397,36 @@ def test_the_documents_whose_prompt_kv_is_kept(tiny_model_dir):
         assert batched.contexts.others_when_full and batched.contexts.size > 16
     finally:
         batched.close()
+
+
+def test_requests_arriving_together_in_exact_mode_ban_one_array(tiny_model_dir, monkeypatch):
+    """The benchmarks' exact mode bans the stop ids too, in one array made on first use: the
+    scheduler reduces a batch's rows for the banned array of its first loop, and a loop
+    banning another object (even an equal one) gets whole rows every step. Requests that
+    arrive together must not each make their own."""
+    import codecomplete.engine as engine_module
+
+    union, made = np.union1d, []
+
+    def slow_union(a, b):  # widens the window in which a second request could make its own
+        time.sleep(0.05)
+        made.append(union(a, b))
+        return made[-1]
+
+    seen = []
+    real_sampler = engine_module.Sampler
+
+    def sampler(**kwargs):
+        seen.append(kwargs["banned"])
+        return real_sampler(**kwargs)
+
+    monkeypatch.setattr(engine_module.np, "union1d", slow_union)
+    monkeypatch.setattr(engine_module, "Sampler", sampler)
+    engine = Engine(_runtime(tiny_model_dir, "batched"), batching="on", rerank_workers=0)
+    engine.exact_new_tokens = 4
+    try:
+        out = _together(engine, [_request(d, 300, path=f"p{d}.py") for d in range(3)], [0.0, 0.0, 0.0])
+    finally:
+        engine.close()
+    assert not any(isinstance(o, Exception) for o in out)
+    assert len(made) == 1 and len(seen) == 3 and all(b is seen[0] for b in seen)
