@@ -20,6 +20,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# above this share of the vocabulary, allowed ids are found through a mask of the vocabulary
+MASK_SHARE = 1 / 16
+
+
+def _sorted_unique(ids: np.ndarray, vocab: int) -> np.ndarray:
+    """The distinct ids, ascending. Not np.unique: numpy 2's hash-based unique took 8 ms for
+    60k ids and 40-100 ms for 150k (a space, or a byte that the stand-in vocabulary's 150k
+    placeholders begin with, agrees with that many), where a sort takes 0.9 and 2.2 ms and a
+    mask of the vocabulary 0.4 ms. Measured on the 2-core development machine, numpy 2.4."""
+    if len(ids) > MASK_SHARE * vocab:
+        mask = np.zeros(max(vocab, int(ids.max()) + 1), dtype=bool)
+        mask[ids] = True
+        return np.flatnonzero(mask)
+    ids = np.sort(ids)
+    if len(ids) > 1:
+        ids = ids[np.concatenate(([True], ids[1:] != ids[:-1]))]
+    return ids
+
 
 class VocabTrie:
     """Which tokens agree with a byte string, over a vocabulary of token byte strings."""
@@ -62,7 +80,7 @@ class VocabTrie:
         if not remaining:
             raise ValueError("no constraint: every token is allowed")
         ids = np.concatenate([self._extensions(remaining), np.array(self._prefixes(remaining), dtype=np.int64)])
-        return np.unique(ids)
+        return _sorted_unique(ids, self.vocab_size)
 
     def allowed_ids_cached(self, remaining: bytes) -> np.ndarray:
         """allowed_ids, cached by remaining text (a branch re-creates the same text over a

@@ -220,17 +220,16 @@ class Sampler:
         hit = self._constrained.get(key)
         if hit is None:
             logits = self._logits
-            if isinstance(logits, TopRows) and logits.vocab is not None:  # only those ids leave the device
-                vocab = logits.vocab
-                ids = self.alignment.allowed(remaining, vocab)
+            gathered = isinstance(logits, TopRows) and logits.vocab is not None  # only those ids leave the device
+            row_logits = None if gathered else logits[row]
+            vocab = logits.vocab if gathered else row_logits.shape[-1]
+            ids = self.alignment.allowed(remaining, vocab)
+            if self.banned is not None and len(ids):  # banned ids are never picked: not read either
+                ids = ids[~self._banned(vocab)[ids]]
+            if gathered:
                 values = np.array(logits.gather(row, ids), dtype=np.float32)
             else:
-                row_logits = logits[row]
-                vocab = row_logits.shape[-1]
-                ids = self.alignment.allowed(remaining, vocab)
                 values = np.asarray(row_logits, dtype=np.float32)[ids]
-            if self.banned is not None and len(ids):
-                values[self._banned(vocab)[ids]] = -np.inf
             if not len(ids) or not np.isfinite(values.max()):  # nothing allowed: the whole row's answer
                 lg = self.alignment.constrain(self._full_row(row), remaining)
                 lse = _logsumexp(lg)

@@ -270,3 +270,40 @@ def test_the_step_wide_sampler_picks_what_the_per_row_pick_does(seed, rows, spre
             assert got[0] == want[0]
             assert got[1] == want[1]
         logits = np.roll(logits, 7, axis=1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), ban_share=st.sampled_from([0.0, 0.3, 0.9]))
+def test_a_constrained_pick_is_the_masked_rows_pick_whole_rows_or_gathered(seed, ban_share):
+    """A branch still re-creating backed-off text picks among the ids that agree with it
+    and are not banned (banned ones are not even read): greedy, the masked row's argmax and
+    log-probability; the same picks whether the sampler holds whole rows or the device's
+    reduced rows (TopRows, gathering those ids)."""
+    from codecomplete.alignment import Alignment, VocabTrie
+    from codecomplete.runtime.base import TopRows
+    from codecomplete.sampler import Sampler, _logsumexp
+
+    rng = np.random.default_rng(seed)
+    alphabet = b"ab( "
+    vocab = [bytes(alphabet[x] for x in rng.integers(0, len(alphabet), rng.integers(1, 4))) for _ in range(400)]
+    trie = VocabTrie(vocab)
+    remaining = bytes(alphabet[x] for x in rng.integers(0, len(alphabet), 3))
+    logits = (rng.standard_normal((3, len(vocab))) * 3).astype(np.float32)
+    banned = np.flatnonzero(rng.random(len(vocab)) < ban_share).astype(np.int64)
+    allowed = trie.mask(remaining) & ~np.isin(np.arange(len(vocab)), banned)
+    top = np.sort(np.argsort(-logits, axis=1)[:, :8], axis=1)
+    rows = TopRows(top, np.take_along_axis(logits, top, axis=1), logits.max(axis=1), lambda index: logits[index],
+                   gather=lambda r, ids: logits[r, ids], vocab=len(vocab))
+    picks = []
+    for held in (logits, rows):
+        sampler = Sampler(temperature=0.8, top_p=0.95, seed=seed, banned=banned if len(banned) else None,
+                          alignment=Alignment(remaining, trie))
+        sampler.start_step(held)
+        picks.append([sampler.pick(b, r, remaining) for r in range(3) for b in range(3)])
+    assert picks[0] == picks[1]
+    for r in range(3):
+        if allowed.any():
+            masked = np.where(allowed, logits[r], -np.inf)
+            token, logprob = picks[0][3 * r]
+            assert token == int(np.argmax(masked)) and abs(logprob - (masked[token] - _logsumexp(masked))) < 1e-5
+            assert all(allowed[t] for t, _ in picks[0][3 * r:3 * r + 3])

@@ -360,7 +360,7 @@ def slowest_iterations(records: list[IterationRecord]) -> dict:
                 "first_picks_ms": r.first_picks_ms, "joined": r.joined, "picks_ms": r.picks_ms,
                 "rows": sum(r.rows), "requests": len(r.rows)}
 
-    gaps = [(b.started - (a.started + a.iteration_ms / 1000.0), a, b) for a, b in zip(records, records[1:])]
+    gaps = [(b.started - (a.started + a.iteration_ms / 1000.0), a, b) for a, b in zip(records, records[1:], strict=False)]
     gaps.sort(key=lambda g: -g[0])
     return {"iterations": [described(r) for r in sorted(records, key=lambda r: -r.iteration_ms)[:SLOWEST]],
             "gaps": [{"at_s": a.started - t0 + a.iteration_ms / 1000.0, "ms": gap * 1000.0,
