@@ -102,6 +102,7 @@ class IterationRecord:
     # prompt's logits, whole rows on the host)
     joined: int = 0  # loops that joined this iteration
     picks_ms: float = 0.0  # of iteration_ms: the stepped loops' picks, stop rules and next rows after the decode
+    picks_cpu_ms: float = 0.0  # the scheduler thread's CPU time in them (picks_ms less this: waiting for the GIL)
     iteration_cpu_ms: float = 0.0  # the scheduler thread's CPU time in the whole iteration (the gather's
     # waits included as the little CPU they take): iteration_ms less this is time off the CPU
 
@@ -408,9 +409,10 @@ class BatchScheduler:
                 owner.payload.accept(out)
             else:
                 self._answer(owner, out)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.thread_time()
         self._advance_all(owners[n_calls:n_calls + n_loops])
         record.picks_ms = (time.perf_counter() - t1) * 1000.0
+        record.picks_cpu_ms = (time.thread_time() - c1) * 1000.0
 
     def _advance_all(self, loops: list[_Call]) -> None:
         """_advance every loop of a step, the picks over reduced rows made in one pick_many."""

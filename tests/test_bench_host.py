@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
+
 from codecomplete.bench import host
 
 
@@ -26,6 +28,22 @@ def test_every_variant_reports_its_host_cost_over_the_same_steps(capsys):
         if not r["variant"].startswith("sequential"):
             assert r["scheduler_busy_us_per_request_step"] > 0
             assert r["scheduler_cpu_us_per_request_step"] > 0 and "keystrokes_per_s_vs_sequential" in r
+            assert r["picks_cpu_max_ms"] >= r["picks_cpu_p99_ms"] >= 0
+
+
+def test_flat_rows_are_every_token_drawn_alike():
+    """--rows flat: the stand-in's rows as random weights give them (no few tokens far above
+    the rest), what bench serve's random-7b decodes."""
+    peaked = host.stand_in(16384, 128, 4, 0)._logits
+    flat = host.stand_in(16384, 128, 4, 0, rows="flat")._logits
+    spread = lambda rows: float(np.median(rows.max(axis=1) - np.median(rows, axis=1)))  # noqa: E731
+    assert spread(peaked) > 25 > 12 > spread(flat)
+    try:
+        host.stand_in(16384, 128, 4, 0, rows="spiky")
+    except ValueError as e:
+        assert "spiky" in str(e)
+    else:
+        raise AssertionError("an unknown row shape was taken")
 
 
 def test_a_bad_variant_is_a_clear_error():

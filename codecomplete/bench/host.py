@@ -48,6 +48,7 @@ VARIANTS = {"sequential": {"batching": "off", "rerank_workers": 0},
             "batched-top-pool": {"batching": "on", "rerank_workers": None}}  # None: --rerank-workers
 REDUCING = {"sequential-top", "batched-top", "batched-top-pool"}  # the runtime hands the driven loops TopRows, as the torch runtime does on CUDA
 NEAR_TOKENS = 24  # tokens of a row within sampling reach of its best
+ROW_SHAPES = ("peaked", "flat")
 MAX_ROWS = 256  # rows of precomputed logits a step's views are cut from (32 users x 4 fit)
 PROFILE_LINES = 30
 
@@ -73,6 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=3,
                    help="the variants of a row run in turn this many times; each figure is the median")
     p.add_argument("--profile", action="store_true", help="add the top functions by own time to each row")
+    p.add_argument("--rows", default="peaked", choices=ROW_SHAPES,
+                   help="the stand-in's logits: peaked (a trained model's) or flat (random weights', as bench "
+                        "serve's random-7b)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
 
@@ -85,16 +89,22 @@ class FreeRuntime(Runtime):
     name = "free"
     reuses_branches = False
 
-    def __init__(self, config, tokenizer, seed: int = 0):
+    def __init__(self, config, tokenizer, seed: int = 0, rows: str = "peaked"):
+        """rows: "peaked" (a few dozen tokens well above the rest, as a trained model's
+        rows look) or "flat" (every token drawn alike, as random weights give: bench serve's
+        random-7b)."""
+        if rows not in ROW_SHAPES:
+            raise ValueError(f"rows must be one of {', '.join(ROW_SHAPES)}, not {rows!r}")
         self.config, self.tokenizer = config, tokenizer
         rng = np.random.default_rng(seed)
         vocab = config.vocab_size
-        rows = rng.normal(0.0, 2.0, (MAX_ROWS, vocab)).astype(np.float32)
+        rows_ = rng.normal(0.0, 2.0, (MAX_ROWS, vocab)).astype(np.float32)
         texted = np.array([i for i, b in enumerate(tokenizer.token_bytes[:vocab]) if b and b.isascii()
                            and b.strip() and i not in set(config.eos_ids)], dtype=np.int64)
-        for row in rows:  # a few candidates well above the rest
+        for row in rows_ if rows == "peaked" else ():  # a few candidates well above the rest
             near = rng.choice(texted, size=min(NEAR_TOKENS, len(texted)), replace=False)
             row[near] += 30.0 + rng.normal(0.0, 2.0, len(near)).astype(np.float32)
+        rows = rows_
         self._logits = rows
         self.reduces_rows = False
         self._top: TopRows | None = None  # the rows reduced, made when first asked for
@@ -144,7 +154,7 @@ class FreeRuntime(Runtime):
         return BranchState(n=len(keep), max_new_tokens=branches.max_new_tokens, step=branches.step)
 
 
-def stand_in(vocab: int, context_tokens: int, new_tokens: int, seed: int) -> FreeRuntime:
+def stand_in(vocab: int, context_tokens: int, new_tokens: int, seed: int, rows: str = "peaked") -> FreeRuntime:
     """Qwen's vocabulary: the byte stand-in tokenizer; another size: the shipped model's
     tokenizer and config, resized."""
     from dataclasses import replace
@@ -153,7 +163,7 @@ def stand_in(vocab: int, context_tokens: int, new_tokens: int, seed: int) -> Fre
         from codecomplete.models.testing import qwen7b_shape_config, standin_tokenizer
 
         cfg = qwen7b_shape_config(max_seq_len=context_tokens + new_tokens + 64, fim_order="spm")
-        return FreeRuntime(cfg, standin_tokenizer(cfg), seed)
+        return FreeRuntime(cfg, standin_tokenizer(cfg), seed, rows)
     from codecomplete.models.format.hf_import import pad_tokenizer_to
     from codecomplete.models.format.source import load_model_source
     from codecomplete.models.format.tokenizer import Tokenizer
@@ -166,7 +176,7 @@ def stand_in(vocab: int, context_tokens: int, new_tokens: int, seed: int) -> Fre
     pad_tokenizer_to(hf, vocab)
     cfg = replace(source.config, vocab_size=vocab, max_seq_len=max(source.config.max_seq_len,
                                                                    context_tokens + new_tokens + 64))
-    return FreeRuntime(cfg, Tokenizer(hf, source.tokenizer.special_tokens), seed)
+    return FreeRuntime(cfg, Tokenizer(hf, source.tokenizer.special_tokens), seed, rows)
 
 
 class ThreadProfiles:
@@ -292,6 +302,10 @@ def run_row(runtime: FreeRuntime, variant: str, users: int, doc: str, language: 
             row["requests_per_step"] = statistics.fmean(len(r.rows) for r in decodes)
             row["rows_per_step"] = statistics.fmean(sum(r.rows) for r in decodes)
             row["scheduler_steps"] = len(decodes)
+            # the longest stretch of the loops' picks after one step, in the scheduler's own CPU time
+            # (its wall time here also holds the GIL waits of 2 cores under every typist's thread)
+            picks = [r.picks_cpu_ms for r in decodes]
+            row["picks_cpu_max_ms"], row["picks_cpu_p99_ms"] = max(picks), percentile(picks, 99)
     if profiles is not None:
         row["profile"] = profiles.top()
     return row
@@ -348,10 +362,10 @@ def run(args) -> int:
                                 prefix_tokens=args.context_tokens - suffix_tokens, suffix_tokens=suffix_tokens,
                                 deadline_ms=600_000.0)
     result: dict = {"benchmark": "host-overhead", "settings": {k: getattr(args, k) for k in (
-        "keystrokes", "n", "new_tokens", "context_tokens", "gather_ms", "rounds", "seed")}, "rows": []}
+        "keystrokes", "n", "new_tokens", "context_tokens", "gather_ms", "rounds", "seed", "rows")}, "rows": []}
     for vocab in vocabs:
         t0 = time.perf_counter()
-        runtime = stand_in(vocab, args.context_tokens, args.new_tokens, args.seed)
+        runtime = stand_in(vocab, args.context_tokens, args.new_tokens, args.seed, args.rows)
         doc = long_document(Path(path).read_text(encoding="utf-8"), runtime.tokenizer, args.context_tokens)
         progress(f"bench host: vocab {vocab} ready in {time.perf_counter() - t0:.1f} s")
         for users in users_list:

@@ -358,6 +358,7 @@ def slowest_iterations(records: list[IterationRecord]) -> dict:
         return {"at_s": r.started - t0, "iteration_ms": r.iteration_ms, "decode_ms": r.decode_ms,
                 "gather_ms": r.gather_ms, "prefill_ms": r.prefill_ms, "cpu_ms": r.iteration_cpu_ms,
                 "first_picks_ms": r.first_picks_ms, "joined": r.joined, "picks_ms": r.picks_ms,
+                "picks_cpu_ms": r.picks_cpu_ms,
                 "rows": sum(r.rows), "requests": len(r.rows)}
 
     gaps = [(b.started - (a.started + a.iteration_ms / 1000.0), a, b) for a, b in zip(records, records[1:], strict=False)]
