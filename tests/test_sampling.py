@@ -307,3 +307,18 @@ def test_a_constrained_pick_is_the_masked_rows_pick_whole_rows_or_gathered(seed,
             token, logprob = picks[0][3 * r]
             assert token == int(np.argmax(masked)) and abs(logprob - (masked[token] - _logsumexp(masked))) < 1e-5
             assert all(allowed[t] for t, _ in picks[0][3 * r:3 * r + 3])
+
+
+def test_samplers_banning_one_array_share_its_mask_read_only():
+    """Every request of an engine bans the same array: its mask is made once (on the
+    scheduler thread, at a request's first constrained pick), not per request."""
+    from codecomplete.alignment import Alignment
+    from codecomplete.sampler import Sampler
+
+    banned, other = np.arange(5, 900, dtype=np.int64), np.arange(5, 900, dtype=np.int64)
+    one, two, three = (Sampler(temperature=0.8, top_p=0.95, seed=s, banned=b, alignment=Alignment(b"", None))
+                       for s, b in ((0, banned), (1, banned), (2, other)))
+    mask = one._banned(1000)
+    assert two._banned(1000) is mask and three._banned(1000) is not mask
+    assert np.flatnonzero(mask).tolist() == banned.tolist() and not mask.flags.writeable
+    assert len(one._banned(2000)) == 2000 and one._banned(2000)[899] and not one._banned(2000)[1500]
