@@ -46,11 +46,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from codecomplete.runtime.base import (
+    UNKNOWN_BANNED,
     BranchState,
     ContextState,
     DecodeStep,
     PrefillChunk,
     Runtime,
+    TopRows,
 )
 from codecomplete.sampler import TAIL, TOP_K, pick_many
 from codecomplete.sampling import DecodeLoop, GenerationResult, step_through
@@ -174,6 +176,9 @@ class BatchScheduler:
         self._new_loops: list[_Call] = []  # loops handed over, not stepped yet
         self._loops: list[_Call] = []  # driven loops waiting for their next decode (scheduler thread only)
         self._working: set[ScheduledRuntime] = set()  # answered at the last boundary, not back yet
+        # the banned ids of the last batch's first loop: what a step without loops reduces its
+        # prompt extensions' rows under (UNKNOWN_BANNED before any loop: whole rows)
+        self._banned_seen = UNKNOWN_BANNED
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="codecomplete-batch", daemon=True)
         self._thread.start()
@@ -265,8 +270,7 @@ class BatchScheduler:
             decodes, self._decodes = self._decodes, []
             new_loops, self._new_loops = self._new_loops, []
             prefills = list(self._prefills)
-        for call in new_loops:  # their first tokens come from the prompt's logits
-            self._advance(call)
+        self._advance_all(new_loops)  # their first tokens come from the prompt's logits
         joined = time.perf_counter()
         loops, self._loops = self._loops, []
         if not decodes and not prefills and not loops:  # the gather answered small calls only
@@ -438,14 +442,22 @@ class BatchScheduler:
         loop. chunk: rides the step."""
         runtime = self.runtime
         fused = {"chunk": chunk} if chunk is not None else {}
-        if not loops or not runtime.reduces_rows:
+        if loops:
+            self._banned_seen = loops[0].payload.sampler.banned
+        if not runtime.reduces_rows or self._banned_seen is UNKNOWN_BANNED:
             return runtime.decode_many(steps, **fused)
-        banned = loops[0].payload.sampler.banned
+        banned = self._banned_seen
         full = [True] * len(steps)
         for i, call in enumerate(loops):
             loop: DecodeLoop = call.payload
             full[first_loop + i] = loop.sampler.banned is not banned
-        return runtime.decode_many_top(steps, full, banned, TOP_K, TAIL, **fused)
+        for i in range(first_loop + len(loops), len(steps)):  # prompt extensions: their logits start a loop
+            full[i] = False
+        out = runtime.decode_many_top(steps, full, banned, TOP_K, TAIL, **fused)
+        for rows in out:
+            if isinstance(rows, TopRows):
+                rows.banned = banned
+        return out
 
     # -- prefill ----------------------------------------------------------------------------
     def _stopping(self, job: _Prefill) -> bool:
@@ -492,7 +504,10 @@ class BatchScheduler:
         if state is None:  # no room in the context's buffer: prefill the tokens instead
             return
         state.reused_tokens, state.new_tokens, state.adopted_tokens = len(previous.tokens), len(fed), 0
-        self._finish_prefill(job, (state, np.asarray(logits[0], dtype=np.float32)))
+        # reduced rows stay reduced: the request's loop picks its first tokens from them with
+        # the others' (pick_many), and reads the whole row only if it bans other ids
+        first = logits if isinstance(logits, TopRows) else np.asarray(logits[0], dtype=np.float32)
+        self._finish_prefill(job, (state, first))
 
     def _prefill(self, jobs: list[_Prefill], record: IterationRecord) -> None:
         """Up to prefill_chunk_tokens of the waiting prompts, shortest first."""

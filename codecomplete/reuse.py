@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from codecomplete.runtime.base import BranchState, ContextState, Runtime
+from codecomplete.runtime.base import BranchState, ContextState, Runtime, TopRows
 
 
 @dataclass
@@ -81,7 +81,8 @@ class KeptContext:
     its last token and, once decoded over, the trace of those decode steps."""
 
     state: ContextState
-    logits: np.ndarray  # (V,) after the prompt's last token
+    logits: np.ndarray | TopRows  # (V,) after the prompt's last token; with batching on a runtime that
+    # reduces rows, a typed token's row as the device reduced it (one row, TopRows.banned recorded)
     trace: DecodeTrace | None = None
 
     @property

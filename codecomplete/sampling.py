@@ -65,7 +65,7 @@ class DecodeLoop:
     copied when the first real decode step comes.
     """
 
-    def __init__(self, runtime: Runtime, context: ContextState, first_logits: np.ndarray, *, n: int,
+    def __init__(self, runtime: Runtime, context: ContextState, first_logits: np.ndarray | TopRows, *, n: int,
                  max_new_tokens: int, alignment: Alignment, sampler: Sampler, stop_ids: set[int],
                  stop_bytes: Callable[[bytes], int | None], deadline: float | None = None,
                  cancelled: Callable[[], bool] = lambda: False, patience: int | None = None,
@@ -86,7 +86,12 @@ class DecodeLoop:
         self.reuse = reuse if reuse is not None and getattr(runtime, "reuses_branches", False) else None
         self.served: TraceStep | None = None  # the last step taken from the previous trace
         self.served_steps = 0
-        self.logits = first_logits[None, :]  # (rows, V)
+        if not isinstance(first_logits, TopRows):
+            self.logits = first_logits[None, :]  # (rows, V)
+        elif first_logits.banned is sampler.banned:  # reduced on the device under this sampler's bans
+            self.logits = first_logits
+        else:  # reduced under other bans: the whole row
+            self.logits = first_logits.full()
         self.branches: BranchState | None = None  # the runtime's branch cache, once decoding
         self.parents: list[int] = []  # the row each next row continues
         self.next_tokens: list[int] = []  # the token each next row is fed

@@ -248,3 +248,56 @@ def test_graphs_reduce_their_rows_in_the_replay_as_the_host_would(tiny_model_dir
     got = eager.run(steps, top=TopSpec(None, TOP_K, TAIL, torch.float32))[0]
     want = reduce_rows(fake.table[torch.tensor([1, 2, 3])], steps, None, TOP_K, TAIL, torch.float32)[0]
     assert np.array_equal(got.ids, want.ids) and np.array_equal(got.values, want.values)
+
+
+def test_a_typed_keystroke_starts_its_loop_from_the_extensions_reduced_rows(tiny_model_dir):
+    """With batching on a runtime that reduces rows, a keystroke's typed token rides the
+    decode batch and comes back reduced (TopRows, under the batch's bans): its loop picks
+    its first tokens from those with the others' (pick_many), the same answers, keystroke by
+    keystroke, as an engine without batching on whole rows. Exact mode (every keystroke
+    decodes; the benchmarks') and the default."""
+    import threading
+
+    from codecomplete.batching import BatchScheduler
+
+    def typing(user: int) -> list[CompletionRequest]:
+        text = DOCUMENTS[user]
+        start = text.index("return") + 2
+        return [CompletionRequest(text=text[:o] + text[start + 10:], offset=o, language="python",
+                                  path=f"u{user}.py", options=CompletionOptions(n=3, max_new_tokens=6,
+                                                                                deadline_ms=60_000, seed=user))
+                for o in range(start, start + 10)]
+
+    for exact in (4, None):
+        alone = {}
+        for user in (0, 1):
+            engine = Engine(load_runtime(str(tiny_model_dir), runtime="torch"))
+            engine.exact_new_tokens, engine.reuse_keystrokes = exact, exact is None
+            alone[user] = [(_answer(c), c.tokens_generated) for c in map(engine.complete, typing(user))]
+        rt = load_runtime(str(tiny_model_dir), runtime="torch")
+        rt.reduces_rows = True
+        reduced_firsts = []
+        extended = BatchScheduler._extended
+
+        def counting(self, job, logits, extended=extended, seen=reduced_firsts):
+            seen.append(isinstance(logits, TopRows))
+            return extended(self, job, logits)
+
+        BatchScheduler._extended = counting
+        batched, engine = {}, Engine(rt, batching="on", rerank_workers=0)
+        engine.exact_new_tokens, engine.reuse_keystrokes = exact, exact is None
+        try:
+            def user_types(user: int, out=batched, engine=engine) -> None:
+                out[user] = [(_answer(c), c.tokens_generated) for c in map(engine.complete, typing(user))]
+
+            threads = [threading.Thread(target=user_types, args=(u,)) for u in (0, 1)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            BatchScheduler._extended = extended
+            engine.close()
+        assert batched == alone
+        if exact:  # each keystroke's typed (or recomputed) token came back reduced
+            assert sum(reduced_firsts) >= 10

@@ -76,6 +76,9 @@ class PrefillChunk:
     fused: bool = False  # whether it rode the step
 
 
+UNKNOWN_BANNED = object()  # TopRows.banned where no one recorded what the rows were reduced under
+
+
 class TopRows:
     """Rows of a step's logits reduced where they were computed (on the device): per row its
     k best allowed tokens (`ids` ascending, `values` their float32 logits) and `lse`, the
@@ -86,8 +89,11 @@ class TopRows:
     few hundred ids by token alignment reads)."""
 
     def __init__(self, ids: np.ndarray, values: np.ndarray, lse: np.ndarray, fetch, index: np.ndarray | None = None,
-                 gather=None, vocab: int | None = None):
+                 gather=None, vocab: int | None = None, banned=UNKNOWN_BANNED):
         self.ids, self.values, self.lse = ids, values, lse
+        # the banned-ids array the rows were reduced under, where the caller records it (a
+        # sampler banning another array reads the whole rows instead)
+        self.banned = banned
         self._fetch = fetch  # indices into the step's rows -> (len, V) float32 host array
         self._gather = gather  # (index into the step's rows, ids) -> float32 logits of those ids (None: via fetch)
         self._index = np.arange(len(ids)) if index is None else index
@@ -100,7 +106,7 @@ class TopRows:
         if isinstance(key, (int, np.integer)):
             return self._fetch(self._index[[int(key)]])[0]
         return TopRows(self.ids[key], self.values[key], self.lse[key], self._fetch, self._index[key], self._gather,
-                       self.vocab)
+                       self.vocab, self.banned)
 
     def gather(self, row: int, ids: np.ndarray) -> np.ndarray:
         """Row `row`'s float32 logits at `ids`, the same numbers as self[row][ids]."""
