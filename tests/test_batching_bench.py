@@ -99,3 +99,29 @@ def test_the_sequential_variants_recorder_sees_steps_through_either_call():
     assert [(r.rows, r.contexts) for r in recorder.records] == [((2,), (3,)), ((2,), (3,))]
     assert all(r.decode_ms >= 0 and r.decode_cpu_ms >= 0 for r in recorder.records)
     assert "decode" not in vars(rt) and "decode_many_top" not in vars(rt)
+
+
+def test_bench_serve_repeats_each_row_and_spreads_its_figures(tiny_model_dir, capsys):
+    """--repeat N runs each row N times on the same engine; each row compares with its own
+    repeat's one-typist row, and `repeats` gives each figure's median and range."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = bench_serve.run(_args(
+            "--device", "cpu", "--model", str(tiny_model_dir), "--users", "1,2", "--variants", "batched-bifurcated",
+            "--keystrokes", "2", "--interval-ms", "10", "--pause-ms", "10", "--n", "2", "--new-tokens", "3",
+            "--context-tokens", "120", "--copy-gbps", "10", "--max-row-s", "3", "--repeat", "2", "--json"))
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [(r["users"], r["repeat"]) for r in result["rows"]] == [(1, 0), (2, 0), (1, 1), (2, 1)]
+    for r in result["rows"][1::2]:
+        one = next(o for o in result["rows"] if o["users"] == 1 and o["repeat"] == r["repeat"])
+        assert r["p95_vs_one_typist"] == pytest.approx(r["p95_ms"] / one["p95_ms"])
+    spread = {(e["variant"], e["users"]): e for e in result["repeats"]}
+    assert set(spread) == {("batched-bifurcated", 1), ("batched-bifurcated", 2)}
+    p95 = spread[("batched-bifurcated", 2)]["p95_ms"]
+    assert spread[("batched-bifurcated", 2)]["repeats"] == 2 and p95["min"] <= p95["median"] <= p95["max"]
+    with pytest.raises(SystemExit):
+        bench_serve.run(_args("--device", "cpu", "--model", str(tiny_model_dir), "--repeat", "0"))

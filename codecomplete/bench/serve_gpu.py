@@ -93,6 +93,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cold-every-s", type=float, default=0.0,
                    help="with --device: also run each row with a cold prompt arriving this often (0: never)")
     p.add_argument("--cold-tokens", type=int, default=4096, help="with --device: a cold prompt's tokens")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="with --device: run each variant's rows this many times in turn, on the same engine; the "
+                        "JSON's repeats give each figure's median and range")
     p.add_argument("--keep-records", action="store_true",
                    help="with --device: each keystroke's record in the JSON rows (keystroke_records: its time, "
                         "prompt tokens prefilled, engine stages), to study the tail")
@@ -546,22 +549,22 @@ def compare_service(rows: list[dict]) -> None:
 
 def compare(rows: list[dict]) -> None:
     """Each row against its variant's one-typist row, the sequential row and the plain one
-    of the same users (the issue's targets are such ratios)."""
-    def find(variant, users, cold):
-        return next((r for r in rows if (r["variant"], r["users"], bool(r["cold_every_s"])) == (variant, users, cold)),
-                    None)
+    of the same users, within the same repeat (the issue's targets are such ratios)."""
+    def find(variant, users, cold, repeat):
+        return next((r for r in rows if (r["variant"], r["users"], bool(r["cold_every_s"]), r.get("repeat", 0))
+                     == (variant, users, cold, repeat)), None)
 
     ratio = lambda a, b: a / b if a and b else None  # noqa: E731
     for r in rows:
-        cold = bool(r["cold_every_s"])
-        one = find(r["variant"], 1, cold)
+        cold, repeat = bool(r["cold_every_s"]), r.get("repeat", 0)
+        one = find(r["variant"], 1, cold, repeat)
         if one is not None and r is not one:
             r["step_vs_one_typist"] = ratio(r.get("step_ms"), one.get("step_ms"))
             r["p95_vs_one_typist"] = ratio(r["p95_ms"], one["p95_ms"])
-        seq = find("sequential", r["users"], cold)
+        seq = find("sequential", r["users"], cold, repeat)
         if seq is not None and r is not seq:
             r["keystrokes_per_s_vs_sequential"] = ratio(r["keystrokes_per_s"], seq["keystrokes_per_s"])
-        plain = find("batched-plain", r["users"], cold)
+        plain = find("batched-plain", r["users"], cold, repeat)
         if r["variant"] == "batched-bifurcated" and plain is not None:
             r["keystrokes_per_s_vs_plain"] = ratio(r["keystrokes_per_s"], plain["keystrokes_per_s"])
             # plain's step over this one, and the most a step could gain at these rows and
@@ -569,18 +572,43 @@ def compare(rows: list[dict]) -> None:
             # by both; only the contexts' keys are read once per request instead of per row)
             r["step_speedup_vs_plain"] = ratio(plain.get("step_ms"), r.get("step_ms"))
             r["floor_speedup_vs_plain"] = ratio(plain.get("floor_ms"), r.get("floor_ms"))
-        inline = find("batched-inline-rerank", r["users"], cold)
+        inline = find("batched-inline-rerank", r["users"], cold, repeat)
         if r["variant"] == "batched-bifurcated" and inline is not None:
             r["keystrokes_per_s_vs_inline_rerank"] = ratio(r["keystrokes_per_s"], inline["keystrokes_per_s"])
             r["p95_vs_inline_rerank"] = ratio(r["p95_ms"], inline["p95_ms"])
-        eager = find("batched-eager-prefill", r["users"], cold)
+        eager = find("batched-eager-prefill", r["users"], cold, repeat)
         if r["variant"] == "batched-bifurcated" and eager is not None and cold:
             r["step_p95_vs_eager_prefill"] = ratio(r.get("step_p95_ms"), eager.get("step_p95_ms"))
             r["p95_vs_eager_prefill"] = ratio(r["p95_ms"], eager["p95_ms"])
         if cold:
-            quiet = find(r["variant"], r["users"], False)
+            quiet = find(r["variant"], r["users"], False, repeat)
             if quiet is not None:
                 r["step_p95_vs_no_cold"] = ratio(r.get("step_p95_ms"), quiet.get("step_p95_ms"))
+
+
+REPEATED = ("p50_ms", "p95_ms", "keystrokes_per_s", "step_ms", "p95_vs_one_typist", "step_vs_one_typist",
+            "keystrokes_per_s_vs_plain")  # the figures repeat_summary spreads
+
+
+def repeat_summary(rows: list[dict]) -> list[dict]:
+    """With --repeat N: per (variant, users, cold prompts) the median, lowest and highest of
+    each REPEATED figure over its N rows (one process, the same engine: what a single call
+    to a GPU machine can say about the spread)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "repeat" in r:
+            groups.setdefault((r["variant"], r["users"], r["cold_every_s"]), []).append(r)
+    out = []
+    for (variant, users, cold), same in groups.items():
+        if len(same) < 2:
+            continue
+        entry = {"variant": variant, "users": users, "cold_every_s": cold, "repeats": len(same)}
+        for key in REPEATED:
+            values = [r[key] for r in same if r.get(key) is not None]
+            if values:
+                entry[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+        out.append(entry)
+    return out
 
 
 def run(args, users_list: list[int], variants: list[str]) -> int:
@@ -588,8 +616,8 @@ def run(args, users_list: list[int], variants: list[str]) -> int:
     service's rows last, once the in-process engines have given their memory back."""
     from codecomplete.engine import Engine
 
-    if args.new_tokens < 1 or args.context_tokens < 16 or args.keystrokes < 1:
-        raise SystemExit("bench serve: --new-tokens and --keystrokes must be at least 1, --context-tokens 16")
+    if args.new_tokens < 1 or args.context_tokens < 16 or args.keystrokes < 1 or args.repeat < 1:
+        raise SystemExit("bench serve: --new-tokens, --keystrokes and --repeat must be at least 1, --context-tokens 16")
     if (SERVICE in variants) != bool(args.url):
         raise SystemExit(f"bench serve: the {SERVICE} variant and --url go together (--device with --url: "
                          f"--variants ...,{SERVICE})")
@@ -644,15 +672,15 @@ def run(args, users_list: list[int], variants: list[str]) -> int:
         try:
             warm = Typing(3, args.interval_ms / 3, 0.0)  # first calls: allocations, kernel choices
             type_together([_sender(engine)], doc, "warmup.py", language, warm, options, args.seed)
-            for users in users_list:
-                for cold in colds:
-                    row = run_row(engine, runtime, variant, users, cold, doc, language, args, options, cold_options,
-                                  copy_gbps, runtimes.precision)
-                    result["rows"].append(row)
-                    progress(f"    {users:3d} user(s){' + cold prompts' if cold else ''}: p50 {row['p50_ms']:.1f} ms, "
-                             f"p95 {row['p95_ms']:.1f} ms, {row['keystrokes_per_s']:.1f} keystrokes/s, step "
-                             f"{row.get('step_ms', float('nan')):.2f} ms x {row.get('rows_per_step', 0):.1f} rows "
-                             f"(floor {row.get('floor_ms', float('nan')):.2f} ms)")
+            for repeat, users, cold in [(k, u, c) for k in range(args.repeat) for u in users_list for c in colds]:
+                row = run_row(engine, runtime, variant, users, cold, doc, language, args, options, cold_options,
+                              copy_gbps, runtimes.precision)
+                row["repeat"] = repeat
+                result["rows"].append(row)
+                progress(f"    {users:3d} user(s){' + cold prompts' if cold else ''}: p50 {row['p50_ms']:.1f} ms, "
+                         f"p95 {row['p95_ms']:.1f} ms, {row['keystrokes_per_s']:.1f} keystrokes/s, step "
+                         f"{row.get('step_ms', float('nan')):.2f} ms x {row.get('rows_per_step', 0):.1f} rows "
+                         f"(floor {row.get('floor_ms', float('nan')):.2f} ms)")
         finally:
             engine.close()
     if runtimes is not None:
@@ -670,6 +698,8 @@ def run(args, users_list: list[int], variants: list[str]) -> int:
                      f"{row['keystrokes_per_s']:.1f} keystrokes/s, {row['errors']} errors")
     compare(result["rows"])
     compare_service(result["rows"])
+    if args.repeat > 1:
+        result["repeats"] = repeat_summary(result["rows"])
     for row in result["rows"]:
         records = row.pop("records")
         if args.keep_records:  # each keystroke's answer, times and engine stages (texts left out)
