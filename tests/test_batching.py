@@ -193,46 +193,31 @@ def test_chunked_prefill_equals_a_whole_one(tiny_model_dir):
         scheduler.close()
 
 
-def test_a_prompt_extending_its_last_state_rides_the_decode_batch(tiny_model_dir):
+@pytest.mark.parametrize("case", ["appended", "rewritten", "unchanged"])
+def test_a_prompt_differing_in_its_last_tokens_rides_the_decode_batch(tiny_model_dir, case):
+    """Typing at the end of the prompt appends tokens; a backspace or a moved back-off
+    rewrites the last ones; an unchanged prompt computes its last token again for its
+    logits. Each is a few tokens over the previous state's prefix, decoded through the batch
+    one a step, not a prefill call (a chunk would cost a whole chunk's pass where chunks
+    ride the step), and its state is a fresh prefill's."""
     rt = _runtime(tiny_model_dir, "fallback")
     tokens = rt.tokenizer.encode(SAMPLE_CODE)[:90]
-    _, whole_logits = rt.prefill(tokens)
-    scheduler = BatchScheduler(rt, prefill_chunk_tokens=64)
-    try:
-        with scheduler.session() as session:
-            first, _ = session.prefill(tokens[:87])
-            prefill_calls = sum(r.prefill_calls for r in scheduler.stats.records)
-            state, logits = session.prefill(tokens, first)
-        assert sum(r.prefill_calls for r in scheduler.stats.records) == prefill_calls  # no prefill call
-        assert [r.rows for r in scheduler.stats.decode_records()] == [(1,), (1,), (1,)]  # one token a step
-        assert (state.tokens, state.reused_tokens, state.new_tokens, state.adopted_tokens) == (tokens, 87, 3, 0)
-        np.testing.assert_allclose(logits, whole_logits, atol=1e-4)
-    finally:
-        scheduler.close()
-
-
-@pytest.mark.parametrize("case", ["rewritten", "unchanged"])
-def test_a_prompt_rewriting_its_last_tokens_rides_the_decode_batch(tiny_model_dir, case):
-    """A backspace or a moved back-off changes the previous prompt's last tokens, and an
-    unchanged prompt computes its last token again for its logits: a few tokens over the
-    previous state's prefix, decoded through the batch, not a prefill chunk (which costs a
-    whole chunk's pass where chunks ride the step)."""
-    rt = _runtime(tiny_model_dir, "fallback")
-    tokens = rt.tokenizer.encode(SAMPLE_CODE)[:90]
-    typed = tokens[:86] + [tokens[88], tokens[87]] if case == "rewritten" else tokens[:88]
+    first, typed = {"appended": (tokens[:87], tokens), "rewritten": (tokens[:88], tokens[:86] + [tokens[88], tokens[87]]),
+                    "unchanged": (tokens[:88], tokens[:88])}[case]
+    new = {"appended": 3, "rewritten": 2, "unchanged": 1}[case]
     _, whole_logits = rt.prefill(typed)
     scheduler = BatchScheduler(rt, prefill_chunk_tokens=64)
     try:
         with scheduler.session() as session:
-            first, _ = session.prefill(tokens[:88])
+            previous, _ = session.prefill(first)
             prefill_calls = sum(r.prefill_calls for r in scheduler.stats.records)
-            state, logits = session.prefill(typed, first)
+            state, logits = session.prefill(typed, previous)
         assert sum(r.prefill_calls for r in scheduler.stats.records) == prefill_calls  # no prefill call
-        new = 2 if case == "rewritten" else 1
-        assert [r.rows for r in scheduler.stats.decode_records()] == [(1,)] * new
-        assert (state.tokens, state.reused_tokens, state.new_tokens, state.adopted_tokens) == (typed, 88 - new, new, 0)
+        assert [r.rows for r in scheduler.stats.decode_records()] == [(1,)] * new  # one token a step
+        assert (state.tokens, state.reused_tokens, state.new_tokens, state.adopted_tokens) == (
+            typed, len(typed) - new, new, 0)
         np.testing.assert_allclose(logits, whole_logits, atol=1e-4)
-        # the rewritten state's KV is the whole prompt's: decoding over it gives what a fresh prefill does
+        # the state's KV is the whole prompt's: decoding over it gives what a fresh prefill does
         fresh, _ = rt.prefill(typed)
         branches = [rt.start_branches(s, 1, 2) for s in (state, fresh)]
         np.testing.assert_allclose(rt.decode(state, branches[0], [tokens[0]]), rt.decode(fresh, branches[1], [tokens[0]]),

@@ -167,17 +167,21 @@ def test_select_branches_keeps_the_right_caches(tiny_model_dir):
     np.testing.assert_allclose(after_kept[1], after_full[0], atol=1e-4)
 
 
-@pytest.mark.parametrize("runtime, attention", [("onnx", None), ("torch", "bifurcated"), ("torch", "plain")])
-def test_adopting_a_decoded_branch_equals_prefilling_its_tokens(tiny_gqa_model_dir, runtime, attention):
-    """A prompt that goes on with tokens a branch was fed: the branch's KV copied into the
-    context gives what a prefill of those tokens gives, for the logits and the next steps."""
+def _reusing_runtime(runtime: str, attention: str | None, model_dir):
+    """The onnx runtime (fp32) or the torch one with this batch attention: both reuse branches."""
     if runtime == "torch":
         pytest.importorskip("torch")
         from codecomplete.bench.reference import torch_runtime
 
-        rt = torch_runtime(attention, load_model_source(tiny_gqa_model_dir))
-    else:
-        rt = OnnxRuntime(load_model_source(tiny_gqa_model_dir), precision="fp32")
+        return torch_runtime(attention, load_model_source(model_dir))
+    return OnnxRuntime(load_model_source(model_dir), precision="fp32")
+
+
+@pytest.mark.parametrize("runtime, attention", [("onnx", None), ("torch", "bifurcated"), ("torch", "plain")])
+def test_adopting_a_decoded_branch_equals_prefilling_its_tokens(tiny_gqa_model_dir, runtime, attention):
+    """A prompt that goes on with tokens a branch was fed: the branch's KV copied into the
+    context gives what a prefill of those tokens gives, for the logits and the next steps."""
+    rt = _reusing_runtime(runtime, attention, tiny_gqa_model_dir)
     prompt = rt.tokenizer.encode(TEXTS[0])
     state, _ = rt.prefill(prompt)
     br = rt.start_branches(state, 3, 8)
@@ -211,13 +215,7 @@ def test_a_context_prefix_rewritten_by_adoption_equals_a_fresh_prefill(tiny_gqa_
     """A prompt that rewrites the previous one's last tokens: the previous state cut to
     their common prefix (no copy), the new tokens decoded over it and adopted, equals a
     prefill of the new prompt, for the logits and the next steps."""
-    if runtime == "torch":
-        pytest.importorskip("torch")
-        from codecomplete.bench.reference import torch_runtime
-
-        rt = torch_runtime(attention, load_model_source(tiny_gqa_model_dir))
-    else:
-        rt = OnnxRuntime(load_model_source(tiny_gqa_model_dir), precision="fp32")
+    rt = _reusing_runtime(runtime, attention, tiny_gqa_model_dir)
     prompt = rt.tokenizer.encode(TEXTS[0])
     typed = prompt[:-3] + [17, 18]
     state, _ = rt.prefill(prompt)
