@@ -152,11 +152,14 @@ class Engine:
                    batching=batching, **settings)
 
     def close(self) -> None:
-        """Stop the batch scheduler's thread and the rerank processes (nothing to do without)."""
+        """Stop the batch scheduler's thread and the rerank processes, and give the objects
+        frozen since this engine was built back to the collector (settle_collector), so that
+        an engine dropped after close is collected whole, cycles too."""
         if self.scheduler is not None:
             self.scheduler.close()
         if self.rerank_pool is not None:
             self.rerank_pool.close()
+        gc.unfreeze()
 
     def forget(self) -> None:
         """Drop what earlier requests left behind (prompt KV states, shown candidates), so the
