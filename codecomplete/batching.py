@@ -101,7 +101,7 @@ class IterationRecord:
     decode_cpu_ms: float = 0.0  # the scheduler thread's CPU time in the decode_many call (the rest of
     # decode_ms is waiting: for the device, or for the GIL while other threads hold it)
     first_picks_ms: float = 0.0  # of iteration_ms: the loops that joined picking their first tokens (from the
-    # prompt's logits, whole rows on the host)
+    # prompt's logits: reduced rows for a typed token on a reducing runtime, else whole ones)
     joined: int = 0  # loops that joined this iteration
     picks_ms: float = 0.0  # of iteration_ms: the stepped loops' picks, stop rules and next rows after the decode
     picks_cpu_ms: float = 0.0  # the scheduler thread's CPU time in them (picks_ms less this: waiting for the GIL)
@@ -453,11 +453,7 @@ class BatchScheduler:
             full[first_loop + i] = loop.sampler.banned is not banned
         for i in range(first_loop + len(loops), len(steps)):  # prompt extensions: their logits start a loop
             full[i] = False
-        out = runtime.decode_many_top(steps, full, banned, TOP_K, TAIL, **fused)
-        for rows in out:
-            if isinstance(rows, TopRows):
-                rows.banned = banned
-        return out
+        return runtime.decode_many_top(steps, full, banned, TOP_K, TAIL, **fused)
 
     # -- prefill ----------------------------------------------------------------------------
     def _stopping(self, job: _Prefill) -> bool:

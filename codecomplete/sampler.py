@@ -271,23 +271,39 @@ class Sampler:
         return tok, float(lg[tok]) - lse
 
 
-_BANNED_MASKS: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # id(banned) -> (banned, its mask)
-BANNED_MASKS_KEPT = 8  # an engine bans one or two arrays
+PER_ARRAY_KEPT = 8  # values kept per_array: an engine bans one or two arrays
+
+
+def per_array(cache: dict, array, make):
+    """make(), kept in `cache` for this very array object (by identity: an engine hands every
+    request the same banned array), at most PER_ARRAY_KEPT of them."""
+    kept = cache.get(id(array))
+    if kept is not None and kept[0] is array:
+        return kept[1]
+    value = make()
+    if len(cache) >= PER_ARRAY_KEPT:
+        cache.clear()
+    cache[id(array)] = (array, value)
+    return value
+
+
+_BANNED_MASKS: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
 
 def _banned_mask(banned: np.ndarray, vocab: int) -> np.ndarray:
-    """The mask of a banned-ids array over at least `vocab` ids, made once per array: a
+    """The read-only mask of a banned-ids array over `vocab` ids, made once per array: a
     request's sampler needs it at its first constrained pick, on the scheduler thread
     (0.3-0.5 ms for the stand-in vocabulary's 151,800 banned placeholders)."""
-    kept = _BANNED_MASKS.get(id(banned))
-    if kept is not None and kept[0] is banned and len(kept[1]) >= vocab:
-        return kept[1]
-    mask = np.zeros(vocab, dtype=bool)
-    mask[banned] = True
-    mask.flags.writeable = False
-    if len(_BANNED_MASKS) >= BANNED_MASKS_KEPT:
-        _BANNED_MASKS.clear()
-    _BANNED_MASKS[id(banned)] = (banned, mask)
+    def make() -> np.ndarray:
+        mask = np.zeros(vocab, dtype=bool)
+        mask[banned] = True
+        mask.flags.writeable = False
+        return mask
+
+    mask = per_array(_BANNED_MASKS, banned, make)
+    if len(mask) < vocab:  # asked over a larger vocabulary than before
+        _BANNED_MASKS.pop(id(banned), None)
+        mask = per_array(_BANNED_MASKS, banned, make)
     return mask
 
 

@@ -137,7 +137,14 @@ class FreeRuntime(Runtime):
         """The precomputed rows' reduction (their best k tokens; banned ids are not among
         them), as a device would hand it over."""
         top = self.top_rows(k, tail)
-        return [self._logits[rows] if whole else top[rows] for rows, whole in zip(self._rows_of(steps), full, strict=True)]
+        out = []
+        for rows, whole in zip(self._rows_of(steps), full, strict=True):
+            if whole:
+                out.append(self._logits[rows])
+            else:
+                out.append(top[rows])
+                out[-1].banned = banned
+        return out
 
     def top_rows(self, k: int, tail: float) -> TopRows:
         """All precomputed rows reduced (made once)."""

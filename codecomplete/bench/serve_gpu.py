@@ -326,7 +326,7 @@ def step_figures(records: list[IterationRecord], config, precision: str, bifurca
             "prefill_tokens_per_iteration": statistics.fmean(r.prefill_tokens for r in steps),
             "fused_prefill_tokens_per_iteration": statistics.fmean(r.fused_tokens for r in steps),
             "gather_ms_per_iteration": statistics.fmean(r.gather_ms for r in steps),
-            # of the host's part: the joining loops' first picks (whole prompt rows on the host), and
+            # of the host's part: the joining loops' first picks (from their prompts' logits), and
             # the stepped loops' picks after the decode
             "first_picks_ms_per_iteration": statistics.fmean(r.first_picks_ms for r in steps),
             "picks_ms_per_iteration": statistics.fmean(r.picks_ms for r in steps),
@@ -385,14 +385,15 @@ def steps_by_rows(steps: list[IterationRecord], floors: list[float]) -> list[dic
         if band:
             decode = [r.decode_ms for r, _ in band]
             iteration = [r.iteration_ms for r, _ in band]
-            plain = [r.decode_ms for r, _ in band if not r.fused_tokens] or [0.0]
+            plain = [r.decode_ms for r, _ in band if not r.fused_tokens]
             out.append({"rows": f"{low + 1}-{high}" if high < 10**9 else f"{low + 1}+", "steps": len(band),
                         "requests_mean": statistics.fmean(len(r.rows) for r, _ in band),
                         "decode_ms": statistics.fmean(decode), "decode_p95_ms": percentile(decode, 95),
                         # steps that a prompt chunk rode (their decode call also prefilled), and
                         # the decode call of the others alone
                         "fused_share": sum(1 for r, _ in band if r.fused_tokens) / len(band),
-                        "unfused_decode_ms": statistics.fmean(plain), "unfused_decode_p95_ms": percentile(plain, 95),
+                        "unfused_decode_ms": statistics.fmean(plain) if plain else None,
+                        "unfused_decode_p95_ms": percentile(plain, 95) if plain else None,
                         "replay_ms": statistics.fmean(r.replay_ms for r, _ in band),
                         "replay_p95_ms": percentile([r.replay_ms for r, _ in band], 95),
                         "decode_cpu_ms": statistics.fmean(r.decode_cpu_ms for r, _ in band),

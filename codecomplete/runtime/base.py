@@ -159,8 +159,9 @@ class Runtime(abc.ABC):
                         k: int, tail: float) -> list[np.ndarray | TopRows]:
         """decode_many, whose steps with full[i] False may come back as TopRows: their rows'
         k best tokens outside `banned` and their log-sum-exp over the tokens within `tail`
-        of the best, so that a (rows, vocabulary) array need not reach the host. This
-        default returns every step's whole rows."""
+        of the best, so that a (rows, vocabulary) array need not reach the host; each
+        TopRows records `banned` (TopRows.banned, the very array). This default returns
+        every step's whole rows."""
         return self.decode_many(steps)
 
     @abc.abstractmethod

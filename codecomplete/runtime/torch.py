@@ -7,14 +7,13 @@ import logging
 import warnings
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 
 from codecomplete.models import bifurcated_triton
 from codecomplete.models.format.folder import dequantize, quantize_rows_int8
 from codecomplete.models.format.source import ModelSource
 from codecomplete.models.model import DECODE_ATTENTION, Transformer
-from codecomplete.sampler import TAIL, TOP_K
+from codecomplete.sampler import TAIL, TOP_K, _banned_mask, per_array
 
 from . import torch_graphs
 from .base import BranchState, ContextState, DecodeStep, PrefillChunk, Runtime
@@ -292,21 +291,16 @@ class TorchRuntime(Runtime):
             return self._decode_batch(steps, None, chunk)
         top = torch_graphs.TopSpec(self._banned_mask(banned), k, tail, self.dtype)
         out = self._decode_batch(steps, None, chunk, top)
+        for rows in out:
+            rows.banned = banned
         return [rows.full() if whole else rows for rows, whole in zip(out, full, strict=True)]
 
     def _banned_mask(self, banned) -> torch.Tensor | None:
         """The (V,) bool device mask of the banned ids (made once per banned array)."""
         if banned is None or not len(banned):
             return None
-        kept = self._banned_masks.get(id(banned))
-        if kept is not None and kept[0] is banned:
-            return kept[1]
-        mask = torch.zeros(self.config.vocab_size, dtype=torch.bool)
-        mask[torch.as_tensor(np.asarray(banned, dtype=np.int64))] = True
-        if len(self._banned_masks) >= 8:  # engines keep one or two arrays: old ones are gone
-            self._banned_masks.clear()
-        self._banned_masks[id(banned)] = (banned, mask.to(self.device))
-        return self._banned_masks[id(banned)][1]
+        return per_array(self._banned_masks, banned,
+                         lambda: torch.tensor(_banned_mask(banned, self.config.vocab_size)).to(self.device))
 
     def _decode_batch(self, steps: list[DecodeStep], host, chunk: PrefillChunk | None = None,
                       top: torch_graphs.TopSpec | None = None) -> list:
