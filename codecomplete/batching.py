@@ -145,6 +145,7 @@ class _Prefill:
         self.mode = "new"  # then "extension" (through the decode batch) or "chunks"
         self.branches: BranchState | None = None  # extension: the one-row branch cache
         self.fed = 0  # extension: tokens decoded into it
+        self.first_gather = call.session.first_gather  # extension: read with its last token's logits
 
     @property
     def remaining(self) -> int:
@@ -354,6 +355,7 @@ class BatchScheduler:
             steps.append(step)
             owners.append(call)
         n_calls = len(owners)
+        reducing = runtime.reduces_rows
         for call in loops:
             loop: DecodeLoop = call.payload
             try:
@@ -361,11 +363,15 @@ class BatchScheduler:
             except Exception as e:
                 self._answer(call, error=e, back=False)
                 continue
-            steps.append(DecodeStep(loop.context, loop.branches, loop.next_tokens))
+            steps.append(DecodeStep(loop.context, loop.branches, loop.next_tokens,
+                                    loop.next_gathers() if reducing else None))
             owners.append(call)
         n_loops = len(owners) - n_calls
         for job in extensions:
-            steps.append(DecodeStep(job.state, job.branches, [job.tokens[len(job.state.tokens) + job.fed]]))
+            at = len(job.state.tokens) + job.fed
+            last = at == len(job.tokens) - 1  # its logits start the request's loop
+            gather = {0: job.first_gather} if last and reducing and job.first_gather is not None else None
+            steps.append(DecodeStep(job.state, job.branches, [job.tokens[at]], gather))
             owners.append(job)
         if not steps:
             if fused is not None:
@@ -551,6 +557,9 @@ class ScheduledRuntime(Runtime):
         self.reuses_branches = runtime.reuses_branches
         self.batch_attention = runtime.batch_attention
         self.closed = False
+        # the ids the request's first constrained pick reads from its prompt's last logits:
+        # a prompt that rides the decode batch fetches them with the step (DecodeStep.gather)
+        self.first_gather: np.ndarray | None = None
 
     def _op(self, fn: Callable[[Runtime], object]):
         return self._scheduler._submit(_Call(self, fn), "op")

@@ -38,6 +38,7 @@ from codecomplete.batching import (
     BatchScheduler,
     DocumentTurns,
     PrefillStopped,
+    ScheduledRuntime,
 )
 from codecomplete.cache import ContextCache, SuggestionCache
 from codecomplete.languages import language_for
@@ -56,6 +57,17 @@ from codecomplete.text import windowed_request
 SINGLE_LINE_MAX_NEW_TOKENS = 48  # single-line completions rarely need more; blocks may use all
 BATCHING_MODES = ("off", "on")
 CACHED_DOCUMENTS = 64  # with batching: documents whose prompt KV is kept (one per typist)
+
+
+@dataclass
+class _Decoding:
+    """A request's token choice (its sampler, over its alignment) and stop rules."""
+
+    sampler: Sampler
+    stop_ids: set[int]
+    stop_bytes: object  # visible bytes -> bytes to keep, or None
+    patience: int | None
+    deadline: float | None
 
 
 @dataclass
@@ -229,6 +241,11 @@ class Engine:
 
         with self._runtime_for(request, None if exact else decode_deadline) as runtime:
             previous = self.contexts.take(key, prompt.tokens)
+            alignment = Alignment(prompt.back_off.removed, self.trie)
+            decoding = self._decoding(request, alignment, scope, decode_deadline)
+            if isinstance(runtime, ScheduledRuntime) and alignment.trie is not None:
+                # a prompt that rides the decode batch brings back its first pick's logits too
+                runtime.first_gather = decoding.sampler.constrained_ids(alignment.removed, runtime.config.vocab_size)
             try:
                 kept, reuse = self._prefill(runtime, prompt.tokens, previous)
             except PrefillStopped as stopped:  # cancelled or late while its prefill waited its turn
@@ -238,9 +255,8 @@ class Engine:
                 return Completion([], timer.timings, cancelled=request.cancel.cancelled)
             t = timer.stage("prefill", t)
 
-            alignment = Alignment(prompt.back_off.removed, self.trie)
-            result = self._generate(runtime, kept, alignment, scope, request,
-                                    exact or max_new + prompt.back_off.removed_tokens, decode_deadline, reuse)
+            result = self._generate(runtime, kept, decoding, request, exact or max_new + prompt.back_off.removed_tokens,
+                                    reuse)
         kept.trace = result.trace  # the next keystroke may continue along a branch
         self.contexts.put(key, kept)
         t = timer.stage("generate", t)
@@ -288,9 +304,9 @@ class Engine:
         elif previous is not None:  # nothing computed: the state taken is untouched
             self.contexts.put(key, previous)
 
-    def _generate(self, runtime: Runtime, kept: KeptContext, alignment: Alignment, scope: CompletionScope,
-                  request: CompletionRequest, max_new: int, deadline: float, reuse: Reuse | None
-                  ) -> GenerationResult:
+    def _decoding(self, request: CompletionRequest, alignment: Alignment, scope: CompletionScope,
+                  deadline: float) -> _Decoding:
+        """The request's token choice and stop rules."""
         opts = request.options
         banned = self.banned_ids
         stop_ids, stop_bytes, patience = self.stop_ids, scope.stop_bytes, opts.patience_steps
@@ -304,10 +320,16 @@ class Engine:
             stop_ids, stop_bytes, patience, deadline = set(), _never_stop, None, None
         sampler = Sampler(temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed,
                           banned=banned if len(banned) else None, alignment=alignment)
-        loop = DecodeLoop(runtime, kept.state, kept.logits, n=max(1, opts.n), max_new_tokens=max_new,
-                          alignment=alignment, sampler=sampler, stop_ids=stop_ids, stop_bytes=stop_bytes,
-                          deadline=deadline, cancelled=lambda: request.cancel.cancelled,
-                          patience=patience, reuse=reuse)
+        return _Decoding(sampler, stop_ids, stop_bytes, patience, deadline)
+
+    @staticmethod
+    def _generate(runtime: Runtime, kept: KeptContext, decoding: _Decoding, request: CompletionRequest, max_new: int,
+                  reuse: Reuse | None) -> GenerationResult:
+        sampler = decoding.sampler
+        loop = DecodeLoop(runtime, kept.state, kept.logits, n=max(1, request.options.n), max_new_tokens=max_new,
+                          alignment=sampler.alignment, sampler=sampler, stop_ids=decoding.stop_ids,
+                          stop_bytes=decoding.stop_bytes, deadline=decoding.deadline,
+                          cancelled=lambda: request.cancel.cancelled, patience=decoding.patience, reuse=reuse)
         return run(loop)
 
     @staticmethod

@@ -74,6 +74,7 @@ def _sparse_nonzero(mask: np.ndarray) -> np.ndarray:
     return np.concatenate([bytes_at[flat[bytes_at]], np.flatnonzero(flat[n:]) + n])
 
 
+CONSTRAINED_IDS_KEPT = 16  # a request's texts to re-create: the backed-off text and what is left of it
 SPARSE_SHARE = 1 / 32  # rows with fewer of their tokens within reach are reduced all at once
 
 
@@ -154,6 +155,7 @@ class Sampler:
         self._row_lse: dict[int, float] = {}
         self._row_nucleus: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._constrained: dict[tuple[int, bytes], list] = {}  # (row, remaining) -> ids, logits, lse, nucleus
+        self._constrained_ids: dict[tuple[bytes, int], np.ndarray] = {}  # kept across steps
 
     def start_step(self, logits: np.ndarray) -> None:
         self._logits = logits
@@ -223,9 +225,7 @@ class Sampler:
             gathered = isinstance(logits, TopRows) and logits.vocab is not None  # only those ids leave the device
             row_logits = None if gathered else logits[row]
             vocab = logits.vocab if gathered else row_logits.shape[-1]
-            ids = self.alignment.allowed(remaining, vocab)
-            if self.banned is not None and len(ids):  # banned ids are never picked: not read either
-                ids = ids[~self._banned(vocab)[ids]]
+            ids = self.constrained_ids(remaining, vocab)
             if gathered:
                 values = np.array(logits.gather(row, ids), dtype=np.float32)
             else:
@@ -247,6 +247,22 @@ class Sampler:
             nucleus = hit[3] = _nucleus_of(ids[near], values[near], m, self._t, self.top_p)
         tok = _draw(nucleus, self._rng(branch))
         return tok, float(values[np.searchsorted(ids, tok)]) - lse
+
+    def constrained_ids(self, remaining: bytes, vocab: int) -> np.ndarray:
+        """The ascending ids below `vocab` that agree with `remaining` and are not banned:
+        what a constrained pick reads. The same array for the same arguments (a request
+        re-creates one or two texts), so that a gather fetched with the step is found by
+        identity (DecodeStep.gather)."""
+        key = (remaining, vocab)
+        ids = self._constrained_ids.get(key)
+        if ids is None:
+            ids = self.alignment.allowed(remaining, vocab)
+            if self.banned is not None and len(ids):  # banned ids are never picked: not read either
+                ids = ids[~self._banned(vocab)[ids]]
+            if len(self._constrained_ids) >= CONSTRAINED_IDS_KEPT:
+                self._constrained_ids.clear()
+            self._constrained_ids[key] = ids
+        return ids
 
     def _banned(self, vocab: int) -> np.ndarray:
         """The banned ids as a mask over at least `vocab` ids (read-only: shared by the

@@ -206,6 +206,22 @@ class DecodeLoop:
         self.branches = state
         return True
 
+    def next_gathers(self) -> dict[int, np.ndarray] | None:
+        """For the step prepare set up: per row whose branch must still re-create backed-off
+        text, the ids its constrained pick will read (DecodeStep.gather); None if no row's."""
+        if self.alignment.trie is None:
+            return None
+        logits = self.logits  # the last step's: the next has as many ids
+        vocab = logits.vocab if isinstance(logits, TopRows) else logits.shape[-1]
+        if vocab is None:
+            return None
+        out: dict[int, np.ndarray] = {}
+        for bi in self.active:
+            remaining, row = self.branches_out[bi].remaining, self.row_of[bi]
+            if remaining and row not in out:
+                out[row] = self.sampler.constrained_ids(remaining, vocab)
+        return out or None
+
     @property
     def needs_constrained_pick(self) -> bool:
         """Some branch must still re-create backed-off text: its next pick reads the logits
@@ -269,7 +285,7 @@ def step_through(loop: DecodeLoop) -> GenerationResult:
     while loop.sample(picks):
         if loop.prepare():
             if reducing:
-                step = DecodeStep(loop.context, loop.branches, loop.next_tokens)
+                step = DecodeStep(loop.context, loop.branches, loop.next_tokens, loop.next_gathers())
                 logits = runtime.decode_many_top([step], [False], loop.sampler.banned, TOP_K, TAIL)[0]
             else:
                 logits = decode(loop.context, loop.branches, loop.next_tokens)

@@ -139,6 +139,93 @@ def test_top_rows_of_a_step_hold_its_best_tokens_and_whole_rows(tiny_model_dir):
         assert abs(top.lse[r] - (m + np.log(np.exp(near - m).sum()))) < 1e-4
 
 
+def test_logits_a_step_asks_for_come_with_its_reduction(tiny_model_dir):
+    """DecodeStep.gather: the ids a constrained pick will read come back with the step's
+    reduction, the same numbers as the whole rows' (TopRows.gather answers without a
+    round trip of its own, sub-rows included); other ids, rows out of range and bad ids
+    fall back to the device rows."""
+    rt = load_runtime(str(tiny_model_dir), runtime="torch")
+    vocab = rt.config.vocab_size
+    rng = np.random.default_rng(3)
+    logits = torch.from_numpy((rng.standard_normal((5, vocab)) * 4).astype(np.float32))
+    state = ContextState([1, 2, 3])
+    wanted = np.array([2, 5, 9, vocab - 1])
+    other = np.array([0, 4])
+    steps = [DecodeStep(state, BranchState(n=2, max_new_tokens=4), [0, 0], {1: wanted, 7: other}),
+             DecodeStep(state, BranchState(n=3, max_new_tokens=4), [0, 0, 0], {0: other, 2: wanted,
+                                                                              1: np.array([3, vocab])}),
+             ]
+    first, second = reduce_rows(logits, steps, None, TOP_K, TAIL, torch.float32)
+    trips = []
+    for rows in (first, second):
+        real = rows._gather
+        rows._gather = lambda r, ids, real=real: trips.append((r, len(ids))) or real(r, ids)
+    assert np.array_equal(first.gather(1, wanted), logits[1, wanted].numpy())
+    assert np.array_equal(second.gather(2, wanted), logits[4, wanted].numpy())
+    assert np.array_equal(second.gather(0, other.copy()), logits[2, other].numpy())  # equal ids, another array
+    assert np.array_equal(second[[2, 0]].gather(0, wanted), logits[4, wanted].numpy())  # rows of the step's rows
+    assert trips == []
+    assert np.array_equal(first.gather(0, wanted), logits[0, wanted].numpy())  # not asked for: fetched
+    assert np.array_equal(second.gather(2, other), logits[4, other].numpy())
+    assert trips == [(0, 4), (2, 2)]
+    with pytest.raises(IndexError):  # an id outside the vocabulary was not fetched with the step: its own error
+        second.gather(1, np.array([3, vocab]))
+
+
+def test_constrained_picks_read_the_logits_fetched_with_their_step(tiny_model_dir):
+    """Typing through words (each keystroke backs off and re-creates text) on a runtime
+    that reduces rows, batched and not: every constrained pick's logits came with its step
+    (no gather of its own), a typed keystroke's first pick's with the decode step it rode,
+    and the answers are those of whole rows. (Steps served from the last keystroke's trace
+    ride no step: reuse is off here.)"""
+    import threading
+
+    text = DOCUMENTS[0]
+    start = text.index("return") + 2
+
+    def typing(seed: int) -> list[CompletionRequest]:
+        return [CompletionRequest(text=text[:o] + text[start + 10:], offset=o, language="python", path=f"g{seed}.py",
+                                  options=CompletionOptions(n=3, max_new_tokens=6, deadline_ms=60_000, seed=seed))
+                for o in range(start, start + 10)]
+
+    def answers(engine, seed):
+        return [(_answer(c), c.tokens_generated) for c in map(engine.complete, typing(seed))]
+
+    whole = {}
+    for seed in (0, 1):
+        engine = Engine(load_runtime(str(tiny_model_dir), runtime="torch"))
+        engine.exact_new_tokens, engine.reuse_keystrokes = 4, False
+        whole[seed] = answers(engine, seed)
+    hits, trips = [], []
+    real_gather = TopRows.gather
+
+    def gather(self, row, ids, real_gather=real_gather):
+        known = self._gathered.get(int(self._index[int(row)]))
+        (hits if known is not None and known[0] is ids else trips).append(row)
+        return real_gather(self, row, ids)
+
+    TopRows.gather = gather
+    try:
+        for batching in ("off", "on"):
+            rt = load_runtime(str(tiny_model_dir), runtime="torch")
+            rt.reduces_rows = True
+            engine = Engine(rt, batching=batching, rerank_workers=0)
+            engine.exact_new_tokens, engine.reuse_keystrokes = 4, False
+            got = {}
+            try:
+                users = [threading.Thread(target=lambda s=s: got.__setitem__(s, answers(engine, s))) for s in (0, 1)]
+                for u in users:
+                    u.start()
+                for u in users:
+                    u.join()
+            finally:
+                engine.close()
+            assert got == whole, batching
+    finally:
+        TopRows.gather = real_gather
+    assert len(hits) > 10 and trips == []
+
+
 def test_the_sampler_picks_from_top_rows_what_it_picks_from_whole_rows(tiny_model_dir):
     """decode_many_top on CPU torch (reduces_rows forced on) against decode_many: the same
     tokens for greedy and sampled branches, log-probabilities to float tolerance."""

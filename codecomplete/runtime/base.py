@@ -58,6 +58,11 @@ class DecodeStep:
     context: ContextState
     branches: BranchState
     next_tokens: Sequence[int]
+    # row -> the ids whose logits the caller reads from that row of this step (a pick that
+    # token alignment constrains): a runtime that reduces rows on its device fetches them
+    # with the reduction (TopRows.gather answers from them, no round trip of its own);
+    # others may ignore it
+    gather: dict[int, np.ndarray] | None = None
 
 
 @dataclass
@@ -86,10 +91,12 @@ class TopRows:
     log-sum-exp reads). The whole row stays where it was: `rows[i]` (an int) fetches row i
     as a (V,) float32 array; a slice or a list of ints gives those rows as TopRows;
     gather(i, ids) fetches row i's logits at those ids only (what a pick constrained to a
-    few hundred ids by token alignment reads)."""
+    few hundred ids by token alignment reads); `gathered` holds those fetched with the
+    step (DecodeStep.gather), by the step's row: {row: (ids, their float32 logits)}."""
 
     def __init__(self, ids: np.ndarray, values: np.ndarray, lse: np.ndarray, fetch, index: np.ndarray | None = None,
-                 gather=None, vocab: int | None = None, banned=UNKNOWN_BANNED):
+                 gather=None, vocab: int | None = None, banned=UNKNOWN_BANNED,
+                 gathered: dict[int, tuple[np.ndarray, np.ndarray]] | None = None):
         self.ids, self.values, self.lse = ids, values, lse
         # the banned-ids array the rows were reduced under, where the caller records it (a
         # sampler banning another array reads the whole rows instead)
@@ -98,6 +105,7 @@ class TopRows:
         self._gather = gather  # (index into the step's rows, ids) -> float32 logits of those ids (None: via fetch)
         self._index = np.arange(len(ids)) if index is None else index
         self.vocab = vocab  # V (None: not told)
+        self._gathered = gathered or {}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -106,13 +114,17 @@ class TopRows:
         if isinstance(key, (int, np.integer)):
             return self._fetch(self._index[[int(key)]])[0]
         return TopRows(self.ids[key], self.values[key], self.lse[key], self._fetch, self._index[key], self._gather,
-                       self.vocab, self.banned)
+                       self.vocab, self.banned, self._gathered)
 
     def gather(self, row: int, ids: np.ndarray) -> np.ndarray:
         """Row `row`'s float32 logits at `ids`, the same numbers as self[row][ids]."""
+        at = int(self._index[int(row)])
+        known = self._gathered.get(at)
+        if known is not None and (known[0] is ids or np.array_equal(known[0], ids)):
+            return known[1]
         if self._gather is None:
             return self[row][ids]
-        return self._gather(int(self._index[int(row)]), ids)
+        return self._gather(at, ids)
 
     def full(self) -> np.ndarray:
         """All rows (rows, V) float32, fetched in one copy."""

@@ -82,6 +82,7 @@ def quantize_bnb_int8(model: Transformer) -> Transformer:
 
 ATTENTION_MODES = tuple(DECODE_ATTENTION)  # bench/reference.py holds the reference variants
 BATCH_ATTENTION = ("bifurcated", "plain")  # how decode_many attends a request's context
+ROW_INDICES_KEPT = 512  # distinct branch-row lists kept as device indices (a step keeps or splits up to N rows)
 
 
 class TorchRuntime(Runtime):
@@ -149,6 +150,7 @@ class TorchRuntime(Runtime):
         # no cheaper than numpy's)
         self.reduces_rows = device == "cuda"
         self._banned_masks: dict[int, tuple[object, torch.Tensor]] = {}  # id(banned) -> (banned, device mask)
+        self._row_indices: dict[tuple[int, ...], torch.Tensor] = {}
         self.graphs = None  # torch_graphs.DecodeGraphs when decode runs through CUDA graphs
         self.varlen = None  # torch_graphs.VarlenDecoder: the batched step on CUDA (one kernel per layer)
         if varlen is False and cuda_graphs:
@@ -214,6 +216,19 @@ class TorchRuntime(Runtime):
 
     def _tensor(self, ids: Sequence[int]) -> torch.Tensor:
         return torch.tensor(list(ids), dtype=torch.long, device=self.device)
+
+    def _rows_index(self, rows: Sequence[int]) -> torch.Tensor:
+        """The device index of a few branch rows, made once per distinct list: a fresh one
+        is a copy from pageable memory, which on CUDA waits for the stream (and lets go of
+        the GIL), once per request-step where branches split or end."""
+        key = tuple(int(r) for r in rows)
+        idx = self._row_indices.get(key)
+        if idx is None:
+            if len(self._row_indices) >= ROW_INDICES_KEPT:
+                self._row_indices.clear()
+            with torch.inference_mode(False):  # a plain tensor, usable in and out of inference mode
+                idx = self._row_indices[key] = torch.tensor(key, dtype=torch.long, device=self.device)
+        return idx
 
     @torch.inference_mode()
     def prefill(self, tokens, previous=None, *, capacity_tokens=None):
@@ -392,7 +407,7 @@ class TorchRuntime(Runtime):
     def branch_from(self, context, branches, rows, start, steps, max_new_tokens):
         if steps > branches.step - start or steps > max_new_tokens:
             return None
-        idx = torch.tensor(list(rows), dtype=torch.long, device=self.device)
+        idx = self._rows_index(rows)
         out = self.start_branches(context, len(rows), max_new_tokens)
         out.step = steps
         dec_k, dec_v = branches.kv
@@ -408,7 +423,7 @@ class TorchRuntime(Runtime):
         return step
 
     def select_branches(self, branches, keep):
-        idx = torch.tensor(list(keep), dtype=torch.long, device=self.device)
+        idx = self._rows_index(keep)
         dec_k, dec_v = branches.kv
         return BranchState(n=len(keep), max_new_tokens=branches.max_new_tokens, step=branches.step,
                            kv=(dec_k.index_select(1, idx), dec_v.index_select(1, idx)))

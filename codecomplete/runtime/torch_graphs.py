@@ -175,7 +175,9 @@ def reduce_rows(logits: torch.Tensor, steps: Sequence[DecodeStep], banned: torch
     for s in steps:
         kept.append(logits[r0:r0 + s.branches.n].to(keep_dtype, copy=True))
         r0 += s.branches.n
+    gathered = queue_gathers(logits, steps)  # copied by the same sync
     host = reduce_packed(logits, banned, k, tail).cpu().numpy() if packed is None else packed()  # one sync
+    gathered = gathered() if gathered is not None else [None] * len(steps)
     width = (host.shape[1] - 1) // 2
     all_ids = host[:, :width].astype(np.int64)
     all_values = host[:, width:2 * width].astype(np.float32)
@@ -191,9 +193,47 @@ def reduce_rows(logits: torch.Tensor, steps: Sequence[DecodeStep], banned: torch
             return rows[r][torch.as_tensor(np.asarray(ids, dtype=np.int64), device=rows.device)].float().cpu().numpy()
 
         out.append(TopRows(all_ids[r0:r0 + n], all_values[r0:r0 + n], all_lse[r0:r0 + n], fetch, gather=gather,
-                           vocab=logits.shape[1]))
+                           vocab=logits.shape[1], gathered=gathered[len(out)]))
         r0 += n
     return out
+
+
+def queue_gathers(logits: torch.Tensor, steps: Sequence[DecodeStep]
+                  ) -> Callable[[], list[dict[int, tuple[np.ndarray, np.ndarray]] | None]] | None:
+    """The logits each step's DecodeStep.gather asks for, read from the steps' (rows, V)
+    device logits in one indexing launch and queued to pinned host memory (None: none
+    asked). The callable, once the stream is synchronised, splits them per step into
+    TopRows' `gathered` ({row: (ids, float32 logits)}). One launch and no round trip of
+    their own, where each pick's TopRows.gather costs two (its ids in, its logits out)."""
+    wants, flat, r0 = [], [], 0
+    vocab = logits.shape[1]
+    for i, s in enumerate(steps):
+        for row, ids in (s.gather or {}).items():
+            ids = np.asarray(ids, dtype=np.int64)
+            if 0 <= row < s.branches.n and len(ids) and ids.min() >= 0 and ids.max() < vocab:  # else: TopRows.gather's
+                wants.append((i, row, ids))
+                flat.append((r0 + row) * vocab + ids)
+        r0 += s.branches.n
+    if not wants:
+        return None
+    index = torch.from_numpy(np.concatenate(flat))
+    if logits.is_cuda:
+        index = index.pin_memory().to(logits.device, non_blocking=True)
+    values = logits.reshape(-1).index_select(0, index).float()
+    host = torch.empty(values.shape, dtype=torch.float32, pin_memory=logits.is_cuda)
+    host.copy_(values, non_blocking=logits.is_cuda)
+
+    def split() -> list[dict[int, tuple[np.ndarray, np.ndarray]] | None]:
+        got = host.numpy()
+        out: list[dict | None] = [None] * len(steps)
+        start = 0
+        for i, row, ids in wants:
+            out[i] = out[i] or {}
+            out[i][row] = (ids, got[start:start + len(ids)].copy())
+            start += len(ids)
+        return out
+
+    return split
 
 
 # Buckets of at most this many rows reduce their rows inside the replay. Measured on an
