@@ -269,8 +269,9 @@ class Engine:
             # in a worker process while other requests run (their scheduler needs the GIL that
             # tree-sitter holds); a lone request saves the hop
             pooled = self.rerank_pool is not None and lang is not None and candidates and self._running > 1
-            reports = self.rerank_pool.reports(prefix, suffix, lang, [c.text for c in candidates]) if pooled else None
-            candidates = rerank(candidates, prefix, suffix, lang, reports=reports)
+            texts = [c.text for c in candidates]
+            reports = self.rerank_pool.reports(prefix, suffix, lang, texts, key) if pooled else None
+            candidates = rerank(candidates, prefix, suffix, lang, reports=reports, doc=key)
         else:
             candidates.sort(key=lambda c: -c.logprob)
             for c in candidates:

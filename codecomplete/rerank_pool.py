@@ -18,7 +18,8 @@ module (a Ray worker's, a test runner's) and inherit nothing they need.
 
 Without batching (a laptop, an editor, a CPU replica) the engine reranks in place: one
 request at a time gains nothing from a process hop. A worker that dies or does not answer
-in time is replaced, and that request is checked in place."""
+in time is replaced in the background, and that request (and any while no worker runs) is
+checked in place; a worker that answers that one request failed stays."""
 
 from __future__ import annotations
 
@@ -56,6 +57,10 @@ class WorkerFailed(Exception):
     """A worker died, answered garbage, or did not answer in time."""
 
 
+class RequestFailed(Exception):
+    """A worker answered that one request failed (the worker itself is fine)."""
+
+
 class _Worker:
     """One worker process and its pipes."""
 
@@ -78,14 +83,15 @@ class _Worker:
             raise WorkerFailed("no answer in time")
         return self._from.recv_bytes()
 
-    def reports(self, lang: Language, windows: tuple, texts: list[str], timeout_s: float) -> list[SyntaxReport]:
+    def reports(self, lang: Language, windows: tuple, texts: list[str], timeout_s: float, doc: str | None = None
+                ) -> list[SyntaxReport]:
         try:
-            self._to.send_bytes(marshal.dumps((lang.id, windows, texts)))
+            self._to.send_bytes(marshal.dumps((lang.id, windows, texts, doc)))
         except OSError as exc:
             raise WorkerFailed(f"the worker's pipe: {exc}") from None
         ok, answer = marshal.loads(self._receive(timeout_s))
         if not ok:
-            raise WorkerFailed(f"the worker failed: {answer}")
+            raise RequestFailed(f"the worker failed the request: {answer}")
         return [SyntaxReport(*fields) for fields in answer]
 
     def stop(self) -> None:
@@ -113,6 +119,7 @@ class RerankPool:
         self.in_place = 0  # requests checked in place because a worker failed them
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         self._all: list[_Worker] = []
+        self._starting = 0  # replacements starting in the background
         self._lock = threading.Lock()
         self._closed = False
         try:
@@ -132,45 +139,70 @@ class RerankPool:
         with self._lock:
             return [w.process.pid for w in self._all]
 
-    def reports(self, prefix: str, suffix: str, lang: Language, texts: list[str]) -> list[SyntaxReport]:
-        """The texts' syntax reports at this cursor, from a worker; in place if it fails."""
+    def reports(self, prefix: str, suffix: str, lang: Language, texts: list[str], doc: str | None = None
+                ) -> list[SyntaxReport]:
+        """The texts' syntax reports at this cursor, from a worker; in place if it fails.
+        doc: a key naming the document (each worker keeps its documents' last windows'
+        trees, so a typist's next keystroke reparses only what changed)."""
         if not texts:
             return []
         windows = window_texts(prefix, suffix, lang)
         worker = self._take()
         if worker is not None:
             try:
-                answer = worker.reports(lang, windows, list(texts), self.timeout_s)
+                answer = worker.reports(lang, windows, list(texts), self.timeout_s, doc)
+            except RequestFailed as exc:  # this request's failure, not the worker's: it stays
+                log.warning("rerank pool: %s (checked in place)", exc)
+                self._idle.put(worker)
             except (WorkerFailed, OSError, ValueError, EOFError, TypeError) as exc:
                 self._replace(worker, exc)
             else:
                 self._idle.put(worker)
                 return answer
         self.in_place += 1
-        return window_reports(lang, windows, list(texts))
+        return window_reports(lang, windows, list(texts), doc)
 
     def _take(self) -> _Worker | None:
-        """An idle worker, waiting for one while all are busy; None once the pool is closed."""
+        """An idle worker, waiting for one while all are busy; None once the pool is closed
+        or has no worker running (replacements still starting: checked in place meanwhile)."""
         while not self._closed:
             try:
-                return self._idle.get(timeout=0.5)
+                return self._idle.get(timeout=0.05)
             except queue.Empty:
-                continue
+                with self._lock:
+                    if not self._all:
+                        return None
         return None
 
     def _replace(self, worker: _Worker, exc: BaseException) -> None:
+        """Drop a failed worker and start its replacement in the background: the request
+        that found it failed is checked in place, not kept waiting for a process to start."""
         log.warning("rerank pool: %s; starting a new worker (this request is checked in place)", exc)
         with self._lock:
             if worker in self._all:
                 self._all.remove(worker)
+            closed = self._closed
+            if not closed:
+                self._starting += 1
         worker.stop()
-        if self._closed:
-            return
+        if not closed:
+            threading.Thread(target=self._start_replacement, name="rerank-pool-start", daemon=True).start()
+
+    def _start_replacement(self) -> None:
         try:
-            self._add()
+            worker = _Worker()
         except Exception:
-            log.exception("rerank pool: could not start a new worker; reranking in place from now on")
-            self.close()
+            log.exception("rerank pool: could not start a new worker (%d left)", len(self._all))
+            with self._lock:
+                self._starting -= 1
+            return
+        with self._lock:
+            self._starting -= 1
+            if not self._closed:
+                self._all.append(worker)
+                self._idle.put(worker)
+                return
+        worker.stop()  # closed while it started
 
     def close(self) -> None:
         """Stop the workers: those busy finish their request first (answered in place after)."""
@@ -201,11 +233,11 @@ def _serve() -> None:
         except (EOFError, OSError):  # stdin closed: the engine is done
             return
         try:
-            language_id, windows, texts = marshal.loads(request)
+            language_id, windows, texts, doc = marshal.loads(request)
             lang = language_for(language_id)
             if lang is None:
                 raise ValueError(f"unknown language {language_id!r}")
-            reports = window_reports(lang, tuple(windows), list(texts))
+            reports = window_reports(lang, tuple(windows), list(texts), doc)
             answer = (True, [(r.ok, r.new_error_nodes, r.new_missing_nodes, r.unbalanced_brackets, r.incomplete)
                              for r in reports])
         except Exception as exc:

@@ -213,7 +213,8 @@ def test_constrained_picks_read_the_logits_fetched_with_their_step(tiny_model_di
             engine.exact_new_tokens, engine.reuse_keystrokes = 4, False
             got = {}
             try:
-                users = [threading.Thread(target=lambda s=s: got.__setitem__(s, answers(engine, s))) for s in (0, 1)]
+                users = [threading.Thread(target=lambda s=s, got=got, engine=engine: got.__setitem__(s, answers(engine, s)))
+                         for s in (0, 1)]
                 for u in users:
                     u.start()
                 for u in users:

@@ -233,3 +233,46 @@ def test_a_window_reparsed_from_the_last_keystrokes_tree_reports_what_a_fresh_pa
         assert got == [r._report(fresh, t, lang) for t in texts]
     # the last call left a window behind: the next parse of the same one reuses its tree
     assert r._parse_window(lang, fresh.prefix_bytes + fresh.suffix_bytes + fresh.tail) is fresh.tree
+
+
+def test_interleaved_typists_each_reparse_from_their_own_documents_last_window(monkeypatch):
+    """A replica's rerank worker checks many typists' windows in turn: named by document,
+    each keystroke's window is reparsed from that document's last tree (not parsed afresh
+    because another typist's came in between), with the reports of a fresh parse; unnamed,
+    they share one per language and miss."""
+    import codecomplete.rerank as r
+    from codecomplete.bench.common import TYPING_SAMPLE
+    from codecomplete.rerank import window_reports, window_texts
+
+    real = r.parser_for
+    parses = []  # per parse: from an old tree (a window's reparse, or a candidate's edit)
+
+    class Counting:
+        def __init__(self, parser):
+            self.parser = parser
+
+        def parse(self, document, old_tree=None):
+            parses.append(old_tree is not None)
+            return self.parser.parse(document, old_tree) if old_tree is not None else self.parser.parse(document)
+
+    monkeypatch.setattr(r, "parser_for", lambda lang: Counting(real(lang)))
+    text = TYPING_SAMPLE.read_text()
+    lang = language_for("", "x.py")
+    starts = {"a.py": len(text) // 3, "b.py": 2 * len(text) // 3}
+    texts = ["foo)", "self.a", "if x:\n    return [1,"]
+    for named in (True, False):
+        r.forget_windows()
+        reparsed = {name: [] for name in starts}
+        for step in range(10):
+            for name, start in starts.items():
+                o = start + step
+                windows = window_texts(text[:o], text[o:], lang)
+                r._baseline.cache_clear()
+                mark = len(parses)
+                got = window_reports(lang, windows, texts, name if named else None)
+                reparsed[name].append(parses[mark])  # the window's parse comes first
+                r._baseline.cache_clear()
+                assert got == window_reports(lang, windows, texts, "fresh")  # no tree of its own yet
+                r._LAST_WINDOWS.pop((lang.id, "fresh"))
+        for name in starts:
+            assert reparsed[name] == ([False] + [True] * 9 if named else [False] * 10), (named, name)
