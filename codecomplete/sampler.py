@@ -370,8 +370,9 @@ def pick_many(steps: Sequence[tuple[Sampler, TopRows, Sequence[tuple[int, int]]]
         best = v[np.arange(len(rows)), greedy[rows]]
         inside = v >= (best - reach)[:, None]
         order = np.argsort(np.where(inside, -v, np.inf), axis=1, kind="stable")  # best first, the rest last
-        sorted_values = np.take_along_axis(v, order, axis=1)
-        sorted_ids = np.take_along_axis(ids[rows], order, axis=1)
+        order += (np.arange(len(rows)) * v.shape[1])[:, None]  # into the flat rows (one gather, not take_along_axis')
+        sorted_values = v.reshape(-1)[order]
+        sorted_ids = ids[rows].reshape(-1)[order]
         n_inside = inside.sum(axis=1)  # the order puts them first
         kept = np.arange(v.shape[1])[None, :] < n_inside[:, None]
         z = sorted_values / t
