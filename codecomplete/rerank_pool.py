@@ -23,6 +23,7 @@ checked in place; a worker that answers that one request failed stays."""
 
 from __future__ import annotations
 
+import collections
 import logging
 import marshal
 import os
@@ -30,6 +31,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from multiprocessing.connection import Connection
 
 from codecomplete.languages import Language, language_for
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 # a worker's answer takes a few ms; far longer means it is stuck (or the machine is)
 REPORT_TIMEOUT_S = 5.0
 START_TIMEOUT_S = 60.0  # a worker's start: the interpreter, tree-sitter and its grammars
+WORKER_MS_KEPT = 20_000  # requests whose worker time the pool keeps (bench serve reads a row's)
 MAX_WORKERS_AUTO = 4
 CORES_PER_WORKER_AUTO = 4  # leave most cores to the replica's own threads and the other replicas
 _READY = b"ready"
@@ -84,15 +87,16 @@ class _Worker:
         return self._from.recv_bytes()
 
     def reports(self, lang: Language, windows: tuple, texts: list[str], timeout_s: float, doc: str | None = None
-                ) -> list[SyntaxReport]:
+                ) -> tuple[list[SyntaxReport], float]:
+        """The reports and the worker's own milliseconds on them."""
         try:
             self._to.send_bytes(marshal.dumps((lang.id, windows, texts, doc)))
         except OSError as exc:
             raise WorkerFailed(f"the worker's pipe: {exc}") from None
-        ok, answer = marshal.loads(self._receive(timeout_s))
+        ok, answer, worker_ms = marshal.loads(self._receive(timeout_s))
         if not ok:
             raise RequestFailed(f"the worker failed the request: {answer}")
-        return [SyntaxReport(*fields) for fields in answer]
+        return [SyntaxReport(*fields) for fields in answer], float(worker_ms)
 
     def stop(self) -> None:
         for stream in (self._to, self._from, self.process.stdin, self.process.stdout):
@@ -117,6 +121,9 @@ class RerankPool:
         self.workers = workers
         self.timeout_s = timeout_s
         self.in_place = 0  # requests checked in place because a worker failed them
+        # the workers' own milliseconds per request answered (the rest of a request's time is
+        # the pipes and its thread's wait for the GIL): what bench serve reports of the pool
+        self.worker_ms: collections.deque[float] = collections.deque(maxlen=WORKER_MS_KEPT)
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         self._all: list[_Worker] = []
         self._starting = 0  # replacements starting in the background
@@ -150,7 +157,7 @@ class RerankPool:
         worker = self._take()
         if worker is not None:
             try:
-                answer = worker.reports(lang, windows, list(texts), self.timeout_s, doc)
+                answer, worker_ms = worker.reports(lang, windows, list(texts), self.timeout_s, doc)
             except RequestFailed as exc:  # this request's failure, not the worker's: it stays
                 log.warning("rerank pool: %s (checked in place)", exc)
                 self._idle.put(worker)
@@ -158,6 +165,7 @@ class RerankPool:
                 self._replace(worker, exc)
             else:
                 self._idle.put(worker)
+                self.worker_ms.append(worker_ms)
                 return answer
         self.in_place += 1
         return window_reports(lang, windows, list(texts), doc)
@@ -232,6 +240,7 @@ def _serve() -> None:
             request = requests.recv_bytes()
         except (EOFError, OSError):  # stdin closed: the engine is done
             return
+        t0 = time.perf_counter()
         try:
             language_id, windows, texts, doc = marshal.loads(request)
             lang = language_for(language_id)
@@ -239,9 +248,9 @@ def _serve() -> None:
                 raise ValueError(f"unknown language {language_id!r}")
             reports = window_reports(lang, tuple(windows), list(texts), doc)
             answer = (True, [(r.ok, r.new_error_nodes, r.new_missing_nodes, r.unbalanced_brackets, r.incomplete)
-                             for r in reports])
+                             for r in reports], (time.perf_counter() - t0) * 1000.0)
         except Exception as exc:
-            answer = (False, f"{type(exc).__name__}: {exc}")
+            answer = (False, f"{type(exc).__name__}: {exc}", 0.0)
         answers.send_bytes(marshal.dumps(answer))
 
 

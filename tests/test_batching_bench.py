@@ -110,12 +110,17 @@ def test_bench_serve_repeats_each_row_and_spreads_its_figures(tiny_model_dir, ca
         code = bench_serve.run(_args(
             "--device", "cpu", "--model", str(tiny_model_dir), "--users", "1,2", "--variants", "batched-bifurcated",
             "--keystrokes", "2", "--interval-ms", "10", "--pause-ms", "10", "--n", "2", "--new-tokens", "3",
-            "--context-tokens", "120", "--copy-gbps", "10", "--max-row-s", "3", "--repeat", "2", "--json"))
+            "--context-tokens", "120", "--copy-gbps", "10", "--max-row-s", "3", "--repeat", "2",
+            "--rerank-workers", "1", "--json"))
     finally:
         torch.set_num_threads(threads)
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert [(r["users"], r["repeat"]) for r in result["rows"]] == [(1, 0), (2, 0), (1, 1), (2, 1)]
+    for r in result["rows"]:  # the rerank worker's own time, per row (a lone request reranks in place)
+        assert r["rerank_in_place"] == 0 and r["rerank_pooled"] >= 0
+        assert r["rerank_pooled"] == 0 or 0 < r["rerank_worker_p50_ms"] <= r["rerank_worker_p95_ms"]
+    assert any(r["rerank_pooled"] for r in result["rows"] if r["users"] == 2)  # two typists overlap
     for r in result["rows"][1::2]:
         one = next(o for o in result["rows"] if o["users"] == 1 and o["repeat"] == r["repeat"])
         assert r["p95_vs_one_typist"] == pytest.approx(r["p95_ms"] / one["p95_ms"])

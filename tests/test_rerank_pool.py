@@ -35,6 +35,7 @@ def pool():
 
 
 def test_pool_reports_equal_in_place(pool):
+    pool.worker_ms.clear()
     for language, prefix, suffix, texts in CASES:
         lang = language_for(language)
         assert pool.reports(prefix, suffix, lang, texts) == syntax_reports(prefix, suffix, lang, texts)
@@ -43,6 +44,8 @@ def test_pool_reports_equal_in_place(pool):
             want = syntax_reports(prefix[:cut], suffix, lang, texts)
             assert pool.reports(prefix[:cut], suffix, lang, texts, f"{language}.doc") == want
     assert pool.in_place == 0
+    # the workers' own time, per request answered (what bench serve reports of the pool)
+    assert len(pool.worker_ms) == 4 * len(CASES) and all(0.0 < ms < 5000.0 for ms in pool.worker_ms)
     assert pool.reports("x = ", "", language_for("python"), []) == []
 
 

@@ -453,6 +453,10 @@ def run_row(engine, runtime, variant: str, users: int, cold: bool, doc: str, lan
         torch.cuda.reset_peak_memory_stats()
     typing = Typing(args.keystrokes, args.interval_ms, args.pause_ms, max_s=args.max_row_s)
     recorder = StepRecorder(runtime) if engine.scheduler is None else None
+    pool = engine.rerank_pool
+    if pool is not None:
+        pool.worker_ms.clear()
+        in_place = pool.in_place
     cold_client = ColdClient(engine, doc, language, args.cold_every_s, cold_options) if cold else None
     with recorder or nullcontext(), cold_client or nullcontext(), GcPauses() as pauses:
         records, wall_s = type_together([_sender(engine)] * users, doc, "file.py", language, typing, options,
@@ -471,6 +475,11 @@ def run_row(engine, runtime, variant: str, users: int, cold: bool, doc: str, lan
         row["p50_vs_keystroke_floor"] = row["p50_ms"] / row["keystroke_floor_ms"]
     if args.device == "cuda":
         row["gpu_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if pool is not None:  # the rerank workers' own time per request (the stage's rest: pipes, GIL)
+        worker_ms = list(pool.worker_ms)
+        row["rerank_pooled"], row["rerank_in_place"] = len(worker_ms), pool.in_place - in_place
+        row["rerank_worker_p50_ms"] = percentile(worker_ms, 50) if worker_ms else None
+        row["rerank_worker_p95_ms"] = percentile(worker_ms, 95) if worker_ms else None
     if cold_client is not None:
         row["cold_prompts"] = len(cold_client.ms)
         row["cold_p50_ms"] = percentile(cold_client.ms, 50)
