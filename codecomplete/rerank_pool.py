@@ -126,7 +126,6 @@ class RerankPool:
         self.worker_ms: collections.deque[float] = collections.deque(maxlen=WORKER_MS_KEPT)
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         self._all: list[_Worker] = []
-        self._starting = 0  # replacements starting in the background
         self._lock = threading.Lock()
         self._closed = False
         try:
@@ -137,10 +136,14 @@ class RerankPool:
             raise
 
     def _add(self) -> None:
+        """Start a worker and put it to work (stopped again if the pool closed meanwhile)."""
         worker = _Worker()
         with self._lock:
-            self._all.append(worker)
-        self._idle.put(worker)
+            if not self._closed:
+                self._all.append(worker)
+                self._idle.put(worker)
+                return
+        worker.stop()
 
     def pids(self) -> list[int]:
         with self._lock:
@@ -189,28 +192,15 @@ class RerankPool:
         with self._lock:
             if worker in self._all:
                 self._all.remove(worker)
-            closed = self._closed
-            if not closed:
-                self._starting += 1
         worker.stop()
-        if not closed:
+        if not self._closed:
             threading.Thread(target=self._start_replacement, name="rerank-pool-start", daemon=True).start()
 
     def _start_replacement(self) -> None:
         try:
-            worker = _Worker()
+            self._add()
         except Exception:
             log.exception("rerank pool: could not start a new worker (%d left)", len(self._all))
-            with self._lock:
-                self._starting -= 1
-            return
-        with self._lock:
-            self._starting -= 1
-            if not self._closed:
-                self._all.append(worker)
-                self._idle.put(worker)
-                return
-        worker.stop()  # closed while it started
 
     def close(self) -> None:
         """Stop the workers: those busy finish their request first (answered in place after)."""
