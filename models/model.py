@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import fused_triton
+from . import fused_triton, skinny_triton
 from .bifurcated_triton import bifurcated_attention_triton
 from .format.config import ModelConfig
 
@@ -49,6 +49,20 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)
+
+
+def project(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None,
+            residual_scale: float = 1.0) -> torch.Tensor:
+    """linear(x), plus residual (times residual_scale for linear's part) when given. A layer
+    with a tuned plan (skinny_triton.tune_model: CUDA inference, a decode step's few rows)
+    runs it as one Triton kernel that also adds the bias and the residual as it stores."""
+    plan = skinny_triton.plan_for(x, getattr(linear, "skinny_plans", None))
+    if plan is not None and (residual is None or residual_scale == 1.0):
+        return skinny_triton.linear(x, linear.weight, linear.bias, plan, residual)
+    y = linear(x)
+    if residual is None:
+        return y
+    return residual + (y if residual_scale == 1.0 else y * residual_scale)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -210,7 +224,7 @@ class Attention(_FusedProjections):
         """x (B, T, dim) -> q (B, H, T, D), k, v (B, G, T, D) with RoPE applied."""
         b, t, _ = x.shape
         hd, h, g = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
-        q, k, v = self.wqkv(x).split(self.part_rows["wqkv"], dim=-1)
+        q, k, v = project(self.wqkv, x).split(self.part_rows["wqkv"], dim=-1)
         q = q.view(b, t, h, hd).transpose(1, 2)
         k = k.view(b, t, g, hd).transpose(1, 2)
         v = v.view(b, t, g, hd).transpose(1, 2)
@@ -218,7 +232,9 @@ class Attention(_FusedProjections):
 
     def forward_causal(self, x, cos, sin, k_cache=None, v_cache=None, start: int = 0):
         """Training (no cache) or prefill. x (B, T, dim). With a cache (B, G, cap, D) the new
-        keys/values are written at [start, start + T) and attention covers [0, start + T)."""
+        keys/values are written at [start, start + T) and attention covers [0, start + T).
+        Returns the heads' outputs (B, T, H·D), before wo (the block applies it with the
+        residual)."""
         b, t, _ = x.shape
         q, k, v = self.qkv(x, cos, sin)
         if k_cache is not None:
@@ -241,13 +257,12 @@ class Attention(_FusedProjections):
             y = sdpa(q.reshape(b, g, p * t, d), k, v, attn_mask=mask, scale=self.scale).reshape(b, h, t, d)
         else:
             y = sdpa(q, k, v, attn_mask=visible_keys(t, start, window, x.device), scale=self.scale)
-        y = y.transpose(1, 2).reshape(b, t, h * self.cfg.head_dim)
-        return self.wo(y)
+        return y.transpose(1, 2).reshape(b, t, h * self.cfg.head_dim)
 
     def forward_decode(self, x, cos, sin, k_ctx, v_ctx, k_dec, v_dec, step: int, attend: Callable):
         """One token per branch. x (N, 1, dim); k_ctx/v_ctx (G, M, D); k_dec/v_dec
         (N, G, m_max, D) preallocated, written in place at index `step`; attend has
-        bifurcated_attention_merged's contract."""
+        bifurcated_attention_merged's contract. Returns the heads (N, 1, H·D), before wo."""
         n, m = x.shape[0], k_ctx.shape[1]
         q, k, v = self.qkv(x, cos, sin)  # q (N, H, 1, D), k/v (N, G, 1, D)
         k_dec[:, :, step] = k[:, :, 0]
@@ -261,7 +276,7 @@ class Attention(_FusedProjections):
             y = branch_only_attention(q[:, :, 0], k_dec, v_dec, self.scale)
         else:
             y = attend(q[:, :, 0], k_ctx[:, first_ctx:], v_ctx[:, first_ctx:], k_dec, v_dec, self.scale)
-        return self.wo(y.reshape(n, 1, -1))
+        return y.reshape(n, 1, -1)
 
 
 class FeedForward(_FusedProjections):
@@ -276,13 +291,17 @@ class FeedForward(_FusedProjections):
         self.w13 = nn.Linear(cfg.dim, len(parts) * cfg.ffn_dim, bias=cfg.mlp_bias)
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)  # down
 
-    def forward(self, x):
+    def forward(self, x, residual: torch.Tensor | None = None, residual_scale: float = 1.0):
+        """The MLP of x, plus residual (the MLP's part times residual_scale) when given."""
         if not self.gated:
-            return self.w2(self.act(self.w13(x)))
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        if self.activation == "silu" and fused_triton.use_for(gate):  # one kernel for silu(gate) * up (CUDA inference)
-            return self.w2(fused_triton.silu_mul(gate, up))
-        return self.w2(self.act(gate) * up)
+            hidden = self.act(project(self.w13, x))
+        else:
+            gate, up = project(self.w13, x).chunk(2, dim=-1)
+            if self.activation == "silu" and fused_triton.use_for(gate):  # one kernel for silu(gate) * up (CUDA inference)
+                hidden = fused_triton.silu_mul(gate, up)
+            else:
+                hidden = self.act(gate) * up
+        return project(self.w2, hidden, residual, residual_scale)
 
 
 class TransformerBlock(nn.Module):
@@ -295,13 +314,12 @@ class TransformerBlock(nn.Module):
         self.residual_scale = cfg.residual_scale
 
     def forward(self, x: torch.Tensor, attend: Callable) -> torch.Tensor:
-        """x (B, T, dim); attend(attention, normed x) is this block's attention (causal or decode)."""
-        a = attend(self.attention, self.attention_norm(x))
-        if self.residual_scale != 1.0:
-            a = a * self.residual_scale
-        h = x + a
-        f = self.feed_forward(self.ffn_norm(h))
-        return h + (f if self.residual_scale == 1.0 else f * self.residual_scale)
+        """x (B, T, dim); attend(attention, normed x) is this block's attention (causal or
+        decode): the heads' outputs (B, T, H·D), which wo projects here, adding the residual
+        (in the product's own kernel where a tuned plan runs it)."""
+        heads = attend(self.attention, self.attention_norm(x))
+        h = project(self.attention.wo, heads, x, self.residual_scale)
+        return self.feed_forward(self.ffn_norm(h), h, self.residual_scale)
 
 
 class Transformer(nn.Module):
@@ -351,11 +369,17 @@ class Transformer(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.head_features(h)
-        logits = F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
+        if self.output is not None:
+            logits = project(self.output, h)
+        else:
+            plan = skinny_triton.plan_for(h, getattr(self, "head_skinny_plans", None))  # a tied head's tuned plans
+            logits = (F.linear(h, self.tok_embeddings.weight) if plan is None
+                      else skinny_triton.linear(h, self.tok_embeddings.weight, None, plan))
         return logits if self.cfg.logits_divisor == 1.0 else logits / self.cfg.logits_divisor
 
     def run_layers(self, h: torch.Tensor, attend: Callable) -> torch.Tensor:
-        """h (B, T, dim) through every block; attend(i, attention, x) is layer i's attention."""
+        """h (B, T, dim) through every block; attend(i, attention, x) is layer i's attention:
+        the heads' outputs (B, T, H·D) before wo (TransformerBlock.forward)."""
         for i, layer in enumerate(self.layers):
             h = layer(h, partial(attend, i))
         return h
@@ -429,7 +453,7 @@ class Transformer(nn.Module):
         def layer_attend(i, att, x):  # x (1, R, dim)
             q, k, v = att.qkv(x, cos, sin)  # (1, H, R, D), (1, G, R, D)
             y = attend(i, q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), att.scale)
-            return att.wo(y.reshape(1, r, -1))
+            return y.reshape(1, r, -1)
 
         h = self.run_layers(self.embed(tokens)[None], layer_attend)[0]  # (R, dim)
         return self.logits(h if select is None else h.index_select(0, select))

@@ -9,6 +9,7 @@ did or what failed and goes on; a short table comes last, the full JSON goes to 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -25,6 +26,9 @@ VARIANTS = {  # name -> TorchRuntime keywords (launch mode, attention of the con
     "eager": dict(cuda_graphs=False),  # one varlen kernel per layer, launched from Python
     "graphs": dict(cuda_graphs=True),  # the varlen step replayed from CUDA graphs (bifurcated)
     "plain": dict(cuda_graphs=True, batch_attention="plain"),  # the same, each row reading the context itself
+    # graphs with every matrix product through cuBLAS: captured without the few-row Triton
+    # products that tune_model chose (models/skinny_triton.py), to compare the two in one run
+    "graphs-cublas": dict(cuda_graphs=True),
 }
 ALIASES = {"bifurcated": "graphs"}
 TINY = dict(vocab_size=300, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=256, max_seq_len=4096)
@@ -456,6 +460,7 @@ def _variants_agree(args, runtimes: dict) -> dict:
 
 def variant_runtimes(args, model, tokenizer, names: list[str]) -> dict:
     """A runtime per variant over the same weights (plus 'loop', the reference)."""
+    from codecomplete.models import skinny_triton
     from codecomplete.runtime.torch import TorchRuntime
 
     precision = "bf16" if args.device == "cuda" and args.model != "tiny" else "fp32"
@@ -467,7 +472,8 @@ def variant_runtimes(args, model, tokenizer, names: list[str]) -> dict:
                 continue
             kw = {"batch_attention": kw.get("batch_attention", "bifurcated"), "cuda_graphs": False, "varlen": False}
         t0 = time.perf_counter()
-        out[name] = TorchRuntime.from_model(model, tokenizer, device=args.device, precision=precision, **kw)
+        with skinny_triton.disabled() if name == "graphs-cublas" else contextlib.nullcontext():
+            out[name] = TorchRuntime.from_model(model, tokenizer, device=args.device, precision=precision, **kw)
         progress(f"  runtime {name}: ready in {time.perf_counter() - t0:.1f} s (warm-up and capture)")
     return out
 
@@ -662,6 +668,8 @@ def run(args) -> int:
         progress("runtimes over the timed model:")
         try:
             runtimes = variant_runtimes(args, model, tokenizer, names)
+            # which matrix products run as few-row Triton kernels (chosen at the first load)
+            result["few_row_products"] = [c.as_dict() for c in getattr(model, "skinny_choices", [])]
         except Exception as e:  # noqa: BLE001
             result["runtime_error"] = f"{type(e).__name__}: {e}"
             result["runtime_traceback"] = traceback.format_exc(limit=8)
@@ -710,6 +718,9 @@ def print_summary(result: dict) -> None:
                              "detail": c.get("error") or {k: v for k, v in c.items()
                                                           if k not in ("check", "ok", "seconds")}}
                             for c in checks], ["check", "ok", "detail"]))
+    if result.get("few_row_products"):
+        print(format_table([{**c, "plan": c["plan"] or "cuBLAS"} for c in result["few_row_products"]],
+                           ["name", "shape", "matrices", "cublas_us", "best_us", "plan"]))
     if result.get("rows"):
         print(format_table(result["rows"], ["variant", "rows", "requests", "step_ms", "floor_ms", "vs_floor",
                                             "keystroke_ms", "keystroke_vs_16_floor", "step_vs_one_request",

@@ -73,7 +73,7 @@ def decode_step_plain_cached(model: Transformer, tokens: torch.Tensor, full_k: t
         full_v[i, :, :, pos] = v[:, :, 0]
         y = plain_batched_attention(q[:, :, 0], full_k[i, :, :, : pos + 1], full_v[i, :, :, : pos + 1],
                                     attention.scale)
-        return attention.wo(y.reshape(n, 1, -1))
+        return y.reshape(n, 1, -1)  # the heads: the block applies wo
 
     h = model.run_layers(model.embed(tokens)[:, None], attend)  # (N, 1, dim)
     return model.logits(h[:, 0])

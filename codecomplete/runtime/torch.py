@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from codecomplete.models import bifurcated_triton
+from codecomplete.models import bifurcated_triton, skinny_triton
 from codecomplete.models.format.folder import dequantize, quantize_rows_int8
 from codecomplete.models.format.source import ModelSource
 from codecomplete.models.model import DECODE_ATTENTION, Transformer
@@ -141,6 +141,13 @@ class TorchRuntime(Runtime):
             model = model.to(device)
         self.model = model
         self.config = model.cfg
+        if device == "cuda" and skinny_triton.enabled() and not hasattr(model, "skinny_choices"):
+            # once per model (runtimes may share one)
+            # a decode step's few-row products: a Triton kernel per weight shape where it beats cuBLAS
+            model.skinny_choices = skinny_triton.tune_model(model)
+            for c in model.skinny_choices:
+                log.info("few-row products %s %s: cuBLAS %.1f us, best %.1f us, %s", c.name, c.shape, c.cublas_us,
+                         c.best_us, c.plan or "cuBLAS kept")
         self.tokenizer = source.tokenizer if source is not None else None
         self.name = f"torch-{precision}"
         self.batch_attention = batch_attention
@@ -203,7 +210,8 @@ class TorchRuntime(Runtime):
         attention = self.attention if isinstance(self.attention, str) else self.attention.__name__
         return {"runtime": self.name, "device": str(self.device), "attention": attention,
                 "batch_attention": self.batch_attention, "cuda_graphs": self.graphs is not None,
-                "fused_chunk_tokens": self.fused_chunk_tokens}
+                "fused_chunk_tokens": self.fused_chunk_tokens,
+                "few_row_products": [c.as_dict() for c in getattr(self.model, "skinny_choices", [])]}
 
     @property
     def fused_chunk_tokens(self) -> int:
