@@ -40,6 +40,10 @@ ROW_CLASSES = (16, 32, 64)  # the kernel pads a product's rows to the next of th
 MAX_ROWS = ROW_CLASSES[-1]
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _enabled = AVAILABLE and os.environ.get("CODECOMPLETE_SKINNY_MATMUL", "1") != "0"
+# on CUDA the plans apply only inside a CUDA graph's capture: launched from Python, a
+# Triton kernel costs the host more than torch's cuBLAS call, and an eager step of a small
+# model is bound by its launches (tests turn this off to compare eager outputs)
+_graphs_only = True
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,12 @@ def enabled() -> bool:
     return _enabled
 
 
+def set_graphs_only(on: bool) -> None:
+    """On CUDA: the plans inside CUDA graph captures only (the default), or in eager calls too."""
+    global _graphs_only
+    _graphs_only = bool(on)
+
+
 def set_enabled(on: bool) -> None:
     """Use tuned plans (where a module has one) or cuBLAS everywhere."""
     global _enabled
@@ -94,10 +104,13 @@ def disabled():
 
 def plan_for(x: torch.Tensor, plans: dict[int, SkinnyPlan] | None) -> SkinnyPlan | None:
     """The plan x (..., K) runs with, or None for torch's own product: a plan for its row
-    class, kernels on, inference, on CUDA (or Triton's interpreter)."""
+    class, kernels on, inference, on CUDA while a graph is captured (or Triton's interpreter)."""
     if not plans or not _enabled or (x.requires_grad and torch.is_grad_enabled()):
         return None
-    if not (x.is_cuda or _INTERPRET):
+    if x.is_cuda:
+        if _graphs_only and not torch.cuda.is_current_stream_capturing():
+            return None
+    elif not _INTERPRET:
         return None
     return plans.get(block_rows(x.numel() // x.shape[-1]))
 

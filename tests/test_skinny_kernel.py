@@ -29,6 +29,7 @@ CHECK = textwrap.dedent("""
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     tol = 3e-2 if dev == "cuda" else 1e-4
     torch.manual_seed(0)
+    sk.set_graphs_only(False)  # compare eager outputs on CUDA too
     plans = [sk.SkinnyPlan(32, 64, 4, 3), sk.SkinnyPlan(64, 64, 4, 3, 2), sk.SkinnyPlan(32, 128, 4, 2, 4)]
     for n, k in ((128, 512), (192, 1024)):
         w = torch.randn(n, k, device=dev, dtype=dtype) / k ** 0.5
@@ -93,6 +94,17 @@ CHECK = textwrap.dedent("""
     assert all(not o.skinny_plans for _, (_, _, _, os_) in sk.model_products(model).items()
                for o in os_ if isinstance(o, torch.nn.Linear)) and not model.head_skinny_plans
     if dev == "cuda":
+        sk.set_graphs_only(True)
+        with torch.inference_mode():
+            x = torch.randn(4, 128, device=dev, dtype=dtype)
+            lin = model.layers[0].attention.wo
+            lin.skinny_plans = {16: plans[0]}
+            assert sk.plan_for(x, lin.skinny_plans) is None  # eager: cuBLAS
+            stream = torch.cuda.Stream()
+            with torch.cuda.stream(stream):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=stream):
+                    assert sk.plan_for(x, lin.skinny_plans) == plans[0]
         choices = sk.tune_model(model, candidates={16: plans, 32: plans, 64: plans})
         assert {(c.name, c.rows) for c in choices} == {(r, c) for r in ("wqkv", "wo", "w13", "w2", "head")
                                                         for c in (16, 32, 64)}
