@@ -1,22 +1,24 @@
-"""Matrix products of a few rows (one typist's decode step) as Triton kernels, chosen per
-weight shape at load (CUDA; CPU through TRITON_INTERPRET=1).
+"""Matrix products of a few rows (a decode step of one or a few typists) as Triton
+kernels, chosen per weight shape at load (CUDA; CPU through TRITON_INTERPRET=1).
 
-A decode step of 1-16 rows reads every weight once and does almost no arithmetic on it:
-its matrix products are bound by how fast the weights stream in. cuBLAS reaches 2.1-3.7
-TB/s on the 7B shape's layers at 4 rows on an H200, against a 4.15 TB/s copy bandwidth
-(docs/results/batching.md, "Tenth H200 run"); a kernel that gives each program a few
-output columns and walks their whole rows in long tiles reaches 2.6-4.1 TB/s on the same
-matrices. Which one wins depends on the shape (how many programs a grid has against the
-SMs), so `tune_model` times both on the model's own weights at load and keeps the Triton
-plan only where it is faster, per row class (`Linear.skinny_plans`;
-`Transformer.head_skinny_plans` for a tied head). `linear` also adds the bias and the block's residual as it stores, so the
-residual's add is no kernel of its own.
+A decode step of 1-64 rows reads every weight once and does little arithmetic on it: its
+matrix products are bound by how fast the weights stream in. On an H200, at 4 rows of the
+7B shape's layers, cuBLAS reaches 2.1-3.7 TB/s against a 4.1 TB/s copy bandwidth; a kernel
+that gives each program a few output columns and walks their whole rows in long tiles
+reaches 2.6-4.1 TB/s on the same matrices (docs/results/batching.md, "Tenth H200 run").
+Which one wins depends on the shape: how many programs a grid has against the SMs. So
+`tune_model` times both on the model's own weights at load and keeps a Triton plan only
+where it is faster, per shape and row class (`Linear.skinny_plans`;
+`Transformer.head_skinny_plans` for a tied head). `linear` also adds the bias and the
+block's residual as it stores, so the residual's add is no kernel of its own. On CUDA the
+plans apply inside CUDA graph captures only (`plan_for`).
 
-The kernel: grid (N / BLOCK_N, S). Program (n, s) multiplies the rows of x (padded to 16,
-32 or 64: the row class; the rows past M are masked zeros) by columns [n·BLOCK_N,
-(n+1)·BLOCK_N) of Wᵀ over the s-th of S equal slices of K, in tensor-core dots. One slice: it adds bias and
-residual and stores in the input dtype. Several: each stores float32 partials and
-`_reduce_kernel` sums them, adds bias and residual and casts.
+The kernel: grid (N / BLOCK_N, S). Program (n, s) multiplies the rows of x by columns
+[n·BLOCK_N, (n+1)·BLOCK_N) of Wᵀ over the s-th of S equal slices of K, in tensor-core dots.
+The rows are padded to 16, 32 or 64 (the row class); the rows past M are masked zeros.
+- One slice: the program adds bias and residual and stores in the input dtype.
+- Several: each program stores float32 partials, and `_reduce_kernel` sums them, adds bias
+  and residual and casts.
 """
 
 from __future__ import annotations
@@ -60,10 +62,12 @@ class SkinnyPlan:
 
 # per row class, what a sweep of up to 158 launch shapes per case over the 7B shape's five
 # matrices (wqkv, wo, w13, w2, the head) at 4, 16 and 64 rows chose on an H200, each best
-# somewhere, and narrow tiles split over K for the small matrices (a grid of N / 32
-# programs leaves SMs idle); tune_model picks among them per shape
-_FEW = (SkinnyPlan(32, 256, 4, 5), SkinnyPlan(64, 128, 4, 5), SkinnyPlan(64, 64, 4, 3), SkinnyPlan(128, 128, 4, 3),
-        SkinnyPlan(64, 256, 4, 4, 2), SkinnyPlan(32, 256, 4, 4, 2), SkinnyPlan(32, 128, 4, 4, 4))
+# somewhere, and narrow tiles split four ways over K (the shipped model's small w2 took
+# them). tune_model picks among them per shape; each candidate is a Triton compile at the
+# first load on a machine (about 1 s each; Triton's cache keeps them for later loads), so
+# the list holds only shapes that won somewhere.
+_FEW = (SkinnyPlan(32, 256, 4, 5), SkinnyPlan(64, 64, 4, 3), SkinnyPlan(128, 128, 4, 3), SkinnyPlan(64, 256, 4, 4, 2),
+        SkinnyPlan(32, 128, 4, 4, 4))
 CANDIDATES = {16: _FEW, 32: _FEW,
               64: (SkinnyPlan(128, 64, 4, 3), SkinnyPlan(64, 128, 4, 5, 2), SkinnyPlan(128, 128, 4, 4),
                    SkinnyPlan(32, 256, 4, 4))}
