@@ -2,10 +2,11 @@
 kernels, chosen per weight shape at load (CUDA; CPU through TRITON_INTERPRET=1).
 
 A decode step of 1-64 rows reads every weight once and does little arithmetic on it: its
-matrix products are bound by how fast the weights stream in. On an H200, at 4 rows of the
-7B shape's layers, cuBLAS reaches 2.1-3.7 TB/s against a 4.1 TB/s copy bandwidth; a kernel
+matrix products are bound by how fast the weights stream in. On an H200, at 16 rows of the
+7B shape's layers, cuBLAS streams 1.9-3.9 TB/s against a 4.1 TB/s copy bandwidth; a kernel
 that gives each program a few output columns and walks their whole rows in long tiles
-reaches 2.6-4.1 TB/s on the same matrices (docs/results/batching.md, "Tenth H200 run").
+streams 2.5-4.2 TB/s on the matrices where it wins (docs/results/batching.md, "Tenth H200
+run").
 Which one wins depends on the shape: how many programs a grid has against the SMs. So
 `tune_model` times both on the model's own weights at load and keeps a Triton plan only
 where it is faster, per shape and row class (`Linear.skinny_plans`;
@@ -60,10 +61,9 @@ class SkinnyPlan:
         return n % self.block_n == 0 and k % (self.splits * self.block_k) == 0
 
 
-# per row class, what a sweep of up to 158 launch shapes per case over the 7B shape's five
-# matrices (wqkv, wo, w13, w2, the head) at 4, 16 and 64 rows chose on an H200, each best
-# somewhere, and narrow tiles split four ways over K (the shipped model's small w2 took
-# them). tune_model picks among them per shape; each candidate is a Triton compile at the
+# per row class: launch shapes that won somewhere in a sweep over the 7B shape's five
+# matrices (wqkv, wo, w13, w2, the head) at 4, 16 and 64 rows on an H200, and narrow tiles
+# split four ways over K (the shipped model's small w2 took them). tune_model picks among them per shape; each candidate is a Triton compile at the
 # first load on a machine (about 1 s each; Triton's cache keeps them for later loads), so
 # the list holds only shapes that won somewhere.
 _FEW = (SkinnyPlan(32, 256, 4, 5), SkinnyPlan(64, 64, 4, 3), SkinnyPlan(128, 128, 4, 3), SkinnyPlan(64, 256, 4, 4, 2),
