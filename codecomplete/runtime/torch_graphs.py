@@ -62,10 +62,13 @@ def row_buckets(max_rows: int) -> list[int]:
 class VarlenDecoder:
     """The batched decode step over a runtime's model (eager: launched from Python)."""
 
-    def __init__(self, rt, max_request_rows: int, pad_rows: bool = False):
-        """pad_rows: run() pads each batch to a power of two of rows, as the graphs do."""
+    def __init__(self, rt, max_request_rows: int, pad_rows: bool = False, rope_in_kernel: bool = True):
+        """pad_rows: run() pads each batch to a power of two of rows, as the graphs do.
+        rope_in_kernel: the varlen kernel turns q and k by RoPE as it loads them (a step
+        without a prefill chunk), instead of two kernels a layer before it."""
         c = rt.config
         self.rt = rt
+        self.rope_in_kernel = rope_in_kernel
         self.max_request_rows = max_request_rows
         self.pad_rows = pad_rows
         cuda = rt.device.type == "cuda"  # elsewhere: Triton's interpreter, which the tests run it through
@@ -99,10 +102,11 @@ class VarlenDecoder:
         after the slots' in every matrix product (the weights are read once for both); the
         logits then have one more row, the chunk's last token's."""
         if cmeta is None:
-            def attend(i, q, k, v, scale):
-                return varlen_triton.varlen_bifurcated_attention(q, k, v, meta, i, plan, scale)
+            def attend(i, q, k, v, scale, cos=None, sin=None):
+                return varlen_triton.varlen_bifurcated_attention(q, k, v, meta, i, plan, scale, cos=cos, sin=sin)
 
-            return self.rt.model.decode_rows(meta[TOKEN], meta[POSITION], attend).float()
+            return self.rt.model.decode_rows(meta[TOKEN], meta[POSITION], attend,
+                                             rope_in_attend=self.rope_in_kernel).float()
         slots, c = plan.slots, cmeta.shape[0] - CHUNK_FIELDS
         arange = torch.arange(max(slots, c), device=meta.device)
         tokens = torch.cat([meta[TOKEN], cmeta[CHUNK_FIELDS:]])
@@ -464,10 +468,14 @@ class DecodeGraphs:
         if timed:
             end.record()
         last = cap.logits_dev[slots].clone() if chunk is not None else None  # before the next replay overwrites it
+        # emulated (CPU): the rows of a copy of their own, as the device's come to host memory;
+        # the static buffer's own would be the next replay's of this bucket (a step split into
+        # groups replays one bucket several times)
+        logits = cap.logits_dev[:rows].clone() if self.emulate else cap.logits_dev[:rows]
         if host is None:
-            out = logits_to_host(cap.logits_dev[:rows])  # synchronises: meta_host is free again after this
+            out = logits_to_host(logits)  # synchronises: meta_host is free again after this
         elif not packed or cap.packed_dev is None:  # (a bucket too large to reduce in its replay)
-            out = host(cap.logits_dev[:rows], None)
+            out = host(logits, None)
         else:  # a few kB through the pinned buffer, read once host has queued its own copies
             cap.packed_host[:rows].copy_(cap.packed_dev[:rows], non_blocking=True)
 
@@ -476,7 +484,7 @@ class DecodeGraphs:
                     torch.cuda.current_stream(cap.packed_dev.device).synchronize()
                 return cap.packed_host[:rows].numpy()  # until the next replay: the caller copies
 
-            out = host(cap.logits_dev[:rows], packed_rows)
+            out = host(logits, packed_rows)
         if timed:
             end.synchronize()  # (host synchronised already)
             self.replay_ms += begin.elapsed_time(end)
