@@ -143,13 +143,6 @@ class TorchRuntime(Runtime):
             model = model.to(device)
         self.model = model
         self.config = model.cfg
-        if device == "cuda" and skinny_triton.enabled() and not hasattr(model, "skinny_choices"):
-            # once per model (runtimes may share one)
-            # a decode step's few-row products: a Triton kernel per weight shape where it beats cuBLAS
-            model.skinny_choices = skinny_triton.tune_model(model)
-            for c in model.skinny_choices:
-                log.info("few-row products %s %s: cuBLAS %.1f us, best %.1f us, %s", c.name, c.shape, c.cublas_us,
-                         c.best_us, c.plan or "cuBLAS kept")
         self.tokenizer = source.tokenizer if source is not None else None
         self.name = f"torch-{precision}"
         self.batch_attention = batch_attention
@@ -172,6 +165,12 @@ class TorchRuntime(Runtime):
             self.varlen = torch_graphs.VarlenDecoder(self, min(max_request_rows, max_batch_rows),
                                                      rope_in_kernel=rope_in_kernel)
             if cuda_graphs is None or cuda_graphs:
+                if skinny_triton.enabled() and not hasattr(model, "skinny_choices"):  # once per model (runtimes may share one)
+                    # the graphs' few-row products: a Triton kernel per weight shape where it beats cuBLAS
+                    model.skinny_choices = skinny_triton.tune_model(model)
+                    for c in model.skinny_choices:
+                        log.info("few-row products %s %s at %d rows: cuBLAS %.1f us, best %.1f us, %s", c.name,
+                                 c.shape, c.rows, c.cublas_us, c.best_us, c.plan or "cuBLAS kept")
                 chunk = 0 if model.cfg.sliding_window else fused_chunk_tokens
                 self.graphs = torch_graphs.DecodeGraphs(self.varlen, max_batch_rows, chunk_tokens=chunk, top_k=TOP_K,
                                                         tail=TAIL)
