@@ -221,16 +221,13 @@ class Attention(_FusedProjections):
         self.scale = cfg.attention_scale or 1.0 / math.sqrt(hd)
 
     def qkv(self, x, cos, sin):
-        """x (B, T, dim) -> q (B, H, T, D), k, v (B, G, T, D) with RoPE applied (cos None:
-        not turned, for an attention that turns them itself)."""
+        """x (B, T, dim) -> q (B, H, T, D), k, v (B, G, T, D) with RoPE applied."""
         b, t, _ = x.shape
         hd, h, g = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
         q, k, v = project(self.wqkv, x).split(self.part_rows["wqkv"], dim=-1)
         q = q.view(b, t, h, hd).transpose(1, 2)
         k = k.view(b, t, g, hd).transpose(1, 2)
         v = v.view(b, t, g, hd).transpose(1, 2)
-        if cos is None:
-            return q, k, v
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward_causal(self, x, cos, sin, k_cache=None, v_cache=None, start: int = 0):
@@ -442,27 +439,20 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def decode_rows(self, tokens: torch.Tensor, positions: torch.Tensor, attend: Callable,
-                    select: torch.Tensor | None = None, rope_in_attend: bool = False) -> torch.Tensor:
+                    select: torch.Tensor | None = None) -> torch.Tensor:
         """One decode step for R rows of any number of requests (the batched step of
         decode_many): tokens, positions (R,). attend(i, q, k, v, scale) is layer i's
         attention over whatever KV each row has: q (R, H, D), this step's k, v (R, G, D);
         it stores k, v where the rows keep them and returns (R, H, D). Returns logits (R, V).
         Rows are laid along the time axis of one sequence, so RoPE takes a position per row.
         select (K,) int64: the logits of these rows only, (K, V) (a prefill chunk riding the
-        step needs its last token's, not 152k-wide logits for every token).
-        rope_in_attend: q and k reach attend not turned by RoPE, and attend(i, q, k, v, scale,
-        cos, sin) turns them (the varlen kernel, as it loads them)."""
+        step needs its last token's, not 152k-wide logits for every token)."""
         cos, sin = rope_tables(self.cfg, positions)  # (R, D/2)
         r = tokens.shape[0]
 
         def layer_attend(i, att, x):  # x (1, R, dim)
-            if rope_in_attend:
-                q, k, v = att.qkv(x, None, None)
-                rows = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)
-                y = attend(i, *rows, att.scale, cos, sin)
-            else:
-                q, k, v = att.qkv(x, cos, sin)  # (1, H, R, D), (1, G, R, D)
-                y = attend(i, q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), att.scale)
+            q, k, v = att.qkv(x, cos, sin)  # (1, H, R, D), (1, G, R, D)
+            y = attend(i, q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), att.scale)
             return y.reshape(1, r, -1)
 
         h = self.run_layers(self.embed(tokens)[None], layer_attend)[0]  # (R, dim)

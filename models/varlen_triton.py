@@ -113,30 +113,13 @@ if AVAILABLE:
                 start += BLOCK_K
         return m_i, l_i, acc
 
-    @triton.jit
-    def _rotated(base, offs, rows, d, COS, SIN, stride_c, mask, D: tl.constexpr):
-        """The vectors at base + offs (..., D), turned by RoPE at their rows' positions (cos/sin
-        (rows, D/2) float32, the half-split layout of model.apply_rope): float32 arithmetic,
-        the input dtype out, as fused_triton.rope stores them."""
-        half = D // 2
-        first = d < half
-        partner = tl.where(first, d + half, d - half)
-        col = tl.where(first, d, d - half)
-        x = tl.load(base + offs, mask=mask, other=0.0)
-        other = tl.load(base + offs - d + partner, mask=mask, other=0.0)
-        c = tl.load(COS + rows * stride_c + col, mask=mask, other=0.0)
-        sn = tl.load(SIN + rows * stride_c + col, mask=mask, other=0.0)
-        sn = tl.where(first, -sn, sn)
-        return (x.to(tl.float32) * c + other.to(tl.float32) * sn).to(x.dtype)
-
     @triton.jit(do_not_specialize=["slots", "layer", "n_splits", "row_blocks"])  # one compile for every layer
-    def _partial_kernel(Q, KN, VN, META, PARTS, LSE, COS, SIN,
+    def _partial_kernel(Q, KN, VN, META, PARTS, LSE,
                         stride_qr, stride_qh, stride_knr, stride_kng, stride_vnr, stride_vng,
-                        stride_pr, stride_ph, stride_ps, stride_lr, stride_lh, stride_c,
+                        stride_pr, stride_ph, stride_ps, stride_lr, stride_lh,
                         slots, layer, n_splits, row_blocks, scale,
                         G: tl.constexpr, P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
-                        BLOCK_K: tl.constexpr, D: tl.constexpr, USE_FOR: tl.constexpr, DOT: tl.constexpr,
-                        ROPE: tl.constexpr):
+                        BLOCK_K: tl.constexpr, D: tl.constexpr, USE_FOR: tl.constexpr, DOT: tl.constexpr):
         x = tl.program_id(0)
         g = tl.program_id(1)
         z = tl.program_id(2)
@@ -151,11 +134,8 @@ if AVAILABLE:
                 ok = local < n_query
                 rows = tl.load(META + _ROW_START * slots + x) + local // P
                 heads = g * P + local % P
-                q_offs = rows[:, None] * stride_qr + heads[:, None] * stride_qh + d[None, :]
-                if ROPE:
-                    q = _rotated(Q, q_offs, rows[:, None], d[None, :], COS, SIN, stride_c, ok[:, None], D)
-                else:
-                    q = tl.load(Q + q_offs, mask=ok[:, None], other=0.0)
+                q = tl.load(Q + rows[:, None] * stride_qr + heads[:, None] * stride_qh + d[None, :],
+                            mask=ok[:, None], other=0.0)
                 length = tl.load(META + _CONTEXT_LEN * slots + x)
                 chunk = tl.cdiv(tl.cdiv(length, n_splits), BLOCK_K) * BLOCK_K
                 lo = split * chunk
@@ -172,21 +152,14 @@ if AVAILABLE:
             p = tl.arange(0, BLOCK_P)
             ok = p < P
             heads = g * P + p
-            q_offs = x * stride_qr + heads[:, None] * stride_qh + d[None, :]
-            if ROPE:
-                q = _rotated(Q, q_offs, x, d[None, :], COS, SIN, stride_c, ok[:, None], D)
-            else:
-                q = tl.load(Q + q_offs, mask=ok[:, None], other=0.0)
+            q = tl.load(Q + x * stride_qr + heads[:, None] * stride_qh + d[None, :], mask=ok[:, None], other=0.0)
             step = tl.load(META + _STEP * slots + x)
             head_off = layer * tl.load(META + _BRANCH_LAYER_STRIDE * slots + x) + g * tl.load(
                 META + _BRANCH_CAP * slots + x) * D
             k_base = tl.load(META + _BRANCH_K * slots + x).to(tl.pointer_type(elem)) + head_off
             v_base = tl.load(META + _BRANCH_V * slots + x).to(tl.pointer_type(elem)) + head_off
             m_i, l_i, acc = _attend_range(q, k_base, v_base, 0, step, scale, BLOCK_P, BLOCK_K, D, USE_FOR, DOT)
-            if ROPE:
-                k_cur = _rotated(KN, x * stride_knr + g * stride_kng + d, x, d, COS, SIN, stride_c, d < D, D)
-            else:
-                k_cur = tl.load(KN + x * stride_knr + g * stride_kng + d)
+            k_cur = tl.load(KN + x * stride_knr + g * stride_kng + d)
             v_cur = tl.load(VN + x * stride_vnr + g * stride_vng + d)
             s_cur = tl.sum(q.to(tl.float32) * k_cur.to(tl.float32)[None, :], 1) * scale
             m_new = tl.maximum(m_i, s_cur)
@@ -374,14 +347,10 @@ def plan_varlen(slots: int, max_request_rows: int, n_heads: int, kv_heads: int, 
 
 def varlen_bifurcated_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, meta: torch.Tensor,
                                 layer: int, plan: VarlenPlan, scale: float, block_k: int | None = None,
-                                num_warps: int | None = None, combine_warps: int | None = None,
-                                cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
+                                num_warps: int | None = None, combine_warps: int | None = None) -> torch.Tensor:
     """q (slots, H, D), this step's k_new, v_new (slots, G, D), meta (FIELDS, slots) int64 on
     q's device: layer `layer` of a batched decode step. Stores k_new/v_new at each row's
     branch step; returns (slots, H, D) in q's dtype. Launches two kernels, syncs nothing.
-    cos, sin (slots, D/2) float32: q and k_new are not turned by RoPE yet; the kernel turns
-    them as it loads them (model.rope_tables of the rows' positions), and stores the turned
-    keys (two kernels a layer fewer than fused_triton.rope's).
     block_k, num_warps, combine_warps: the launch shape (None: what a sweep over the 7B
     shape's cases chose on an H200, docs/results/batching.md: 4 warps, 64-key tiles, 4
     warps to combine 32 or more slices; 8 warps for 64-row blocks were up to 1.7x slower)."""
@@ -403,19 +372,13 @@ def varlen_bifurcated_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: tor
     parts = torch.empty(slots, h, s + 1, d, device=q.device, dtype=torch.float32)
     lse = torch.empty(slots, h, s + 1, device=q.device, dtype=torch.float32)
     block_k = block_k or (64 if d >= 128 or plan.block_q >= 64 else 128)
-    rope = cos is not None
-    if rope:
-        if sin is None or cos.shape != (slots, d // 2) or sin.shape != cos.shape:
-            raise ValueError(f"cos/sin must both be (slots, D/2) = ({slots}, {d // 2}): got "
-                             f"{None if cos is None else tuple(cos.shape)}, {None if sin is None else tuple(sin.shape)}")
-        cos, sin = cos.float().contiguous(), sin.float().contiguous()
     _partial_kernel[(slots, g, s * plan.row_blocks + 1)](
-        q, k_new, v_new, meta, parts, lse, cos if rope else lse, sin if rope else lse,
+        q, k_new, v_new, meta, parts, lse,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-        parts.stride(0), parts.stride(1), parts.stride(2), lse.stride(0), lse.stride(1), cos.stride(0) if rope else 0,
+        parts.stride(0), parts.stride(1), parts.stride(2), lse.stride(0), lse.stride(1),
         slots, layer, s, plan.row_blocks, scale,
         G=g, P=p, BLOCK_Q=plan.block_q, BLOCK_P=max(16, next_pow2(p)), BLOCK_K=block_k, D=d,
-        USE_FOR=q.is_cuda, DOT="ieee" if q.dtype == torch.float32 else None, ROPE=rope,
+        USE_FOR=q.is_cuda, DOT="ieee" if q.dtype == torch.float32 else None,
         num_warps=num_warps or 4)
     out = torch.empty(slots, h, d, device=q.device, dtype=q.dtype)
     _combine_kernel[(slots, h)](

@@ -92,7 +92,7 @@ class TorchRuntime(Runtime):
                  attention: str | Callable = "auto", threads: int | None = None, model: Transformer | None = None,
                  batch_attention: str = "bifurcated", cuda_graphs: bool | None = None, max_batch_rows: int = 256,
                  max_request_rows: int = 32, varlen: bool | None = None, graph_prefill_tokens: int = 2,
-                 fused_chunk_tokens: int = 256, rope_in_kernel: bool = True):
+                 fused_chunk_tokens: int = 256):
         """batch_attention: "bifurcated" reads each request's context once per layer for all its
         rows in decode_many, "plain" once per row (the baseline). cuda_graphs (CUDA): decode
         through CUDA graphs captured at load for batches of up to max_batch_rows rows, each
@@ -105,9 +105,7 @@ class TorchRuntime(Runtime):
         fused_chunk_tokens: with graphs, each bucket is also captured with a prefill chunk of
         up to this many tokens riding the step (decode_many(chunk=)), so that a newcomer's
         prompt costs the others a longer step, not an eager pass of its own between two
-        steps (0: no such graphs; a model with a sliding window has none). rope_in_kernel: the
-        varlen step turns q and k by RoPE in its attention kernel (False: two kernels a layer
-        before it, the benchmarks' comparison)."""
+        steps (0: no such graphs; a model with a sliding window has none)."""
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' asked for, but torch sees no CUDA device")
         if precision == "auto":
@@ -162,8 +160,7 @@ class TorchRuntime(Runtime):
         if cuda_graphs is None:
             cuda_graphs = None if not chosen_attention else False
         if device == "cuda" and torch_graphs.varlen_supported(self) and varlen is not False:
-            self.varlen = torch_graphs.VarlenDecoder(self, min(max_request_rows, max_batch_rows),
-                                                     rope_in_kernel=rope_in_kernel)
+            self.varlen = torch_graphs.VarlenDecoder(self, min(max_request_rows, max_batch_rows))
             if cuda_graphs is None or cuda_graphs:
                 if skinny_triton.enabled() and not hasattr(model, "skinny_choices"):  # once per model (runtimes may share one)
                     # the graphs' few-row products: a Triton kernel per weight shape where it beats cuBLAS

@@ -62,13 +62,10 @@ def row_buckets(max_rows: int) -> list[int]:
 class VarlenDecoder:
     """The batched decode step over a runtime's model (eager: launched from Python)."""
 
-    def __init__(self, rt, max_request_rows: int, pad_rows: bool = False, rope_in_kernel: bool = True):
-        """pad_rows: run() pads each batch to a power of two of rows, as the graphs do.
-        rope_in_kernel: the varlen kernel turns q and k by RoPE as it loads them (a step
-        without a prefill chunk), instead of two kernels a layer before it."""
+    def __init__(self, rt, max_request_rows: int, pad_rows: bool = False):
+        """pad_rows: run() pads each batch to a power of two of rows, as the graphs do."""
         c = rt.config
         self.rt = rt
-        self.rope_in_kernel = rope_in_kernel
         self.max_request_rows = max_request_rows
         self.pad_rows = pad_rows
         cuda = rt.device.type == "cuda"  # elsewhere: Triton's interpreter, which the tests run it through
@@ -102,11 +99,10 @@ class VarlenDecoder:
         after the slots' in every matrix product (the weights are read once for both); the
         logits then have one more row, the chunk's last token's."""
         if cmeta is None:
-            def attend(i, q, k, v, scale, cos=None, sin=None):
-                return varlen_triton.varlen_bifurcated_attention(q, k, v, meta, i, plan, scale, cos=cos, sin=sin)
+            def attend(i, q, k, v, scale):
+                return varlen_triton.varlen_bifurcated_attention(q, k, v, meta, i, plan, scale)
 
-            return self.rt.model.decode_rows(meta[TOKEN], meta[POSITION], attend,
-                                             rope_in_attend=self.rope_in_kernel).float()
+            return self.rt.model.decode_rows(meta[TOKEN], meta[POSITION], attend).float()
         slots, c = plan.slots, cmeta.shape[0] - CHUNK_FIELDS
         arange = torch.arange(max(slots, c), device=meta.device)
         tokens = torch.cat([meta[TOKEN], cmeta[CHUNK_FIELDS:]])
