@@ -63,9 +63,9 @@ class SkinnyPlan:
 
 # per row class: launch shapes that won somewhere in a sweep over the 7B shape's five
 # matrices (wqkv, wo, w13, w2, the head) at 4, 16 and 64 rows on an H200, and narrow tiles
-# split four ways over K (the shipped model's small w2 took them). tune_model picks among them per shape; each candidate is a Triton compile at the
-# first load on a machine (about 1 s each; Triton's cache keeps them for later loads), so
-# the list holds only shapes that won somewhere.
+# split four ways over K (the shipped model's small w2 took them). tune_model picks among
+# them per shape. Each candidate is a Triton compile at a machine's first load (about 1 s
+# each; Triton's cache keeps them for later loads), so the list holds only shapes that won.
 _FEW = (SkinnyPlan(32, 256, 4, 5), SkinnyPlan(64, 64, 4, 3), SkinnyPlan(128, 128, 4, 3), SkinnyPlan(64, 256, 4, 4, 2),
         SkinnyPlan(32, 128, 4, 4, 4))
 CANDIDATES = {16: _FEW, 32: _FEW,
@@ -79,6 +79,7 @@ def block_rows(m: int) -> int:
 
 
 def enabled() -> bool:
+    """Whether tuned plans are used (CODECOMPLETE_SKINNY_MATMUL, set_enabled, disabled)."""
     return _enabled
 
 
