@@ -1,5 +1,6 @@
-"""common_prefix_len: how many leading tokens two prompts share (the typing cache and the
-scheduler's riding prompts ask it of every keystroke's prompt)."""
+"""The prompt's tokens on the host path: common_prefix_len (how many leading tokens two
+prompts share: the typing cache and the scheduler's riding prompts ask it of every
+keystroke's prompt) and check_prefill (any sequence of ids into a list of ints)."""
 
 from __future__ import annotations
 
@@ -32,3 +33,25 @@ def test_long_prompts_one_keystroke_apart():
     assert common_prefix_len(a, [a[0] + 1] + a[1:]) == 0
     assert common_prefix_len(a, a[:700] + [a[700] + 1] + a[701:]) == 700
     assert common_prefix_len([], a) == 0
+
+
+def test_a_prompt_is_checked_into_a_list_of_ints():
+    """check_prefill: any sequence of ids becomes a list of Python ints; empty and non-flat
+    prompts are clear errors."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from codecomplete.runtime.base import Runtime
+
+    rt = SimpleNamespace(config=SimpleNamespace(max_seq_len=100))
+    rt.check_prefill = lambda tokens: Runtime.check_prefill(rt, tokens)
+    for prompt in ([5, 6, 7], (5, 6, 7), np.array([5, 6, 7], dtype=np.int32), [np.int64(5), 6.0, True + 6]):
+        out = rt.check_prefill(prompt)
+        assert out == [5, 6, 7] and all(type(t) is int for t in out)
+    with pytest.raises(ValueError, match="at least one token"):
+        rt.check_prefill([])
+    with pytest.raises(ValueError, match="shape"):
+        rt.check_prefill(np.zeros((2, 3), dtype=np.int64))
+    with pytest.raises(ValueError, match="exceeds the model context"):
+        rt.check_prefill(list(range(101)))

@@ -225,7 +225,13 @@ class Runtime(abc.ABC):
 
     def check_prefill(self, tokens: Sequence[int]) -> list[int]:
         """The prompt as a list of ints; a clear error for one that is empty or too long."""
-        tokens = [int(t) for t in tokens]
+        # (C loops: a 1.5k-token prompt's comprehension took 60 µs of the scheduler thread)
+        if isinstance(tokens, np.ndarray):
+            if tokens.ndim != 1:
+                raise ValueError(f"prefill takes a sequence of token ids, not an array of shape {tokens.shape}")
+            tokens = tokens.astype(np.int64, copy=False).tolist()
+        else:
+            tokens = list(map(int, tokens))
         if not tokens:
             raise ValueError("prefill needs at least one token")
         if len(tokens) > self.config.max_seq_len:
