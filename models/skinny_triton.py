@@ -115,6 +115,8 @@ def plan_for(x: torch.Tensor, plans: dict[int, SkinnyPlan] | None) -> SkinnyPlan
     if x.is_cuda:
         if _graphs_only and not torch.cuda.is_current_stream_capturing():
             return None
+        if x.dtype not in (torch.bfloat16, torch.float16):  # tuned in half precision (float32: TF32 dots)
+            return None
     elif not _INTERPRET:
         return None
     return plans.get(block_rows(x.numel() // x.shape[-1]))

@@ -105,6 +105,7 @@ CHECK = textwrap.dedent("""
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, stream=stream):
                     assert sk.plan_for(x, lin.skinny_plans) == plans[0]
+                    assert sk.plan_for(x.float(), lin.skinny_plans) is None  # tuned for half precision
         choices = sk.tune_model(model, candidates={16: plans, 32: plans, 64: plans})
         assert {(c.name, c.rows) for c in choices} == {(r, c) for r in ("wqkv", "wo", "w13", "w2", "head")
                                                         for c in (16, 32, 64)}
