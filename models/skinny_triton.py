@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .graph_timing import graph_us
+
 try:
     import triton
     import triton.language as tl
@@ -79,7 +81,7 @@ def block_rows(m: int) -> int:
 
 
 def enabled() -> bool:
-    """Whether tuned plans are used (CODECOMPLETE_SKINNY_MATMUL, set_enabled, disabled)."""
+    """Whether tuned plans are used (CODECOMPLETE_SKINNY_MATMUL=0 and disabled() turn them off)."""
     return _enabled
 
 
@@ -87,12 +89,6 @@ def set_graphs_only(on: bool) -> None:
     """On CUDA: the plans inside CUDA graph captures only (the default), or in eager calls too."""
     global _graphs_only
     _graphs_only = bool(on)
-
-
-def set_enabled(on: bool) -> None:
-    """Use tuned plans (where a module has one) or cuBLAS everywhere."""
-    global _enabled
-    _enabled = bool(on) and AVAILABLE
 
 
 @contextmanager
@@ -219,32 +215,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pla
 # ------------------------------------------------------------------ choosing plans at load
 
 
-def _graph_us(calls: Sequence, replays: int = 15) -> float:
-    """Median time of one call (µs) in a CUDA graph of all of them, replayed."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    del graph
-    times.sort()
-    return times[len(times) // 2] * 1000 / len(calls)
-
-
 @dataclass
 class ShapeChoice:
     """What tune_model measured for one weight shape (all the model's matrices of it) at one
@@ -315,12 +285,12 @@ def tune_model(model, classes: Sequence[int] = ROW_CLASSES, margin: float = 0.97
                 y = torch.nn.functional.linear(x, w, b)
                 return y + res if res is not None else y
 
-            base = _graph_us([lambda w=w, b=b: cublas(w, b) for w, b in zip(weights, biases, strict=True)])
+            base = graph_us([lambda w=w, b=b: cublas(w, b) for w, b in zip(weights, biases, strict=True)])
             best, best_us = None, base
             for plan in candidates.get(rows, ()):
                 if not plan.fits(n, k):
                     continue
-                us = _graph_us([lambda w=w, b=b, p=plan, x=x, res=res: linear(x, w, b, p, res)
+                us = graph_us([lambda w=w, b=b, p=plan, x=x, res=res: linear(x, w, b, p, res)
                                 for w, b in zip(weights, biases, strict=True)])
                 if us < best_us:
                     best, best_us = plan, us

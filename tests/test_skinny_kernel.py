@@ -7,17 +7,12 @@ without Triton is at the end."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from triton_check import needs_triton, run_check
 
 torch = pytest.importorskip("torch")
-
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 CHECK = textwrap.dedent("""
     import torch
@@ -119,15 +114,12 @@ CHECK = textwrap.dedent("""
 
 @needs_triton
 def test_few_row_products_match_torch_and_a_model_with_plans_answers_as_without():
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+    assert "ok" in run_check(CHECK, timeout=600)
 
 
-def test_products_keep_torch_without_a_plan_on_a_cpu_or_while_training():
-    """No plan, a CPU tensor (no interpreter), or a gradient: the layer itself runs, and the
+def test_products_keep_torch_without_a_plan_on_a_cpu_or_while_training(monkeypatch):
+    """Which products take a plan: one for the row class, kernels on, no gradient, CUDA (or
+    Triton's interpreter, stood in for here); otherwise the layer itself runs, and the
     residual (scaled where the architecture scales it) is added after it."""
     from codecomplete.models import skinny_triton as sk
     from codecomplete.models.model import project
@@ -136,12 +128,22 @@ def test_products_keep_torch_without_a_plan_on_a_cpu_or_while_training():
     x, r = torch.randn(3, 64), torch.randn(3, 32)
     assert torch.allclose(project(lin, x, r, 0.5), r + 0.5 * lin(x))
     assert torch.equal(project(lin, x), lin(x))
-    lin.skinny_plans = {16: sk.SkinnyPlan(32, 64, 4, 3)}
-    if not os.environ.get("TRITON_INTERPRET"):
-        assert sk.plan_for(x, lin.skinny_plans) is None  # a CPU tensor
-    assert sk.plan_for(x.clone().requires_grad_(), lin.skinny_plans) is None
-    assert sk.plan_for(torch.randn(2, 64), None) is None
-    assert torch.allclose(project(lin, x.detach(), r), r + lin(x.detach()))
+    plan = sk.SkinnyPlan(32, 64, 4, 3)
+    lin.skinny_plans = {16: plan}
+    monkeypatch.setattr(sk, "_enabled", True)
+    monkeypatch.setattr(sk, "_INTERPRET", False)
+    assert sk.plan_for(x, lin.skinny_plans) is None  # a CPU tensor, no interpreter
+    monkeypatch.setattr(sk, "_INTERPRET", True)
+    assert sk.plan_for(x, lin.skinny_plans) == plan
+    with torch.enable_grad():
+        assert sk.plan_for(x.clone().requires_grad_(), lin.skinny_plans) is None  # training
+    assert sk.plan_for(torch.randn(17, 64), lin.skinny_plans) is None  # the 32-row class has none
+    assert sk.plan_for(torch.randn(65, 64), {16: plan, 32: plan, 64: plan}) is None  # past every class
+    assert sk.plan_for(x, None) is None
+    with sk.disabled():
+        assert sk.plan_for(x, lin.skinny_plans) is None
+    monkeypatch.setattr(sk, "_INTERPRET", False)
+    assert torch.allclose(project(lin, x, r), r + lin(x))
 
 
 def test_tuning_chooses_nothing_on_a_cpu_model():

@@ -1,32 +1,17 @@
 """The varlen bifurcated kernel against a float64 reference, and the CUDA batched step's
 code (VarlenDecoder, padded as the graphs pad) against the per-request loop. On CUDA when
-there is one, else through Triton's interpreter (TRITON_INTERPRET=1, in a subprocess: the
-flag is read when kernels are defined); skipped where Triton is not installed (CI)."""
+there is one, else through Triton's interpreter (tests/triton_check.py); skipped where Triton is
+not installed (CI)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
+from triton_check import needs_triton, run_check
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-
-
-def _run(code: str) -> str:
-    import torch
-
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stdout
+pytestmark = needs_triton
+_run = run_check
 
 
 def test_varlen_kernel_matches_a_float64_reference_with_poisoned_caches_and_padding():

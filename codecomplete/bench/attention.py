@@ -50,6 +50,7 @@ def run(args) -> int:
     from codecomplete.bench.reference import REFERENCE_ATTENTION, decode_step_plain_cached
     from codecomplete.models import bifurcated_triton, fused_triton
     from codecomplete.models.format.config import ModelConfig
+    from codecomplete.models.graph_timing import graph_us
     from codecomplete.models.model import Transformer
 
     cuda = args.device == "cuda"
@@ -89,27 +90,7 @@ def run(args) -> int:
     def timed(step_fn) -> float:
         if not cuda or args.no_graphs:
             return median_ms(step_fn, repeat=repeat, warmup=2, sync=sync)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                step_fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step_fn()
-        for _ in range(5):
-            graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(repeat):
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        times.sort()
-        return times[len(times) // 2]
+        return graph_us([step_fn], replays=repeat) / 1000.0
 
     # the bifurcated variants: library composition, two-part einsum, and (CUDA + Triton) the kernel
     def attention_of(mode: str):  # the model's own by name, the reference einsum from bench/reference.py

@@ -52,28 +52,14 @@ def parse_cases(text: str) -> list[tuple[int, int, int]]:
 
 
 def _timer(cuda: bool):
-    import torch
+    from codecomplete.models.graph_timing import graph_us
 
     def timed(fn, reps: int = 20) -> float:
         """Microseconds a call, from CUDA-graph replays of `reps` calls (0 on CPU: not timed)."""
         if not cuda:
             fn()
             return 0.0
-        fn()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                fn()
-        graph.replay()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(5):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / (5 * reps) * 1000.0
+        return graph_us([fn] * reps, replays=5)
 
     return timed
 
